@@ -1,0 +1,159 @@
+//! The access log: exactly one JSON line per intercepted connection.
+//!
+//! An [`AccessRecord`] is created on accept and written when it is dropped,
+//! so a connection that is denied, fails, or is cancelled at shutdown still
+//! yields its line. Lines go through `tracing` (target `access`) and
+//! [`AccessLayer`] writes them as they are, one JSON object per line.
+use std::{
+    io::Write,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Instant, SystemTime},
+};
+
+use serde::Serialize;
+use tracing::field::{Field, Visit};
+use tracing_subscriber::layer::{Context, Layer};
+
+use crate::{policy::Action, workload::Workload};
+
+/// Bytes each way, updated by the copy loops while the record is alive.
+#[derive(Debug, Default)]
+pub struct ByteCounters {
+    pub up: AtomicU64,
+    pub down: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct AccessRecord {
+    started: Instant,
+    time: SystemTime,
+    pub session_id: ulid::Ulid,
+    pub client: SocketAddr,
+    pub orig_dst: Option<SocketAddr>,
+    pub target: Option<String>,
+    pub workload: Option<Arc<Workload>>,
+    pub decision: Option<Action>,
+    /// False in audit mode: the decision was logged, not applied.
+    pub enforced: bool,
+    pub rule: Option<String>,
+    pub reason: Option<String>,
+    pub outcome: &'static str,
+    pub error: Option<String>,
+    pub bytes: Arc<ByteCounters>,
+}
+
+/// How the connection ended, for the `outcome` field.
+pub mod outcome {
+    pub const CLOSED: &str = "closed";
+    pub const DENIED: &str = "denied";
+    pub const REJECTED: &str = "rejected";
+    pub const UPSTREAM_ERROR: &str = "upstream_error";
+    pub const ERROR: &str = "error";
+    /// The record was dropped before the connection finished (shutdown).
+    pub const CANCELLED: &str = "cancelled";
+}
+
+impl AccessRecord {
+    pub fn new(session_id: ulid::Ulid, client: SocketAddr) -> Self {
+        Self {
+            started: Instant::now(),
+            time: SystemTime::now(),
+            session_id,
+            client,
+            orig_dst: None,
+            target: None,
+            workload: None,
+            decision: None,
+            enforced: true,
+            rule: None,
+            reason: None,
+            outcome: outcome::CANCELLED,
+            error: None,
+            bytes: Arc::default(),
+        }
+    }
+
+    pub fn finish(&mut self, outcome: &'static str, error: Option<String>) {
+        self.outcome = outcome;
+        self.error = error;
+    }
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    time: String,
+    session_id: String,
+    client: SocketAddr,
+    orig_dst: Option<SocketAddr>,
+    target: Option<&'a str>,
+    workload: Option<&'a Workload>,
+    decision: Option<Action>,
+    enforced: bool,
+    rule: Option<&'a str>,
+    reason: Option<&'a str>,
+    outcome: &'a str,
+    error: Option<&'a str>,
+    bytes_up: u64,
+    bytes_down: u64,
+    duration_ms: f64,
+}
+
+impl Drop for AccessRecord {
+    fn drop(&mut self) {
+        let line = Line {
+            time: humantime::format_rfc3339_millis(self.time).to_string(),
+            session_id: self.session_id.to_string(),
+            client: self.client,
+            orig_dst: self.orig_dst,
+            target: self.target.as_deref(),
+            workload: self.workload.as_deref(),
+            decision: self.decision,
+            enforced: self.enforced,
+            rule: self.rule.as_deref(),
+            reason: self.reason.as_deref(),
+            outcome: self.outcome,
+            error: self.error.as_deref(),
+            bytes_up: self.bytes.up.load(Ordering::Relaxed),
+            bytes_down: self.bytes.down.load(Ordering::Relaxed),
+            duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+        };
+        match serde_json::to_string(&line) {
+            Ok(json) => tracing::info!(target: "access", line = json.as_str()),
+            Err(error) => tracing::error!(%error, "cannot serialise an access record"),
+        }
+    }
+}
+
+/// Writes `access` events' `line` field verbatim to stdout, one per line.
+pub struct AccessLayer;
+
+struct LineVisitor(Option<String>);
+
+impl Visit for LineVisitor {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "line" {
+            self.0 = Some(value.to_owned());
+        }
+    }
+
+    fn record_debug(&mut self, _field: &Field, _value: &dyn std::fmt::Debug) {}
+}
+
+impl<S: tracing::Subscriber> Layer<S> for AccessLayer {
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+        if event.metadata().target() != "access" {
+            return;
+        }
+        let mut visitor = LineVisitor(None);
+        event.record(&mut visitor);
+        if let Some(mut line) = visitor.0 {
+            line.push('\n');
+            // One write per line, under stdout's lock, so lines never interleave.
+            let _ = std::io::stdout().lock().write_all(line.as_bytes());
+        }
+    }
+}

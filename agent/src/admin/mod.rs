@@ -1,0 +1,128 @@
+//! The admin socket: a Unix socket (0660) speaking one JSON request and one
+//! JSON response per line. Every caller is identified by SO_PEERCRED and
+//! must be one of `[agent] admins`.
+mod auth;
+
+pub use auth::is_admin;
+
+use std::{
+    io,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use crate::config::Principal;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Reload,
+    /// Remove programs, links and pins, then stop the agent.
+    Detach,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Ok { data: serde_json::Value },
+    Error { message: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot reach the agent at {}: {source} (is it running? see `systemctl status interlock`)", path.display())]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("admin socket {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("the agent answered with something unreadable: {0}")]
+    Protocol(#[from] serde_json::Error),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Serves requests with `handler` until the task is dropped.
+pub async fn serve<F, Fut>(listener: UnixListener, admins: Vec<Principal>, handler: F)
+where
+    F: Fn(Request) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response> + Send,
+{
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let handler = handler.clone();
+        let admins = admins.clone();
+        tokio::spawn(async move {
+            if let Err(error) = serve_one(stream, &admins, handler).await {
+                tracing::debug!(%error, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn serve_one<F, Fut>(stream: UnixStream, admins: &[Principal], handler: F) -> io::Result<()>
+where
+    F: Fn(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
+    let cred = stream.peer_cred()?;
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    while let Some(line) = lines.next_line().await? {
+        let response = if !is_admin(cred.uid(), cred.gid(), admins) {
+            tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "admin request refused: caller is not an admin");
+            Response::Error {
+                message: format!("uid {} is not allowed to administer this agent (see [agent] admins)", cred.uid()),
+            }
+        } else {
+            match serde_json::from_str::<Request>(&line) {
+                Ok(request) => {
+                    tracing::info!(uid = cred.uid(), ?request, "admin request");
+                    handler(request).await
+                }
+                Err(error) => Response::Error { message: format!("bad request: {error}") },
+            }
+        };
+        let mut out = serde_json::to_vec(&response).unwrap_or_default();
+        out.push(b'\n');
+        write.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+/// Binds the admin socket, replacing a stale one, with mode 0660.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+/// Sends one request to a running agent.
+pub async fn call(path: &Path, request: &Request) -> Result<serde_json::Value, AdminError> {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| AdminError::Connect { path: path.to_owned(), source })?;
+    let io_err = |source| AdminError::Io { path: path.to_owned(), source };
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    write.write_all(&line).await.map_err(io_err)?;
+    let mut reply = String::new();
+    BufReader::new(read).read_line(&mut reply).await.map_err(io_err)?;
+    match serde_json::from_str(&reply)? {
+        Response::Ok { data } => Ok(data),
+        Response::Error { message } => Err(AdminError::Refused(message)),
+    }
+}

@@ -1,0 +1,172 @@
+//! The on-disk shape of a configuration or policy file, and where in it an
+//! error is.
+use std::{ops::Range, path::PathBuf};
+
+use serde::Deserialize;
+
+use super::ConfigError;
+use crate::policy::{Action, Pattern, Protocol, WorkloadSelector};
+
+pub type Located<T> = toml::Spanned<T>;
+
+/// One file's text, kept so that byte spans become line and column.
+#[derive(Debug)]
+pub struct SourceFile {
+    pub path: PathBuf,
+    text: String,
+}
+
+impl SourceFile {
+    pub fn new(path: PathBuf, text: String) -> Self {
+        Self { path, text }
+    }
+
+    pub fn read(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self::new(path.to_owned(), text))
+    }
+
+    pub fn parse(&self) -> Result<FileSpec, ConfigError> {
+        toml::from_str(&self.text).map_err(|e| {
+            // toml's message repeats the location and a snippet; keep only
+            // the sentence, since the location leads the line anyway.
+            let message = e.message().trim().to_owned();
+            self.error_at(e.span().unwrap_or(0..0), message)
+        })
+    }
+
+    /// An error at a byte span, as `file:line:column: message` (1-based).
+    pub fn error_at(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        let before = &self.text[..span.start.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpec {
+    pub agent: Option<Located<AgentSpec>>,
+    #[serde(default)]
+    pub target: Vec<Located<TargetSpec>>,
+    #[serde(default)]
+    pub workload: Vec<Located<WorkloadSpec>>,
+    #[serde(default)]
+    pub rule: Vec<Located<RuleSpec>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSpec {
+    pub mode: Option<super::Mode>,
+    pub state_dir: Option<PathBuf>,
+    pub admin_socket: Option<PathBuf>,
+    pub admins: Option<Vec<Located<String>>>,
+    pub cgroup: Option<Located<String>>,
+    pub policy_dir: Option<PathBuf>,
+    pub listen_port: Option<u16>,
+    pub bypass_mark: Option<u32>,
+    pub bpffs_dir: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    pub resolve_interval: Option<std::time::Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    pub name: Located<String>,
+    pub protocol: Protocol,
+    pub address: Located<String>,
+}
+
+/// Each field takes one value or a list of values.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+/// The values of an optional one-or-many field; unset is empty.
+fn list<T: Clone>(field: &Option<OneOrMany<T>>) -> Vec<T> {
+    match field {
+        None => Vec::new(),
+        Some(OneOrMany::One(v)) => vec![v.clone()],
+        Some(OneOrMany::Many(v)) => v.clone(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    pub name: Located<String>,
+    #[expect(dead_code, reason = "documentation for readers of the file")]
+    pub description: Option<String>,
+    pub unit: Option<OneOrMany<String>>,
+    pub uid: Option<OneOrMany<u32>>,
+    pub user: Option<OneOrMany<String>>,
+    pub group: Option<OneOrMany<String>>,
+    pub exe: Option<OneOrMany<String>>,
+    pub exe_sha256: Option<OneOrMany<String>>,
+    pub cgroup: Option<OneOrMany<String>>,
+    pub container: Option<OneOrMany<String>>,
+    pub comm: Option<OneOrMany<String>>,
+}
+
+impl WorkloadSpec {
+    pub fn selector(&self) -> Result<WorkloadSelector, String> {
+        fn globs(field: &str, values: &Option<OneOrMany<String>>) -> Result<Vec<Pattern>, String> {
+            list(values)
+                .into_iter()
+                .map(|v| Pattern::new(&v).map_err(|e| format!("{field}: bad pattern {v:?}: {e}")))
+                .collect()
+        }
+
+        let exe_sha256 = list(&self.exe_sha256);
+        if let Some(bad) = exe_sha256.iter().find(|d| d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit())) {
+            return Err(format!("exe_sha256: {bad:?} is not a hex SHA-256 digest"));
+        }
+        let cgroup = list(&self.cgroup);
+        if let Some(bad) = cgroup.iter().find(|c| !c.starts_with('/')) {
+            return Err(format!("cgroup: {bad:?} must be an absolute cgroup path such as \"/system.slice\""));
+        }
+        let selector = WorkloadSelector {
+            unit: globs("unit", &self.unit)?,
+            uid: list(&self.uid),
+            user: globs("user", &self.user)?,
+            group: globs("group", &self.group)?,
+            exe: globs("exe", &self.exe)?,
+            exe_sha256: exe_sha256.into_iter().map(|d| d.to_ascii_lowercase()).collect(),
+            cgroup,
+            container: globs("container", &self.container)?,
+            comm: globs("comm", &self.comm)?,
+        };
+        if selector.is_empty() {
+            return Err(format!(
+                "workload {:?} selects nothing: set at least one of unit, uid, user, group, exe, exe_sha256, cgroup, container, comm",
+                self.name.get_ref()
+            ));
+        }
+        Ok(selector)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    pub name: Located<String>,
+    pub description: Option<String>,
+    pub workloads: Vec<Located<String>>,
+    pub targets: Vec<Located<String>>,
+    pub decision: Action,
+}
+

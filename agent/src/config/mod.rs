@@ -1,0 +1,189 @@
+//! Configuration and policy files, format v1 (docs/POLICY.md).
+//!
+//! One main file (`[agent]` plus any `[[target]]`, `[[workload]]`, `[[rule]]`)
+//! and optionally a `policy_dir` of `*.toml` files with more of the latter
+//! three. Every error names its file, line and column; nothing half-loaded is
+//! ever returned, so a bad reload leaves the running policy untouched.
+mod file;
+mod settings;
+
+pub use settings::{
+    AgentSettings, CgroupSetting, DEFAULT_ADMIN_SOCKET, DEFAULT_CONFIG_PATH, Mode, Principal,
+};
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use crate::policy::{NamedWorkload, Policy, Rule, Target, TargetAddress, TargetId};
+use file::{FileSpec, Located, SourceFile};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+/// A fully loaded configuration: agent settings and a validated policy.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub agent: AgentSettings,
+    pub policy: Policy,
+    /// Every file read, main file first: what a reload watches.
+    pub sources: Vec<PathBuf>,
+}
+
+impl Config {
+    /// Loads the main file and its policy directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let main = SourceFile::read(path)?;
+        Self::from_main(main)
+    }
+
+    /// Loads a configuration held in memory (the embedded demo); `name` is
+    /// what errors call it.
+    pub fn from_text(name: &str, text: &str) -> Result<Self, ConfigError> {
+        Self::from_main(SourceFile::new(PathBuf::from(name), text.to_owned()))
+    }
+
+    fn from_main(main: SourceFile) -> Result<Self, ConfigError> {
+        let main_spec = main.parse()?;
+        let agent = AgentSettings::from_spec(main_spec.agent.as_ref(), &main)?;
+
+        let mut files = vec![(main, main_spec)];
+        if let Some(dir) = &agent.policy_dir {
+            for path in policy_files(dir)? {
+                let source = SourceFile::read(&path)?;
+                let spec = source.parse()?;
+                if let Some(agent) = &spec.agent {
+                    return Err(source.error_at(agent.span(), "[agent] belongs in the main configuration file, not in the policy directory"));
+                }
+                files.push((source, spec));
+            }
+        }
+        let policy = build_policy(&files)?;
+        let sources = files.into_iter().map(|(source, _)| source.path).collect();
+        Ok(Self { agent, policy, sources })
+    }
+}
+
+/// `*.toml` in `dir`, sorted by name so merges are deterministic. A missing
+/// directory is an empty one: it is optional.
+fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(ConfigError::Read { path: dir.to_owned(), source }),
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|ext| ext == "toml") && p.is_file())
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
+/// Resolves names to indices and checks every cross-reference.
+fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError> {
+    let mut policy = Policy::default();
+    let mut target_ids: HashMap<String, TargetId> = HashMap::new();
+    let mut workload_ids: HashMap<String, usize> = HashMap::new();
+    let mut rule_names: HashMap<String, ()> = HashMap::new();
+
+    for (source, spec) in files {
+        for target in &spec.target {
+            let name = unique_name(source, &target.get_ref().name, &mut target_ids, TargetId(policy.targets.len()), "target")?;
+            let address = TargetAddress::parse(target.get_ref().address.get_ref())
+                .map_err(|message| source.error_at(target.get_ref().address.span(), message))?;
+            policy.targets.push(Target {
+                name,
+                protocol: target.get_ref().protocol,
+                address,
+            });
+        }
+        for workload in &spec.workload {
+            let name = unique_name(source, &workload.get_ref().name, &mut workload_ids, policy.workloads.len(), "workload")?;
+            let selector = workload
+                .get_ref()
+                .selector()
+                .map_err(|message| source.error_at(workload.span(), message))?;
+            policy.workloads.push(NamedWorkload { name, selector });
+        }
+    }
+
+    // Rules may name targets and workloads from any file, so they come last.
+    for (source, spec) in files {
+        for located in &spec.rule {
+            let rule = located.get_ref();
+            let name = unique_name(source, &rule.name, &mut rule_names, (), "rule")?;
+            let at = located.span();
+            let workloads = resolve_names(source, at.clone(), &rule.workloads, &workload_ids, "workload")?;
+            let targets = resolve_names(source, at, &rule.targets, &target_ids, "target")?;
+            policy.rules.push(Rule {
+                name,
+                description: rule.description.clone(),
+                workloads,
+                targets,
+                action: rule.decision,
+            });
+        }
+    }
+    Ok(policy)
+}
+
+fn unique_name<T>(
+    source: &SourceFile,
+    name: &Located<String>,
+    seen: &mut HashMap<String, T>,
+    value: T,
+    kind: &str,
+) -> Result<String, ConfigError> {
+    let text = name.get_ref();
+    if text.is_empty() || text == "*" {
+        return Err(source.error_at(name.span(), format!("{text:?} cannot be a {kind} name")));
+    }
+    if seen.insert(text.clone(), value).is_some() {
+        return Err(source.error_at(name.span(), format!("{kind} {text:?} is defined twice")));
+    }
+    Ok(text.clone())
+}
+
+/// `["*"]` means any; otherwise every name must be defined somewhere.
+fn resolve_names<T: Copy>(
+    source: &SourceFile,
+    rule_at: std::ops::Range<usize>,
+    names: &[Located<String>],
+    ids: &HashMap<String, T>,
+    kind: &str,
+) -> Result<Option<Vec<T>>, ConfigError> {
+    if names.is_empty() {
+        return Err(source.error_at(rule_at, format!("a rule must name at least one {kind} (or \"*\")")));
+    }
+    if names.iter().any(|n| n.get_ref() == "*") {
+        return Ok(None);
+    }
+    names
+        .iter()
+        .map(|n| {
+            ids.get(n.get_ref()).copied().ok_or_else(|| {
+                source.error_at(n.span(), format!("unknown {kind} {:?}", n.get_ref()))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,150 @@
+//! `[agent]`: how the daemon runs, with the defaults a packaged install uses.
+use std::{path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    ConfigError,
+    file::{AgentSpec, Located, SourceFile},
+};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Decisions are applied.
+    #[default]
+    Enforce,
+    /// Decisions are made and logged, but every connection proceeds.
+    Audit,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum CgroupSetting {
+    /// The cgroup v2 root, found in /proc/self/mountinfo.
+    Auto,
+    /// A cgroup v2 directory (absolute path in the filesystem).
+    Path(PathBuf),
+}
+
+/// An admin principal: a user name, a uid, or `group:NAME`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum Principal {
+    User(String),
+    Uid(u32),
+    Group(String),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AgentSettings {
+    pub mode: Mode,
+    pub state_dir: PathBuf,
+    pub admin_socket: PathBuf,
+    pub admins: Vec<Principal>,
+    pub cgroup: CgroupSetting,
+    pub policy_dir: Option<PathBuf>,
+    /// Port of the agent's listeners on 127.0.0.1 and ::1. Privileged by
+    /// default so that, while the agent is down, no unprivileged process can
+    /// bind it and pose as the agent.
+    pub listen_port: u16,
+    /// SO_MARK on the agent's upstream sockets, which the kernel programs
+    /// never redirect.
+    pub bypass_mark: u32,
+    /// Where programs, links and maps are pinned in bpffs.
+    pub bpffs_dir: PathBuf,
+    /// How often host-name targets are resolved again.
+    pub resolve_interval: Duration,
+}
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/interlock/interlock.toml";
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/interlock/admin.sock";
+pub const DEFAULT_LISTEN_PORT: u16 = 955;
+pub const DEFAULT_BYPASS_MARK: u32 = 0x1d7c_0001;
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Enforce,
+            state_dir: PathBuf::from("/var/lib/interlock"),
+            admin_socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
+            admins: vec![Principal::Uid(0)],
+            cgroup: CgroupSetting::Auto,
+            policy_dir: None,
+            listen_port: DEFAULT_LISTEN_PORT,
+            bypass_mark: DEFAULT_BYPASS_MARK,
+            bpffs_dir: PathBuf::from("/sys/fs/bpf/interlock"),
+            resolve_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+impl AgentSettings {
+    pub(super) fn from_spec(spec: Option<&Located<AgentSpec>>, source: &SourceFile) -> Result<Self, ConfigError> {
+        let mut settings = Self::default();
+        let Some(located) = spec else { return Ok(settings) };
+        let spec = located.get_ref();
+        if let Some(mode) = spec.mode {
+            settings.mode = mode;
+        }
+        if let Some(dir) = &spec.state_dir {
+            settings.state_dir = dir.clone();
+        }
+        if let Some(socket) = &spec.admin_socket {
+            settings.admin_socket = socket.clone();
+        }
+        if let Some(admins) = &spec.admins {
+            settings.admins = admins
+                .iter()
+                .map(|a| parse_principal(a.get_ref()).map_err(|m| source.error_at(a.span(), m)))
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(cgroup) = &spec.cgroup {
+            settings.cgroup = match cgroup.get_ref().as_str() {
+                "auto" => CgroupSetting::Auto,
+                path if path.starts_with('/') => CgroupSetting::Path(PathBuf::from(path)),
+                other => {
+                    return Err(source.error_at(
+                        cgroup.span(),
+                        format!("cgroup must be \"auto\" or an absolute path to a cgroup v2 directory, not {other:?}"),
+                    ));
+                }
+            };
+        }
+        settings.policy_dir = spec.policy_dir.clone();
+        if let Some(port) = spec.listen_port {
+            if port == 0 {
+                return Err(source.error_at(located.span(), "listen_port cannot be 0"));
+            }
+            settings.listen_port = port;
+        }
+        if let Some(mark) = spec.bypass_mark {
+            if mark == 0 {
+                return Err(source.error_at(located.span(), "bypass_mark cannot be 0 (every socket has mark 0)"));
+            }
+            settings.bypass_mark = mark;
+        }
+        if let Some(dir) = &spec.bpffs_dir {
+            settings.bpffs_dir = dir.clone();
+        }
+        if let Some(interval) = spec.resolve_interval {
+            settings.resolve_interval = interval.max(Duration::from_secs(1));
+        }
+        Ok(settings)
+    }
+}
+
+fn parse_principal(text: &str) -> Result<Principal, String> {
+    if let Some(group) = text.strip_prefix("group:") {
+        return if group.is_empty() {
+            Err("\"group:\" needs a group name".into())
+        } else {
+            Ok(Principal::Group(group.to_owned()))
+        };
+    }
+    if let Some(uid) = text.strip_prefix("uid:") {
+        return uid.parse().map(Principal::Uid).map_err(|_| format!("{uid:?} is not a uid"));
+    }
+    if text.is_empty() {
+        return Err("an admin cannot be empty".into());
+    }
+    Ok(Principal::User(text.to_owned()))
+}

@@ -1,0 +1,372 @@
+//! The daemon: wires interception, the proxy, reloads and the admin socket
+//! together, and returns the addresses it actually bound (so tests and the
+//! demo can run a whole agent in-process).
+use std::{
+    net::{IpAddr, ToSocketAddrs},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use interlock_common::RedirectConfig;
+use serde_json::json;
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    addr::ListenAddr,
+    admin::{self, Request, Response},
+    config::{CgroupSetting, Config, Mode},
+    intercept::{AttachOptions, Interceptor, preflight},
+    policy::{ActivePolicy, Policy, TargetAddress, TargetTable},
+    proxy::{self, ConnRegistry, ProxyContext},
+    workload::{CgroupFs, WorkloadResolver},
+};
+
+/// Grace period for live connections at shutdown.
+const DRAIN: Duration = Duration::from_secs(5);
+/// How often config and policy files are checked for changes.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A started agent.
+pub struct Agent {
+    pub listen: Vec<ListenAddr>,
+    pub admin_socket: PathBuf,
+    shutdown: watch::Sender<bool>,
+    proxy: JoinHandle<()>,
+    state: Arc<State>,
+}
+
+/// What reloads, the admin socket and the proxy share.
+struct State {
+    config_path: Option<PathBuf>,
+    config: ArcSwap<Config>,
+    interceptor: Arc<Interceptor>,
+    proxy: Arc<ProxyContext>,
+    started: SystemTime,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Agent {
+    /// Runs the pre-flight checks, attaches the kernel programs and starts
+    /// serving. `config_path` is what reloads read again (None for a
+    /// configuration that came from memory).
+    pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Self> {
+        preflight::check_kernel()?;
+        preflight::check_capabilities()?;
+        let cgroups = CgroupFs::discover();
+        let cgroup_dir = match &config.agent.cgroup {
+            CgroupSetting::Auto => cgroups.as_ref().map(|c| c.root().to_owned()).ok_or(preflight::PreflightError::NoCgroup2)?,
+            CgroupSetting::Path(path) => path.clone(),
+        };
+        preflight::check_cgroup(cgroups.as_ref(), &cgroup_dir)?;
+        let cgroups = cgroups.expect("checked above");
+        preflight::ensure_bpffs()?;
+
+        let port = config.agent.listen_port;
+        let bound = proxy::bind(port)
+            .await
+            .with_context(|| format!("binding the agent's listeners on 127.0.0.1:{port} and [::1]:{port}"))?;
+        let (listeners, listen): (Vec<_>, Vec<_>) = bound.into_iter().unzip();
+
+        let active = activate(&config).await;
+        let interceptor = Interceptor::attach(AttachOptions {
+            cgroup_dir: cgroup_dir.clone(),
+            bpffs_dir: config.agent.bpffs_dir.clone(),
+            redirect: RedirectConfig {
+                listener_v4: [127, 0, 0, 1],
+                listener_port: port,
+                _pad: 0,
+                listener_v6: std::net::Ipv6Addr::LOCALHOST.octets(),
+                bypass_mark: config.agent.bypass_mark,
+                enabled: 1,
+            },
+        })
+        .with_context(|| format!("attaching the eBPF programs to cgroup {}", cgroup_dir.display()))?;
+        interceptor.set_targets(&active.table.kernel_keys())?;
+        let interceptor = Arc::new(interceptor);
+        tracing::info!(cgroup = %cgroup_dir.display(), port, targets = active.policy.targets.len(), "interception attached");
+
+        let proxy_context = Arc::new(ProxyContext {
+            orig_dst: interceptor.clone(),
+            resolver: Arc::new(WorkloadResolver::new(cgroups)),
+            active: ArcSwap::from_pointee(active),
+            bypass_mark: config.agent.bypass_mark,
+            connections: ConnRegistry::default(),
+        });
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let admin_socket = config.agent.admin_socket.clone();
+        let admins = config.agent.admins.clone();
+        let state = Arc::new(State {
+            config_path,
+            config: ArcSwap::from_pointee(config),
+            interceptor: interceptor.clone(),
+            proxy: proxy_context.clone(),
+            started: SystemTime::now(),
+            shutdown: shutdown.clone(),
+        });
+
+        let admin_listener = admin::bind(&admin_socket)
+            .with_context(|| format!("binding the admin socket {}", admin_socket.display()))?;
+        let admin_state = state.clone();
+        let admin_task = tokio::spawn(admin::serve(admin_listener, admins, move |request| {
+            let state = admin_state.clone();
+            async move { state.answer(request).await }
+        }));
+
+        let proxy = tokio::spawn({
+            let mut shutdown_rx = shutdown_rx.clone();
+            async move {
+                proxy::serve(proxy_context, listeners, shutdown_rx.clone(), DRAIN).await;
+                admin_task.abort();
+                let _ = shutdown_rx.changed().await;
+            }
+        });
+        tokio::spawn(state.clone().watch_sources(shutdown_rx.clone()));
+        tokio::spawn(state.clone().re_resolve(shutdown_rx));
+
+        Ok(Self { listen, admin_socket, shutdown, proxy, state })
+    }
+
+    /// Reloads configuration and policy from disk, keeping the old ones on
+    /// any error.
+    pub async fn reload(&self) -> anyhow::Result<()> {
+        self.state.reload().await
+    }
+
+    /// Serves until SIGTERM/SIGINT (or an admin `detach`), reloading on
+    /// SIGHUP. Links stay pinned on exit: protected destinations keep being
+    /// refused until an agent is back.
+    pub async fn run_until_signal(self) -> anyhow::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut stopped = self.shutdown.subscribe();
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = stopped.changed() => break,
+                _ = hup.recv() => {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+                    if let Err(error) = self.reload().await {
+                        tracing::error!("reload failed, keeping the running policy: {error:#}");
+                    }
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                }
+            }
+        }
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        self.stop().await;
+        Ok(())
+    }
+
+    /// Stops accepting, drains, and returns. Pins are left in place.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.proxy.await;
+    }
+
+    /// Detaches the kernel programs and removes every pin, then stops.
+    pub async fn detach(self) -> anyhow::Result<()> {
+        self.state.detach()?;
+        self.stop().await;
+        Ok(())
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        self.state.status()
+    }
+}
+
+impl State {
+    async fn answer(&self, request: Request) -> Response {
+        let result = match request {
+            Request::Status => Ok(self.status()),
+            Request::Reload => self.reload().await.map(|()| json!({"reloaded": true})),
+            Request::Detach => self.detach().map(|()| {
+                let _ = self.shutdown.send(true);
+                json!({"detached": true})
+            }),
+        };
+        match result {
+            Ok(data) => Response::Ok { data },
+            Err(error) => Response::Error { message: format!("{error:#}") },
+        }
+    }
+
+    async fn reload(&self) -> anyhow::Result<()> {
+        let Some(path) = self.config_path.clone() else {
+            anyhow::bail!("this agent was started from an in-memory configuration; nothing to reload");
+        };
+        let config = tokio::task::spawn_blocking(move || Config::load(&path)).await??;
+        let old = self.config.load();
+        if restart_needed(&old, &config) {
+            tracing::warn!("[agent] settings other than mode changed; they take effect at the next restart");
+        }
+        let active = activate(&config).await;
+        self.apply(active)?;
+        tracing::info!(
+            targets = config.policy.targets.len(),
+            rules = config.policy.rules.len(),
+            mode = ?config.agent.mode,
+            "policy reloaded"
+        );
+        self.config.store(Arc::new(config));
+        Ok(())
+    }
+
+    /// Kernel targets first, then the proxy's policy. In the instant
+    /// between, a newly protected destination is redirected but unknown to
+    /// the proxy, which refuses it: the swap fails closed, never open.
+    fn apply(&self, active: ActivePolicy) -> anyhow::Result<()> {
+        self.interceptor.set_targets(&active.table.kernel_keys())?;
+        self.proxy.active.store(Arc::new(active));
+        Ok(())
+    }
+
+    fn detach(&self) -> anyhow::Result<()> {
+        self.interceptor.detach()?;
+        tracing::info!("detached: programs, links and pins removed");
+        Ok(())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let config = self.config.load();
+        let active = self.proxy.active.load();
+        let targets: Vec<_> = active
+            .policy
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                json!({
+                    "name": t.name,
+                    "protocol": t.protocol,
+                    "address": t.address.to_string(),
+                    "destinations": active.table.destinations(crate::policy::TargetId(i)),
+                })
+            })
+            .collect();
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "mode": config.agent.mode,
+            "config": self.config_path,
+            "started": humantime::format_rfc3339_seconds(self.started).to_string(),
+            "listen_port": config.agent.listen_port,
+            "intercept": self.interceptor.status(),
+            "targets": targets,
+            "rules": active.policy.rules.len(),
+            "accepted": self.proxy.connections.accepted(),
+            "connections": self.proxy.connections.snapshot(),
+        })
+    }
+
+    /// Reloads when any source file changes (mtime, size, or the policy
+    /// directory's listing).
+    async fn watch_sources(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let Some(_) = &self.config_path else { return };
+        let mut last = self.fingerprint();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+                _ = shutdown.changed() => return,
+            }
+            let now = self.fingerprint();
+            if now != last {
+                last = now;
+                if let Err(error) = self.reload().await {
+                    tracing::error!("reload failed, keeping the running policy: {error:#}");
+                }
+            }
+        }
+    }
+
+    fn fingerprint(&self) -> Vec<(PathBuf, Option<(SystemTime, u64)>)> {
+        let config = self.config.load();
+        let mut paths = config.sources.clone();
+        if let Some(path) = &self.config_path
+            && !paths.contains(path)
+        {
+            paths.push(path.clone());
+        }
+        if let Some(dir) = &config.agent.policy_dir
+            && let Ok(entries) = std::fs::read_dir(dir)
+        {
+            paths.extend(entries.filter_map(Result::ok).map(|e| e.path()));
+        }
+        paths.sort();
+        paths.dedup();
+        paths
+            .into_iter()
+            .map(|p| {
+                let meta = std::fs::metadata(&p).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
+                (p, meta)
+            })
+            .collect()
+    }
+
+    /// Host-name targets are resolved again every `resolve_interval`; the
+    /// system resolver does not expose TTLs, so the interval stands in.
+    async fn re_resolve(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let interval = self.config.load().agent.resolve_interval;
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.changed() => return,
+            }
+            let config = self.config.load_full();
+            let has_hosts = config.policy.targets.iter().any(|t| matches!(t.address, TargetAddress::Host(..)));
+            if !has_hosts {
+                continue;
+            }
+            let active = activate(&config).await;
+            if active.table != self.proxy.active.load().table
+                && let Err(error) = self.apply(active)
+            {
+                tracing::error!("updating resolved targets failed: {error:#}");
+            }
+        }
+    }
+}
+
+fn restart_needed(old: &Config, new: &Config) -> bool {
+    let (a, b) = (&old.agent, &new.agent);
+    a.state_dir != b.state_dir
+        || a.admin_socket != b.admin_socket
+        || a.admins != b.admins
+        || a.cgroup != b.cgroup
+        || a.listen_port != b.listen_port
+        || a.bypass_mark != b.bypass_mark
+        || a.bpffs_dir != b.bpffs_dir
+}
+
+/// Resolves host names (blocking, off the async threads) and builds the
+/// policy the proxy decides with.
+async fn activate(config: &Config) -> ActivePolicy {
+    let policy = config.policy.clone();
+    let enforce = config.agent.mode == Mode::Enforce;
+    tokio::task::spawn_blocking(move || {
+        let table = resolve_table(&policy);
+        ActivePolicy { policy, table, enforce }
+    })
+    .await
+    .expect("resolution task")
+}
+
+pub fn resolve_table(policy: &Policy) -> TargetTable {
+    TargetTable::build(&policy.targets, |host, port| {
+        match (host, port).to_socket_addrs() {
+            Ok(addrs) => addrs.map(|a| a.ip()).collect::<Vec<IpAddr>>(),
+            Err(error) => {
+                tracing::warn!(host, %error, "cannot resolve target host; it is not protected until it resolves");
+                Vec::new()
+            }
+        }
+    })
+}

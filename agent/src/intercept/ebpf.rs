@@ -1,0 +1,239 @@
+//! Loading, attaching and pinning the kernel programs, and their maps.
+//!
+//! Pins live under `bpffs_dir`: `links/<program>` keep the programs attached
+//! while the agent is down (connections to protected targets are then
+//! refused, never sent direct), and `maps/<map>` keep the tables, so a
+//! restarted agent reuses them and replaces the links without a gap.
+use std::{
+    collections::HashSet,
+    fs, io,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, lpm_trie::{Key, LpmTrie}},
+    pin::PinError,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+        links::{FdLink, LinkError, PinnedLink},
+    },
+};
+use interlock_common::{ConnRecord, PeerKey, RedirectConfig, TargetKey, TargetValue, maps, programs};
+use serde::Serialize;
+
+use crate::addr::ClientAddr;
+
+/// The kernel object built from `ebpf-programs/` (empty in a stub build).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interlock-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum InterceptError {
+    #[error("this binary was built without its eBPF programs (bpf-linker was missing); run `cargo xtask setup` and rebuild")]
+    NoPrograms,
+    #[error("cannot open cgroup {}: {source}", path.display())]
+    Cgroup { path: PathBuf, source: io::Error },
+    #[error("bpffs directory {}: {source}", path.display())]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: ProgramError },
+    #[error("pinning {}: {source}", path.display())]
+    Pin { path: PathBuf, source: PinError },
+    #[error("replacing the pinned link {}: {source}", path.display())]
+    Link { path: PathBuf, source: LinkError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("the eBPF object has no map or program named {0}")]
+    Missing(&'static str),
+}
+
+pub struct AttachOptions {
+    pub cgroup_dir: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub redirect: RedirectConfig,
+}
+
+/// The attached programs and the agent's handles on their maps.
+pub struct Interceptor {
+    cgroup_dir: PathBuf,
+    bpffs_dir: PathBuf,
+    links: Mutex<Vec<PinnedLink>>,
+    protected: Mutex<LpmTrie<MapData, TargetKey, TargetValue>>,
+    by_peer: Mutex<HashMap<MapData, PeerKey, ConnRecord>>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct InterceptStatus {
+    pub cgroup: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub programs: Vec<&'static str>,
+    pub pinned_links: Vec<PathBuf>,
+    pub protected_entries: usize,
+}
+
+fn links_dir(bpffs_dir: &Path) -> PathBuf {
+    bpffs_dir.join("links")
+}
+
+fn maps_dir(bpffs_dir: &Path) -> PathBuf {
+    bpffs_dir.join("maps")
+}
+
+const MAP_NAMES: [&str; 4] = [maps::PROTECTED, maps::CONFIG, maps::BY_COOKIE, maps::BY_PEER];
+
+impl Interceptor {
+    /// Loads the programs, attaches them to the cgroup and pins them,
+    /// taking over (and then releasing) the links a previous agent pinned.
+    pub fn attach(options: AttachOptions) -> Result<Self, InterceptError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(InterceptError::NoPrograms);
+        }
+        let AttachOptions { cgroup_dir, bpffs_dir, redirect } = options;
+        let (links_dir, maps_dir) = (links_dir(&bpffs_dir), maps_dir(&bpffs_dir));
+        for dir in [&links_dir, &maps_dir] {
+            fs::create_dir_all(dir).map_err(|source| InterceptError::PinDir { path: dir.clone(), source })?;
+        }
+
+        let map_pins: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|name| (*name, maps_dir.join(name))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+
+        let take = |ebpf: &mut aya::Ebpf, name: &'static str| ebpf.take_map(name).ok_or(InterceptError::Missing(name));
+        let map_err = |name: &'static str| move |source| InterceptError::Map { name, source };
+        // Configure before attaching: the programs do nothing until enabled.
+        let mut config: Array<MapData, RedirectConfig> =
+            Array::try_from(take(&mut ebpf, maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
+        config.set(0, redirect, 0).map_err(map_err(maps::CONFIG))?;
+        let protected = LpmTrie::try_from(take(&mut ebpf, maps::PROTECTED)?).map_err(map_err(maps::PROTECTED))?;
+        let by_peer = HashMap::try_from(take(&mut ebpf, maps::BY_PEER)?).map_err(map_err(maps::BY_PEER))?;
+
+        let cgroup = fs::File::open(&cgroup_dir).map_err(|source| InterceptError::Cgroup { path: cgroup_dir.clone(), source })?;
+        let mut links = Vec::new();
+        for name in programs::ALL {
+            let program = ebpf.program_mut(name).ok_or(InterceptError::Missing(name))?;
+            let prog_err = |source| InterceptError::Program { name, source };
+            // Links are created with BPF_LINK_CREATE, which always stacks
+            // cgroup programs (`Single` is the mode aya accepts for it).
+            let link: FdLink = if name == programs::SOCKOPS {
+                let prog: &mut SockOps = program.try_into().map_err(prog_err)?;
+                prog.load().map_err(prog_err)?;
+                let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(prog_err)?;
+                prog.take_link(id).map_err(prog_err)?.try_into().map_err(|e: LinkError| InterceptError::Link { path: links_dir.join(name), source: e })?
+            } else {
+                let prog: &mut CgroupSockAddr = program.try_into().map_err(prog_err)?;
+                prog.load().map_err(prog_err)?;
+                let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(prog_err)?;
+                prog.take_link(id).map_err(prog_err)?.try_into().map_err(|e: LinkError| InterceptError::Link { path: links_dir.join(name), source: e })?
+            };
+            // The new link is live; only now release the previous agent's.
+            let pin = links_dir.join(name);
+            release_pinned_link(&pin)?;
+            links.push(link.pin(&pin).map_err(|source| InterceptError::Pin { path: pin, source })?);
+        }
+
+        Ok(Self {
+            cgroup_dir,
+            bpffs_dir,
+            links: Mutex::new(links),
+            protected: Mutex::new(protected),
+            by_peer: Mutex::new(by_peer),
+        })
+    }
+
+    /// Makes the kernel's protected set exactly `keys`: new entries first,
+    /// then stale ones, so a destination in both sets is never unprotected.
+    pub fn set_targets(&self, keys: &[(u32, TargetKey)]) -> Result<(), InterceptError> {
+        let map_err = |source| InterceptError::Map { name: maps::PROTECTED, source };
+        let mut trie = self.protected.lock().expect("protected map");
+        let wanted: HashSet<(u32, [u8; 2], [u8; 16])> = keys.iter().map(|(p, k)| (*p, k.port, k.addr)).collect();
+        for (prefix, key) in keys {
+            trie.insert(&Key::new(*prefix, *key), TargetValue { flags: 0 }, 0).map_err(map_err)?;
+        }
+        let stale: Vec<Key<TargetKey>> = trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data().port, k.data().addr)))
+            .collect();
+        for key in stale {
+            trie.remove(&key).map_err(map_err)?;
+        }
+        Ok(())
+    }
+
+    /// Takes (reads and deletes) the kernel's record for an accepted client.
+    pub fn take_record(&self, client: ClientAddr) -> Option<ConnRecord> {
+        let key = client.peer_key();
+        let mut by_peer = self.by_peer.lock().expect("peer map");
+        let record = by_peer.get(&key, 0).ok()?;
+        let _ = by_peer.remove(&key);
+        Some(record)
+    }
+
+    pub fn status(&self) -> InterceptStatus {
+        let protected_entries = self.protected.lock().expect("protected map").keys().count();
+        InterceptStatus {
+            cgroup: self.cgroup_dir.clone(),
+            bpffs_dir: self.bpffs_dir.clone(),
+            programs: programs::ALL.to_vec(),
+            pinned_links: programs::ALL.iter().map(|p| links_dir(&self.bpffs_dir).join(p)).collect(),
+            protected_entries,
+        }
+    }
+
+    /// Detaches everything: unpins links (the kernel detaches them once the
+    /// last reference goes) and removes the map pins.
+    pub fn detach(&self) -> io::Result<()> {
+        let links = std::mem::take(&mut *self.links.lock().expect("links"));
+        for link in links {
+            drop(link.unpin()?);
+        }
+        detach_pins(&self.bpffs_dir)
+    }
+}
+
+/// Releases a link pinned by an earlier agent, if any.
+fn release_pinned_link(pin: &Path) -> Result<(), InterceptError> {
+    if !pin.exists() {
+        return Ok(());
+    }
+    let old = PinnedLink::from_pin(pin).map_err(|source| InterceptError::Link { path: pin.to_owned(), source })?;
+    old.unpin()
+        .map_err(|source| InterceptError::PinDir { path: pin.to_owned(), source })?;
+    Ok(())
+}
+
+/// Removes every pin under `bpffs_dir` (links first, so programs detach),
+/// for `interlock detach` with the agent stopped. Missing pins are fine.
+pub fn detach_pins(bpffs_dir: &Path) -> io::Result<()> {
+    for dir in [links_dir(bpffs_dir), maps_dir(bpffs_dir)] {
+        match fs::read_dir(&dir) {
+            Ok(entries) => {
+                for entry in entries {
+                    fs::remove_file(entry?.path())?;
+                }
+                fs::remove_dir(&dir)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    match fs::remove_dir(bpffs_dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Whether pinned links exist (the agent has attached and not detached).
+pub fn pinned_links(bpffs_dir: &Path) -> Vec<PathBuf> {
+    programs::ALL
+        .iter()
+        .map(|p| links_dir(bpffs_dir).join(p))
+        .filter(|p| p.exists())
+        .collect()
+}

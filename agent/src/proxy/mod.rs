@@ -1,0 +1,183 @@
+//! The proxy: accept a redirected connection, find out where it was going
+//! and who opened it, decide, then hand it to the target's protocol.
+mod registry;
+mod tcp;
+
+pub use registry::ConnRegistry;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::JoinSet,
+};
+use tracing::{Instrument, info_span};
+
+use crate::{
+    access::{AccessRecord, outcome},
+    addr::{ClientAddr, ListenAddr},
+    intercept::OrigDst,
+    policy::{ActivePolicy, Protocol, evaluate},
+    workload::WorkloadResolver,
+};
+
+/// Everything a connection needs, shared by all of them.
+pub struct ProxyContext {
+    pub orig_dst: Arc<dyn OrigDst>,
+    pub resolver: Arc<WorkloadResolver>,
+    pub active: ArcSwap<ActivePolicy>,
+    /// SO_MARK for upstream sockets, so the kernel programs let them pass.
+    pub bypass_mark: u32,
+    pub connections: ConnRegistry,
+}
+
+/// Accepts on every listener until `shutdown` turns true, then gives live
+/// connections `drain` to finish before cancelling them (each cancelled one
+/// still writes its access line).
+pub async fn serve(
+    context: Arc<ProxyContext>,
+    listeners: Vec<TcpListener>,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let mut connections = JoinSet::new();
+    let (accepted_tx, mut accepted_rx) = tokio::sync::mpsc::channel::<(TcpStream, SocketAddr)>(1024);
+    let mut acceptors = JoinSet::new();
+    for listener in listeners {
+        let tx = accepted_tx.clone();
+        acceptors.spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok(accepted) => {
+                        if tx.send(accepted).await.is_err() {
+                            return;
+                        }
+                    }
+                    // EMFILE and friends: back off instead of spinning.
+                    Err(error) => {
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+    }
+    drop(accepted_tx);
+
+    loop {
+        tokio::select! {
+            Some((stream, peer)) = accepted_rx.recv() => {
+                let context = context.clone();
+                connections.spawn(handle(context, stream, ClientAddr(peer)));
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    acceptors.abort_all();
+    tracing::info!(live = connections.len(), ?drain, "draining connections");
+    let drained = tokio::time::timeout(drain, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
+    }
+}
+
+/// Binds the agent's listeners on 127.0.0.1 and ::1.
+pub async fn bind(port: u16) -> std::io::Result<Vec<(TcpListener, ListenAddr)>> {
+    let mut listeners = Vec::new();
+    for ip in ["127.0.0.1", "::1"] {
+        let addr = SocketAddr::new(ip.parse().expect("literal address"), port);
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            let socket = tokio::net::TcpSocket::new_v6()?;
+            socket2::SockRef::from(&socket).set_only_v6(true)?;
+            socket
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(4096)?;
+        let local = listener.local_addr()?;
+        listeners.push((listener, ListenAddr(local)));
+    }
+    Ok(listeners)
+}
+
+async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAddr) {
+    let session_id = ulid::Ulid::new();
+    let span = info_span!("conn", session = %session_id, client = %client);
+    async move {
+        let mut record = AccessRecord::new(session_id, client.0);
+        let _live = context.connections.open(session_id, client);
+
+        let Some(intercepted) = context.orig_dst.take(client) else {
+            // Not redirected by our programs (a direct connection to the
+            // listener, or a record lost to an LRU eviction): fail closed.
+            record.reason = Some("no interception record for this client".into());
+            record.finish(outcome::REJECTED, None);
+            tracing::warn!("connection without an interception record; reset");
+            reset(stream);
+            return;
+        };
+        record.orig_dst = Some(intercepted.orig_dst.0);
+
+        let resolver = context.resolver.clone();
+        let kernel = intercepted.kernel;
+        let workload = match tokio::task::spawn_blocking(move || resolver.resolve(&kernel)).await {
+            Ok(workload) => Arc::new(workload),
+            Err(error) => {
+                record.finish(outcome::ERROR, Some(format!("workload resolution failed: {error}")));
+                reset(stream);
+                return;
+            }
+        };
+        record.workload = Some(workload.clone());
+
+        let active = context.active.load_full();
+        let Some(target_id) = active.table.lookup(intercepted.orig_dst.0) else {
+            // The kernel redirected it, but the policy no longer protects
+            // this destination (a reload raced the connect): fail closed.
+            record.reason = Some(format!("{} is not a protected destination", intercepted.orig_dst));
+            record.finish(outcome::REJECTED, None);
+            reset(stream);
+            return;
+        };
+        let target = &active.policy.targets[target_id.0];
+        record.target = Some(target.name.clone());
+        context.connections.identify(session_id, &target.name, workload.pid);
+
+        let verdict = evaluate(&active.policy, &workload, target_id);
+        record.decision = Some(verdict.action);
+        record.enforced = active.enforce;
+        record.rule = verdict.rule.clone();
+        record.reason = Some(verdict.reason.clone());
+        if !verdict.allowed() && active.enforce {
+            tracing::info!(target = %target.name, rule = ?verdict.rule, "denied");
+            record.finish(outcome::DENIED, None);
+            reset(stream);
+            return;
+        }
+
+        match target.protocol {
+            Protocol::Tcp => tcp::forward(stream, intercepted.orig_dst, context.bypass_mark, &mut record).await,
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Closes with RST rather than FIN, so a denied client fails at once
+/// (ECONNRESET) instead of seeing an empty, successful exchange.
+fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+#[cfg(test)]
+mod tests;

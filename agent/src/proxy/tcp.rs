@@ -1,0 +1,66 @@
+//! Opaque TCP: connect upstream (marked, so it is not redirected again) and
+//! copy bytes both ways, passing each half-close on.
+use std::{io, sync::atomic::Ordering};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::{TcpSocket, TcpStream},
+};
+
+use crate::{
+    access::{AccessRecord, outcome},
+    addr::OrigDstAddr,
+};
+
+const COPY_BUFFER: usize = 16 * 1024;
+
+pub async fn forward(mut client: TcpStream, dst: OrigDstAddr, mark: u32, record: &mut AccessRecord) {
+    let mut upstream = match connect_marked(dst, mark).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            tracing::warn!(%dst, %error, "upstream unreachable");
+            record.finish(outcome::UPSTREAM_ERROR, Some(format!("connecting to {dst}: {error}")));
+            super::reset(client);
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+
+    let bytes = record.bytes.clone();
+    let (mut client_read, mut client_write) = client.split();
+    let (mut upstream_read, mut upstream_write) = upstream.split();
+    let result = tokio::try_join!(
+        copy_half(&mut client_read, &mut upstream_write, &bytes.up),
+        copy_half(&mut upstream_read, &mut client_write, &bytes.down),
+    );
+    match result {
+        Ok(_) => record.finish(outcome::CLOSED, None),
+        Err(error) => record.finish(outcome::ERROR, Some(error.to_string())),
+    }
+}
+
+/// Opens the upstream connection with SO_MARK set before `connect()`, which
+/// is what the kernel programs check to leave it alone.
+pub async fn connect_marked(dst: OrigDstAddr, mark: u32) -> io::Result<TcpStream> {
+    let socket = if dst.0.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket2::SockRef::from(&socket).set_mark(mark)?;
+    socket.connect(dst.0).await
+}
+
+/// Copies until EOF, then shuts the writer down (half-close), counting bytes.
+async fn copy_half<R, W>(reader: &mut R, writer: &mut W, counter: &std::sync::atomic::AtomicU64) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; COPY_BUFFER];
+    loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            return writer.shutdown().await;
+        }
+        writer.write_all(&buf[..n]).await?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,126 @@
+//! The proxy without a kernel: an [`OrigDstTable`] stands in for the eBPF
+//! peer table, upstreams are loopback servers. (The privileged tests in
+//! `tests/` run the same path through the real kernel programs.)
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use super::*;
+use crate::{
+    addr::OrigDstAddr,
+    config::Config,
+    intercept::{Intercepted, OrigDstTable},
+    workload::{CgroupFs, KernelIdentity},
+};
+
+struct Harness {
+    table: Arc<OrigDstTable>,
+    listen: SocketAddr,
+    shutdown: watch::Sender<bool>,
+}
+
+async fn harness(upstream: SocketAddr, allowed: bool) -> Harness {
+    let text = format!(
+        "[[target]]\nname = \"up\"\nprotocol = \"tcp\"\naddress = \"{upstream}\"\n\
+         [[workload]]\nname = \"me\"\nuid = 4242\n\
+         [[rule]]\nname = \"r\"\nworkloads = [\"me\"]\ntargets = [\"up\"]\ndecision = \"{}\"\n",
+        if allowed { "allow" } else { "deny" }
+    );
+    let policy = Config::from_text("t.toml", &text).unwrap().policy;
+    let table = crate::daemon::resolve_table(&policy);
+    let orig_dst = Arc::new(OrigDstTable::default());
+    let context = Arc::new(ProxyContext {
+        orig_dst: orig_dst.clone(),
+        resolver: Arc::new(WorkloadResolver::new(CgroupFs::new("/nonexistent".into()))),
+        active: ArcSwap::from_pointee(ActivePolicy { policy, table, enforce: true }),
+        bypass_mark: 0,
+        connections: ConnRegistry::default(),
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listen = listener.local_addr().unwrap();
+    let (shutdown, rx) = watch::channel(false);
+    tokio::spawn(serve(context, vec![listener], rx, Duration::from_secs(1)));
+    Harness { table: orig_dst, listen, shutdown }
+}
+
+/// Connects to the proxy and registers what the kernel would have recorded.
+async fn connect(h: &Harness, orig: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let client = socket.local_addr().unwrap();
+    h.table.insert(
+        ClientAddr(client),
+        Intercepted {
+            orig_dst: OrigDstAddr(orig),
+            kernel: KernelIdentity { tgid: u32::MAX - 1, uid: 4242, gid: 4242, comm: "test".into(), ..Default::default() },
+        },
+    );
+    socket.connect(h.listen).await.unwrap()
+}
+
+/// An upstream that sends a greeting, echoes until EOF, then says "bye".
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                stream.write_all(b"hi\n").await.unwrap();
+                let mut buf = Vec::new();
+                stream.read_to_end(&mut buf).await.unwrap();
+                stream.write_all(&buf).await.unwrap();
+                stream.write_all(b"bye\n").await.unwrap();
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn allowed_connection_is_forwarded_with_half_close() {
+    let upstream = echo_server().await;
+    let h = harness(upstream, true).await;
+    let mut client = connect(&h, upstream).await;
+    client.write_all(b"ping").await.unwrap();
+    // Half-close: the upstream sees EOF and can still answer.
+    client.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    client.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply, b"hi\npingbye\n");
+    let _ = h.shutdown.send(true);
+}
+
+#[tokio::test]
+async fn denied_connection_is_reset() {
+    let upstream = echo_server().await;
+    let h = harness(upstream, false).await;
+    let mut client = connect(&h, upstream).await;
+    let mut buf = [0u8; 8];
+    let error = client.read(&mut buf).await.unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
+    let _ = h.shutdown.send(true);
+}
+
+#[tokio::test]
+async fn connection_without_a_kernel_record_is_reset() {
+    let upstream = echo_server().await;
+    let h = harness(upstream, true).await;
+    let mut client = TcpStream::connect(h.listen).await.unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(client.read(&mut buf).await.unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
+    let _ = h.shutdown.send(true);
+}
+
+#[tokio::test]
+async fn unreachable_upstream_resets_the_client_and_spares_others() {
+    // Bind then drop: nothing listens on this port any more.
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let h = harness(dead, true).await;
+    let mut client = connect(&h, dead).await;
+    let mut buf = [0u8; 8];
+    assert_eq!(client.read(&mut buf).await.unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
+    let _ = h.shutdown.send(true);
+}

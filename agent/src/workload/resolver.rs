@@ -1,0 +1,145 @@
+//! Turns a kernel record into a [`Workload`].
+use std::path::PathBuf;
+
+use nix::unistd::{Gid, Group, Uid, User};
+
+use super::{
+    KernelIdentity, ParentProcess, Workload,
+    cgroup::{CgroupFs, container_id, systemd_unit},
+    exe_digest::ExeDigests,
+    procfs::{Proc, SnapshotError},
+};
+
+/// Resolves workloads; shared by every connection (caches inside).
+/// Blocking: callers on the async path use `spawn_blocking`.
+#[derive(Debug)]
+pub struct WorkloadResolver {
+    proc_root: PathBuf,
+    cgroups: CgroupFs,
+    digests: ExeDigests,
+}
+
+/// Parent chains stop here even if pid 1 is further away.
+const MAX_PARENTS: usize = 32;
+
+impl WorkloadResolver {
+    pub fn new(cgroups: CgroupFs) -> Self {
+        Self {
+            proc_root: PathBuf::from("/proc"),
+            cgroups,
+            digests: ExeDigests::default(),
+        }
+    }
+
+    /// The workload behind an intercepted connection. The kernel's fields
+    /// always stand; `/proc` fills in the rest only if the process there is
+    /// still the caller.
+    pub fn resolve(&self, kernel: &KernelIdentity) -> Workload {
+        let proc = Proc::new(&self.proc_root, kernel.tgid);
+        let snapshot = match proc.snapshot(Some(kernel.connect_boot_ns)) {
+            Ok(snapshot) => Some(snapshot),
+            Err(SnapshotError::Gone | SnapshotError::Reused) => None,
+            Err(error) => {
+                tracing::warn!(pid = kernel.tgid, %error, "cannot inspect the calling process");
+                None
+            }
+        };
+        let cgroup = self
+            .cgroups
+            .path_of(kernel.cgroup_id, snapshot.as_ref().and_then(|s| s.cgroup.as_deref()));
+        let mut workload = Workload {
+            pid: kernel.tgid,
+            uid: kernel.uid,
+            user: user_name(kernel.uid),
+            gid: kernel.gid,
+            groups: group_names(kernel.gid, &[]),
+            unit: cgroup.as_deref().and_then(systemd_unit),
+            container: cgroup.as_deref().and_then(container_id),
+            cgroup,
+            comm: kernel.comm.clone(),
+            live: false,
+            ..Workload::default()
+        };
+        if let Some(snapshot) = snapshot {
+            workload.live = true;
+            workload.groups = group_names(kernel.gid, &snapshot.groups);
+            workload.exe = snapshot.exe.as_ref().map(|p| p.display().to_string());
+            workload.exe_sha256 = proc.open_exe().and_then(|f| self.digests.digest(f)).ok();
+            workload.cmdline = snapshot.cmdline;
+            workload.parents = self.parents(snapshot.ppid);
+        }
+        workload
+    }
+
+    /// A workload for a live pid (for `policy explain --pid`).
+    pub fn resolve_pid(&self, pid: u32) -> Result<Workload, SnapshotError> {
+        let proc = Proc::new(&self.proc_root, pid);
+        let status = std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("status"))
+            .map_err(|_| SnapshotError::Gone)?;
+        let field = |name: &str| -> u32 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(u32::MAX)
+        };
+        let comm = std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("comm"))
+            .map(|c| c.trim_end().to_owned())
+            .unwrap_or_default();
+        let snapshot = proc.snapshot(None)?;
+        let cgroup_id = snapshot
+            .cgroup
+            .as_deref()
+            .and_then(|p| self.cgroups.id_of(p))
+            .unwrap_or_default();
+        let kernel = KernelIdentity {
+            tgid: pid,
+            uid: field("Uid:"),
+            gid: field("Gid:"),
+            cgroup_id,
+            comm,
+            netns_cookie: 0,
+            connect_boot_ns: u64::MAX,
+        };
+        Ok(self.resolve(&kernel))
+    }
+
+    fn parents(&self, mut pid: u32) -> Vec<ParentProcess> {
+        let mut parents = Vec::new();
+        while pid != 0 && parents.len() < MAX_PARENTS {
+            let proc = Proc::new(&self.proc_root, pid);
+            parents.push(ParentProcess {
+                pid,
+                exe: proc.exe().map(|p| p.display().to_string()),
+            });
+            if pid == 1 {
+                break;
+            }
+            match proc.stat() {
+                Ok(stat) => pid = stat.ppid,
+                Err(_) => break,
+            }
+        }
+        parents
+    }
+}
+
+pub fn user_name(uid: u32) -> Option<String> {
+    User::from_uid(Uid::from_raw(uid)).ok().flatten().map(|u| u.name)
+}
+
+/// Names of the primary group and the supplementary groups (ids without a
+/// name are kept as numbers, so a policy can still name them).
+fn group_names(gid: u32, supplementary: &[u32]) -> Vec<String> {
+    let mut ids = vec![gid];
+    ids.extend(supplementary.iter().copied().filter(|g| *g != gid));
+    ids.into_iter()
+        .map(|g| {
+            Group::from_gid(Gid::from_raw(g))
+                .ok()
+                .flatten()
+                .map_or_else(|| g.to_string(), |group| group.name)
+        })
+        .collect()
+}

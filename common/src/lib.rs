@@ -1,0 +1,164 @@
+//! Types shared by the kernel programs (`ebpf-programs/`) and the agent.
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding, so both
+//! sides agree on the layout byte for byte. Addresses are always 16 bytes:
+//! IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`), which lets one LPM trie and
+//! one peer table serve both families, and makes `connect6` to an
+//! IPv4-mapped destination match the same target as `connect4`.
+#![no_std]
+
+/// Names of the maps, as the kernel object declares them.
+pub mod maps {
+    /// LPM trie `TargetKey -> TargetValue`: the protected destinations.
+    pub const PROTECTED: &str = "INTERLOCK_PROTECTED";
+    /// Array with one `RedirectConfig`.
+    pub const CONFIG: &str = "INTERLOCK_CONFIG";
+    /// LRU hash `socket cookie -> ConnRecord`, written by `connect4/6`.
+    pub const BY_COOKIE: &str = "INTERLOCK_BY_COOKIE";
+    /// LRU hash `PeerKey -> ConnRecord`, written by `sockops`, read (and
+    /// deleted) by the agent on accept.
+    pub const BY_PEER: &str = "INTERLOCK_BY_PEER";
+}
+
+/// Names of the programs, as the kernel object declares them.
+pub mod programs {
+    pub const CONNECT4: &str = "interlock_connect4";
+    pub const CONNECT6: &str = "interlock_connect6";
+    pub const GETPEERNAME4: &str = "interlock_getpeername4";
+    pub const GETPEERNAME6: &str = "interlock_getpeername6";
+    pub const SOCKOPS: &str = "interlock_sockops";
+    pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6, SOCKOPS];
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Bits of `TargetKey` taken by the port; an LPM prefix length is
+/// `PORT_PREFIX_BITS + address prefix bits` (IPv4 prefixes add 96 for the
+/// `::ffff:0:0/96` mapping).
+pub const PORT_PREFIX_BITS: u32 = 16;
+pub const IPV4_MAPPED_PREFIX_BITS: u32 = 96;
+
+/// Entries in the connection tables; sized for bursts of connects that the
+/// agent has not yet accepted (LRU, so a stall can never wedge the kernel).
+pub const CONN_TABLE_ENTRIES: u32 = 65_536;
+/// Protected `address:port` entries (exact addresses and CIDRs).
+pub const PROTECTED_ENTRIES: u32 = 16_384;
+
+/// Returns the IPv4-mapped IPv6 form of an IPv4 address in network order.
+pub const fn ipv4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+/// Whether a 16-byte address is IPv4-mapped.
+pub fn is_ipv4_mapped(addr: &[u8; 16]) -> bool {
+    addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff
+}
+
+/// Key of the protected-destination LPM trie: the port first, so that
+/// `prefix_len = 16 + n` means "this port, and the first n address bits".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetKey {
+    /// Destination port, big-endian.
+    pub port: [u8; 2],
+    /// Destination address, IPv6 or IPv4-mapped, network order.
+    pub addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetValue {
+    /// Reserved for per-target kernel behaviour; zero today.
+    pub flags: u32,
+}
+
+/// Where intercepted connections go and which sockets are exempt.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RedirectConfig {
+    /// The agent's IPv4 listener address (network order).
+    pub listener_v4: [u8; 4],
+    /// The agent's listener port (host order), the same for both families.
+    pub listener_port: u16,
+    pub _pad: u16,
+    /// The agent's IPv6 listener address (network order).
+    pub listener_v6: [u8; 16],
+    /// Sockets carrying this `SO_MARK` are never redirected: the agent's own
+    /// upstream connections. Setting a mark needs CAP_NET_ADMIN, so a
+    /// workload cannot use it to bypass interception.
+    pub bypass_mark: u32,
+    /// Non-zero once the agent has written the configuration.
+    pub enabled: u32,
+}
+
+/// The client's end of an intercepted connection, as the agent sees its peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    /// IPv6 or IPv4-mapped address, network order.
+    pub addr: [u8; 16],
+    /// Port, host order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// What the kernel knew at `connect()`: where the connection was going and
+/// who asked. This is the workload's identity even if it exits at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnRecord {
+    /// Original destination address (IPv6 or IPv4-mapped), network order.
+    pub orig_addr: [u8; 16],
+    /// Original destination port, host order.
+    pub orig_port: u16,
+    /// Family the client used: `AF_INET` or `AF_INET6`.
+    pub orig_family: u16,
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    pub netns_cookie: u64,
+    /// `CLOCK_BOOTTIME` at connect, in ns: a process whose start time is later
+    /// than this is a reused pid, not the caller.
+    pub connect_boot_ns: u64,
+    pub comm: [u8; 16],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, and have no implicit
+    // padding (every gap is an explicit field).
+    unsafe impl aya::Pod for super::TargetKey {}
+    unsafe impl aya::Pod for super::TargetValue {}
+    unsafe impl aya::Pod for super::RedirectConfig {}
+    unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::ConnRecord {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<TargetKey>(), 18);
+        assert_eq!(size_of::<TargetValue>(), 4);
+        assert_eq!(size_of::<RedirectConfig>(), 32);
+        assert_eq!(size_of::<PeerKey>(), 20);
+        assert_eq!(size_of::<ConnRecord>(), 72);
+    }
+
+    #[test]
+    fn ipv4_mapping_roundtrips() {
+        let mapped = ipv4_mapped([127, 0, 0, 2]);
+        assert!(is_ipv4_mapped(&mapped));
+        assert_eq!(&mapped[12..], &[127, 0, 0, 2]);
+        let mut v6 = [0u8; 16];
+        v6[15] = 1;
+        assert!(!is_ipv4_mapped(&v6));
+    }
+}

@@ -1,0 +1,271 @@
+//! Interlock's kernel programs.
+//!
+//! The data path, in kernel order:
+//! 1. `connect4`/`connect6` (cgroup/connect*): a TCP connect to a protected
+//!    destination is recorded under the socket cookie and rewritten to the
+//!    agent's listener. Everything else is left alone.
+//! 2. `sockops` (TCP_CONNECT_CB): once the client's source port is known, the
+//!    record is copied under the client's `(address, port)`, the key the agent
+//!    sees as its peer on `accept`. The agent deletes it when read.
+//! 3. `getpeername4`/`getpeername6`: the client sees the original destination
+//!    as its peer, not the agent's listener.
+//! 4. `sockops` (STATE_CB, TCP_CLOSE): the cookie record is dropped.
+#![no_std]
+#![no_main]
+
+use core::ptr::{read_volatile, write_volatile};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, bpf_sock_addr, bpf_sock_ops,
+    },
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie,
+        bpf_ktime_get_boot_ns,
+    },
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, LpmTrie, LruHashMap, lpm_trie::Key},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use interlock_common::{
+    AF_INET, AF_INET6, CONN_TABLE_ENTRIES, ConnRecord, PORT_PREFIX_BITS, PROTECTED_ENTRIES,
+    PeerKey, RedirectConfig, TargetKey, TargetValue, ipv4_mapped, is_ipv4_mapped,
+};
+
+/// cgroup/sock_addr programs return 1 to let the syscall proceed. Interlock
+/// never refuses a connect in the kernel: refusal is the agent's decision.
+const PROCEED: i32 = 1;
+const IPPROTO_TCP: u32 = 6;
+
+#[map(name = "INTERLOCK_PROTECTED")]
+static PROTECTED: LpmTrie<TargetKey, TargetValue> = LpmTrie::with_max_entries(PROTECTED_ENTRIES, 0);
+
+#[map(name = "INTERLOCK_CONFIG")]
+static CONFIG: Array<RedirectConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "INTERLOCK_BY_COOKIE")]
+static BY_COOKIE: LruHashMap<u64, ConnRecord> = LruHashMap::with_max_entries(CONN_TABLE_ENTRIES, 0);
+
+#[map(name = "INTERLOCK_BY_PEER")]
+static BY_PEER: LruHashMap<PeerKey, ConnRecord> = LruHashMap::with_max_entries(CONN_TABLE_ENTRIES, 0);
+
+// === connect ===
+
+#[cgroup_sock_addr(connect4)]
+pub fn interlock_connect4(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx, false);
+    PROCEED
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn interlock_connect6(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx, true);
+    PROCEED
+}
+
+#[inline(always)]
+fn redirect(ctx: &SockAddrContext, v6: bool) {
+    let sa = ctx.sock_addr;
+    // SAFETY (here and below): `sa` is the kernel's context pointer; every
+    // field is read and written with the 4-byte accesses the verifier allows.
+    if unsafe { read_volatile(&(*sa).protocol) } != IPPROTO_TCP {
+        return;
+    }
+    let Some(config) = CONFIG.get(0) else { return };
+    if config.enabled == 0 {
+        return;
+    }
+    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+    if config.bypass_mark != 0 && !sk.is_null() && unsafe { (*sk).mark } == config.bypass_mark {
+        return;
+    }
+
+    // user_port holds the port in network order in its low 16 bits.
+    let port_be = unsafe { read_volatile(&(*sa).user_port) } as u16;
+    let addr = if v6 {
+        read_ip6(sa)
+    } else {
+        ipv4_mapped(unsafe { read_volatile(&(*sa).user_ip4) }.to_ne_bytes())
+    };
+    let key = Key::new(
+        PORT_PREFIX_BITS + 128,
+        TargetKey {
+            port: port_be.to_ne_bytes(),
+            addr,
+        },
+    );
+    if PROTECTED.get(&key).is_none() {
+        return;
+    }
+
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    let record = ConnRecord {
+        orig_addr: addr,
+        orig_port: u16::from_be(port_be),
+        orig_family: if v6 { AF_INET6 } else { AF_INET },
+        tgid: (pid_tgid >> 32) as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        connect_boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // If the record cannot be stored the connection is still redirected: the
+    // agent refuses connections it has no record for (fail closed).
+    let _ = BY_COOKIE.insert(&cookie, &record, 0);
+
+    unsafe {
+        if !v6 {
+            write_volatile(&mut (*sa).user_ip4, u32::from_ne_bytes(config.listener_v4));
+        } else if is_ipv4_mapped(&addr) {
+            // An IPv4-mapped destination on an IPv6 socket goes to the IPv4
+            // listener, still mapped, so the socket stays IPv4 underneath.
+            write_ip6(sa, &ipv4_mapped(config.listener_v4));
+        } else {
+            write_ip6(sa, &config.listener_v6);
+        }
+        write_volatile(&mut (*sa).user_port, config.listener_port.to_be() as u32);
+    }
+}
+
+// === getpeername ===
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn interlock_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_peer(&ctx, false);
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn interlock_getpeername6(ctx: SockAddrContext) -> i32 {
+    restore_peer(&ctx, true);
+    PROCEED
+}
+
+#[inline(always)]
+fn restore_peer(ctx: &SockAddrContext, v6: bool) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(record) = BY_COOKIE.get_ptr(&cookie) else {
+        return;
+    };
+    let record = unsafe { *record };
+    let sa = ctx.sock_addr;
+    unsafe {
+        if v6 {
+            write_ip6(sa, &record.orig_addr);
+        } else {
+            let a = record.orig_addr;
+            write_volatile(&mut (*sa).user_ip4, u32::from_ne_bytes([a[12], a[13], a[14], a[15]]));
+        }
+        write_volatile(&mut (*sa).user_port, record.orig_port.to_be() as u32);
+    }
+}
+
+// === sockops ===
+
+#[sock_ops]
+pub fn interlock_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => rekey_by_peer(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let _ = BY_COOKIE.remove(&cookie);
+        }
+        _ => {}
+    }
+    1
+}
+
+#[inline(always)]
+fn rekey_by_peer(ctx: &SockOpsContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(record) = BY_COOKIE.get_ptr(&cookie) else {
+        return;
+    };
+    let ops = ctx.ops;
+    // The source port is assigned by now (TCP_CONNECT_CB runs just before
+    // the SYN), so the agent cannot accept before this entry exists.
+    let addr = if ctx.family() == AF_INET as u32 {
+        ipv4_mapped(unsafe { read_volatile(&(*ops).local_ip4) }.to_ne_bytes())
+    } else {
+        local_ip6(ops)
+    };
+    let key = PeerKey {
+        addr,
+        // sock_ops keeps local_port in host order.
+        port: unsafe { read_volatile(&(*ops).local_port) } as u16,
+        _pad: [0; 2],
+    };
+    let _ = BY_PEER.insert(&key, unsafe { &*record }, 0);
+    // Ask for state callbacks so the cookie record goes when the socket does.
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+}
+
+// === helpers ===
+
+// The verifier only accepts context accesses at constant offsets, so the
+// four words of an IPv6 address are read and written one by one, never in a
+// loop (a loop becomes pointer arithmetic on the context, which it rejects).
+
+#[inline(always)]
+fn read_ip6(sa: *mut bpf_sock_addr) -> [u8; 16] {
+    unsafe {
+        words_to_bytes([
+            read_volatile(&(*sa).user_ip6[0]),
+            read_volatile(&(*sa).user_ip6[1]),
+            read_volatile(&(*sa).user_ip6[2]),
+            read_volatile(&(*sa).user_ip6[3]),
+        ])
+    }
+}
+
+#[inline(always)]
+unsafe fn write_ip6(sa: *mut bpf_sock_addr, addr: &[u8; 16]) {
+    let word = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    unsafe {
+        write_volatile(&mut (*sa).user_ip6[0], word(0));
+        write_volatile(&mut (*sa).user_ip6[1], word(4));
+        write_volatile(&mut (*sa).user_ip6[2], word(8));
+        write_volatile(&mut (*sa).user_ip6[3], word(12));
+    }
+}
+
+/// A separate BPF subprogram: inlined, LLVM keeps `&ctx->local_ip6[3]` in a
+/// register and loads through it, which the verifier rejects ("dereference
+/// of modified ctx ptr"); on its own, each load keeps its constant offset.
+#[inline(never)]
+fn local_ip6(ops: *mut bpf_sock_ops) -> [u8; 16] {
+    unsafe {
+        words_to_bytes([
+            read_volatile(&(*ops).local_ip6[0]),
+            read_volatile(&(*ops).local_ip6[1]),
+            read_volatile(&(*ops).local_ip6[2]),
+            read_volatile(&(*ops).local_ip6[3]),
+        ])
+    }
+}
+
+/// Network-order words (as the kernel stores them) to address bytes.
+#[inline(always)]
+fn words_to_bytes(words: [u32; 4]) -> [u8; 16] {
+    let [a, b, c, d] = words.map(u32::to_ne_bytes);
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3],
+    ]
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
