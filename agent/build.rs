@@ -18,7 +18,11 @@ fn main() {
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     let linker = Command::new("bpf-linker").arg("--version").output().is_ok();
     if skip || !linker {
-        let why = if skip { "AYA_BUILD_SKIP is set" } else { "bpf-linker is not installed" };
+        let why = if skip {
+            "AYA_BUILD_SKIP is set"
+        } else {
+            "bpf-linker is not installed"
+        };
         println!("cargo:warning={why}: building with a stub eBPF object (run `cargo xtask setup`)");
         fs::write(&stub, []).expect("write stub eBPF object");
         return;

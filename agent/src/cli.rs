@@ -5,12 +5,14 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
-use tracing_subscriber::{EnvFilter, Layer as _, filter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+use tracing_subscriber::{
+    EnvFilter, Layer as _, filter, layer::SubscriberExt as _, util::SubscriberInitExt as _,
+};
 
 use crate::{
     access::AccessLayer,
     admin::{self, Request},
-    config::{Config, DEFAULT_ADMIN_SOCKET, DEFAULT_CONFIG_PATH},
+    config::{Config, DEFAULT_CONFIG_PATH},
     daemon::Agent,
     intercept,
     policy::{self, evaluate},
@@ -18,7 +20,11 @@ use crate::{
 };
 
 #[derive(Parser)]
-#[command(name = "interlock", version, about = "Least privilege on the data path of every host")]
+#[command(
+    name = "interlock",
+    version,
+    about = "Least privilege on the data path of every host"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -109,18 +115,24 @@ pub fn main() -> ExitCode {
 }
 
 fn init_tracing() {
-    let filter = EnvFilter::try_from_env("INTERLOCK_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("INTERLOCK_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let human = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_filter(filter::filter_fn(|meta| meta.target() != "access"))
         .with_filter(filter);
-    tracing_subscriber::registry().with(human).with(AccessLayer).init();
+    tracing_subscriber::registry()
+        .with(human)
+        .with(AccessLayer)
+        .init();
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
@@ -154,16 +166,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The admin socket named by the config file, or the default one when the
-/// file cannot be read (status of an agent whose config is being edited).
-fn admin_socket(config: &std::path::Path) -> PathBuf {
-    Config::load(config)
-        .map(|c| c.agent.admin_socket)
-        .unwrap_or_else(|_| PathBuf::from(DEFAULT_ADMIN_SOCKET))
-}
-
 fn call_agent(config: &std::path::Path, request: Request) -> anyhow::Result<serde_json::Value> {
-    let socket = admin_socket(config);
+    let socket = crate::config::admin_socket_of(config);
     Ok(runtime()?.block_on(admin::call(&socket, &request))?)
 }
 
@@ -176,16 +180,22 @@ fn print_or_json(json: bool, data: &serde_json::Value, word: &str) {
 }
 
 fn detach(args: &AdminArgs) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&args.config.config).ok();
-    let socket = config.as_ref().map_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET), |c| c.agent.admin_socket.clone());
-    let bpffs_dir = config.map_or_else(|| crate::config::AgentSettings::default().bpffs_dir, |c| c.agent.bpffs_dir);
+    let socket = crate::config::admin_socket_of(&args.config.config);
+    let bpffs_dir = Config::load(&args.config.config)
+        .map(|c| c.agent.bpffs_dir)
+        .unwrap_or_else(|_| crate::config::AgentSettings::default().bpffs_dir);
     // A running agent holds its links open: ask it, so nothing stays attached.
     match runtime()?.block_on(admin::call(&socket, &Request::Detach)) {
         Ok(data) => print_or_json(args.json, &data, "detached (agent stopped)"),
         Err(admin::AdminError::Connect { .. }) => {
             let pins = intercept::pinned_links(&bpffs_dir);
-            intercept::detach_pins(&bpffs_dir).with_context(|| format!("removing pins under {}", bpffs_dir.display()))?;
-            print_or_json(args.json, &json!({"detached": true, "links": pins}), &format!("detached ({} pinned links removed)", pins.len()));
+            intercept::detach_pins(&bpffs_dir)
+                .with_context(|| format!("removing pins under {}", bpffs_dir.display()))?;
+            print_or_json(
+                args.json,
+                &json!({"detached": true, "links": pins}),
+                &format!("detached ({} pinned links removed)", pins.len()),
+            );
         }
         Err(error) => return Err(error.into()),
     }
@@ -237,7 +247,13 @@ fn policy_explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .position(|t| t.name == args.target)
         .map(policy::TargetId)
-        .with_context(|| format!("no target named {:?} in {}", args.target, args.config.config.display()))?;
+        .with_context(|| {
+            format!(
+                "no target named {:?} in {}",
+                args.target,
+                args.config.config.display()
+            )
+        })?;
 
     let workload = match args.pid {
         Some(pid) => {
@@ -251,21 +267,53 @@ fn policy_explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     let verdict = evaluate(policy, &workload, target);
     let matching = policy::matching_workloads(policy, &workload);
     if args.json {
-        println!("{}", json!({"target": args.target, "workload": workload, "matching_workloads": matching, "verdict": verdict, "mode": config.agent.mode}));
+        println!(
+            "{}",
+            json!({"target": args.target, "workload": workload, "matching_workloads": matching, "verdict": verdict, "mode": config.agent.mode})
+        );
     } else {
         println!("target:    {}", args.target);
-        println!("workload:  pid {} uid {} ({}) exe {} unit {} cgroup {}",
-            workload.pid, workload.uid, workload.user.as_deref().unwrap_or("-"),
-            workload.exe.as_deref().unwrap_or("-"), workload.unit.as_deref().unwrap_or("-"),
-            workload.cgroup.as_deref().unwrap_or("-"));
-        println!("matches:   {}", if matching.is_empty() { "no workload definition".to_owned() } else { matching.join(", ") });
-        println!("decision:  {:?}{}", verdict.action, verdict.rule.as_ref().map(|r| format!(" by rule {r:?}")).unwrap_or_default());
+        println!(
+            "workload:  pid {} uid {} ({}) exe {} unit {} cgroup {}",
+            workload.pid,
+            workload.uid,
+            workload.user.as_deref().unwrap_or("-"),
+            workload.exe.as_deref().unwrap_or("-"),
+            workload.unit.as_deref().unwrap_or("-"),
+            workload.cgroup.as_deref().unwrap_or("-")
+        );
+        println!(
+            "matches:   {}",
+            if matching.is_empty() {
+                "no workload definition".to_owned()
+            } else {
+                matching.join(", ")
+            }
+        );
+        println!(
+            "decision:  {:?}{}",
+            verdict.action,
+            verdict
+                .rule
+                .as_ref()
+                .map(|r| format!(" by rule {r:?}"))
+                .unwrap_or_default()
+        );
         println!("why:       {}", verdict.reason);
-        if let Some(description) = verdict.rule.as_ref().and_then(|name| policy.rules.iter().find(|r| &r.name == name)).and_then(|r| r.description.as_ref()) {
+        if let Some(description) = verdict
+            .rule
+            .as_ref()
+            .and_then(|name| policy.rules.iter().find(|r| &r.name == name))
+            .and_then(|r| r.description.as_ref())
+        {
             println!("rule says: {description}");
         }
     }
-    Ok(if verdict.allowed() { ExitCode::SUCCESS } else { ExitCode::from(3) })
+    Ok(if verdict.allowed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
 }
 
 fn described_workload(args: &ExplainArgs) -> anyhow::Result<Workload> {
@@ -276,20 +324,37 @@ fn described_workload(args: &ExplainArgs) -> anyhow::Result<Workload> {
     };
     let mut groups = args.group.clone();
     if groups.is_empty()
-        && let Some(user) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten()
+        && let Some(user) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
         && let Some(group) = nix::unistd::Group::from_gid(user.gid).ok().flatten()
     {
         groups.push(group.name);
     }
-    let cgroup = args.cgroup.clone().or_else(|| args.unit.as_ref().map(|u| format!("/system.slice/{u}")));
+    let cgroup = args
+        .cgroup
+        .clone()
+        .or_else(|| args.unit.as_ref().map(|u| format!("/system.slice/{u}")));
     Ok(Workload {
         uid,
         user: crate::workload::user_name(uid),
         groups,
-        unit: args.unit.clone().or_else(|| cgroup.as_deref().and_then(systemd_unit)),
+        unit: args
+            .unit
+            .clone()
+            .or_else(|| cgroup.as_deref().and_then(systemd_unit)),
         container: cgroup.as_deref().and_then(container_id),
         cgroup,
-        comm: args.comm.clone().or_else(|| args.exe.as_ref().and_then(|e| e.file_name()).map(|n| n.to_string_lossy().chars().take(15).collect())).unwrap_or_default(),
+        comm: args
+            .comm
+            .clone()
+            .or_else(|| {
+                args.exe
+                    .as_ref()
+                    .and_then(|e| e.file_name())
+                    .map(|n| n.to_string_lossy().chars().take(15).collect())
+            })
+            .unwrap_or_default(),
         exe: args.exe.as_ref().map(|e| e.display().to_string()),
         exe_sha256,
         live: false,
@@ -300,13 +365,26 @@ fn described_workload(args: &ExplainArgs) -> anyhow::Result<Workload> {
 fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
     use sha2::Digest as _;
     let bytes = std::fs::read(path)?;
-    Ok(sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+    Ok(sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 fn print_status(data: &serde_json::Value) {
-    println!("interlock {} (pid {}), mode {}, since {}", data["version"].as_str().unwrap_or("?"), data["pid"], data["mode"].as_str().unwrap_or("?"), data["started"].as_str().unwrap_or("?"));
+    println!(
+        "interlock {} (pid {}), mode {}, since {}",
+        data["version"].as_str().unwrap_or("?"),
+        data["pid"],
+        data["mode"].as_str().unwrap_or("?"),
+        data["started"].as_str().unwrap_or("?")
+    );
     if let Some(i) = data.get("intercept") {
-        println!("attached to cgroup {}, pins in {}", i["cgroup"].as_str().unwrap_or("?"), i["bpffs_dir"].as_str().unwrap_or("?"));
+        println!(
+            "attached to cgroup {}, pins in {}",
+            i["cgroup"].as_str().unwrap_or("?"),
+            i["bpffs_dir"].as_str().unwrap_or("?")
+        );
         for link in i["pinned_links"].as_array().into_iter().flatten() {
             println!("  link {}", link.as_str().unwrap_or("?"));
         }
@@ -315,11 +393,27 @@ fn print_status(data: &serde_json::Value) {
     println!("listening on port {}", data["listen_port"]);
     println!("targets:");
     for t in data["targets"].as_array().into_iter().flatten() {
-        println!("  {} ({}) {} -> {}", t["name"].as_str().unwrap_or("?"), t["protocol"].as_str().unwrap_or("?"), t["address"].as_str().unwrap_or("?"), t["destinations"]);
+        println!(
+            "  {} ({}) {} -> {}",
+            t["name"].as_str().unwrap_or("?"),
+            t["protocol"].as_str().unwrap_or("?"),
+            t["address"].as_str().unwrap_or("?"),
+            t["destinations"]
+        );
     }
     let live = data["connections"].as_array().map_or(0, Vec::len);
-    println!("connections: {live} live, {} accepted since start", data["accepted"]);
+    println!(
+        "connections: {live} live, {} accepted since start",
+        data["accepted"]
+    );
     for c in data["connections"].as_array().into_iter().flatten() {
-        println!("  {} {} -> {} pid {} ({} ms)", c["session_id"].as_str().unwrap_or("?"), c["client"].as_str().unwrap_or("?"), c["target"].as_str().unwrap_or("-"), c["pid"], c["age_ms"]);
+        println!(
+            "  {} {} -> {} pid {} ({} ms)",
+            c["session_id"].as_str().unwrap_or("?"),
+            c["client"].as_str().unwrap_or("?"),
+            c["target"].as_str().unwrap_or("-"),
+            c["pid"],
+            c["age_ms"]
+        );
     }
 }

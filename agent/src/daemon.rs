@@ -57,17 +57,21 @@ impl Agent {
         preflight::check_capabilities()?;
         let cgroups = CgroupFs::discover();
         let cgroup_dir = match &config.agent.cgroup {
-            CgroupSetting::Auto => cgroups.as_ref().map(|c| c.root().to_owned()).ok_or(preflight::PreflightError::NoCgroup2)?,
+            CgroupSetting::Auto => cgroups
+                .as_ref()
+                .map(|c| c.root().to_owned())
+                .ok_or(preflight::PreflightError::NoCgroup2)?,
             CgroupSetting::Path(path) => path.clone(),
         };
         preflight::check_cgroup(cgroups.as_ref(), &cgroup_dir)?;
         let cgroups = cgroups.expect("checked above");
         preflight::ensure_bpffs()?;
+        raise_fd_limit();
 
         let port = config.agent.listen_port;
-        let bound = proxy::bind(port)
-            .await
-            .with_context(|| format!("binding the agent's listeners on 127.0.0.1:{port} and [::1]:{port}"))?;
+        let bound = proxy::bind(port).await.with_context(|| {
+            format!("binding the agent's listeners on 127.0.0.1:{port} and [::1]:{port}")
+        })?;
         let (listeners, listen): (Vec<_>, Vec<_>) = bound.into_iter().unzip();
 
         let active = activate(&config).await;
@@ -83,7 +87,12 @@ impl Agent {
                 enabled: 1,
             },
         })
-        .with_context(|| format!("attaching the eBPF programs to cgroup {}", cgroup_dir.display()))?;
+        .with_context(|| {
+            format!(
+                "attaching the eBPF programs to cgroup {}",
+                cgroup_dir.display()
+            )
+        })?;
         interceptor.set_targets(&active.table.kernel_keys())?;
         let interceptor = Arc::new(interceptor);
         tracing::info!(cgroup = %cgroup_dir.display(), port, targets = active.policy.targets.len(), "interception attached");
@@ -127,7 +136,13 @@ impl Agent {
         tokio::spawn(state.clone().watch_sources(shutdown_rx.clone()));
         tokio::spawn(state.clone().re_resolve(shutdown_rx));
 
-        Ok(Self { listen, admin_socket, shutdown, proxy, state })
+        Ok(Self {
+            listen,
+            admin_socket,
+            shutdown,
+            proxy,
+            state,
+        })
     }
 
     /// Reloads configuration and policy from disk, keeping the old ones on
@@ -195,18 +210,24 @@ impl State {
         };
         match result {
             Ok(data) => Response::Ok { data },
-            Err(error) => Response::Error { message: format!("{error:#}") },
+            Err(error) => Response::Error {
+                message: format!("{error:#}"),
+            },
         }
     }
 
     async fn reload(&self) -> anyhow::Result<()> {
         let Some(path) = self.config_path.clone() else {
-            anyhow::bail!("this agent was started from an in-memory configuration; nothing to reload");
+            anyhow::bail!(
+                "this agent was started from an in-memory configuration; nothing to reload"
+            );
         };
         let config = tokio::task::spawn_blocking(move || Config::load(&path)).await??;
         let old = self.config.load();
         if restart_needed(&old, &config) {
-            tracing::warn!("[agent] settings other than mode changed; they take effect at the next restart");
+            tracing::warn!(
+                "[agent] settings other than mode changed; they take effect at the next restart"
+            );
         }
         let active = activate(&config).await;
         self.apply(active)?;
@@ -305,7 +326,9 @@ impl State {
         paths
             .into_iter()
             .map(|p| {
-                let meta = std::fs::metadata(&p).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
+                let meta = std::fs::metadata(&p)
+                    .ok()
+                    .and_then(|m| Some((m.modified().ok()?, m.len())));
                 (p, meta)
             })
             .collect()
@@ -321,7 +344,11 @@ impl State {
                 _ = shutdown.changed() => return,
             }
             let config = self.config.load_full();
-            let has_hosts = config.policy.targets.iter().any(|t| matches!(t.address, TargetAddress::Host(..)));
+            let has_hosts = config
+                .policy
+                .targets
+                .iter()
+                .any(|t| matches!(t.address, TargetAddress::Host(..)));
             if !has_hosts {
                 continue;
             }
@@ -332,6 +359,18 @@ impl State {
                 tracing::error!("updating resolved targets failed: {error:#}");
             }
         }
+    }
+}
+
+/// Each proxied connection holds two sockets; lift the soft limit to the
+/// hard one so bursts are bounded by the host, not by a default of 1024.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(%error, soft, hard, "cannot raise the open-files limit");
     }
 }
 
@@ -353,7 +392,11 @@ async fn activate(config: &Config) -> ActivePolicy {
     let enforce = config.agent.mode == Mode::Enforce;
     tokio::task::spawn_blocking(move || {
         let table = resolve_table(&policy);
-        ActivePolicy { policy, table, enforce }
+        ActivePolicy {
+            policy,
+            table,
+            enforce,
+        }
     })
     .await
     .expect("resolution task")

@@ -56,7 +56,9 @@ decision = "deny"
 "#;
 
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(demo(args))
 }
 
@@ -65,7 +67,8 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let cgroups = CgroupFs::discover().context("no cgroup v2 hierarchy is mounted")?;
     let cgroup = format!("/interlock-demo-{id}");
     let cgroup_dir = cgroups.dir(&cgroup);
-    std::fs::create_dir_all(&cgroup_dir).with_context(|| format!("creating demo cgroup {}", cgroup_dir.display()))?;
+    std::fs::create_dir_all(&cgroup_dir)
+        .with_context(|| format!("creating demo cgroup {}", cgroup_dir.display()))?;
     let _cleanup = CgroupCleanup(cgroup_dir.clone());
 
     let api = serve_http("127.0.0.42:0", "hello from demo-api\n").await?;
@@ -89,11 +92,18 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     );
 
     for (name, port) in [("demo-api", api), ("demo-secrets", secrets)] {
-        let ip = if name == "demo-api" { "127.0.0.42" } else { "127.0.0.43" };
+        let ip = if name == "demo-api" {
+            "127.0.0.42"
+        } else {
+            "127.0.0.43"
+        };
         let url = format!("http://{ip}:{port}/");
         let output = tokio::process::Command::new("sh")
             .arg("-c")
-            .arg(format!("echo $$ > {}/cgroup.procs && exec curl -sS --max-time 5 {url}", cgroup_dir.display()))
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec curl -sS --max-time 5 {url}",
+                cgroup_dir.display()
+            ))
             .output()
             .await
             .context("running curl (is it installed?)")?;
@@ -105,10 +115,16 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     // Let the access lines of both connections land before the summary.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    eprintln!("== status ==\n{}", serde_json::to_string_pretty(&agent.status())?);
+    eprintln!(
+        "== status ==\n{}",
+        serde_json::to_string_pretty(&agent.status())?
+    );
 
     if args.keep {
-        eprintln!("\nagent running; try: sh -c 'echo $$ > {}/cgroup.procs; exec curl http://127.0.0.42:{api}/'  (Ctrl-C stops)", cgroup_dir.display());
+        eprintln!(
+            "\nagent running; try: sh -c 'echo $$ > {}/cgroup.procs; exec curl http://127.0.0.42:{api}/'  (Ctrl-C stops)",
+            cgroup_dir.display()
+        );
         tokio::signal::ctrl_c().await?;
     }
     agent.detach().await?;
@@ -118,14 +134,19 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
 /// A one-line HTTP responder standing in for a protected service.
 async fn serve_http(addr: &str, body: &'static str) -> anyhow::Result<u16> {
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
     let port = listener.local_addr()?.port();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
                 let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await;
-                let response = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
                 let _ = stream.write_all(response.as_bytes()).await;
             });
         }

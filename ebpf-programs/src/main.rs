@@ -50,7 +50,8 @@ static CONFIG: Array<RedirectConfig> = Array::with_max_entries(1, 0);
 static BY_COOKIE: LruHashMap<u64, ConnRecord> = LruHashMap::with_max_entries(CONN_TABLE_ENTRIES, 0);
 
 #[map(name = "INTERLOCK_BY_PEER")]
-static BY_PEER: LruHashMap<PeerKey, ConnRecord> = LruHashMap::with_max_entries(CONN_TABLE_ENTRIES, 0);
+static BY_PEER: LruHashMap<PeerKey, ConnRecord> =
+    LruHashMap::with_max_entries(CONN_TABLE_ENTRIES, 0);
 
 // === connect ===
 
@@ -97,7 +98,7 @@ fn redirect(ctx: &SockAddrContext, v6: bool) {
             addr,
         },
     );
-    if PROTECTED.get(&key).is_none() {
+    if PROTECTED.get(key).is_none() {
         return;
     }
 
@@ -118,7 +119,7 @@ fn redirect(ctx: &SockAddrContext, v6: bool) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // If the record cannot be stored the connection is still redirected: the
     // agent refuses connections it has no record for (fail closed).
-    let _ = BY_COOKIE.insert(&cookie, &record, 0);
+    let _ = BY_COOKIE.insert(cookie, record, 0);
 
     unsafe {
         if !v6 {
@@ -151,7 +152,7 @@ pub fn interlock_getpeername6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn restore_peer(ctx: &SockAddrContext, v6: bool) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(record) = BY_COOKIE.get_ptr(&cookie) else {
+    let Some(record) = BY_COOKIE.get_ptr(cookie) else {
         return;
     };
     let record = unsafe { *record };
@@ -161,7 +162,10 @@ fn restore_peer(ctx: &SockAddrContext, v6: bool) {
             write_ip6(sa, &record.orig_addr);
         } else {
             let a = record.orig_addr;
-            write_volatile(&mut (*sa).user_ip4, u32::from_ne_bytes([a[12], a[13], a[14], a[15]]));
+            write_volatile(
+                &mut (*sa).user_ip4,
+                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+            );
         }
         write_volatile(&mut (*sa).user_port, record.orig_port.to_be() as u32);
     }
@@ -175,7 +179,7 @@ pub fn interlock_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_CONNECT_CB => rekey_by_peer(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let _ = BY_COOKIE.remove(&cookie);
+            let _ = BY_COOKIE.remove(cookie);
         }
         _ => {}
     }
@@ -185,7 +189,7 @@ pub fn interlock_sockops(ctx: SockOpsContext) -> u32 {
 #[inline(always)]
 fn rekey_by_peer(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(record) = BY_COOKIE.get_ptr(&cookie) else {
+    let Some(record) = BY_COOKIE.get_ptr(cookie) else {
         return;
     };
     let ops = ctx.ops;
@@ -202,7 +206,7 @@ fn rekey_by_peer(ctx: &SockOpsContext) {
         port: unsafe { read_volatile(&(*ops).local_port) } as u16,
         _pad: [0; 2],
     };
-    let _ = BY_PEER.insert(&key, unsafe { &*record }, 0);
+    let _ = BY_PEER.insert(key, unsafe { *record }, 0);
     // Ask for state callbacks so the cookie record goes when the socket does.
     let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
 }
@@ -256,7 +260,8 @@ fn local_ip6(ops: *mut bpf_sock_ops) -> [u8; 16] {
 fn words_to_bytes(words: [u32; 4]) -> [u8; 16] {
     let [a, b, c, d] = words.map(u32::to_ne_bytes);
     [
-        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3],
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
     ]
 }
 

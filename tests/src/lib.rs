@@ -1,1 +1,461 @@
+//! Harness for the end-to-end tests: throwaway cgroups, the real `interlock`
+//! binary run as a daemon inside them, loopback servers, and real clients
+//! (`curl`, `python3`, `nc`) started inside the cgroup.
+//!
+//! Everything here panics with context instead of returning errors: a
+//! failing step should say what it was doing. The tests need root (they
+//! attach eBPF programs); without it they fail, loudly, with a reason.
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
 
+use serde_json::Value;
+
+/// The agent binary under test (`cargo xtask test` sets INTERLOCK_BIN).
+pub fn interlock_bin() -> PathBuf {
+    let path = std::env::var_os("INTERLOCK_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/interlock"));
+    assert!(
+        fs::metadata(&path).is_ok_and(|m| m.len() > 0),
+        "{} is missing: build it first (`cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
+/// Fails the test (never skips it) when not running as root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "end-to-end tests attach eBPF programs to cgroups and need root; run `sudo cargo xtask test`"
+    );
+}
+
+/// The cgroup v2 mount point, from /proc/self/mountinfo.
+pub fn cgroup_root() -> PathBuf {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            if right.starts_with("cgroup2 ") {
+                left.split_whitespace().nth(4).map(PathBuf::from)
+            } else {
+                None
+            }
+        })
+        .expect("a cgroup v2 hierarchy must be mounted")
+}
+
+/// A throwaway cgroup; its processes are killed and it is removed on drop.
+pub struct TestCgroup {
+    pub dir: PathBuf,
+    /// Path relative to the cgroup root, as /proc/PID/cgroup shows it.
+    pub path: String,
+    children: Vec<PathBuf>,
+}
+
+impl TestCgroup {
+    pub fn new(name: &str) -> Self {
+        require_root();
+        let path = format!("/interlock-e2e-{name}-{}", std::process::id());
+        let dir = cgroup_root().join(path.trim_start_matches('/'));
+        fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
+        Self {
+            dir,
+            path,
+            children: Vec::new(),
+        }
+    }
+
+    /// A nested cgroup (e.g. `ci-job.service`), removed with its parent.
+    pub fn child(&mut self, name: &str) -> (PathBuf, String) {
+        let dir = self.dir.join(name);
+        fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
+        self.children.push(dir.clone());
+        (dir, format!("{}/{name}", self.path))
+    }
+
+    /// Runs `script` with `sh` inside this cgroup (or a child's directory).
+    pub fn sh(&self, script: &str) -> Output {
+        sh_in(&self.dir, script)
+    }
+}
+
+/// Runs `script` with `sh` after moving the shell into `cgroup_dir`.
+pub fn sh_in(cgroup_dir: &Path, script: &str) -> Output {
+    let wrapped = format!(
+        "echo $$ > {}/cgroup.procs || exit 99\n{script}",
+        cgroup_dir.display()
+    );
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(wrapped)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn sh");
+    assert_ne!(
+        output.status.code(),
+        Some(99),
+        "could not join cgroup {}",
+        cgroup_dir.display()
+    );
+    output
+}
+
+fn kill_and_remove(dir: &Path) {
+    for _ in 0..50 {
+        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if procs.trim().is_empty() {
+            break;
+        }
+        for pid in procs.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+            // SAFETY: sending a signal has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for child in self.children.iter().rev() {
+            kill_and_remove(child);
+        }
+        kill_and_remove(&self.dir);
+    }
+}
+
+/// A free TCP port on loopback (bound and released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The real agent, run as `interlock run --config` inside a test cgroup.
+pub struct Agent {
+    child: Option<Child>,
+    pub config: PathBuf,
+    pub workdir: PathBuf,
+    pub bpffs_dir: PathBuf,
+    cgroup_dir: PathBuf,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Agent {
+    /// Writes a configuration (the `[agent]` section is generated; `policy`
+    /// holds targets, workloads and rules), starts the agent and waits
+    /// until its admin socket answers.
+    pub fn start(cgroup: &TestCgroup, name: &str, policy: &str) -> Self {
+        let workdir =
+            std::env::temp_dir().join(format!("interlock-e2e-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&workdir);
+        fs::create_dir_all(&workdir).unwrap();
+        let bpffs_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/interlock-e2e-{name}-{}",
+            std::process::id()
+        ));
+        let config = workdir.join("interlock.toml");
+        let mut agent = Self {
+            child: None,
+            config,
+            workdir,
+            bpffs_dir,
+            cgroup_dir: cgroup.dir.clone(),
+            stdout: Arc::default(),
+            stderr: Arc::default(),
+        };
+        agent.write_policy(policy);
+        agent.spawn();
+        agent
+    }
+
+    /// Rewrites the configuration file with a new policy (same `[agent]`).
+    pub fn write_policy(&self, policy: &str) {
+        let port = self.listen_port();
+        let text = format!(
+            "[agent]\nmode = \"enforce\"\ncgroup = {:?}\nlisten_port = {port}\nbpffs_dir = {:?}\nadmin_socket = {:?}\nstate_dir = {:?}\n\n{policy}",
+            self.cgroup_dir.display().to_string(),
+            self.bpffs_dir.display().to_string(),
+            self.admin_socket().display().to_string(),
+            self.workdir.join("state").display().to_string(),
+        );
+        // Write beside and rename, as editors and config management do, so
+        // the agent never reads half a file.
+        let staged = self.workdir.join("interlock.toml.new");
+        fs::write(&staged, text).unwrap();
+        fs::rename(&staged, &self.config).unwrap();
+    }
+
+    /// Writes raw text as the configuration file (for broken configs).
+    pub fn write_raw(&self, text: &str) {
+        let staged = self.workdir.join("interlock.toml.new");
+        fs::write(&staged, text).unwrap();
+        fs::rename(&staged, &self.config).unwrap();
+    }
+
+    fn listen_port(&self) -> u16 {
+        let port_file = self.workdir.join("port");
+        if let Ok(port) = fs::read_to_string(&port_file) {
+            return port.trim().parse().unwrap();
+        }
+        let port = free_port();
+        fs::write(&port_file, port.to_string()).unwrap();
+        port
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.workdir.join("admin.sock")
+    }
+
+    /// (Re)starts the agent process inside the cgroup and waits for it.
+    pub fn spawn(&mut self) {
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"",
+                self.cgroup_dir.display()
+            ))
+            .arg(interlock_bin())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("INTERLOCK_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn interlock");
+        let stdout = child.stdout.take().unwrap();
+        let lines = self.stdout.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let mut stderr = child.stderr.take().unwrap();
+        let log = self.stderr.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                log.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "interlock exited during start-up ({status}):\n{}",
+                    self.stderr()
+                );
+            }
+            if self.cli(&["status", "--json"]).status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "interlock did not become ready:\n{}",
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `kill -9`: no cleanup runs, the pins stay.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, then wait: the graceful path.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().unwrap()
+    }
+
+    pub fn sighup(&self) {
+        let child = self.child.as_ref().expect("agent running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    }
+
+    /// Runs the CLI against this agent's configuration.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(interlock_bin());
+        cmd.args(args).arg("--config").arg(&self.config);
+        cmd.stdin(Stdio::null())
+            .output()
+            .expect("run interlock CLI")
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Every access-log line so far, parsed.
+    pub fn access_lines(&self) -> Vec<Value> {
+        self.stdout
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("access line is not JSON ({e}): {l}"))
+            })
+            .collect()
+    }
+
+    /// Waits until at least `n` access lines exist, then returns them all.
+    pub fn wait_access_lines(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let lines = self.access_lines();
+            if lines.len() >= n {
+                return lines;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} access lines, have {}:\n{}",
+                lines.len(),
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = Command::new(interlock_bin())
+            .arg("detach")
+            .arg("--config")
+            .arg(&self.config)
+            .output();
+        let _ = fs::remove_dir_all(&self.bpffs_dir);
+        let _ = fs::remove_dir_all(&self.workdir);
+    }
+}
+
+/// A loopback server that records who connected.
+pub struct Server {
+    pub addr: SocketAddr,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+impl Server {
+    /// Answers any request with an HTTP 200 carrying `body`.
+    pub fn http(bind: &str, body: &'static str) -> Self {
+        Self::spawn(bind, move |mut stream| {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes());
+        })
+    }
+
+    /// Reads to EOF, then writes everything back and closes.
+    pub fn echo(bind: &str) -> Self {
+        Self::spawn(bind, |mut stream| {
+            let mut buf = Vec::new();
+            if stream.read_to_end(&mut buf).is_ok() {
+                let _ = stream.write_all(&buf);
+            }
+        })
+    }
+
+    fn spawn(
+        bind: &str,
+        handle: impl Fn(std::net::TcpStream) + Send + Sync + Copy + 'static,
+    ) -> Self {
+        let listener = TcpListener::bind(bind).unwrap_or_else(|e| panic!("binding {bind}: {e}"));
+        let addr = listener.local_addr().unwrap();
+        let peers: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+        let seen = peers.clone();
+        thread::spawn(move || {
+            for stream in listener.incoming().map_while(Result::ok) {
+                if let Ok(peer) = stream.peer_addr() {
+                    seen.lock().unwrap().push(peer);
+                }
+                thread::spawn(move || handle(stream));
+            }
+        });
+        Self { addr, peers }
+    }
+
+    /// How many connections reached this server.
+    pub fn connections(&self) -> usize {
+        self.peers.lock().unwrap().len()
+    }
+
+    /// `http://addr/` (with brackets for IPv6).
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+}
+
+/// Hex SHA-256 of a file.
+pub fn sha256_file(path: &str) -> String {
+    use sha2::Digest as _;
+    let bytes = fs::read(path).unwrap();
+    sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Makes the admin socket world-connectable, to test SO_PEERCRED itself.
+pub fn open_socket_to_everyone(path: &Path) {
+    fs::set_permissions(path, fs::Permissions::from_mode(0o666)).unwrap();
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        if d == Path::new("/") || d == std::env::temp_dir() {
+            break;
+        }
+        let mode = fs::metadata(d).unwrap().permissions().mode();
+        fs::set_permissions(d, fs::Permissions::from_mode(mode | 0o011)).unwrap();
+        dir = d.parent();
+    }
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}

@@ -1,1 +1,181 @@
-fn main(){}
+//! `cargo xtask <command>`: everything beyond plain cargo.
+//!
+//! | command   | what it does |
+//! |-----------|--------------|
+//! | `setup`   | installs what is missing (nightly rust-src, bpf-linker, the apt packages the tests use); idempotent |
+//! | `build`   | builds the agent with its kernel programs |
+//! | `lint`    | rustfmt and clippy, user space and the eBPF crate |
+//! | `test`    | setup, build, lint, unit tests, install check, privileged end-to-end tests |
+//! | `demo`    | setup, build, then `interlock demo` (the quick start) |
+//! | `install` | the binary, the systemd unit and a default configuration |
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+mod install;
+mod setup;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install missing toolchain pieces and test dependencies.
+    Setup,
+    /// Build the agent (debug, or --release) with its eBPF programs.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// rustfmt --check and clippy -D warnings (user space and eBPF).
+    Lint,
+    /// Everything CI runs: setup, lint, unit tests, end-to-end tests.
+    Test {
+        /// Extra arguments for the end-to-end test binary (e.g. a test name).
+        #[arg(trailing_var_arg = true)]
+        e2e_args: Vec<String>,
+    },
+    /// Run the agent end to end on its embedded demo configuration.
+    Demo,
+    /// Install the binary, systemd unit and default configuration.
+    Install(install::InstallArgs),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::run(),
+        Task::Build { release } => build(release),
+        Task::Lint => {
+            setup::run()?;
+            lint()
+        }
+        Task::Test { e2e_args } => test(&e2e_args),
+        Task::Demo => {
+            setup::run()?;
+            build(false)?;
+            exec(Command::new(workspace_root().join("target/debug/interlock")).arg("demo"))
+        }
+        Task::Install(args) => install::run(args),
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+pub fn exec(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "interlock"]);
+    if release {
+        cmd.arg("--release");
+    }
+    exec(&mut cmd)
+}
+
+fn lint() -> Result<()> {
+    exec(cargo().args(["fmt", "--all", "--check"]))?;
+    exec(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The kernel crate only builds for BPF, with nightly and build-std.
+    exec(cargo().args([
+        "+nightly",
+        "clippy",
+        "--package",
+        "interlock-ebpf",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
+/// Installs into a scratch root and checks the unit there with
+/// `systemd-analyze verify` (which insists that ExecStart exists).
+fn install_and_verify_unit() -> Result<()> {
+    let root = std::env::temp_dir().join(format!("interlock-install-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&root);
+    install::run(install::InstallArgs::staged(
+        &root,
+        &workspace_root().join("target/debug/interlock"),
+    ))?;
+    for installed in [
+        "usr/local/bin/interlock",
+        "etc/systemd/system/interlock.service",
+        "etc/interlock/interlock.toml",
+    ] {
+        if !root.join(installed).is_file() {
+            bail!("install did not put {installed} in place");
+        }
+    }
+    let unit = fs::read_to_string(root.join("etc/systemd/system/interlock.service"))?;
+    let staged_unit = root.join("interlock.service");
+    fs::write(
+        &staged_unit,
+        unit.replace(
+            "/usr/local/bin/interlock",
+            &root.join("usr/local/bin/interlock").display().to_string(),
+        ),
+    )?;
+    exec(
+        Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(&staged_unit)
+            .env("SYSTEMD_LOG_LEVEL", "warning"),
+    )
+    .context("the systemd unit does not verify")?;
+    fs::remove_dir_all(&root)?;
+    Ok(())
+}
+
+fn test(e2e_args: &[String]) -> Result<()> {
+    setup::run()?;
+    build(false)?;
+    lint()?;
+    exec(cargo().args(["test", "--workspace", "--exclude", "interlock-e2e"]))?;
+    install_and_verify_unit()?;
+    let binary = workspace_root().join("target/debug/interlock");
+    if !fs::metadata(&binary).is_ok_and(|m| m.len() > 0) {
+        bail!("{} is missing after the build", binary.display());
+    }
+    let mut e2e = cargo();
+    e2e.args(["test", "--package", "interlock-e2e", "--"])
+        .args(e2e_args);
+    e2e.env("INTERLOCK_BIN", &binary);
+    exec(&mut e2e)
+}

@@ -16,7 +16,9 @@ pub fn is_admin(uid: u32, gid: u32, admins: &[Principal]) -> bool {
                 return true;
             }
             user.as_ref().is_some_and(|u| {
-                let Ok(cname) = std::ffi::CString::new(u.name.as_str()) else { return false };
+                let Ok(cname) = std::ffi::CString::new(u.name.as_str()) else {
+                    return false;
+                };
                 getgrouplist(&cname, Gid::from_raw(gid))
                     .is_ok_and(|groups| groups.contains(&group.gid))
             })
@@ -33,7 +35,18 @@ mod tests {
         assert!(is_admin(0, 0, &[Principal::Uid(0)]));
         assert!(is_admin(0, 0, &[Principal::User("root".into())]));
         assert!(is_admin(0, 0, &[Principal::Group("root".into())]));
-        assert!(!is_admin(12345, 12345, &[Principal::User("root".into()), Principal::Group("root".into())]));
-        assert!(!is_admin(0, 0, &[Principal::Group("no-such-group-here".into())]));
+        assert!(!is_admin(
+            12345,
+            12345,
+            &[
+                Principal::User("root".into()),
+                Principal::Group("root".into())
+            ]
+        ));
+        assert!(!is_admin(
+            0,
+            0,
+            &[Principal::Group("no-such-group-here".into())]
+        ));
     }
 }

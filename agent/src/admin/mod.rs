@@ -37,12 +37,12 @@ pub enum Response {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    #[error("cannot reach the agent at {}: {source} (is it running? see `systemctl status interlock`)", path.display())]
-    Connect { path: PathBuf, source: io::Error },
-    #[error("admin socket {}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
+    #[error("cannot reach the agent at {}: {cause} (is it running? see `systemctl status interlock`)", path.display())]
+    Connect { path: PathBuf, cause: io::Error },
+    #[error("admin socket {}: {cause}", path.display())]
+    Io { path: PathBuf, cause: io::Error },
     #[error("the agent answered with something unreadable: {0}")]
-    Protocol(#[from] serde_json::Error),
+    Protocol(serde_json::Error),
     #[error("{0}")]
     Refused(String),
 }
@@ -54,7 +54,9 @@ where
     Fut: std::future::Future<Output = Response> + Send,
 {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let handler = handler.clone();
         let admins = admins.clone();
         tokio::spawn(async move {
@@ -77,7 +79,10 @@ where
         let response = if !is_admin(cred.uid(), cred.gid(), admins) {
             tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "admin request refused: caller is not an admin");
             Response::Error {
-                message: format!("uid {} is not allowed to administer this agent (see [agent] admins)", cred.uid()),
+                message: format!(
+                    "uid {} is not allowed to administer this agent (see [agent] admins)",
+                    cred.uid()
+                ),
             }
         } else {
             match serde_json::from_str::<Request>(&line) {
@@ -85,7 +90,9 @@ where
                     tracing::info!(uid = cred.uid(), ?request, "admin request");
                     handler(request).await
                 }
-                Err(error) => Response::Error { message: format!("bad request: {error}") },
+                Err(error) => Response::Error {
+                    message: format!("bad request: {error}"),
+                },
             }
         };
         let mut out = serde_json::to_vec(&response).unwrap_or_default();
@@ -113,15 +120,24 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 pub async fn call(path: &Path, request: &Request) -> Result<serde_json::Value, AdminError> {
     let stream = UnixStream::connect(path)
         .await
-        .map_err(|source| AdminError::Connect { path: path.to_owned(), source })?;
-    let io_err = |source| AdminError::Io { path: path.to_owned(), source };
+        .map_err(|cause| AdminError::Connect {
+            path: path.to_owned(),
+            cause,
+        })?;
+    let io_err = |cause| AdminError::Io {
+        path: path.to_owned(),
+        cause,
+    };
     let (read, mut write) = stream.into_split();
-    let mut line = serde_json::to_vec(request)?;
+    let mut line = serde_json::to_vec(request).map_err(AdminError::Protocol)?;
     line.push(b'\n');
     write.write_all(&line).await.map_err(io_err)?;
     let mut reply = String::new();
-    BufReader::new(read).read_line(&mut reply).await.map_err(io_err)?;
-    match serde_json::from_str(&reply)? {
+    BufReader::new(read)
+        .read_line(&mut reply)
+        .await
+        .map_err(io_err)?;
+    match serde_json::from_str(&reply).map_err(AdminError::Protocol)? {
         Response::Ok { data } => Ok(data),
         Response::Error { message } => Err(AdminError::Refused(message)),
     }

@@ -22,9 +22,9 @@ impl SourceFile {
     }
 
     pub fn read(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
         Ok(Self::new(path.to_owned(), text))
     }
@@ -132,12 +132,17 @@ impl WorkloadSpec {
         }
 
         let exe_sha256 = list(&self.exe_sha256);
-        if let Some(bad) = exe_sha256.iter().find(|d| d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit())) {
+        if let Some(bad) = exe_sha256
+            .iter()
+            .find(|d| d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
             return Err(format!("exe_sha256: {bad:?} is not a hex SHA-256 digest"));
         }
         let cgroup = list(&self.cgroup);
         if let Some(bad) = cgroup.iter().find(|c| !c.starts_with('/')) {
-            return Err(format!("cgroup: {bad:?} must be an absolute cgroup path such as \"/system.slice\""));
+            return Err(format!(
+                "cgroup: {bad:?} must be an absolute cgroup path such as \"/system.slice\""
+            ));
         }
         let selector = WorkloadSelector {
             unit: globs("unit", &self.unit)?,
@@ -145,7 +150,10 @@ impl WorkloadSpec {
             user: globs("user", &self.user)?,
             group: globs("group", &self.group)?,
             exe: globs("exe", &self.exe)?,
-            exe_sha256: exe_sha256.into_iter().map(|d| d.to_ascii_lowercase()).collect(),
+            exe_sha256: exe_sha256
+                .into_iter()
+                .map(|d| d.to_ascii_lowercase())
+                .collect(),
             cgroup,
             container: globs("container", &self.container)?,
             comm: globs("comm", &self.comm)?,
@@ -169,4 +177,3 @@ pub struct RuleSpec {
     pub targets: Vec<Located<String>>,
     pub decision: Action,
 }
-

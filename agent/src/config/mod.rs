@@ -21,10 +21,10 @@ use file::{FileSpec, Located, SourceFile};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{}: cannot read: {source}", path.display())]
+    #[error("{}: cannot read: {cause}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{}:{line}:{column}: {message}", path.display())]
     Invalid {
@@ -74,8 +74,26 @@ impl Config {
         }
         let policy = build_policy(&files)?;
         let sources = files.into_iter().map(|(source, _)| source.path).collect();
-        Ok(Self { agent, policy, sources })
+        Ok(Self {
+            agent,
+            policy,
+            sources,
+        })
     }
+}
+
+/// The admin socket a configuration file names, read leniently: the CLI
+/// must find a running agent even while its file is broken (say, to ask it
+/// to reload and hear why that fails).
+pub fn admin_socket_of(path: &Path) -> PathBuf {
+    let named = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|table| {
+            let socket = table.get("agent")?.get("admin_socket")?.as_str()?;
+            Some(PathBuf::from(socket))
+        });
+    named.unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET))
 }
 
 /// `*.toml` in `dir`, sorted by name so merges are deterministic. A missing
@@ -84,7 +102,12 @@ fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(ConfigError::Read { path: dir.to_owned(), source }),
+        Err(cause) => {
+            return Err(ConfigError::Read {
+                path: dir.to_owned(),
+                cause,
+            });
+        }
     };
     let mut paths: Vec<PathBuf> = entries
         .filter_map(Result::ok)
@@ -104,7 +127,13 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
 
     for (source, spec) in files {
         for target in &spec.target {
-            let name = unique_name(source, &target.get_ref().name, &mut target_ids, TargetId(policy.targets.len()), "target")?;
+            let name = unique_name(
+                source,
+                &target.get_ref().name,
+                &mut target_ids,
+                TargetId(policy.targets.len()),
+                "target",
+            )?;
             let address = TargetAddress::parse(target.get_ref().address.get_ref())
                 .map_err(|message| source.error_at(target.get_ref().address.span(), message))?;
             policy.targets.push(Target {
@@ -114,7 +143,13 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
             });
         }
         for workload in &spec.workload {
-            let name = unique_name(source, &workload.get_ref().name, &mut workload_ids, policy.workloads.len(), "workload")?;
+            let name = unique_name(
+                source,
+                &workload.get_ref().name,
+                &mut workload_ids,
+                policy.workloads.len(),
+                "workload",
+            )?;
             let selector = workload
                 .get_ref()
                 .selector()
@@ -129,7 +164,13 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
             let rule = located.get_ref();
             let name = unique_name(source, &rule.name, &mut rule_names, (), "rule")?;
             let at = located.span();
-            let workloads = resolve_names(source, at.clone(), &rule.workloads, &workload_ids, "workload")?;
+            let workloads = resolve_names(
+                source,
+                at.clone(),
+                &rule.workloads,
+                &workload_ids,
+                "workload",
+            )?;
             let targets = resolve_names(source, at, &rule.targets, &target_ids, "target")?;
             policy.rules.push(Rule {
                 name,
@@ -169,7 +210,10 @@ fn resolve_names<T: Copy>(
     kind: &str,
 ) -> Result<Option<Vec<T>>, ConfigError> {
     if names.is_empty() {
-        return Err(source.error_at(rule_at, format!("a rule must name at least one {kind} (or \"*\")")));
+        return Err(source.error_at(
+            rule_at,
+            format!("a rule must name at least one {kind} (or \"*\")"),
+        ));
     }
     if names.iter().any(|n| n.get_ref() == "*") {
         return Ok(None);

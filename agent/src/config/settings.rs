@@ -78,9 +78,14 @@ impl Default for AgentSettings {
 }
 
 impl AgentSettings {
-    pub(super) fn from_spec(spec: Option<&Located<AgentSpec>>, source: &SourceFile) -> Result<Self, ConfigError> {
+    pub(super) fn from_spec(
+        spec: Option<&Located<AgentSpec>>,
+        source: &SourceFile,
+    ) -> Result<Self, ConfigError> {
         let mut settings = Self::default();
-        let Some(located) = spec else { return Ok(settings) };
+        let Some(located) = spec else {
+            return Ok(settings);
+        };
         let spec = located.get_ref();
         if let Some(mode) = spec.mode {
             settings.mode = mode;
@@ -118,7 +123,10 @@ impl AgentSettings {
         }
         if let Some(mark) = spec.bypass_mark {
             if mark == 0 {
-                return Err(source.error_at(located.span(), "bypass_mark cannot be 0 (every socket has mark 0)"));
+                return Err(source.error_at(
+                    located.span(),
+                    "bypass_mark cannot be 0 (every socket has mark 0)",
+                ));
             }
             settings.bypass_mark = mark;
         }
@@ -141,7 +149,10 @@ fn parse_principal(text: &str) -> Result<Principal, String> {
         };
     }
     if let Some(uid) = text.strip_prefix("uid:") {
-        return uid.parse().map(Principal::Uid).map_err(|_| format!("{uid:?} is not a uid"));
+        return uid
+            .parse()
+            .map(Principal::Uid)
+            .map_err(|_| format!("{uid:?} is not a uid"));
     }
     if text.is_empty() {
         return Err("an admin cannot be empty".into());

@@ -2,7 +2,12 @@ use super::*;
 
 fn error_of(text: &str) -> (usize, usize, String) {
     match Config::from_text("bad.toml", text) {
-        Err(ConfigError::Invalid { line, column, message, .. }) => (line, column, message),
+        Err(ConfigError::Invalid {
+            line,
+            column,
+            message,
+            ..
+        }) => (line, column, message),
         other => panic!("expected an Invalid error, got {other:?}"),
     }
 }
@@ -10,20 +15,49 @@ fn error_of(text: &str) -> (usize, usize, String) {
 #[test]
 fn errors_name_line_and_column() {
     let cases: [(&str, usize, usize, &str); 8] = [
-        ("[agent]\nmode = \"enforce\"\nbogus = 1\n", 3, 1, "unknown field `bogus`"),
-        ("[agent]\nmode = \"sometimes\"\n", 2, 8, "unknown variant `sometimes`"),
-        ("[[target]]\nname = \"a\"\nprotocol = \"tcp\"\naddress = \"10.0.0.1\"\n", 4, 11, "has no port"),
-        ("[[target]]\nname = \"a\"\nprotocol = \"postgres\"\naddress = \"10.0.0.1:5432\"\n", 3, 12, "unknown variant `postgres`"),
+        (
+            "[agent]\nmode = \"enforce\"\nbogus = 1\n",
+            3,
+            1,
+            "unknown field `bogus`",
+        ),
+        (
+            "[agent]\nmode = \"sometimes\"\n",
+            2,
+            8,
+            "unknown variant `sometimes`",
+        ),
+        (
+            "[[target]]\nname = \"a\"\nprotocol = \"tcp\"\naddress = \"10.0.0.1\"\n",
+            4,
+            11,
+            "has no port",
+        ),
+        (
+            "[[target]]\nname = \"a\"\nprotocol = \"postgres\"\naddress = \"10.0.0.1:5432\"\n",
+            3,
+            12,
+            "unknown variant `postgres`",
+        ),
         (
             "[[target]]\nname = \"a\"\nprotocol = \"tcp\"\naddress = \"10.0.0.1:1\"\n[[rule]]\nname = \"r\"\nworkloads = [\"ghost\"]\ntargets = [\"a\"]\ndecision = \"allow\"\n",
-            7, 14, "unknown workload \"ghost\"",
+            7,
+            14,
+            "unknown workload \"ghost\"",
         ),
         (
             "[[target]]\nname = \"a\"\nprotocol = \"tcp\"\naddress = \"10.0.0.1:1\"\n[[target]]\nname = \"a\"\nprotocol = \"tcp\"\naddress = \"10.0.0.2:1\"\n",
-            6, 8, "target \"a\" is defined twice",
+            6,
+            8,
+            "target \"a\" is defined twice",
         ),
         ("[[workload]]\nname = \"w\"\n", 1, 1, "selects nothing"),
-        ("[agent]\ncgroup = \"relative/path\"\n", 2, 10, "absolute path"),
+        (
+            "[agent]\ncgroup = \"relative/path\"\n",
+            2,
+            10,
+            "absolute path",
+        ),
     ];
     for (text, line, column, needle) in cases {
         let (l, c, message) = error_of(text);
@@ -35,7 +69,10 @@ fn errors_name_line_and_column() {
 #[test]
 fn display_leads_with_file_line_column() {
     let error = Config::from_text("/etc/interlock/x.toml", "[agent]\nmode = 3\n").unwrap_err();
-    assert!(error.to_string().starts_with("/etc/interlock/x.toml:2:8: "), "{error}");
+    assert!(
+        error.to_string().starts_with("/etc/interlock/x.toml:2:8: "),
+        "{error}"
+    );
 }
 
 #[test]
@@ -45,7 +82,11 @@ fn policy_dir_is_merged_and_checked_across_files() {
     std::fs::create_dir(&policy_dir).unwrap();
     let main = dir.path().join("interlock.toml");
     std::fs::write(&main, format!("[agent]\npolicy_dir = {:?}\n[[target]]\nname = \"cache\"\nprotocol = \"tcp\"\naddress = \"10.0.0.1:7000\"\n", policy_dir)).unwrap();
-    std::fs::write(policy_dir.join("10-workloads.toml"), "[[workload]]\nname = \"ci\"\nunit = \"ci.service\"\n").unwrap();
+    std::fs::write(
+        policy_dir.join("10-workloads.toml"),
+        "[[workload]]\nname = \"ci\"\nunit = \"ci.service\"\n",
+    )
+    .unwrap();
     std::fs::write(policy_dir.join("20-rules.toml"), "[[rule]]\nname = \"r\"\nworkloads = [\"ci\"]\ntargets = [\"cache\"]\ndecision = \"allow\"\n").unwrap();
     std::fs::write(policy_dir.join("README.md"), "ignored").unwrap();
     let config = Config::load(&main).unwrap();
@@ -54,21 +95,39 @@ fn policy_dir_is_merged_and_checked_across_files() {
 
     std::fs::write(policy_dir.join("30-bad.toml"), "[[rule]]\nname = \"r2\"\nworkloads = [\"ci\"]\ntargets = [\"nope\"]\ndecision = \"allow\"\n").unwrap();
     let error = Config::load(&main).unwrap_err().to_string();
-    assert!(error.contains("30-bad.toml:4:12: unknown target \"nope\""), "{error}");
+    assert!(
+        error.contains("30-bad.toml:4:12: unknown target \"nope\""),
+        "{error}"
+    );
 
-    std::fs::write(policy_dir.join("30-bad.toml"), "[agent]\nmode = \"audit\"\n").unwrap();
+    std::fs::write(
+        policy_dir.join("30-bad.toml"),
+        "[agent]\nmode = \"audit\"\n",
+    )
+    .unwrap();
     let error = Config::load(&main).unwrap_err().to_string();
-    assert!(error.contains("30-bad.toml:1:1:") && error.contains("main configuration file"), "{error}");
+    assert!(
+        error.contains("30-bad.toml:1:1:") && error.contains("main configuration file"),
+        "{error}"
+    );
 }
 
 #[test]
 fn defaults_and_admins() {
-    let config = Config::from_text("x.toml", "[agent]\nadmins = [\"root\", \"group:interlock-admins\", \"uid:1001\"]\n").unwrap();
+    let config = Config::from_text(
+        "x.toml",
+        "[agent]\nadmins = [\"root\", \"group:interlock-admins\", \"uid:1001\"]\n",
+    )
+    .unwrap();
     assert_eq!(config.agent.mode, Mode::Enforce);
     assert_eq!(config.agent.cgroup, CgroupSetting::Auto);
     assert_eq!(
         config.agent.admins,
-        [Principal::User("root".into()), Principal::Group("interlock-admins".into()), Principal::Uid(1001)]
+        [
+            Principal::User("root".into()),
+            Principal::Group("interlock-admins".into()),
+            Principal::Uid(1001)
+        ]
     );
     assert!(config.policy.targets.is_empty());
     let (line, column, message) = error_of("[agent]\nadmins = [\"root\", \"group:\"]\n");
@@ -86,14 +145,27 @@ fn policy_examples_load_and_evaluate() {
             continue;
         }
         let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-        assert!(!config.policy.targets.is_empty(), "{} has targets", path.display());
-        assert!(!config.policy.rules.is_empty(), "{} has rules", path.display());
+        assert!(
+            !config.policy.targets.is_empty(),
+            "{} has targets",
+            path.display()
+        );
+        assert!(
+            !config.policy.rules.is_empty(),
+            "{} has rules",
+            path.display()
+        );
         let anyone = crate::workload::Workload::default();
         for i in 0..config.policy.targets.len() {
-            let verdict = crate::policy::evaluate(&config.policy, &anyone, crate::policy::TargetId(i));
+            let verdict =
+                crate::policy::evaluate(&config.policy, &anyone, crate::policy::TargetId(i));
             assert!(!verdict.reason.is_empty());
         }
         seen += 1;
     }
-    assert!(seen >= 3, "expected the shipped examples in {}", dir.display());
+    assert!(
+        seen >= 3,
+        "expected the shipped examples in {}",
+        dir.display()
+    );
 }

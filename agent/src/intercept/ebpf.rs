@@ -13,39 +13,50 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, lpm_trie::{Key, LpmTrie}},
+    maps::{
+        Array, HashMap, MapData, MapError,
+        lpm_trie::{Key, LpmTrie},
+    },
     pin::PinError,
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
-use interlock_common::{ConnRecord, PeerKey, RedirectConfig, TargetKey, TargetValue, maps, programs};
+use interlock_common::{
+    ConnRecord, PeerKey, RedirectConfig, TargetKey, TargetValue, maps, programs,
+};
 use serde::Serialize;
 
 use crate::addr::ClientAddr;
 
 /// The kernel object built from `ebpf-programs/` (empty in a stub build).
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interlock-ebpf"));
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interlock-ebpf"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum InterceptError {
-    #[error("this binary was built without its eBPF programs (bpf-linker was missing); run `cargo xtask setup` and rebuild")]
+    #[error(
+        "this binary was built without its eBPF programs (bpf-linker was missing); run `cargo xtask setup` and rebuild"
+    )]
     NoPrograms,
-    #[error("cannot open cgroup {}: {source}", path.display())]
-    Cgroup { path: PathBuf, source: io::Error },
-    #[error("bpffs directory {}: {source}", path.display())]
-    PinDir { path: PathBuf, source: io::Error },
+    #[error("cannot open cgroup {}: {cause}", path.display())]
+    Cgroup { path: PathBuf, cause: io::Error },
+    #[error("bpffs directory {}: {cause}", path.display())]
+    PinDir { path: PathBuf, cause: io::Error },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
-    #[error("program {name}: {source}")]
-    Program { name: &'static str, source: ProgramError },
-    #[error("pinning {}: {source}", path.display())]
-    Pin { path: PathBuf, source: PinError },
-    #[error("replacing the pinned link {}: {source}", path.display())]
-    Link { path: PathBuf, source: LinkError },
-    #[error("map {name}: {source}")]
-    Map { name: &'static str, source: MapError },
+    #[error("program {name}: {cause}")]
+    Program {
+        name: &'static str,
+        cause: ProgramError,
+    },
+    #[error("pinning {}: {cause}", path.display())]
+    Pin { path: PathBuf, cause: PinError },
+    #[error("replacing the pinned link {}: {cause}", path.display())]
+    Link { path: PathBuf, cause: LinkError },
+    #[error("map {name}: {cause}")]
+    Map { name: &'static str, cause: MapError },
     #[error("the eBPF object has no map or program named {0}")]
     Missing(&'static str),
 }
@@ -82,7 +93,12 @@ fn maps_dir(bpffs_dir: &Path) -> PathBuf {
     bpffs_dir.join("maps")
 }
 
-const MAP_NAMES: [&str; 4] = [maps::PROTECTED, maps::CONFIG, maps::BY_COOKIE, maps::BY_PEER];
+const MAP_NAMES: [&str; 4] = [
+    maps::PROTECTED,
+    maps::CONFIG,
+    maps::BY_COOKIE,
+    maps::BY_PEER,
+];
 
 impl Interceptor {
     /// Loads the programs, attaches them to the cgroup and pins them,
@@ -91,50 +107,88 @@ impl Interceptor {
         if EBPF_OBJECT.is_empty() {
             return Err(InterceptError::NoPrograms);
         }
-        let AttachOptions { cgroup_dir, bpffs_dir, redirect } = options;
+        let AttachOptions {
+            cgroup_dir,
+            bpffs_dir,
+            redirect,
+        } = options;
         let (links_dir, maps_dir) = (links_dir(&bpffs_dir), maps_dir(&bpffs_dir));
         for dir in [&links_dir, &maps_dir] {
-            fs::create_dir_all(dir).map_err(|source| InterceptError::PinDir { path: dir.clone(), source })?;
+            fs::create_dir_all(dir).map_err(|cause| InterceptError::PinDir {
+                path: dir.clone(),
+                cause,
+            })?;
         }
 
-        let map_pins: Vec<(&str, PathBuf)> = MAP_NAMES.iter().map(|name| (*name, maps_dir.join(name))).collect();
+        let map_pins: Vec<(&str, PathBuf)> = MAP_NAMES
+            .iter()
+            .map(|name| (*name, maps_dir.join(name)))
+            .collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
 
-        let take = |ebpf: &mut aya::Ebpf, name: &'static str| ebpf.take_map(name).ok_or(InterceptError::Missing(name));
-        let map_err = |name: &'static str| move |source| InterceptError::Map { name, source };
+        let take = |ebpf: &mut aya::Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(InterceptError::Missing(name))
+        };
+        let map_err = |name: &'static str| move |cause| InterceptError::Map { name, cause };
         // Configure before attaching: the programs do nothing until enabled.
         let mut config: Array<MapData, RedirectConfig> =
             Array::try_from(take(&mut ebpf, maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
         config.set(0, redirect, 0).map_err(map_err(maps::CONFIG))?;
-        let protected = LpmTrie::try_from(take(&mut ebpf, maps::PROTECTED)?).map_err(map_err(maps::PROTECTED))?;
-        let by_peer = HashMap::try_from(take(&mut ebpf, maps::BY_PEER)?).map_err(map_err(maps::BY_PEER))?;
+        let protected = LpmTrie::try_from(take(&mut ebpf, maps::PROTECTED)?)
+            .map_err(map_err(maps::PROTECTED))?;
+        let by_peer =
+            HashMap::try_from(take(&mut ebpf, maps::BY_PEER)?).map_err(map_err(maps::BY_PEER))?;
 
-        let cgroup = fs::File::open(&cgroup_dir).map_err(|source| InterceptError::Cgroup { path: cgroup_dir.clone(), source })?;
+        let cgroup = fs::File::open(&cgroup_dir).map_err(|cause| InterceptError::Cgroup {
+            path: cgroup_dir.clone(),
+            cause,
+        })?;
         let mut links = Vec::new();
         for name in programs::ALL {
-            let program = ebpf.program_mut(name).ok_or(InterceptError::Missing(name))?;
-            let prog_err = |source| InterceptError::Program { name, source };
+            let program = ebpf
+                .program_mut(name)
+                .ok_or(InterceptError::Missing(name))?;
+            let prog_err = |cause| InterceptError::Program { name, cause };
             // Links are created with BPF_LINK_CREATE, which always stacks
             // cgroup programs (`Single` is the mode aya accepts for it).
             let link: FdLink = if name == programs::SOCKOPS {
                 let prog: &mut SockOps = program.try_into().map_err(prog_err)?;
                 prog.load().map_err(prog_err)?;
-                let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(prog_err)?;
-                prog.take_link(id).map_err(prog_err)?.try_into().map_err(|e: LinkError| InterceptError::Link { path: links_dir.join(name), source: e })?
+                let id = prog
+                    .attach(&cgroup, CgroupAttachMode::Single)
+                    .map_err(prog_err)?;
+                prog.take_link(id)
+                    .map_err(prog_err)?
+                    .try_into()
+                    .map_err(|e: LinkError| InterceptError::Link {
+                        path: links_dir.join(name),
+                        cause: e,
+                    })?
             } else {
                 let prog: &mut CgroupSockAddr = program.try_into().map_err(prog_err)?;
                 prog.load().map_err(prog_err)?;
-                let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(prog_err)?;
-                prog.take_link(id).map_err(prog_err)?.try_into().map_err(|e: LinkError| InterceptError::Link { path: links_dir.join(name), source: e })?
+                let id = prog
+                    .attach(&cgroup, CgroupAttachMode::Single)
+                    .map_err(prog_err)?;
+                prog.take_link(id)
+                    .map_err(prog_err)?
+                    .try_into()
+                    .map_err(|e: LinkError| InterceptError::Link {
+                        path: links_dir.join(name),
+                        cause: e,
+                    })?
             };
             // The new link is live; only now release the previous agent's.
             let pin = links_dir.join(name);
             release_pinned_link(&pin)?;
-            links.push(link.pin(&pin).map_err(|source| InterceptError::Pin { path: pin, source })?);
+            links.push(
+                link.pin(&pin)
+                    .map_err(|cause| InterceptError::Pin { path: pin, cause })?,
+            );
         }
 
         Ok(Self {
@@ -149,11 +203,16 @@ impl Interceptor {
     /// Makes the kernel's protected set exactly `keys`: new entries first,
     /// then stale ones, so a destination in both sets is never unprotected.
     pub fn set_targets(&self, keys: &[(u32, TargetKey)]) -> Result<(), InterceptError> {
-        let map_err = |source| InterceptError::Map { name: maps::PROTECTED, source };
+        let map_err = |cause| InterceptError::Map {
+            name: maps::PROTECTED,
+            cause,
+        };
         let mut trie = self.protected.lock().expect("protected map");
-        let wanted: HashSet<(u32, [u8; 2], [u8; 16])> = keys.iter().map(|(p, k)| (*p, k.port, k.addr)).collect();
+        let wanted: HashSet<(u32, [u8; 2], [u8; 16])> =
+            keys.iter().map(|(p, k)| (*p, k.port, k.addr)).collect();
         for (prefix, key) in keys {
-            trie.insert(&Key::new(*prefix, *key), TargetValue { flags: 0 }, 0).map_err(map_err)?;
+            trie.insert(&Key::new(*prefix, *key), TargetValue { flags: 0 }, 0)
+                .map_err(map_err)?;
         }
         let stale: Vec<Key<TargetKey>> = trie
             .keys()
@@ -181,7 +240,10 @@ impl Interceptor {
             cgroup: self.cgroup_dir.clone(),
             bpffs_dir: self.bpffs_dir.clone(),
             programs: programs::ALL.to_vec(),
-            pinned_links: programs::ALL.iter().map(|p| links_dir(&self.bpffs_dir).join(p)).collect(),
+            pinned_links: programs::ALL
+                .iter()
+                .map(|p| links_dir(&self.bpffs_dir).join(p))
+                .collect(),
             protected_entries,
         }
     }
@@ -202,9 +264,14 @@ fn release_pinned_link(pin: &Path) -> Result<(), InterceptError> {
     if !pin.exists() {
         return Ok(());
     }
-    let old = PinnedLink::from_pin(pin).map_err(|source| InterceptError::Link { path: pin.to_owned(), source })?;
-    old.unpin()
-        .map_err(|source| InterceptError::PinDir { path: pin.to_owned(), source })?;
+    let old = PinnedLink::from_pin(pin).map_err(|cause| InterceptError::Link {
+        path: pin.to_owned(),
+        cause,
+    })?;
+    old.unpin().map_err(|cause| InterceptError::PinDir {
+        path: pin.to_owned(),
+        cause,
+    })?;
     Ok(())
 }
 

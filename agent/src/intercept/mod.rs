@@ -4,9 +4,7 @@
 mod ebpf;
 pub mod preflight;
 
-pub use ebpf::{
-    AttachOptions, Interceptor, detach_pins, pinned_links,
-};
+pub use ebpf::{AttachOptions, Interceptor, detach_pins, pinned_links};
 
 use interlock_common::ConnRecord;
 
@@ -24,7 +22,11 @@ pub struct Intercepted {
 
 impl From<&ConnRecord> for Intercepted {
     fn from(record: &ConnRecord) -> Self {
-        let comm_len = record.comm.iter().position(|b| *b == 0).unwrap_or(record.comm.len());
+        let comm_len = record
+            .comm
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(record.comm.len());
         Self {
             orig_dst: OrigDstAddr(std::net::SocketAddr::new(
                 ip_from_kernel(record.orig_addr),
@@ -52,7 +54,8 @@ pub trait OrigDst: Send + Sync + 'static {
 
 impl OrigDst for Interceptor {
     fn take(&self, client: ClientAddr) -> Option<Intercepted> {
-        self.take_record(client).map(|record| Intercepted::from(&record))
+        self.take_record(client)
+            .map(|record| Intercepted::from(&record))
     }
 }
 

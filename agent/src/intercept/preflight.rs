@@ -7,11 +7,15 @@ use crate::workload::CgroupFs;
 pub enum PreflightError {
     #[error("kernel {release} is not supported: Interlock needs Linux 5.15 or newer")]
     OldKernel { release: String },
-    #[error("no cgroup v2 hierarchy is mounted (looked for a cgroup2 entry in /proc/self/mountinfo); mount one with `mount -t cgroup2 none /sys/fs/cgroup`")]
+    #[error(
+        "no cgroup v2 hierarchy is mounted (looked for a cgroup2 entry in /proc/self/mountinfo); mount one with `mount -t cgroup2 none /sys/fs/cgroup`"
+    )]
     NoCgroup2,
     #[error("cgroup {path} is not a directory of the cgroup v2 hierarchy at {root}")]
     NotInCgroup2 { path: String, root: String },
-    #[error("missing capabilities: {missing} (run as root, or grant them, e.g. AmbientCapabilities= in the systemd unit)")]
+    #[error(
+        "missing capabilities: {missing} (run as root, or grant them, e.g. AmbientCapabilities= in the systemd unit)"
+    )]
     Capabilities { missing: String },
     #[error("bpffs is not mounted at /sys/fs/bpf and mounting it failed: {0}")]
     Bpffs(nix::Error),
@@ -81,7 +85,9 @@ pub fn check_capabilities() -> Result<(), PreflightError> {
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(PreflightError::Capabilities { missing: missing.join(", ") })
+        Err(PreflightError::Capabilities {
+            missing: missing.join(", "),
+        })
     }
 }
 

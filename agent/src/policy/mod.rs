@@ -71,7 +71,9 @@ impl Verdict {
 pub fn evaluate(policy: &Policy, workload: &Workload, target: TargetId) -> Verdict {
     let target_name = &policy.targets[target.0].name;
     let applies = |rule: &&Rule| {
-        rule.targets.as_ref().is_none_or(|ids| ids.contains(&target))
+        rule.targets
+            .as_ref()
+            .is_none_or(|ids| ids.contains(&target))
             && rule.workloads.as_ref().is_none_or(|ids| {
                 ids.iter()
                     .any(|&w| policy.workloads[w].selector.matches(workload))
@@ -85,11 +87,18 @@ pub fn evaluate(policy: &Policy, workload: &Workload, target: TargetId) -> Verdi
             .filter(|rule| rule.action == action)
             .find(applies)
         {
-            let verb = if action == Action::Deny { "denies" } else { "allows" };
+            let verb = if action == Action::Deny {
+                "denies"
+            } else {
+                "allows"
+            };
             return Verdict {
                 action,
                 rule: Some(rule.name.clone()),
-                reason: format!("rule {:?} {verb} this workload on target {target_name:?}", rule.name),
+                reason: format!(
+                    "rule {:?} {verb} this workload on target {target_name:?}",
+                    rule.name
+                ),
             };
         }
     }

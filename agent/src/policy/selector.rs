@@ -59,13 +59,19 @@ impl WorkloadSelector {
             && (self.uid.is_empty() || self.uid.contains(&w.uid))
             && field(&self.user, w.user.as_deref())
             && (self.group.is_empty()
-                || w.groups.iter().any(|g| self.group.iter().any(|p| p.matches(g))))
+                || w.groups
+                    .iter()
+                    .any(|g| self.group.iter().any(|p| p.matches(g))))
             && field(&self.exe, w.exe.as_deref())
             && (self.exe_sha256.is_empty()
-                || w.exe_sha256.as_ref().is_some_and(|d| self.exe_sha256.contains(d)))
+                || w.exe_sha256
+                    .as_ref()
+                    .is_some_and(|d| self.exe_sha256.contains(d)))
             && (self.cgroup.is_empty()
                 || w.cgroup.as_deref().is_some_and(|path| {
-                    self.cgroup.iter().any(|prefix| cgroup_has_prefix(path, prefix))
+                    self.cgroup
+                        .iter()
+                        .any(|prefix| cgroup_has_prefix(path, prefix))
                 }))
             && field(&self.container, w.container.as_deref())
             && field(&self.comm, Some(&w.comm))

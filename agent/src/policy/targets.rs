@@ -47,16 +47,19 @@ impl TargetAddress {
             }
             return Ok(Self::Socket(canonical(socket)));
         }
-        let (host, port) = text
-            .rsplit_once(':')
-            .ok_or_else(|| format!("{text:?} has no port (expected host:port, ip:port or cidr:port)"))?;
+        let (host, port) = text.rsplit_once(':').ok_or_else(|| {
+            format!("{text:?} has no port (expected host:port, ip:port or cidr:port)")
+        })?;
         let port: u16 = port
             .parse()
             .map_err(|_| format!("{port:?} is not a port number (0-65535)"))?;
         if port == 0 {
             return Err("port 0 cannot be protected".into());
         }
-        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
         if host.contains('/') {
             let net: IpNet = host
                 .parse()
@@ -198,10 +201,24 @@ mod tests {
             ("cache.internal:7000", "cache.internal:7000"),
         ];
         for (input, shown) in cases {
-            assert_eq!(TargetAddress::parse(input).unwrap().to_string(), shown, "{input}");
+            assert_eq!(
+                TargetAddress::parse(input).unwrap().to_string(),
+                shown,
+                "{input}"
+            );
         }
-        for bad in ["10.1.2.3", "10.1.2.3:http", "10.1.0.0/33:1", ":80", "10.0.0.1:0", "1.2.3.4:99999"] {
-            assert!(TargetAddress::parse(bad).is_err(), "{bad} should be rejected");
+        for bad in [
+            "10.1.2.3",
+            "10.1.2.3:http",
+            "10.1.0.0/33:1",
+            ":80",
+            "10.0.0.1:0",
+            "1.2.3.4:99999",
+        ] {
+            assert!(
+                TargetAddress::parse(bad).is_err(),
+                "{bad} should be rejected"
+            );
         }
     }
 

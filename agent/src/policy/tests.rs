@@ -66,23 +66,86 @@ fn deny_first_then_allow_then_default_deny() {
     let db = TargetId(1);
     let cases = [
         // (workload, target, expected action, expected rule)
-        (workload(Some("gitlab-runner.service"), "/usr/bin/make", 1000, &["ci"]), cache, Action::Allow, Some("ci-may-use-cache")),
-        (workload(Some("gitlab-runner-2.service"), "/usr/bin/make", 1000, &["ci"]), cache, Action::Allow, Some("ci-may-use-cache")),
+        (
+            workload(
+                Some("gitlab-runner.service"),
+                "/usr/bin/make",
+                1000,
+                &["ci"],
+            ),
+            cache,
+            Action::Allow,
+            Some("ci-may-use-cache"),
+        ),
+        (
+            workload(
+                Some("gitlab-runner-2.service"),
+                "/usr/bin/make",
+                1000,
+                &["ci"],
+            ),
+            cache,
+            Action::Allow,
+            Some("ci-may-use-cache"),
+        ),
         // The runner may use the cache, but not with curl: deny wins.
-        (workload(Some("gitlab-runner.service"), "/usr/bin/curl", 1000, &["ci"]), cache, Action::Deny, Some("no-curl-anywhere")),
+        (
+            workload(
+                Some("gitlab-runner.service"),
+                "/usr/bin/curl",
+                1000,
+                &["ci"],
+            ),
+            cache,
+            Action::Deny,
+            Some("no-curl-anywhere"),
+        ),
         // Not named by any allow for prod-db: default deny.
-        (workload(Some("gitlab-runner.service"), "/usr/bin/psql", 1000, &["ci"]), db, Action::Deny, None),
-        (workload(None, "/usr/bin/psql", 1000, &["ops"]), db, Action::Allow, Some("ops-use-everything")),
-        (workload(None, "/usr/bin/psql", 0, &["root"]), db, Action::Allow, Some("ops-use-everything")),
+        (
+            workload(
+                Some("gitlab-runner.service"),
+                "/usr/bin/psql",
+                1000,
+                &["ci"],
+            ),
+            db,
+            Action::Deny,
+            None,
+        ),
+        (
+            workload(None, "/usr/bin/psql", 1000, &["ops"]),
+            db,
+            Action::Allow,
+            Some("ops-use-everything"),
+        ),
+        (
+            workload(None, "/usr/bin/psql", 0, &["root"]),
+            db,
+            Action::Allow,
+            Some("ops-use-everything"),
+        ),
         // Even root is denied curl: explicit deny beats any allow.
-        (workload(None, "/usr/bin/curl", 0, &["root"]), db, Action::Deny, Some("no-curl-anywhere")),
-        (workload(Some("cron.service"), "/usr/bin/make", 1000, &["users"]), cache, Action::Deny, None),
+        (
+            workload(None, "/usr/bin/curl", 0, &["root"]),
+            db,
+            Action::Deny,
+            Some("no-curl-anywhere"),
+        ),
+        (
+            workload(Some("cron.service"), "/usr/bin/make", 1000, &["users"]),
+            cache,
+            Action::Deny,
+            None,
+        ),
     ];
     for (i, (w, target, action, rule)) in cases.into_iter().enumerate() {
         let verdict = evaluate(&policy, &w, target);
         assert_eq!(verdict.action, action, "case {i}: {verdict:?}");
         assert_eq!(verdict.rule.as_deref(), rule, "case {i}: {verdict:?}");
-        assert!(verdict.reason.contains(&policy.targets[target.0].name), "case {i}: reason names the target");
+        assert!(
+            verdict.reason.contains(&policy.targets[target.0].name),
+            "case {i}: reason names the target"
+        );
     }
 }
 
@@ -110,14 +173,34 @@ decision = "allow"
     )
     .unwrap()
     .policy;
-    let mut w = Workload { uid: 1001, comm: "curl".into(), ..Workload::default() };
+    let mut w = Workload {
+        uid: 1001,
+        comm: "curl".into(),
+        ..Workload::default()
+    };
     assert!(evaluate(&policy, &w, TargetId(0)).allowed());
     w.uid = 0;
-    assert!(!evaluate(&policy, &w, TargetId(0)).allowed(), "uid must also match");
+    assert!(
+        !evaluate(&policy, &w, TargetId(0)).allowed(),
+        "uid must also match"
+    );
     w.uid = 1000;
     w.comm = "bash".into();
-    assert!(!evaluate(&policy, &w, TargetId(0)).allowed(), "comm must also match");
-    assert_eq!(matching_workloads(&policy, &Workload { uid: 1000, comm: "python3".into(), ..Workload::default() }), ["w"]);
+    assert!(
+        !evaluate(&policy, &w, TargetId(0)).allowed(),
+        "comm must also match"
+    );
+    assert_eq!(
+        matching_workloads(
+            &policy,
+            &Workload {
+                uid: 1000,
+                comm: "python3".into(),
+                ..Workload::default()
+            }
+        ),
+        ["w"]
+    );
 }
 
 #[test]
@@ -139,7 +222,7 @@ fn every_selector_field_matches_its_identity_field() {
         ..Workload::default()
     };
     let fields = [
-        format!("unit = \"docker-*.scope\""),
+        "unit = \"docker-*.scope\"".into(),
         "uid = 1000".into(),
         "user = \"runner\"".into(),
         "group = \"docker\"".into(),
@@ -154,7 +237,13 @@ fn every_selector_field_matches_its_identity_field() {
             "[[target]]\nname = \"t\"\nprotocol = \"tcp\"\naddress = \"10.0.0.1:1\"\n[[workload]]\nname = \"w\"\n{field}\n[[rule]]\nname = \"r\"\nworkloads = [\"w\"]\ntargets = [\"t\"]\ndecision = \"allow\"\n"
         );
         let policy = Config::from_text("p.toml", &text).unwrap().policy;
-        assert!(evaluate(&policy, &full, TargetId(0)).allowed(), "{field} should match");
-        assert!(!evaluate(&policy, &Workload::default(), TargetId(0)).allowed(), "{field} should not match an empty identity");
+        assert!(
+            evaluate(&policy, &full, TargetId(0)).allowed(),
+            "{field} should match"
+        );
+        assert!(
+            !evaluate(&policy, &Workload::default(), TargetId(0)).allowed(),
+            "{field} should not match an empty identity"
+        );
     }
 }

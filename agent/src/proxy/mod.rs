@@ -43,7 +43,8 @@ pub async fn serve(
     drain: Duration,
 ) {
     let mut connections = JoinSet::new();
-    let (accepted_tx, mut accepted_rx) = tokio::sync::mpsc::channel::<(TcpStream, SocketAddr)>(1024);
+    let (accepted_tx, mut accepted_rx) =
+        tokio::sync::mpsc::channel::<(TcpStream, SocketAddr)>(1024);
     let mut acceptors = JoinSet::new();
     for listener in listeners {
         let tx = accepted_tx.clone();
@@ -132,7 +133,10 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
         let workload = match tokio::task::spawn_blocking(move || resolver.resolve(&kernel)).await {
             Ok(workload) => Arc::new(workload),
             Err(error) => {
-                record.finish(outcome::ERROR, Some(format!("workload resolution failed: {error}")));
+                record.finish(
+                    outcome::ERROR,
+                    Some(format!("workload resolution failed: {error}")),
+                );
                 reset(stream);
                 return;
             }
@@ -143,14 +147,19 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
         let Some(target_id) = active.table.lookup(intercepted.orig_dst.0) else {
             // The kernel redirected it, but the policy no longer protects
             // this destination (a reload raced the connect): fail closed.
-            record.reason = Some(format!("{} is not a protected destination", intercepted.orig_dst));
+            record.reason = Some(format!(
+                "{} is not a protected destination",
+                intercepted.orig_dst
+            ));
             record.finish(outcome::REJECTED, None);
             reset(stream);
             return;
         };
         let target = &active.policy.targets[target_id.0];
         record.target = Some(target.name.clone());
-        context.connections.identify(session_id, &target.name, workload.pid);
+        context
+            .connections
+            .identify(session_id, &target.name, workload.pid);
 
         let verdict = evaluate(&active.policy, &workload, target_id);
         record.decision = Some(verdict.action);
@@ -165,7 +174,15 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
         }
 
         match target.protocol {
-            Protocol::Tcp => tcp::forward(stream, intercepted.orig_dst, context.bypass_mark, &mut record).await,
+            Protocol::Tcp => {
+                tcp::forward(
+                    stream,
+                    intercepted.orig_dst,
+                    context.bypass_mark,
+                    &mut record,
+                )
+                .await
+            }
         }
     }
     .instrument(span)

@@ -45,7 +45,12 @@ impl ConnRegistry {
         self.accepted.fetch_add(1, Ordering::Relaxed);
         self.live.lock().expect("registry").insert(
             id,
-            Entry { client, target: None, pid: None, since: Instant::now() },
+            Entry {
+                client,
+                target: None,
+                pid: None,
+                since: Instant::now(),
+            },
         );
         LiveGuard { registry: self, id }
     }
@@ -82,6 +87,10 @@ impl ConnRegistry {
 
 impl Drop for LiveGuard<'_> {
     fn drop(&mut self) {
-        self.registry.live.lock().expect("registry").remove(&self.id);
+        self.registry
+            .live
+            .lock()
+            .expect("registry")
+            .remove(&self.id);
     }
 }

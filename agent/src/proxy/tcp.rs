@@ -14,12 +14,20 @@ use crate::{
 
 const COPY_BUFFER: usize = 16 * 1024;
 
-pub async fn forward(mut client: TcpStream, dst: OrigDstAddr, mark: u32, record: &mut AccessRecord) {
+pub async fn forward(
+    mut client: TcpStream,
+    dst: OrigDstAddr,
+    mark: u32,
+    record: &mut AccessRecord,
+) {
     let mut upstream = match connect_marked(dst, mark).await {
         Ok(upstream) => upstream,
         Err(error) => {
             tracing::warn!(%dst, %error, "upstream unreachable");
-            record.finish(outcome::UPSTREAM_ERROR, Some(format!("connecting to {dst}: {error}")));
+            record.finish(
+                outcome::UPSTREAM_ERROR,
+                Some(format!("connecting to {dst}: {error}")),
+            );
             super::reset(client);
             return;
         }
@@ -43,13 +51,21 @@ pub async fn forward(mut client: TcpStream, dst: OrigDstAddr, mark: u32, record:
 /// Opens the upstream connection with SO_MARK set before `connect()`, which
 /// is what the kernel programs check to leave it alone.
 pub async fn connect_marked(dst: OrigDstAddr, mark: u32) -> io::Result<TcpStream> {
-    let socket = if dst.0.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if dst.0.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     socket2::SockRef::from(&socket).set_mark(mark)?;
     socket.connect(dst.0).await
 }
 
 /// Copies until EOF, then shuts the writer down (half-close), counting bytes.
-async fn copy_half<R, W>(reader: &mut R, writer: &mut W, counter: &std::sync::atomic::AtomicU64) -> io::Result<()>
+async fn copy_half<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    counter: &std::sync::atomic::AtomicU64,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

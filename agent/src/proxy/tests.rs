@@ -35,7 +35,11 @@ async fn harness(upstream: SocketAddr, allowed: bool) -> Harness {
     let context = Arc::new(ProxyContext {
         orig_dst: orig_dst.clone(),
         resolver: Arc::new(WorkloadResolver::new(CgroupFs::new("/nonexistent".into()))),
-        active: ArcSwap::from_pointee(ActivePolicy { policy, table, enforce: true }),
+        active: ArcSwap::from_pointee(ActivePolicy {
+            policy,
+            table,
+            enforce: true,
+        }),
         bypass_mark: 0,
         connections: ConnRegistry::default(),
     });
@@ -43,7 +47,11 @@ async fn harness(upstream: SocketAddr, allowed: bool) -> Harness {
     let listen = listener.local_addr().unwrap();
     let (shutdown, rx) = watch::channel(false);
     tokio::spawn(serve(context, vec![listener], rx, Duration::from_secs(1)));
-    Harness { table: orig_dst, listen, shutdown }
+    Harness {
+        table: orig_dst,
+        listen,
+        shutdown,
+    }
 }
 
 /// Connects to the proxy and registers what the kernel would have recorded.
@@ -55,7 +63,13 @@ async fn connect(h: &Harness, orig: SocketAddr) -> TcpStream {
         ClientAddr(client),
         Intercepted {
             orig_dst: OrigDstAddr(orig),
-            kernel: KernelIdentity { tgid: u32::MAX - 1, uid: 4242, gid: 4242, comm: "test".into(), ..Default::default() },
+            kernel: KernelIdentity {
+                tgid: u32::MAX - 1,
+                uid: 4242,
+                gid: 4242,
+                comm: "test".into(),
+                ..Default::default()
+            },
         },
     );
     socket.connect(h.listen).await.unwrap()
@@ -110,17 +124,27 @@ async fn connection_without_a_kernel_record_is_reset() {
     let h = harness(upstream, true).await;
     let mut client = TcpStream::connect(h.listen).await.unwrap();
     let mut buf = [0u8; 8];
-    assert_eq!(client.read(&mut buf).await.unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
+    assert_eq!(
+        client.read(&mut buf).await.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionReset
+    );
     let _ = h.shutdown.send(true);
 }
 
 #[tokio::test]
 async fn unreachable_upstream_resets_the_client_and_spares_others() {
     // Bind then drop: nothing listens on this port any more.
-    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let h = harness(dead, true).await;
     let mut client = connect(&h, dead).await;
     let mut buf = [0u8; 8];
-    assert_eq!(client.read(&mut buf).await.unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
+    assert_eq!(
+        client.read(&mut buf).await.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionReset
+    );
     let _ = h.shutdown.send(true);
 }

@@ -18,7 +18,10 @@ pub struct CgroupFs {
 
 impl CgroupFs {
     pub fn new(root: PathBuf) -> Self {
-        Self { root, by_id: Mutex::new(HashMap::new()) }
+        Self {
+            root,
+            by_id: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Finds the cgroup2 mount in `/proc/self/mountinfo` (it is
@@ -32,7 +35,8 @@ impl CgroupFs {
         mountinfo.lines().find_map(|line| {
             let (left, right) = line.split_once(" - ")?;
             let fstype = right.split_whitespace().next()?;
-            (fstype == "cgroup2").then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap_or("/")))
+            (fstype == "cgroup2")
+                .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap_or("/")))
         })
     }
 
@@ -78,7 +82,9 @@ impl CgroupFs {
             if visited > 100_000 {
                 return None;
             }
-            let Ok(meta) = fs::metadata(&dir) else { continue };
+            let Ok(meta) = fs::metadata(&dir) else {
+                continue;
+            };
             if meta.ino() == id {
                 let rel = dir.strip_prefix(&self.root).ok()?;
                 return Some(format!("/{}", rel.display()));
@@ -109,7 +115,13 @@ pub fn systemd_unit(path: &str) -> Option<String> {
 /// `.../cri-containerd-<id>.scope`, `.../crio-<id>.scope`,
 /// `/machine.slice/libpod-<id>.scope`, `/kubepods/burstable/pod<uid>/<id>`.
 pub fn container_id(path: &str) -> Option<String> {
-    const PREFIXES: [&str; 5] = ["docker-", "cri-containerd-", "crio-", "libpod-", "containerd-"];
+    const PREFIXES: [&str; 5] = [
+        "docker-",
+        "cri-containerd-",
+        "crio-",
+        "libpod-",
+        "containerd-",
+    ];
     let runtime_path = ["docker", "containerd", "crio", "libpod", "kubepods"]
         .iter()
         .any(|r| path.contains(r));
@@ -135,8 +147,14 @@ mod tests {
     #[test]
     fn units_from_paths() {
         let cases = [
-            ("/system.slice/gitlab-runner.service", Some("gitlab-runner.service")),
-            ("/user.slice/user-1000.slice/session-3.scope", Some("session-3.scope")),
+            (
+                "/system.slice/gitlab-runner.service",
+                Some("gitlab-runner.service"),
+            ),
+            (
+                "/user.slice/user-1000.slice/session-3.scope",
+                Some("session-3.scope"),
+            ),
             ("/system.slice/ci.service/job-7", Some("ci.service")),
             ("/", None),
             ("/interlock-test/foo", None),
@@ -151,7 +169,9 @@ mod tests {
         let cases = [
             format!("/docker/{ID}"),
             format!("/system.slice/docker-{ID}.scope"),
-            format!("/kubepods.slice/kubepods-burstable.slice/kubepods-pod1.slice/cri-containerd-{ID}.scope"),
+            format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-pod1.slice/cri-containerd-{ID}.scope"
+            ),
             format!("/kubepods/burstable/pod0000/{ID}"),
             format!("/machine.slice/libpod-{ID}.scope"),
             format!("/kubepods.slice/crio-{ID}.scope"),
@@ -167,7 +187,13 @@ mod tests {
     fn finds_cgroup2_mount() {
         let hybrid = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw\n\
                       41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
-        assert_eq!(CgroupFs::mount_point(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        assert_eq!(CgroupFs::mount_point("1 0 0:1 / / rw - ext4 /dev/vda rw\n"), None);
+        assert_eq!(
+            CgroupFs::mount_point(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            CgroupFs::mount_point("1 0 0:1 / / rw - ext4 /dev/vda rw\n"),
+            None
+        );
     }
 }

@@ -5,7 +5,7 @@ use std::{
     fs::File,
     io::{self, Read},
     os::unix::fs::MetadataExt,
-    sync::Mutex,
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use sha2::{Digest, Sha256};
@@ -19,9 +19,12 @@ struct FileVersion {
     size: u64,
 }
 
+/// One cell per file version: when a burst of connections comes from a
+/// binary not hashed yet, one thread hashes it and the others wait for that
+/// result instead of all hashing the same file at once.
 #[derive(Debug, Default)]
 pub struct ExeDigests {
-    cache: Mutex<HashMap<FileVersion, String>>,
+    cache: Mutex<HashMap<FileVersion, Arc<OnceLock<String>>>>,
 }
 
 const MAX_CACHED: usize = 4096;
@@ -37,26 +40,48 @@ impl ExeDigests {
             mtime_nsec: meta.mtime_nsec(),
             size: meta.size(),
         };
-        if let Some(hex) = self.cache.lock().expect("digest cache").get(&version) {
+        let cell = {
+            let mut cache = self.cache.lock().expect("digest cache");
+            if cache.len() >= MAX_CACHED && !cache.contains_key(&version) {
+                cache.clear();
+            }
+            cache.entry(version).or_default().clone()
+        };
+        if let Some(hex) = cell.get() {
             return Ok(hex.clone());
         }
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
+        let mut failure = None;
+        let hex = cell.get_or_init(|| match sha256_hex(&mut file) {
+            Ok(hex) => hex,
+            Err(error) => {
+                failure = Some(error);
+                String::new()
             }
-            hasher.update(&buf[..n]);
+        });
+        if let Some(error) = failure {
+            // Do not cache a failed read.
+            self.cache.lock().expect("digest cache").remove(&version);
+            return Err(error);
         }
-        let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        let mut cache = self.cache.lock().expect("digest cache");
-        if cache.len() >= MAX_CACHED {
-            cache.clear();
-        }
-        cache.insert(version, hex.clone());
-        Ok(hex)
+        Ok(hex.clone())
     }
+}
+
+fn sha256_hex(file: &mut File) -> io::Result<String> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 #[cfg(test)]
@@ -70,9 +95,15 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(b"abc").unwrap();
         let hex = digests.digest(File::open(f.path()).unwrap()).unwrap();
-        assert_eq!(hex, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            hex,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         f.write_all(b"d").unwrap();
         let hex2 = digests.digest(File::open(f.path()).unwrap()).unwrap();
-        assert_eq!(hex2, "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589");
+        assert_eq!(
+            hex2,
+            "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589"
+        );
     }
 }

@@ -26,7 +26,8 @@ impl ProcStat {
     }
 
     pub fn start_boot_ns(&self) -> u64 {
-        self.start_ticks.saturating_mul(1_000_000_000 / clock_ticks_per_second())
+        self.start_ticks
+            .saturating_mul(1_000_000_000 / clock_ticks_per_second())
     }
 }
 
@@ -74,7 +75,8 @@ impl<'a> Proc<'a> {
 
     pub fn stat(&self) -> Result<ProcStat, SnapshotError> {
         let text = fs::read_to_string(self.path("stat")).map_err(gone)?;
-        ProcStat::parse(&text).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed stat").into())
+        ProcStat::parse(&text)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed stat").into())
     }
 
     pub fn exe(&self) -> Option<PathBuf> {
@@ -115,7 +117,11 @@ impl<'a> Proc<'a> {
             groups: status
                 .lines()
                 .find_map(|line| line.strip_prefix("Groups:"))
-                .map(|ids| ids.split_whitespace().filter_map(|g| g.parse().ok()).collect())
+                .map(|ids| {
+                    ids.split_whitespace()
+                        .filter_map(|g| g.parse().ok())
+                        .collect()
+                })
                 .unwrap_or_default(),
             ppid: before.ppid,
         };

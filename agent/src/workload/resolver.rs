@@ -44,9 +44,10 @@ impl WorkloadResolver {
                 None
             }
         };
-        let cgroup = self
-            .cgroups
-            .path_of(kernel.cgroup_id, snapshot.as_ref().and_then(|s| s.cgroup.as_deref()));
+        let cgroup = self.cgroups.path_of(
+            kernel.cgroup_id,
+            snapshot.as_ref().and_then(|s| s.cgroup.as_deref()),
+        );
         let mut workload = Workload {
             pid: kernel.tgid,
             uid: kernel.uid,
@@ -126,7 +127,10 @@ impl WorkloadResolver {
 }
 
 pub fn user_name(uid: u32) -> Option<String> {
-    User::from_uid(Uid::from_raw(uid)).ok().flatten().map(|u| u.name)
+    User::from_uid(Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
 }
 
 /// Names of the primary group and the supplementary groups (ids without a

@@ -1,0 +1,102 @@
+//! Installs what the build and the tests need, skipping what is present.
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::exec;
+
+/// Debian packages the end-to-end tests and the demo use as real clients.
+const APT_PACKAGES: [&str; 5] = [
+    "curl",
+    "netcat-openbsd",
+    "python3",
+    "iproute2",
+    "util-linux",
+];
+const BPF_LINKER: &str = "bpf-linker@0.10.1";
+
+pub fn run() -> Result<()> {
+    nightly_rust_src()?;
+    bpf_linker()?;
+    apt_packages()
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn output(cmd: &mut Command) -> String {
+    cmd.output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn nightly_rust_src() -> Result<()> {
+    if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        exec(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]));
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        exec(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> Result<()> {
+    // 0.11+ needs a system LLVM newer than this toolchain's; 0.10.1 loads
+    // the nightly toolchain's own LLVM.
+    let version = output(Command::new("bpf-linker").arg("--version"));
+    if version.contains("0.10.1") {
+        return Ok(());
+    }
+    exec(crate::cargo().args(["install", BPF_LINKER, "--locked", "--force"]))
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .contains("install ok installed")
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !nix_is_root() {
+        bail!("missing packages {missing:?}; install them with apt-get (as root)");
+    }
+    exec(Command::new("apt-get").arg("update").arg("-q")).context("apt-get update")?;
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn nix_is_root() -> bool {
+    output(Command::new("id").arg("-u")).trim() == "0"
+}
