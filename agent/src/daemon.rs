@@ -117,7 +117,7 @@ impl Agent {
             shutdown: shutdown.clone(),
         });
 
-        let admin_listener = admin::bind(&admin_socket)
+        let admin_listener = admin::bind(&admin_socket, &admins)
             .with_context(|| format!("binding the admin socket {}", admin_socket.display()))?;
         let admin_state = state.clone();
         let admin_task = tokio::spawn(admin::serve(admin_listener, admins, move |request| {

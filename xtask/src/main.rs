@@ -103,6 +103,8 @@ fn lint() -> Result<()> {
     exec(cargo().args([
         "clippy",
         "--workspace",
+        "--exclude",
+        "interlock-ebpf",
         "--all-targets",
         "--",
         "-D",
@@ -167,7 +169,14 @@ fn test(e2e_args: &[String]) -> Result<()> {
     setup::run()?;
     build(false)?;
     lint()?;
-    exec(cargo().args(["test", "--workspace", "--exclude", "interlock-e2e"]))?;
+    exec(cargo().args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "interlock-e2e",
+        "--exclude",
+        "interlock-ebpf",
+    ]))?;
     install_and_verify_unit()?;
     let binary = workspace_root().join("target/debug/interlock");
     if !fs::metadata(&binary).is_ok_and(|m| m.len() > 0) {

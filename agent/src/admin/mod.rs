@@ -102,8 +102,10 @@ where
     Ok(())
 }
 
-/// Binds the admin socket, replacing a stale one, with mode 0660.
-pub fn bind(path: &Path) -> io::Result<UnixListener> {
+/// Binds the admin socket, replacing a stale one, with mode 0660; its
+/// group is the first `group:` admin that exists, so members can connect
+/// (the agent still checks every caller).
+pub fn bind(path: &Path, admins: &[Principal]) -> io::Result<UnixListener> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -113,6 +115,13 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    let group = admins.iter().find_map(|p| match p {
+        Principal::Group(name) => nix::unistd::Group::from_name(name).ok().flatten(),
+        _ => None,
+    });
+    if let Some(group) = group {
+        nix::unistd::chown(path, None, Some(group.gid)).map_err(io::Error::from)?;
+    }
     Ok(listener)
 }
 

@@ -89,30 +89,51 @@ pub async fn serve(
     }
 }
 
-/// Binds the agent's listeners on 127.0.0.1 and ::1.
+/// Binds the agent's listeners on 127.0.0.1 and, when the host has IPv6,
+/// on ::1 (without it, IPv6 targets are refused: still closed, not open).
 pub async fn bind(port: u16) -> std::io::Result<Vec<(TcpListener, ListenAddr)>> {
-    let mut listeners = Vec::new();
-    for ip in ["127.0.0.1", "::1"] {
-        let addr = SocketAddr::new(ip.parse().expect("literal address"), port);
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            let socket = tokio::net::TcpSocket::new_v6()?;
-            socket2::SockRef::from(&socket).set_only_v6(true)?;
-            socket
-        };
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        let listener = socket.listen(4096)?;
-        let local = listener.local_addr()?;
-        listeners.push((listener, ListenAddr(local)));
+    let v4 = listen(SocketAddr::from(([127, 0, 0, 1], port)))?;
+    let mut listeners = vec![v4];
+    match listen(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))) {
+        Ok(v6) => listeners.push(v6),
+        Err(error)
+            if matches!(
+                error.raw_os_error(),
+                Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
+            ) =>
+        {
+            tracing::warn!(%error, "no IPv6 loopback: connections to IPv6 targets will be refused");
+        }
+        Err(error) => return Err(error),
     }
     Ok(listeners)
 }
 
+fn listen(addr: SocketAddr) -> std::io::Result<(TcpListener, ListenAddr)> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        let socket = tokio::net::TcpSocket::new_v6()?;
+        socket2::SockRef::from(&socket).set_only_v6(true)?;
+        socket
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(4096)?;
+    let local = listener.local_addr()?;
+    Ok((listener, ListenAddr(local)))
+}
+
 async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAddr) {
     let session_id = ulid::Ulid::new();
-    let span = info_span!("conn", session = %session_id, client = %client);
+    let span = info_span!(
+        "conn",
+        session = %session_id,
+        client = %client,
+        target = tracing::field::Empty,
+        pid = tracing::field::Empty,
+        exe = tracing::field::Empty,
+    );
     async move {
         let mut record = AccessRecord::new(session_id, client.0);
         let _live = context.connections.open(session_id, client);
@@ -142,6 +163,11 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
             }
         };
         record.workload = Some(workload.clone());
+        let span = tracing::Span::current();
+        span.record("pid", workload.pid);
+        if let Some(exe) = &workload.exe {
+            span.record("exe", exe.as_str());
+        }
 
         let active = context.active.load_full();
         let Some(target_id) = active.table.lookup(intercepted.orig_dst.0) else {
@@ -157,6 +183,7 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
         };
         let target = &active.policy.targets[target_id.0];
         record.target = Some(target.name.clone());
+        tracing::Span::current().record("target", target.name.as_str());
         context
             .connections
             .identify(session_id, &target.name, workload.pid);
@@ -167,7 +194,7 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
         record.rule = verdict.rule.clone();
         record.reason = Some(verdict.reason.clone());
         if !verdict.allowed() && active.enforce {
-            tracing::info!(target = %target.name, rule = ?verdict.rule, "denied");
+            tracing::info!(rule = ?verdict.rule, "denied");
             record.finish(outcome::DENIED, None);
             reset(stream);
             return;

@@ -23,6 +23,10 @@ struct Harness {
 }
 
 async fn harness(upstream: SocketAddr, allowed: bool) -> Harness {
+    harness_with(upstream, allowed, true).await
+}
+
+async fn harness_with(upstream: SocketAddr, allowed: bool, enforce: bool) -> Harness {
     let text = format!(
         "[[target]]\nname = \"up\"\nprotocol = \"tcp\"\naddress = \"{upstream}\"\n\
          [[workload]]\nname = \"me\"\nuid = 4242\n\
@@ -38,7 +42,7 @@ async fn harness(upstream: SocketAddr, allowed: bool) -> Harness {
         active: ArcSwap::from_pointee(ActivePolicy {
             policy,
             table,
-            enforce: true,
+            enforce,
         }),
         bypass_mark: 0,
         connections: ConnRegistry::default(),
@@ -146,5 +150,18 @@ async fn unreachable_upstream_resets_the_client_and_spares_others() {
         client.read(&mut buf).await.unwrap_err().kind(),
         std::io::ErrorKind::ConnectionReset
     );
+    let _ = h.shutdown.send(true);
+}
+
+#[tokio::test]
+async fn audit_mode_logs_the_deny_but_forwards() {
+    let upstream = echo_server().await;
+    let h = harness_with(upstream, false, false).await;
+    let mut client = connect(&h, upstream).await;
+    client.write_all(b"x").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    client.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply, b"hi\nxbye\n");
     let _ = h.shutdown.send(true);
 }

@@ -147,3 +147,57 @@ fn group_names(gid: u32, supplementary: &[u32]) -> Vec<String> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exited_process_is_still_identified_by_the_kernel_record() {
+        let resolver = WorkloadResolver::new(CgroupFs::new("/nonexistent".into()));
+        // pid_max is at most 2^22: this pid cannot exist.
+        let kernel = KernelIdentity {
+            tgid: 1 << 23,
+            uid: 0,
+            gid: 0,
+            cgroup_id: 1,
+            comm: "gone".into(),
+            ..Default::default()
+        };
+        let workload = resolver.resolve(&kernel);
+        assert!(!workload.live);
+        assert_eq!(
+            (workload.pid, workload.uid, workload.comm.as_str()),
+            (1 << 23, 0, "gone")
+        );
+        assert_eq!(workload.user.as_deref(), Some("root"));
+        assert!(workload.exe.is_none() && workload.cmdline.is_empty());
+    }
+
+    #[test]
+    fn a_pid_started_after_the_connect_is_not_trusted() {
+        let resolver = WorkloadResolver::new(CgroupFs::new("/nonexistent".into()));
+        let me = std::process::id();
+        // A connect at boot time 0 predates this process: its pid was "reused".
+        let kernel = KernelIdentity {
+            tgid: me,
+            uid: 4242,
+            comm: "caller".into(),
+            connect_boot_ns: 0,
+            ..Default::default()
+        };
+        let workload = resolver.resolve(&kernel);
+        assert!(
+            !workload.live,
+            "/proc must not lend this process's identity"
+        );
+        assert_eq!(workload.uid, 4242);
+        assert!(workload.exe.is_none());
+        // The same pid, connecting now, is trusted.
+        let kernel = KernelIdentity {
+            connect_boot_ns: u64::MAX / 2,
+            ..kernel
+        };
+        assert!(resolver.resolve(&kernel).live);
+    }
+}
