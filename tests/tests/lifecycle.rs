@@ -139,13 +139,22 @@ fn reload_applies_good_files_and_keeps_the_old_policy_on_bad_ones() {
         || !curl(&cgroup, &server).status.success(),
         "the deny to take effect",
     );
+    // The reset reaches the client just before the agent writes the line.
+    wait_for(
+        || {
+            agent
+                .access_lines()
+                .last()
+                .is_some_and(|l| l["decision"] == "deny")
+        },
+        "the deny's access line",
+    );
     let lines = agent.access_lines();
     assert_eq!(
         lines.last().unwrap()["rule"],
         "allow-svc",
         "same rule name, now a deny"
     );
-    assert_eq!(lines.last().unwrap()["decision"], "deny");
 
     // SIGHUP reloads as well.
     agent.write_raw(&good);
@@ -177,4 +186,46 @@ fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
         thread::sleep(Duration::from_millis(100));
     }
     panic!("timed out waiting for {what}");
+}
+
+#[test]
+fn shutdown_writes_the_access_line_of_a_connection_it_cancels() {
+    let server = Server::echo("127.0.0.11:0");
+    let cgroup = TestCgroup::new("shutdown");
+    let mut agent = Agent::start(&cgroup, "shutdown", &allow_policy(&server));
+    // A client that connects and holds the connection open.
+    let mut holder = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec /usr/bin/python3 -c 'import socket,time; s=socket.create_connection((\"127.0.0.11\", {})); s.sendall(b\"held\"); print(\"open\", flush=True); time.sleep(60)'",
+            cgroup.dir.display(),
+            server.addr.port()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first, "open\n");
+    wait_for(
+        || server.connections() == 1,
+        "the held connection to reach the server",
+    );
+    assert!(
+        agent.access_lines().is_empty(),
+        "no line before the connection ends"
+    );
+
+    // SIGTERM: drain, then cancel; the cancelled connection still logs.
+    assert!(agent.terminate().success(), "{}", agent.stderr());
+    let lines = agent.wait_access_lines(1);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(lines[0]["outcome"], "cancelled");
+    assert_eq!(lines[0]["bytes_up"], 4);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
 }

@@ -8,6 +8,7 @@
 //! | `test`    | setup, build, lint, unit tests, install check, privileged end-to-end tests |
 //! | `demo`    | setup, build, then `interlock demo` (the quick start) |
 //! | `install` | the binary, the systemd unit and a default configuration |
+//! | `bench`   | `bench tcp`: direct vs Interlock vs socat, with ratios |
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -17,6 +18,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod install;
 mod setup;
 
@@ -47,6 +49,11 @@ enum Task {
     Demo,
     /// Install the binary, systemd unit and default configuration.
     Install(install::InstallArgs),
+    /// Benchmarks against a direct connection and the usual alternative.
+    Bench(bench::BenchArgs),
+    /// The benchmark's load generator (run inside the benchmark cgroup).
+    #[command(hide = true)]
+    BenchClient(bench::ClientArgs),
 }
 
 fn main() -> Result<()> {
@@ -64,6 +71,8 @@ fn main() -> Result<()> {
             exec(Command::new(workspace_root().join("target/debug/interlock")).arg("demo"))
         }
         Task::Install(args) => install::run(args),
+        Task::Bench(args) => bench::run(args),
+        Task::BenchClient(args) => bench::client(args),
     }
 }
 
@@ -110,21 +119,30 @@ fn lint() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    // The kernel crate only builds for BPF, with nightly and build-std.
-    exec(cargo().args([
-        "+nightly",
-        "clippy",
-        "--package",
-        "interlock-ebpf",
-        "--release",
-        "--target",
-        "bpfel-unknown-none",
-        "-Z",
-        "build-std=core",
-        "--",
-        "-D",
-        "warnings",
-    ]))
+    // The kernel crate only builds for BPF, with nightly and build-std;
+    // `rustup run` because the cargo running us is the toolchain's own.
+    exec(
+        Command::new("rustup")
+            .args([
+                "run",
+                "nightly",
+                "cargo",
+                "clippy",
+                "--package",
+                "interlock-ebpf",
+                "--release",
+            ])
+            .args([
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .current_dir(workspace_root()),
+    )
 }
 
 /// Installs into a scratch root and checks the unit there with

@@ -1,0 +1,459 @@
+//! `cargo xtask bench tcp`: the opaque TCP path measured three ways in one
+//! run — a direct connection, through Interlock (real kernel redirect, real
+//! agent, release build), and through `socat` (the relay a user would reach
+//! for) — with the ratios printed. Nothing here asserts a timing.
+//!
+//! Scenarios, each against a loopback server in this process:
+//! - `connect`: new connection, 64-byte request, 64-byte echo, close
+//!   (16 client threads); connections per second.
+//! - `rr`: one connection, 64-byte round trips; p50 and p99 latency.
+//! - `stream`: one connection, 1 GiB upstream; MB/s.
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Subcommand};
+
+use crate::{exec, workspace_root};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Opaque TCP: direct vs Interlock vs socat.
+    Tcp {
+        /// Connections in the `connect` scenario.
+        #[arg(long, default_value_t = 5000)]
+        connections: usize,
+        /// Round trips in the `rr` scenario.
+        #[arg(long, default_value_t = 20000)]
+        round_trips: usize,
+        /// MiB sent in the `stream` scenario.
+        #[arg(long, default_value_t = 1024)]
+        stream_mib: usize,
+    },
+}
+
+/// The load generator, run inside the benchmark cgroup (hidden command).
+#[derive(Args)]
+pub struct ClientArgs {
+    mode: String,
+    addr: SocketAddr,
+    count: usize,
+}
+
+const PAYLOAD: usize = 64;
+const CONNECT_THREADS: usize = 16;
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let Bench::Tcp {
+        connections,
+        round_trips,
+        stream_mib,
+    } = args.what;
+    if output(Command::new("id").arg("-u")).trim() != "0" {
+        bail!("the benchmark attaches eBPF programs: run it as root");
+    }
+    crate::setup::run()?;
+    exec(crate::cargo().args(["build", "--release", "--package", "interlock"]))?;
+    let binary = workspace_root().join("target/release/interlock");
+
+    // Twin servers: one reached directly, one protected by Interlock.
+    let direct = Servers::start("127.0.0.20")?;
+    let protected = Servers::start("127.0.0.21")?;
+    let bench = BenchCgroup::create()?;
+    let agent = bench.start_agent(&binary, &protected)?;
+    let socat = Socat::start("127.0.0.22", &direct)?;
+
+    let paths: [(&str, &Servers); 3] = [
+        ("direct", &direct),
+        ("interlock", &protected),
+        ("socat", &socat.servers),
+    ];
+    let mut rows: Vec<(String, [f64; 3], bool)> = Vec::new();
+    let mut connect = [0.0; 3];
+    let mut p50 = [0.0; 3];
+    let mut p99 = [0.0; 3];
+    let mut stream = [0.0; 3];
+    for (i, (name, servers)) in paths.iter().enumerate() {
+        eprintln!("measuring {name}...");
+        connect[i] = bench.client("connect", servers.echo, connections)?[0];
+        let rr = bench.client("rr", servers.echo, round_trips)?;
+        (p50[i], p99[i]) = (rr[0], rr[1]);
+        stream[i] = bench.client("stream", servers.sink, stream_mib)?[0];
+    }
+    rows.push((
+        format!("connect+64B echo+close ({connections}), conn/s"),
+        connect,
+        true,
+    ));
+    rows.push((
+        format!("64B round trip p50 ({round_trips}), us"),
+        p50,
+        false,
+    ));
+    rows.push((
+        format!("64B round trip p99 ({round_trips}), us"),
+        p99,
+        false,
+    ));
+    rows.push((format!("stream {stream_mib} MiB, MB/s"), stream, true));
+
+    let access_lines = agent.stop()?;
+    println!(
+        "\nInterlock opaque TCP benchmark (loopback, release build, {} cores)",
+        thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "{:<42} {:>11} {:>11} {:>11} {:>17} {:>16}",
+        "scenario", "direct", "interlock", "socat", "interlock/direct", "interlock/socat"
+    );
+    for (name, [d, i, s], higher_is_better) in &rows {
+        // Ratios read as "fraction of the alternative's performance".
+        let (vs_direct, vs_socat) = if *higher_is_better {
+            (i / d, i / s)
+        } else {
+            (d / i, s / i)
+        };
+        println!("{name:<42} {d:>11.1} {i:>11.1} {s:>11.1} {vs_direct:>17.2} {vs_socat:>16.2}");
+    }
+    println!("(ratios: share of the other path's performance; 1.00 = as fast)");
+    println!(
+        "agent: {} access lines written, peak RSS {}",
+        access_lines.0, access_lines.1
+    );
+    Ok(())
+}
+
+/// Runs one scenario of the load generator.
+pub fn client(args: ClientArgs) -> Result<()> {
+    let values = match args.mode.as_str() {
+        "connect" => vec![connect_rate(args.addr, args.count)?],
+        "rr" => round_trips(args.addr, args.count)?,
+        "stream" => vec![stream(args.addr, args.count)?],
+        other => bail!("unknown mode {other}"),
+    };
+    println!(
+        "{}",
+        values
+            .iter()
+            .map(f64::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    Ok(())
+}
+
+fn connect_rate(addr: SocketAddr, count: usize) -> Result<f64> {
+    let started = Instant::now();
+    let per_thread = count / CONNECT_THREADS;
+    let workers: Vec<_> = (0..CONNECT_THREADS)
+        .map(|_| {
+            thread::spawn(move || -> std::io::Result<()> {
+                let mut buf = [0u8; PAYLOAD];
+                for _ in 0..per_thread {
+                    let mut stream = TcpStream::connect(addr)?;
+                    stream.write_all(&[7u8; PAYLOAD])?;
+                    stream.read_exact(&mut buf)?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().expect("client thread")?;
+    }
+    Ok((per_thread * CONNECT_THREADS) as f64 / started.elapsed().as_secs_f64())
+}
+
+fn round_trips(addr: SocketAddr, count: usize) -> Result<Vec<f64>> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_nodelay(true)?;
+    let mut buf = [0u8; PAYLOAD];
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        stream.write_all(&[1u8; PAYLOAD])?;
+        stream.read_exact(&mut buf)?;
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(vec![samples[count / 2], samples[count * 99 / 100]])
+}
+
+fn stream(addr: SocketAddr, mib: usize) -> Result<f64> {
+    let mut stream = TcpStream::connect(addr)?;
+    let chunk = vec![0x5au8; 1 << 20];
+    let started = Instant::now();
+    for _ in 0..mib {
+        stream.write_all(&chunk)?;
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut total = [0u8; 8];
+    stream.read_exact(&mut total)?;
+    let secs = started.elapsed().as_secs_f64();
+    if u64::from_be_bytes(total) != (mib as u64) << 20 {
+        bail!(
+            "sink counted {} bytes, sent {}",
+            u64::from_be_bytes(total),
+            mib << 20
+        );
+    }
+    Ok((mib as f64 * 1.048_576) / secs)
+}
+
+/// An echo server (echoes each read) and a sink (counts to EOF, answers
+/// with the count) on one loopback address.
+struct Servers {
+    echo: SocketAddr,
+    sink: SocketAddr,
+}
+
+impl Servers {
+    fn start(ip: &str) -> Result<Self> {
+        let echo = serve(ip, |mut s| {
+            let _ = s.set_nodelay(true);
+            let mut buf = [0u8; 16 * 1024];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        })?;
+        let sink = serve(ip, |mut s| {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut total = 0u64;
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            let _ = s.write_all(&total.to_be_bytes());
+        })?;
+        Ok(Self { echo, sink })
+    }
+}
+
+fn serve(ip: &str, handle: fn(TcpStream)) -> Result<SocketAddr> {
+    let listener = TcpListener::bind((ip, 0)).with_context(|| format!("binding {ip}"))?;
+    let addr = listener.local_addr()?;
+    thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            thread::spawn(move || handle(stream));
+        }
+    });
+    Ok(addr)
+}
+
+struct BenchCgroup {
+    dir: PathBuf,
+    workdir: PathBuf,
+}
+
+impl BenchCgroup {
+    fn create() -> Result<Self> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+        let root = mountinfo
+            .lines()
+            .find_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                if right.starts_with("cgroup2 ") {
+                    left.split_whitespace().nth(4).map(PathBuf::from)
+                } else {
+                    None
+                }
+            })
+            .context("no cgroup v2 mount")?;
+        let id = std::process::id();
+        let dir = root.join(format!("interlock-bench-{id}"));
+        fs::create_dir_all(&dir)?;
+        let workdir = std::env::temp_dir().join(format!("interlock-bench-{id}"));
+        fs::create_dir_all(&workdir)?;
+        Ok(Self { dir, workdir })
+    }
+
+    fn in_cgroup(&self, program: &Path) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"",
+                self.dir.display()
+            ))
+            .arg(program);
+        cmd
+    }
+
+    fn start_agent(&self, binary: &Path, protected: &Servers) -> Result<Agent> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let config = self.workdir.join("interlock.toml");
+        let id = std::process::id();
+        fs::write(
+            &config,
+            format!(
+                "[agent]\ncgroup = {:?}\nlisten_port = {port}\nbpffs_dir = \"/sys/fs/bpf/interlock-bench-{id}\"\nadmin_socket = {:?}\n\n\
+                 [[target]]\nname = \"echo\"\nprotocol = \"tcp\"\naddress = \"{}\"\n\
+                 [[target]]\nname = \"sink\"\nprotocol = \"tcp\"\naddress = \"{}\"\n\
+                 [[rule]]\nname = \"bench\"\nworkloads = [\"*\"]\ntargets = [\"echo\", \"sink\"]\ndecision = \"allow\"\n",
+                self.dir.display().to_string(),
+                self.workdir.join("admin.sock").display().to_string(),
+                protected.echo,
+                protected.sink,
+            ),
+        )?;
+        let log = fs::File::create(self.workdir.join("access.log"))?;
+        let child = self
+            .in_cgroup(binary)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("INTERLOCK_LOG", "warn")
+            .stdout(log)
+            .spawn()?;
+        let agent = Agent {
+            child,
+            binary: binary.to_owned(),
+            config,
+            workdir: self.workdir.clone(),
+        };
+        for _ in 0..300 {
+            let ready = Command::new(binary)
+                .args(["status", "--config"])
+                .arg(&agent.config)
+                .output()?;
+            if ready.status.success() {
+                return Ok(agent);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the agent did not start")
+    }
+
+    /// Runs this program's `bench-client` inside the cgroup.
+    fn client(&self, mode: &str, addr: SocketAddr, count: usize) -> Result<Vec<f64>> {
+        let out = self
+            .in_cgroup(&std::env::current_exe()?)
+            .args(["bench-client", mode, &addr.to_string(), &count.to_string()])
+            .stderr(Stdio::inherit())
+            .output()?;
+        if !out.status.success() {
+            bail!("bench client {mode} against {addr} failed");
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(|v| v.parse::<f64>().context("client output"))
+            .collect()
+    }
+}
+
+impl Drop for BenchCgroup {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.dir);
+        let _ = fs::remove_dir_all(&self.workdir);
+    }
+}
+
+struct Agent {
+    child: Child,
+    binary: PathBuf,
+    config: PathBuf,
+    workdir: PathBuf,
+}
+
+impl Agent {
+    /// Stops the agent, removes its pins; returns (access lines, peak RSS).
+    fn stop(mut self) -> Result<(usize, String)> {
+        let status =
+            fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let peak = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .unwrap_or("?")
+            .trim()
+            .to_owned();
+        exec(
+            Command::new(&self.binary)
+                .args(["detach", "--config"])
+                .arg(&self.config),
+        )?;
+        let _ = self.child.wait();
+        let lines = fs::read_to_string(self.workdir.join("access.log"))?
+            .lines()
+            .count();
+        Ok((lines, peak))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = Command::new(&self.binary)
+            .args(["detach", "--config"])
+            .arg(&self.config)
+            .output();
+    }
+}
+
+/// `socat` relaying to the direct servers, one process per listener.
+struct Socat {
+    servers: Servers,
+    children: Vec<Child>,
+}
+
+impl Socat {
+    fn start(ip: &str, to: &Servers) -> Result<Self> {
+        let mut children = Vec::new();
+        let mut relay = |target: SocketAddr| -> Result<SocketAddr> {
+            let port = TcpListener::bind((ip, 0))?.local_addr()?.port();
+            children.push(
+                Command::new("socat")
+                    .arg(format!(
+                        "TCP4-LISTEN:{port},bind={ip},fork,reuseaddr,nodelay"
+                    ))
+                    .arg(format!("TCP4:{target},nodelay"))
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("starting socat")?,
+            );
+            let addr: SocketAddr = format!("{ip}:{port}").parse()?;
+            for _ in 0..100 {
+                if TcpStream::connect(addr).is_ok() {
+                    return Ok(addr);
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            bail!("socat did not listen on {addr}")
+        };
+        let echo = relay(to.echo)?;
+        let sink = relay(to.sink)?;
+        Ok(Self {
+            servers: Servers { echo, sink },
+            children,
+        })
+    }
+}
+
+impl Drop for Socat {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn output(cmd: &mut Command) -> String {
+    cmd.output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
