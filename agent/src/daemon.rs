@@ -126,11 +126,12 @@ impl Agent {
         }));
 
         let proxy = tokio::spawn({
-            let mut shutdown_rx = shutdown_rx.clone();
+            let shutdown_rx = shutdown_rx.clone();
+            let admin_socket = admin_socket.clone();
             async move {
-                proxy::serve(proxy_context, listeners, shutdown_rx.clone(), DRAIN).await;
+                proxy::serve(proxy_context, listeners, shutdown_rx, DRAIN).await;
                 admin_task.abort();
-                let _ = shutdown_rx.changed().await;
+                let _ = std::fs::remove_file(&admin_socket);
             }
         });
         tokio::spawn(state.clone().watch_sources(shutdown_rx.clone()));

@@ -323,6 +323,16 @@ impl Agent {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// The agent's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// How many access-log lines so far (without parsing them).
+    pub fn access_line_count(&self) -> usize {
+        self.stdout.lock().unwrap().len()
+    }
+
     /// Every access-log line so far, parsed.
     pub fn access_lines(&self) -> Vec<Value> {
         self.stdout

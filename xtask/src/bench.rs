@@ -12,7 +12,6 @@ use std::{
     fs,
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -20,6 +19,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Subcommand};
+
+use interlock_e2e::{Agent, TestCgroup};
 
 use crate::{exec, workspace_root};
 
@@ -72,8 +73,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // Twin servers: one reached directly, one protected by Interlock.
     let direct = Servers::start("127.0.0.20")?;
     let protected = Servers::start("127.0.0.21")?;
-    let bench = BenchCgroup::create()?;
-    let agent = bench.start_agent(&binary, &protected)?;
+    // The end-to-end harness runs the agent: a throwaway cgroup, the real
+    // binary (release, here) attached to it, cleaned up on drop.
+    // SAFETY: single-threaded so far; the harness reads it when spawning.
+    unsafe { std::env::set_var("INTERLOCK_BIN", &binary) };
+    let cgroup = TestCgroup::new("bench");
+    let agent = Agent::start(
+        &cgroup,
+        "bench",
+        &format!(
+            "[[target]]\nname = \"echo\"\nprotocol = \"tcp\"\naddress = \"{}\"\n\
+             [[target]]\nname = \"sink\"\nprotocol = \"tcp\"\naddress = \"{}\"\n\
+             [[rule]]\nname = \"bench\"\nworkloads = [\"*\"]\ntargets = [\"echo\", \"sink\"]\ndecision = \"allow\"\n",
+            protected.echo, protected.sink
+        ),
+    );
     let socat = Socat::start("127.0.0.22", &direct)?;
 
     let paths: [(&str, &Servers); 3] = [
@@ -88,10 +102,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut stream = [0.0; 3];
     for (i, (name, servers)) in paths.iter().enumerate() {
         eprintln!("measuring {name}...");
-        connect[i] = bench.client("connect", servers.echo, connections)?[0];
-        let rr = bench.client("rr", servers.echo, round_trips)?;
+        connect[i] = measure(&cgroup, "connect", servers.echo, connections)?[0];
+        let rr = measure(&cgroup, "rr", servers.echo, round_trips)?;
         (p50[i], p99[i]) = (rr[0], rr[1]);
-        stream[i] = bench.client("stream", servers.sink, stream_mib)?[0];
+        stream[i] = measure(&cgroup, "stream", servers.sink, stream_mib)?[0];
     }
     rows.push((
         format!("connect+64B echo+close ({connections}), conn/s"),
@@ -110,7 +124,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     ));
     rows.push((format!("stream {stream_mib} MiB, MB/s"), stream, true));
 
-    let access_lines = agent.stop()?;
+    let peak = agent.pid().map_or_else(|| "?".into(), peak_rss);
+    let access_lines = agent.access_line_count();
     println!(
         "\nInterlock opaque TCP benchmark (loopback, release build, {} cores)",
         thread::available_parallelism().map_or(0, |n| n.get())
@@ -129,15 +144,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("{name:<42} {d:>11.1} {i:>11.1} {s:>11.1} {vs_direct:>17.2} {vs_socat:>16.2}");
     }
     println!("(ratios: share of the other path's performance; 1.00 = as fast)");
-    println!(
-        "agent: {} access lines written, peak RSS {}",
-        access_lines.0, access_lines.1
-    );
+    println!("agent: {access_lines} access lines written, peak RSS {peak}");
     Ok(())
 }
 
 /// Runs one scenario of the load generator.
-pub fn client(args: ClientArgs) -> Result<()> {
+pub fn load_client(args: ClientArgs) -> Result<()> {
     let values = match args.mode.as_str() {
         "connect" => vec![connect_rate(args.addr, args.count)?],
         "rr" => round_trips(args.addr, args.count)?,
@@ -257,151 +269,33 @@ fn serve(ip: &str, handle: fn(TcpStream)) -> Result<SocketAddr> {
     Ok(addr)
 }
 
-struct BenchCgroup {
-    dir: PathBuf,
-    workdir: PathBuf,
+/// Runs this program's `bench-client` inside the benchmark cgroup.
+fn measure(cgroup: &TestCgroup, mode: &str, addr: SocketAddr, count: usize) -> Result<Vec<f64>> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"",
+            cgroup.dir.display()
+        ))
+        .arg(std::env::current_exe()?)
+        .args(["bench-client", mode, &addr.to_string(), &count.to_string()])
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("bench client {mode} against {addr} failed");
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|v| v.parse::<f64>().context("client output"))
+        .collect()
 }
 
-impl BenchCgroup {
-    fn create() -> Result<Self> {
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
-        let root = mountinfo
-            .lines()
-            .find_map(|l| {
-                let (left, right) = l.split_once(" - ")?;
-                if right.starts_with("cgroup2 ") {
-                    left.split_whitespace().nth(4).map(PathBuf::from)
-                } else {
-                    None
-                }
-            })
-            .context("no cgroup v2 mount")?;
-        let id = std::process::id();
-        let dir = root.join(format!("interlock-bench-{id}"));
-        fs::create_dir_all(&dir)?;
-        let workdir = std::env::temp_dir().join(format!("interlock-bench-{id}"));
-        fs::create_dir_all(&workdir)?;
-        Ok(Self { dir, workdir })
-    }
-
-    fn in_cgroup(&self, program: &Path) -> Command {
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(format!(
-                "echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"",
-                self.dir.display()
-            ))
-            .arg(program);
-        cmd
-    }
-
-    fn start_agent(&self, binary: &Path, protected: &Servers) -> Result<Agent> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let config = self.workdir.join("interlock.toml");
-        let id = std::process::id();
-        fs::write(
-            &config,
-            format!(
-                "[agent]\ncgroup = {:?}\nlisten_port = {port}\nbpffs_dir = \"/sys/fs/bpf/interlock-bench-{id}\"\nadmin_socket = {:?}\n\n\
-                 [[target]]\nname = \"echo\"\nprotocol = \"tcp\"\naddress = \"{}\"\n\
-                 [[target]]\nname = \"sink\"\nprotocol = \"tcp\"\naddress = \"{}\"\n\
-                 [[rule]]\nname = \"bench\"\nworkloads = [\"*\"]\ntargets = [\"echo\", \"sink\"]\ndecision = \"allow\"\n",
-                self.dir.display().to_string(),
-                self.workdir.join("admin.sock").display().to_string(),
-                protected.echo,
-                protected.sink,
-            ),
-        )?;
-        let log = fs::File::create(self.workdir.join("access.log"))?;
-        let child = self
-            .in_cgroup(binary)
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("INTERLOCK_LOG", "warn")
-            .stdout(log)
-            .spawn()?;
-        let agent = Agent {
-            child,
-            binary: binary.to_owned(),
-            config,
-            workdir: self.workdir.clone(),
-        };
-        for _ in 0..300 {
-            let ready = Command::new(binary)
-                .args(["status", "--config"])
-                .arg(&agent.config)
-                .output()?;
-            if ready.status.success() {
-                return Ok(agent);
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        bail!("the agent did not start")
-    }
-
-    /// Runs this program's `bench-client` inside the cgroup.
-    fn client(&self, mode: &str, addr: SocketAddr, count: usize) -> Result<Vec<f64>> {
-        let out = self
-            .in_cgroup(&std::env::current_exe()?)
-            .args(["bench-client", mode, &addr.to_string(), &count.to_string()])
-            .stderr(Stdio::inherit())
-            .output()?;
-        if !out.status.success() {
-            bail!("bench client {mode} against {addr} failed");
-        }
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .map(|v| v.parse::<f64>().context("client output"))
-            .collect()
-    }
-}
-
-impl Drop for BenchCgroup {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir(&self.dir);
-        let _ = fs::remove_dir_all(&self.workdir);
-    }
-}
-
-struct Agent {
-    child: Child,
-    binary: PathBuf,
-    config: PathBuf,
-    workdir: PathBuf,
-}
-
-impl Agent {
-    /// Stops the agent, removes its pins; returns (access lines, peak RSS).
-    fn stop(mut self) -> Result<(usize, String)> {
-        let status =
-            fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        let peak = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .unwrap_or("?")
-            .trim()
-            .to_owned();
-        exec(
-            Command::new(&self.binary)
-                .args(["detach", "--config"])
-                .arg(&self.config),
-        )?;
-        let _ = self.child.wait();
-        let lines = fs::read_to_string(self.workdir.join("access.log"))?
-            .lines()
-            .count();
-        Ok((lines, peak))
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = Command::new(&self.binary)
-            .args(["detach", "--config"])
-            .arg(&self.config)
-            .output();
-    }
+fn peak_rss(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .map_or_else(|| "?".into(), |v| v.trim().to_owned())
 }
 
 /// `socat` relaying to the direct servers, one process per listener.

@@ -72,7 +72,7 @@ fn main() -> Result<()> {
         }
         Task::Install(args) => install::run(args),
         Task::Bench(args) => bench::run(args),
-        Task::BenchClient(args) => bench::client(args),
+        Task::BenchClient(args) => bench::load_client(args),
     }
 }
 

@@ -5,14 +5,9 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::exec;
 
-/// Debian packages the end-to-end tests and the demo use as real clients.
-const APT_PACKAGES: [&str; 5] = [
-    "curl",
-    "netcat-openbsd",
-    "python3",
-    "iproute2",
-    "util-linux",
-];
+/// Debian packages the end-to-end tests, the demo and the benchmark use as
+/// real clients (and `socat`, the relay the benchmark compares against).
+const APT_PACKAGES: [&str; 5] = ["curl", "python3", "socat", "util-linux", "systemd"];
 const BPF_LINKER: &str = "bpf-linker@0.10.1";
 
 pub fn run() -> Result<()> {

@@ -153,34 +153,27 @@ impl Interceptor {
                 .program_mut(name)
                 .ok_or(InterceptError::Missing(name))?;
             let prog_err = |cause| InterceptError::Program { name, cause };
+            let link_err = |cause| InterceptError::Link {
+                path: links_dir.join(name),
+                cause,
+            };
+            // The two program types share no trait for load/attach/take_link.
             // Links are created with BPF_LINK_CREATE, which always stacks
             // cgroup programs (`Single` is the mode aya accepts for it).
-            let link: FdLink = if name == programs::SOCKOPS {
-                let prog: &mut SockOps = program.try_into().map_err(prog_err)?;
-                prog.load().map_err(prog_err)?;
-                let id = prog
-                    .attach(&cgroup, CgroupAttachMode::Single)
-                    .map_err(prog_err)?;
-                prog.take_link(id)
-                    .map_err(prog_err)?
-                    .try_into()
-                    .map_err(|e: LinkError| InterceptError::Link {
-                        path: links_dir.join(name),
-                        cause: e,
-                    })?
+            macro_rules! attach_as {
+                ($program_type:ty) => {{
+                    let prog: &mut $program_type = program.try_into().map_err(prog_err)?;
+                    prog.load().map_err(prog_err)?;
+                    let id = prog
+                        .attach(&cgroup, CgroupAttachMode::Single)
+                        .map_err(prog_err)?;
+                    FdLink::try_from(prog.take_link(id).map_err(prog_err)?).map_err(link_err)?
+                }};
+            }
+            let link = if name == programs::SOCKOPS {
+                attach_as!(SockOps)
             } else {
-                let prog: &mut CgroupSockAddr = program.try_into().map_err(prog_err)?;
-                prog.load().map_err(prog_err)?;
-                let id = prog
-                    .attach(&cgroup, CgroupAttachMode::Single)
-                    .map_err(prog_err)?;
-                prog.take_link(id)
-                    .map_err(prog_err)?
-                    .try_into()
-                    .map_err(|e: LinkError| InterceptError::Link {
-                        path: links_dir.join(name),
-                        cause: e,
-                    })?
+                attach_as!(CgroupSockAddr)
             };
             // The new link is live; only now release the previous agent's.
             let pin = links_dir.join(name);
