@@ -69,7 +69,6 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let cgroup_dir = cgroups.dir(&cgroup);
     std::fs::create_dir_all(&cgroup_dir)
         .with_context(|| format!("creating demo cgroup {}", cgroup_dir.display()))?;
-    let _cleanup = CgroupCleanup(cgroup_dir.clone());
 
     let api = serve_http("127.0.0.42:0", "hello from demo-api\n").await?;
     let secrets = serve_http("127.0.0.43:0", "top secret\n").await?;
@@ -82,6 +81,12 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .replace("{secrets_port}", &secrets.to_string())
         .replace("{id}", &id.to_string());
     let config = Config::from_text("<embedded demo>", &text)?;
+    // Whatever happens, the demo leaves no cgroup, pins or socket behind.
+    let _cleanup = Cleanup {
+        cgroup_dir: cgroup_dir.clone(),
+        bpffs_dir: config.agent.bpffs_dir.clone(),
+        run_dir: config.agent.state_dir.clone(),
+    };
     let agent = Agent::start(config, None).await?;
     let listen: Vec<String> = agent.listen.iter().map(ToString::to_string).collect();
     eprintln!(
@@ -158,10 +163,16 @@ async fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port())
 }
 
-struct CgroupCleanup(PathBuf);
+struct Cleanup {
+    cgroup_dir: PathBuf,
+    bpffs_dir: PathBuf,
+    run_dir: PathBuf,
+}
 
-impl Drop for CgroupCleanup {
+impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
+        let _ = crate::intercept::detach_pins(&self.bpffs_dir);
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+        let _ = std::fs::remove_dir(&self.cgroup_dir);
     }
 }

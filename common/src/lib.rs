@@ -30,6 +30,11 @@ pub mod programs {
     pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6, SOCKOPS];
 }
 
+/// Version of the map layouts below. Maps are pinned under a directory
+/// named after it, so an agent whose layouts differ never reuses (and
+/// misreads) maps pinned by another; bump it with any layout change.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 

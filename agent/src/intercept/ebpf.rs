@@ -24,7 +24,7 @@ use aya::{
     },
 };
 use interlock_common::{
-    ConnRecord, PeerKey, RedirectConfig, TargetKey, TargetValue, maps, programs,
+    ConnRecord, MAP_LAYOUT_VERSION, PeerKey, RedirectConfig, TargetKey, TargetValue, maps, programs,
 };
 use serde::Serialize;
 
@@ -89,8 +89,13 @@ fn links_dir(bpffs_dir: &Path) -> PathBuf {
     bpffs_dir.join("links")
 }
 
-fn maps_dir(bpffs_dir: &Path) -> PathBuf {
+fn maps_root(bpffs_dir: &Path) -> PathBuf {
     bpffs_dir.join("maps")
+}
+
+/// `maps/v<layout>`: see [`MAP_LAYOUT_VERSION`].
+fn maps_dir(bpffs_dir: &Path) -> PathBuf {
+    maps_root(bpffs_dir).join(format!("v{MAP_LAYOUT_VERSION}"))
 }
 
 const MAP_NAMES: [&str; 4] = [
@@ -184,6 +189,7 @@ impl Interceptor {
             );
         }
 
+        remove_stale_map_layouts(&bpffs_dir);
         Ok(Self {
             cgroup_dir,
             bpffs_dir,
@@ -271,21 +277,34 @@ fn release_pinned_link(pin: &Path) -> Result<(), InterceptError> {
 /// Removes every pin under `bpffs_dir` (links first, so programs detach),
 /// for `interlock detach` with the agent stopped. Missing pins are fine.
 pub fn detach_pins(bpffs_dir: &Path) -> io::Result<()> {
-    for dir in [links_dir(bpffs_dir), maps_dir(bpffs_dir)] {
-        match fs::read_dir(&dir) {
-            Ok(entries) => {
-                for entry in entries {
-                    fs::remove_file(entry?.path())?;
-                }
-                fs::remove_dir(&dir)?;
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+    for dir in [
+        links_dir(bpffs_dir),
+        maps_root(bpffs_dir),
+        bpffs_dir.to_owned(),
+    ] {
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
     }
-    match fs::remove_dir(bpffs_dir) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+    Ok(())
+}
+
+/// Removes maps pinned with another layout version: their programs were
+/// just released, nothing uses them any more.
+fn remove_stale_map_layouts(bpffs_dir: &Path) {
+    let current = maps_dir(bpffs_dir);
+    let Ok(entries) = fs::read_dir(maps_root(bpffs_dir)) else {
+        return;
+    };
+    for stale in entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| *p != current)
+    {
+        if let Err(error) = fs::remove_dir_all(&stale) {
+            tracing::warn!(path = %stale.display(), %error, "cannot remove stale map pins");
+        }
     }
 }
 
