@@ -13,6 +13,9 @@ use crate::{
 };
 
 const COPY_BUFFER: usize = 16 * 1024;
+/// An upstream that does not answer a SYN in this long is reported as
+/// unreachable rather than holding the client for the kernel's ~2 minutes.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub async fn forward(
     mut client: TcpStream,
@@ -57,7 +60,9 @@ pub async fn connect_marked(dst: OrigDstAddr, mark: u32) -> io::Result<TcpStream
         TcpSocket::new_v6()?
     };
     socket2::SockRef::from(&socket).set_mark(mark)?;
-    socket.connect(dst.0).await
+    tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst.0))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer within 10 s"))?
 }
 
 /// Copies until EOF, then shuts the writer down (half-close), counting bytes.
