@@ -13,7 +13,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
 };
 
@@ -67,6 +67,10 @@ where
     }
 }
 
+/// Longest request line accepted; requests are tiny, so anything longer is
+/// refused rather than buffered.
+const MAX_REQUEST: u64 = 64 * 1024;
+
 async fn serve_one<F, Fut>(stream: UnixStream, admins: &[Principal], handler: F) -> io::Result<()>
 where
     F: Fn(Request) -> Fut,
@@ -74,8 +78,20 @@ where
 {
     let cred = stream.peer_cred()?;
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
-    while let Some(line) = lines.next_line().await? {
+    let mut reader = BufReader::new(read);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        // Bytes, not `lines()`: a request that is not UTF-8 gets an error
+        // reply like any other bad request instead of ending the connection.
+        let n = (&mut reader)
+            .take(MAX_REQUEST)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let too_long = !line.ends_with(b"\n") && n as u64 == MAX_REQUEST;
         let response = if !is_admin(cred.uid(), cred.gid(), admins) {
             tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "admin request refused: caller is not an admin");
             Response::Error {
@@ -84,8 +100,12 @@ where
                     cred.uid()
                 ),
             }
+        } else if too_long {
+            Response::Error {
+                message: format!("bad request: longer than {MAX_REQUEST} bytes"),
+            }
         } else {
-            match serde_json::from_str::<Request>(&line) {
+            match serde_json::from_slice::<Request>(&line) {
                 Ok(request) => {
                     tracing::info!(uid = cred.uid(), ?request, "admin request");
                     handler(request).await
@@ -98,8 +118,10 @@ where
         let mut out = serde_json::to_vec(&response).unwrap_or_default();
         out.push(b'\n');
         write.write_all(&out).await?;
+        if too_long {
+            return Ok(());
+        }
     }
-    Ok(())
 }
 
 /// Binds the admin socket, replacing a stale one, with mode 0660; its
