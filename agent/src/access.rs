@@ -44,6 +44,8 @@ pub struct AccessRecord {
     pub outcome: &'static str,
     pub error: Option<String>,
     pub bytes: Arc<ByteCounters>,
+    /// Statement decisions, for protocols that decide statements.
+    pub statements: Option<Arc<crate::proxy::StatementCounts>>,
 }
 
 /// How the connection ended, for the `outcome` field.
@@ -74,6 +76,7 @@ impl AccessRecord {
             outcome: outcome::CANCELLED,
             error: None,
             bytes: Arc::default(),
+            statements: None,
         }
     }
 
@@ -97,6 +100,8 @@ struct Line<'a> {
     reason: Option<&'a str>,
     outcome: &'a str,
     error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    statements: Option<&'a crate::proxy::StatementCounts>,
     bytes_up: u64,
     bytes_down: u64,
     duration_ms: f64,
@@ -117,6 +122,7 @@ impl Drop for AccessRecord {
             reason: self.reason.as_deref(),
             outcome: self.outcome,
             error: self.error.as_deref(),
+            statements: self.statements.as_deref(),
             bytes_up: self.bytes.up.load(Ordering::Relaxed),
             bytes_down: self.bytes.down.load(Ordering::Relaxed),
             duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,

@@ -469,3 +469,120 @@ pub fn stdout(output: &Output) -> String {
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
+
+/// A real PostgreSQL 15 cluster of the test's own, on a loopback address,
+/// with SCRAM-SHA-256 for TCP logins and trust on its private Unix socket
+/// (which only the harness uses, to set up and inspect).
+pub struct Postgres {
+    pub addr: SocketAddr,
+    dir: PathBuf,
+}
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+impl Postgres {
+    pub fn start(name: &str, ip: &str) -> Self {
+        require_root();
+        assert!(
+            Path::new(PG_BIN).join("postgres").exists(),
+            "PostgreSQL 15 server binaries are missing in {PG_BIN} (`cargo xtask setup` installs them)"
+        );
+        let dir = std::env::temp_dir().join(format!("interlock-pg-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
+        run_ok(
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir),
+        );
+        let data = dir.join("data");
+        run_ok(&mut as_postgres(&format!(
+            "{PG_BIN}/initdb -D {} -U postgres --auth-local=trust --auth-host=scram-sha-256 >/dev/null",
+            data.display()
+        )));
+        run_ok(&mut as_postgres(&format!(
+            "{PG_BIN}/pg_ctl -D {} -l {}/log -w -o \"-c listen_addresses={ip} -p {port} -k {}\" start >/dev/null",
+            data.display(),
+            dir.display(),
+            dir.display()
+        )));
+        Self { addr, dir }
+    }
+
+    /// Runs SQL as the superuser over the private socket; returns stdout.
+    pub fn admin_sql(&self, database: &str, sql: &str) -> String {
+        let out = Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                "psql",
+                "-X",
+                "-q",
+                "-t",
+                "-A",
+                "-v",
+                "ON_ERROR_STOP=1",
+            ])
+            .args([
+                "-h",
+                &self.dir.display().to_string(),
+                "-p",
+                &self.addr.port().to_string(),
+                "-d",
+                database,
+                "-c",
+                sql,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "admin SQL failed: {sql}\n{}",
+            stderr(&out)
+        );
+        stdout(&out)
+    }
+
+    /// The directory of its Unix socket (for tools run as `postgres`).
+    pub fn socket_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes a password file the way the agent insists on (root, 0600).
+    pub fn password_file(&self, password: &str) -> PathBuf {
+        let path = self.dir.join("secret");
+        fs::write(&path, format!("{password}\n")).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = as_postgres(&format!(
+            "{PG_BIN}/pg_ctl -D {}/data -m immediate -w stop >/dev/null 2>&1",
+            self.dir.display()
+        ))
+        .output();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn as_postgres(script: &str) -> Command {
+    let mut cmd = Command::new("runuser");
+    cmd.args(["-u", "postgres", "--", "sh", "-c", script]);
+    cmd
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+}

@@ -6,8 +6,17 @@ use anyhow::{Context as _, Result, bail};
 use crate::exec;
 
 /// Debian packages the end-to-end tests, the demo and the benchmark use as
-/// real clients (and `socat`, the relay the benchmark compares against).
-const APT_PACKAGES: [&str; 5] = ["curl", "python3", "socat", "util-linux", "systemd"];
+/// real servers and clients (and `socat`, the relay the benchmark compares
+/// against).
+const APT_PACKAGES: [&str; 7] = [
+    "curl",
+    "python3",
+    "socat",
+    "util-linux",
+    "systemd",
+    "postgresql-15",
+    "postgresql-client-15",
+];
 const BPF_LINKER: &str = "bpf-linker@0.10.1";
 
 pub fn run() -> Result<()> {

@@ -5,7 +5,7 @@ use std::{ops::Range, path::PathBuf};
 use serde::Deserialize;
 
 use super::ConfigError;
-use crate::policy::{Action, Pattern, Protocol, WorkloadSelector};
+use crate::policy::{Action, Pattern, Protocol, StatementKind, WorkloadSelector};
 
 pub type Located<T> = toml::Spanned<T>;
 
@@ -84,8 +84,16 @@ pub struct AgentSpec {
 #[serde(deny_unknown_fields)]
 pub struct TargetSpec {
     pub name: Located<String>,
-    pub protocol: Protocol,
+    pub protocol: Located<Protocol>,
     pub address: Located<String>,
+    pub credential: Option<Located<CredentialSpec>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialSpec {
+    pub user: String,
+    pub password_file: Located<PathBuf>,
 }
 
 /// Each field takes one value or a list of values.
@@ -176,4 +184,8 @@ pub struct RuleSpec {
     pub workloads: Vec<Located<String>>,
     pub targets: Vec<Located<String>>,
     pub decision: Action,
+    /// SQL targets: the statement kinds the rule is about.
+    pub statements: Option<Located<Vec<StatementKind>>>,
+    /// SQL targets: `schema.table` globs the rule is about.
+    pub tables: Option<Located<Vec<String>>>,
 }

@@ -16,7 +16,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::policy::{NamedWorkload, Policy, Rule, Target, TargetAddress, TargetId};
+use crate::policy::{
+    Credential, NamedWorkload, Pattern, Policy, Protocol, Rule, Secret, Target, TargetAddress,
+    TargetId,
+};
 use file::{FileSpec, Located, SourceFile};
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +99,49 @@ pub fn admin_socket_of(path: &Path) -> PathBuf {
     named.unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET))
 }
 
+/// Reads a target's password file. It must be a regular file owned by root
+/// and readable by its owner only (0600 or stricter); the secret itself is
+/// never put in an error or a log.
+fn read_credential(
+    source: &SourceFile,
+    spec: &Located<file::CredentialSpec>,
+) -> Result<Credential, ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let path = spec.get_ref().password_file.get_ref();
+    let at = spec.get_ref().password_file.span();
+    let meta = std::fs::metadata(path).map_err(|e| {
+        source.error_at(at.clone(), format!("password_file {}: {e}", path.display()))
+    })?;
+    if !meta.is_file() {
+        return Err(source.error_at(
+            at,
+            format!("password_file {} is not a regular file", path.display()),
+        ));
+    }
+    if meta.mode() & 0o077 != 0 || meta.uid() != 0 {
+        return Err(source.error_at(
+            at,
+            format!(
+                "password_file {} must be owned by root with mode 0600 (it is uid {}, mode {:04o})",
+                path.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        source.error_at(at.clone(), format!("password_file {}: {e}", path.display()))
+    })?;
+    let password = text.trim_end_matches(['\n', '\r']).to_owned();
+    if password.is_empty() {
+        return Err(source.error_at(at, format!("password_file {} is empty", path.display())));
+    }
+    Ok(Credential {
+        user: spec.get_ref().user.clone(),
+        password: Secret::new(password),
+    })
+}
+
 /// `*.toml` in `dir`, sorted by name so merges are deterministic. A missing
 /// directory is an empty one: it is optional.
 fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
@@ -136,10 +182,28 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
             )?;
             let address = TargetAddress::parse(target.get_ref().address.get_ref())
                 .map_err(|message| source.error_at(target.get_ref().address.span(), message))?;
+            let protocol = *target.get_ref().protocol.get_ref();
+            let credential = match (&target.get_ref().credential, protocol) {
+                (Some(spec), Protocol::Postgres) => Some(read_credential(source, spec)?),
+                (None, Protocol::Postgres) => {
+                    return Err(source.error_at(
+                        target.span(),
+                        format!("postgres target {name:?} needs a [target.credential] (user, password_file)"),
+                    ));
+                }
+                (Some(spec), Protocol::Tcp) => {
+                    return Err(source.error_at(
+                        spec.span(),
+                        "a credential only applies to protocol = \"postgres\"",
+                    ));
+                }
+                (None, Protocol::Tcp) => None,
+            };
             policy.targets.push(Target {
                 name,
-                protocol: target.get_ref().protocol,
+                protocol,
                 address,
+                credential,
             });
         }
         for workload in &spec.workload {
@@ -172,12 +236,50 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                 "workload",
             )?;
             let targets = resolve_names(source, at, &rule.targets, &target_ids, "target")?;
+            let statements = rule
+                .statements
+                .as_ref()
+                .map(|kinds| kinds.get_ref().iter().copied().collect());
+            let tables = match &rule.tables {
+                None => Vec::new(),
+                Some(list) => list
+                    .get_ref()
+                    .iter()
+                    .map(|t| {
+                        Pattern::new(t).map_err(|e| {
+                            source.error_at(list.span(), format!("tables: bad pattern {t:?}: {e}"))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+            };
+            if let Some(at) = rule
+                .statements
+                .as_ref()
+                .map(|s| s.span())
+                .or(rule.tables.as_ref().map(|t| t.span()))
+            {
+                let not_sql = targets.as_ref().and_then(|ids| {
+                    ids.iter()
+                        .find(|id| policy.targets[id.0].protocol != Protocol::Postgres)
+                });
+                if let Some(id) = not_sql {
+                    return Err(source.error_at(
+                        at,
+                        format!(
+                            "statements and tables apply to postgres targets; {:?} is not one",
+                            policy.targets[id.0].name
+                        ),
+                    ));
+                }
+            }
             policy.rules.push(Rule {
                 name,
                 description: rule.description.clone(),
                 workloads,
                 targets,
                 action: rule.decision,
+                statements,
+                tables,
             });
         }
     }

@@ -34,10 +34,10 @@ fn errors_name_line_and_column() {
             "has no port",
         ),
         (
-            "[[target]]\nname = \"a\"\nprotocol = \"postgres\"\naddress = \"10.0.0.1:5432\"\n",
+            "[[target]]\nname = \"a\"\nprotocol = \"ssh\"\naddress = \"10.0.0.1:22\"\n",
             3,
             12,
-            "unknown variant `postgres`",
+            "unknown variant `ssh`",
         ),
         (
             "[[target]]\nname = \"a\"\nprotocol = \"tcp\"\naddress = \"10.0.0.1:1\"\n[[rule]]\nname = \"r\"\nworkloads = [\"ghost\"]\ntargets = [\"a\"]\ndecision = \"allow\"\n",
@@ -168,4 +168,58 @@ fn policy_examples_load_and_evaluate() {
         "expected the shipped examples in {}",
         dir.display()
     );
+}
+
+#[test]
+fn postgres_targets_need_a_private_credential() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("pw");
+    std::fs::write(&secret, "pw\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let target = |credential: &str| {
+        format!(
+            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"10.0.0.1:5432\"\n{credential}"
+        )
+    };
+    let (line, column, message) = error_of(&target(""));
+    assert_eq!((line, column), (1, 1), "{message}");
+    assert!(message.contains("needs a [target.credential]"), "{message}");
+
+    let with_file = target(&format!(
+        "[target.credential]\nuser = \"app\"\npassword_file = {:?}\n",
+        secret.display().to_string()
+    ));
+    let (line, _, message) = error_of(&with_file);
+    assert_eq!(line, 7, "{message}");
+    assert!(
+        message.contains("must be owned by root with mode 0600") && message.contains("0644"),
+        "{message}"
+    );
+
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The file is owned by whoever runs the tests: root in CI, where it
+    // loads; anyone else gets the ownership error.
+    let loaded = Config::from_text("ok.toml", &with_file);
+    if nix::unistd::geteuid().is_root() {
+        assert_eq!(
+            loaded.unwrap().policy.targets[0]
+                .credential
+                .as_ref()
+                .unwrap()
+                .user,
+            "app"
+        );
+    } else {
+        assert!(loaded.is_err());
+    }
+
+    let (_, _, message) = error_of(
+        "[[target]]\nname = \"t\"\nprotocol = \"tcp\"\naddress = \"10.0.0.1:1\"\n[[rule]]\nname = \"r\"\nworkloads = [\"*\"]\ntargets = [\"t\"]\ndecision = \"allow\"\nstatements = [\"select\"]\n",
+    );
+    assert!(message.contains("apply to postgres targets"), "{message}");
+    let (_, _, message) = error_of(
+        "[[rule]]\nname = \"r\"\nworkloads = [\"*\"]\ntargets = [\"*\"]\ndecision = \"allow\"\nstatements = [\"selec\"]\n",
+    );
+    assert!(message.contains("unknown variant `selec`"), "{message}");
 }

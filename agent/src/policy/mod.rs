@@ -4,10 +4,12 @@
 //! the configuration loader builds a [`Policy`], the daemon swaps it
 //! atomically on reload.
 mod selector;
+mod statement;
 mod targets;
 
 pub use selector::{Pattern, WorkloadSelector};
-pub use targets::{Protocol, Target, TargetAddress, TargetId, TargetTable};
+pub use statement::{KindSet, StatementInfo, StatementKind};
+pub use targets::{Credential, Protocol, Secret, Target, TargetAddress, TargetId, TargetTable};
 
 use serde::Serialize;
 
@@ -37,6 +39,45 @@ pub struct Rule {
     /// Indices into `Policy::targets`; `None` means any target.
     pub targets: Option<Vec<TargetId>>,
     pub action: Action,
+    /// Statement kinds the rule is about (SQL targets); `None`: any.
+    pub statements: Option<KindSet>,
+    /// `schema.table` globs the rule is about (SQL targets); empty: any.
+    pub tables: Vec<Pattern>,
+}
+
+impl Rule {
+    /// A rule about particular statements decides statements, not
+    /// connections.
+    fn is_statement_level(&self) -> bool {
+        self.statements.is_some() || !self.tables.is_empty()
+    }
+
+    /// An allow covers a statement when every kind in it and every table it
+    /// touches is allowed; a deny hits a statement when any kind or table
+    /// it names is there. So a DELETE hidden in a CTE needs `delete`
+    /// allowed, and is caught by a rule that denies `delete`.
+    fn covers(&self, statement: &StatementInfo) -> bool {
+        match self.action {
+            Action::Allow => {
+                self.statements
+                    .is_none_or(|allowed| statement.kinds.is_subset(allowed))
+                    && (self.tables.is_empty()
+                        || statement
+                            .tables
+                            .iter()
+                            .all(|t| self.tables.iter().any(|p| p.matches(t))))
+            }
+            Action::Deny => {
+                self.statements
+                    .is_none_or(|denied| statement.kinds.intersects(denied))
+                    && (self.tables.is_empty()
+                        || statement
+                            .tables
+                            .iter()
+                            .any(|t| self.tables.iter().any(|p| p.matches(t))))
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -68,24 +109,18 @@ impl Verdict {
 ///    target decides, whatever allows exist.
 /// 2. "Then allow": the first allow rule naming them decides.
 /// 3. "A protected target no rule allows is denied" (fail closed).
+///
+/// Deny rules about particular statements do not refuse the connection:
+/// they are applied to each statement by [`evaluate_statement`].
 pub fn evaluate(policy: &Policy, workload: &Workload, target: TargetId) -> Verdict {
     let target_name = &policy.targets[target.0].name;
-    let applies = |rule: &&Rule| {
-        rule.targets
-            .as_ref()
-            .is_none_or(|ids| ids.contains(&target))
-            && rule.workloads.as_ref().is_none_or(|ids| {
-                ids.iter()
-                    .any(|&w| policy.workloads[w].selector.matches(workload))
-            })
-    };
-
     for action in [Action::Deny, Action::Allow] {
         if let Some(rule) = policy
             .rules
             .iter()
             .filter(|rule| rule.action == action)
-            .find(applies)
+            .filter(|rule| action == Action::Allow || !rule.is_statement_level())
+            .find(|rule| applies(policy, rule, workload, target))
         {
             let verb = if action == Action::Deny {
                 "denies"
@@ -107,6 +142,79 @@ pub fn evaluate(policy: &Policy, workload: &Workload, target: TargetId) -> Verdi
         rule: None,
         reason: format!("no rule allows this workload on protected target {target_name:?}"),
     }
+}
+
+/// Decides one statement on an allowed connection, in the same order:
+/// 1. "An unparsed statement is denied" (it cannot be checked).
+/// 2. The first deny rule for this workload and target that hits the
+///    statement wins.
+/// 3. Then the first allow rule that covers it.
+/// 4. Otherwise it is denied.
+pub fn evaluate_statement(
+    policy: &Policy,
+    workload: &Workload,
+    target: TargetId,
+    statement: &StatementInfo,
+) -> Verdict {
+    if !statement.parsed {
+        return Verdict {
+            action: Action::Deny,
+            rule: None,
+            reason: "the statement could not be parsed, so it cannot be checked".into(),
+        };
+    }
+    for action in [Action::Deny, Action::Allow] {
+        if let Some(rule) = policy
+            .rules
+            .iter()
+            .filter(|rule| rule.action == action)
+            .find(|rule| applies(policy, rule, workload, target) && rule.covers(statement))
+        {
+            let verb = if action == Action::Deny {
+                "denies"
+            } else {
+                "allows"
+            };
+            return Verdict {
+                action,
+                rule: Some(rule.name.clone()),
+                reason: format!(
+                    "rule {:?} {verb} {} on {}",
+                    rule.name,
+                    statement.kinds,
+                    tables_text(statement)
+                ),
+            };
+        }
+    }
+    Verdict {
+        action: Action::Deny,
+        rule: None,
+        reason: format!(
+            "no rule allows {} on {}",
+            statement.kinds,
+            tables_text(statement)
+        ),
+    }
+}
+
+fn tables_text(statement: &StatementInfo) -> String {
+    if statement.tables.is_empty() {
+        "no table".into()
+    } else {
+        statement.tables.join(", ")
+    }
+}
+
+/// Whether a rule names this workload and target.
+fn applies(policy: &Policy, rule: &Rule, workload: &Workload, target: TargetId) -> bool {
+    rule.targets
+        .as_ref()
+        .is_none_or(|ids| ids.contains(&target))
+        && rule.workloads.as_ref().is_none_or(|ids| {
+            ids.iter()
+                .any(|&w| policy.workloads[w].selector.matches(workload))
+        })
 }
 
 /// Names of the workload definitions that match, for `policy explain`.

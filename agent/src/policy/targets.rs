@@ -19,6 +19,8 @@ pub struct TargetId(pub usize);
 pub enum Protocol {
     /// Opaque TCP: connection-level policy, bytes copied as they are.
     Tcp,
+    /// PostgreSQL: every statement decided, the credential held by the agent.
+    Postgres,
 }
 
 #[derive(Clone, Debug)]
@@ -26,6 +28,34 @@ pub struct Target {
     pub name: String,
     pub protocol: Protocol,
     pub address: TargetAddress,
+    /// What the agent logs in upstream with (never the client's).
+    pub credential: Option<Credential>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credential {
+    pub user: String,
+    pub password: Secret,
+}
+
+/// A secret value: never printed, whatever prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(****)")
+    }
 }
 
 /// How a target's destination is written in the configuration.
@@ -186,6 +216,7 @@ mod tests {
             name: name.into(),
             protocol: Protocol::Tcp,
             address: TargetAddress::parse(address).unwrap(),
+            credential: None,
         }
     }
 

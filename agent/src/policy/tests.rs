@@ -247,3 +247,128 @@ fn every_selector_field_matches_its_identity_field() {
         );
     }
 }
+
+const SQL_POLICY: &str = r#"
+[[target]]
+name = "db"
+protocol = "postgres"
+address = "10.0.0.5:5432"
+[target.credential]
+user = "app"
+password_file = "PASSWORD_FILE"
+
+[[workload]]
+name = "ci"
+unit = "ci.service"
+
+[[rule]]
+name = "reads"
+workloads = ["ci"]
+targets = ["db"]
+decision = "allow"
+statements = ["select", "transaction"]
+tables = ["public.*"]
+
+[[rule]]
+name = "event-writes"
+workloads = ["ci"]
+targets = ["db"]
+decision = "allow"
+statements = ["insert", "select"]
+tables = ["public.events"]
+
+[[rule]]
+name = "no-deletes"
+workloads = ["*"]
+targets = ["db"]
+decision = "deny"
+statements = ["delete", "truncate"]
+"#;
+
+fn sql_policy() -> (Policy, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("pw");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let text = SQL_POLICY.replace("PASSWORD_FILE", &secret.display().to_string());
+    (Config::from_text("sql.toml", &text).unwrap().policy, dir)
+}
+
+fn statement(kinds: &[StatementKind], tables: &[&str]) -> StatementInfo {
+    StatementInfo {
+        kinds: kinds.iter().copied().collect(),
+        tables: tables.iter().map(|t| t.to_string()).collect(),
+        parsed: true,
+    }
+}
+
+#[test]
+fn statements_need_every_kind_and_table_allowed_and_any_deny_hits() {
+    use StatementKind as K;
+    let (policy, _dir) = sql_policy();
+    let ci = Workload {
+        unit: Some("ci.service".into()),
+        ..Workload::default()
+    };
+    let db = TargetId(0);
+    let cases = [
+        (
+            statement(&[K::Select], &["public.orders"]),
+            Action::Allow,
+            Some("reads"),
+        ),
+        (statement(&[K::Select], &["audit.log"]), Action::Deny, None),
+        (
+            statement(&[K::Insert], &["public.events"]),
+            Action::Allow,
+            Some("event-writes"),
+        ),
+        (
+            statement(&[K::Insert], &["public.orders"]),
+            Action::Deny,
+            None,
+        ),
+        // A write hidden under a read needs the write allowed too.
+        (
+            statement(&[K::Select, K::Insert], &["public.events"]),
+            Action::Allow,
+            Some("event-writes"),
+        ),
+        (
+            statement(&[K::Select, K::Update], &["public.orders"]),
+            Action::Deny,
+            None,
+        ),
+        // A deny about deletes catches a DELETE hidden in a CTE.
+        (
+            statement(&[K::Select, K::Delete], &["public.events"]),
+            Action::Deny,
+            Some("no-deletes"),
+        ),
+        (
+            statement(&[K::Transaction], &[]),
+            Action::Allow,
+            Some("reads"),
+        ),
+        (StatementInfo::default(), Action::Deny, None),
+    ];
+    for (i, (info, action, rule)) in cases.into_iter().enumerate() {
+        let verdict = evaluate_statement(&policy, &ci, db, &info);
+        assert_eq!(
+            (verdict.action, verdict.rule.as_deref()),
+            (action, rule),
+            "case {i}: {verdict:?}"
+        );
+    }
+    // Statement-level denies do not refuse the connection; allows admit it.
+    assert_eq!(evaluate(&policy, &ci, db).rule.as_deref(), Some("reads"));
+    assert!(!evaluate(&policy, &Workload::default(), db).allowed());
+}
+
+#[test]
+fn secrets_are_never_printed() {
+    let (policy, _dir) = sql_policy();
+    let credential = policy.targets[0].credential.as_ref().unwrap();
+    assert_eq!(credential.password.expose(), "s3cret");
+    assert!(!format!("{policy:?}").contains("s3cret"));
+}

@@ -1,8 +1,10 @@
 //! The proxy: accept a redirected connection, find out where it was going
 //! and who opened it, decide, then hand it to the target's protocol.
+pub mod postgres;
 mod registry;
 mod tcp;
 
+pub use postgres::StatementCounts;
 pub use registry::ConnRegistry;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -209,6 +211,22 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
                     &mut record,
                 )
                 .await
+            }
+            Protocol::Postgres => {
+                let Some(credential) = target.credential.clone() else {
+                    record.finish(
+                        outcome::ERROR,
+                        Some("postgres target without a credential".into()),
+                    );
+                    return reset(stream);
+                };
+                let session = postgres::Session {
+                    context: context.clone(),
+                    target: target.name.clone(),
+                    credential,
+                    workload,
+                };
+                postgres::serve(stream, intercepted.orig_dst, session, &mut record).await;
             }
         }
     }

@@ -66,7 +66,7 @@ pub async fn connect_marked(dst: OrigDstAddr, mark: u32) -> io::Result<TcpStream
 }
 
 /// Copies until EOF, then shuts the writer down (half-close), counting bytes.
-async fn copy_half<R, W>(
+pub(super) async fn copy_half<R, W>(
     reader: &mut R,
     writer: &mut W,
     counter: &std::sync::atomic::AtomicU64,

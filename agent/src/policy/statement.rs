@@ -1,0 +1,162 @@
+//! What a SQL statement does, as policy sees it: its kinds and the tables it
+//! touches. Produced by the PostgreSQL codec (`proxy::postgres::sql`).
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A statement kind, as rules name them (`statements = ["select", ...]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatementKind {
+    Select,
+    Insert,
+    Update,
+    Delete,
+    Merge,
+    Create,
+    Alter,
+    Drop,
+    Truncate,
+    CopyFrom,
+    CopyTo,
+    CopyProgram,
+    Grant,
+    Revoke,
+    Set,
+    Reset,
+    Show,
+    Transaction,
+    Call,
+    Do,
+    Execute,
+    Prepare,
+    Explain,
+    Listen,
+    Notify,
+    Vacuum,
+    Analyze,
+    Other,
+}
+
+impl StatementKind {
+    const ALL: [StatementKind; 28] = [
+        Self::Select,
+        Self::Insert,
+        Self::Update,
+        Self::Delete,
+        Self::Merge,
+        Self::Create,
+        Self::Alter,
+        Self::Drop,
+        Self::Truncate,
+        Self::CopyFrom,
+        Self::CopyTo,
+        Self::CopyProgram,
+        Self::Grant,
+        Self::Revoke,
+        Self::Set,
+        Self::Reset,
+        Self::Show,
+        Self::Transaction,
+        Self::Call,
+        Self::Do,
+        Self::Execute,
+        Self::Prepare,
+        Self::Explain,
+        Self::Listen,
+        Self::Notify,
+        Self::Vacuum,
+        Self::Analyze,
+        Self::Other,
+    ];
+
+    /// Kinds that change data or schema (or run arbitrary code).
+    pub fn writes(self) -> bool {
+        !matches!(
+            self,
+            Self::Select
+                | Self::CopyTo
+                | Self::Set
+                | Self::Reset
+                | Self::Show
+                | Self::Transaction
+                | Self::Explain
+                | Self::Listen
+        )
+    }
+
+    fn bit(self) -> u32 {
+        1 << (self as u32)
+    }
+}
+
+impl fmt::Display for StatementKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let value = serde_json::to_value(self).map_err(|_| fmt::Error)?;
+        f.write_str(value.as_str().unwrap_or("other"))
+    }
+}
+
+/// A set of kinds, one bit each: rule checks are a mask test.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct KindSet(u32);
+
+impl KindSet {
+    pub fn insert(&mut self, kind: StatementKind) {
+        self.0 |= kind.bit();
+    }
+
+    pub fn contains(self, kind: StatementKind) -> bool {
+        self.0 & kind.bit() != 0
+    }
+
+    pub fn is_subset(self, of: KindSet) -> bool {
+        self.0 & !of.0 == 0
+    }
+
+    pub fn intersects(self, other: KindSet) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = StatementKind> {
+        StatementKind::ALL
+            .into_iter()
+            .filter(move |k| self.contains(*k))
+    }
+}
+
+impl FromIterator<StatementKind> for KindSet {
+    fn from_iter<I: IntoIterator<Item = StatementKind>>(iter: I) -> Self {
+        let mut set = Self::default();
+        for kind in iter {
+            set.insert(kind);
+        }
+        set
+    }
+}
+
+impl fmt::Display for KindSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<String> = self.iter().map(|k| k.to_string()).collect();
+        f.write_str(&names.join("+"))
+    }
+}
+
+/// One statement of a query, analysed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatementInfo {
+    /// The statement's own kind and the kinds of every statement nested in
+    /// it (a DELETE in a CTE, the statement under EXPLAIN or PREPARE).
+    pub kinds: KindSet,
+    /// Every relation it names, as `schema.table` (unqualified names are
+    /// taken as `public.`), CTE names excluded.
+    pub tables: Vec<String>,
+    /// False when the text could not be parsed; such a statement is denied.
+    pub parsed: bool,
+}
+
+impl StatementInfo {
+    pub fn writes(&self) -> bool {
+        self.kinds.iter().any(StatementKind::writes)
+    }
+}

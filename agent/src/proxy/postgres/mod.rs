@@ -1,0 +1,350 @@
+//! PostgreSQL: a protocol-aware proxy that decides every statement.
+//!
+//! The session, in order:
+//! 1. Startup from the client: SSL and GSS encryption requests are declined
+//!    (`N`), the client's parameters kept; its password is never asked for.
+//! 2. Upstream login with the target's held credential (`upstream.rs`).
+//! 3. `AuthenticationOk` and the server's parameters go to the client.
+//! 4. Client → server, message by message: each `Query` and `Parse` is
+//!    analysed (`sql.rs`) and every statement decided by policy. A denied
+//!    query is replaced by a statement that makes the *server* raise the
+//!    denial (SQLSTATE 42501), so the error arrives in order with every
+//!    other response and the transaction state is the server's own (`E`
+//!    inside a transaction block). None of a denied query runs.
+//! 5. Server → client: bytes as they come (nothing here needs parsing yet).
+pub mod sql;
+mod upstream;
+mod wire;
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
+use bytes::BytesMut;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+use tracing::Instrument;
+
+use crate::{
+    access::{AccessRecord, outcome},
+    addr::OrigDstAddr,
+    policy::{Credential, evaluate_statement},
+    workload::Workload,
+};
+use wire::{Frame, Startup, WireError};
+
+/// What a session needs besides its two sockets.
+pub struct Session {
+    /// The proxy's shared state: the live policy (re-read per statement, so
+    /// a reload applies to open sessions) and the upstream socket mark.
+    pub context: Arc<super::ProxyContext>,
+    pub target: String,
+    pub credential: Credential,
+    pub workload: Arc<Workload>,
+}
+
+/// Statement decisions of one session, for its access line.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct StatementCounts {
+    pub allowed: AtomicU64,
+    pub denied: AtomicU64,
+}
+
+pub async fn serve(
+    mut client: TcpStream,
+    dst: OrigDstAddr,
+    session: Session,
+    record: &mut AccessRecord,
+) {
+    let counts = Arc::new(StatementCounts::default());
+    record.statements = Some(counts.clone());
+    let result = run(&mut client, dst, &session, record, &counts).await;
+    match result {
+        Ok(()) => record.finish(outcome::CLOSED, None),
+        Err(SessionError {
+            outcome,
+            message,
+            to_client,
+        }) => {
+            tracing::warn!(%message, "postgres session ended");
+            if let Some((code, text)) = to_client {
+                let mut buf = BytesMut::new();
+                wire::error_response(&mut buf, "FATAL", code, &format!("interlock: {text}"));
+                let _ = client.write_all(&buf).await;
+            }
+            record.finish(outcome, Some(message));
+        }
+    }
+}
+
+struct SessionError {
+    outcome: &'static str,
+    message: String,
+    /// SQLSTATE and text for a FATAL ErrorResponse, when the client can
+    /// still be told in its own protocol.
+    to_client: Option<(&'static str, String)>,
+}
+
+impl SessionError {
+    fn protocol(error: WireError) -> Self {
+        let message = error.to_string();
+        Self {
+            outcome: outcome::ERROR,
+            to_client: Some(("08P01", message.clone())),
+            message,
+        }
+    }
+}
+
+async fn run(
+    client: &mut TcpStream,
+    dst: OrigDstAddr,
+    session: &Session,
+    record: &AccessRecord,
+    counts: &StatementCounts,
+) -> Result<(), SessionError> {
+    let params = loop {
+        match wire::read_startup(client).await {
+            // TLS to the client is not offered yet: libpq with the default
+            // sslmode=prefer then continues in clear on loopback.
+            Ok(Startup::SslRequest | Startup::GssEncRequest) => client
+                .write_all(b"N")
+                .await
+                .map_err(|e| SessionError::protocol(e.into()))?,
+            Ok(Startup::Cancel { .. }) => {
+                return Err(SessionError {
+                    outcome: outcome::REJECTED,
+                    message: "cancel requests are not relayed yet".into(),
+                    to_client: None,
+                });
+            }
+            Ok(Startup::Params(params)) => break params,
+            Err(WireError::Closed) => return Ok(()),
+            Err(error) => return Err(SessionError::protocol(error)),
+        }
+    };
+    let param = |key: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
+    if param("replication").is_some_and(|v| v != "false" && v != "0" && v != "off") {
+        return Err(SessionError {
+            outcome: outcome::DENIED,
+            message: "replication connections are not allowed".into(),
+            to_client: Some((
+                "42501",
+                "replication connections are not allowed through the agent".into(),
+            )),
+        });
+    }
+    // The database is the client's choice (libpq defaults it to the user
+    // name); the role is always the held credential's.
+    let database = param("database")
+        .or(param("user"))
+        .unwrap_or(&session.credential.user)
+        .to_owned();
+    let forwarded: Vec<(&str, &str)> = params
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "user" | "database" | "replication"))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain(std::iter::once(("database", database.as_str())))
+        .collect();
+
+    let mut upstream = super::tcp::connect_marked(dst, session.context.bypass_mark)
+        .await
+        .map_err(|e| SessionError {
+            outcome: outcome::UPSTREAM_ERROR,
+            message: format!("connecting to {dst}: {e}"),
+            to_client: Some((
+                "08006",
+                format!("cannot reach target {:?} at {dst}: {e}", session.target),
+            )),
+        })?;
+    let after_auth = upstream::login(&mut upstream, &session.credential, &forwarded)
+        .await
+        .map_err(|e| SessionError {
+            outcome: outcome::UPSTREAM_ERROR,
+            message: format!("upstream login as {:?}: {e}", session.credential.user),
+            to_client: Some((
+                "28000",
+                format!(
+                    "login to target {:?} as its held role failed: {e}",
+                    session.target
+                ),
+            )),
+        })?;
+    tracing::info!(database = %database, role = %session.credential.user, "postgres session started");
+
+    let mut greeting = BytesMut::new();
+    wire::authentication_ok(&mut greeting);
+    for frame in &after_auth {
+        greeting.extend_from_slice(&frame.bytes);
+    }
+    client
+        .write_all(&greeting)
+        .await
+        .map_err(|e| SessionError::protocol(e.into()))?;
+
+    let (mut client_read, mut client_write) = client.split();
+    let (mut upstream_read, mut upstream_write) = upstream.split();
+    let down = super::tcp::copy_half(&mut upstream_read, &mut client_write, &record.bytes.down);
+    let up = relay_client(
+        &mut client_read,
+        &mut upstream_write,
+        session,
+        &record.bytes.up,
+        counts,
+    );
+    let (up, down) = tokio::join!(up.in_current_span(), down);
+    up?;
+    down.map_err(|e| SessionError {
+        outcome: outcome::ERROR,
+        message: e.to_string(),
+        to_client: None,
+    })
+}
+
+/// Client → server, deciding every statement.
+async fn relay_client<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    session: &Session,
+    bytes_up: &AtomicU64,
+    counts: &StatementCounts,
+) -> Result<(), SessionError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    // Set after a denied Parse: the rest of the extended-protocol batch is
+    // dropped, and the denial is raised by the server at the client's Sync.
+    let mut denied_batch: Option<String> = None;
+    let write = |e: std::io::Error| SessionError::protocol(e.into());
+    while let Some(frame) = wire::read_frame(reader, &mut buf)
+        .await
+        .map_err(SessionError::protocol)?
+    {
+        bytes_up.fetch_add(frame.bytes.len() as u64, Ordering::Relaxed);
+        if let Some(denial) = &denied_batch {
+            match frame.tag {
+                b'S' => {
+                    writer.write_all(&raise(denial)).await.map_err(write)?;
+                    denied_batch = None;
+                }
+                b'X' => break,
+                _ => {}
+            }
+            continue;
+        }
+        let denial = match frame.tag {
+            b'Q' => decide(
+                session,
+                wire::query_text(frame.body()).map_err(SessionError::protocol)?,
+                counts,
+            ),
+            b'P' => decide(
+                session,
+                wire::parse_text(frame.body()).map_err(SessionError::protocol)?,
+                counts,
+            ),
+            b'X' => break,
+            _ => None,
+        };
+        match (denial, frame.tag) {
+            (None, _) => forward(writer, &frame).await.map_err(write)?,
+            (Some(denial), b'Q') => writer.write_all(&raise(&denial)).await.map_err(write)?,
+            (Some(denial), _) => denied_batch = Some(denial),
+        }
+    }
+    // Terminate or end of stream: the server sees the end of ours.
+    let _ = writer.shutdown().await;
+    Ok(())
+}
+
+async fn forward<W: AsyncWrite + Unpin>(writer: &mut W, frame: &Frame) -> std::io::Result<()> {
+    writer.write_all(&frame.bytes).await
+}
+
+/// Decides every statement of `sql`; returns the denial message if any
+/// statement is denied (and enforcement is on), so that none of them runs.
+fn decide(session: &Session, sql: &str, counts: &StatementCounts) -> Option<String> {
+    let active = session.context.active.load();
+    let target = active
+        .policy
+        .targets
+        .iter()
+        .position(|t| t.name == session.target);
+    let mut denial = None;
+    for statement in sql::analyze(sql) {
+        let verdict = match target {
+            Some(id) => evaluate_statement(
+                &active.policy,
+                &session.workload,
+                crate::policy::TargetId(id),
+                &statement,
+            ),
+            None => crate::policy::Verdict {
+                action: crate::policy::Action::Deny,
+                rule: None,
+                reason: format!("target {:?} is no longer in the policy", session.target),
+            },
+        };
+        tracing::info!(
+            kinds = %statement.kinds,
+            tables = ?statement.tables,
+            writes = statement.writes(),
+            decision = ?verdict.action,
+            rule = ?verdict.rule,
+            "statement"
+        );
+        if verdict.allowed() {
+            counts.allowed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            counts.denied.fetch_add(1, Ordering::Relaxed);
+            if active.enforce && denial.is_none() {
+                denial = Some(match &verdict.rule {
+                    Some(rule) => format!("statement denied by rule {rule:?}: {}", verdict.reason),
+                    None => format!("statement denied: {}", verdict.reason),
+                });
+            }
+        }
+    }
+    denial
+}
+
+/// A simple Query that makes the server raise the denial as SQLSTATE 42501.
+/// The text only carries policy names and parsed identifiers; quotes are
+/// doubled and `$` removed so it cannot end the dollar-quoted body.
+fn raise(denial: &str) -> BytesMut {
+    let message = format!("interlock: {denial}")
+        .replace('$', "")
+        .replace('\'', "''");
+    let sql = format!(
+        "DO $interlock$ BEGIN RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = '{message}'; END $interlock$"
+    );
+    let mut buf = BytesMut::new();
+    postgres_protocol::message::frontend::query(&sql, &mut buf).expect("no NUL in the denial");
+    buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raise_cannot_be_broken_out_of() {
+        let buf = raise("rule \"x\" denies drop on public.a'b$interlock$; DROP TABLE t; --");
+        let text = wire::query_text(&buf[5..]).unwrap();
+        assert!(text.starts_with("DO $interlock$ BEGIN RAISE EXCEPTION USING ERRCODE = '42501'"));
+        assert_eq!(text.matches("$interlock$").count(), 2, "{text}");
+        assert!(text.contains("public.a''binterlock;"), "{text}");
+        let parsed = sql::analyze(text);
+        assert_eq!(parsed.len(), 1, "still one statement: {text}");
+    }
+}

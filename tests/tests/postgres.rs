@@ -1,0 +1,264 @@
+//! PostgreSQL through the agent: a real PostgreSQL 15, real `psql` and
+//! `pgbench` in the workload cgroup, the password held by the agent only.
+use interlock_e2e::*;
+
+const SETUP: &str = "
+    CREATE ROLE app LOGIN PASSWORD 'app-secret-1';
+    CREATE TABLE orders (id int PRIMARY KEY, customer text, total numeric);
+    INSERT INTO orders SELECT g, 'customer ' || g, g * 10 FROM generate_series(1, 100) g;
+    CREATE TABLE events (id serial PRIMARY KEY, what text);
+    GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON orders, events TO app;
+    GRANT USAGE ON SEQUENCE events_id_seq TO app;
+    GRANT CREATE ON SCHEMA public TO app;
+";
+
+fn policy(pg: &Postgres, secret: &std::path::Path) -> String {
+    format!(
+        r#"
+[[target]]
+name = "orders-db"
+protocol = "postgres"
+address = "{addr}"
+[target.credential]
+user = "app"
+password_file = {secret:?}
+
+[[workload]]
+name = "ci-jobs"
+unit = "ci-job.service"
+
+[[rule]]
+name = "ci-reads-orders"
+workloads = ["ci-jobs"]
+targets = ["orders-db"]
+decision = "allow"
+statements = ["select", "set", "show", "transaction"]
+tables = ["public.*"]
+
+[[rule]]
+name = "ci-writes-events"
+workloads = ["ci-jobs"]
+targets = ["orders-db"]
+decision = "allow"
+statements = ["insert"]
+tables = ["public.events"]
+
+[[rule]]
+name = "never-copy-to-programs"
+workloads = ["*"]
+targets = ["orders-db"]
+decision = "deny"
+statements = ["copy_program"]
+"#,
+        addr = pg.addr,
+        secret = secret.display().to_string(),
+    )
+}
+
+/// psql in the job's cgroup: no password anywhere (-w: never prompt), any
+/// user name (the agent logs in as its own role).
+fn psql(job: &std::path::Path, pg: &Postgres, sql: &str) -> std::process::Output {
+    let script = sql.replace('\'', r"'\''");
+    sh_in(
+        job,
+        &format!(
+            "unset PGPASSWORD PGPASSFILE; exec psql -X -w -q -t -A -v ON_ERROR_STOP=0 -h {} -p {} -U someone -d postgres -c '{script}'",
+            pg.addr.ip(),
+            pg.addr.port()
+        ),
+    )
+}
+
+#[test]
+fn statements_are_decided_and_the_password_stays_with_the_agent() {
+    let pg = Postgres::start("stmts", "127.0.0.30");
+    pg.admin_sql("postgres", SETUP);
+    let secret = pg.password_file("app-secret-1");
+    let mut cgroup = TestCgroup::new("pg-stmts");
+    let (job, _) = cgroup.child("ci-job.service");
+    let agent = Agent::start(&cgroup, "pg-stmts", &policy(&pg, &secret));
+
+    // Allowed: a read. The client gave no password and asked for "someone".
+    let out = psql(&job, &pg, "SELECT count(*), current_user FROM orders");
+    assert!(out.status.success(), "{}\n{}", stderr(&out), agent.stderr());
+    assert_eq!(stdout(&out), "100|app\n");
+
+    // Denied, with SQLSTATE 42501 naming why; nothing ran.
+    let denied = [
+        ("DROP TABLE orders", "no rule allows drop on public.orders"),
+        (
+            "SELECT 1; DROP TABLE orders",
+            "no rule allows drop on public.orders",
+        ),
+        (
+            "/**/dRoP /* x */ TABLE orders",
+            "no rule allows drop on public.orders",
+        ),
+        (
+            "WITH d AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM d",
+            "no rule allows select+delete",
+        ),
+        (
+            "COPY orders TO PROGRAM 'touch /tmp/interlock-pwned'",
+            "never-copy-to-programs",
+        ),
+        (
+            "DO $$ BEGIN DELETE FROM orders; END $$",
+            "could not be parsed",
+        ),
+        (
+            "INSERT INTO orders VALUES (1000, 'x', 1)",
+            "no rule allows insert on public.orders",
+        ),
+        (
+            "SELECT * FROM pg_catalog.pg_authid",
+            "no rule allows select on pg_catalog.pg_authid",
+        ),
+    ];
+    for (sql, why) in denied {
+        let out = psql(&job, &pg, sql);
+        let err = stderr(&out);
+        assert!(
+            err.contains("interlock: statement denied") && err.contains(why),
+            "{sql}: {err}"
+        );
+        assert!(
+            err.contains("42501") || err.contains("ERROR"),
+            "{sql}: {err}"
+        );
+    }
+    assert_eq!(
+        pg.admin_sql("postgres", "SELECT count(*) FROM orders")
+            .trim(),
+        "100",
+        "no denied statement ran"
+    );
+    assert!(!std::path::Path::new("/tmp/interlock-pwned").exists());
+
+    // Allowed write where the policy says so.
+    let out = psql(&job, &pg, "INSERT INTO events (what) VALUES ('deployed')");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        pg.admin_sql("postgres", "SELECT what FROM events").trim(),
+        "deployed"
+    );
+
+    // Inside a transaction a denial fails the transaction, as the server
+    // would: the next statement is refused with 25P02. (psql reading a
+    // script sends each statement as its own Query.)
+    let out = sh_in(
+        &job,
+        &format!(
+            "printf 'BEGIN;\nSELECT 1;\nDROP TABLE orders;\nSELECT 2;\nROLLBACK;\n' | psql -X -w -q -h {} -p {} -U someone -d postgres",
+            pg.addr.ip(),
+            pg.addr.port()
+        ),
+    );
+    let err = stderr(&out);
+    assert!(err.contains("statement denied"), "{err}");
+    assert!(
+        err.contains("current transaction is aborted"),
+        "transaction state must be E: {err}"
+    );
+
+    // A workload outside the job's unit is not even allowed to connect.
+    let out = sh_in(
+        &cgroup.dir,
+        &format!(
+            "exec psql -X -w -h {} -p {} -U x -d postgres -c 'SELECT 1'",
+            pg.addr.ip(),
+            pg.addr.port()
+        ),
+    );
+    assert!(!out.status.success());
+
+    // 11 sessions of the job (statements decided inside), 1 refused outright.
+    let lines = agent.wait_access_lines(12);
+    let allowed = lines.iter().filter(|l| l["decision"] == "allow").count();
+    assert_eq!((lines.len(), allowed), (12, 11), "{lines:#?}");
+    let denied_statements: u64 = lines
+        .iter()
+        .filter_map(|l| l["statements"]["denied"].as_u64())
+        .sum();
+    assert!(denied_statements >= 9, "{lines:#?}");
+    assert!(
+        !agent.stderr().contains("app-secret-1"),
+        "the secret never reaches a log"
+    );
+}
+
+#[test]
+fn extended_and_prepared_protocol_with_pgbench() {
+    let pg = Postgres::start("pgbench", "127.0.0.31");
+    pg.admin_sql("postgres", "CREATE ROLE app LOGIN PASSWORD 'bench-secret'");
+    // pgbench's tables, created over the private socket as the superuser.
+    let pgbench_init = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--", "sh", "-c"])
+        .arg(format!(
+            "pgbench -q -i -s 1 -h {} -p {} postgres 2>&1",
+            pg.socket_dir().display(),
+            pg.addr.port()
+        ))
+        .output()
+        .unwrap();
+    assert!(pgbench_init.status.success(), "{}", stdout(&pgbench_init));
+    pg.admin_sql(
+        "postgres",
+        "GRANT SELECT ON ALL TABLES IN SCHEMA public TO app",
+    );
+    let secret = pg.password_file("bench-secret");
+    let cgroup = TestCgroup::new("pg-bench");
+    let agent = Agent::start(
+        &cgroup,
+        "pg-bench",
+        &format!(
+            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"{}\"\n[target.credential]\nuser = \"app\"\npassword_file = {:?}\n\
+             [[rule]]\nname = \"reads\"\nworkloads = [\"*\"]\ntargets = [\"db\"]\ndecision = \"allow\"\nstatements = [\"select\", \"set\", \"show\", \"transaction\"]\n",
+            pg.addr,
+            secret.display().to_string()
+        ),
+    );
+    for mode in ["extended", "prepared"] {
+        let out = cgroup.sh(&format!(
+            "exec pgbench -n -S -c 2 -t 50 -M {mode} -h {} -p {} -U anyone postgres",
+            pg.addr.ip(),
+            pg.addr.port()
+        ));
+        assert!(
+            out.status.success(),
+            "pgbench -M {mode}: {}{}\n{}",
+            stdout(&out),
+            stderr(&out),
+            agent.stderr()
+        );
+        assert!(
+            stdout(&out).contains("number of transactions actually processed: 100/100"),
+            "{}",
+            stdout(&out)
+        );
+    }
+    // A write through the extended protocol is refused and runs nowhere.
+    let script = std::env::temp_dir().join(format!("interlock-pgbench-{}.sql", std::process::id()));
+    std::fs::write(&script, "DELETE FROM pgbench_accounts WHERE aid = 1;\n").unwrap();
+    let out = cgroup.sh(&format!(
+        "exec pgbench -n -t 1 -M extended -f {} -h {} -p {} -U anyone postgres",
+        script.display(),
+        pg.addr.ip(),
+        pg.addr.port()
+    ));
+    let _ = std::fs::remove_file(&script);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("statement denied"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        pg.admin_sql(
+            "postgres",
+            "SELECT count(*) FROM pgbench_accounts WHERE aid = 1"
+        )
+        .trim(),
+        "1"
+    );
+}
