@@ -262,3 +262,54 @@ fn extended_and_prepared_protocol_with_pgbench() {
         "1"
     );
 }
+
+#[test]
+fn cancel_reaches_the_server_and_upstream_down_is_a_clear_error() {
+    let pg = Postgres::start("cancel", "127.0.0.32");
+    pg.admin_sql("postgres", "CREATE ROLE app LOGIN PASSWORD 'cancel-secret'");
+    let secret = pg.password_file("cancel-secret");
+    let cgroup = TestCgroup::new("pg-cancel");
+    let agent = Agent::start(
+        &cgroup,
+        "pg-cancel",
+        &format!(
+            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"{}\"\n[target.credential]\nuser = \"app\"\npassword_file = {:?}\n\
+             [[rule]]\nname = \"reads\"\nworkloads = [\"*\"]\ntargets = [\"db\"]\ndecision = \"allow\"\nstatements = [\"select\"]\n",
+            pg.addr,
+            secret.display().to_string()
+        ),
+    );
+    // psql cancels the running query on SIGINT (Ctrl-C) through a new
+    // connection carrying the cancel key: through the agent too.
+    let started = std::time::Instant::now();
+    let out = cgroup.sh(&format!(
+        "psql -X -w -h {} -p {} -U x -d postgres -c 'SELECT pg_sleep(30)' & pid=$!; sleep 1; kill -INT $pid; wait $pid",
+        pg.addr.ip(),
+        pg.addr.port()
+    ));
+    assert!(
+        stderr(&out).contains("canceling statement due to user request"),
+        "{}\n{}",
+        stderr(&out),
+        agent.stderr()
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "the sleep was cancelled, not waited out"
+    );
+
+    // The server goes away: the client is told in its own protocol.
+    let addr = pg.addr;
+    drop(pg);
+    let out = cgroup.sh(&format!(
+        "exec psql -X -w -h {} -p {} -U x -d postgres -c 'SELECT 1'",
+        addr.ip(),
+        addr.port()
+    ));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("interlock: cannot reach target \"db\""),
+        "{}",
+        stderr(&out)
+    );
+}

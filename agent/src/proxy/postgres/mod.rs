@@ -31,7 +31,7 @@ use tracing::Instrument;
 use crate::{
     access::{AccessRecord, outcome},
     addr::OrigDstAddr,
-    policy::{Credential, evaluate_statement},
+    policy::{Credential, StatementInfo, evaluate_statement},
     workload::Workload,
 };
 use wire::{Frame, Startup, WireError};
@@ -114,13 +114,10 @@ async fn run(
                 .write_all(b"N")
                 .await
                 .map_err(|e| SessionError::protocol(e.into()))?,
-            Ok(Startup::Cancel { .. }) => {
-                return Err(SessionError {
-                    outcome: outcome::REJECTED,
-                    message: "cancel requests are not relayed yet".into(),
-                    to_client: None,
-                });
-            }
+            // The client holds the server's own cancel key (BackendKeyData
+            // is passed through), so the request goes upstream as it is,
+            // on a marked socket like every upstream connection.
+            Ok(Startup::Cancel { pid, key }) => return relay_cancel(dst, session, pid, key).await,
             Ok(Startup::Params(params)) => break params,
             Err(WireError::Closed) => return Ok(()),
             Err(error) => return Err(SessionError::protocol(error)),
@@ -209,6 +206,36 @@ async fn run(
     })
 }
 
+async fn relay_cancel(
+    dst: OrigDstAddr,
+    session: &Session,
+    pid: i32,
+    key: i32,
+) -> Result<(), SessionError> {
+    let mut upstream = super::tcp::connect_marked(dst, session.context.bypass_mark)
+        .await
+        .map_err(|e| SessionError {
+            outcome: outcome::UPSTREAM_ERROR,
+            message: format!("cancel: {e}"),
+            to_client: None,
+        })?;
+    let mut packet = Vec::with_capacity(16);
+    packet.extend_from_slice(&16i32.to_be_bytes());
+    packet.extend_from_slice(&wire::CANCEL_REQUEST.to_be_bytes());
+    packet.extend_from_slice(&pid.to_be_bytes());
+    packet.extend_from_slice(&key.to_be_bytes());
+    upstream
+        .write_all(&packet)
+        .await
+        .map_err(|e| SessionError {
+            outcome: outcome::UPSTREAM_ERROR,
+            message: format!("cancel: {e}"),
+            to_client: None,
+        })?;
+    tracing::info!(backend_pid = pid, "cancel request relayed");
+    Ok(())
+}
+
 /// Client → server, deciding every statement.
 async fn relay_client<R, W>(
     reader: &mut R,
@@ -225,6 +252,7 @@ where
     // Set after a denied Parse: the rest of the extended-protocol batch is
     // dropped, and the denial is raised by the server at the client's Sync.
     let mut denied_batch: Option<String> = None;
+    let mut analyses = AnalysisCache::default();
     let write = |e: std::io::Error| SessionError::protocol(e.into());
     while let Some(frame) = wire::read_frame(reader, &mut buf)
         .await
@@ -242,20 +270,13 @@ where
             }
             continue;
         }
-        let denial = match frame.tag {
-            b'Q' => decide(
-                session,
-                wire::query_text(frame.body()).map_err(SessionError::protocol)?,
-                counts,
-            ),
-            b'P' => decide(
-                session,
-                wire::parse_text(frame.body()).map_err(SessionError::protocol)?,
-                counts,
-            ),
+        let sql = match frame.tag {
+            b'Q' => Some(wire::query_text(frame.body()).map_err(SessionError::protocol)?),
+            b'P' => Some(wire::parse_text(frame.body()).map_err(SessionError::protocol)?),
             b'X' => break,
             _ => None,
         };
+        let denial = sql.and_then(|sql| decide(session, analyses.get(sql), counts));
         match (denial, frame.tag) {
             (None, _) => forward(writer, &frame).await.map_err(write)?,
             (Some(denial), b'Q') => writer.write_all(&raise(&denial)).await.map_err(write)?,
@@ -271,9 +292,36 @@ async fn forward<W: AsyncWrite + Unpin>(writer: &mut W, frame: &Frame) -> std::i
     writer.write_all(&frame.bytes).await
 }
 
-/// Decides every statement of `sql`; returns the denial message if any
+/// Parsed statements by query text, per session: clients that repeat a
+/// statement (the extended protocol re-sends Parse; ORMs repeat queries)
+/// pay a hash lookup instead of a parse. Verdicts are not cached: they
+/// follow the live policy, and evaluating is cheap.
+#[derive(Default)]
+struct AnalysisCache(std::collections::HashMap<String, Arc<[StatementInfo]>>);
+
+impl AnalysisCache {
+    const MAX_ENTRIES: usize = 256;
+
+    fn get(&mut self, sql: &str) -> Arc<[StatementInfo]> {
+        if let Some(hit) = self.0.get(sql) {
+            return hit.clone();
+        }
+        if self.0.len() >= Self::MAX_ENTRIES {
+            self.0.clear();
+        }
+        let analysed: Arc<[StatementInfo]> = sql::analyze(sql).into();
+        self.0.insert(sql.to_owned(), analysed.clone());
+        analysed
+    }
+}
+
+/// Decides every statement of a query; returns the denial message if any
 /// statement is denied (and enforcement is on), so that none of them runs.
-fn decide(session: &Session, sql: &str, counts: &StatementCounts) -> Option<String> {
+fn decide(
+    session: &Session,
+    statements: Arc<[StatementInfo]>,
+    counts: &StatementCounts,
+) -> Option<String> {
     let active = session.context.active.load();
     let target = active
         .policy
@@ -281,13 +329,13 @@ fn decide(session: &Session, sql: &str, counts: &StatementCounts) -> Option<Stri
         .iter()
         .position(|t| t.name == session.target);
     let mut denial = None;
-    for statement in sql::analyze(sql) {
+    for statement in statements.iter() {
         let verdict = match target {
             Some(id) => evaluate_statement(
                 &active.policy,
                 &session.workload,
                 crate::policy::TargetId(id),
-                &statement,
+                statement,
             ),
             None => crate::policy::Verdict {
                 action: crate::policy::Action::Deny,

@@ -13,7 +13,7 @@ pub const MAX_MESSAGE: usize = 256 * 1024 * 1024;
 
 const SSL_REQUEST: i32 = 80_877_103;
 const GSSENC_REQUEST: i32 = 80_877_104;
-const CANCEL_REQUEST: i32 = 80_877_102;
+pub const CANCEL_REQUEST: i32 = 80_877_102;
 const PROTOCOL_3_0: i32 = 196_608;
 
 #[derive(Debug, thiserror::Error)]
