@@ -32,6 +32,15 @@ pub struct BenchArgs {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// PostgreSQL: direct vs PgBouncer (session pooling) vs Interlock.
+    Postgres {
+        /// Seconds per pgbench run.
+        #[arg(long, default_value_t = 15)]
+        seconds: u32,
+        /// Rows of ~1 KiB in the streaming SELECT (1,000,000 ≈ 1 GB).
+        #[arg(long, default_value_t = 1_000_000)]
+        stream_rows: u64,
+    },
     /// Opaque TCP: direct vs Interlock vs socat.
     Tcp {
         /// Connections in the `connect` scenario.
@@ -58,25 +67,39 @@ const PAYLOAD: usize = 64;
 const CONNECT_THREADS: usize = 16;
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let Bench::Tcp {
-        connections,
-        round_trips,
-        stream_mib,
-    } = args.what;
+    match args.what {
+        Bench::Tcp {
+            connections,
+            round_trips,
+            stream_mib,
+        } => tcp(connections, round_trips, stream_mib),
+        Bench::Postgres {
+            seconds,
+            stream_rows,
+        } => crate::bench_postgres::run(seconds, stream_rows),
+    }
+}
+
+/// Checks for root, installs what is missing and builds the release agent,
+/// which the end-to-end harness (throwaway cgroup, the real binary attached
+/// to it, cleanup on drop) then runs.
+pub fn prepare() -> Result<()> {
     if output(Command::new("id").arg("-u")).trim() != "0" {
         bail!("the benchmark attaches eBPF programs: run it as root");
     }
     crate::setup::run()?;
     exec(crate::cargo().args(["build", "--release", "--package", "interlock"]))?;
     let binary = workspace_root().join("target/release/interlock");
+    // SAFETY: no other thread runs yet; the harness reads it when spawning.
+    unsafe { std::env::set_var("INTERLOCK_BIN", &binary) };
+    Ok(())
+}
 
+fn tcp(connections: usize, round_trips: usize, stream_mib: usize) -> Result<()> {
+    prepare()?;
     // Twin servers: one reached directly, one protected by Interlock.
     let direct = Servers::start("127.0.0.20")?;
     let protected = Servers::start("127.0.0.21")?;
-    // The end-to-end harness runs the agent: a throwaway cgroup, the real
-    // binary (release, here) attached to it, cleaned up on drop.
-    // SAFETY: single-threaded so far; the harness reads it when spawning.
-    unsafe { std::env::set_var("INTERLOCK_BIN", &binary) };
     let cgroup = TestCgroup::new("bench");
     let agent = Agent::start(
         &cgroup,
@@ -290,7 +313,7 @@ fn measure(cgroup: &TestCgroup, mode: &str, addr: SocketAddr, count: usize) -> R
         .collect()
 }
 
-fn peak_rss(pid: u32) -> String {
+pub fn peak_rss(pid: u32) -> String {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()

@@ -8,7 +8,7 @@
 //! | `test`    | setup, build, lint, unit tests, install check, privileged end-to-end tests |
 //! | `demo`    | setup, build, then `interlock demo` (the quick start) |
 //! | `install` | the binary, the systemd unit and a default configuration |
-//! | `bench`   | `bench tcp`: direct vs Interlock vs socat, with ratios |
+//! | `bench`   | `bench tcp` (direct, Interlock, socat), `bench postgres` (direct, PgBouncer, Interlock), with ratios |
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -19,6 +19,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_postgres;
 mod install;
 mod setup;
 

@@ -8,7 +8,7 @@ use crate::exec;
 /// Debian packages the end-to-end tests, the demo and the benchmark use as
 /// real servers and clients (and `socat`, the relay the benchmark compares
 /// against).
-const APT_PACKAGES: [&str; 7] = [
+const APT_PACKAGES: [&str; 8] = [
     "curl",
     "python3",
     "socat",
@@ -16,6 +16,7 @@ const APT_PACKAGES: [&str; 7] = [
     "systemd",
     "postgresql-15",
     "postgresql-client-15",
+    "pgbouncer",
 ];
 const BPF_LINKER: &str = "bpf-linker@0.10.1";
 

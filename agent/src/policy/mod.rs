@@ -150,17 +150,19 @@ pub fn evaluate(policy: &Policy, workload: &Workload, target: TargetId) -> Verdi
 ///    statement wins.
 /// 3. Then the first allow rule that covers it.
 /// 4. Otherwise it is denied.
-pub fn evaluate_statement(
-    policy: &Policy,
+///
+/// This runs for every statement, so it allocates nothing: the verdict
+/// borrows the rule, and the reason is only written out on demand.
+pub fn evaluate_statement<'p>(
+    policy: &'p Policy,
     workload: &Workload,
     target: TargetId,
     statement: &StatementInfo,
-) -> Verdict {
+) -> StatementVerdict<'p> {
     if !statement.parsed {
-        return Verdict {
+        return StatementVerdict {
             action: Action::Deny,
             rule: None,
-            reason: "the statement could not be parsed, so it cannot be checked".into(),
         };
     }
     for action in [Action::Deny, Action::Allow] {
@@ -170,31 +172,43 @@ pub fn evaluate_statement(
             .filter(|rule| rule.action == action)
             .find(|rule| applies(policy, rule, workload, target) && rule.covers(statement))
         {
-            let verb = if action == Action::Deny {
-                "denies"
-            } else {
-                "allows"
-            };
-            return Verdict {
+            return StatementVerdict {
                 action,
-                rule: Some(rule.name.clone()),
-                reason: format!(
-                    "rule {:?} {verb} {} on {}",
-                    rule.name,
-                    statement.kinds,
-                    tables_text(statement)
-                ),
+                rule: Some(&rule.name),
             };
         }
     }
-    Verdict {
+    StatementVerdict {
         action: Action::Deny,
         rule: None,
-        reason: format!(
-            "no rule allows {} on {}",
-            statement.kinds,
-            tables_text(statement)
-        ),
+    }
+}
+
+/// The decision on one statement; see [`evaluate_statement`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatementVerdict<'p> {
+    pub action: Action,
+    /// The deciding rule; `None` for the default deny and for unparsed
+    /// statements.
+    pub rule: Option<&'p str>,
+}
+
+impl StatementVerdict<'_> {
+    pub fn allowed(&self) -> bool {
+        self.action == Action::Allow
+    }
+
+    /// Why, in words, for the client's error and the log.
+    pub fn reason(&self, statement: &StatementInfo) -> String {
+        let tables = tables_text(statement);
+        match (self.rule, statement.parsed) {
+            (_, false) => "the statement could not be parsed, so it cannot be checked".into(),
+            (Some(rule), _) => {
+                let verb = if self.allowed() { "allows" } else { "denies" };
+                format!("rule {rule:?} {verb} {} on {tables}", statement.kinds)
+            }
+            (None, _) => format!("no rule allows {} on {tables}", statement.kinds),
+        }
     }
 }
 

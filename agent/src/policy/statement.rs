@@ -90,10 +90,45 @@ impl StatementKind {
     }
 }
 
+impl StatementKind {
+    /// The name rules use (as serde spells it).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Select => "select",
+            Self::Insert => "insert",
+            Self::Update => "update",
+            Self::Delete => "delete",
+            Self::Merge => "merge",
+            Self::Create => "create",
+            Self::Alter => "alter",
+            Self::Drop => "drop",
+            Self::Truncate => "truncate",
+            Self::CopyFrom => "copy_from",
+            Self::CopyTo => "copy_to",
+            Self::CopyProgram => "copy_program",
+            Self::Grant => "grant",
+            Self::Revoke => "revoke",
+            Self::Set => "set",
+            Self::Reset => "reset",
+            Self::Show => "show",
+            Self::Transaction => "transaction",
+            Self::Call => "call",
+            Self::Do => "do",
+            Self::Execute => "execute",
+            Self::Prepare => "prepare",
+            Self::Explain => "explain",
+            Self::Listen => "listen",
+            Self::Notify => "notify",
+            Self::Vacuum => "vacuum",
+            Self::Analyze => "analyze",
+            Self::Other => "other",
+        }
+    }
+}
+
 impl fmt::Display for StatementKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let value = serde_json::to_value(self).map_err(|_| fmt::Error)?;
-        f.write_str(value.as_str().unwrap_or("other"))
+        f.write_str(self.as_str())
     }
 }
 
@@ -137,8 +172,13 @@ impl FromIterator<StatementKind> for KindSet {
 
 impl fmt::Display for KindSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<String> = self.iter().map(|k| k.to_string()).collect();
-        f.write_str(&names.join("+"))
+        for (i, kind) in self.iter().enumerate() {
+            if i > 0 {
+                f.write_str("+")?;
+            }
+            f.write_str(kind.as_str())?;
+        }
+        Ok(())
     }
 }
 
@@ -158,5 +198,21 @@ pub struct StatementInfo {
 impl StatementInfo {
     pub fn writes(&self) -> bool {
         self.kinds.iter().any(StatementKind::writes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_match_the_configuration_spelling() {
+        for kind in StatementKind::ALL {
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
+        }
+        let set: KindSet = [StatementKind::Select, StatementKind::Delete]
+            .into_iter()
+            .collect();
+        assert_eq!(set.to_string(), "select+delete");
     }
 }

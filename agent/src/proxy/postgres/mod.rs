@@ -177,6 +177,9 @@ async fn run(
         })?;
     tracing::info!(database = %database, role = %session.credential.user, "postgres session started");
 
+    // Requests and replies are small and latency-bound: no Nagle delays.
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
     let mut greeting = BytesMut::new();
     wire::authentication_ok(&mut greeting);
     for frame in &after_auth {
@@ -254,10 +257,20 @@ where
     let mut denied_batch: Option<String> = None;
     let mut analyses = AnalysisCache::default();
     let write = |e: std::io::Error| SessionError::protocol(e.into());
-    while let Some(frame) = wire::read_frame(reader, &mut buf)
-        .await
-        .map_err(SessionError::protocol)?
-    {
+    // Frames a client sends together (Parse/Bind/Describe/Execute/Sync) go
+    // upstream together: buffered, and flushed whenever no further complete
+    // frame is already waiting, i.e. before the relay would block on a read.
+    let mut writer = tokio::io::BufWriter::with_capacity(16 * 1024, writer);
+    loop {
+        if !wire::has_frame(&buf) {
+            writer.flush().await.map_err(write)?;
+        }
+        let Some(frame) = wire::read_frame(reader, &mut buf)
+            .await
+            .map_err(SessionError::protocol)?
+        else {
+            break;
+        };
         bytes_up.fetch_add(frame.bytes.len() as u64, Ordering::Relaxed);
         if let Some(denial) = &denied_batch {
             match frame.tag {
@@ -278,12 +291,13 @@ where
         };
         let denial = sql.and_then(|sql| decide(session, analyses.get(sql), counts));
         match (denial, frame.tag) {
-            (None, _) => forward(writer, &frame).await.map_err(write)?,
+            (None, _) => forward(&mut writer, &frame).await.map_err(write)?,
             (Some(denial), b'Q') => writer.write_all(&raise(&denial)).await.map_err(write)?,
             (Some(denial), _) => denied_batch = Some(denial),
         }
     }
     // Terminate or end of stream: the server sees the end of ours.
+    let _ = writer.flush().await;
     let _ = writer.shutdown().await;
     Ok(())
 }
@@ -330,37 +344,41 @@ fn decide(
         .position(|t| t.name == session.target);
     let mut denial = None;
     for statement in statements.iter() {
-        let verdict = match target {
-            Some(id) => evaluate_statement(
-                &active.policy,
-                &session.workload,
-                crate::policy::TargetId(id),
-                statement,
-            ),
-            None => crate::policy::Verdict {
-                action: crate::policy::Action::Deny,
-                rule: None,
-                reason: format!("target {:?} is no longer in the policy", session.target),
-            },
+        let Some(id) = target else {
+            counts.denied.fetch_add(1, Ordering::Relaxed);
+            denial = Some(format!(
+                "target {:?} is no longer in the policy",
+                session.target
+            ));
+            continue;
         };
+        let verdict = evaluate_statement(
+            &active.policy,
+            &session.workload,
+            crate::policy::TargetId(id),
+            statement,
+        );
+        if verdict.allowed() {
+            counts.allowed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(kinds = %statement.kinds, tables = ?statement.tables, rule = ?verdict.rule, "statement allowed");
+            continue;
+        }
+        counts.denied.fetch_add(1, Ordering::Relaxed);
+        let reason = verdict.reason(statement);
         tracing::info!(
             kinds = %statement.kinds,
             tables = ?statement.tables,
             writes = statement.writes(),
-            decision = ?verdict.action,
             rule = ?verdict.rule,
-            "statement"
+            enforced = active.enforce,
+            %reason,
+            "statement denied"
         );
-        if verdict.allowed() {
-            counts.allowed.fetch_add(1, Ordering::Relaxed);
-        } else {
-            counts.denied.fetch_add(1, Ordering::Relaxed);
-            if active.enforce && denial.is_none() {
-                denial = Some(match &verdict.rule {
-                    Some(rule) => format!("statement denied by rule {rule:?}: {}", verdict.reason),
-                    None => format!("statement denied: {}", verdict.reason),
-                });
-            }
+        if active.enforce && denial.is_none() {
+            denial = Some(match verdict.rule {
+                Some(rule) => format!("statement denied by rule {rule:?}: {reason}"),
+                None => format!("statement denied: {reason}"),
+            });
         }
     }
     denial

@@ -161,6 +161,13 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     }))
 }
 
+/// Whether `buf` already holds a whole frame (so reading it will not block).
+pub fn has_frame(buf: &[u8]) -> bool {
+    buf.len() >= 5
+        && usize::try_from(i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]))
+            .is_ok_and(|len| buf.len() > len)
+}
+
 /// The SQL text of a `Query` ('Q') body.
 pub fn query_text(body: &[u8]) -> Result<&str, WireError> {
     let text = body
