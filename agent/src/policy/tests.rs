@@ -355,10 +355,11 @@ fn statements_need_every_kind_and_table_allowed_and_any_deny_hits() {
     for (i, (info, action, rule)) in cases.into_iter().enumerate() {
         let verdict = evaluate_statement(&policy, &ci, db, &info);
         assert_eq!(
-            (verdict.action, verdict.rule.as_deref()),
+            (verdict.action, verdict.rule),
             (action, rule),
             "case {i}: {verdict:?}"
         );
+        assert!(!verdict.reason(&info).is_empty());
     }
     // Statement-level denies do not refuse the connection; allows admit it.
     assert_eq!(evaluate(&policy, &ci, db).rule.as_deref(), Some("reads"));
