@@ -45,6 +45,15 @@ enum Command {
     Detach(AdminArgs),
     /// Run the agent end to end on an embedded demo target and policy.
     Demo(crate::demo::DemoArgs),
+    /// The local CA that signs the certificates clients see over TLS.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Print the CA certificate (PEM), to add to the host's trust store.
+    Print(ConfigArg),
 }
 
 #[derive(Args)]
@@ -163,6 +172,17 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Detach(args) => detach(&args),
         Command::Demo(args) => crate::demo::run(args),
+        Command::Ca(CaCommand::Print(ConfigArg { config })) => {
+            let state_dir = Config::load(&config)?.agent.state_dir;
+            let pem = crate::tls::LocalCa::read_cert(&state_dir.join("ca")).with_context(|| {
+                format!(
+                    "no local CA in {} yet: it is created when the agent first starts",
+                    state_dir.display()
+                )
+            })?;
+            print!("{pem}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

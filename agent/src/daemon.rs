@@ -97,12 +97,25 @@ impl Agent {
         let interceptor = Arc::new(interceptor);
         tracing::info!(cgroup = %cgroup_dir.display(), port, targets = active.policy.targets.len(), "interception attached");
 
+        let local_ca = open_state_dir(&config.agent.state_dir)
+            .and_then(|()| {
+                Ok(crate::tls::LocalCa::load_or_create(
+                    &config.agent.state_dir.join("ca"),
+                )?)
+            })
+            .with_context(|| {
+                format!(
+                    "preparing the state directory {}",
+                    config.agent.state_dir.display()
+                )
+            })?;
         let proxy_context = Arc::new(ProxyContext {
             orig_dst: interceptor.clone(),
             resolver: Arc::new(WorkloadResolver::new(cgroups)),
             active: ArcSwap::from_pointee(active),
             bypass_mark: config.agent.bypass_mark,
             connections: ConnRegistry::default(),
+            tls: Some(Arc::new(local_ca)),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -361,6 +374,26 @@ impl State {
             }
         }
     }
+}
+
+/// Creates `state_dir` (0700) when it does not exist yet.
+fn open_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o022 != 0 {
+        anyhow::bail!(
+            "{} is writable by group or others (mode {:04o}); make it 0700",
+            dir.display(),
+            mode & 0o7777
+        );
+    }
+    Ok(())
 }
 
 /// Each proxied connection holds two sockets; lift the soft limit to the

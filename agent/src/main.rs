@@ -15,6 +15,7 @@ mod demo;
 mod intercept;
 mod policy;
 mod proxy;
+mod tls;
 mod workload;
 
 fn main() -> std::process::ExitCode {

@@ -313,3 +313,67 @@ fn cancel_reaches_the_server_and_upstream_down_is_a_clear_error() {
         stderr(&out)
     );
 }
+
+#[test]
+fn tls_clients_and_a_malformed_startup() {
+    let pg = Postgres::start("tls", "127.0.0.33");
+    pg.admin_sql("postgres", "CREATE ROLE app LOGIN PASSWORD 'tls-secret'");
+    let secret = pg.password_file("tls-secret");
+    let cgroup = TestCgroup::new("pg-tls");
+    let agent = Agent::start(
+        &cgroup,
+        "pg-tls",
+        &format!(
+            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"{}\"\n[target.credential]\nuser = \"app\"\npassword_file = {:?}\n\
+             [[rule]]\nname = \"reads\"\nworkloads = [\"*\"]\ntargets = [\"db\"]\ndecision = \"allow\"\nstatements = [\"select\"]\n",
+            pg.addr,
+            secret.display().to_string()
+        ),
+    );
+    // The CA a host would trust, printed by the CLI.
+    let ca = agent.cli(&["ca", "print"]);
+    assert!(ca.status.success(), "{}", stderr(&ca));
+    let ca_file = agent.workdir.join("ca.pem");
+    std::fs::write(&ca_file, &ca.stdout).unwrap();
+
+    for sslmode in [
+        "require".to_owned(),
+        format!("verify-full sslrootcert={}", ca_file.display()),
+    ] {
+        let out = cgroup.sh(&format!(
+            "exec psql -X -w -t -A \"host={} port={} user=x dbname=postgres sslmode={sslmode}\" -c 'SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()'",
+            pg.addr.ip(),
+            pg.addr.port()
+        ));
+        // The client's TLS ends at the agent; upstream is plain on loopback.
+        assert!(
+            out.status.success(),
+            "sslmode={sslmode}: {}\n{}",
+            stderr(&out),
+            agent.stderr()
+        );
+        assert_eq!(stdout(&out), "f\n", "sslmode={sslmode}");
+    }
+
+    // Garbage instead of a startup packet: a FATAL error naming the
+    // problem, and the agent carries on.
+    let script = format!(
+        "import socket; s = socket.create_connection((\"{}\", {})); s.sendall(bytes([0, 0, 0, 12, 0, 9, 9, 9, 1, 2, 3, 4])); print(s.recv(4096))",
+        pg.addr.ip(),
+        pg.addr.port()
+    );
+    let out = cgroup.sh(&format!("exec /usr/bin/python3 -c '{script}'"));
+    let reply = stdout(&out);
+    assert!(
+        reply.contains("SFATAL")
+            && reply.contains("08P01")
+            && reply.contains("unsupported protocol"),
+        "{reply}"
+    );
+    let out = cgroup.sh(&format!(
+        "exec psql -X -w -h {} -p {} -U x -d postgres -c 'SELECT 1'",
+        pg.addr.ip(),
+        pg.addr.port()
+    ));
+    assert!(out.status.success(), "{}", stderr(&out));
+}

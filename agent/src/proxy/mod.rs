@@ -33,6 +33,8 @@ pub struct ProxyContext {
     /// SO_MARK for upstream sockets, so the kernel programs let them pass.
     pub bypass_mark: u32,
     pub connections: ConnRegistry,
+    /// The local CA, for clients that ask for TLS (PostgreSQL SSLRequest).
+    pub tls: Option<Arc<crate::tls::LocalCa>>,
 }
 
 /// Accepts on every listener until `shutdown` turns true, then gives live

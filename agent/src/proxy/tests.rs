@@ -46,6 +46,7 @@ async fn harness_with(upstream: SocketAddr, allowed: bool, enforce: bool) -> Har
         }),
         bypass_mark: 0,
         connections: ConnRegistry::default(),
+        tls: None,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let listen = listener.local_addr().unwrap();

@@ -54,30 +54,121 @@ pub struct StatementCounts {
 }
 
 pub async fn serve(
-    mut client: TcpStream,
+    client: TcpStream,
     dst: OrigDstAddr,
     session: Session,
     record: &mut AccessRecord,
 ) {
+    // Requests and replies are small and latency-bound: no Nagle delays.
+    let _ = client.set_nodelay(true);
     let counts = Arc::new(StatementCounts::default());
     record.statements = Some(counts.clone());
-    let result = run(&mut client, dst, &session, record, &counts).await;
+    let result = match negotiate(client, dst, &session).await {
+        Ok(Negotiated::Session(mut io, params)) => {
+            let result = run(&mut io, &params, dst, &session, record, &counts).await;
+            if let Err(SessionError {
+                to_client: Some((code, text)),
+                ..
+            }) = &result
+            {
+                fatal(&mut io, code, text).await;
+            }
+            result
+        }
+        Ok(Negotiated::Cancel { pid, key }) => relay_cancel(dst, &session, pid, key).await,
+        Ok(Negotiated::Closed) => Ok(()),
+        Err(error) => Err(error),
+    };
     match result {
         Ok(()) => record.finish(outcome::CLOSED, None),
         Err(SessionError {
-            outcome,
-            message,
-            to_client,
+            outcome, message, ..
         }) => {
             tracing::warn!(%message, "postgres session ended");
-            if let Some((code, text)) = to_client {
-                let mut buf = BytesMut::new();
-                wire::error_response(&mut buf, "FATAL", code, &format!("interlock: {text}"));
-                let _ = client.write_all(&buf).await;
-            }
             record.finish(outcome, Some(message));
         }
     }
+}
+
+/// The client's connection: plain TCP, or TLS terminated by the agent.
+trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for T {}
+
+enum Negotiated {
+    Session(Box<dyn ClientIo>, Vec<(String, String)>),
+    Cancel { pid: i32, key: i32 },
+    Closed,
+}
+
+/// The startup phase: SSL (answered with TLS when the agent has its local
+/// CA), GSS encryption (declined), cancel, then the startup parameters.
+async fn negotiate(
+    mut tcp: TcpStream,
+    dst: OrigDstAddr,
+    session: &Session,
+) -> Result<Negotiated, SessionError> {
+    loop {
+        match next_startup(&mut tcp).await? {
+            Some(Startup::SslRequest) => {
+                let Some(ca) = &session.context.tls else {
+                    tcp.write_all(b"N")
+                        .await
+                        .map_err(|e| SessionError::protocol(e.into()))?;
+                    continue;
+                };
+                tcp.write_all(b"S")
+                    .await
+                    .map_err(|e| SessionError::protocol(e.into()))?;
+                let mut tls = ca.accept(tcp, dst.0.ip()).await.map_err(|e| SessionError {
+                    outcome: outcome::ERROR,
+                    message: e.to_string(),
+                    to_client: None,
+                })?;
+                return match next_startup(&mut tls).await? {
+                    Some(Startup::Params(params)) => Ok(Negotiated::Session(Box::new(tls), params)),
+                    Some(Startup::Cancel { pid, key }) => Ok(Negotiated::Cancel { pid, key }),
+                    Some(other) => {
+                        let error = WireError::Malformed {
+                            what: "startup packet",
+                            why: format!("{other:?} inside TLS"),
+                        };
+                        fatal(&mut tls, "08P01", &error.to_string()).await;
+                        Err(SessionError::protocol(error))
+                    }
+                    None => Ok(Negotiated::Closed),
+                };
+            }
+            Some(Startup::GssEncRequest) => tcp
+                .write_all(b"N")
+                .await
+                .map_err(|e| SessionError::protocol(e.into()))?,
+            Some(Startup::Cancel { pid, key }) => return Ok(Negotiated::Cancel { pid, key }),
+            Some(Startup::Params(params)) => return Ok(Negotiated::Session(Box::new(tcp), params)),
+            None => return Ok(Negotiated::Closed),
+        }
+    }
+}
+
+/// Reads a startup packet; a malformed one gets a FATAL ErrorResponse
+/// naming what is wrong, and ends the session (never the agent).
+async fn next_startup<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+) -> Result<Option<Startup>, SessionError> {
+    match wire::read_startup(io).await {
+        Ok(startup) => Ok(Some(startup)),
+        Err(WireError::Closed) => Ok(None),
+        Err(error) => {
+            fatal(io, "08P01", &error.to_string()).await;
+            Err(SessionError::protocol(error))
+        }
+    }
+}
+
+async fn fatal<S: AsyncWrite + Unpin + ?Sized>(io: &mut S, code: &str, text: &str) {
+    let mut buf = BytesMut::new();
+    wire::error_response(&mut buf, "FATAL", code, &format!("interlock: {text}"));
+    let _ = io.write_all(&buf).await;
+    let _ = io.flush().await;
 }
 
 struct SessionError {
@@ -100,29 +191,13 @@ impl SessionError {
 }
 
 async fn run(
-    client: &mut TcpStream,
+    client: &mut Box<dyn ClientIo>,
+    params: &[(String, String)],
     dst: OrigDstAddr,
     session: &Session,
     record: &AccessRecord,
     counts: &StatementCounts,
 ) -> Result<(), SessionError> {
-    let params = loop {
-        match wire::read_startup(client).await {
-            // TLS to the client is not offered yet: libpq with the default
-            // sslmode=prefer then continues in clear on loopback.
-            Ok(Startup::SslRequest | Startup::GssEncRequest) => client
-                .write_all(b"N")
-                .await
-                .map_err(|e| SessionError::protocol(e.into()))?,
-            // The client holds the server's own cancel key (BackendKeyData
-            // is passed through), so the request goes upstream as it is,
-            // on a marked socket like every upstream connection.
-            Ok(Startup::Cancel { pid, key }) => return relay_cancel(dst, session, pid, key).await,
-            Ok(Startup::Params(params)) => break params,
-            Err(WireError::Closed) => return Ok(()),
-            Err(error) => return Err(SessionError::protocol(error)),
-        }
-    };
     let param = |key: &str| {
         params
             .iter()
@@ -177,8 +252,6 @@ async fn run(
         })?;
     tracing::info!(database = %database, role = %session.credential.user, "postgres session started");
 
-    // Requests and replies are small and latency-bound: no Nagle delays.
-    let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let mut greeting = BytesMut::new();
     wire::authentication_ok(&mut greeting);
@@ -190,7 +263,7 @@ async fn run(
         .await
         .map_err(|e| SessionError::protocol(e.into()))?;
 
-    let (mut client_read, mut client_write) = client.split();
+    let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut upstream_read, mut upstream_write) = upstream.split();
     let down = super::tcp::copy_half(&mut upstream_read, &mut client_write, &record.bytes.down);
     let up = relay_client(
