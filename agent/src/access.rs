@@ -88,6 +88,7 @@ impl AccessRecord {
 
 #[derive(Serialize)]
 struct Line<'a> {
+    event: &'static str,
     time: String,
     session_id: String,
     client: SocketAddr,
@@ -110,6 +111,7 @@ struct Line<'a> {
 impl Drop for AccessRecord {
     fn drop(&mut self) {
         let line = Line {
+            event: "connection",
             time: humantime::format_rfc3339_millis(self.time).to_string(),
             session_id: self.session_id.to_string(),
             client: self.client,
@@ -133,6 +135,35 @@ impl Drop for AccessRecord {
         }
     }
 }
+
+/// One statement of a session and its decision: the statement's own access
+/// line (`"event": "statement"`), beside its connection's.
+#[derive(Serialize)]
+pub struct StatementLine<'a> {
+    pub event: &'static str,
+    pub time: String,
+    pub session_id: &'a str,
+    pub target: &'a str,
+    pub statement: &'a str,
+    pub kinds: String,
+    pub tables: &'a [String],
+    pub writes: bool,
+    pub decision: Action,
+    pub enforced: bool,
+    pub rule: Option<&'a str>,
+}
+
+impl StatementLine<'_> {
+    pub fn write(&self) {
+        match serde_json::to_string(self) {
+            Ok(json) => tracing::info!(target: "access", line = json.as_str()),
+            Err(error) => tracing::error!(%error, "cannot serialise a statement record"),
+        }
+    }
+}
+
+/// Longest statement text kept in a statement line.
+pub const MAX_STATEMENT_TEXT: usize = 4096;
 
 /// Writes `access` events' `line` field verbatim to stdout, one per line.
 pub struct AccessLayer;

@@ -328,13 +328,13 @@ impl Agent {
         self.child.as_ref().map(Child::id)
     }
 
-    /// How many access-log lines so far (without parsing them).
-    pub fn access_line_count(&self) -> usize {
+    /// How many access-log lines so far, of any kind (without parsing them).
+    pub fn line_count(&self) -> usize {
         self.stdout.lock().unwrap().len()
     }
 
-    /// Every access-log line so far, parsed.
-    pub fn access_lines(&self) -> Vec<Value> {
+    /// Every access-log line so far, parsed (connections and statements).
+    pub fn all_lines(&self) -> Vec<Value> {
         self.stdout
             .lock()
             .unwrap()
@@ -346,7 +346,23 @@ impl Agent {
             .collect()
     }
 
-    /// Waits until at least `n` access lines exist, then returns them all.
+    /// The connection lines so far (one per connection).
+    pub fn access_lines(&self) -> Vec<Value> {
+        self.all_lines()
+            .into_iter()
+            .filter(|l| l["event"] == "connection")
+            .collect()
+    }
+
+    /// The statement lines so far (PostgreSQL sessions).
+    pub fn statement_lines(&self) -> Vec<Value> {
+        self.all_lines()
+            .into_iter()
+            .filter(|l| l["event"] == "statement")
+            .collect()
+    }
+
+    /// Waits until at least `n` connection lines exist, then returns them.
     pub fn wait_access_lines(&self, n: usize) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -148,7 +148,7 @@ fn tcp(connections: usize, round_trips: usize, stream_mib: usize) -> Result<()> 
     rows.push((format!("stream {stream_mib} MiB, MB/s"), stream, true));
 
     let peak = agent.pid().map_or_else(|| "?".into(), peak_rss);
-    let access_lines = agent.access_line_count();
+    let access_lines = agent.line_count();
     println!(
         "\nInterlock opaque TCP benchmark (loopback, release build, {} cores)",
         thread::available_parallelism().map_or(0, |n| n.get())

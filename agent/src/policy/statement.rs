@@ -193,6 +193,9 @@ pub struct StatementInfo {
     pub tables: Vec<String>,
     /// False when the text could not be parsed; such a statement is denied.
     pub parsed: bool,
+    /// The statement as parsed (canonical form: comments and spacing gone),
+    /// or the raw text when it did not parse; cut at 4 KiB for the log.
+    pub text: String,
 }
 
 impl StatementInfo {

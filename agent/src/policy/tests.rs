@@ -299,6 +299,7 @@ fn statement(kinds: &[StatementKind], tables: &[&str]) -> StatementInfo {
         kinds: kinds.iter().copied().collect(),
         tables: tables.iter().map(|t| t.to_string()).collect(),
         parsed: true,
+        ..StatementInfo::default()
     }
 }
 

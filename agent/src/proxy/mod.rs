@@ -223,6 +223,7 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
                     return reset(stream);
                 };
                 let session = postgres::Session {
+                    session_id: session_id.to_string(),
                     context: context.clone(),
                     target: target.name.clone(),
                     credential,

@@ -29,7 +29,7 @@ use tokio::{
 use tracing::Instrument;
 
 use crate::{
-    access::{AccessRecord, outcome},
+    access::{AccessRecord, StatementLine, outcome},
     addr::OrigDstAddr,
     policy::{Credential, StatementInfo, evaluate_statement},
     workload::Workload,
@@ -38,6 +38,7 @@ use wire::{Frame, Startup, WireError};
 
 /// What a session needs besides its two sockets.
 pub struct Session {
+    pub session_id: String,
     /// The proxy's shared state: the live policy (re-read per statement, so
     /// a reload applies to open sessions) and the upstream socket mark.
     pub context: Arc<super::ProxyContext>,
@@ -417,37 +418,41 @@ fn decide(
         .position(|t| t.name == session.target);
     let mut denial = None;
     for statement in statements.iter() {
-        let Some(id) = target else {
-            counts.denied.fetch_add(1, Ordering::Relaxed);
-            denial = Some(format!(
-                "target {:?} is no longer in the policy",
-                session.target
-            ));
-            continue;
+        let verdict = match target {
+            Some(id) => evaluate_statement(
+                &active.policy,
+                &session.workload,
+                crate::policy::TargetId(id),
+                statement,
+            ),
+            // The target left the policy since the session began: fail closed.
+            None => crate::policy::StatementVerdict {
+                action: crate::policy::Action::Deny,
+                rule: None,
+            },
         };
-        let verdict = evaluate_statement(
-            &active.policy,
-            &session.workload,
-            crate::policy::TargetId(id),
-            statement,
-        );
+        StatementLine {
+            event: "statement",
+            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            session_id: &session.session_id,
+            target: &session.target,
+            statement: &statement.text,
+            kinds: statement.kinds.to_string(),
+            tables: &statement.tables,
+            writes: statement.writes(),
+            decision: verdict.action,
+            enforced: active.enforce,
+            rule: verdict.rule,
+        }
+        .write();
         if verdict.allowed() {
             counts.allowed.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(kinds = %statement.kinds, tables = ?statement.tables, rule = ?verdict.rule, "statement allowed");
             continue;
         }
         counts.denied.fetch_add(1, Ordering::Relaxed);
         let reason = verdict.reason(statement);
-        tracing::info!(
-            kinds = %statement.kinds,
-            tables = ?statement.tables,
-            writes = statement.writes(),
-            rule = ?verdict.rule,
-            enforced = active.enforce,
-            %reason,
-            "statement denied"
-        );
-        if active.enforce && denial.is_none() {
+        tracing::info!(kinds = %statement.kinds, rule = ?verdict.rule, enforced = active.enforce, %reason, "statement denied");
+        if (active.enforce || target.is_none()) && denial.is_none() {
             denial = Some(match verdict.rule {
                 Some(rule) => format!("statement denied by rule {rule:?}: {reason}"),
                 None => format!("statement denied: {reason}"),

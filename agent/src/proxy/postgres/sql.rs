@@ -21,7 +21,10 @@ pub fn analyze(sql: &str) -> Vec<StatementInfo> {
         }
         // An empty query (only comments or `;`) runs nothing.
         Ok(_) => Vec::new(),
-        Err(_) => vec![StatementInfo::default()],
+        Err(_) => vec![StatementInfo {
+            text: clip(sql),
+            ..StatementInfo::default()
+        }],
     }
 }
 
@@ -40,7 +43,20 @@ fn analyze_statement(statement: &Statement) -> StatementInfo {
         kinds: walker.kinds,
         tables,
         parsed: true,
+        text: clip(&statement.to_string()),
     }
+}
+
+fn clip(text: &str) -> String {
+    let max = crate::access::MAX_STATEMENT_TEXT;
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 #[derive(Default)]
