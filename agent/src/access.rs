@@ -8,8 +8,9 @@ use std::{
     io::Write,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
+        mpsc::{Receiver, SyncSender, sync_channel},
     },
     time::{Instant, SystemTime},
 };
@@ -154,9 +155,22 @@ pub struct StatementLine<'a> {
 }
 
 impl StatementLine<'_> {
+    /// Queues the line for the writer directly: statements are the hot
+    /// path, so this skips the tracing dispatch and the copy it implies.
     pub fn write(&self) {
-        match serde_json::to_string(self) {
-            Ok(json) => tracing::info!(target: "access", line = json.as_str()),
+        let mut line = Vec::with_capacity(256);
+        match serde_json::to_writer(&mut line, self) {
+            Ok(()) => {
+                line.push(b'\n');
+                // serde_json writes UTF-8 only.
+                let line = String::from_utf8(line).expect("JSON is UTF-8");
+                match QUEUE.get() {
+                    Some(queue) => {
+                        let _ = queue.send(Queued::Line(line));
+                    }
+                    None => print!("{line}"),
+                }
+            }
             Err(error) => tracing::error!(%error, "cannot serialise a statement record"),
         }
     }
@@ -166,14 +180,85 @@ impl StatementLine<'_> {
 pub const MAX_STATEMENT_TEXT: usize = 4096;
 
 /// Writes `access` events' `line` field verbatim to stdout, one per line.
-pub struct AccessLayer;
+///
+/// A writer thread does the writing, so a connection or statement never
+/// waits for stdout (or the journal behind it): lines are queued (bounded;
+/// when the queue is full the caller waits rather than a line being
+/// dropped) and written in batches, flushed whenever the queue runs dry.
+pub struct AccessLayer {
+    queue: SyncSender<Queued>,
+}
+
+enum Queued {
+    Line(String),
+    /// Written once every line queued before it is on stdout.
+    Flushed(SyncSender<()>),
+}
+
+/// Lines waiting for the writer; beyond this, writers wait.
+const QUEUE_LINES: usize = 65_536;
+
+static QUEUE: OnceLock<SyncSender<Queued>> = OnceLock::new();
+
+impl AccessLayer {
+    /// Starts the writer thread.
+    pub fn spawn() -> Self {
+        let (queue, lines) = sync_channel(QUEUE_LINES);
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_lines(lines))
+            .expect("spawn the access-log writer");
+        let _ = QUEUE.set(queue.clone());
+        Self { queue }
+    }
+}
+
+/// Lines are gathered for up to this long before a write, so a busy agent
+/// makes one write (and wakes its reader once) per batch, not per line.
+const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
+
+fn write_lines(lines: Receiver<Queued>) {
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, std::io::stdout());
+    while let Ok(first) = lines.recv() {
+        let deadline = std::time::Instant::now() + BATCH_WINDOW;
+        let mut next = Some(first);
+        while let Some(item) = next {
+            match item {
+                Queued::Line(line) => {
+                    let _ = out.write_all(line.as_bytes());
+                }
+                Queued::Flushed(done) => {
+                    let _ = out.flush();
+                    let _ = done.send(());
+                }
+            }
+            next = lines
+                .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                .ok();
+        }
+        let _ = out.flush();
+    }
+}
+
+/// Waits until every access line emitted so far is written (at exit).
+pub fn flush() {
+    if let Some(queue) = QUEUE.get() {
+        let (done, wait) = sync_channel(1);
+        if queue.send(Queued::Flushed(done)).is_ok() {
+            let _ = wait.recv_timeout(std::time::Duration::from_secs(5));
+        }
+    }
+}
 
 struct LineVisitor(Option<String>);
 
 impl Visit for LineVisitor {
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "line" {
-            self.0 = Some(value.to_owned());
+            let mut line = String::with_capacity(value.len() + 1);
+            line.push_str(value);
+            line.push('\n');
+            self.0 = Some(line);
         }
     }
 
@@ -187,10 +272,8 @@ impl<S: tracing::Subscriber> Layer<S> for AccessLayer {
         }
         let mut visitor = LineVisitor(None);
         event.record(&mut visitor);
-        if let Some(mut line) = visitor.0 {
-            line.push('\n');
-            // One write per line, under stdout's lock, so lines never interleave.
-            let _ = std::io::stdout().lock().write_all(line.as_bytes());
+        if let Some(line) = visitor.0 {
+            let _ = self.queue.send(Queued::Line(line));
         }
     }
 }

@@ -114,13 +114,15 @@ struct ExplainArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    match run(cli.command) {
+    let code = match run(cli.command) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("interlock: {error:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    crate::access::flush();
+    code
 }
 
 fn init_tracing() {
@@ -134,7 +136,7 @@ fn init_tracing() {
         .with_filter(filter);
     tracing_subscriber::registry()
         .with(human)
-        .with(AccessLayer)
+        .with(AccessLayer::spawn())
         .init();
 }
 

@@ -26,6 +26,7 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
 };
+use tokio_rustls::server::TlsStream;
 use tracing::Instrument;
 
 use crate::{
@@ -65,16 +66,11 @@ pub async fn serve(
     let counts = Arc::new(StatementCounts::default());
     record.statements = Some(counts.clone());
     let result = match negotiate(client, dst, &session).await {
-        Ok(Negotiated::Session(mut io, params)) => {
-            let result = run(&mut io, &params, dst, &session, record, &counts).await;
-            if let Err(SessionError {
-                to_client: Some((code, text)),
-                ..
-            }) = &result
-            {
-                fatal(&mut io, code, text).await;
-            }
-            result
+        Ok(Negotiated::Plain(mut tcp, params)) => {
+            session_on(&mut tcp, &params, dst, &session, record, &counts).await
+        }
+        Ok(Negotiated::Tls(mut tls, params)) => {
+            session_on(&mut *tls, &params, dst, &session, record, &counts).await
         }
         Ok(Negotiated::Cancel { pid, key }) => relay_cancel(dst, &session, pid, key).await,
         Ok(Negotiated::Closed) => Ok(()),
@@ -91,12 +87,49 @@ pub async fn serve(
     }
 }
 
-/// The client's connection: plain TCP, or TLS terminated by the agent.
-trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for T {}
+/// The client's connection, plain TCP or TLS terminated by the agent, split
+/// into its two directions. Each kind is compiled on its own: plain TCP
+/// splits without a lock, TLS through tokio's shared-state split.
+trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {
+    fn halves(&mut self) -> (impl AsyncRead + Unpin + '_, impl AsyncWrite + Unpin + '_);
+}
+
+impl ClientIo for TcpStream {
+    fn halves(&mut self) -> (impl AsyncRead + Unpin + '_, impl AsyncWrite + Unpin + '_) {
+        self.split()
+    }
+}
+
+impl ClientIo for TlsStream<TcpStream> {
+    fn halves(&mut self) -> (impl AsyncRead + Unpin + '_, impl AsyncWrite + Unpin + '_) {
+        tokio::io::split(self)
+    }
+}
+
+/// Runs the session on a negotiated connection; an error the client can
+/// still be told about ends it with a FATAL ErrorResponse.
+async fn session_on<C: ClientIo>(
+    client: &mut C,
+    params: &[(String, String)],
+    dst: OrigDstAddr,
+    session: &Session,
+    record: &AccessRecord,
+    counts: &StatementCounts,
+) -> Result<(), SessionError> {
+    let result = run(client, params, dst, session, record, counts).await;
+    if let Err(SessionError {
+        to_client: Some((code, text)),
+        ..
+    }) = &result
+    {
+        fatal(client, code, text).await;
+    }
+    result
+}
 
 enum Negotiated {
-    Session(Box<dyn ClientIo>, Vec<(String, String)>),
+    Plain(TcpStream, Vec<(String, String)>),
+    Tls(Box<TlsStream<TcpStream>>, Vec<(String, String)>),
     Cancel { pid: i32, key: i32 },
     Closed,
 }
@@ -126,7 +159,7 @@ async fn negotiate(
                     to_client: None,
                 })?;
                 return match next_startup(&mut tls).await? {
-                    Some(Startup::Params(params)) => Ok(Negotiated::Session(Box::new(tls), params)),
+                    Some(Startup::Params(params)) => Ok(Negotiated::Tls(Box::new(tls), params)),
                     Some(Startup::Cancel { pid, key }) => Ok(Negotiated::Cancel { pid, key }),
                     Some(other) => {
                         let error = WireError::Malformed {
@@ -144,7 +177,7 @@ async fn negotiate(
                 .await
                 .map_err(|e| SessionError::protocol(e.into()))?,
             Some(Startup::Cancel { pid, key }) => return Ok(Negotiated::Cancel { pid, key }),
-            Some(Startup::Params(params)) => return Ok(Negotiated::Session(Box::new(tcp), params)),
+            Some(Startup::Params(params)) => return Ok(Negotiated::Plain(tcp, params)),
             None => return Ok(Negotiated::Closed),
         }
     }
@@ -191,8 +224,8 @@ impl SessionError {
     }
 }
 
-async fn run(
-    client: &mut Box<dyn ClientIo>,
+async fn run<C: ClientIo>(
+    client: &mut C,
     params: &[(String, String)],
     dst: OrigDstAddr,
     session: &Session,
@@ -264,7 +297,7 @@ async fn run(
         .await
         .map_err(|e| SessionError::protocol(e.into()))?;
 
-    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut client_read, mut client_write) = client.halves();
     let (mut upstream_read, mut upstream_write) = upstream.split();
     let down = super::tcp::copy_half(&mut upstream_read, &mut client_write, &record.bytes.down);
     let up = relay_client(
