@@ -189,8 +189,11 @@ fn statements_are_decided_and_the_password_stays_with_the_agent() {
 
 #[test]
 fn extended_and_prepared_protocol_with_pgbench() {
-    let pg = Postgres::start("pgbench", "127.0.0.31");
-    pg.admin_sql("postgres", "CREATE ROLE app LOGIN PASSWORD 'bench-secret'");
+    let (pg, cgroup, agent) = behind_agent(
+        "pgbench",
+        "127.0.0.31",
+        &["select", "set", "show", "transaction"],
+    );
     // pgbench's tables, created over the private socket as the superuser.
     let pgbench_init = std::process::Command::new("runuser")
         .args(["-u", "postgres", "--", "sh", "-c"])
@@ -205,18 +208,6 @@ fn extended_and_prepared_protocol_with_pgbench() {
     pg.admin_sql(
         "postgres",
         "GRANT SELECT ON ALL TABLES IN SCHEMA public TO app",
-    );
-    let secret = pg.password_file("bench-secret");
-    let cgroup = TestCgroup::new("pg-bench");
-    let agent = Agent::start(
-        &cgroup,
-        "pg-bench",
-        &format!(
-            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"{}\"\n[target.credential]\nuser = \"app\"\npassword_file = {:?}\n\
-             [[rule]]\nname = \"reads\"\nworkloads = [\"*\"]\ntargets = [\"db\"]\ndecision = \"allow\"\nstatements = [\"select\", \"set\", \"show\", \"transaction\"]\n",
-            pg.addr,
-            secret.display().to_string()
-        ),
     );
     for mode in ["extended", "prepared"] {
         let out = cgroup.sh(&format!(
@@ -265,20 +256,7 @@ fn extended_and_prepared_protocol_with_pgbench() {
 
 #[test]
 fn cancel_reaches_the_server_and_upstream_down_is_a_clear_error() {
-    let pg = Postgres::start("cancel", "127.0.0.32");
-    pg.admin_sql("postgres", "CREATE ROLE app LOGIN PASSWORD 'cancel-secret'");
-    let secret = pg.password_file("cancel-secret");
-    let cgroup = TestCgroup::new("pg-cancel");
-    let agent = Agent::start(
-        &cgroup,
-        "pg-cancel",
-        &format!(
-            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"{}\"\n[target.credential]\nuser = \"app\"\npassword_file = {:?}\n\
-             [[rule]]\nname = \"reads\"\nworkloads = [\"*\"]\ntargets = [\"db\"]\ndecision = \"allow\"\nstatements = [\"select\"]\n",
-            pg.addr,
-            secret.display().to_string()
-        ),
-    );
+    let (pg, cgroup, agent) = behind_agent("cancel", "127.0.0.32", &["select"]);
     // psql cancels the running query on SIGINT (Ctrl-C) through a new
     // connection carrying the cancel key: through the agent too.
     let started = std::time::Instant::now();
@@ -316,20 +294,7 @@ fn cancel_reaches_the_server_and_upstream_down_is_a_clear_error() {
 
 #[test]
 fn tls_clients_and_a_malformed_startup() {
-    let pg = Postgres::start("tls", "127.0.0.33");
-    pg.admin_sql("postgres", "CREATE ROLE app LOGIN PASSWORD 'tls-secret'");
-    let secret = pg.password_file("tls-secret");
-    let cgroup = TestCgroup::new("pg-tls");
-    let agent = Agent::start(
-        &cgroup,
-        "pg-tls",
-        &format!(
-            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"{}\"\n[target.credential]\nuser = \"app\"\npassword_file = {:?}\n\
-             [[rule]]\nname = \"reads\"\nworkloads = [\"*\"]\ntargets = [\"db\"]\ndecision = \"allow\"\nstatements = [\"select\"]\n",
-            pg.addr,
-            secret.display().to_string()
-        ),
-    );
+    let (pg, cgroup, agent) = behind_agent("tls", "127.0.0.33", &["select"]);
     // The CA a host would trust, printed by the CLI.
     let ca = agent.cli(&["ca", "print"]);
     assert!(ca.status.success(), "{}", stderr(&ca));
@@ -376,4 +341,33 @@ fn tls_clients_and_a_malformed_startup() {
         pg.addr.port()
     ));
     assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// A cluster of the test's own with a role `app` whose password only the
+/// agent holds, and an agent whose one rule lets any workload run
+/// `statements` on it.
+fn behind_agent(name: &str, ip: &str, statements: &[&str]) -> (Postgres, TestCgroup, Agent) {
+    let pg = Postgres::start(name, ip);
+    let password = format!("{name}-secret");
+    pg.admin_sql(
+        "postgres",
+        &format!("CREATE ROLE app LOGIN PASSWORD '{password}'"),
+    );
+    let secret = pg.password_file(&password);
+    let cgroup = TestCgroup::new(&format!("pg-{name}"));
+    let statements: Vec<String> = statements.iter().map(|s| format!("{s:?}")).collect();
+    let agent = Agent::start(
+        &cgroup,
+        &format!("pg-{name}"),
+        &format!(
+            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"{}\"\n\
+             [target.credential]\nuser = \"app\"\npassword_file = {:?}\n\
+             [[rule]]\nname = \"reads\"\nworkloads = [\"*\"]\ntargets = [\"db\"]\ndecision = \"allow\"\n\
+             statements = [{}]\n",
+            pg.addr,
+            secret.display().to_string(),
+            statements.join(", ")
+        ),
+    );
+    (pg, cgroup, agent)
 }
