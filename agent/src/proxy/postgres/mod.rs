@@ -224,6 +224,17 @@ impl SessionError {
     }
 }
 
+/// Startup parameters passed on to the server (the rest are dropped).
+const FORWARDED_PARAMETERS: [&str; 7] = [
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "IntervalStyle",
+    "extra_float_digits",
+    "lc_monetary",
+];
+
 async fn run<C: ClientIo>(
     client: &mut C,
     params: &[(String, String)],
@@ -254,9 +265,12 @@ async fn run<C: ClientIo>(
         .or(param("user"))
         .unwrap_or(&session.credential.user)
         .to_owned();
+    // Only parameters that shape formatting pass: `options` (and the like)
+    // could set search_path or a role at startup, changing what an
+    // unqualified table name means behind the policy's back.
     let forwarded: Vec<(&str, &str)> = params
         .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "user" | "database" | "replication"))
+        .filter(|(k, _)| FORWARDED_PARAMETERS.contains(&k.as_str()))
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .chain(std::iter::once(("database", database.as_str())))
         .collect();

@@ -134,6 +134,9 @@ fn kind_of(statement: &Statement) -> StatementKind {
                 "TRUNCATE" => K::Truncate,
                 "GRANT" => K::Grant,
                 "REVOKE" => K::Revoke,
+                // Changing search_path or the role changes what names and
+                // privileges mean: not an ordinary `set`.
+                "SET" if changes_resolution(&text) => K::Other,
                 "SET" => K::Set,
                 "RESET" | "DISCARD" => K::Reset,
                 "SHOW" => K::Show,
@@ -153,6 +156,18 @@ fn kind_of(statement: &Statement) -> StatementKind {
             }
         }
     }
+}
+
+fn changes_resolution(set: &str) -> bool {
+    let lower = set.to_ascii_lowercase();
+    [
+        "search_path",
+        "role",
+        "session authorization",
+        "session_authorization",
+    ]
+    .iter()
+    .any(|name| lower.contains(name))
 }
 
 fn ident(ident: &sqlparser::ast::Ident) -> String {
@@ -220,7 +235,10 @@ mod tests {
             ("SELECT a INTO new_t FROM t", &[&[K::Select, K::Create]]),
             ("BEGIN", &[&[K::Transaction]]),
             ("COMMIT", &[&[K::Transaction]]),
-            ("SET search_path = x", &[&[K::Set]]),
+            ("SET work_mem = '64MB'", &[&[K::Set]]),
+            ("SET search_path = private, public", &[&[K::Other]]),
+            ("SET ROLE admin", &[&[K::Other]]),
+            ("SET SESSION AUTHORIZATION admin", &[&[K::Other]]),
             ("SHOW work_mem", &[&[K::Show]]),
             ("TRUNCATE t", &[&[K::Truncate]]),
             ("GRANT SELECT ON t TO u", &[&[K::Grant]]),
