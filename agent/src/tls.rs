@@ -9,7 +9,7 @@ use std::{
     net::IpAddr,
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use rcgen::{
@@ -192,5 +192,111 @@ mod tests {
         );
         assert!(first.config_for("orders-db.internal").is_ok());
         assert!(first.config_for("10.1.2.3").is_ok());
+    }
+}
+
+// === upstream ===
+
+use crate::policy::UpstreamTls;
+
+/// The system CA bundle on Debian and Ubuntu, used without `ca_file`.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+type ConfigKey = (UpstreamTls, Option<PathBuf>);
+static CLIENT_CONFIGS: OnceLock<Mutex<HashMap<ConfigKey, Arc<rustls::ClientConfig>>>> =
+    OnceLock::new();
+
+/// The client configuration for a TLS mode and CA file, built once.
+pub fn upstream_config(
+    mode: UpstreamTls,
+    ca_file: Option<&Path>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let key = (mode, ca_file.map(Path::to_owned));
+    let cache = CLIENT_CONFIGS.get_or_init(Mutex::default);
+    if let Some(config) = cache.lock().expect("client configs").get(&key) {
+        return Ok(config.clone());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let config = match mode {
+        UpstreamTls::Require => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(EncryptionOnly(provider)))
+            .with_no_client_auth(),
+        // Verify (`disable` never asks for a configuration).
+        UpstreamTls::VerifyFull | UpstreamTls::Disable => {
+            use rustls::pki_types::pem::PemObject;
+            let path = ca_file.unwrap_or(Path::new(SYSTEM_CA_BUNDLE));
+            let store = |cause| TlsError::Store {
+                dir: path.to_owned(),
+                cause,
+            };
+            let mut roots = rustls::RootCertStore::empty();
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| store(std::io::Error::other(e.to_string())))?;
+            for cert in certs {
+                let cert = cert.map_err(|e| store(std::io::Error::other(e.to_string())))?;
+                roots.add(cert)?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    let config = Arc::new(config);
+    cache
+        .lock()
+        .expect("client configs")
+        .insert(key, config.clone());
+    Ok(config)
+}
+
+/// `tls = "require"`: the channel is encrypted, the peer is not checked
+/// (as libpq's sslmode=require). Signatures are still verified, so the
+/// handshake itself is sound.
+#[derive(Debug)]
+struct EncryptionOnly(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for EncryptionOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }

@@ -498,6 +498,12 @@ const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 impl Postgres {
     pub fn start(name: &str, ip: &str) -> Self {
+        Self::start_with(name, ip, false)
+    }
+
+    /// With `tls`, the server also speaks TLS, with a certificate for `ip`
+    /// from a CA of the test's own (see [`Postgres::ca_file`]).
+    pub fn start_with(name: &str, ip: &str, tls: bool) -> Self {
         require_root();
         assert!(
             Path::new(PG_BIN).join("postgres").exists(),
@@ -518,11 +524,24 @@ impl Postgres {
             "{PG_BIN}/initdb -D {} -U postgres --auth-local=trust --auth-host=scram-sha-256 >/dev/null",
             data.display()
         )));
+        let mut options = format!("-c listen_addresses={ip} -p {port} -k {}", dir.display());
+        if tls {
+            let d = dir.display();
+            run_ok(&mut as_postgres(&format!(
+                "cd {d} && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=interlock-test-ca 2>/dev/null \
+                 && openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN={ip} 2>/dev/null \
+                 && printf 'subjectAltName=IP:{ip}\\nbasicConstraints=CA:FALSE\\nextendedKeyUsage=serverAuth\\n' > ext.cnf \
+                 && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile ext.cnf 2>/dev/null \
+                 && chmod 600 server.key"
+            )));
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={d}/server.crt -c ssl_key_file={d}/server.key"
+            ));
+        }
         run_ok(&mut as_postgres(&format!(
-            "{PG_BIN}/pg_ctl -D {} -l {}/log -w -o \"-c listen_addresses={ip} -p {port} -k {}\" start >/dev/null",
+            "{PG_BIN}/pg_ctl -D {} -l {}/log -w -o \"{options}\" start >/dev/null",
             data.display(),
             dir.display(),
-            dir.display()
         )));
         Self { addr, dir }
     }
@@ -560,6 +579,11 @@ impl Postgres {
             stderr(&out)
         );
         stdout(&out)
+    }
+
+    /// The CA that signed the server's certificate (with `start_with(.., true)`).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
     }
 
     /// The directory of its Unix socket (for tools run as `postgres`).

@@ -19,6 +19,7 @@ fn policy(pg: &Postgres, secret: &std::path::Path) -> String {
 name = "orders-db"
 protocol = "postgres"
 address = "{addr}"
+tls = "disable"
 [target.credential]
 user = "app"
 password_file = {secret:?}
@@ -360,7 +361,7 @@ fn behind_agent(name: &str, ip: &str, statements: &[&str]) -> (Postgres, TestCgr
         &cgroup,
         &format!("pg-{name}"),
         &format!(
-            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"{}\"\n\
+            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"{}\"\ntls = \"disable\"\n\
              [target.credential]\nuser = \"app\"\npassword_file = {:?}\n\
              [[rule]]\nname = \"reads\"\nworkloads = [\"*\"]\ntargets = [\"db\"]\ndecision = \"allow\"\n\
              statements = [{}]\n",
@@ -370,4 +371,59 @@ fn behind_agent(name: &str, ip: &str, statements: &[&str]) -> (Postgres, TestCgr
         ),
     );
     (pg, cgroup, agent)
+}
+
+#[test]
+fn upstream_tls_is_verified_against_the_targets_ca() {
+    let pg = Postgres::start_with("up-tls", "127.0.0.34", true);
+    pg.admin_sql("postgres", "CREATE ROLE app LOGIN PASSWORD 'up-tls-secret'");
+    let secret = pg.password_file("up-tls-secret");
+    let cgroup = TestCgroup::new("pg-up-tls");
+    let policy = |tls: &str, ca: &std::path::Path| {
+        format!(
+            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"{}\"\ntls = \"{tls}\"\ntls_ca_file = {:?}\n\
+             [target.credential]\nuser = \"app\"\npassword_file = {:?}\n\
+             [[rule]]\nname = \"reads\"\nworkloads = [\"*\"]\ntargets = [\"db\"]\ndecision = \"allow\"\nstatements = [\"select\"]\n",
+            pg.addr,
+            ca.display().to_string(),
+            secret.display().to_string()
+        )
+    };
+    let agent = Agent::start(&cgroup, "pg-up-tls", &policy("verify-full", &pg.ca_file()));
+    let ssl_in_use = || {
+        cgroup.sh(&format!(
+            "exec psql -X -w -t -A -h {} -p {} -U x -d postgres -c 'SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()'",
+            pg.addr.ip(),
+            pg.addr.port()
+        ))
+    };
+    // The client speaks plain (sslmode=prefer against an agent that offers
+    // TLS would pick TLS; here the point is the upstream leg): the server
+    // sees an encrypted connection from the agent.
+    let out = ssl_in_use();
+    assert!(out.status.success(), "{}\n{}", stderr(&out), agent.stderr());
+    assert_eq!(
+        stdout(&out),
+        "t\n",
+        "the agent's upstream connection uses TLS"
+    );
+
+    // A CA that did not sign the server's certificate: refused, clearly.
+    let wrong_ca = agent.workdir.join("state/ca/ca.pem");
+    agent.write_policy(&policy("verify-full", &wrong_ca));
+    assert!(agent.cli(&["reload"]).status.success());
+    let out = ssl_in_use();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot secure the connection to target \"db\""),
+        "{}",
+        stderr(&out)
+    );
+
+    // `require` encrypts without checking who answers.
+    agent.write_policy(&policy("require", &wrong_ca));
+    assert!(agent.cli(&["reload"]).status.success());
+    let out = ssl_in_use();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "t\n");
 }

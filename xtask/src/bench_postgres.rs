@@ -43,7 +43,7 @@ pub fn run(seconds: u32, stream_rows: u64) -> Result<()> {
         &cgroup,
         "bench-pg",
         &format!(
-            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"{}\"\n\
+            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"{}\"\ntls = \"disable\"\n\
              [target.credential]\nuser = \"app\"\npassword_file = {:?}\n\
              [[rule]]\nname = \"bench-reads\"\nworkloads = [\"*\"]\ntargets = [\"db\"]\ndecision = \"allow\"\n\
              statements = [\"select\", \"set\", \"show\", \"transaction\"]\ntables = [\"public.*\", \"pg_catalog.*\"]\n",

@@ -5,7 +5,7 @@ use std::{ops::Range, path::PathBuf};
 use serde::Deserialize;
 
 use super::ConfigError;
-use crate::policy::{Action, Pattern, Protocol, StatementKind, WorkloadSelector};
+use crate::policy::{Action, Pattern, Protocol, StatementKind, UpstreamTls, WorkloadSelector};
 
 pub type Located<T> = toml::Spanned<T>;
 
@@ -87,6 +87,8 @@ pub struct TargetSpec {
     pub protocol: Located<Protocol>,
     pub address: Located<String>,
     pub credential: Option<Located<CredentialSpec>>,
+    pub tls: Option<Located<UpstreamTls>>,
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -18,7 +18,7 @@ use std::{
 
 use crate::policy::{
     Credential, NamedWorkload, Pattern, Policy, Protocol, Rule, Secret, Target, TargetAddress,
-    TargetId,
+    TargetId, UpstreamTls,
 };
 use file::{FileSpec, Located, SourceFile};
 
@@ -199,11 +199,23 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                 }
                 (None, Protocol::Tcp) => None,
             };
+            let spec = target.get_ref();
+            if let (Some(tls), Protocol::Tcp) = (&spec.tls, protocol) {
+                return Err(source.error_at(
+                    tls.span(),
+                    "tls applies to protocol = \"postgres\" (a tcp target is copied as it is)",
+                ));
+            }
             policy.targets.push(Target {
                 name,
                 protocol,
                 address,
                 credential,
+                tls: spec
+                    .tls
+                    .as_ref()
+                    .map_or(UpstreamTls::default(), |t| *t.get_ref()),
+                tls_ca_file: spec.tls_ca_file.clone(),
             });
         }
         for workload in &spec.workload {

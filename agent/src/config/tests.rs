@@ -214,6 +214,11 @@ fn postgres_targets_need_a_private_credential() {
         assert!(loaded.is_err());
     }
 
+    let (line, _, message) = error_of(
+        "[[target]]\nname = \"t\"\nprotocol = \"tcp\"\naddress = \"10.0.0.1:1\"\ntls = \"require\"\n",
+    );
+    assert_eq!(line, 5, "{message}");
+    assert!(message.contains("tls applies to protocol"), "{message}");
     let (_, _, message) = error_of(
         "[[target]]\nname = \"t\"\nprotocol = \"tcp\"\naddress = \"10.0.0.1:1\"\n[[rule]]\nname = \"r\"\nworkloads = [\"*\"]\ntargets = [\"t\"]\ndecision = \"allow\"\nstatements = [\"select\"]\n",
     );

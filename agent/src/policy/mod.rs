@@ -9,7 +9,9 @@ mod targets;
 
 pub use selector::{Pattern, WorkloadSelector};
 pub use statement::{KindSet, StatementInfo, StatementKind};
-pub use targets::{Credential, Protocol, Secret, Target, TargetAddress, TargetId, TargetTable};
+pub use targets::{
+    Credential, Protocol, Secret, Target, TargetAddress, TargetId, TargetTable, UpstreamTls,
+};
 
 use serde::Serialize;
 

@@ -23,6 +23,20 @@ pub enum Protocol {
     Postgres,
 }
 
+/// How the agent secures its connection to a target.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTls {
+    /// TLS, with the server's certificate checked against the trusted CAs
+    /// and the target's name.
+    #[default]
+    VerifyFull,
+    /// TLS without checking the certificate (encryption only).
+    Require,
+    /// Plain TCP.
+    Disable,
+}
+
 #[derive(Clone, Debug)]
 pub struct Target {
     pub name: String,
@@ -30,6 +44,10 @@ pub struct Target {
     pub address: TargetAddress,
     /// What the agent logs in upstream with (never the client's).
     pub credential: Option<Credential>,
+    /// How the upstream connection is secured (SQL targets).
+    pub tls: UpstreamTls,
+    /// CAs trusted for `verify-full` (default: the system bundle).
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -217,6 +235,8 @@ mod tests {
             protocol: Protocol::Tcp,
             address: TargetAddress::parse(address).unwrap(),
             credential: None,
+            tls: UpstreamTls::Disable,
+            tls_ca_file: None,
         }
     }
 

@@ -222,8 +222,15 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
                     );
                     return reset(stream);
                 };
+                let server_name = match &target.address {
+                    crate::policy::TargetAddress::Host(host, _) => host.clone(),
+                    _ => intercepted.orig_dst.0.ip().to_string(),
+                };
                 let session = postgres::Session {
                     session_id: session_id.to_string(),
+                    upstream_tls: target.tls,
+                    upstream_ca_file: target.tls_ca_file.clone(),
+                    server_name,
                     context: context.clone(),
                     target: target.name.clone(),
                     credential,

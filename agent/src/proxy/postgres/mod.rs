@@ -32,7 +32,7 @@ use tracing::Instrument;
 use crate::{
     access::{AccessRecord, StatementLine, outcome},
     addr::OrigDstAddr,
-    policy::{Credential, StatementInfo, evaluate_statement},
+    policy::{Credential, StatementInfo, UpstreamTls, evaluate_statement},
     workload::Workload,
 };
 use wire::{Frame, Startup, WireError};
@@ -40,6 +40,10 @@ use wire::{Frame, Startup, WireError};
 /// What a session needs besides its two sockets.
 pub struct Session {
     pub session_id: String,
+    /// How to secure the upstream connection, and the name to verify.
+    pub upstream_tls: UpstreamTls,
+    pub upstream_ca_file: Option<std::path::PathBuf>,
+    pub server_name: String,
     /// The proxy's shared state: the live policy (re-read per statement, so
     /// a reload applies to open sessions) and the upstream socket mark.
     pub context: Arc<super::ProxyContext>,
@@ -87,20 +91,27 @@ pub async fn serve(
     }
 }
 
-/// The client's connection, plain TCP or TLS terminated by the agent, split
-/// into its two directions. Each kind is compiled on its own: plain TCP
-/// splits without a lock, TLS through tokio's shared-state split.
-trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {
+/// A connection, plain TCP or TLS (terminated by the agent for clients,
+/// originated by it upstream), split into its two directions. Each kind is
+/// compiled on its own: plain TCP splits without a lock, TLS through
+/// tokio's shared-state split.
+trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {
     fn halves(&mut self) -> (impl AsyncRead + Unpin + '_, impl AsyncWrite + Unpin + '_);
 }
 
-impl ClientIo for TcpStream {
+impl Duplex for TcpStream {
     fn halves(&mut self) -> (impl AsyncRead + Unpin + '_, impl AsyncWrite + Unpin + '_) {
         self.split()
     }
 }
 
-impl ClientIo for TlsStream<TcpStream> {
+impl Duplex for TlsStream<TcpStream> {
+    fn halves(&mut self) -> (impl AsyncRead + Unpin + '_, impl AsyncWrite + Unpin + '_) {
+        tokio::io::split(self)
+    }
+}
+
+impl Duplex for tokio_rustls::client::TlsStream<TcpStream> {
     fn halves(&mut self) -> (impl AsyncRead + Unpin + '_, impl AsyncWrite + Unpin + '_) {
         tokio::io::split(self)
     }
@@ -108,7 +119,7 @@ impl ClientIo for TlsStream<TcpStream> {
 
 /// Runs the session on a negotiated connection; an error the client can
 /// still be told about ends it with a FATAL ErrorResponse.
-async fn session_on<C: ClientIo>(
+async fn session_on<C: Duplex>(
     client: &mut C,
     params: &[(String, String)],
     dst: OrigDstAddr,
@@ -235,7 +246,7 @@ const FORWARDED_PARAMETERS: [&str; 7] = [
     "lc_monetary",
 ];
 
-async fn run<C: ClientIo>(
+async fn run<C: Duplex>(
     client: &mut C,
     params: &[(String, String)],
     dst: OrigDstAddr,
@@ -275,7 +286,7 @@ async fn run<C: ClientIo>(
         .chain(std::iter::once(("database", database.as_str())))
         .collect();
 
-    let mut upstream = super::tcp::connect_marked(dst, session.context.bypass_mark)
+    let upstream = super::tcp::connect_marked(dst, session.context.bypass_mark)
         .await
         .map_err(|e| SessionError {
             outcome: outcome::UPSTREAM_ERROR,
@@ -285,7 +296,51 @@ async fn run<C: ClientIo>(
                 format!("cannot reach target {:?} at {dst}: {e}", session.target),
             )),
         })?;
-    let after_auth = upstream::login(&mut upstream, &session.credential, &forwarded)
+    let _ = upstream.set_nodelay(true);
+    let tls_error = |e: upstream::LoginError| SessionError {
+        outcome: outcome::UPSTREAM_ERROR,
+        message: format!("upstream TLS: {e}"),
+        to_client: Some((
+            "08006",
+            format!(
+                "cannot secure the connection to target {:?}: {e}",
+                session.target
+            ),
+        )),
+    };
+    match session.upstream_tls {
+        UpstreamTls::Disable => {
+            relay(
+                client, upstream, &forwarded, &database, session, record, counts,
+            )
+            .await
+        }
+        mode => {
+            let server_name = session.server_name.clone();
+            let config = crate::tls::upstream_config(mode, session.upstream_ca_file.as_deref())
+                .map_err(|e| tls_error(upstream::LoginError::Tls(e.to_string())))?;
+            let upstream = upstream::start_tls(upstream, config, server_name)
+                .await
+                .map_err(tls_error)?;
+            relay(
+                client, upstream, &forwarded, &database, session, record, counts,
+            )
+            .await
+        }
+    }
+}
+
+/// Logs in upstream, greets the client, then relays both ways.
+async fn relay<C: Duplex, U: Duplex>(
+    client: &mut C,
+    mut upstream: U,
+    forwarded: &[(&str, &str)],
+    database: &str,
+    session: &Session,
+    record: &AccessRecord,
+    counts: &StatementCounts,
+) -> Result<(), SessionError> {
+    let after_auth = upstream::login(&mut upstream, &session.credential, forwarded)
         .await
         .map_err(|e| SessionError {
             outcome: outcome::UPSTREAM_ERROR,
@@ -300,7 +355,6 @@ async fn run<C: ClientIo>(
         })?;
     tracing::info!(database = %database, role = %session.credential.user, "postgres session started");
 
-    let _ = upstream.set_nodelay(true);
     let mut greeting = BytesMut::new();
     wire::authentication_ok(&mut greeting);
     for frame in &after_auth {
@@ -312,7 +366,7 @@ async fn run<C: ClientIo>(
         .map_err(|e| SessionError::protocol(e.into()))?;
 
     let (mut client_read, mut client_write) = client.halves();
-    let (mut upstream_read, mut upstream_write) = upstream.split();
+    let (mut upstream_read, mut upstream_write) = upstream.halves();
     let down = super::tcp::copy_half(&mut upstream_read, &mut client_write, &record.bytes.down);
     let up = relay_client(
         &mut client_read,

@@ -26,6 +26,32 @@ pub enum LoginError {
     Scram(std::io::Error),
     #[error("unexpected message {0:?} during login")]
     Unexpected(char),
+    #[error("{0}")]
+    Tls(String),
+}
+
+/// Asks the server for TLS (SSLRequest) and completes the handshake,
+/// verifying the server as `config` says.
+pub async fn start_tls(
+    mut tcp: TcpStream,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    server_name: String,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, LoginError> {
+    use tokio::io::AsyncReadExt;
+    tcp.write_all(&[0, 0, 0, 8, 4, 210, 22, 47])
+        .await
+        .map_err(WireError::Io)?;
+    match tcp.read_u8().await.map_err(WireError::Io)? {
+        b'S' => {}
+        b'N' => return Err(LoginError::Tls("the server does not offer TLS (set tls = \"disable\" on the target to connect in clear)".into())),
+        other => return Err(LoginError::Unexpected(other as char)),
+    }
+    let name = rustls::pki_types::ServerName::try_from(server_name.clone())
+        .map_err(|_| LoginError::Tls(format!("{server_name:?} is not a valid server name")))?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| LoginError::Tls(format!("handshake with {server_name}: {e}")))
 }
 
 const AUTH_OK: i32 = 0;
@@ -38,8 +64,8 @@ const AUTH_SASL_FINAL: i32 = 12;
 /// Sends the startup packet and authenticates. Returns what the server sent
 /// after authentication (ParameterStatus, BackendKeyData, notices, up to
 /// and including ReadyForQuery), for the client.
-pub async fn login(
-    upstream: &mut TcpStream,
+pub async fn login<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    upstream: &mut S,
     credential: &Credential,
     params: &[(&str, &str)],
 ) -> Result<Vec<Frame>, LoginError> {
