@@ -190,4 +190,14 @@ pub struct RuleSpec {
     pub statements: Option<Located<Vec<StatementKind>>>,
     /// SQL targets: `schema.table` globs the rule is about.
     pub tables: Option<Located<Vec<String>>>,
+    /// SQL targets: what an allow rule does with statements that do not
+    /// parse; `deny` unless set.
+    pub unparsed: Option<Located<Unparsed>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unparsed {
+    Allow,
+    Deny,
 }

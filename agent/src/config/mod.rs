@@ -264,6 +264,14 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                     })
                     .collect::<Result<_, _>>()?,
             };
+            if let Some(unparsed) = &rule.unparsed
+                && rule.decision == crate::policy::Action::Deny
+            {
+                return Err(source.error_at(
+                    unparsed.span(),
+                    "unparsed applies to allow rules (unparsed statements are denied anyway)",
+                ));
+            }
             if let Some(at) = rule
                 .statements
                 .as_ref()
@@ -292,6 +300,10 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                 action: rule.decision,
                 statements,
                 tables,
+                allow_unparsed: matches!(
+                    rule.unparsed.as_ref().map(|u| *u.get_ref()),
+                    Some(file::Unparsed::Allow)
+                ),
             });
         }
     }

@@ -45,6 +45,9 @@ pub struct Rule {
     pub statements: Option<KindSet>,
     /// `schema.table` globs the rule is about (SQL targets); empty: any.
     pub tables: Vec<Pattern>,
+    /// An allow rule with `unparsed = "allow"` also lets through statements
+    /// the parser cannot read (they cannot be checked; use sparingly).
+    pub allow_unparsed: bool,
 }
 
 impl Rule {
@@ -147,7 +150,8 @@ pub fn evaluate(policy: &Policy, workload: &Workload, target: TargetId) -> Verdi
 }
 
 /// Decides one statement on an allowed connection, in the same order:
-/// 1. "An unparsed statement is denied" (it cannot be checked).
+/// 1. "An unparsed statement is denied" (it cannot be checked), unless an
+///    allow rule for this workload and target says `unparsed = "allow"`.
 /// 2. The first deny rule for this workload and target that hits the
 ///    statement wins.
 /// 3. Then the first allow rule that covers it.
@@ -162,9 +166,18 @@ pub fn evaluate_statement<'p>(
     statement: &StatementInfo,
 ) -> StatementVerdict<'p> {
     if !statement.parsed {
+        let waiver = policy.rules.iter().find(|rule| {
+            rule.action == Action::Allow
+                && rule.allow_unparsed
+                && applies(policy, rule, workload, target)
+        });
         return StatementVerdict {
-            action: Action::Deny,
-            rule: None,
+            action: if waiver.is_some() {
+                Action::Allow
+            } else {
+                Action::Deny
+            },
+            rule: waiver.map(|rule| rule.name.as_str()),
         };
     }
     for action in [Action::Deny, Action::Allow] {

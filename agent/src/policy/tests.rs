@@ -286,11 +286,17 @@ statements = ["delete", "truncate"]
 "#;
 
 fn sql_policy() -> (Policy, tempfile::TempDir) {
+    sql_policy_from(SQL_POLICY)
+}
+
+/// Loads an SQL policy whose `PASSWORD_FILE` is a fresh 0600 file (owned by
+/// the test's user: these tests run as root, as the agent does).
+fn sql_policy_from(text: &str) -> (Policy, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("pw");
     std::fs::write(&secret, "s3cret\n").unwrap();
     std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let text = SQL_POLICY.replace("PASSWORD_FILE", &secret.display().to_string());
+    let text = text.replace("PASSWORD_FILE", &secret.display().to_string());
     (Config::from_text("sql.toml", &text).unwrap().policy, dir)
 }
 
@@ -362,6 +368,22 @@ fn statements_need_every_kind_and_table_allowed_and_any_deny_hits() {
         );
         assert!(!verdict.reason(&info).is_empty());
     }
+    // An unparsed statement is denied... unless an allow rule waives that.
+    let (waived, _dir) = sql_policy_from(
+        &SQL_POLICY.replace("name = \"reads\"", "name = \"reads\"\nunparsed = \"allow\""),
+    );
+    let verdict = evaluate_statement(&waived, &ci, db, &StatementInfo::default());
+    assert_eq!(
+        (verdict.action, verdict.rule),
+        (Action::Allow, Some("reads"))
+    );
+    let other = evaluate_statement(&waived, &Workload::default(), db, &StatementInfo::default());
+    assert_eq!(
+        other.action,
+        Action::Deny,
+        "the waiver is the rule's, for its workloads only"
+    );
+
     // Statement-level denies do not refuse the connection; allows admit it.
     assert_eq!(evaluate(&policy, &ci, db).rule.as_deref(), Some("reads"));
     assert!(!evaluate(&policy, &Workload::default(), db).allowed());
