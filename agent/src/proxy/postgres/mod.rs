@@ -447,21 +447,21 @@ where
             break;
         };
         bytes_up.fetch_add(frame.bytes.len() as u64, Ordering::Relaxed);
+        if frame.tag == b'X' {
+            // Terminate: passed on, so the server ends the session cleanly.
+            forward(&mut writer, &frame).await.map_err(write)?;
+            break;
+        }
         if let Some(denial) = &denied_batch {
-            match frame.tag {
-                b'S' => {
-                    writer.write_all(&raise(denial)).await.map_err(write)?;
-                    denied_batch = None;
-                }
-                b'X' => break,
-                _ => {}
+            if frame.tag == b'S' {
+                writer.write_all(&raise(denial)).await.map_err(write)?;
+                denied_batch = None;
             }
             continue;
         }
         let sql = match frame.tag {
             b'Q' => Some(wire::query_text(frame.body()).map_err(SessionError::protocol)?),
             b'P' => Some(wire::parse_text(frame.body()).map_err(SessionError::protocol)?),
-            b'X' => break,
             _ => None,
         };
         let denial = sql.and_then(|sql| decide(session, analyses.get(sql), counts));
