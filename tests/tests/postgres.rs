@@ -427,3 +427,47 @@ fn upstream_tls_is_verified_against_the_targets_ca() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "t\n");
 }
+
+#[test]
+fn as_user_gives_the_session_the_rules_role() {
+    let pg = Postgres::start("as-user", "127.0.0.35");
+    pg.admin_sql(
+        "postgres",
+        "CREATE ROLE app LOGIN PASSWORD 'as-user-secret'; CREATE ROLE reader NOLOGIN; GRANT reader TO app;",
+    );
+    let secret = pg.password_file("as-user-secret");
+    let cgroup = TestCgroup::new("pg-as-user");
+    let agent = Agent::start(
+        &cgroup,
+        "pg-as-user",
+        &format!(
+            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"{}\"\ntls = \"disable\"\n\
+             [target.credential]\nuser = \"app\"\npassword_file = {:?}\n\
+             [[rule]]\nname = \"read-as-reader\"\nworkloads = [\"*\"]\ntargets = [\"db\"]\ndecision = \"allow\"\n\
+             as_user = \"reader\"\nstatements = [\"select\", \"set\", \"reset\"]\n",
+            pg.addr,
+            secret.display().to_string()
+        ),
+    );
+    let psql = |sql: &str| {
+        cgroup.sh(&format!(
+            "exec psql -X -w -t -A -h {} -p {} -U x -d postgres -c '{sql}'",
+            pg.addr.ip(),
+            pg.addr.port()
+        ))
+    };
+    let out = psql("SELECT current_user, session_user");
+    assert!(out.status.success(), "{}\n{}", stderr(&out), agent.stderr());
+    assert_eq!(
+        stdout(&out),
+        "reader|app\n",
+        "the rule's role, on the held login"
+    );
+    // The role cannot be shed: RESET ROLE is not an ordinary reset.
+    let out = psql("RESET ROLE");
+    assert!(
+        stderr(&out).contains("statement denied"),
+        "{}",
+        stderr(&out)
+    );
+}

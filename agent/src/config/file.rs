@@ -193,6 +193,8 @@ pub struct RuleSpec {
     /// SQL targets: what an allow rule does with statements that do not
     /// parse; `deny` unless set.
     pub unparsed: Option<Located<Unparsed>>,
+    /// SQL targets: the role sessions admitted by this rule take.
+    pub as_user: Option<Located<String>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

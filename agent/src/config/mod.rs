@@ -264,6 +264,11 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                     })
                     .collect::<Result<_, _>>()?,
             };
+            if let Some(role) = &rule.as_user
+                && (rule.decision == crate::policy::Action::Deny || role.get_ref().is_empty())
+            {
+                return Err(source.error_at(role.span(), "as_user names a role, on an allow rule"));
+            }
             if let Some(unparsed) = &rule.unparsed
                 && rule.decision == crate::policy::Action::Deny
             {
@@ -272,12 +277,13 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                     "unparsed applies to allow rules (unparsed statements are denied anyway)",
                 ));
             }
-            if let Some(at) = rule
-                .statements
-                .as_ref()
-                .map(|s| s.span())
-                .or(rule.tables.as_ref().map(|t| t.span()))
-            {
+            // Fields about SQL only make sense on rules for SQL targets.
+            let sql_only = [
+                rule.statements.as_ref().map(|s| s.span()),
+                rule.tables.as_ref().map(|t| t.span()),
+                rule.as_user.as_ref().map(|u| u.span()),
+            ];
+            if let Some(at) = sql_only.into_iter().flatten().next() {
                 let not_sql = targets.as_ref().and_then(|ids| {
                     ids.iter()
                         .find(|id| policy.targets[id.0].protocol != Protocol::Postgres)
@@ -286,7 +292,7 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                     return Err(source.error_at(
                         at,
                         format!(
-                            "statements and tables apply to postgres targets; {:?} is not one",
+                            "statements, tables and as_user apply to postgres targets; {:?} is not one",
                             policy.targets[id.0].name
                         ),
                     ));
@@ -300,6 +306,7 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                 action: rule.decision,
                 statements,
                 tables,
+                as_user: rule.as_user.as_ref().map(|u| u.get_ref().clone()),
                 allow_unparsed: matches!(
                     rule.unparsed.as_ref().map(|u| *u.get_ref()),
                     Some(file::Unparsed::Allow)

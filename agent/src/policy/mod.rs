@@ -48,6 +48,9 @@ pub struct Rule {
     /// An allow rule with `unparsed = "allow"` also lets through statements
     /// the parser cannot read (they cannot be checked; use sparingly).
     pub allow_unparsed: bool,
+    /// SQL targets: the role the session takes (`SET ROLE`) after the
+    /// agent logs in, when this rule admits the connection.
+    pub as_user: Option<String>,
 }
 
 impl Rule {

@@ -226,7 +226,14 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
                     crate::policy::TargetAddress::Host(host, _) => host.clone(),
                     _ => intercepted.orig_dst.0.ip().to_string(),
                 };
+                // The role, when the admitting rule names one.
+                let as_user = verdict
+                    .rule
+                    .as_ref()
+                    .and_then(|name| active.policy.rules.iter().find(|r| &r.name == name))
+                    .and_then(|rule| rule.as_user.clone());
                 let session = postgres::Session {
+                    as_user,
                     session_id: session_id.to_string(),
                     upstream_tls: target.tls,
                     upstream_ca_file: target.tls_ca_file.clone(),

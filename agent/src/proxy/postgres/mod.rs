@@ -44,6 +44,8 @@ pub struct Session {
     pub upstream_tls: UpstreamTls,
     pub upstream_ca_file: Option<std::path::PathBuf>,
     pub server_name: String,
+    /// The role to take after login (`as_user` of the admitting rule).
+    pub as_user: Option<String>,
     /// The proxy's shared state: the live policy (re-read per statement, so
     /// a reload applies to open sessions) and the upstream socket mark.
     pub context: Arc<super::ProxyContext>,
@@ -353,7 +355,26 @@ async fn relay<C: Duplex, U: Duplex>(
                 ),
             )),
         })?;
-    tracing::info!(database = %database, role = %session.credential.user, "postgres session started");
+    if let Some(role) = &session.as_user {
+        upstream::set_role(&mut upstream, role)
+            .await
+            .map_err(|e| SessionError {
+                outcome: outcome::UPSTREAM_ERROR,
+                message: format!("SET ROLE {role:?}: {e}"),
+                to_client: Some((
+                    "28000",
+                    format!(
+                        "cannot take role {role:?} on target {:?}: {e}",
+                        session.target
+                    ),
+                )),
+            })?;
+    }
+    let role = session
+        .as_user
+        .as_deref()
+        .unwrap_or(&session.credential.user);
+    tracing::info!(database = %database, %role, "postgres session started");
 
     let mut greeting = BytesMut::new();
     wire::authentication_ok(&mut greeting);

@@ -138,6 +138,7 @@ fn kind_of(statement: &Statement) -> StatementKind {
                 // privileges mean: not an ordinary `set`.
                 "SET" if changes_resolution(&text) => K::Other,
                 "SET" => K::Set,
+                "RESET" | "DISCARD" if changes_resolution(&text) => K::Other,
                 "RESET" | "DISCARD" => K::Reset,
                 "SHOW" => K::Show,
                 "BEGIN" | "START" | "COMMIT" | "ROLLBACK" | "SAVEPOINT" | "RELEASE" | "END"
@@ -160,11 +161,13 @@ fn kind_of(statement: &Statement) -> StatementKind {
 
 fn changes_resolution(set: &str) -> bool {
     let lower = set.to_ascii_lowercase();
+    // `RESET ALL` and `DISCARD ALL` put the role back too.
     [
         "search_path",
         "role",
         "session authorization",
         "session_authorization",
+        " all",
     ]
     .iter()
     .any(|name| lower.contains(name))
@@ -239,6 +242,10 @@ mod tests {
             ("SET search_path = private, public", &[&[K::Other]]),
             ("SET ROLE admin", &[&[K::Other]]),
             ("SET SESSION AUTHORIZATION admin", &[&[K::Other]]),
+            ("RESET ROLE", &[&[K::Other]]),
+            ("RESET ALL", &[&[K::Other]]),
+            ("DISCARD ALL", &[&[K::Other]]),
+            ("RESET work_mem", &[&[K::Reset]]),
             ("SHOW work_mem", &[&[K::Show]]),
             ("TRUNCATE t", &[&[K::Truncate]]),
             ("GRANT SELECT ON t TO u", &[&[K::Grant]]),

@@ -61,6 +61,45 @@ const AUTH_SASL: i32 = 10;
 const AUTH_SASL_CONTINUE: i32 = 11;
 const AUTH_SASL_FINAL: i32 = 12;
 
+/// Takes the rule's role for the session (`SET ROLE`), after login.
+pub async fn set_role<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    upstream: &mut S,
+    role: &str,
+) -> Result<(), LoginError> {
+    let mut out = BytesMut::new();
+    let quoted = role.replace('"', "\"\"");
+    frontend::query(&format!("SET ROLE \"{quoted}\""), &mut out).map_err(WireError::Io)?;
+    upstream.write_all(&out).await.map_err(WireError::Io)?;
+    let mut buf = BytesMut::new();
+    let mut refused = None;
+    loop {
+        let frame = wire::read_frame(upstream, &mut buf)
+            .await?
+            .ok_or(WireError::Closed)?;
+        match frame.tag {
+            b'E' => refused = Some(error_fields(frame.body())),
+            b'Z' => {
+                return match refused {
+                    Some((code, message)) => Err(LoginError::Refused { code, message }),
+                    None => Ok(()),
+                };
+            }
+            _ => {}
+        }
+    }
+}
+
+/// SQLSTATE and message of an ErrorResponse body.
+fn error_fields(body: &[u8]) -> (String, String) {
+    let field = |tag: u8| {
+        body.split(|b| *b == 0)
+            .find(|f| f.first() == Some(&tag))
+            .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+            .unwrap_or_default()
+    };
+    (field(b'C'), field(b'M'))
+}
+
 /// Sends the startup packet and authenticates. Returns what the server sent
 /// after authentication (ParameterStatus, BackendKeyData, notices, up to
 /// and including ReadyForQuery), for the client.
@@ -148,16 +187,8 @@ pub async fn login<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                 upstream.write_all(&out).await.map_err(WireError::Io)?;
             }
             b'E' => {
-                let field = |tag: u8| {
-                    body.split(|b| *b == 0)
-                        .find(|f| f.first() == Some(&tag))
-                        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
-                        .unwrap_or_default()
-                };
-                return Err(LoginError::Refused {
-                    code: field(b'C'),
-                    message: field(b'M'),
-                });
+                let (code, message) = error_fields(body);
+                return Err(LoginError::Refused { code, message });
             }
             b'Z' => {
                 after_auth.push(frame);
