@@ -471,3 +471,51 @@ fn as_user_gives_the_session_the_rules_role() {
         stderr(&out)
     );
 }
+
+#[test]
+fn copy_in_and_out_and_notifications_pass_through() {
+    let (pg, cgroup, agent) = behind_agent(
+        "copy",
+        "127.0.0.36",
+        &[
+            "select",
+            "copy_from",
+            "copy_to",
+            "listen",
+            "notify",
+            "transaction",
+        ],
+    );
+    pg.admin_sql(
+        "postgres",
+        "CREATE TABLE items (id int, name text); GRANT SELECT, INSERT ON items TO app",
+    );
+    let psql = |script: &str| {
+        cgroup.sh(&format!(
+            "printf '{script}' | psql -X -w -q -t -A -h {} -p {} -U x -d postgres",
+            pg.addr.ip(),
+            pg.addr.port()
+        ))
+    };
+    // COPY FROM STDIN: the rows flow client → server through the agent.
+    let out = psql("\\\\copy items FROM STDIN\\n1\\tone\\n2\\ttwo\\n\\\\.\\n");
+    assert!(out.status.success(), "{}\n{}", stderr(&out), agent.stderr());
+    assert_eq!(
+        pg.admin_sql("postgres", "SELECT count(*) FROM items")
+            .trim(),
+        "2"
+    );
+    // COPY TO STDOUT: server → client.
+    let out = psql("COPY items TO STDOUT WITH (FORMAT csv);\\n");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "1,one\n2,two\n");
+    // LISTEN/NOTIFY: the notification reaches the listening client.
+    let out = psql("LISTEN jobs;\\nNOTIFY jobs;\\nSELECT 1;\\n");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("Asynchronous notification \"jobs\" received"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+}
