@@ -146,7 +146,7 @@ pub struct StatementLine<'a> {
     pub session_id: &'a str,
     pub target: &'a str,
     pub statement: &'a str,
-    pub kinds: String,
+    pub kinds: crate::policy::KindSet,
     pub tables: &'a [String],
     pub writes: bool,
     pub decision: Action,

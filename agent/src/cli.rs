@@ -16,7 +16,7 @@ use crate::{
     daemon::Agent,
     intercept,
     policy::{self, evaluate},
-    workload::{CgroupFs, Workload, WorkloadResolver, container_id, systemd_unit},
+    workload::{CgroupFs, ExeDigests, Workload, WorkloadResolver, container_id, systemd_unit},
 };
 
 #[derive(Parser)]
@@ -341,7 +341,11 @@ fn policy_explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
 fn described_workload(args: &ExplainArgs) -> anyhow::Result<Workload> {
     let uid = args.uid.unwrap_or(0);
     let exe_sha256 = match &args.exe {
-        Some(exe) => Some(sha256_file(exe).with_context(|| format!("hashing {}", exe.display()))?),
+        Some(exe) => Some(
+            std::fs::File::open(exe)
+                .and_then(|file| ExeDigests::default().digest(file))
+                .with_context(|| format!("hashing {}", exe.display()))?,
+        ),
         None => None,
     };
     let mut groups = args.group.clone();
@@ -382,15 +386,6 @@ fn described_workload(args: &ExplainArgs) -> anyhow::Result<Workload> {
         live: false,
         ..Workload::default()
     })
-}
-
-fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
-    use sha2::Digest as _;
-    let bytes = std::fs::read(path)?;
-    Ok(sha2::Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
 }
 
 fn print_status(data: &serde_json::Value) {

@@ -170,6 +170,14 @@ impl FromIterator<StatementKind> for KindSet {
     }
 }
 
+/// Serialised as its display form (`select+delete`), without an
+/// intermediate string: it is written once per statement.
+impl Serialize for KindSet {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 impl fmt::Display for KindSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, kind) in self.iter().enumerate() {

@@ -12,6 +12,7 @@ mod procfs;
 mod resolver;
 
 pub use cgroup::{CgroupFs, container_id, systemd_unit};
+pub use exe_digest::ExeDigests;
 pub use resolver::{WorkloadResolver, user_name};
 
 use serde::Serialize;

@@ -71,13 +71,16 @@ pub async fn serve(
     let _ = client.set_nodelay(true);
     let counts = Arc::new(StatementCounts::default());
     record.statements = Some(counts.clone());
-    let result = match negotiate(client, dst, &session).await {
-        Ok(Negotiated::Plain(mut tcp, params)) => {
-            session_on(&mut tcp, &params, dst, &session, record, &counts).await
-        }
-        Ok(Negotiated::Tls(mut tls, params)) => {
-            session_on(&mut *tls, &params, dst, &session, record, &counts).await
-        }
+    let negotiated = negotiate(client, dst, &session).await;
+    let ctx = Ctx {
+        dst,
+        session: &session,
+        record,
+        counts: &counts,
+    };
+    let result = match negotiated {
+        Ok(Negotiated::Plain(mut tcp, params)) => session_on(&mut tcp, &params, ctx).await,
+        Ok(Negotiated::Tls(mut tls, params)) => session_on(&mut *tls, &params, ctx).await,
         Ok(Negotiated::Cancel { pid, key }) => relay_cancel(dst, &session, pid, key).await,
         Ok(Negotiated::Closed) => Ok(()),
         Err(error) => Err(error),
@@ -91,6 +94,15 @@ pub async fn serve(
             record.finish(outcome, Some(message));
         }
     }
+}
+
+/// What the steps of one session share.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    dst: OrigDstAddr,
+    session: &'a Session,
+    record: &'a AccessRecord,
+    counts: &'a StatementCounts,
 }
 
 /// A connection, plain TCP or TLS (terminated by the agent for clients,
@@ -124,12 +136,9 @@ impl Duplex for tokio_rustls::client::TlsStream<TcpStream> {
 async fn session_on<C: Duplex>(
     client: &mut C,
     params: &[(String, String)],
-    dst: OrigDstAddr,
-    session: &Session,
-    record: &AccessRecord,
-    counts: &StatementCounts,
+    ctx: Ctx<'_>,
 ) -> Result<(), SessionError> {
-    let result = run(client, params, dst, session, record, counts).await;
+    let result = run(client, params, ctx).await;
     if let Err(SessionError {
         to_client: Some((code, text)),
         ..
@@ -251,11 +260,9 @@ const FORWARDED_PARAMETERS: [&str; 7] = [
 async fn run<C: Duplex>(
     client: &mut C,
     params: &[(String, String)],
-    dst: OrigDstAddr,
-    session: &Session,
-    record: &AccessRecord,
-    counts: &StatementCounts,
+    ctx: Ctx<'_>,
 ) -> Result<(), SessionError> {
+    let Ctx { dst, session, .. } = ctx;
     let param = |key: &str| {
         params
             .iter()
@@ -311,12 +318,7 @@ async fn run<C: Duplex>(
         )),
     };
     match session.upstream_tls {
-        UpstreamTls::Disable => {
-            relay(
-                client, upstream, &forwarded, &database, session, record, counts,
-            )
-            .await
-        }
+        UpstreamTls::Disable => relay(client, upstream, &forwarded, &database, ctx).await,
         mode => {
             let server_name = session.server_name.clone();
             let config = crate::tls::upstream_config(mode, session.upstream_ca_file.as_deref())
@@ -324,10 +326,7 @@ async fn run<C: Duplex>(
             let upstream = upstream::start_tls(upstream, config, server_name)
                 .await
                 .map_err(tls_error)?;
-            relay(
-                client, upstream, &forwarded, &database, session, record, counts,
-            )
-            .await
+            relay(client, upstream, &forwarded, &database, ctx).await
         }
     }
 }
@@ -338,10 +337,14 @@ async fn relay<C: Duplex, U: Duplex>(
     mut upstream: U,
     forwarded: &[(&str, &str)],
     database: &str,
-    session: &Session,
-    record: &AccessRecord,
-    counts: &StatementCounts,
+    ctx: Ctx<'_>,
 ) -> Result<(), SessionError> {
+    let Ctx {
+        session,
+        record,
+        counts,
+        ..
+    } = ctx;
     let after_auth = upstream::login(&mut upstream, &session.credential, forwarded)
         .await
         .map_err(|e| SessionError {
@@ -559,7 +562,7 @@ fn decide(
             session_id: &session.session_id,
             target: &session.target,
             statement: &statement.text,
-            kinds: statement.kinds.to_string(),
+            kinds: statement.kinds,
             tables: &statement.tables,
             writes: statement.writes(),
             decision: verdict.action,
