@@ -137,8 +137,9 @@ impl Drop for AccessRecord {
     }
 }
 
-/// One statement of a session and its decision: the statement's own access
-/// line (`"event": "statement"`), beside its connection's.
+/// One statement of a session, its decision and what became of it: the
+/// statement's own access line (`"event": "statement"`), beside its
+/// connection's. Written when the statement completes (at once if denied).
 #[derive(Serialize)]
 pub struct StatementLine<'a> {
     pub event: &'static str,
@@ -152,6 +153,11 @@ pub struct StatementLine<'a> {
     pub decision: Action,
     pub enforced: bool,
     pub rule: Option<&'a str>,
+    pub outcome: crate::proxy::StatementOutcome,
+    /// Rows returned or affected; `None` when it did not run.
+    pub rows: Option<u64>,
+    pub cells_masked: u64,
+    pub duration_ms: Option<f64>,
 }
 
 impl StatementLine<'_> {

@@ -109,6 +109,9 @@ impl Agent {
                     config.agent.state_dir.display()
                 )
             })?;
+        let mask_key_path = config.agent.state_dir.join("mask.key");
+        let mask_key = crate::proxy::postgres::MaskKey::load_or_create(&mask_key_path)
+            .with_context(|| format!("loading the masking key {}", mask_key_path.display()))?;
         let proxy_context = Arc::new(ProxyContext {
             orig_dst: interceptor.clone(),
             resolver: Arc::new(WorkloadResolver::new(cgroups)),
@@ -116,6 +119,7 @@ impl Agent {
             bypass_mark: config.agent.bypass_mark,
             connections: ConnRegistry::default(),
             tls: Some(Arc::new(local_ca)),
+            mask_key: Arc::new(mask_key),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);

@@ -8,7 +8,7 @@ use crate::exec;
 /// Debian packages the end-to-end tests, the demo and the benchmark use as
 /// real servers and clients (and `socat`, the relay the benchmark compares
 /// against).
-const APT_PACKAGES: [&str; 8] = [
+const APT_PACKAGES: [&str; 10] = [
     "curl",
     "python3",
     "socat",
@@ -17,6 +17,8 @@ const APT_PACKAGES: [&str; 8] = [
     "postgresql-15",
     "postgresql-client-15",
     "pgbouncer",
+    "python3-psycopg",
+    "python3-psycopg2",
 ];
 const BPF_LINKER: &str = "bpf-linker@0.10.1";
 

@@ -5,7 +5,9 @@ use std::{ops::Range, path::PathBuf};
 use serde::Deserialize;
 
 use super::ConfigError;
-use crate::policy::{Action, Pattern, Protocol, StatementKind, UpstreamTls, WorkloadSelector};
+use crate::policy::{
+    Action, MaskSpec, Pattern, Protocol, StatementKind, UpstreamTls, WorkloadSelector,
+};
 
 pub type Located<T> = toml::Spanned<T>;
 
@@ -89,6 +91,8 @@ pub struct TargetSpec {
     pub credential: Option<Located<CredentialSpec>>,
     pub tls: Option<Located<UpstreamTls>>,
     pub tls_ca_file: Option<PathBuf>,
+    /// SQL targets: values every workload sees masked.
+    pub mask: Option<Vec<Located<MaskSpec>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,6 +199,8 @@ pub struct RuleSpec {
     pub unparsed: Option<Located<Unparsed>>,
     /// SQL targets: the role sessions admitted by this rule take.
     pub as_user: Option<Located<String>>,
+    /// SQL targets: values this rule's workloads see masked.
+    pub mask: Option<Vec<Located<MaskSpec>>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

@@ -200,6 +200,15 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                 (None, Protocol::Tcp) => None,
             };
             let spec = target.get_ref();
+            let masks = compile_masks(source, spec.mask.as_deref())?;
+            if let (Some(mask), Protocol::Tcp) =
+                (spec.mask.as_ref().and_then(|m| m.first()), protocol)
+            {
+                return Err(source.error_at(
+                    mask.span(),
+                    "mask applies to protocol = \"postgres\" (a tcp target is copied as it is)",
+                ));
+            }
             if let (Some(tls), Protocol::Tcp) = (&spec.tls, protocol) {
                 return Err(source.error_at(
                     tls.span(),
@@ -216,6 +225,7 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                     .as_ref()
                     .map_or(UpstreamTls::default(), |t| *t.get_ref()),
                 tls_ca_file: spec.tls_ca_file.clone(),
+                masks,
             });
         }
         for workload in &spec.workload {
@@ -277,11 +287,21 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                     "unparsed applies to allow rules (unparsed statements are denied anyway)",
                 ));
             }
+            let masks = compile_masks(source, rule.mask.as_deref())?;
+            if let Some(mask) = rule.mask.as_ref().and_then(|m| m.first())
+                && rule.decision == crate::policy::Action::Deny
+            {
+                return Err(source.error_at(
+                    mask.span(),
+                    "mask applies to allow rules (a denied statement returns nothing)",
+                ));
+            }
             // Fields about SQL only make sense on rules for SQL targets.
             let sql_only = [
                 rule.statements.as_ref().map(|s| s.span()),
                 rule.tables.as_ref().map(|t| t.span()),
                 rule.as_user.as_ref().map(|u| u.span()),
+                rule.mask.as_ref().and_then(|m| m.first()).map(|m| m.span()),
             ];
             if let Some(at) = sql_only.into_iter().flatten().next() {
                 let not_sql = targets.as_ref().and_then(|ids| {
@@ -292,7 +312,7 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                     return Err(source.error_at(
                         at,
                         format!(
-                            "statements, tables and as_user apply to postgres targets; {:?} is not one",
+                            "statements, tables, as_user and mask apply to postgres targets; {:?} is not one",
                             policy.targets[id.0].name
                         ),
                     ));
@@ -307,6 +327,7 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                 statements,
                 tables,
                 as_user: rule.as_user.as_ref().map(|u| u.get_ref().clone()),
+                masks,
                 allow_unparsed: matches!(
                     rule.unparsed.as_ref().map(|u| *u.get_ref()),
                     Some(file::Unparsed::Allow)
@@ -315,6 +336,22 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
         }
     }
     Ok(policy)
+}
+
+/// Compiles `mask = [...]`; an error points at the entry.
+fn compile_masks(
+    source: &SourceFile,
+    specs: Option<&[Located<crate::policy::MaskSpec>]>,
+) -> Result<Vec<crate::policy::Mask>, ConfigError> {
+    specs
+        .unwrap_or_default()
+        .iter()
+        .map(|spec| {
+            spec.get_ref()
+                .compile()
+                .map_err(|message| source.error_at(spec.span(), format!("mask: {message}")))
+        })
+        .collect()
 }
 
 fn unique_name<T>(

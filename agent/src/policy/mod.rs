@@ -3,10 +3,12 @@
 //! The proxy only asks [`evaluate`] "may this workload use this target?";
 //! the configuration loader builds a [`Policy`], the daemon swaps it
 //! atomically on reload.
+mod mask;
 mod selector;
 mod statement;
 mod targets;
 
+pub use mask::{BuiltinPattern, ColumnName, Mask, MaskSelects, MaskSpec, Strategy};
 pub use selector::{Pattern, WorkloadSelector};
 pub use statement::{KindSet, StatementInfo, StatementKind};
 pub use targets::{
@@ -51,6 +53,8 @@ pub struct Rule {
     /// SQL targets: the role the session takes (`SET ROLE`) after the
     /// agent logs in, when this rule admits the connection.
     pub as_user: Option<String>,
+    /// SQL targets: values this rule's workloads see masked.
+    pub masks: Vec<Mask>,
 }
 
 impl Rule {
@@ -247,6 +251,21 @@ fn applies(policy: &Policy, rule: &Rule, workload: &Workload, target: TargetId) 
             ids.iter()
                 .any(|&w| policy.workloads[w].selector.matches(workload))
         })
+}
+
+/// The masks on what `workload` reads from `target`: the target's own and
+/// those of every allow rule for this workload and target. Masks add up:
+/// another rule allowing the same statement never lifts one.
+pub fn masks_for<'p>(policy: &'p Policy, workload: &Workload, target: TargetId) -> Vec<&'p Mask> {
+    let rules = policy
+        .rules
+        .iter()
+        .filter(|rule| rule.action == Action::Allow && applies(policy, rule, workload, target));
+    policy.targets[target.0]
+        .masks
+        .iter()
+        .chain(rules.flat_map(|rule| rule.masks.iter()))
+        .collect()
 }
 
 /// Names of the workload definitions that match, for `policy explain`.

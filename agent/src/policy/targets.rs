@@ -48,6 +48,8 @@ pub struct Target {
     pub tls: UpstreamTls,
     /// CAs trusted for `verify-full` (default: the system bundle).
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// SQL targets: values every workload sees masked.
+    pub masks: Vec<super::Mask>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -237,6 +239,7 @@ mod tests {
             credential: None,
             tls: UpstreamTls::Disable,
             tls_ca_file: None,
+            masks: Vec::new(),
         }
     }
 

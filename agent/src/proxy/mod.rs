@@ -4,7 +4,7 @@ pub mod postgres;
 mod registry;
 mod tcp;
 
-pub use postgres::StatementCounts;
+pub use postgres::{StatementCounts, StatementOutcome};
 pub use registry::ConnRegistry;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -35,6 +35,8 @@ pub struct ProxyContext {
     pub connections: ConnRegistry,
     /// The local CA, for clients that ask for TLS (PostgreSQL SSLRequest).
     pub tls: Option<Arc<crate::tls::LocalCa>>,
+    /// The key of the `hash` mask strategy.
+    pub mask_key: Arc<postgres::MaskKey>,
 }
 
 /// Accepts on every listener until `shutdown` turns true, then gives live

@@ -5,21 +5,27 @@
 //!    (`N`), the client's parameters kept; its password is never asked for.
 //! 2. Upstream login with the target's held credential (`upstream.rs`).
 //! 3. `AuthenticationOk` and the server's parameters go to the client.
-//! 4. Client → server, message by message: each `Query` and `Parse` is
-//!    analysed (`sql.rs`) and every statement decided by policy. A denied
-//!    query is replaced by a statement that makes the *server* raise the
-//!    denial (SQLSTATE 42501), so the error arrives in order with every
-//!    other response and the transaction state is the server's own (`E`
-//!    inside a transaction block). None of a denied query runs.
-//! 5. Server → client: bytes as they come (nothing here needs parsing yet).
+//! 4. When the session's masks name table columns, their OIDs are looked
+//!    up in the catalog (`catalog.rs`).
+//! 5. Client → server (`requests.rs`), message by message: each `Query`,
+//!    `Parse` and `Bind` is analysed (`sql.rs`) and every statement decided
+//!    by policy (`statements.rs`); none of a denied query runs.
+//! 6. Server → client (`responses.rs`): each response matched to its
+//!    request; rows masked as they stream (`mask.rs`), each statement
+//!    audited when it completes.
+mod catalog;
+mod mask;
+mod requests;
+mod responses;
 pub mod sql;
+mod statements;
 mod upstream;
 mod wire;
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
-};
+pub use mask::MaskKey;
+pub use statements::StatementOutcome;
+
+use std::sync::{Arc, atomic::AtomicU64};
 
 use bytes::BytesMut;
 use tokio::{
@@ -30,12 +36,12 @@ use tokio_rustls::server::TlsStream;
 use tracing::Instrument;
 
 use crate::{
-    access::{AccessRecord, StatementLine, outcome},
+    access::{AccessRecord, outcome},
     addr::OrigDstAddr,
-    policy::{Credential, StatementInfo, UpstreamTls, evaluate_statement},
+    policy::{Credential, UpstreamTls},
     workload::Workload,
 };
-use wire::{Frame, Startup, WireError};
+use wire::{Startup, WireError};
 
 /// What a session needs besides its two sockets.
 pub struct Session {
@@ -379,6 +385,22 @@ async fn relay<C: Duplex, U: Duplex>(
         .unwrap_or(&session.credential.user);
     tracing::info!(database = %database, %role, "postgres session started");
 
+    let policy = session.context.active.load_full();
+    let columns = qualified_mask_columns(&policy, session);
+    let resolved = catalog::resolve(&mut upstream, &columns)
+        .await
+        .map_err(|e| SessionError {
+            outcome: outcome::UPSTREAM_ERROR,
+            message: format!("looking up masked columns: {e}"),
+            to_client: Some((
+                "08006",
+                format!(
+                    "cannot look up the masked columns on target {:?}: {e}",
+                    session.target
+                ),
+            )),
+        })?;
+
     let mut greeting = BytesMut::new();
     wire::authentication_ok(&mut greeting);
     for frame in &after_auth {
@@ -389,23 +411,57 @@ async fn relay<C: Duplex, U: Duplex>(
         .await
         .map_err(|e| SessionError::protocol(e.into()))?;
 
+    let expected = responses::Expected::default();
+    let mut requests = requests::Requests::new(session, counts, &expected, policy, resolved);
+    let mut responses = responses::Responses::new(session, counts, &expected);
     let (mut client_read, mut client_write) = client.halves();
     let (mut upstream_read, mut upstream_write) = upstream.halves();
-    let down = super::tcp::copy_half(&mut upstream_read, &mut client_write, &record.bytes.down);
-    let up = relay_client(
+    let up = requests::relay_client(
         &mut client_read,
         &mut upstream_write,
-        session,
+        &mut requests,
         &record.bytes.up,
-        counts,
+    );
+    let down = responses::relay_server(
+        &mut upstream_read,
+        &mut client_write,
+        &mut responses,
+        &record.bytes.down,
     );
     let (up, down) = tokio::join!(up.in_current_span(), down);
-    up?;
+    responses.finish();
+    up.map_err(SessionError::protocol)?;
     down.map_err(|e| SessionError {
         outcome: outcome::ERROR,
         message: e.to_string(),
         to_client: None,
     })
+}
+
+/// The table-qualified columns this session's masks name.
+fn qualified_mask_columns<'p>(
+    policy: &'p crate::policy::ActivePolicy,
+    session: &Session,
+) -> Vec<&'p crate::policy::ColumnName> {
+    let Some(target) = policy
+        .policy
+        .targets
+        .iter()
+        .position(|t| t.name == session.target)
+    else {
+        return Vec::new();
+    };
+    crate::policy::masks_for(
+        &policy.policy,
+        &session.workload,
+        crate::policy::TargetId(target),
+    )
+    .into_iter()
+    .filter_map(|mask| match &mask.selects {
+        crate::policy::MaskSelects::Column(name) if name.is_qualified() => Some(name),
+        _ => None,
+    })
+    .collect()
 }
 
 async fn relay_cancel(
@@ -436,184 +492,4 @@ async fn relay_cancel(
         })?;
     tracing::info!(backend_pid = pid, "cancel request relayed");
     Ok(())
-}
-
-/// Client → server, deciding every statement.
-async fn relay_client<R, W>(
-    reader: &mut R,
-    writer: &mut W,
-    session: &Session,
-    bytes_up: &AtomicU64,
-    counts: &StatementCounts,
-) -> Result<(), SessionError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = BytesMut::with_capacity(8 * 1024);
-    // Set after a denied Parse: the rest of the extended-protocol batch is
-    // dropped, and the denial is raised by the server at the client's Sync.
-    let mut denied_batch: Option<String> = None;
-    let mut analyses = AnalysisCache::default();
-    let write = |e: std::io::Error| SessionError::protocol(e.into());
-    // Frames a client sends together (Parse/Bind/Describe/Execute/Sync) go
-    // upstream together: buffered, and flushed whenever no further complete
-    // frame is already waiting, i.e. before the relay would block on a read.
-    let mut writer = tokio::io::BufWriter::with_capacity(16 * 1024, writer);
-    loop {
-        if !wire::has_frame(&buf) {
-            writer.flush().await.map_err(write)?;
-        }
-        let Some(frame) = wire::read_frame(reader, &mut buf)
-            .await
-            .map_err(SessionError::protocol)?
-        else {
-            break;
-        };
-        bytes_up.fetch_add(frame.bytes.len() as u64, Ordering::Relaxed);
-        if frame.tag == b'X' {
-            // Terminate: passed on, so the server ends the session cleanly.
-            forward(&mut writer, &frame).await.map_err(write)?;
-            break;
-        }
-        if let Some(denial) = &denied_batch {
-            if frame.tag == b'S' {
-                writer.write_all(&raise(denial)).await.map_err(write)?;
-                denied_batch = None;
-            }
-            continue;
-        }
-        let sql = match frame.tag {
-            b'Q' => Some(wire::query_text(frame.body()).map_err(SessionError::protocol)?),
-            b'P' => Some(wire::parse_text(frame.body()).map_err(SessionError::protocol)?),
-            _ => None,
-        };
-        let denial = sql.and_then(|sql| decide(session, analyses.get(sql), counts));
-        match (denial, frame.tag) {
-            (None, _) => forward(&mut writer, &frame).await.map_err(write)?,
-            (Some(denial), b'Q') => writer.write_all(&raise(&denial)).await.map_err(write)?,
-            (Some(denial), _) => denied_batch = Some(denial),
-        }
-    }
-    // Terminate or end of stream: the server sees the end of ours.
-    let _ = writer.flush().await;
-    let _ = writer.shutdown().await;
-    Ok(())
-}
-
-async fn forward<W: AsyncWrite + Unpin>(writer: &mut W, frame: &Frame) -> std::io::Result<()> {
-    writer.write_all(&frame.bytes).await
-}
-
-/// Parsed statements by query text, per session: clients that repeat a
-/// statement (the extended protocol re-sends Parse; ORMs repeat queries)
-/// pay a hash lookup instead of a parse. Verdicts are not cached: they
-/// follow the live policy, and evaluating is cheap.
-#[derive(Default)]
-struct AnalysisCache(std::collections::HashMap<String, Arc<[StatementInfo]>>);
-
-impl AnalysisCache {
-    const MAX_ENTRIES: usize = 256;
-
-    fn get(&mut self, sql: &str) -> Arc<[StatementInfo]> {
-        if let Some(hit) = self.0.get(sql) {
-            return hit.clone();
-        }
-        if self.0.len() >= Self::MAX_ENTRIES {
-            self.0.clear();
-        }
-        let analysed: Arc<[StatementInfo]> = sql::analyze(sql).into();
-        self.0.insert(sql.to_owned(), analysed.clone());
-        analysed
-    }
-}
-
-/// Decides every statement of a query; returns the denial message if any
-/// statement is denied (and enforcement is on), so that none of them runs.
-fn decide(
-    session: &Session,
-    statements: Arc<[StatementInfo]>,
-    counts: &StatementCounts,
-) -> Option<String> {
-    let active = session.context.active.load();
-    let target = active
-        .policy
-        .targets
-        .iter()
-        .position(|t| t.name == session.target);
-    let mut denial = None;
-    for statement in statements.iter() {
-        let verdict = match target {
-            Some(id) => evaluate_statement(
-                &active.policy,
-                &session.workload,
-                crate::policy::TargetId(id),
-                statement,
-            ),
-            // The target left the policy since the session began: fail closed.
-            None => crate::policy::StatementVerdict {
-                action: crate::policy::Action::Deny,
-                rule: None,
-            },
-        };
-        StatementLine {
-            event: "statement",
-            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            session_id: &session.session_id,
-            target: &session.target,
-            statement: &statement.text,
-            kinds: statement.kinds,
-            tables: &statement.tables,
-            writes: statement.writes(),
-            decision: verdict.action,
-            enforced: active.enforce,
-            rule: verdict.rule,
-        }
-        .write();
-        if verdict.allowed() {
-            counts.allowed.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        counts.denied.fetch_add(1, Ordering::Relaxed);
-        let reason = verdict.reason(statement);
-        tracing::info!(kinds = %statement.kinds, rule = ?verdict.rule, enforced = active.enforce, %reason, "statement denied");
-        if (active.enforce || target.is_none()) && denial.is_none() {
-            denial = Some(match verdict.rule {
-                Some(rule) => format!("statement denied by rule {rule:?}: {reason}"),
-                None => format!("statement denied: {reason}"),
-            });
-        }
-    }
-    denial
-}
-
-/// A simple Query that makes the server raise the denial as SQLSTATE 42501.
-/// The text only carries policy names and parsed identifiers; quotes are
-/// doubled and `$` removed so it cannot end the dollar-quoted body.
-fn raise(denial: &str) -> BytesMut {
-    let message = format!("interlock: {denial}")
-        .replace('$', "")
-        .replace('\'', "''");
-    let sql = format!(
-        "DO $interlock$ BEGIN RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = '{message}'; END $interlock$"
-    );
-    let mut buf = BytesMut::new();
-    postgres_protocol::message::frontend::query(&sql, &mut buf).expect("no NUL in the denial");
-    buf
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn raise_cannot_be_broken_out_of() {
-        let buf = raise("rule \"x\" denies drop on public.a'b$interlock$; DROP TABLE t; --");
-        let text = wire::query_text(&buf[5..]).unwrap();
-        assert!(text.starts_with("DO $interlock$ BEGIN RAISE EXCEPTION USING ERRCODE = '42501'"));
-        assert_eq!(text.matches("$interlock$").count(), 2, "{text}");
-        assert!(text.contains("public.a''binterlock;"), "{text}");
-        let parsed = sql::analyze(text);
-        assert_eq!(parsed.len(), 1, "still one statement: {text}");
-    }
 }

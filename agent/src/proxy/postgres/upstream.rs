@@ -90,7 +90,7 @@ pub async fn set_role<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 }
 
 /// SQLSTATE and message of an ErrorResponse body.
-fn error_fields(body: &[u8]) -> (String, String) {
+pub fn error_fields(body: &[u8]) -> (String, String) {
     let field = |tag: u8| {
         body.split(|b| *b == 0)
             .find(|f| f.first() == Some(&tag))

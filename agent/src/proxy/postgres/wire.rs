@@ -176,17 +176,47 @@ pub fn query_text(body: &[u8]) -> Result<&str, WireError> {
     std::str::from_utf8(text).map_err(|_| malformed("Query", "not UTF-8"))
 }
 
-/// The SQL text of a `Parse` ('P') body: statement name, then query.
+/// A NUL-terminated string at the start of `body`, and what follows it.
+fn cstr<'a>(body: &'a [u8], what: &'static str) -> Result<(&'a str, &'a [u8]), WireError> {
+    let end = body
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or_else(|| malformed(what, "missing terminator"))?;
+    let text = std::str::from_utf8(&body[..end]).map_err(|_| malformed(what, "not UTF-8"))?;
+    Ok((text, &body[end + 1..]))
+}
+
+/// The statement name and SQL text of a `Parse` ('P') body.
+pub fn parse_fields(body: &[u8]) -> Result<(&str, &str), WireError> {
+    let (name, rest) = cstr(body, "Parse")?;
+    let (text, _) = cstr(rest, "Parse")?;
+    Ok((name, text))
+}
+
+/// The SQL text of a `Parse` ('P') body.
+#[cfg(test)]
 pub fn parse_text(body: &[u8]) -> Result<&str, WireError> {
-    let mut fields = body.splitn(3, |b| *b == 0);
-    let _name = fields.next();
-    let text = fields
-        .next()
-        .ok_or_else(|| malformed("Parse", "missing query"))?;
-    if fields.next().is_none() {
-        return Err(malformed("Parse", "missing terminator"));
+    parse_fields(body).map(|(_, text)| text)
+}
+
+/// The portal and statement names of a `Bind` ('B') body.
+pub fn bind_names(body: &[u8]) -> Result<(&str, &str), WireError> {
+    let (portal, rest) = cstr(body, "Bind")?;
+    let (statement, _) = cstr(rest, "Bind")?;
+    Ok((portal, statement))
+}
+
+/// The kind (`S`tatement or `P`ortal) and name of a `Describe` or `Close`.
+pub fn target_name<'a>(body: &'a [u8], what: &'static str) -> Result<(u8, &'a str), WireError> {
+    match body.split_first() {
+        Some((kind @ (b'S' | b'P'), rest)) => Ok((*kind, cstr(rest, what)?.0)),
+        _ => Err(malformed(what, "neither a statement nor a portal")),
     }
-    std::str::from_utf8(text).map_err(|_| malformed("Parse", "not UTF-8"))
+}
+
+/// The portal name of an `Execute` ('E') body.
+pub fn execute_portal(body: &[u8]) -> Result<&str, WireError> {
+    cstr(body, "Execute").map(|(portal, _)| portal)
 }
 
 // === messages the proxy writes ===

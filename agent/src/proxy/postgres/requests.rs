@@ -1,0 +1,407 @@
+//! Client → server: every `Query`, `Parse` and `Bind` is decided by policy
+//! before it is sent on, and every message that gets an answer is announced
+//! to the server side ([`Expect`]) first.
+//!
+//! A denied query is replaced by a statement that makes the *server* raise
+//! the denial (SQLSTATE 42501), so the error arrives in order with every
+//! other response and the transaction state is the server's own (`E` inside
+//! a transaction block). A denied `Parse` (or a `Bind` the policy no longer
+//! allows) drops the rest of the client's batch; the denial is raised at
+//! its next Flush or Sync.
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, atomic::AtomicU64, atomic::Ordering},
+};
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::{
+    Session, StatementCounts,
+    mask::{MaskSet, Origin},
+    responses::{Expect, Expected},
+    statements::{Audit, Decided, DecisionCache, Masking, StatementOutcome, decide},
+    wire::{self, Frame, WireError},
+};
+use crate::policy::{ActivePolicy, ColumnName, KindSet, StatementInfo, StatementKind, TargetId};
+
+/// Prepared statements tracked per session; a Parse beyond is refused
+/// (an unknown statement could not be decided at Bind).
+const MAX_PREPARED: usize = 4096;
+
+/// The client → server state of one session.
+pub struct Requests<'s> {
+    session: &'s Session,
+    counts: &'s StatementCounts,
+    expected: &'s Expected,
+    decisions: DecisionCache,
+    /// The policy the masks below were made from.
+    policy: Arc<ActivePolicy>,
+    masking: Masking,
+    /// Table-qualified mask columns looked up at session start.
+    resolved: HashMap<ColumnName, Vec<Origin>>,
+    /// Protocol-level prepared statements, by name.
+    prepared: HashMap<String, Arc<Decided>>,
+    portals: HashMap<String, Portal>,
+    denied_batch: Option<DeniedBatch>,
+}
+
+struct Portal {
+    decided: Option<Arc<Decided>>,
+    /// Whether its columns are known to the server side (the client, or
+    /// the agent, described it).
+    described: bool,
+}
+
+struct DeniedBatch {
+    denial: String,
+    raised: bool,
+}
+
+impl<'s> Requests<'s> {
+    pub fn new(
+        session: &'s Session,
+        counts: &'s StatementCounts,
+        expected: &'s Expected,
+        policy: Arc<ActivePolicy>,
+        resolved: HashMap<ColumnName, Vec<Origin>>,
+    ) -> Self {
+        let mut requests = Self {
+            session,
+            counts,
+            expected,
+            decisions: DecisionCache::default(),
+            masking: Masking::Off,
+            policy,
+            resolved,
+            prepared: HashMap::new(),
+            portals: HashMap::new(),
+            denied_batch: None,
+        };
+        requests.masking = requests.compute_masking();
+        requests
+    }
+
+    /// The session's masks under the current policy.
+    fn compute_masking(&self) -> Masking {
+        let policy = &self.policy.policy;
+        let Some(target) = policy
+            .targets
+            .iter()
+            .position(|t| t.name == self.session.target)
+        else {
+            return Masking::Off;
+        };
+        let masks = crate::policy::masks_for(policy, &self.session.workload, TargetId(target));
+        if masks.is_empty() {
+            return Masking::Off;
+        }
+        match MaskSet::compile(&masks, &self.resolved, self.session.context.mask_key.clone()) {
+            Ok(set) => Masking::On(Arc::new(set)),
+            Err(unresolved) => Masking::Unresolved(
+                format!(
+                    "the policy now masks {} (reloaded after this session looked its columns up); reconnect",
+                    unresolved.0.join(", ")
+                )
+                .into(),
+            ),
+        }
+    }
+
+    /// Follows a policy reload (a pointer comparison when there is none).
+    fn refresh(&mut self) {
+        let current = self.session.context.active.load();
+        if !Arc::ptr_eq(&current, &self.policy) {
+            self.policy = arc_swap::Guard::into_inner(current);
+            self.masking = self.compute_masking();
+        }
+    }
+
+    fn expect(&self, entry: Expect) {
+        self.expected.lock().expect("not poisoned").push_back(entry);
+    }
+
+    fn masks(&self) -> Option<Arc<MaskSet>> {
+        self.masking.set().cloned()
+    }
+
+    /// Writes the audit lines of a denied query and logs the denial.
+    fn record_denial(&self, decided: &Arc<Decided>) {
+        for audit in Audit::all(decided) {
+            let (action, _) = decided.verdicts[audit.index];
+            let outcome = match action {
+                crate::policy::Action::Deny => StatementOutcome::Denied,
+                crate::policy::Action::Allow => StatementOutcome::NotRun,
+            };
+            audit.finish(self.session, self.counts, outcome, None);
+        }
+        tracing::info!(denial = decided.denial.as_deref(), "statement denied");
+    }
+
+    /// Handles one client message: `Some(bytes)` to send upstream.
+    fn on_frame(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), WireError> {
+        if let Some(batch) = &mut self.denied_batch {
+            // The rest of a batch whose Parse or Bind was denied is dropped;
+            // the denial is raised at the client's next Flush or Sync.
+            if matches!(frame.tag, b'H' | b'S') && !batch.raised {
+                batch.raised = true;
+                out.extend_from_slice(&raise(&batch.denial));
+                self.expect(Expect::Query {
+                    audits: VecDeque::new(),
+                    masks: None,
+                    hide_ready: true,
+                });
+            }
+            if frame.tag == b'S' {
+                self.denied_batch = None;
+                self.expect(Expect::Sync);
+                out.extend_from_slice(&frame.bytes);
+            }
+            return Ok(());
+        }
+        match frame.tag {
+            b'Q' => {
+                self.refresh();
+                let sql = wire::query_text(frame.body())?;
+                let decided = self
+                    .decisions
+                    .get(sql, self.session, &self.policy, &self.masking);
+                if let Some(denial) = &decided.denial {
+                    self.record_denial(&decided);
+                    out.extend_from_slice(&raise(denial));
+                    self.expect(Expect::Query {
+                        audits: VecDeque::new(),
+                        masks: None,
+                        hide_ready: false,
+                    });
+                    return Ok(());
+                }
+                self.expect(Expect::Query {
+                    audits: Audit::all(&decided).collect(),
+                    masks: self.masks(),
+                    hide_ready: false,
+                });
+            }
+            b'P' => {
+                self.refresh();
+                let (name, sql) = wire::parse_fields(frame.body())?;
+                let decided = self
+                    .decisions
+                    .get(sql, self.session, &self.policy, &self.masking);
+                if let Some(denial) = &decided.denial {
+                    self.record_denial(&decided);
+                    return self.deny_batch(denial.clone());
+                }
+                if !self.prepared.contains_key(name) && self.prepared.len() >= MAX_PREPARED {
+                    return self.deny_batch(format!(
+                        "more than {MAX_PREPARED} prepared statements in one session; close some first"
+                    ));
+                }
+                self.prepared.insert(name.to_owned(), decided);
+                self.expect(Expect::Parse);
+            }
+            b'B' => {
+                self.refresh();
+                let (portal, statement) = wire::bind_names(frame.body())?;
+                let mut decided = self.prepared.get(statement).cloned();
+                // Prepared under an older policy: decided again now.
+                if let Some(stale) = &decided
+                    && !Arc::ptr_eq(&stale.policy, &self.policy)
+                {
+                    let fresh = Arc::new(decide(
+                        self.session,
+                        &self.policy,
+                        stale.statements.clone(),
+                        &self.masking,
+                    ));
+                    self.prepared.insert(statement.to_owned(), fresh.clone());
+                    decided = Some(fresh);
+                }
+                if let Some(denial) = decided.as_ref().and_then(|d| d.denial.as_ref()) {
+                    self.record_denial(decided.as_ref().expect("checked"));
+                    return self.deny_batch(denial.clone());
+                }
+                self.portals.insert(
+                    portal.to_owned(),
+                    Portal {
+                        decided,
+                        described: false,
+                    },
+                );
+                self.expect(Expect::Bind {
+                    portal: portal.to_owned(),
+                });
+            }
+            b'D' => {
+                let (kind, name) = wire::target_name(frame.body(), "Describe")?;
+                if kind == b'P' {
+                    if let Some(portal) = self.portals.get_mut(name) {
+                        portal.described = true;
+                    }
+                    self.expect(Expect::DescribePortal {
+                        portal: name.to_owned(),
+                        masks: self.masks(),
+                        hidden: false,
+                    });
+                } else {
+                    self.expect(Expect::DescribeStatement);
+                }
+            }
+            b'E' => {
+                let portal_name = wire::execute_portal(frame.body())?;
+                let masks = self.masks();
+                let portal = self.portals.get_mut(portal_name);
+                let described = portal.as_ref().is_some_and(|p| p.described);
+                let audit = portal.and_then(|p| {
+                    p.described = true;
+                    p.decided.as_ref().map(|d| Audit::new(d.clone(), 0))
+                });
+                // Rows are masked by their columns: when the client did not
+                // describe the portal, the agent asks for itself.
+                if masks.is_some() && !described {
+                    describe_portal(portal_name, out);
+                    self.expect(Expect::DescribePortal {
+                        portal: portal_name.to_owned(),
+                        masks: masks.clone(),
+                        hidden: true,
+                    });
+                }
+                self.expect(Expect::Execute {
+                    portal: portal_name.to_owned(),
+                    audit,
+                    masks,
+                });
+            }
+            b'C' => {
+                let (kind, name) = wire::target_name(frame.body(), "Close")?;
+                if kind == b'P' {
+                    self.portals.remove(name);
+                } else {
+                    self.prepared.remove(name);
+                }
+                self.expect(Expect::Close);
+            }
+            b'S' => self.expect(Expect::Sync),
+            b'F' => {
+                // A fast-path function call names a function by OID: it
+                // cannot be read as a statement, so it follows `unparsed`.
+                self.refresh();
+                let call: Arc<[StatementInfo]> = Arc::new([StatementInfo {
+                    kinds: KindSet::from_iter([StatementKind::Call]),
+                    text: "fast-path function call".into(),
+                    ..StatementInfo::default()
+                }]);
+                let decided = Arc::new(decide(self.session, &self.policy, call, &self.masking));
+                let denial = decided.denial.clone().or_else(|| {
+                    self.masks()
+                        .map(|_| "results are masked for this workload, and a fast-path call's result cannot be".to_owned())
+                });
+                if let Some(denial) = denial {
+                    self.record_denial(&decided);
+                    out.extend_from_slice(&raise(&denial));
+                    self.expect(Expect::Query {
+                        audits: VecDeque::new(),
+                        masks: None,
+                        hide_ready: false,
+                    });
+                    return Ok(());
+                }
+                self.expect(Expect::Query {
+                    audits: Audit::all(&decided).collect(),
+                    masks: None,
+                    hide_ready: false,
+                });
+            }
+            _ => {}
+        }
+        out.extend_from_slice(&frame.bytes);
+        Ok(())
+    }
+
+    /// Drops the rest of the batch; the denial is raised at Flush or Sync.
+    fn deny_batch(&mut self, denial: String) -> Result<(), WireError> {
+        self.denied_batch = Some(DeniedBatch {
+            denial,
+            raised: false,
+        });
+        Ok(())
+    }
+}
+
+/// Relays the client's messages upstream until it terminates or closes.
+pub async fn relay_client<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    requests: &mut Requests<'_>,
+    bytes_up: &AtomicU64,
+) -> Result<(), WireError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    // Frames a client sends together (Parse/Bind/Describe/Execute/Sync) go
+    // upstream together: gathered, and written whenever no further complete
+    // frame is already waiting, i.e. before the relay would block on a read.
+    let mut out = BytesMut::with_capacity(16 * 1024);
+    loop {
+        if (!wire::has_frame(&buf) || out.len() >= 64 * 1024) && !out.is_empty() {
+            writer.write_all(&out).await?;
+            out.clear();
+        }
+        let Some(frame) = wire::read_frame(reader, &mut buf).await? else {
+            break;
+        };
+        bytes_up.fetch_add(frame.bytes.len() as u64, Ordering::Relaxed);
+        if frame.tag == b'X' {
+            // Terminate: passed on, so the server ends the session cleanly.
+            out.extend_from_slice(&frame.bytes);
+            break;
+        }
+        requests.on_frame(&frame, &mut out)?;
+    }
+    // Terminate or end of stream: the server sees the end of ours.
+    let _ = writer.write_all(&out).await;
+    let _ = writer.shutdown().await;
+    Ok(())
+}
+
+/// A Describe of a portal, asked by the agent.
+fn describe_portal(portal: &str, out: &mut BytesMut) {
+    out.put_u8(b'D');
+    out.put_i32((4 + 1 + portal.len() + 1) as i32);
+    out.put_u8(b'P');
+    out.put_slice(portal.as_bytes());
+    out.put_u8(0);
+}
+
+/// A simple Query that makes the server raise the denial as SQLSTATE 42501.
+/// The text only carries policy names and parsed identifiers; quotes are
+/// doubled and `$` removed so it cannot end the dollar-quoted body.
+pub fn raise(denial: &str) -> BytesMut {
+    let message = format!("interlock: {denial}")
+        .replace('$', "")
+        .replace('\'', "''");
+    let sql = format!(
+        "DO $interlock$ BEGIN RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = '{message}'; END $interlock$"
+    );
+    let mut buf = BytesMut::new();
+    postgres_protocol::message::frontend::query(&sql, &mut buf).expect("no NUL in the denial");
+    buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raise_cannot_be_broken_out_of() {
+        let buf = raise("rule \"x\" denies drop on public.a'b$interlock$; DROP TABLE t; --");
+        let text = wire::query_text(&buf[5..]).unwrap();
+        assert!(text.starts_with("DO $interlock$ BEGIN RAISE EXCEPTION USING ERRCODE = '42501'"));
+        assert_eq!(text.matches("$interlock$").count(), 2, "{text}");
+        assert!(text.contains("public.a''binterlock;"), "{text}");
+        let parsed = super::super::sql::analyze(text);
+        assert_eq!(parsed.len(), 1, "still one statement: {text}");
+    }
+}

@@ -1,0 +1,473 @@
+//! Server → client: each response is matched to the client message that
+//! asked for it, so the agent knows which result a row belongs to (to mask
+//! it), when a statement completed (to audit it), and which responses are
+//! its own to swallow.
+//!
+//! The client side pushes an [`Expect`] for every message that gets an
+//! answer, before sending it on; this side takes them in order. Rows that
+//! need no masking are never buffered whole: a DataRow or CopyData passes
+//! through as its bytes arrive, and a read's worth of untouched frames goes
+//! out in one write.
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex, atomic::AtomicU64, atomic::Ordering},
+};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{
+    Session, StatementCounts,
+    mask::{MaskError, MaskSet, RowPlan},
+    statements::{Audit, StatementOutcome},
+    wire::MAX_MESSAGE,
+};
+
+/// What the server will answer next, one entry per client message that
+/// gets a response, in the order they were sent.
+pub enum Expect {
+    /// A simple Query (also a fast-path call, or a denial the agent sent in
+    /// its place): results, then ReadyForQuery. `hide_ready` when the agent
+    /// sent it in the middle of an extended-protocol batch, where the client
+    /// expects no ReadyForQuery until its own Sync.
+    Query {
+        audits: VecDeque<Audit>,
+        masks: Option<Arc<MaskSet>>,
+        hide_ready: bool,
+    },
+    Parse,
+    Bind {
+        portal: String,
+    },
+    DescribeStatement,
+    /// `hidden`: the agent asked, to learn a portal's columns the client
+    /// never described; the answer is not the client's.
+    DescribePortal {
+        portal: String,
+        masks: Option<Arc<MaskSet>>,
+        hidden: bool,
+    },
+    Execute {
+        portal: String,
+        audit: Option<Audit>,
+        masks: Option<Arc<MaskSet>>,
+    },
+    Close,
+    Sync,
+}
+
+pub type Expected = Mutex<VecDeque<Expect>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResponseError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Mask(#[from] MaskError),
+    #[error("server message {0:?} does not answer anything the client asked")]
+    OutOfStep(char),
+    #[error(
+        "rows for a portal whose columns the agent does not know; refusing to pass them unmasked"
+    )]
+    UndescribedPortal,
+    #[error("malformed server message: {0}")]
+    Malformed(String),
+}
+
+/// What to do with one response frame.
+enum Act {
+    Forward,
+    /// The agent's own question's answer: not sent on.
+    Drop,
+    /// Rewritten (masked) into the output buffer.
+    Replaced,
+}
+
+/// The server → client state of one session.
+pub struct Responses<'s> {
+    session: &'s Session,
+    counts: &'s StatementCounts,
+    expected: &'s Expected,
+    /// The entry now being answered.
+    active: Option<Expect>,
+    /// After an error in an extended-protocol batch the server ignores
+    /// everything up to the client's Sync: so does this side.
+    skip_to_sync: bool,
+    /// The masking plan of the result now streaming.
+    plan: Option<Arc<RowPlan>>,
+    /// Plans of portals described while masking is on, by portal name.
+    portals: HashMap<String, Arc<RowPlan>>,
+}
+
+/// Portal plans kept at most (named portals live until their transaction
+/// ends, which this side does not track).
+const MAX_PORTALS: usize = 1024;
+
+impl<'s> Responses<'s> {
+    pub fn new(session: &'s Session, counts: &'s StatementCounts, expected: &'s Expected) -> Self {
+        Self {
+            session,
+            counts,
+            expected,
+            active: None,
+            skip_to_sync: false,
+            plan: None,
+            portals: HashMap::new(),
+        }
+    }
+
+    /// Makes the next expected entry the active one, if none is; false
+    /// when nothing is expected.
+    fn ensure_active(&mut self) -> bool {
+        if self.active.is_none() {
+            let mut expected = self.expected.lock().expect("not poisoned");
+            while let Some(next) = expected.pop_front() {
+                if self.skip_to_sync && !matches!(next, Expect::Sync) {
+                    self.discard(next);
+                    continue;
+                }
+                self.skip_to_sync = false;
+                if let Expect::Execute { portal, masks, .. } = &next {
+                    self.plan = masks
+                        .as_ref()
+                        .and_then(|_| self.portals.get(portal).cloned());
+                }
+                self.active = Some(next);
+                break;
+            }
+        }
+        self.active.is_some()
+    }
+
+    /// Takes the active entry (the frame completes it).
+    fn take_active(&mut self) -> Option<Expect> {
+        self.ensure_active();
+        self.plan = None;
+        self.active.take()
+    }
+
+    /// An entry the server will not answer: its statements did not run.
+    fn discard(&self, entry: Expect) {
+        match entry {
+            Expect::Query { audits, .. } => {
+                for audit in audits {
+                    audit.finish(self.session, self.counts, StatementOutcome::NotRun, None);
+                }
+            }
+            Expect::Execute {
+                audit: Some(audit), ..
+            } => audit.finish(self.session, self.counts, StatementOutcome::NotRun, None),
+            _ => {}
+        }
+    }
+
+    /// Whether a frame may pass as its bytes arrive, without being held
+    /// whole: rows that are not masked, and COPY data.
+    fn streams(&mut self, tag: u8) -> Result<bool, ResponseError> {
+        match tag {
+            b'd' => Ok(true),
+            b'D' => {
+                self.ensure_active();
+                let masked = match &self.active {
+                    Some(Expect::Execute { masks: Some(_), .. }) if self.plan.is_none() => {
+                        return Err(ResponseError::UndescribedPortal);
+                    }
+                    _ => self.plan.as_ref().is_some_and(|plan| plan.is_active()),
+                };
+                Ok(!masked)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Handles one frame: `frame` is the whole frame, or `None` for a
+    /// streamed one (see [`Self::streams`]). Masked rows are appended to
+    /// `out`.
+    fn on_frame(
+        &mut self,
+        tag: u8,
+        frame: Option<&[u8]>,
+        out: &mut BytesMut,
+    ) -> Result<Act, ResponseError> {
+        let body = || frame.map_or(&[][..], |f| &f[5..]);
+        let out_of_step = || ResponseError::OutOfStep(tag as char);
+        match tag {
+            b'D' => {
+                let masked = match (&self.plan, frame) {
+                    (Some(plan), Some(frame)) => match self.active.as_ref() {
+                        Some(
+                            Expect::Query {
+                                masks: Some(masks), ..
+                            }
+                            | Expect::Execute {
+                                masks: Some(masks), ..
+                            },
+                        ) => masks.mask_row(plan, frame, out)?,
+                        _ => return Err(out_of_step()),
+                    },
+                    _ => None,
+                };
+                let audit = match self.active.as_mut() {
+                    Some(Expect::Query { audits, .. }) => audits.front_mut(),
+                    Some(Expect::Execute { audit, .. }) => audit.as_mut(),
+                    _ => return Err(out_of_step()),
+                };
+                if let Some(audit) = audit {
+                    audit.rows += 1;
+                    audit.masked += u64::from(masked.unwrap_or(0));
+                }
+                Ok(if masked.is_some() {
+                    Act::Replaced
+                } else {
+                    Act::Forward
+                })
+            }
+            b'T' => match self.take_active().ok_or_else(out_of_step)? {
+                Expect::Query {
+                    audits,
+                    masks,
+                    hide_ready,
+                } => {
+                    self.plan = masks
+                        .as_ref()
+                        .map(|m| m.plan(body()))
+                        .transpose()?
+                        .map(Arc::new);
+                    self.active = Some(Expect::Query {
+                        audits,
+                        masks,
+                        hide_ready,
+                    });
+                    Ok(Act::Forward)
+                }
+                Expect::DescribeStatement => Ok(Act::Forward),
+                Expect::DescribePortal {
+                    portal,
+                    masks,
+                    hidden,
+                } => {
+                    if let Some(masks) = masks {
+                        let plan = Arc::new(masks.plan(body())?);
+                        if self.portals.len() >= MAX_PORTALS {
+                            self.portals.clear();
+                        }
+                        self.portals.insert(portal, plan);
+                    }
+                    Ok(if hidden { Act::Drop } else { Act::Forward })
+                }
+                _ => Err(out_of_step()),
+            },
+            b'n' => match self.take_active().ok_or_else(out_of_step)? {
+                Expect::DescribeStatement => Ok(Act::Forward),
+                Expect::DescribePortal { portal, hidden, .. } => {
+                    self.portals.remove(&portal);
+                    Ok(if hidden { Act::Drop } else { Act::Forward })
+                }
+                _ => Err(out_of_step()),
+            },
+            b'C' | b'I' => {
+                let tag_text = (tag == b'C').then(|| body().strip_suffix(&[0]).unwrap_or(body()));
+                self.ensure_active();
+                match &mut self.active {
+                    Some(Expect::Query { audits, .. }) => {
+                        if let Some(audit) = audits.pop_front() {
+                            audit.finish(self.session, self.counts, StatementOutcome::Ok, tag_text);
+                        }
+                        self.plan = None;
+                    }
+                    Some(Expect::Execute { .. }) => {
+                        if let Some(Expect::Execute {
+                            audit: Some(audit), ..
+                        }) = self.take_active()
+                        {
+                            audit.finish(self.session, self.counts, StatementOutcome::Ok, tag_text);
+                        }
+                    }
+                    _ => return Err(out_of_step()),
+                }
+                Ok(Act::Forward)
+            }
+            b's' => match self.take_active().ok_or_else(out_of_step)? {
+                Expect::Execute { audit, .. } => {
+                    if let Some(audit) = audit {
+                        audit.finish(self.session, self.counts, StatementOutcome::Ok, None);
+                    }
+                    Ok(Act::Forward)
+                }
+                _ => Err(out_of_step()),
+            },
+            b'1' | b'2' | b'3' => {
+                match (tag, self.take_active().ok_or_else(out_of_step)?) {
+                    (b'1', Expect::Parse) | (b'3', Expect::Close) => {}
+                    (b'2', Expect::Bind { portal }) => {
+                        self.portals.remove(&portal);
+                    }
+                    _ => return Err(out_of_step()),
+                }
+                Ok(Act::Forward)
+            }
+            // ParameterDescription: RowDescription or NoData follows.
+            b't' => {
+                self.ensure_active();
+                match &self.active {
+                    Some(Expect::DescribeStatement) => Ok(Act::Forward),
+                    _ => Err(out_of_step()),
+                }
+            }
+            b'E' => {
+                self.ensure_active();
+                match &mut self.active {
+                    // The failing statement of a simple query; the rest of
+                    // it does not run. ReadyForQuery follows.
+                    Some(Expect::Query { audits, .. }) => {
+                        let mut audits = std::mem::take(audits);
+                        if let Some(failed) = audits.pop_front() {
+                            failed.finish(self.session, self.counts, StatementOutcome::Error, None);
+                        }
+                        for audit in audits {
+                            audit.finish(self.session, self.counts, StatementOutcome::NotRun, None);
+                        }
+                        self.plan = None;
+                    }
+                    // A failing commit at Sync: ReadyForQuery follows.
+                    Some(Expect::Sync) => {}
+                    // Extended protocol: the server now skips to Sync.
+                    Some(_) => {
+                        if let Some(Expect::Execute {
+                            audit: Some(audit), ..
+                        }) = self.take_active()
+                        {
+                            audit.finish(self.session, self.counts, StatementOutcome::Error, None);
+                        }
+                        self.skip_to_sync = true;
+                    }
+                    // Not an answer (a FATAL at server shutdown): passed on.
+                    None => {}
+                }
+                Ok(Act::Forward)
+            }
+            b'Z' => {
+                let hide = match self.take_active().ok_or_else(out_of_step)? {
+                    Expect::Query {
+                        audits, hide_ready, ..
+                    } => {
+                        for audit in audits {
+                            audit.finish(self.session, self.counts, StatementOutcome::NotRun, None);
+                        }
+                        hide_ready
+                    }
+                    Expect::Sync => false,
+                    _ => return Err(out_of_step()),
+                };
+                Ok(if hide { Act::Drop } else { Act::Forward })
+            }
+            // Notices, notifications, parameter changes, COPY and
+            // function-call responses belong to whatever is running.
+            _ => Ok(Act::Forward),
+        }
+    }
+
+    /// Statements still waiting when the session ends did not complete.
+    pub fn finish(mut self) {
+        if let Some(active) = self.active.take() {
+            self.discard(active);
+        }
+        let rest: Vec<Expect> = self
+            .expected
+            .lock()
+            .expect("not poisoned")
+            .drain(..)
+            .collect();
+        for entry in rest {
+            self.discard(entry);
+        }
+    }
+}
+
+/// Relays the server's messages to the client until the server closes.
+pub async fn relay_server<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    responses: &mut Responses<'_>,
+    bytes_down: &AtomicU64,
+) -> Result<(), ResponseError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    const READ_SIZE: usize = 64 * 1024;
+    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    let mut out = BytesMut::new();
+    // Bytes of a streamed frame still to pass.
+    let mut streaming = 0usize;
+    loop {
+        if buf.capacity() - buf.len() < READ_SIZE / 4 {
+            buf.reserve(READ_SIZE);
+        }
+        if reader.read_buf(&mut buf).await? == 0 {
+            if buf.is_empty() && streaming == 0 {
+                let _ = writer.shutdown().await;
+                return Ok(());
+            }
+            return Err(ResponseError::Malformed(
+                "the server closed the connection inside a message".into(),
+            ));
+        }
+        // buf[..passed] has been written (or dropped); buf[..pos] handled.
+        let mut pos = 0;
+        let mut passed = 0;
+        out.clear();
+        loop {
+            if streaming > 0 {
+                let take = streaming.min(buf.len() - pos);
+                pos += take;
+                streaming -= take;
+                if streaming > 0 {
+                    break;
+                }
+                continue;
+            }
+            let Some(header) = buf.get(pos..pos + 5) else {
+                break;
+            };
+            let tag = header[0];
+            let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+            let total = usize::try_from(len)
+                .ok()
+                .filter(|l| (4..=MAX_MESSAGE).contains(l))
+                .ok_or_else(|| ResponseError::Malformed(format!("message length {len}")))?
+                + 1;
+            if responses.streams(tag)? {
+                responses.on_frame(tag, None, &mut out)?;
+                streaming = total;
+                continue;
+            }
+            let Some(frame) = buf.get(pos..pos + total) else {
+                buf.reserve(total - (buf.len() - pos));
+                break;
+            };
+            if tag == b'D' {
+                // A masked row may be rewritten: what precedes it goes first.
+                out.extend_from_slice(&buf[passed..pos]);
+                passed = pos;
+            }
+            match responses.on_frame(tag, Some(frame), &mut out)? {
+                Act::Forward => {}
+                Act::Replaced => passed = pos + total,
+                Act::Drop => {
+                    out.extend_from_slice(&buf[passed..pos]);
+                    passed = pos + total;
+                }
+            }
+            pos += total;
+        }
+        if out.is_empty() {
+            writer.write_all(&buf[passed..pos]).await?;
+        } else {
+            out.extend_from_slice(&buf[passed..pos]);
+            writer.write_all(&out).await?;
+        }
+        bytes_down.fetch_add(pos as u64, Ordering::Relaxed);
+        buf.advance(pos);
+    }
+}

@@ -1,0 +1,234 @@
+//! Statements of a session: what policy decided for a query text (cached
+//! per session), and the audit line each statement gets once it has run.
+use std::{
+    collections::HashMap,
+    sync::{Arc, atomic::Ordering},
+    time::{Instant, SystemTime},
+};
+
+use crate::{
+    access::StatementLine,
+    policy::{Action, ActivePolicy, StatementInfo, StatementKind, TargetId, evaluate_statement},
+};
+
+use super::{Session, StatementCounts, mask::MaskSet, sql};
+
+/// The masks a session applies, as of one policy.
+#[derive(Clone)]
+pub enum Masking {
+    Off,
+    On(Arc<MaskSet>),
+    /// The policy now masks a table column this session did not look up
+    /// (it was reloaded since): every statement is refused until the client
+    /// reconnects, rather than a result going out unmasked.
+    Unresolved(Arc<str>),
+}
+
+impl Masking {
+    pub fn set(&self) -> Option<&Arc<MaskSet>> {
+        match self {
+            Masking::On(set) => Some(set),
+            _ => None,
+        }
+    }
+}
+
+/// Policy's answer for one query text, under one policy.
+pub struct Decided {
+    /// The policy decided under; a reload makes a new one.
+    pub policy: Arc<ActivePolicy>,
+    pub statements: Arc<[StatementInfo]>,
+    /// Per statement: the action and the deciding rule (index in the
+    /// policy's rules).
+    pub verdicts: Box<[(Action, Option<usize>)]>,
+    /// Set when a statement is denied and enforcement is on: the message
+    /// the client gets. None of the query runs.
+    pub denial: Option<String>,
+}
+
+impl Decided {
+    pub fn rule_name(&self, index: usize) -> Option<&str> {
+        let (_, rule) = self.verdicts.get(index)?;
+        rule.map(|r| self.policy.policy.rules[r].name.as_str())
+    }
+}
+
+/// Decisions by query text, per session: clients that repeat a statement
+/// (the extended protocol re-sends Parse; ORMs repeat queries) pay a hash
+/// lookup instead of a parse and an evaluation. An entry made under an
+/// older policy is decided again (the parse is kept).
+#[derive(Default)]
+pub struct DecisionCache(HashMap<String, Arc<Decided>>);
+
+impl DecisionCache {
+    const MAX_ENTRIES: usize = 256;
+
+    pub fn get(
+        &mut self,
+        sql: &str,
+        session: &Session,
+        policy: &Arc<ActivePolicy>,
+        masking: &Masking,
+    ) -> Arc<Decided> {
+        if let Some(hit) = self.0.get(sql)
+            && Arc::ptr_eq(&hit.policy, policy)
+        {
+            return hit.clone();
+        }
+        let statements = match self.0.get(sql) {
+            Some(stale) => stale.statements.clone(),
+            None => sql::analyze(sql).into(),
+        };
+        if self.0.len() >= Self::MAX_ENTRIES {
+            self.0.clear();
+        }
+        let decided = Arc::new(decide(session, policy, statements, masking));
+        self.0.insert(sql.to_owned(), decided.clone());
+        decided
+    }
+}
+
+/// Decides every statement of a query; the query is denied as a whole if
+/// any statement is (and enforcement is on), so that none of it runs.
+pub fn decide(
+    session: &Session,
+    policy: &Arc<ActivePolicy>,
+    statements: Arc<[StatementInfo]>,
+    masking: &Masking,
+) -> Decided {
+    let target = policy
+        .policy
+        .targets
+        .iter()
+        .position(|t| t.name == session.target)
+        .map(TargetId);
+    let mut denial = None;
+    let mut verdicts = Vec::with_capacity(statements.len());
+    for statement in statements.iter() {
+        let (action, rule, reason) = match (target, masking) {
+            // The target left the policy since the session began.
+            (None, _) => (
+                Action::Deny,
+                None,
+                "the target is no longer in the policy".into(),
+            ),
+            (Some(_), Masking::Unresolved(why)) => (Action::Deny, None, why.to_string()),
+            (Some(id), _) => {
+                let verdict = evaluate_statement(&policy.policy, &session.workload, id, statement);
+                let rule = verdict
+                    .rule
+                    .and_then(|name| policy.policy.rules.iter().position(|r| r.name == name));
+                if verdict.allowed()
+                    && masking.set().is_some()
+                    && statement.kinds.contains(StatementKind::CopyTo)
+                {
+                    // COPY output is not rows the agent can mask.
+                    let why = "results are masked for this workload, and COPY ... TO output cannot be; use SELECT";
+                    (Action::Deny, rule, why.into())
+                } else if verdict.allowed() {
+                    (Action::Allow, rule, String::new())
+                } else {
+                    (Action::Deny, rule, verdict.reason(statement))
+                }
+            }
+        };
+        if action == Action::Deny && (policy.enforce || target.is_none()) && denial.is_none() {
+            denial = Some(match rule.map(|r| &policy.policy.rules[r].name) {
+                Some(name) => format!("statement denied by rule {name:?}: {reason}"),
+                None => format!("statement denied: {reason}"),
+            });
+        }
+        verdicts.push((action, rule));
+    }
+    Decided {
+        policy: policy.clone(),
+        statements,
+        verdicts: verdicts.into(),
+        denial,
+    }
+}
+
+/// One statement on its way through the server: written as an audit line
+/// when it completes (or fails, or is skipped).
+pub struct Audit {
+    pub decided: Arc<Decided>,
+    pub index: usize,
+    started: Instant,
+    time: SystemTime,
+    pub rows: u64,
+    pub masked: u64,
+}
+
+/// How a statement ended, for the audit line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatementOutcome {
+    Ok,
+    /// The server reported an error.
+    Error,
+    /// An earlier statement of the same query or batch failed.
+    NotRun,
+    /// Denied by policy: never sent.
+    Denied,
+}
+
+impl Audit {
+    pub fn new(decided: Arc<Decided>, index: usize) -> Self {
+        Self {
+            decided,
+            index,
+            started: Instant::now(),
+            time: SystemTime::now(),
+            rows: 0,
+            masked: 0,
+        }
+    }
+
+    /// Every statement of a query, in order.
+    pub fn all(decided: &Arc<Decided>) -> impl Iterator<Item = Audit> + '_ {
+        (0..decided.statements.len()).map(|i| Audit::new(decided.clone(), i))
+    }
+
+    /// Writes the statement's audit line and counts its decision.
+    pub fn finish(
+        self,
+        session: &Session,
+        counts: &StatementCounts,
+        outcome: StatementOutcome,
+        completion: Option<&[u8]>,
+    ) {
+        let Some(statement) = self.decided.statements.get(self.index) else {
+            return;
+        };
+        let (action, _) = self.decided.verdicts[self.index];
+        match action {
+            Action::Allow => counts.allowed.fetch_add(1, Ordering::Relaxed),
+            Action::Deny => counts.denied.fetch_add(1, Ordering::Relaxed),
+        };
+        // The server's count (`UPDATE 3`, `SELECT 5`) where it gives one,
+        // else the rows that went by.
+        let rows = completion
+            .and_then(|tag| tag.rsplit(|b| *b == b' ').next())
+            .and_then(|n| std::str::from_utf8(n).ok()?.parse().ok())
+            .unwrap_or(self.rows);
+        let ran = matches!(outcome, StatementOutcome::Ok | StatementOutcome::Error);
+        StatementLine {
+            event: "statement",
+            time: humantime::format_rfc3339_millis(self.time).to_string(),
+            session_id: &session.session_id,
+            target: &session.target,
+            statement: &statement.text,
+            kinds: statement.kinds,
+            tables: &statement.tables,
+            writes: statement.writes(),
+            decision: action,
+            enforced: self.decided.policy.enforce,
+            rule: self.decided.rule_name(self.index),
+            outcome,
+            rows: ran.then_some(rows),
+            cells_masked: self.masked,
+            duration_ms: ran.then(|| self.started.elapsed().as_secs_f64() * 1000.0),
+        }
+        .write();
+    }
+}
