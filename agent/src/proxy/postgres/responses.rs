@@ -416,6 +416,7 @@ where
         // buf[..passed] has been written (or dropped); buf[..pos] handled.
         let mut pos = 0;
         let mut passed = 0;
+        let mut pending = 0;
         out.clear();
         loop {
             if streaming > 0 {
@@ -443,7 +444,9 @@ where
                 continue;
             }
             let Some(frame) = buf.get(pos..pos + total) else {
-                buf.reserve(total - (buf.len() - pos));
+                // Room for the whole frame is made once the handled bytes
+                // are gone (reserving now could grow the buffer instead).
+                pending = total;
                 break;
             };
             if tag == b'D' {
@@ -469,5 +472,6 @@ where
         }
         bytes_down.fetch_add(pos as u64, Ordering::Relaxed);
         buf.advance(pos);
+        buf.reserve(pending.saturating_sub(buf.len()));
     }
 }
