@@ -120,6 +120,11 @@ impl Agent {
             connections: ConnRegistry::default(),
             tls: Some(Arc::new(local_ca)),
             mask_key: Arc::new(mask_key),
+            literals: if config.agent.redact_literals {
+                crate::proxy::postgres::Literals::Redact
+            } else {
+                crate::proxy::postgres::Literals::Keep
+            },
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -421,6 +426,7 @@ fn restart_needed(old: &Config, new: &Config) -> bool {
         || a.listen_port != b.listen_port
         || a.bypass_mark != b.bypass_mark
         || a.bpffs_dir != b.bpffs_dir
+        || a.redact_literals != b.redact_literals
 }
 
 /// Resolves host names (blocking, off the async threads) and builds the

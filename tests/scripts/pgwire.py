@@ -4,7 +4,9 @@
     pgwire.py HOST PORT execute-undescribed SQL   Parse/Bind/Execute/Sync with
                                                   no Describe; prints each row
     pgwire.py HOST PORT stream SQL                runs SQL, discards the rows;
-                                                  prints rows and bytes read
+                                                  prints how many there were
+    pgwire.py HOST PORT parse-flush SQL           Parse and Flush, then waits
+                                                  for the answer before Sync
 
 No password is ever sent: the agent in front answers AuthenticationOk.
 """
@@ -107,6 +109,23 @@ def main():
             + message(b"S")
         )
         conn.sock.sendall(batch)
+
+        def show(tag, body):
+            if tag == b"D":
+                print("|".join("" if v is None else v for v in row_values(body)))
+
+        conn.until_ready(show)
+    elif mode == "parse-flush":
+        conn.sock.sendall(message(b"P", cstr("") + cstr(sql) + struct.pack("!h", 0)) + message(b"H"))
+        tag, body = conn.read()
+        print("answer", tag.decode())
+        if tag == b"E":
+            fields = dict((f[:1], f[1:]) for f in body.split(b"\0") if f)
+            print("ERROR", fields.get(b"C", b"").decode(), fields.get(b"M", b"").decode())
+        conn.sock.sendall(message(b"S"))
+        conn.until_ready()
+        print("ready")
+        conn.sock.sendall(message(b"Q", cstr("SELECT 41 + 1")))
 
         def show(tag, body):
             if tag == b"D":

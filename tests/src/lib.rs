@@ -478,6 +478,20 @@ pub fn open_socket_to_everyone(path: &Path) {
     }
 }
 
+/// Runs `tests/scripts/pgwire.py` (a bare PostgreSQL protocol client, for
+/// message sequences libpq never sends) in a cgroup.
+pub fn pgwire(cgroup_dir: &Path, addr: SocketAddr, mode: &str, sql: &str) -> Output {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pgwire.py");
+    sh_in(
+        cgroup_dir,
+        &format!(
+            "exec /usr/bin/python3 {script} {} {} {mode} \"{sql}\"",
+            addr.ip(),
+            addr.port()
+        ),
+    )
+}
+
 pub fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }

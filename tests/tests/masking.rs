@@ -80,18 +80,6 @@ fn python(job: &std::path::Path, pg: &Postgres, program: &str) -> std::process::
     sh_in(job, &format!("exec /usr/bin/python3 {}", path.display()))
 }
 
-fn pgwire(job: &std::path::Path, pg: &Postgres, mode: &str, sql: &str) -> std::process::Output {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pgwire.py");
-    sh_in(
-        job,
-        &format!(
-            "exec /usr/bin/python3 {script} {} {} {mode} \"{sql}\"",
-            pg.addr.ip(),
-            pg.addr.port()
-        ),
-    )
-}
-
 #[test]
 fn columns_and_patterns_are_masked_in_both_protocols() {
     let (pg, _cgroup, job, agent) = start("mask", "127.0.0.40");
@@ -160,7 +148,7 @@ print(row)
     // itself, and the client sees only its own answers.
     let out = pgwire(
         &job,
-        &pg,
+        pg.addr,
         "execute-undescribed",
         "SELECT email, phone FROM customers ORDER BY id",
     );
@@ -231,7 +219,7 @@ fn a_large_result_streams_in_bounded_memory() {
         "SELECT g AS id, repeat('x', 1000) AS payload, 'a@b.example' AS email FROM generate_series(1, {rows}) g"
     );
     let peak_before = peak_rss_kib(agent.pid().expect("agent runs"));
-    let out = pgwire(&job, &pg, "stream", &sql);
+    let out = pgwire(&job, pg.addr, "stream", &sql);
     assert!(out.status.success(), "{}\n{}", stderr(&out), agent.stderr());
     assert_eq!(stdout(&out).trim(), rows.to_string());
     let peak_after = peak_rss_kib(agent.pid().unwrap());

@@ -253,6 +253,27 @@ fn extended_and_prepared_protocol_with_pgbench() {
         .trim(),
         "1"
     );
+
+    // A client that sends Parse and Flush, and waits for the answer before
+    // its Sync, gets the denial at once; the session then goes on.
+    let out = pgwire(
+        &cgroup.dir,
+        pg.addr,
+        "parse-flush",
+        "DELETE FROM pgbench_accounts WHERE aid = 2",
+    );
+    assert_eq!(
+        stdout(&out).lines().collect::<Vec<_>>()[..],
+        [
+            "answer E",
+            "ERROR 42501 interlock: statement denied: no rule allows delete on public.pgbench_accounts",
+            "ready",
+            "42"
+        ][..],
+        "{}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
 }
 
 #[test]

@@ -80,6 +80,7 @@ pub struct AgentSpec {
     pub bpffs_dir: Option<PathBuf>,
     #[serde(default, with = "humantime_serde")]
     pub resolve_interval: Option<std::time::Duration>,
+    pub redact_literals: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

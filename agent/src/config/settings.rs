@@ -53,6 +53,8 @@ pub struct AgentSettings {
     pub bpffs_dir: PathBuf,
     /// How often host-name targets are resolved again.
     pub resolve_interval: Duration,
+    /// Whether statement audit lines replace literal values with `?`.
+    pub redact_literals: bool,
 }
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/interlock/interlock.toml";
@@ -73,6 +75,7 @@ impl Default for AgentSettings {
             bypass_mark: DEFAULT_BYPASS_MARK,
             bpffs_dir: PathBuf::from("/sys/fs/bpf/interlock"),
             resolve_interval: Duration::from_secs(30),
+            redact_literals: false,
         }
     }
 }
@@ -132,6 +135,9 @@ impl AgentSettings {
         }
         if let Some(dir) = &spec.bpffs_dir {
             settings.bpffs_dir = dir.clone();
+        }
+        if let Some(redact) = spec.redact_literals {
+            settings.redact_literals = redact;
         }
         if let Some(interval) = spec.resolve_interval {
             settings.resolve_interval = interval.max(Duration::from_secs(1));

@@ -37,6 +37,8 @@ pub struct ProxyContext {
     pub tls: Option<Arc<crate::tls::LocalCa>>,
     /// The key of the `hash` mask strategy.
     pub mask_key: Arc<postgres::MaskKey>,
+    /// What statement audit lines keep of literal values.
+    pub literals: postgres::Literals,
 }
 
 /// Accepts on every listener until `shutdown` turns true, then gives live

@@ -48,6 +48,7 @@ async fn harness_with(upstream: SocketAddr, allowed: bool, enforce: bool) -> Har
         connections: ConnRegistry::default(),
         tls: None,
         mask_key: Arc::new(crate::proxy::postgres::MaskKey::new([0; 32])),
+        literals: Default::default(),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let listen = listener.local_addr().unwrap();

@@ -23,6 +23,7 @@ mod upstream;
 mod wire;
 
 pub use mask::MaskKey;
+pub use sql::Literals;
 pub use statements::StatementOutcome;
 
 use std::sync::{Arc, atomic::AtomicU64};

@@ -401,7 +401,7 @@ mod tests {
         assert!(text.starts_with("DO $interlock$ BEGIN RAISE EXCEPTION USING ERRCODE = '42501'"));
         assert_eq!(text.matches("$interlock$").count(), 2, "{text}");
         assert!(text.contains("public.a''binterlock;"), "{text}");
-        let parsed = super::super::sql::analyze(text);
+        let parsed = super::super::sql::analyze(text, Default::default());
         assert_eq!(parsed.len(), 1, "still one statement: {text}");
     }
 }

@@ -5,30 +5,75 @@
 use std::ops::ControlFlow;
 
 use sqlparser::{
-    ast::{CopyTarget, ObjectName, ObjectNamePart, Query, SetExpr, Statement, Visit, Visitor},
+    ast::{
+        CopyTarget, Expr, ObjectName, ObjectNamePart, Query, SetExpr, Statement, Value, Visit,
+        Visitor,
+    },
     dialect::PostgreSqlDialect,
     parser::Parser,
 };
 
 use crate::policy::{KindSet, StatementInfo, StatementKind};
 
+/// What the audit text of a statement keeps of its literal values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Literals {
+    #[default]
+    Keep,
+    /// Every literal becomes `?` (`WHERE email = ?`).
+    Redact,
+}
+
 /// Analyses every statement of `sql`. Text that does not parse yields one
 /// unparsed statement (denied by policy): a query is never split by hand.
-pub fn analyze(sql: &str) -> Vec<StatementInfo> {
+pub fn analyze(sql: &str, literals: Literals) -> Vec<StatementInfo> {
     match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
-        Ok(statements) if !statements.is_empty() => {
-            statements.iter().map(analyze_statement).collect()
-        }
+        Ok(statements) if !statements.is_empty() => statements
+            .into_iter()
+            .map(|s| analyze_statement(s, literals))
+            .collect(),
         // An empty query (only comments or `;`) runs nothing.
         Ok(_) => Vec::new(),
         Err(_) => vec![StatementInfo {
-            text: clip(sql),
+            text: unparsed_text(sql, literals),
             ..StatementInfo::default()
         }],
     }
 }
 
-fn analyze_statement(statement: &Statement) -> StatementInfo {
+/// The audit text of a statement that did not parse: its literals cannot
+/// be found, so when they must not be kept, or it may carry a password,
+/// only its size is.
+fn unparsed_text(sql: &str, literals: Literals) -> String {
+    if literals == Literals::Redact || sql.to_ascii_lowercase().contains("password") {
+        format!("<unparsed statement of {} bytes, text withheld>", sql.len())
+    } else {
+        clip(sql)
+    }
+}
+
+/// Statements whose literals may be passwords: redacted whatever the
+/// setting, so a secret never reaches the audit log.
+fn holds_password(statement: &Statement) -> bool {
+    matches!(
+        statement,
+        Statement::CreateRole(_)
+            | Statement::AlterRole { .. }
+            | Statement::CreateUser(_)
+            | Statement::AlterUser(_)
+    )
+}
+
+fn redact_literals(statement: &mut Statement) {
+    let _ = sqlparser::ast::visit_expressions_mut(statement, |expr| {
+        if let Expr::Value(value) = expr {
+            value.value = Value::Placeholder("?".into());
+        }
+        ControlFlow::<()>::Continue(())
+    });
+}
+
+fn analyze_statement(mut statement: Statement, literals: Literals) -> StatementInfo {
     let mut walker = Walker::default();
     let _ = statement.visit(&mut walker);
     let mut tables: Vec<String> = walker
@@ -39,6 +84,9 @@ fn analyze_statement(statement: &Statement) -> StatementInfo {
         .collect();
     tables.sort();
     tables.dedup();
+    if literals == Literals::Redact || holds_password(&statement) {
+        redact_literals(&mut statement);
+    }
     StatementInfo {
         kinds: walker.kinds,
         tables,
@@ -206,7 +254,7 @@ mod tests {
     use StatementKind as K;
 
     fn kinds(sql: &str) -> Vec<Vec<StatementKind>> {
-        analyze(sql)
+        analyze(sql, Literals::Keep)
             .iter()
             .map(|s| s.kinds.iter().collect())
             .collect()
@@ -281,7 +329,7 @@ mod tests {
             "SELEC 1",
             "SELECT 1; garbage garbage",
         ] {
-            let analysed = analyze(sql);
+            let analysed = analyze(sql, Literals::Keep);
             assert_eq!(analysed.len(), 1, "{sql}");
             assert!(!analysed[0].parsed, "{sql}");
         }
@@ -289,7 +337,7 @@ mod tests {
 
     #[test]
     fn tables_are_normalised_and_ctes_are_not_tables() {
-        let tables = |sql: &str| analyze(sql).remove(0).tables;
+        let tables = |sql: &str| analyze(sql, Literals::Keep).remove(0).tables;
         assert_eq!(
             tables("SELECT * FROM Orders o JOIN sales.\"Items\" i ON true"),
             ["public.orders", "sales.Items"]
@@ -309,8 +357,34 @@ mod tests {
         assert_eq!(tables("DROP TABLE orders, s.x"), ["public.orders", "s.x"]);
         assert_eq!(tables("TRUNCATE a"), ["public.a"]);
         assert_eq!(tables("ALTER TABLE a ADD COLUMN b int"), ["public.a"]);
-        assert!(analyze("SELECT * FROM t").remove(0).parsed);
-        assert!(analyze("DELETE FROM t").remove(0).writes());
-        assert!(!analyze("SELECT 1").remove(0).writes());
+        assert!(analyze("SELECT * FROM t", Literals::Keep).remove(0).parsed);
+        assert!(analyze("DELETE FROM t", Literals::Keep).remove(0).writes());
+        assert!(!analyze("SELECT 1", Literals::Keep).remove(0).writes());
+    }
+
+    #[test]
+    fn literals_are_redacted_on_request_and_passwords_always() {
+        let text = |sql: &str, literals| analyze(sql, literals).remove(0).text;
+        assert_eq!(
+            text(
+                "SELECT * FROM t WHERE email = 'a@b.c' AND id > 4",
+                Literals::Redact
+            ),
+            "SELECT * FROM t WHERE email = ? AND id > ?"
+        );
+        assert!(text("SELECT 'kept'", Literals::Keep).contains("'kept'"));
+        for sql in [
+            "CREATE ROLE x LOGIN PASSWORD 'hunter2'",
+            "ALTER ROLE x WITH PASSWORD 'hunter2'",
+            "ALTER USER x PASSWORD 'hunter2'",
+            "alter role x password 'hunter2' garbage here",
+        ] {
+            let kept = text(sql, Literals::Keep);
+            assert!(!kept.contains("hunter2"), "{sql}: {kept}");
+        }
+        assert_eq!(
+            text("SELEKT 'x'", Literals::Redact),
+            "<unparsed statement of 10 bytes, text withheld>"
+        );
     }
 }

@@ -77,7 +77,7 @@ impl DecisionCache {
         }
         let statements = match self.0.get(sql) {
             Some(stale) => stale.statements.clone(),
-            None => sql::analyze(sql).into(),
+            None => sql::analyze(sql, session.context.literals).into(),
         };
         if self.0.len() >= Self::MAX_ENTRIES {
             self.0.clear();
