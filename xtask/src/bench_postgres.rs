@@ -1,7 +1,8 @@
 //! `cargo xtask bench postgres`: pgbench select-only (8 clients) and a
 //! ~1 GB streaming SELECT, direct vs PgBouncer in session pooling (the
 //! PostgreSQL proxy a user would reach for) vs Interlock with statement
-//! policy on, in one run against one real PostgreSQL 15.
+//! policy on, without and with masking, in one run against one real
+//! PostgreSQL 15.
 use std::{
     fs,
     os::unix::fs::PermissionsExt,
@@ -38,33 +39,53 @@ pub fn run(seconds: u32, stream_rows: u64) -> Result<()> {
     );
 
     let secret = pg.password_file(PASSWORD);
-    let cgroup = TestCgroup::new("bench-pg");
-    let agent = Agent::start(
-        &cgroup,
-        "bench-pg",
-        &format!(
+    let policy = |masks: &str| {
+        format!(
             "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"{}\"\ntls = \"disable\"\n\
              [target.credential]\nuser = \"app\"\npassword_file = {:?}\n\
              [[rule]]\nname = \"bench-reads\"\nworkloads = [\"*\"]\ntargets = [\"db\"]\ndecision = \"allow\"\n\
-             statements = [\"select\", \"set\", \"show\", \"transaction\"]\ntables = [\"public.*\", \"pg_catalog.*\"]\n",
+             statements = [\"select\", \"set\", \"show\", \"transaction\"]\ntables = [\"public.*\", \"pg_catalog.*\"]\n{masks}",
             pg.addr,
             secret.display().to_string()
+        )
+    };
+    let cgroup = TestCgroup::new("bench-pg");
+    let agent = Agent::start(&cgroup, "bench-pg", &policy(""));
+    // Masking on: a catalog-resolved column and a pattern that scans every
+    // value of every row.
+    let masked_cgroup = TestCgroup::new("bench-pg-mask");
+    let masked_agent = Agent::start(
+        &masked_cgroup,
+        "bench-pg-mask",
+        &policy(
+            "mask = [{ column = \"pgbench_accounts.filler\" }, { pattern = \"email\", strategy = \"hash\" }]\n",
         ),
     );
     let bouncer = PgBouncer::start(&pg)?;
 
-    // (name, host, port, run in the agent's cgroup)
+    // (name, host, port, the agent's cgroup to run in)
     let paths = [
-        ("direct", pg.addr.ip().to_string(), pg.addr.port(), false),
-        ("pgbouncer", bouncer.host.clone(), bouncer.port, false),
-        ("interlock", pg.addr.ip().to_string(), pg.addr.port(), true),
+        ("direct", pg.addr.ip().to_string(), pg.addr.port(), None),
+        ("pgbouncer", bouncer.host.clone(), bouncer.port, None),
+        (
+            "interlock",
+            pg.addr.ip().to_string(),
+            pg.addr.port(),
+            Some(&cgroup),
+        ),
+        (
+            "interlock, masking on",
+            pg.addr.ip().to_string(),
+            pg.addr.port(),
+            Some(&masked_cgroup),
+        ),
     ];
     let mut tps = Vec::new();
     let mut latency = Vec::new();
     let mut stream = Vec::new();
     for (name, host, port, intercepted) in &paths {
         eprintln!("measuring {name}...");
-        let client_env = if *intercepted {
+        let client_env = if intercepted.is_some() {
             String::new()
         } else {
             format!("PGPASSWORD={PASSWORD} ")
@@ -72,7 +93,7 @@ pub fn run(seconds: u32, stream_rows: u64) -> Result<()> {
         let cmd = format!(
             "{client_env}pgbench -n -S -c 8 -j 2 -T {seconds} -M extended -h {host} -p {port} -U app postgres 2>&1"
         );
-        let out = run_where(&cgroup, *intercepted, &cmd)?;
+        let out = run_where(*intercepted, &cmd)?;
         let value = |prefix: &str| -> Result<f64> {
             out.lines()
                 .find_map(|l| l.strip_prefix(prefix))
@@ -86,7 +107,6 @@ pub fn run(seconds: u32, stream_rows: u64) -> Result<()> {
         let sql = format!("SELECT repeat('x', 1000) FROM generate_series(1, {stream_rows})");
         let started = Instant::now();
         let out = run_where(
-            &cgroup,
             *intercepted,
             &format!(
                 "{client_env}psql -X -w -q -t -A -h {host} -p {port} -U app -d postgres -c \"{sql}\" | wc -c"
@@ -98,26 +118,36 @@ pub fn run(seconds: u32, stream_rows: u64) -> Result<()> {
             .with_context(|| format!("psql output: {out}"))?;
         stream.push(bytes / 1e6 / started.elapsed().as_secs_f64());
     }
-    let peak = agent
-        .pid()
-        .map_or_else(|| "?".into(), crate::bench::peak_rss);
+    let peak = |agent: &Agent| {
+        agent
+            .pid()
+            .map_or_else(|| "?".into(), crate::bench::peak_rss)
+    };
 
     println!(
         "\nInterlock PostgreSQL benchmark (PostgreSQL 15, pgbench scale 10, {} cores)",
         thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "{:<44} {:>11} {:>11} {:>11} {:>17} {:>19}",
-        "scenario", "direct", "pgbouncer", "interlock", "interlock/direct", "interlock/pgbouncer"
+        "{:<44} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "scenario",
+        "direct",
+        "pgbouncer",
+        "interlock",
+        "+masking",
+        "il/direct",
+        "il/bouncer",
+        "+m/direct"
     );
     let row = |name: &str, v: &[f64], higher_is_better: bool| {
-        let (d, b, i) = (v[0], v[1], v[2]);
-        let (vs_direct, vs_bouncer) = if higher_is_better {
-            (i / d, i / b)
-        } else {
-            (d / i, b / i)
-        };
-        println!("{name:<44} {d:>11.1} {b:>11.1} {i:>11.1} {vs_direct:>17.2} {vs_bouncer:>19.2}");
+        let (d, b, i, m) = (v[0], v[1], v[2], v[3]);
+        let ratio = |x: f64, of: f64| if higher_is_better { x / of } else { of / x };
+        println!(
+            "{name:<44} {d:>10.1} {b:>10.1} {i:>10.1} {m:>10.1} {:>10.2} {:>10.2} {:>10.2}",
+            ratio(i, d),
+            ratio(i, b),
+            ratio(m, d)
+        );
     };
     row(
         &format!("pgbench -S -M extended, 8 clients, {seconds} s: TPS"),
@@ -132,17 +162,21 @@ pub fn run(seconds: u32, stream_rows: u64) -> Result<()> {
     );
     println!("(ratios: share of the other path's performance; 1.00 = as fast)");
     println!(
-        "interlock: statement policy on (every statement parsed and decided), masking not implemented yet; agent peak RSS {peak}"
+        "interlock: statement policy on (every statement parsed, decided and audited); peak RSS {}",
+        peak(&agent)
+    );
+    println!(
+        "+masking: a catalog-resolved column mask and an e-mail pattern hashing matches in every value; peak RSS {}",
+        peak(&masked_agent)
     );
     Ok(())
 }
 
-/// Runs a shell command in the agent's cgroup (intercepted) or outside it.
-fn run_where(cgroup: &TestCgroup, intercepted: bool, script: &str) -> Result<String> {
-    let out = if intercepted {
-        sh_in(&cgroup.dir, script)
-    } else {
-        Command::new("sh").arg("-c").arg(script).output()?
+/// Runs a shell command in an agent's cgroup (intercepted) or outside it.
+fn run_where(cgroup: Option<&TestCgroup>, script: &str) -> Result<String> {
+    let out = match cgroup {
+        Some(cgroup) => sh_in(&cgroup.dir, script),
+        None => Command::new("sh").arg("-c").arg(script).output()?,
     };
     if !out.status.success() {
         bail!(
