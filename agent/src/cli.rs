@@ -264,18 +264,13 @@ fn policy_check(path: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> 
 fn policy_explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args.config.config)?;
     let policy = &config.policy;
-    let target = policy
-        .targets
-        .iter()
-        .position(|t| t.name == args.target)
-        .map(policy::TargetId)
-        .with_context(|| {
-            format!(
-                "no target named {:?} in {}",
-                args.target,
-                args.config.config.display()
-            )
-        })?;
+    let target = policy.target_id(&args.target).with_context(|| {
+        format!(
+            "no target named {:?} in {}",
+            args.target,
+            args.config.config.display()
+        )
+    })?;
 
     let workload = match args.pid {
         Some(pid) => {

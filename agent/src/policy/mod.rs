@@ -28,6 +28,16 @@ pub struct Policy {
     pub rules: Vec<Rule>,
 }
 
+impl Policy {
+    /// The target of that name.
+    pub fn target_id(&self, name: &str) -> Option<TargetId> {
+        self.targets
+            .iter()
+            .position(|t| t.name == name)
+            .map(TargetId)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct NamedWorkload {
     pub name: String,

@@ -5,15 +5,9 @@
 //! the database the client chose).
 use std::collections::HashMap;
 
-use bytes::BytesMut;
-use postgres_protocol::message::frontend;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{
-    mask::Origin,
-    upstream::LoginError,
-    wire::{self, WireError},
-};
+use super::{mask::Origin, upstream::LoginError};
 use crate::policy::ColumnName;
 
 /// Looks every column up; each one gets an entry, empty when no table has
@@ -44,52 +38,34 @@ pub async fn resolve<S: AsyncRead + AsyncWrite + Unpin>(
          AND (lower(c.relname), lower(a.attname)) IN ({})",
         pairs.join(", ")
     );
-    let mut out = BytesMut::new();
-    frontend::query(&sql, &mut out).map_err(WireError::Io)?;
-    upstream.write_all(&out).await.map_err(WireError::Io)?;
-
-    let mut buf = BytesMut::new();
-    let mut refused = None;
-    loop {
-        let frame = wire::read_frame(upstream, &mut buf)
-            .await?
-            .ok_or(WireError::Closed)?;
-        match frame.tag {
-            b'D' => {
-                let row = text_values(frame.body()).ok_or(LoginError::Unexpected('D'))?;
-                let [
-                    Some(schema),
-                    Some(table),
-                    Some(column),
-                    Some(oid),
-                    Some(attnum),
-                ] = row[..]
-                else {
-                    return Err(LoginError::Unexpected('D'));
-                };
-                let origin: Origin = (
-                    oid.parse().map_err(|_| LoginError::Unexpected('D'))?,
-                    attnum.parse().map_err(|_| LoginError::Unexpected('D'))?,
-                );
-                for (name, origins) in resolved.iter_mut() {
-                    if name.table.as_deref() == Some(table)
-                        && name.column == column
-                        && name.schema.as_deref().is_none_or(|s| s == schema)
-                    {
-                        origins.push(origin);
-                    }
-                }
+    super::upstream::simple_query(upstream, &sql, |row| {
+        let values = text_values(row).ok_or(LoginError::Unexpected('D'))?;
+        let [
+            Some(schema),
+            Some(table),
+            Some(column),
+            Some(oid),
+            Some(attnum),
+        ] = values[..]
+        else {
+            return Err(LoginError::Unexpected('D'));
+        };
+        let origin: Origin = (
+            oid.parse().map_err(|_| LoginError::Unexpected('D'))?,
+            attnum.parse().map_err(|_| LoginError::Unexpected('D'))?,
+        );
+        for (name, origins) in resolved.iter_mut() {
+            if name.table.as_deref() == Some(table)
+                && name.column == column
+                && name.schema.as_deref().is_none_or(|s| s == schema)
+            {
+                origins.push(origin);
             }
-            b'E' => refused = Some(super::upstream::error_fields(frame.body())),
-            b'Z' => {
-                return match refused {
-                    Some((code, message)) => Err(LoginError::Refused { code, message }),
-                    None => Ok(resolved),
-                };
-            }
-            _ => {}
         }
-    }
+        Ok(())
+    })
+    .await?;
+    Ok(resolved)
 }
 
 /// The text values of a DataRow body (`None` for NULL); `None` if malformed.

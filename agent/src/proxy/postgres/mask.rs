@@ -226,7 +226,6 @@ impl MaskSet {
         let mut masked = 0;
         let mut copied_to = 0; // frame[..copied_to] is already in `out`
         let start = out.len();
-        let mut scratch = Vec::new();
         for action in &plan.columns {
             let len_at = pos;
             let len = frame
@@ -243,14 +242,12 @@ impl MaskSet {
                 Some(value)
             };
             let Some(value) = value else { continue };
-            scratch.clear();
-            let replacement = match action {
+            let scanned = match action {
                 ColumnAction::Keep => continue,
-                ColumnAction::Whole(strategy) => self.apply(*strategy, value, &mut scratch),
-                ColumnAction::Scan => match self.scan(value, &mut scratch) {
+                ColumnAction::Whole(_) => None,
+                ColumnAction::Scan => match self.scan(value) {
                     Scanned::Untouched => continue,
-                    Scanned::Rewritten => Some(()),
-                    Scanned::Null => None,
+                    found => Some(found),
                 },
             };
             if masked == 0 {
@@ -258,12 +255,13 @@ impl MaskSet {
             }
             masked += 1;
             out.put_slice(&frame[copied_to..len_at]);
-            match replacement {
-                Some(()) => {
-                    out.put_i32(scratch.len() as i32);
-                    out.put_slice(&scratch);
+            match (action, scanned) {
+                (ColumnAction::Whole(strategy), _) => self.put_masked(*strategy, value, out),
+                (_, Some(Scanned::Rewritten(text))) => {
+                    out.put_i32(text.len() as i32);
+                    out.put_slice(&text);
                 }
-                None => out.put_i32(-1),
+                _ => out.put_i32(-1),
             }
             copied_to = pos;
         }
@@ -280,22 +278,38 @@ impl MaskSet {
         Ok(Some(masked))
     }
 
-    /// A whole value under `strategy`: `Some` with the new value in `out`,
-    /// `None` for NULL.
-    fn apply(&self, strategy: Strategy, value: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    /// A whole value under `strategy`, as a DataRow column (length first).
+    fn put_masked(&self, strategy: Strategy, value: &[u8], out: &mut BytesMut) {
+        let at = out.len();
+        out.put_i32(0);
+        match self.apply(strategy, value, out) {
+            Some(()) => {
+                let len = (out.len() - at - 4) as i32;
+                out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+            }
+            None => {
+                out.truncate(at);
+                out.put_i32(-1);
+            }
+        }
+    }
+
+    /// A value under `strategy`, appended to `out`; `None` for NULL (then
+    /// nothing is appended).
+    fn apply(&self, strategy: Strategy, value: &[u8], out: &mut impl BufMut) -> Option<()> {
         match strategy {
-            Strategy::Redact => out.extend_from_slice(REDACTED),
+            Strategy::Redact => out.put_slice(REDACTED),
             Strategy::Partial { keep } => {
-                out.extend_from_slice(REDACTED);
-                out.extend_from_slice(last_chars(value, keep));
+                out.put_slice(REDACTED);
+                out.put_slice(last_chars(value, keep));
             }
             Strategy::Hash => {
                 let mut mac = Hmac::<Sha256>::new_from_slice(&self.key.0).expect("any key length");
                 mac.update(value);
                 let digest = mac.finalize().into_bytes();
                 for byte in &digest[..16] {
-                    out.extend_from_slice(&HEX[usize::from(byte >> 4)..][..1]);
-                    out.extend_from_slice(&HEX[usize::from(byte & 15)..][..1]);
+                    out.put_u8(HEX[usize::from(byte >> 4)]);
+                    out.put_u8(HEX[usize::from(byte & 15)]);
                 }
             }
             Strategy::Null => return None,
@@ -303,36 +317,35 @@ impl MaskSet {
         Some(())
     }
 
-    /// Runs every scanner over a value, masking what they find.
-    fn scan(&self, value: &[u8], out: &mut Vec<u8>) -> Scanned {
+    /// Runs every scanner over a value, masking what they find (a new
+    /// value is only made when something is found).
+    fn scan(&self, value: &[u8]) -> Scanned {
         let mut current: Option<Vec<u8>> = None;
         for scanner in &self.scanners {
             let text = current.as_deref().unwrap_or(value);
             let mut last = 0;
-            let mut rewritten = Vec::new();
+            let mut rewritten: Option<Vec<u8>> = None;
             for found in scanner.regex.find_iter(text) {
                 if scanner.check.is_some_and(|check| !check(found.as_bytes())) {
                     continue;
                 }
-                rewritten.extend_from_slice(&text[last..found.start()]);
+                let out = rewritten.get_or_insert_with(|| Vec::with_capacity(text.len()));
+                out.extend_from_slice(&text[last..found.start()]);
                 if self
-                    .apply(scanner.strategy, found.as_bytes(), &mut rewritten)
+                    .apply(scanner.strategy, found.as_bytes(), out)
                     .is_none()
                 {
                     return Scanned::Null;
                 }
                 last = found.end();
             }
-            if last > 0 {
-                rewritten.extend_from_slice(&text[last..]);
-                current = Some(rewritten);
+            if let Some(mut out) = rewritten {
+                out.extend_from_slice(&text[last..]);
+                current = Some(out);
             }
         }
         match current {
-            Some(text) => {
-                out.extend_from_slice(&text);
-                Scanned::Rewritten
-            }
+            Some(text) => Scanned::Rewritten(text),
             None => Scanned::Untouched,
         }
     }
@@ -340,7 +353,7 @@ impl MaskSet {
 
 enum Scanned {
     Untouched,
-    Rewritten,
+    Rewritten(Vec<u8>),
     Null,
 }
 
@@ -631,7 +644,6 @@ strategy = "partial""#,
             ],
             &[],
         );
-        let mut out = Vec::new();
         let cases: [(&[u8], &[u8]); 7] = [
             (b"card 4111 1111 1111 1111 ok", b"card ****1111 ok"),
             (
@@ -648,10 +660,9 @@ strategy = "partial""#,
             (b"order ORD-991 shipped", b"order **** shipped"),
         ];
         for (input, expected) in cases {
-            out.clear();
-            let result = match set.scan(input, &mut out) {
+            let result = match set.scan(input) {
                 Scanned::Untouched => input.to_vec(),
-                Scanned::Rewritten => out.clone(),
+                Scanned::Rewritten(text) => text,
                 Scanned::Null => panic!("no null strategy here"),
             };
             assert_eq!(

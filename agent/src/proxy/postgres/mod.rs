@@ -243,6 +243,16 @@ struct SessionError {
 }
 
 impl SessionError {
+    /// The target failed the session: `log` for the agent's log, and the
+    /// SQLSTATE and text of the client's FATAL (none when it cannot be told).
+    fn upstream(log: String, to_client: Option<(&'static str, String)>) -> Self {
+        Self {
+            outcome: outcome::UPSTREAM_ERROR,
+            message: log,
+            to_client,
+        }
+    }
+
     fn protocol(error: WireError) -> Self {
         let message = error.to_string();
         Self {
@@ -304,25 +314,27 @@ async fn run<C: Duplex>(
 
     let upstream = super::tcp::connect_marked(dst, session.context.bypass_mark)
         .await
-        .map_err(|e| SessionError {
-            outcome: outcome::UPSTREAM_ERROR,
-            message: format!("connecting to {dst}: {e}"),
-            to_client: Some((
-                "08006",
-                format!("cannot reach target {:?} at {dst}: {e}", session.target),
-            )),
+        .map_err(|e| {
+            SessionError::upstream(
+                format!("connecting to {dst}: {e}"),
+                Some((
+                    "08006",
+                    format!("cannot reach target {:?} at {dst}: {e}", session.target),
+                )),
+            )
         })?;
     let _ = upstream.set_nodelay(true);
-    let tls_error = |e: upstream::LoginError| SessionError {
-        outcome: outcome::UPSTREAM_ERROR,
-        message: format!("upstream TLS: {e}"),
-        to_client: Some((
-            "08006",
-            format!(
-                "cannot secure the connection to target {:?}: {e}",
-                session.target
-            ),
-        )),
+    let tls_error = |e: upstream::LoginError| {
+        SessionError::upstream(
+            format!("upstream TLS: {e}"),
+            Some((
+                "08006",
+                format!(
+                    "cannot secure the connection to target {:?}: {e}",
+                    session.target
+                ),
+            )),
+        )
     };
     match session.upstream_tls {
         UpstreamTls::Disable => relay(client, upstream, &forwarded, &database, ctx).await,
@@ -354,31 +366,31 @@ async fn relay<C: Duplex, U: Duplex>(
     } = ctx;
     let after_auth = upstream::login(&mut upstream, &session.credential, forwarded)
         .await
-        .map_err(|e| SessionError {
-            outcome: outcome::UPSTREAM_ERROR,
-            message: format!("upstream login as {:?}: {e}", session.credential.user),
-            to_client: Some((
-                "28000",
-                format!(
-                    "login to target {:?} as its held role failed: {e}",
-                    session.target
-                ),
-            )),
+        .map_err(|e| {
+            SessionError::upstream(
+                format!("upstream login as {:?}: {e}", session.credential.user),
+                Some((
+                    "28000",
+                    format!(
+                        "login to target {:?} as its held role failed: {e}",
+                        session.target
+                    ),
+                )),
+            )
         })?;
     if let Some(role) = &session.as_user {
-        upstream::set_role(&mut upstream, role)
-            .await
-            .map_err(|e| SessionError {
-                outcome: outcome::UPSTREAM_ERROR,
-                message: format!("SET ROLE {role:?}: {e}"),
-                to_client: Some((
+        upstream::set_role(&mut upstream, role).await.map_err(|e| {
+            SessionError::upstream(
+                format!("SET ROLE {role:?}: {e}"),
+                Some((
                     "28000",
                     format!(
                         "cannot take role {role:?} on target {:?}: {e}",
                         session.target
                     ),
                 )),
-            })?;
+            )
+        })?;
     }
     let role = session
         .as_user
@@ -390,16 +402,17 @@ async fn relay<C: Duplex, U: Duplex>(
     let columns = qualified_mask_columns(&policy, session);
     let resolved = catalog::resolve(&mut upstream, &columns)
         .await
-        .map_err(|e| SessionError {
-            outcome: outcome::UPSTREAM_ERROR,
-            message: format!("looking up masked columns: {e}"),
-            to_client: Some((
-                "08006",
-                format!(
-                    "cannot look up the masked columns on target {:?}: {e}",
-                    session.target
-                ),
-            )),
+        .map_err(|e| {
+            SessionError::upstream(
+                format!("looking up masked columns: {e}"),
+                Some((
+                    "08006",
+                    format!(
+                        "cannot look up the masked columns on target {:?}: {e}",
+                        session.target
+                    ),
+                )),
+            )
         })?;
 
     let mut greeting = BytesMut::new();
@@ -444,25 +457,16 @@ fn qualified_mask_columns<'p>(
     policy: &'p crate::policy::ActivePolicy,
     session: &Session,
 ) -> Vec<&'p crate::policy::ColumnName> {
-    let Some(target) = policy
-        .policy
-        .targets
-        .iter()
-        .position(|t| t.name == session.target)
-    else {
+    let Some(target) = policy.policy.target_id(&session.target) else {
         return Vec::new();
     };
-    crate::policy::masks_for(
-        &policy.policy,
-        &session.workload,
-        crate::policy::TargetId(target),
-    )
-    .into_iter()
-    .filter_map(|mask| match &mask.selects {
-        crate::policy::MaskSelects::Column(name) if name.is_qualified() => Some(name),
-        _ => None,
-    })
-    .collect()
+    crate::policy::masks_for(&policy.policy, &session.workload, target)
+        .into_iter()
+        .filter_map(|mask| match &mask.selects {
+            crate::policy::MaskSelects::Column(name) if name.is_qualified() => Some(name),
+            _ => None,
+        })
+        .collect()
 }
 
 async fn relay_cancel(
@@ -473,11 +477,7 @@ async fn relay_cancel(
 ) -> Result<(), SessionError> {
     let mut upstream = super::tcp::connect_marked(dst, session.context.bypass_mark)
         .await
-        .map_err(|e| SessionError {
-            outcome: outcome::UPSTREAM_ERROR,
-            message: format!("cancel: {e}"),
-            to_client: None,
-        })?;
+        .map_err(|e| SessionError::upstream(format!("cancel: {e}"), None))?;
     let mut packet = Vec::with_capacity(16);
     packet.extend_from_slice(&16i32.to_be_bytes());
     packet.extend_from_slice(&wire::CANCEL_REQUEST.to_be_bytes());
@@ -486,11 +486,7 @@ async fn relay_cancel(
     upstream
         .write_all(&packet)
         .await
-        .map_err(|e| SessionError {
-            outcome: outcome::UPSTREAM_ERROR,
-            message: format!("cancel: {e}"),
-            to_client: None,
-        })?;
+        .map_err(|e| SessionError::upstream(format!("cancel: {e}"), None))?;
     tracing::info!(backend_pid = pid, "cancel request relayed");
     Ok(())
 }

@@ -23,7 +23,7 @@ use super::{
     statements::{Audit, Decided, DecisionCache, Masking, StatementOutcome, decide},
     wire::{self, Frame, WireError},
 };
-use crate::policy::{ActivePolicy, ColumnName, KindSet, StatementInfo, StatementKind, TargetId};
+use crate::policy::{ActivePolicy, ColumnName, KindSet, StatementInfo, StatementKind};
 
 /// Prepared statements tracked per session; a Parse beyond is refused
 /// (an unknown statement could not be decided at Bind).
@@ -85,14 +85,10 @@ impl<'s> Requests<'s> {
     /// The session's masks under the current policy.
     fn compute_masking(&self) -> Masking {
         let policy = &self.policy.policy;
-        let Some(target) = policy
-            .targets
-            .iter()
-            .position(|t| t.name == self.session.target)
-        else {
+        let Some(target) = policy.target_id(&self.session.target) else {
             return Masking::Off;
         };
-        let masks = crate::policy::masks_for(policy, &self.session.workload, TargetId(target));
+        let masks = crate::policy::masks_for(policy, &self.session.workload, target);
         if masks.is_empty() {
             return Masking::Off;
         }
@@ -121,6 +117,17 @@ impl<'s> Requests<'s> {
         self.expected.lock().expect("not poisoned").push_back(entry);
     }
 
+    /// Sends, in the client's message's place, a query that makes the
+    /// server raise `denial`; `hide_ready` inside an extended-protocol batch.
+    fn raise_denial(&self, denial: &str, out: &mut BytesMut, hide_ready: bool) {
+        out.extend_from_slice(&raise(denial));
+        self.expect(Expect::Query {
+            audits: VecDeque::new(),
+            masks: None,
+            hide_ready,
+        });
+    }
+
     fn masks(&self) -> Option<Arc<MaskSet>> {
         self.masking.set().cloned()
     }
@@ -145,12 +152,8 @@ impl<'s> Requests<'s> {
             // the denial is raised at the client's next Flush or Sync.
             if matches!(frame.tag, b'H' | b'S') && !batch.raised {
                 batch.raised = true;
-                out.extend_from_slice(&raise(&batch.denial));
-                self.expect(Expect::Query {
-                    audits: VecDeque::new(),
-                    masks: None,
-                    hide_ready: true,
-                });
+                let denial = batch.denial.clone();
+                self.raise_denial(&denial, out, true);
             }
             if frame.tag == b'S' {
                 self.denied_batch = None;
@@ -168,12 +171,7 @@ impl<'s> Requests<'s> {
                     .get(sql, self.session, &self.policy, &self.masking);
                 if let Some(denial) = &decided.denial {
                     self.record_denial(&decided);
-                    out.extend_from_slice(&raise(denial));
-                    self.expect(Expect::Query {
-                        audits: VecDeque::new(),
-                        masks: None,
-                        hide_ready: false,
-                    });
+                    self.raise_denial(denial, out, false);
                     return Ok(());
                 }
                 self.expect(Expect::Query {
@@ -298,12 +296,7 @@ impl<'s> Requests<'s> {
                 });
                 if let Some(denial) = denial {
                     self.record_denial(&decided);
-                    out.extend_from_slice(&raise(&denial));
-                    self.expect(Expect::Query {
-                        audits: VecDeque::new(),
-                        masks: None,
-                        hide_ready: false,
-                    });
+                    self.raise_denial(&denial, out, false);
                     return Ok(());
                 }
                 self.expect(Expect::Query {

@@ -116,9 +116,8 @@ impl<'s> Responses<'s> {
         }
     }
 
-    /// Makes the next expected entry the active one, if none is; false
-    /// when nothing is expected.
-    fn ensure_active(&mut self) -> bool {
+    /// Makes the next expected entry the active one, if none is.
+    fn ensure_active(&mut self) {
         if self.active.is_none() {
             let mut expected = self.expected.lock().expect("not poisoned");
             while let Some(next) = expected.pop_front() {
@@ -136,7 +135,6 @@ impl<'s> Responses<'s> {
                 break;
             }
         }
-        self.active.is_some()
     }
 
     /// Takes the active entry (the frame completes it).

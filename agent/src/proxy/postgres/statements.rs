@@ -8,7 +8,7 @@ use std::{
 
 use crate::{
     access::StatementLine,
-    policy::{Action, ActivePolicy, StatementInfo, StatementKind, TargetId, evaluate_statement},
+    policy::{Action, ActivePolicy, StatementInfo, StatementKind, evaluate_statement},
 };
 
 use super::{Session, StatementCounts, mask::MaskSet, sql};
@@ -96,12 +96,7 @@ pub fn decide(
     statements: Arc<[StatementInfo]>,
     masking: &Masking,
 ) -> Decided {
-    let target = policy
-        .policy
-        .targets
-        .iter()
-        .position(|t| t.name == session.target)
-        .map(TargetId);
+    let target = policy.policy.target_id(&session.target);
     let mut denial = None;
     let mut verdicts = Vec::with_capacity(statements.len());
     for statement in statements.iter() {

@@ -66,9 +66,19 @@ pub async fn set_role<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     upstream: &mut S,
     role: &str,
 ) -> Result<(), LoginError> {
-    let mut out = BytesMut::new();
     let quoted = role.replace('"', "\"\"");
-    frontend::query(&format!("SET ROLE \"{quoted}\""), &mut out).map_err(WireError::Io)?;
+    simple_query(upstream, &format!("SET ROLE \"{quoted}\""), |_| Ok(())).await
+}
+
+/// Runs one simple query of the agent's own, handing each DataRow body to
+/// `on_row`, up to ReadyForQuery; a server error is the result.
+pub async fn simple_query<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    upstream: &mut S,
+    sql: &str,
+    mut on_row: impl FnMut(&[u8]) -> Result<(), LoginError>,
+) -> Result<(), LoginError> {
+    let mut out = BytesMut::new();
+    frontend::query(sql, &mut out).map_err(WireError::Io)?;
     upstream.write_all(&out).await.map_err(WireError::Io)?;
     let mut buf = BytesMut::new();
     let mut refused = None;
@@ -77,6 +87,7 @@ pub async fn set_role<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
             .await?
             .ok_or(WireError::Closed)?;
         match frame.tag {
+            b'D' => on_row(frame.body())?,
             b'E' => refused = Some(error_fields(frame.body())),
             b'Z' => {
                 return match refused {
@@ -90,7 +101,7 @@ pub async fn set_role<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 }
 
 /// SQLSTATE and message of an ErrorResponse body.
-pub fn error_fields(body: &[u8]) -> (String, String) {
+fn error_fields(body: &[u8]) -> (String, String) {
     let field = |tag: u8| {
         body.split(|b| *b == 0)
             .find(|f| f.first() == Some(&tag))
