@@ -112,6 +112,19 @@ impl Agent {
         let mask_key_path = config.agent.state_dir.join("mask.key");
         let mask_key = crate::proxy::postgres::MaskKey::load_or_create(&mask_key_path)
             .with_context(|| format!("loading the masking key {}", mask_key_path.display()))?;
+        let store = crate::sessions::Store::open(
+            &config.agent.state_dir.join("sessions"),
+            &config.agent.state_dir.join("host.key"),
+            crate::sessions::source::host_name(),
+            config.sessions.max_store_bytes,
+        )
+        .context("opening the session store")?;
+        let bucket = config
+            .shipper
+            .as_ref()
+            .map(crate::sessions::Bucket::open)
+            .transpose()
+            .context("[shipper]")?;
         let proxy_context = Arc::new(ProxyContext {
             orig_dst: interceptor.clone(),
             resolver: Arc::new(WorkloadResolver::new(cgroups)),
@@ -125,6 +138,7 @@ impl Agent {
             } else {
                 crate::proxy::postgres::Literals::Keep
             },
+            store: store.clone(),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -156,6 +170,12 @@ impl Agent {
                 let _ = std::fs::remove_file(&admin_socket);
             }
         });
+        tokio::spawn(crate::sessions::ship::run(
+            store,
+            bucket,
+            state.config.load().sessions.retention,
+            shutdown_rx.clone(),
+        ));
         tokio::spawn(state.clone().watch_sources(shutdown_rx.clone()));
         tokio::spawn(state.clone().re_resolve(shutdown_rx));
 
@@ -207,6 +227,9 @@ impl Agent {
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         let _ = self.proxy.await;
+        if let Err(error) = self.state.proxy.store.flush() {
+            tracing::error!(%error, "flushing the session store at exit");
+        }
     }
 
     /// Detaches the kernel programs and removes every pin, then stops.
@@ -230,6 +253,30 @@ impl State {
                 let _ = self.shutdown.send(true);
                 json!({"detached": true})
             }),
+            Request::SessionsList { filter } => {
+                let store = self.proxy.store.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut list = store.summaries(filter.since_ms)?;
+                    list.retain(|s| filter.matches(s));
+                    Ok(serde_json::to_value(list)?)
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.into()))
+            }
+            Request::SessionLog { id } => {
+                let store = self.proxy.store.clone();
+                tokio::task::spawn_blocking(move || {
+                    let id = crate::sessions::parse_id(&id)?;
+                    let lines: Vec<String> = store
+                        .lines(&id)?
+                        .iter()
+                        .map(|l| String::from_utf8_lossy(l).into_owned())
+                        .collect();
+                    Ok(json!({ "lines": lines }))
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.into()))
+            }
         };
         match result {
             Ok(data) => Response::Ok { data },
@@ -308,6 +355,21 @@ impl State {
             "rules": active.policy.rules.len(),
             "accepted": self.proxy.connections.accepted(),
             "connections": self.proxy.connections.snapshot(),
+            "sessions": self.sessions_status(&config),
+        })
+    }
+
+    fn sessions_status(&self, config: &Config) -> serde_json::Value {
+        let store = &self.proxy.store;
+        json!({
+            "store": store.path(),
+            "host": store.host,
+            "public_key": store.public_key(),
+            "used_bytes": store.used_bytes(),
+            "max_store_bytes": store.max_bytes,
+            "admitting": store.admit().map_err(|e| e.to_string()),
+            "shipper": config.shipper.as_ref().map(|s| &s.url),
+            "backlog": crate::sessions::ship::backlog(store).map_err(|e| e.to_string()),
         })
     }
 
@@ -427,6 +489,8 @@ fn restart_needed(old: &Config, new: &Config) -> bool {
         || a.bypass_mark != b.bypass_mark
         || a.bpffs_dir != b.bpffs_dir
         || a.redact_literals != b.redact_literals
+        || old.sessions != new.sessions
+        || old.shipper != new.shipper
 }
 
 /// Resolves host names (blocking, off the async threads) and builds the

@@ -13,8 +13,10 @@ mod config;
 mod daemon;
 mod demo;
 mod intercept;
+mod keyfile;
 mod policy;
 mod proxy;
+mod sessions;
 mod tls;
 mod workload;
 

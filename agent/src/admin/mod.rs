@@ -26,6 +26,12 @@ pub enum Request {
     Reload,
     /// Remove programs, links and pins, then stop the agent.
     Detach,
+    /// Recorded sessions matching a filter.
+    SessionsList {
+        filter: crate::sessions::view::Filter,
+    },
+    /// One session's lines (events and seal).
+    SessionLog { id: String },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -6,7 +6,8 @@ use serde::Deserialize;
 
 use super::ConfigError;
 use crate::policy::{
-    Action, MaskSpec, Pattern, Protocol, StatementKind, UpstreamTls, WorkloadSelector,
+    Action, MaskSpec, Pattern, Protocol, RecordMode, StatementKind, UpstreamTls,
+    WorkloadSelector,
 };
 
 pub type Located<T> = toml::Spanned<T>;
@@ -64,6 +65,62 @@ pub struct FileSpec {
     pub workload: Vec<Located<WorkloadSpec>>,
     #[serde(default)]
     pub rule: Vec<Located<RuleSpec>>,
+    pub sessions: Option<Located<SessionsSpec>>,
+    pub shipper: Option<Located<ShipperSpec>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsSpec {
+    /// Bytes, or a size such as `"2GiB"`.
+    pub max_store_bytes: Option<Located<ByteSize>>,
+    #[serde(default, with = "humantime_serde")]
+    pub retention: Option<std::time::Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ByteSize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl ByteSize {
+    pub fn bytes(&self) -> Result<u64, String> {
+        let text = match self {
+            ByteSize::Bytes(n) => return Ok(*n),
+            ByteSize::Text(text) => text.trim(),
+        };
+        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let number: u64 = number
+            .parse()
+            .map_err(|_| format!("{text:?} is not a size such as \"512MiB\" or \"2GB\""))?;
+        let scale: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KB" | "kB" => 1000,
+            "KiB" => 1 << 10,
+            "MB" => 1000 * 1000,
+            "MiB" => 1 << 20,
+            "GB" => 1000 * 1000 * 1000,
+            "GiB" => 1 << 30,
+            "TB" => 1000_u64.pow(4),
+            "TiB" => 1 << 40,
+            other => return Err(format!("unknown size unit {other:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
+        };
+        number
+            .checked_mul(scale)
+            .ok_or_else(|| format!("{text:?} is too large"))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShipperSpec {
+    pub url: Located<String>,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub credentials_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -94,6 +151,8 @@ pub struct TargetSpec {
     pub tls_ca_file: Option<PathBuf>,
     /// SQL targets: values every workload sees masked.
     pub mask: Option<Vec<Located<MaskSpec>>>,
+    /// What sessions to this target record.
+    pub record: Option<RecordMode>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -42,6 +42,9 @@ pub enum ConfigError {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub agent: AgentSettings,
+    pub sessions: crate::sessions::SessionSettings,
+    /// Where ended sessions are shipped; none keeps them local.
+    pub shipper: Option<crate::sessions::ShipperSettings>,
     pub policy: Policy,
     /// Every file read, main file first: what a reload watches.
     pub sources: Vec<PathBuf>,
@@ -63,6 +66,25 @@ impl Config {
     fn from_main(main: SourceFile) -> Result<Self, ConfigError> {
         let main_spec = main.parse()?;
         let agent = AgentSettings::from_spec(main_spec.agent.as_ref(), &main)?;
+        let sessions = session_settings(main_spec.sessions.as_ref(), &main)?;
+        let shipper = main_spec.shipper.as_ref().map(|s| {
+            let spec = s.get_ref();
+            crate::sessions::ShipperSettings {
+                url: spec.url.get_ref().clone(),
+                endpoint: spec.endpoint.clone(),
+                region: spec.region.clone(),
+                credentials_file: spec.credentials_file.clone(),
+            }
+        });
+        if let Some(spec) = &main_spec.shipper {
+            let url = &spec.get_ref().url;
+            if !(url.get_ref().starts_with("s3://") || url.get_ref().starts_with("file:///")) {
+                return Err(main.error_at(
+                    url.span(),
+                    format!("url {:?} must be s3://bucket/prefix or file:///dir", url.get_ref()),
+                ));
+            }
+        }
 
         let mut files = vec![(main, main_spec)];
         if let Some(dir) = &agent.policy_dir {
@@ -72,6 +94,9 @@ impl Config {
                 if let Some(agent) = &spec.agent {
                     return Err(source.error_at(agent.span(), "[agent] belongs in the main configuration file, not in the policy directory"));
                 }
+                if let Some(span) = spec.sessions.as_ref().map(|s| s.span()).or(spec.shipper.as_ref().map(|s| s.span())) {
+                    return Err(source.error_at(span, "[sessions] and [shipper] belong in the main configuration file, not in the policy directory"));
+                }
                 files.push((source, spec));
             }
         }
@@ -79,10 +104,32 @@ impl Config {
         let sources = files.into_iter().map(|(source, _)| source.path).collect();
         Ok(Self {
             agent,
+            sessions,
+            shipper,
             policy,
             sources,
         })
     }
+}
+
+fn session_settings(
+    spec: Option<&Located<file::SessionsSpec>>,
+    source: &SourceFile,
+) -> Result<crate::sessions::SessionSettings, ConfigError> {
+    let mut settings = crate::sessions::SessionSettings::default();
+    let Some(spec) = spec.map(Located::get_ref) else {
+        return Ok(settings);
+    };
+    if let Some(size) = &spec.max_store_bytes {
+        settings.max_store_bytes = size
+            .get_ref()
+            .bytes()
+            .map_err(|m| source.error_at(size.span(), format!("max_store_bytes: {m}")))?;
+    }
+    if let Some(retention) = spec.retention {
+        settings.retention = retention;
+    }
+    Ok(settings)
 }
 
 /// The admin socket a configuration file names, read leniently: the CLI
@@ -226,6 +273,7 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                     .map_or(UpstreamTls::default(), |t| *t.get_ref()),
                 tls_ca_file: spec.tls_ca_file.clone(),
                 masks,
+                record: spec.record.unwrap_or_default(),
             });
         }
         for workload in &spec.workload {

@@ -12,7 +12,8 @@ pub use mask::{BuiltinPattern, ColumnName, Mask, MaskSelects, MaskSpec, Strategy
 pub use selector::{Pattern, WorkloadSelector};
 pub use statement::{KindSet, StatementInfo, StatementKind};
 pub use targets::{
-    Credential, Protocol, Secret, Target, TargetAddress, TargetId, TargetTable, UpstreamTls,
+    Credential, Protocol, RecordMode, Secret, Target, TargetAddress, TargetId, TargetTable,
+    UpstreamTls,
 };
 
 use serde::Serialize;
@@ -107,6 +108,15 @@ impl Rule {
 pub enum Action {
     Allow,
     Deny,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        }
+    }
 }
 
 /// The outcome of [`evaluate`]: a decision is not an error.

@@ -23,6 +23,15 @@ pub enum Protocol {
     Postgres,
 }
 
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Postgres => "postgres",
+        }
+    }
+}
+
 /// How the agent secures its connection to a target.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -50,6 +59,18 @@ pub struct Target {
     pub tls_ca_file: Option<std::path::PathBuf>,
     /// SQL targets: values every workload sees masked.
     pub masks: Vec<super::Mask>,
+    /// What its sessions record.
+    pub record: RecordMode,
+}
+
+/// `record = "commands"` (the default): decisions, statements and their
+/// results; `"full"` adds the bytes the server sent the client.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordMode {
+    #[default]
+    Commands,
+    Full,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -240,6 +261,7 @@ mod tests {
             tls: UpstreamTls::Disable,
             tls_ca_file: None,
             masks: Vec::new(),
+            record: RecordMode::Commands,
         }
     }
 

@@ -21,8 +21,9 @@ use crate::{
     access::{AccessRecord, outcome},
     addr::{ClientAddr, ListenAddr},
     intercept::OrigDst,
-    policy::{ActivePolicy, Protocol, evaluate},
-    workload::WorkloadResolver,
+    policy::{ActivePolicy, Protocol, RecordMode, Target, Verdict, evaluate},
+    sessions::{Event, Recorder, StoreError, Summary},
+    workload::{Workload, WorkloadResolver},
 };
 
 /// Everything a connection needs, shared by all of them.
@@ -39,6 +40,8 @@ pub struct ProxyContext {
     pub mask_key: Arc<postgres::MaskKey>,
     /// What statement audit lines keep of literal values.
     pub literals: postgres::Literals,
+    /// Where sessions are recorded.
+    pub store: Arc<crate::sessions::Store>,
 }
 
 /// Accepts on every listener until `shutdown` turns true, then gives live
@@ -201,9 +204,34 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
         record.enforced = active.enforce;
         record.rule = verdict.rule.clone();
         record.reason = Some(verdict.reason.clone());
-        if !verdict.allowed() && active.enforce {
+        let denied = !verdict.allowed() && active.enforce;
+
+        // Nothing reaches the target unrecorded: the session's start and
+        // the decision are on disk before the first byte goes upstream.
+        let recorder = match begin_session(
+            &context, session_id, client, &intercepted.orig_dst, &workload, &active, target, &verdict,
+        )
+        .await
+        {
+            Ok(recorder) => Arc::new(recorder),
+            Err(error) => {
+                tracing::error!(%error, "session refused: it cannot be recorded");
+                record.reason = Some(error.to_string());
+                record.finish(outcome::REJECTED, Some(error.to_string()));
+                match target.protocol {
+                    Protocol::Postgres if !denied => {
+                        postgres::refuse(stream, intercepted.orig_dst, &context, &error.to_string())
+                            .await
+                    }
+                    _ => reset(stream),
+                }
+                return;
+            }
+        };
+        if denied {
             tracing::info!(rule = ?verdict.rule, "denied");
             record.finish(outcome::DENIED, None);
+            recorder.finish(outcome::DENIED, None, 0, 0);
             reset(stream);
             return;
         }
@@ -215,6 +243,7 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
                     intercepted.orig_dst,
                     context.bypass_mark,
                     &mut record,
+                    &recorder,
                 )
                 .await
             }
@@ -246,13 +275,84 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
                     target: target.name.clone(),
                     credential,
                     workload,
+                    recorder: recorder.clone(),
                 };
                 postgres::serve(stream, intercepted.orig_dst, session, &mut record).await;
             }
         }
+        recorder.finish(
+            record.outcome,
+            record.error.as_deref(),
+            record.bytes.up.load(std::sync::atomic::Ordering::Relaxed),
+            record.bytes.down.load(std::sync::atomic::Ordering::Relaxed),
+        );
     }
     .instrument(span)
     .await
+}
+
+/// Opens the session's record and waits until its start is durable.
+#[allow(clippy::too_many_arguments)]
+async fn begin_session(
+    context: &ProxyContext,
+    session_id: ulid::Ulid,
+    client: ClientAddr,
+    orig_dst: &crate::addr::OrigDstAddr,
+    workload: &Workload,
+    active: &ActivePolicy,
+    target: &Target,
+    verdict: &Verdict,
+) -> Result<Recorder, StoreError> {
+    let store = &context.store;
+    store.admit()?;
+    let workloads = crate::policy::matching_workloads(&active.policy, workload);
+    let id = session_id.to_string();
+    let protocol = target.protocol.as_str();
+    let summary = Summary {
+        id: id.clone(),
+        host: store.host.clone(),
+        start_us: crate::sessions::now_us(),
+        protocol: protocol.into(),
+        target: target.name.clone(),
+        orig_dst: orig_dst.0.to_string(),
+        workloads: workloads.iter().map(|w| (*w).to_owned()).collect(),
+        uid: workload.uid,
+        user: workload.user.clone(),
+        unit: workload.unit.clone(),
+        exe: workload.exe.clone(),
+        pid: workload.pid,
+        decision: verdict.action.as_str().into(),
+        rule: verdict.rule.clone(),
+        outcome: "live".into(),
+        ..Summary::default()
+    };
+    let start = Event::SessionStart {
+        schema: crate::sessions::format::SCHEMA_VERSION,
+        session_id: &id,
+        host: &store.host,
+        protocol,
+        target: &target.name,
+        client: client.0,
+        orig_dst: orig_dst.0,
+        workload,
+        workloads: &workloads,
+        record: target.record,
+    };
+    let connection = Event::Connection {
+        decision: verdict.action,
+        enforced: active.enforce,
+        rule: verdict.rule.as_deref(),
+        reason: &verdict.reason,
+    };
+    let (recorder, ticket) = store.begin(
+        session_id,
+        summary,
+        &start,
+        &connection,
+        target.record == RecordMode::Full,
+    )?;
+    recorder.durable(ticket).await?;
+    Ok(recorder)
 }
 
 /// Closes with RST rather than FIN, so a denied client fails at once

@@ -10,6 +10,7 @@ use tokio::{
 use crate::{
     access::{AccessRecord, outcome},
     addr::OrigDstAddr,
+    sessions::{Event, Recorder},
 };
 
 const COPY_BUFFER: usize = 16 * 1024;
@@ -22,6 +23,7 @@ pub async fn forward(
     dst: OrigDstAddr,
     mark: u32,
     record: &mut AccessRecord,
+    recorder: &Recorder,
 ) {
     let mut upstream = match connect_marked(dst, mark).await {
         Ok(upstream) => upstream,
@@ -42,8 +44,13 @@ pub async fn forward(
     let (mut client_read, mut client_write) = client.split();
     let (mut upstream_read, mut upstream_write) = upstream.split();
     let result = tokio::try_join!(
-        copy_half(&mut client_read, &mut upstream_write, &bytes.up),
-        copy_half(&mut upstream_read, &mut client_write, &bytes.down),
+        copy_half(&mut client_read, &mut upstream_write, &bytes.up, None),
+        copy_half(
+            &mut upstream_read,
+            &mut client_write,
+            &bytes.down,
+            recorder.records_output().then_some(recorder),
+        ),
     );
     match result {
         Ok(_) => record.finish(outcome::CLOSED, None),
@@ -65,11 +72,13 @@ pub async fn connect_marked(dst: OrigDstAddr, mark: u32) -> io::Result<TcpStream
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer within 10 s"))?
 }
 
-/// Copies until EOF, then shuts the writer down (half-close), counting bytes.
+/// Copies until EOF, then shuts the writer down (half-close), counting
+/// bytes and, with `record = "full"`, recording them.
 pub(super) async fn copy_half<R, W>(
     reader: &mut R,
     writer: &mut W,
     counter: &std::sync::atomic::AtomicU64,
+    recorder: Option<&Recorder>,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -80,6 +89,11 @@ where
         let n = reader.read(&mut buf).await?;
         if n == 0 {
             return writer.shutdown().await;
+        }
+        if let Some(recorder) = recorder {
+            recorder
+                .append(&Event::Output { data: &buf[..n] })
+                .map_err(io::Error::other)?;
         }
         writer.write_all(&buf[..n]).await?;
         counter.fetch_add(n as u64, Ordering::Relaxed);

@@ -17,6 +17,7 @@ use crate::{
 };
 
 struct Harness {
+    _state: tempfile::TempDir,
     table: Arc<OrigDstTable>,
     listen: SocketAddr,
     shutdown: watch::Sender<bool>,
@@ -36,6 +37,14 @@ async fn harness_with(upstream: SocketAddr, allowed: bool, enforce: bool) -> Har
     let policy = Config::from_text("t.toml", &text).unwrap().policy;
     let table = crate::daemon::resolve_table(&policy);
     let orig_dst = Arc::new(OrigDstTable::default());
+    let state = tempfile::tempdir().unwrap();
+    let store = crate::sessions::Store::open(
+        &state.path().join("sessions"),
+        &state.path().join("host.key"),
+        "test-host".into(),
+        u64::MAX,
+    )
+    .unwrap();
     let context = Arc::new(ProxyContext {
         orig_dst: orig_dst.clone(),
         resolver: Arc::new(WorkloadResolver::new(CgroupFs::new("/nonexistent".into()))),
@@ -49,12 +58,14 @@ async fn harness_with(upstream: SocketAddr, allowed: bool, enforce: bool) -> Har
         tls: None,
         mask_key: Arc::new(crate::proxy::postgres::MaskKey::new([0; 32])),
         literals: Default::default(),
+        store,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let listen = listener.local_addr().unwrap();
     let (shutdown, rx) = watch::channel(false);
     tokio::spawn(serve(context, vec![listener], rx, Duration::from_secs(1)));
     Harness {
+        _state: state,
         table: orig_dst,
         listen,
         shutdown,

@@ -32,43 +32,7 @@ impl MaskKey {
     /// time. Hosts that must hash alike (to join masked values across them)
     /// share one file.
     pub fn load_or_create(path: &std::path::Path) -> std::io::Result<Self> {
-        use std::{io::Read, os::unix::fs::OpenOptionsExt};
-        let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
-        match std::fs::read(path) {
-            Ok(bytes) => {
-                let mode = std::os::unix::fs::PermissionsExt::mode(
-                    &std::fs::metadata(path)?.permissions(),
-                );
-                if mode & 0o077 != 0 {
-                    return Err(invalid(format!(
-                        "{} must be readable by its owner only (mode {:04o}); make it 0600",
-                        path.display(),
-                        mode & 0o7777
-                    )));
-                }
-                let key: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
-                    invalid(format!(
-                        "{} holds {} bytes, not 32",
-                        path.display(),
-                        b.len()
-                    ))
-                })?;
-                Ok(Self(key))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut key = [0u8; 32];
-                std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)?;
-                std::io::Write::write_all(&mut file, &key)?;
-                file.sync_all()?;
-                Ok(Self(key))
-            }
-            Err(e) => Err(e),
-        }
+        crate::keyfile::load_or_create(path).map(Self)
     }
 }
 

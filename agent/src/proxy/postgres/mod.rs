@@ -59,6 +59,9 @@ pub struct Session {
     pub target: String,
     pub credential: Credential,
     pub workload: Arc<Workload>,
+    /// The session's record: every statement is in it, durably, before it
+    /// is sent upstream.
+    pub recorder: Arc<crate::sessions::Recorder>,
 }
 
 /// Statement decisions of one session, for its access line.
@@ -78,7 +81,7 @@ pub async fn serve(
     let _ = client.set_nodelay(true);
     let counts = Arc::new(StatementCounts::default());
     record.statements = Some(counts.clone());
-    let negotiated = negotiate(client, dst, &session).await;
+    let negotiated = negotiate(client, dst, &session.context).await;
     let ctx = Ctx {
         dst,
         session: &session,
@@ -100,6 +103,16 @@ pub async fn serve(
             tracing::warn!(%message, "postgres session ended");
             record.finish(outcome, Some(message));
         }
+    }
+}
+
+/// Refuses a session in the client's own protocol: after the startup
+/// packet, a FATAL ErrorResponse (SQLSTATE 53100, as for a full disk).
+pub async fn refuse(client: TcpStream, dst: OrigDstAddr, context: &super::ProxyContext, why: &str) {
+    match negotiate(client, dst, context).await {
+        Ok(Negotiated::Plain(mut tcp, _)) => fatal(&mut tcp, "53100", why).await,
+        Ok(Negotiated::Tls(mut tls, _)) => fatal(&mut *tls, "53100", why).await,
+        _ => {}
     }
 }
 
@@ -168,12 +181,12 @@ enum Negotiated {
 async fn negotiate(
     mut tcp: TcpStream,
     dst: OrigDstAddr,
-    session: &Session,
+    context: &super::ProxyContext,
 ) -> Result<Negotiated, SessionError> {
     loop {
         match next_startup(&mut tcp).await? {
             Some(Startup::SslRequest) => {
-                let Some(ca) = &session.context.tls else {
+                let Some(ca) = &context.tls else {
                     tcp.write_all(b"N")
                         .await
                         .map_err(|e| SessionError::protocol(e.into()))?;
@@ -255,9 +268,13 @@ impl SessionError {
 
     fn protocol(error: WireError) -> Self {
         let message = error.to_string();
+        let code = match error {
+            WireError::Record(_) => "53100",
+            _ => "08P01",
+        };
         Self {
             outcome: outcome::ERROR,
-            to_client: Some(("08P01", message.clone())),
+            to_client: Some((code, message.clone())),
             message,
         }
     }

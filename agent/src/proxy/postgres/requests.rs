@@ -23,7 +23,10 @@ use super::{
     statements::{Audit, Decided, DecisionCache, Masking, StatementOutcome, decide},
     wire::{self, Frame, WireError},
 };
-use crate::policy::{ActivePolicy, ColumnName, KindSet, StatementInfo, StatementKind};
+use crate::{
+    policy::{ActivePolicy, ColumnName, KindSet, StatementInfo, StatementKind},
+    sessions::Ticket,
+};
 
 /// Prepared statements tracked per session; a Parse beyond is refused
 /// (an unknown statement could not be decided at Bind).
@@ -44,6 +47,9 @@ pub struct Requests<'s> {
     prepared: HashMap<String, Arc<Decided>>,
     portals: HashMap<String, Portal>,
     denied_batch: Option<DeniedBatch>,
+    /// The latest statement recorded: what must be durable before the
+    /// gathered messages go upstream.
+    pending: Option<Ticket>,
 }
 
 struct Portal {
@@ -77,6 +83,7 @@ impl<'s> Requests<'s> {
             prepared: HashMap::new(),
             portals: HashMap::new(),
             denied_batch: None,
+            pending: None,
         };
         requests.masking = requests.compute_masking();
         requests
@@ -132,9 +139,22 @@ impl<'s> Requests<'s> {
         self.masking.set().cloned()
     }
 
-    /// Writes the audit lines of a denied query and logs the denial.
-    fn record_denial(&self, decided: &Arc<Decided>) {
-        for audit in Audit::all(decided) {
+    /// Records every statement of `decided` in the session; their audits.
+    fn record(&mut self, decided: &Arc<Decided>) -> Result<VecDeque<Audit>, WireError> {
+        (0..decided.statements.len())
+            .map(|index| self.record_one(decided, index))
+            .collect()
+    }
+
+    fn record_one(&mut self, decided: &Arc<Decided>, index: usize) -> Result<Audit, WireError> {
+        let (audit, ticket) = Audit::record(self.session, decided, index)?;
+        self.pending = Some(ticket);
+        Ok(audit)
+    }
+
+    /// Records a denied query, writes its audit lines and logs the denial.
+    fn record_denial(&mut self, decided: &Arc<Decided>) -> Result<(), WireError> {
+        for audit in self.record(decided)? {
             let (action, _) = decided.verdicts[audit.index];
             let outcome = match action {
                 crate::policy::Action::Deny => StatementOutcome::Denied,
@@ -143,6 +163,7 @@ impl<'s> Requests<'s> {
             audit.finish(self.session, self.counts, outcome, None);
         }
         tracing::info!(denial = decided.denial.as_deref(), "statement denied");
+        Ok(())
     }
 
     /// Handles one client message: `Some(bytes)` to send upstream.
@@ -170,12 +191,13 @@ impl<'s> Requests<'s> {
                     .decisions
                     .get(sql, self.session, &self.policy, &self.masking);
                 if let Some(denial) = &decided.denial {
-                    self.record_denial(&decided);
+                    self.record_denial(&decided)?;
                     self.raise_denial(denial, out, false);
                     return Ok(());
                 }
+                let audits = self.record(&decided)?;
                 self.expect(Expect::Query {
-                    audits: Audit::all(&decided).collect(),
+                    audits,
                     masks: self.masks(),
                     hide_ready: false,
                 });
@@ -187,7 +209,7 @@ impl<'s> Requests<'s> {
                     .decisions
                     .get(sql, self.session, &self.policy, &self.masking);
                 if let Some(denial) = &decided.denial {
-                    self.record_denial(&decided);
+                    self.record_denial(&decided)?;
                     return self.deny_batch(denial.clone());
                 }
                 if !self.prepared.contains_key(name) && self.prepared.len() >= MAX_PREPARED {
@@ -215,9 +237,10 @@ impl<'s> Requests<'s> {
                     self.prepared.insert(statement.to_owned(), fresh.clone());
                     decided = Some(fresh);
                 }
-                if let Some(denial) = decided.as_ref().and_then(|d| d.denial.as_ref()) {
-                    self.record_denial(decided.as_ref().expect("checked"));
-                    return self.deny_batch(denial.clone());
+                if let Some(decided) = decided.as_ref().filter(|d| d.denial.is_some()) {
+                    self.record_denial(decided)?;
+                    let denial = decided.denial.clone().expect("filtered");
+                    return self.deny_batch(denial);
                 }
                 self.portals.insert(
                     portal.to_owned(),
@@ -250,10 +273,15 @@ impl<'s> Requests<'s> {
                 let masks = self.masks();
                 let portal = self.portals.get_mut(portal_name);
                 let described = portal.as_ref().is_some_and(|p| p.described);
-                let audit = portal.and_then(|p| {
+                let decided = portal.and_then(|p| {
                     p.described = true;
-                    p.decided.as_ref().map(|d| Audit::new(d.clone(), 0))
+                    p.decided.clone()
                 });
+                // Each execution is a statement of the record.
+                let audit = match decided {
+                    Some(decided) => Some(self.record_one(&decided, 0)?),
+                    None => None,
+                };
                 // Rows are masked by their columns: when the client did not
                 // describe the portal, the agent asks for itself.
                 if masks.is_some() && !described {
@@ -295,12 +323,13 @@ impl<'s> Requests<'s> {
                         .map(|_| "results are masked for this workload, and a fast-path call's result cannot be".to_owned())
                 });
                 if let Some(denial) = denial {
-                    self.record_denial(&decided);
+                    self.record_denial(&decided)?;
                     self.raise_denial(&denial, out, false);
                     return Ok(());
                 }
+                let audits = self.record(&decided)?;
                 self.expect(Expect::Query {
-                    audits: Audit::all(&decided).collect(),
+                    audits,
                     masks: None,
                     hide_ready: false,
                 });
@@ -332,15 +361,31 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let result = relay(reader, writer, requests, bytes_up).await;
+    // Terminate, end of stream or an error: the server sees the end of ours.
+    let _ = writer.shutdown().await;
+    result
+}
+
+async fn relay<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    requests: &mut Requests<'_>,
+    bytes_up: &AtomicU64,
+) -> Result<(), WireError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut buf = BytesMut::with_capacity(8 * 1024);
     // Frames a client sends together (Parse/Bind/Describe/Execute/Sync) go
     // upstream together: gathered, and written whenever no further complete
     // frame is already waiting, i.e. before the relay would block on a read.
+    // Their statements are made durable first, in one group commit.
     let mut out = BytesMut::with_capacity(16 * 1024);
     loop {
         if (!wire::has_frame(&buf) || out.len() >= 64 * 1024) && !out.is_empty() {
-            writer.write_all(&out).await?;
-            out.clear();
+            requests.flush(writer, &mut out).await?;
         }
         let Some(frame) = wire::read_frame(reader, &mut buf).await? else {
             break;
@@ -353,10 +398,19 @@ where
         }
         requests.on_frame(&frame, &mut out)?;
     }
-    // Terminate or end of stream: the server sees the end of ours.
-    let _ = writer.write_all(&out).await;
-    let _ = writer.shutdown().await;
-    Ok(())
+    requests.flush(writer, &mut out).await
+}
+
+impl Requests<'_> {
+    /// Sends what was gathered, once its statements are on disk.
+    async fn flush<W: AsyncWrite + Unpin>(&mut self, writer: &mut W, out: &mut BytesMut) -> Result<(), WireError> {
+        if let Some(ticket) = self.pending.take() {
+            self.session.recorder.durable(ticket).await?;
+        }
+        writer.write_all(out).await?;
+        out.clear();
+        Ok(())
+    }
 }
 
 /// A Describe of a portal, asked by the agent.

@@ -72,6 +72,8 @@ pub enum ResponseError {
     UndescribedPortal,
     #[error("malformed server message: {0}")]
     Malformed(String),
+    #[error(transparent)]
+    Record(#[from] crate::sessions::StoreError),
 }
 
 /// What to do with one response frame.
@@ -462,12 +464,18 @@ where
             }
             pos += total;
         }
-        if out.is_empty() {
-            writer.write_all(&buf[passed..pos]).await?;
+        let sent = if out.is_empty() {
+            &buf[passed..pos]
         } else {
             out.extend_from_slice(&buf[passed..pos]);
-            writer.write_all(&out).await?;
+            &out[..]
+        };
+        // What the client saw (masked), with `record = "full"`.
+        let recorder = &responses.session.recorder;
+        if recorder.records_output() && !sent.is_empty() {
+            recorder.append(&crate::sessions::Event::Output { data: sent })?;
         }
+        writer.write_all(sent).await?;
         bytes_down.fetch_add(pos as u64, Ordering::Relaxed);
         buf.advance(pos);
         buf.reserve(pending.saturating_sub(buf.len()));

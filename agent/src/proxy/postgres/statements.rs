@@ -9,6 +9,7 @@ use std::{
 use crate::{
     access::StatementLine,
     policy::{Action, ActivePolicy, StatementInfo, StatementKind, evaluate_statement},
+    sessions::{Event, StoreError, Ticket},
 };
 
 use super::{Session, StatementCounts, mask::MaskSet, sql};
@@ -148,6 +149,8 @@ pub fn decide(
 pub struct Audit {
     pub decided: Arc<Decided>,
     pub index: usize,
+    /// Its number in the session's record.
+    pub n: u64,
     started: Instant,
     time: SystemTime,
     pub rows: u64,
@@ -168,20 +171,38 @@ pub enum StatementOutcome {
 }
 
 impl Audit {
-    pub fn new(decided: Arc<Decided>, index: usize) -> Self {
-        Self {
-            decided,
+    /// Records statement `index` of `decided` in the session (its
+    /// `statement` event) and starts its audit.
+    pub fn record(
+        session: &Session,
+        decided: &Arc<Decided>,
+        index: usize,
+    ) -> Result<(Self, Ticket), StoreError> {
+        let recorder = &session.recorder;
+        let n = recorder.next_statement();
+        let statement = &decided.statements[index];
+        let (action, _) = decided.verdicts[index];
+        let ticket = recorder.append(&Event::Statement {
+            n,
+            text: &statement.text,
+            kinds: statement.kinds,
+            tables: &statement.tables,
+            writes: statement.writes(),
+            decision: action,
+            enforced: decided.policy.enforce,
+            rule: decided.rule_name(index),
+        })?;
+        recorder.count_statement(action == Action::Deny);
+        let audit = Self {
+            decided: decided.clone(),
             index,
+            n,
             started: Instant::now(),
             time: SystemTime::now(),
             rows: 0,
             masked: 0,
-        }
-    }
-
-    /// Every statement of a query, in order.
-    pub fn all(decided: &Arc<Decided>) -> impl Iterator<Item = Audit> + '_ {
-        (0..decided.statements.len()).map(|i| Audit::new(decided.clone(), i))
+        };
+        Ok((audit, ticket))
     }
 
     /// Writes the statement's audit line and counts its decision.
@@ -207,6 +228,17 @@ impl Audit {
             .and_then(|n| std::str::from_utf8(n).ok()?.parse().ok())
             .unwrap_or(self.rows);
         let ran = matches!(outcome, StatementOutcome::Ok | StatementOutcome::Error);
+        let duration = self.started.elapsed();
+        // Not waited for: the statement itself was durable before it ran.
+        if let Err(error) = session.recorder.append(&Event::Result {
+            n: self.n,
+            outcome,
+            rows: ran.then_some(rows),
+            cells_masked: self.masked,
+            duration_us: ran.then_some(duration.as_micros() as u64),
+        }) {
+            tracing::error!(%error, "cannot record a statement's result");
+        }
         StatementLine {
             event: "statement",
             time: humantime::format_rfc3339_millis(self.time).to_string(),
@@ -222,7 +254,7 @@ impl Audit {
             outcome,
             rows: ran.then_some(rows),
             cells_masked: self.masked,
-            duration_ms: ran.then(|| self.started.elapsed().as_secs_f64() * 1000.0),
+            duration_ms: ran.then(|| duration.as_secs_f64() * 1000.0),
         }
         .write();
     }

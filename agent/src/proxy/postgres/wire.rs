@@ -26,6 +26,9 @@ pub enum WireError {
     Malformed { what: &'static str, why: String },
     #[error("message {tag:?} of {len} bytes is over the {MAX_MESSAGE}-byte limit")]
     TooLarge { tag: char, len: usize },
+    /// The session cannot be recorded: nothing more goes upstream.
+    #[error(transparent)]
+    Record(#[from] crate::sessions::StoreError),
 }
 
 fn malformed(what: &'static str, why: impl Into<String>) -> WireError {

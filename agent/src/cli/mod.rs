@@ -1,5 +1,8 @@
 //! Command-line interface: `run`, `policy check|explain`, `status`,
-//! `reload`, `detach`, `demo`. `anyhow` lives here, at the edge.
+//! `reload`, `detach`, `demo`, `sessions …`, `fleet pull`. `anyhow` lives
+//! here, at the edge.
+mod sessions;
+
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
@@ -48,6 +51,12 @@ enum Command {
     /// The local CA that signs the certificates clients see over TLS.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Recorded sessions: list, show, replay, export, verify.
+    #[command(subcommand)]
+    Sessions(sessions::SessionsCommand),
+    /// Sessions of many hosts, from object storage.
+    #[command(subcommand)]
+    Fleet(sessions::FleetCommand),
 }
 
 #[derive(Subcommand)]
@@ -174,6 +183,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Detach(args) => detach(&args),
         Command::Demo(args) => crate::demo::run(args),
+        Command::Sessions(command) => runtime()?.block_on(sessions::sessions(command)),
+        Command::Fleet(command) => runtime()?.block_on(sessions::fleet(command)),
         Command::Ca(CaCommand::Print(ConfigArg { config })) => {
             let state_dir = Config::load(&config)?.agent.state_dir;
             let pem = crate::tls::LocalCa::read_cert(&state_dir.join("ca")).with_context(|| {
@@ -413,6 +424,31 @@ fn print_status(data: &serde_json::Value) {
             t["destinations"]
         );
     }
+    let sessions = &data["sessions"];
+    let backlog = &sessions["backlog"]["Ok"];
+    println!(
+        "sessions: store {} ({} of {} bytes){}",
+        sessions["store"].as_str().unwrap_or("?"),
+        sessions["used_bytes"],
+        sessions["max_store_bytes"],
+        sessions["admitting"]["Err"]
+            .as_str()
+            .map(|e| format!(", REFUSING NEW SESSIONS: {e}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "shipping: {} — backlog {} sessions, {} bytes, oldest {}{}",
+        sessions["shipper"].as_str().unwrap_or("not configured"),
+        backlog["sessions"],
+        backlog["bytes"],
+        backlog["oldest_age_s"]
+            .as_u64()
+            .map_or("-".into(), |s| format!("{s} s ago")),
+        backlog["last_error"]
+            .as_str()
+            .map(|e| format!(" (last error: {e})"))
+            .unwrap_or_default()
+    );
     let live = data["connections"].as_array().map_or(0, Vec::len);
     println!(
         "connections: {live} live, {} accepted since start",

@@ -1,0 +1,79 @@
+//! The events a session records, as written (borrowed, so recording a
+//! statement copies nothing before it is serialized). Readers take lines
+//! as JSON values (`view.rs`): a newer agent's extra fields are kept.
+use std::net::SocketAddr;
+
+use serde::{Serialize, Serializer};
+
+use crate::{
+    policy::{Action, KindSet, RecordMode},
+    proxy::StatementOutcome,
+    workload::Workload,
+};
+
+#[derive(Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event<'a> {
+    /// Always event 0.
+    SessionStart {
+        schema: u32,
+        session_id: &'a str,
+        host: &'a str,
+        protocol: &'a str,
+        target: &'a str,
+        client: SocketAddr,
+        orig_dst: SocketAddr,
+        workload: &'a Workload,
+        /// The policy's workloads this caller matched.
+        workloads: &'a [&'a str],
+        record: RecordMode,
+    },
+    /// The decision on the connection itself.
+    Connection {
+        decision: Action,
+        enforced: bool,
+        rule: Option<&'a str>,
+        reason: &'a str,
+    },
+    /// A command, recorded (and flushed) before it goes upstream.
+    Statement {
+        /// Statement number in the session, from 1.
+        n: u64,
+        text: &'a str,
+        kinds: KindSet,
+        tables: &'a [String],
+        writes: bool,
+        decision: Action,
+        enforced: bool,
+        rule: Option<&'a str>,
+    },
+    /// How statement `n` ended.
+    Result {
+        n: u64,
+        outcome: StatementOutcome,
+        rows: Option<u64>,
+        cells_masked: u64,
+        duration_us: Option<u64>,
+    },
+    /// Bytes the server side sent the client (after masking), with
+    /// `record = "full"`.
+    Output {
+        #[serde(serialize_with = "base64")]
+        data: &'a [u8],
+    },
+    SessionEnd {
+        outcome: &'a str,
+        error: Option<&'a str>,
+        bytes_up: u64,
+        bytes_down: u64,
+        statements: u64,
+        denied: u64,
+    },
+}
+
+fn base64<S: Serializer>(data: &&[u8], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&base64::display::Base64Display::new(
+        data,
+        &base64::engine::general_purpose::STANDARD,
+    ))
+}

@@ -1,0 +1,446 @@
+//! Shipping ended sessions to object storage (`object_store`: S3 and
+//! S3-compatible stores, or a local directory), one zstd-compressed JSONL
+//! object per session at `host=H/date=YYYY-MM-DD/ID.jsonl.zst`, so that
+//! DuckDB or Athena can query the bucket as it is.
+//!
+//! The outbox tree is the queue: an entry leaves it only once its object is
+//! stored, so a restart resumes where it stopped. An object's bytes depend
+//! only on the session's lines, so shipping it twice (a crash between the
+//! upload and the outbox update) rewrites the same object: no duplicate.
+use std::{io::Write, path::PathBuf, sync::Arc, time::Duration};
+
+use futures::StreamExt as _;
+use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload, path::Path as ObjectPath};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::store::{Outbox, Store, StoreError, now_us};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShipError {
+    #[error("shipper url {url:?}: {why}")]
+    Url { url: String, why: String },
+    #[error("credentials_file {}: {why}", path.display())]
+    Credentials { path: PathBuf, why: String },
+    #[error("object store: {0}")]
+    Store(#[from] object_store::Error),
+    #[error(transparent)]
+    Local(#[from] StoreError),
+    #[error("compressing: {0}")]
+    Compress(#[from] std::io::Error),
+}
+
+/// `[shipper]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ShipperSettings {
+    /// `s3://bucket/prefix` or `file:///dir`.
+    pub url: String,
+    /// S3 endpoint for stores other than AWS (Garage, MinIO, Ceph RGW).
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// TOML with `access_key_id` and `secret_access_key`, root-owned 0600;
+    /// without it, the `AWS_*` environment variables.
+    pub credentials_file: Option<PathBuf>,
+}
+
+/// Where sessions go, or come from (`fleet pull`).
+#[derive(Clone, Debug)]
+pub struct Bucket {
+    pub url: String,
+    store: Arc<dyn ObjectStore>,
+    prefix: ObjectPath,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialsFile {
+    access_key_id: String,
+    secret_access_key: String,
+    session_token: Option<String>,
+}
+
+impl Bucket {
+    pub fn open(settings: &ShipperSettings) -> Result<Self, ShipError> {
+        let url_error = |why: String| ShipError::Url {
+            url: settings.url.clone(),
+            why,
+        };
+        let parsed = url::Url::parse(&settings.url).map_err(|e| url_error(e.to_string()))?;
+        match parsed.scheme() {
+            "s3" => {
+                let bucket = parsed
+                    .host_str()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| url_error("no bucket name".into()))?;
+                let mut builder = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    // Our outbox retries with its own backoff; a store that
+                    // is down should fail a request quickly, not hold it.
+                    .with_retry(object_store::RetryConfig {
+                        backoff: object_store::BackoffConfig::default(),
+                        max_retries: 2,
+                        retry_timeout: Duration::from_secs(10),
+                    })
+                    .with_client_options(
+                        object_store::ClientOptions::new()
+                            .with_connect_timeout(Duration::from_secs(5))
+                            .with_timeout(Duration::from_secs(60)),
+                    );
+                if let Some(endpoint) = &settings.endpoint {
+                    builder = builder
+                        .with_endpoint(endpoint)
+                        .with_allow_http(endpoint.starts_with("http://"))
+                        .with_virtual_hosted_style_request(false);
+                }
+                if let Some(region) = &settings.region {
+                    builder = builder.with_region(region);
+                }
+                if let Some(path) = &settings.credentials_file {
+                    let credentials = read_credentials(path)?;
+                    builder = builder
+                        .with_access_key_id(credentials.access_key_id)
+                        .with_secret_access_key(credentials.secret_access_key);
+                    if let Some(token) = credentials.session_token {
+                        builder = builder.with_token(token);
+                    }
+                }
+                Ok(Self {
+                    url: settings.url.clone(),
+                    store: Arc::new(builder.build()?),
+                    prefix: ObjectPath::from(parsed.path().trim_matches('/')),
+                })
+            }
+            "file" => {
+                let dir = parsed
+                    .to_file_path()
+                    .map_err(|()| url_error("not a local path".into()))?;
+                std::fs::create_dir_all(&dir).map_err(|e| url_error(e.to_string()))?;
+                Ok(Self {
+                    url: settings.url.clone(),
+                    store: Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&dir)?),
+                    prefix: ObjectPath::default(),
+                })
+            }
+            other => Err(url_error(format!(
+                "scheme {other:?} is not supported (use s3:// or file://)"
+            ))),
+        }
+    }
+
+    fn path(&self, tail: &str) -> ObjectPath {
+        if self.prefix.as_ref().is_empty() {
+            ObjectPath::from(tail)
+        } else {
+            ObjectPath::from(format!("{}/{tail}", self.prefix))
+        }
+    }
+
+    /// `host=H/date=YYYY-MM-DD/ID.jsonl.zst`, dated by the session's start.
+    pub fn session_path(&self, host: &str, id: &ulid::Ulid) -> ObjectPath {
+        let start = std::time::UNIX_EPOCH + Duration::from_millis(id.timestamp_ms());
+        let date = &humantime::format_rfc3339(start).to_string()[..10];
+        self.path(&format!("host={host}/date={date}/{id}.jsonl.zst"))
+    }
+
+    pub fn key_path(&self, host: &str) -> ObjectPath {
+        self.path(&format!("host={host}/host-key.json"))
+    }
+
+    pub async fn put(&self, path: &ObjectPath, bytes: Vec<u8>) -> Result<(), ShipError> {
+        self.store.put(path, PutPayload::from(bytes)).await?;
+        Ok(())
+    }
+
+    pub async fn get(&self, path: &ObjectPath) -> Result<bytes::Bytes, ShipError> {
+        Ok(self.store.get(path).await?.bytes().await?)
+    }
+
+    /// Every session object under the prefix (or one host's), with its
+    /// host, date and id read from the key.
+    pub async fn list_sessions(&self, host: Option<&str>) -> Result<Vec<ObjectEntry>, ShipError> {
+        let under = match host {
+            Some(host) => self.path(&format!("host={host}")),
+            None => self.prefix.clone(),
+        };
+        let mut listing = self.store.list(Some(&under));
+        let mut out = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta?;
+            if let Some(entry) = ObjectEntry::parse(&meta.location) {
+                out.push(entry);
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// The public key a host published, hex.
+    pub async fn host_key(&self, host: &str) -> Result<Option<String>, ShipError> {
+        match self.get(&self.key_path(host)).await {
+            Ok(bytes) => Ok(serde_json::from_slice::<HostKey>(&bytes)
+                .ok()
+                .map(|k| k.public_key)),
+            Err(ShipError::Store(object_store::Error::NotFound { .. })) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A session object found in a bucket.
+#[derive(Clone, Debug)]
+pub struct ObjectEntry {
+    pub path: ObjectPath,
+    pub host: String,
+    pub date: String,
+    pub id: ulid::Ulid,
+}
+
+impl ObjectEntry {
+    fn parse(path: &ObjectPath) -> Option<Self> {
+        let parts: Vec<_> = path.parts().collect();
+        let [.., host, date, file] = parts.as_slice() else {
+            return None;
+        };
+        let host = host.as_ref().strip_prefix("host=")?;
+        let date = date.as_ref().strip_prefix("date=")?;
+        let id = file.as_ref().strip_suffix(".jsonl.zst")?;
+        Some(Self {
+            path: path.clone(),
+            host: host.to_owned(),
+            date: date.to_owned(),
+            id: ulid::Ulid::from_string(id).ok()?,
+        })
+    }
+}
+
+/// `host=H/host-key.json`: what fleet operators verify a host's sessions
+/// against.
+#[derive(Serialize, Deserialize)]
+pub struct HostKey {
+    pub host: String,
+    pub algorithm: String,
+    pub public_key: String,
+}
+
+fn read_credentials(path: &std::path::Path) -> Result<CredentialsFile, ShipError> {
+    use std::os::unix::fs::MetadataExt;
+    let error = |why: String| ShipError::Credentials {
+        path: path.to_owned(),
+        why,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| error(e.to_string()))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(error(format!(
+            "must be readable by its owner only (mode {:04o}); make it 0600",
+            meta.mode() & 0o7777
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
+    toml::from_str(&text).map_err(|e| error(e.message().to_owned()))
+}
+
+/// A session's object: its lines, newline-terminated, zstd-compressed.
+pub fn session_object(store: &Store, id: &ulid::Ulid) -> Result<Vec<u8>, ShipError> {
+    let mut encoder = zstd::Encoder::new(Vec::new(), 3)?;
+    for line in store.lines(id)? {
+        encoder.write_all(&line)?;
+        encoder.write_all(b"\n")?;
+    }
+    Ok(encoder.finish()?)
+}
+
+/// Retry delays: 1 s doubling to 5 min, each taken at 50–100 % (jitter),
+/// so hosts that lost the same store do not all come back at once.
+fn backoff(attempts: u32) -> Duration {
+    let full = Duration::from_secs(1)
+        .saturating_mul(1 << attempts.min(9))
+        .min(Duration::from_secs(300));
+    full.mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
+/// How long a session is kept locally once shipped.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Uploads in flight at once.
+const CONCURRENCY: usize = 4;
+
+/// Ships the outbox until `shutdown`, pruning shipped sessions after
+/// `retention` (and sooner, oldest first, while the store is over quota).
+pub async fn run(
+    store: Arc<Store>,
+    bucket: Option<Bucket>,
+    retention: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Some(bucket) = bucket else {
+        // Nowhere to ship: sessions stay local for `retention`.
+        loop {
+            if let Err(error) = prune_local(&store, retention) {
+                tracing::warn!(%error, "pruning old sessions failed");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    };
+    let mut key_published = false;
+    let mut key_attempts = 0;
+    let mut next_key_try = std::time::Instant::now();
+    loop {
+        if !key_published && std::time::Instant::now() >= next_key_try {
+            let key = HostKey {
+                host: store.host.clone(),
+                algorithm: "ed25519".into(),
+                public_key: store.public_key(),
+            };
+            let body = serde_json::to_vec_pretty(&key).expect("serializable");
+            match bucket.put(&bucket.key_path(&store.host), body).await {
+                Ok(()) => key_published = true,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot publish the host key; retrying");
+                    next_key_try = std::time::Instant::now() + backoff(key_attempts);
+                    key_attempts += 1;
+                }
+            }
+        }
+        let next = ship_due(&store, &bucket).await;
+        if let Err(error) = prune(&store, retention) {
+            tracing::warn!(%error, "pruning shipped sessions failed");
+        }
+        let wait = next.unwrap_or(Duration::from_secs(5)).min(Duration::from_secs(5));
+        tokio::select! {
+            _ = store.ship_wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Ships every due session; returns how long until the next one is due.
+async fn ship_due(store: &Arc<Store>, bucket: &Bucket) -> Option<Duration> {
+    let now = now_us() / 1000;
+    let mut due = Vec::new();
+    let mut next: Option<u64> = None;
+    for entry in store.outbox.iter() {
+        let Ok((key, value)) = entry else { continue };
+        let outbox: Outbox = serde_json::from_slice(&value).unwrap_or_default();
+        if outbox.next_ms <= now {
+            let Ok(bytes) = <[u8; 16]>::try_from(key.as_ref()) else { continue };
+            due.push((ulid::Ulid(u128::from_be_bytes(bytes)), outbox));
+        } else {
+            next = Some(next.map_or(outbox.next_ms, |n| n.min(outbox.next_ms)));
+        }
+    }
+    let results = futures::stream::iter(due)
+        .map(|(id, outbox)| {
+            let store = store.clone();
+            async move {
+                let result = ship_one(&store, bucket, &id).await;
+                (id, outbox, result)
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+    let mut failed = false;
+    for (id, mut outbox, result) in results {
+        let key = id.0.to_be_bytes();
+        match result {
+            Ok(()) => {
+                let _ = store.shipped.insert(key, &now_us().to_be_bytes());
+                let _ = store.outbox.remove(key);
+            }
+            Err(error) => {
+                failed = true;
+                let delay = backoff(outbox.attempts);
+                outbox.attempts += 1;
+                outbox.next_ms = now_us() / 1000 + delay.as_millis() as u64;
+                outbox.last_error = Some(error.to_string());
+                tracing::warn!(session = %id, attempts = outbox.attempts, retry_in = ?delay, %error, "shipping failed");
+                if let Ok(value) = serde_json::to_vec(&outbox) {
+                    let _ = store.outbox.insert(key, value);
+                }
+            }
+        }
+    }
+    if failed {
+        next = Some(now_us() / 1000 + 1000);
+    }
+    next.map(|ms| Duration::from_millis(ms.saturating_sub(now_us() / 1000)))
+}
+
+async fn ship_one(store: &Arc<Store>, bucket: &Bucket, id: &ulid::Ulid) -> Result<(), ShipError> {
+    let (from, id_copy) = (store.clone(), *id);
+    let object = tokio::task::spawn_blocking(move || session_object(&from, &id_copy))
+        .await
+        .map_err(|e| ShipError::Compress(std::io::Error::other(e)))??;
+    let path = bucket.session_path(&store.host, id);
+    let size = object.len();
+    bucket.put(&path, object).await?;
+    tracing::debug!(session = %id, %path, size, "shipped");
+    Ok(())
+}
+
+/// Removes shipped sessions older than `retention`, and while the store is
+/// over quota, the oldest shipped ones regardless.
+fn prune(store: &Store, retention: Duration) -> Result<(), StoreError> {
+    let cutoff = now_us().saturating_sub(retention.as_micros() as u64);
+    let over_quota = store.used_bytes() >= store.max_bytes;
+    for entry in store.shipped.iter() {
+        let (key, value) = entry?;
+        let shipped_at = <[u8; 8]>::try_from(value.as_ref()).map_or(0, u64::from_be_bytes);
+        if shipped_at <= cutoff || over_quota {
+            let Ok(bytes) = <[u8; 16]>::try_from(key.as_ref()) else { continue };
+            store.remove(&ulid::Ulid(u128::from_be_bytes(bytes)))?;
+        }
+    }
+    Ok(())
+}
+
+/// Without a shipper: removes sessions that ended more than `retention` ago.
+fn prune_local(store: &Store, retention: Duration) -> Result<(), StoreError> {
+    let cutoff = now_us().saturating_sub(retention.as_micros() as u64);
+    for entry in store.outbox.iter() {
+        let (key, _) = entry?;
+        let Ok(bytes) = <[u8; 16]>::try_from(key.as_ref()) else { continue };
+        let id = ulid::Ulid(u128::from_be_bytes(bytes));
+        if store.summary(&id).is_ok_and(|s| s.end_us.is_some_and(|end| end <= cutoff)) {
+            store.remove(&id)?;
+            store.outbox.remove(key)?;
+        }
+    }
+    Ok(())
+}
+
+/// The shipping backlog, for `interlock status`.
+#[derive(Debug, Default, Serialize)]
+pub struct Backlog {
+    pub sessions: u64,
+    pub bytes: u64,
+    /// Seconds since the oldest waiting session ended.
+    pub oldest_age_s: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+pub fn backlog(store: &Store) -> Result<Backlog, StoreError> {
+    let mut backlog = Backlog::default();
+    let now = now_us();
+    for entry in store.outbox.iter() {
+        let (key, value) = entry?;
+        let Ok(bytes) = <[u8; 16]>::try_from(key.as_ref()) else { continue };
+        let id = ulid::Ulid(u128::from_be_bytes(bytes));
+        backlog.sessions += 1;
+        if let Ok(summary) = store.summary(&id) {
+            backlog.bytes += summary.bytes;
+            let ended = summary.end_us.unwrap_or(summary.start_us);
+            let age = now.saturating_sub(ended) / 1_000_000;
+            backlog.oldest_age_s = Some(backlog.oldest_age_s.map_or(age, |a| a.max(age)));
+        }
+        if let Ok(outbox) = serde_json::from_slice::<Outbox>(&value)
+            && outbox.last_error.is_some()
+        {
+            backlog.last_error = outbox.last_error;
+        }
+    }
+    Ok(backlog)
+}

@@ -1,0 +1,574 @@
+//! The local session store: sled under `state_dir/sessions`, one tree per
+//! record kind, keys big-endian so that sessions (ULIDs) and their events
+//! iterate in order.
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `sessions` | session id (16) | [`Summary`] (JSON) |
+//! | `events` | session id (16) ‖ seq (u64) | the event's line |
+//! | `seals` | session id | the seal's line |
+//! | `outbox` | session id | [`Outbox`] entry: to be shipped |
+//! | `shipped` | session id | when it was shipped (unix ms) |
+//!
+//! Durability is group commit: appends go into sled's log without waiting;
+//! a caller that must not go on before its events are on disk waits for
+//! [`Recorder::durable`], and the `store-commit` thread makes one flush
+//! cover every session's pending events. It also flushes whatever is
+//! pending every 100 ms.
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use ed25519_dalek::SigningKey;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+
+use super::{
+    event::Event,
+    format::{Seal, chain_start, encode_event, line_hash},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("session store {}: {cause}", path.display())]
+    Open { path: PathBuf, cause: sled::Error },
+    #[error("session store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("session store cannot write to disk: {0}")]
+    Flush(String),
+    #[error("the session store is full ({used} of max_store_bytes {max}): new sessions are refused until recorded sessions are shipped")]
+    Full { used: u64, max: u64 },
+    #[error("session store: cannot encode an event: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("no session {0}")]
+    NotFound(String),
+    #[error("host key {}: {cause}", path.display())]
+    Key { path: PathBuf, cause: std::io::Error },
+}
+
+/// One row per session, for listing without reading its events.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Summary {
+    pub id: String,
+    pub host: String,
+    pub start_us: u64,
+    pub end_us: Option<u64>,
+    pub protocol: String,
+    pub target: String,
+    pub orig_dst: String,
+    pub workloads: Vec<String>,
+    pub uid: u32,
+    pub user: Option<String>,
+    pub unit: Option<String>,
+    pub exe: Option<String>,
+    pub pid: u32,
+    pub decision: String,
+    pub rule: Option<String>,
+    /// `live` until the session ends; then how it ended.
+    pub outcome: String,
+    pub statements: u64,
+    pub denied: u64,
+    pub events: u64,
+    /// Bytes of its event lines.
+    pub bytes: u64,
+}
+
+/// A session waiting to be shipped.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Outbox {
+    pub attempts: u32,
+    /// Not before (unix ms).
+    pub next_ms: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Committed {
+    generation: u64,
+    failed: bool,
+}
+
+/// The group-commit state shared by recorders and the commit thread.
+struct Committer {
+    /// Generation of the latest append.
+    written: AtomicU64,
+    wanted: Mutex<bool>,
+    wake: Condvar,
+    committed: watch::Sender<Committed>,
+    last_error: Mutex<Option<String>>,
+    /// sled's size on disk, refreshed by the commit thread.
+    used_bytes: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// Flushed at least this often when something is pending.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+pub struct Store {
+    path: PathBuf,
+    db: sled::Db,
+    pub(super) sessions: sled::Tree,
+    pub(super) events: sled::Tree,
+    pub(super) seals: sled::Tree,
+    pub(super) outbox: sled::Tree,
+    pub(super) shipped: sled::Tree,
+    commit: Arc<Committer>,
+    commit_thread: Mutex<Option<JoinHandle<()>>>,
+    pub host: String,
+    key: SigningKey,
+    pub max_bytes: u64,
+    /// Woken when a session is put in the outbox.
+    pub ship_wake: Notify,
+}
+
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+fn id_key(id: &ulid::Ulid) -> [u8; 16] {
+    id.0.to_be_bytes()
+}
+
+pub fn parse_id(text: &str) -> Result<ulid::Ulid, StoreError> {
+    ulid::Ulid::from_string(text).map_err(|_| StoreError::NotFound(text.to_owned()))
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir` and the host key next to it,
+    /// then closes what a crash left open: sessions still `live` are ended
+    /// as `interrupted` and sealed, ended ones missing from the outbox are
+    /// put back in it.
+    pub fn open(dir: &Path, key_path: &Path, host: String, max_bytes: u64) -> Result<Arc<Self>, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(64 * 1024 * 1024)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|cause| StoreError::Open {
+                path: dir.to_owned(),
+                cause,
+            })?;
+        let key = crate::keyfile::load_or_create(key_path).map_err(|cause| StoreError::Key {
+            path: key_path.to_owned(),
+            cause,
+        })?;
+        let commit = Arc::new(Committer {
+            written: AtomicU64::new(0),
+            wanted: Mutex::new(false),
+            wake: Condvar::new(),
+            committed: watch::channel(Committed::default()).0,
+            last_error: Mutex::new(None),
+            used_bytes: AtomicU64::new(db.size_on_disk().unwrap_or(0)),
+            stop: AtomicBool::new(false),
+        });
+        let store = Arc::new(Self {
+            path: dir.to_owned(),
+            sessions: db.open_tree("sessions")?,
+            events: db.open_tree("events")?,
+            seals: db.open_tree("seals")?,
+            outbox: db.open_tree("outbox")?,
+            shipped: db.open_tree("shipped")?,
+            db: db.clone(),
+            commit: commit.clone(),
+            commit_thread: Mutex::new(None),
+            host,
+            key: SigningKey::from_bytes(&key),
+            max_bytes,
+            ship_wake: Notify::new(),
+        });
+        let thread = std::thread::Builder::new()
+            .name("store-commit".into())
+            .spawn(move || commit_loop(db, commit))
+            .expect("spawn the store commit thread");
+        *store.commit_thread.lock().expect("not poisoned") = Some(thread);
+        store.recover()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn public_key(&self) -> String {
+        hex::encode(self.key.verifying_key().as_bytes())
+    }
+
+    /// Whether a new session may start: refused when the store is over
+    /// its quota or the disk refuses writes, so nothing recorded is lost.
+    pub fn admit(&self) -> Result<(), StoreError> {
+        if let Some(error) = self.commit.last_error.lock().expect("not poisoned").clone() {
+            return Err(StoreError::Flush(error));
+        }
+        let used = self.commit.used_bytes.load(Ordering::Relaxed);
+        if used >= self.max_bytes {
+            return Err(StoreError::Full {
+                used,
+                max: self.max_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Flushes now and waits for it (at shutdown).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(drop).map_err(|e| StoreError::Flush(e.to_string()))
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.commit.used_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Starts recording a session: `start` (its `session_start` event)
+    /// and the connection decision.
+    pub fn begin(
+        self: &Arc<Self>,
+        id: ulid::Ulid,
+        summary: Summary,
+        start: &Event<'_>,
+        connection: &Event<'_>,
+        record_output: bool,
+    ) -> Result<(Recorder, Ticket), StoreError> {
+        let recorder = Recorder {
+            store: self.clone(),
+            id,
+            record_output,
+            chain: Mutex::new(Chain {
+                next_seq: 0,
+                prev: chain_start(&summary.id),
+                line: Vec::with_capacity(512),
+                key: [0; 24],
+            }),
+            summary: Mutex::new(summary),
+            statements: AtomicU64::new(0),
+            finished: AtomicBool::new(false),
+        };
+        recorder.put_summary()?;
+        recorder.append(start)?;
+        let ticket = recorder.append(connection)?;
+        Ok((recorder, ticket))
+    }
+
+    fn recover(&self) -> Result<(), StoreError> {
+        for entry in self.sessions.iter() {
+            let (key, value) = entry?;
+            let Ok(mut summary) = serde_json::from_slice::<Summary>(&value) else {
+                continue;
+            };
+            if summary.outcome == "live" {
+                let id = parse_id(&summary.id)?;
+                let mut prefix = [0u8; 16];
+                prefix.copy_from_slice(&key);
+                let (next_seq, prev) = match self.events.scan_prefix(prefix).last() {
+                    Some(last) => {
+                        let (k, line) = last?;
+                        let seq = u64::from_be_bytes(k[16..24].try_into().expect("24-byte key"));
+                        (seq + 1, line_hash(&line).unwrap_or_default())
+                    }
+                    None => (0, chain_start(&summary.id)),
+                };
+                let mut chain = Chain {
+                    next_seq,
+                    prev,
+                    line: Vec::new(),
+                    key: [0; 24],
+                };
+                let end = Event::SessionEnd {
+                    outcome: "interrupted",
+                    error: Some("the agent stopped before the session ended"),
+                    bytes_up: 0,
+                    bytes_down: 0,
+                    statements: summary.statements,
+                    denied: summary.denied,
+                };
+                summary.bytes += chain.push(self, &id, &end)?;
+                summary.outcome = "interrupted".into();
+                summary.end_us = Some(now_us());
+                summary.events = chain.next_seq;
+                self.seal(&id, &chain)?;
+                self.sessions.insert(&key, serde_json::to_vec(&summary)?)?;
+                tracing::warn!(session = %summary.id, events = chain.next_seq, "sealed a session the agent did not end (interrupted)");
+            }
+            if !self.shipped.contains_key(&key)? && !self.outbox.contains_key(&key)? && summary.outcome != "live" {
+                self.outbox.insert(key, serde_json::to_vec(&Outbox::default())?)?;
+            }
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn seal(&self, id: &ulid::Ulid, chain: &Chain) -> Result<(), StoreError> {
+        let seal = Seal::sign(&self.key, &self.host, &id.to_string(), chain.next_seq, &chain.prev);
+        self.seals.insert(id_key(id), serde_json::to_vec(&seal)?)?;
+        Ok(())
+    }
+
+    fn request_commit(&self) {
+        *self.commit.wanted.lock().expect("not poisoned") = true;
+        self.commit.wake.notify_one();
+    }
+
+    /// Summaries, oldest first, from `since_ms` (unix ms) on.
+    pub fn summaries(&self, since_ms: u64) -> Result<Vec<Summary>, StoreError> {
+        let from = ulid::Ulid::from_parts(since_ms, 0);
+        let mut out = Vec::new();
+        for entry in self.sessions.range(id_key(&from)..) {
+            let (_, value) = entry?;
+            if let Ok(summary) = serde_json::from_slice(&value) {
+                out.push(summary);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn summary(&self, id: &ulid::Ulid) -> Result<Summary, StoreError> {
+        let value = self
+            .sessions
+            .get(id_key(id))?
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        Ok(serde_json::from_slice(&value)?)
+    }
+
+    /// A session's lines: every event, then its seal once it has ended.
+    pub fn lines(&self, id: &ulid::Ulid) -> Result<Vec<sled::IVec>, StoreError> {
+        let key = id_key(id);
+        if !self.sessions.contains_key(key)? {
+            return Err(StoreError::NotFound(id.to_string()));
+        }
+        let mut lines = self
+            .events
+            .scan_prefix(key)
+            .values()
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(seal) = self.seals.get(key)? {
+            lines.push(seal);
+        }
+        Ok(lines)
+    }
+
+    /// Removes a session entirely (pruning after shipping).
+    pub fn remove(&self, id: &ulid::Ulid) -> Result<(), StoreError> {
+        let key = id_key(id);
+        let mut batch = sled::Batch::default();
+        for event in self.events.scan_prefix(key).keys() {
+            batch.remove(event?);
+        }
+        self.events.apply_batch(batch)?;
+        self.seals.remove(key)?;
+        self.shipped.remove(key)?;
+        self.sessions.remove(key)?;
+        Ok(())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.commit.stop.store(true, Ordering::SeqCst);
+        self.request_commit();
+        if let Some(thread) = self.commit_thread.lock().expect("not poisoned").take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn commit_loop(db: sled::Db, commit: Arc<Committer>) {
+    let mut measured = std::time::Instant::now();
+    loop {
+        {
+            let mut wanted = commit.wanted.lock().expect("not poisoned");
+            if !*wanted {
+                wanted = commit
+                    .wake
+                    .wait_timeout(wanted, FLUSH_INTERVAL)
+                    .expect("not poisoned")
+                    .0;
+            }
+            *wanted = false;
+        }
+        let stop = commit.stop.load(Ordering::SeqCst);
+        let target = commit.written.load(Ordering::SeqCst);
+        if target != commit.committed.borrow().generation {
+            match db.flush() {
+                Ok(_) => {
+                    commit.last_error.lock().expect("not poisoned").take();
+                    commit.committed.send_replace(Committed {
+                        generation: target,
+                        failed: false,
+                    });
+                }
+                Err(error) => {
+                    tracing::error!(%error, "session store flush failed");
+                    *commit.last_error.lock().expect("not poisoned") = Some(error.to_string());
+                    commit.committed.send_modify(|c| c.failed = true);
+                }
+            }
+        }
+        if measured.elapsed() >= Duration::from_millis(500) || stop {
+            measured = std::time::Instant::now();
+            if let Ok(size) = db.size_on_disk() {
+                commit.used_bytes.store(size, Ordering::Relaxed);
+            }
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+/// A point in the store's history: durable once committed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ticket(u64);
+
+struct Chain {
+    next_seq: u64,
+    prev: [u8; 32],
+    /// Reused for every line.
+    line: Vec<u8>,
+    key: [u8; 24],
+}
+
+impl Chain {
+    /// Writes the next event; returns its line's length.
+    fn push(&mut self, store: &Store, id: &ulid::Ulid, event: &Event<'_>) -> Result<u64, StoreError> {
+        self.line.clear();
+        let hash = encode_event(&mut self.line, &self.prev, self.next_seq, now_us(), event)?;
+        self.key[..16].copy_from_slice(&id_key(id));
+        self.key[16..].copy_from_slice(&self.next_seq.to_be_bytes());
+        store.events.insert(self.key, self.line.as_slice())?;
+        self.prev = hash;
+        self.next_seq += 1;
+        Ok(self.line.len() as u64)
+    }
+}
+
+/// Records one session. Shared by the directions of a connection.
+pub struct Recorder {
+    store: Arc<Store>,
+    id: ulid::Ulid,
+    record_output: bool,
+    chain: Mutex<Chain>,
+    summary: Mutex<Summary>,
+    statements: AtomicU64,
+    finished: AtomicBool,
+}
+
+impl Recorder {
+    /// Whether the server's output is recorded (`record = "full"`).
+    pub fn records_output(&self) -> bool {
+        self.record_output
+    }
+
+    /// The next statement number.
+    pub fn next_statement(&self) -> u64 {
+        self.statements.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Appends an event; it is durable once [`Recorder::durable`] of the
+    /// returned ticket (or a later one) returns.
+    pub fn append(&self, event: &Event<'_>) -> Result<Ticket, StoreError> {
+        let bytes = self.chain.lock().expect("not poisoned").push(&self.store, &self.id, event)?;
+        self.summary.lock().expect("not poisoned").bytes += bytes;
+        Ok(Ticket(
+            self.store.commit.written.fetch_add(1, Ordering::SeqCst) + 1,
+        ))
+    }
+
+    /// Waits until everything appended up to `ticket` is on disk.
+    pub async fn durable(&self, ticket: Ticket) -> Result<(), StoreError> {
+        let commit = &self.store.commit;
+        let mut committed = commit.committed.subscribe();
+        if committed.borrow().generation >= ticket.0 {
+            return Ok(());
+        }
+        self.store.request_commit();
+        let state = committed
+            .wait_for(|c| c.generation >= ticket.0 || c.failed)
+            .await
+            .map(|c| *c)
+            .unwrap_or(Committed {
+                generation: 0,
+                failed: true,
+            });
+        if state.generation >= ticket.0 {
+            return Ok(());
+        }
+        let error = commit.last_error.lock().expect("not poisoned").clone();
+        Err(StoreError::Flush(error.unwrap_or_else(|| "the store is closed".into())))
+    }
+
+    fn put_summary(&self) -> Result<(), StoreError> {
+        let summary = self.summary.lock().expect("not poisoned");
+        self.store
+            .sessions
+            .insert(id_key(&self.id), serde_json::to_vec(&*summary)?)?;
+        Ok(())
+    }
+
+    pub fn count_statement(&self, denied: bool) {
+        let mut summary = self.summary.lock().expect("not poisoned");
+        summary.statements += 1;
+        summary.denied += u64::from(denied);
+    }
+
+    /// Ends the session: its `session_end` event, the seal, the summary,
+    /// and a place in the outbox. Later calls do nothing.
+    pub fn finish(&self, outcome: &str, error: Option<&str>, bytes_up: u64, bytes_down: u64) {
+        if self.finished.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Err(error) = self.try_finish(outcome, error, bytes_up, bytes_down) {
+            tracing::error!(%error, session = %self.id, "cannot end the session's record; it is sealed at the next start");
+        }
+    }
+
+    fn try_finish(&self, outcome: &str, error: Option<&str>, bytes_up: u64, bytes_down: u64) -> Result<(), StoreError> {
+        let (statements, denied) = {
+            let summary = self.summary.lock().expect("not poisoned");
+            (summary.statements, summary.denied)
+        };
+        let mut chain = self.chain.lock().expect("not poisoned");
+        let bytes = chain.push(
+            &self.store,
+            &self.id,
+            &Event::SessionEnd {
+                outcome,
+                error,
+                bytes_up,
+                bytes_down,
+                statements,
+                denied,
+            },
+        )?;
+        self.store.seal(&self.id, &chain)?;
+        {
+            let mut summary = self.summary.lock().expect("not poisoned");
+            summary.bytes += bytes;
+            summary.outcome = outcome.to_owned();
+            summary.end_us = Some(now_us());
+            summary.events = chain.next_seq;
+        }
+        drop(chain);
+        self.put_summary()?;
+        self.store
+            .outbox
+            .insert(id_key(&self.id), serde_json::to_vec(&Outbox::default())?)?;
+        self.store.commit.written.fetch_add(1, Ordering::SeqCst);
+        self.store.request_commit();
+        self.store.ship_wake.notify_one();
+        Ok(())
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        // A connection task cancelled at shutdown still ends its record.
+        self.finish("cancelled", None, 0, 0);
+    }
+}
