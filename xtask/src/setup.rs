@@ -21,11 +21,22 @@ const APT_PACKAGES: [&str; 10] = [
     "python3-psycopg2",
 ];
 const BPF_LINKER: &str = "bpf-linker@0.10.1";
+/// The S3-compatible store the session tests ship to (a real one, built
+/// from crates.io: about 12 minutes on 2 cores, once).
+const GARAGE: &str = "garage@2.5.0";
 
 pub fn run() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
-    apt_packages()
+    apt_packages()?;
+    garage()
+}
+
+fn garage() -> Result<()> {
+    if succeeds(Command::new("garage").arg("--version")) {
+        return Ok(());
+    }
+    exec(crate::cargo().args(["install", GARAGE, "--locked"]))
 }
 
 fn succeeds(cmd: &mut Command) -> bool {

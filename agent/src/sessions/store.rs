@@ -572,3 +572,114 @@ impl Drop for Recorder {
         self.finish("cancelled", None, 0, 0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sessions::{format, view::SessionLog};
+
+    fn open(dir: &Path) -> Arc<Store> {
+        Store::open(&dir.join("sessions"), &dir.join("host.key"), "host-a".into(), u64::MAX).unwrap()
+    }
+
+    fn begin(store: &Arc<Store>) -> (Recorder, Ticket) {
+        let id = ulid::Ulid::new();
+        let summary = Summary {
+            id: id.to_string(),
+            outcome: "live".into(),
+            ..Summary::default()
+        };
+        let start = Event::Output { data: b"start" };
+        let connection = Event::Output { data: b"connection" };
+        store.begin(id, summary, &start, &connection, false).unwrap()
+    }
+
+    fn verify(store: &Store, id: &ulid::Ulid) -> Result<format::Verified, format::VerifyError> {
+        let lines = store.lines(id).unwrap();
+        format::verify(lines.iter().map(|l| l.as_ref()), None)
+    }
+
+    #[tokio::test]
+    async fn statements_are_durable_when_waited_for_and_sessions_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (recorder, ticket) = begin(&store);
+        recorder.durable(ticket).await.unwrap();
+        // Many sessions waiting at once share flushes.
+        let mut waits = Vec::new();
+        for _ in 0..64 {
+            let (recorder, ticket) = begin(&store);
+            waits.push(async move {
+                recorder.durable(ticket).await.unwrap();
+                recorder
+            });
+        }
+        let recorders = futures::future::join_all(waits).await;
+        assert_eq!(store.summaries(0).unwrap().len(), 65);
+        recorder.finish("closed", None, 1, 2);
+        // The session_start here is not a real one, so verification stops
+        // at the first event; its seal is there and says so.
+        let lines = store.lines(&recorder.id).unwrap();
+        assert_eq!(lines.len(), 4, "start, connection, end, seal");
+        assert!(matches!(
+            verify(&store, &recorder.id),
+            Err(format::VerifyError::Unreadable { seq: 0, .. })
+        ));
+        drop(recorders);
+        // Dropped recorders end as cancelled and all wait in the outbox.
+        assert_eq!(store.outbox.len(), 65);
+    }
+
+    #[test]
+    fn a_session_left_live_is_sealed_as_interrupted_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = ulid::Ulid::new();
+        {
+            let store = open(dir.path());
+            let summary = Summary {
+                id: id.to_string(),
+                outcome: "live".into(),
+                ..Summary::default()
+            };
+            let workload = crate::workload::Workload::default();
+            let start = Event::SessionStart {
+                schema: format::SCHEMA_VERSION,
+                session_id: &summary.id.clone(),
+                host: "host-a",
+                protocol: "postgres",
+                target: "db",
+                client: "127.0.0.1:1".parse().unwrap(),
+                orig_dst: "127.0.0.1:2".parse().unwrap(),
+                workload: &workload,
+                workloads: &[],
+                record: crate::policy::RecordMode::Commands,
+            };
+            let connection = Event::Output { data: b"" };
+            let (recorder, _) = store.begin(id, summary, &start, &connection, false).unwrap();
+            store.flush().unwrap();
+            // A crash: the recorder never ends the session.
+            recorder.finished.store(true, Ordering::SeqCst);
+        }
+        let store = open(dir.path());
+        let summary = store.summary(&id).unwrap();
+        assert_eq!(summary.outcome, "interrupted");
+        let verified = verify(&store, &id).unwrap();
+        assert_eq!(verified.events, 3);
+        let log = SessionLog {
+            lines: store.lines(&id).unwrap().iter().map(|l| l.to_vec()).collect(),
+        };
+        assert_eq!(log.summary().outcome, "interrupted");
+        assert!(store.outbox.contains_key(id.0.to_be_bytes()).unwrap());
+    }
+
+    #[test]
+    fn a_store_over_quota_refuses_new_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s"), &dir.path().join("k"), "h".into(), 1024).unwrap();
+        let (recorder, ticket) = begin(&store);
+        futures::executor::block_on(recorder.durable(ticket)).unwrap();
+        // The commit thread measures the store twice a second.
+        std::thread::sleep(Duration::from_millis(700));
+        assert!(matches!(store.admit(), Err(StoreError::Full { max: 1024, .. })));
+    }
+}
