@@ -667,12 +667,15 @@ impl Garage {
                 .is_ok_and(|s| s.success()),
             "garage is not on PATH (`cargo xtask setup` installs it)"
         );
-        let dir = std::env::temp_dir().join(format!("interlock-garage-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("interlock-garage-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let (rpc, s3, admin) = (free_port(), free_port(), free_port());
         let config = dir.join("garage.toml");
-        let secret: String = (0..32).map(|i| format!("{:02x}", (i * 37 + 11) % 256)).collect();
+        let secret: String = (0..32)
+            .map(|i| format!("{:02x}", (i * 37 + 11) % 256))
+            .collect();
         fs::write(
             &config,
             format!(
@@ -714,7 +717,14 @@ impl Garage {
         garage.key_id = field("Key ID");
         garage.secret = field("Secret key");
         garage.cli(&[
-            "bucket", "allow", "--read", "--write", "--owner", "sessions", "--key", "interlock-test",
+            "bucket",
+            "allow",
+            "--read",
+            "--write",
+            "--owner",
+            "sessions",
+            "--key",
+            "interlock-test",
         ]);
         garage
     }
@@ -805,13 +815,20 @@ impl Garage {
         let mut keys = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let mut url = format!("{}/{}?list-type=2&prefix={prefix}", self.endpoint, self.bucket);
+            let mut url = format!(
+                "{}/{}?list-type=2&prefix={}",
+                self.endpoint,
+                self.bucket,
+                urlencode(prefix)
+            );
             if let Some(token) = &token {
                 url.push_str(&format!("&continuation-token={}", urlencode(token)));
             }
             let body = String::from_utf8(self.curl(&url)).unwrap();
             keys.extend(xml_values(&body, "Key"));
-            token = xml_values(&body, "NextContinuationToken").into_iter().next();
+            token = xml_values(&body, "NextContinuationToken")
+                .into_iter()
+                .next();
             if token.is_none() {
                 return keys;
             }
@@ -820,7 +837,13 @@ impl Garage {
 
     /// An object's bytes.
     pub fn get(&self, key: &str) -> Vec<u8> {
-        self.curl(&format!("{}/{}/{key}", self.endpoint, self.bucket))
+        self.curl(&self.object_url(key))
+    }
+
+    /// SigV4 signs the path as encoded: `=` in `host=…` goes as `%3D`.
+    fn object_url(&self, key: &str) -> String {
+        let path: Vec<String> = key.split('/').map(urlencode).collect();
+        format!("{}/{}/{}", self.endpoint, self.bucket, path.join("/"))
     }
 
     /// Writes an object (as someone with the bucket's key could).
@@ -828,11 +851,12 @@ impl Garage {
         let file = self.dir.join("upload");
         fs::write(&file, bytes).unwrap();
         let out = Command::new("curl")
-            .args(["-sS", "--fail", "--aws-sigv4", "aws:amz:garage:s3", "--user"])
+            .args(["-sS", "--fail", "--aws-sigv4", "aws:amz:garage:s3"])
+            .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", "--user"])
             .arg(format!("{}:{}", self.key_id, self.secret))
             .arg("-T")
             .arg(&file)
-            .arg(format!("{}/{}/{key}", self.endpoint, self.bucket))
+            .arg(self.object_url(key))
             .output()
             .unwrap();
         assert!(out.status.success(), "curl PUT {key}: {}", stderr(&out));
@@ -840,7 +864,8 @@ impl Garage {
 
     fn curl(&self, url: &str) -> Vec<u8> {
         let out = Command::new("curl")
-            .args(["-sS", "--fail", "--aws-sigv4", "aws:amz:garage:s3", "--user"])
+            .args(["-sS", "--fail", "--aws-sigv4", "aws:amz:garage:s3"])
+            .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", "--user"])
             .arg(format!("{}:{}", self.key_id, self.secret))
             .arg(url)
             .output()
@@ -869,7 +894,9 @@ fn xml_values(body: &str, tag: &str) -> Vec<String> {
 fn urlencode(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()

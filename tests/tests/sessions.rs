@@ -53,7 +53,11 @@ fn start(name: &str, ip: &str, sections: &str) -> (Postgres, TestCgroup, PathBuf
     let secret = pg.password_file("sessions-secret");
     let mut cgroup = TestCgroup::new(&format!("sess-{name}"));
     let (job, _) = cgroup.child("job.service");
-    let agent = Agent::start(&cgroup, &format!("sess-{name}"), &policy(&pg, &secret, sections));
+    let agent = Agent::start(
+        &cgroup,
+        &format!("sess-{name}"),
+        &policy(&pg, &secret, sections),
+    );
     (pg, cgroup, job, agent)
 }
 
@@ -172,28 +176,44 @@ fn sessions_are_recorded_shipped_pulled_and_verified() {
     assert_eq!(kinds.last(), Some(&"session_end"), "{kinds:?}");
     let statement = events.iter().find(|e| e["kind"] == "statement").unwrap();
     assert!(
-        statement["text"].as_str().unwrap().contains("INSERT INTO events"),
+        statement["text"]
+            .as_str()
+            .unwrap()
+            .contains("INSERT INTO events"),
         "{statement}"
     );
     assert_eq!(statement["decision"], "allow");
     assert_eq!(statement["rule"], "ci-reads-and-writes");
     let result = events.iter().find(|e| e["kind"] == "result").unwrap();
-    assert_eq!((result["outcome"].as_str(), result["rows"].as_u64()), (Some("ok"), Some(1)));
-    assert!(kinds.contains(&"output"), "record = \"full\" keeps the output: {kinds:?}");
+    assert_eq!(
+        (result["outcome"].as_str(), result["rows"].as_u64()),
+        (Some("ok"), Some(1))
+    );
+    assert!(
+        kinds.contains(&"output"),
+        "record = \"full\" keeps the output: {kinds:?}"
+    );
     assert_eq!(shown["summary"]["workloads"][0], "ci");
 
     // Shipped: one object per session, in the documented layout.
     wait_shipped(&agent, Duration::from_secs(30));
     let host = sessions[0]["host"].as_str().unwrap().to_owned();
     let keys = garage.list("fleet/");
-    assert!(keys.contains(&format!("fleet/host={host}/host-key.json")), "{keys:?}");
+    assert!(
+        keys.contains(&format!("fleet/host={host}/host-key.json")),
+        "{keys:?}"
+    );
     for session in &sessions {
         let date = &humantime::format_rfc3339(
             std::time::UNIX_EPOCH + Duration::from_micros(session["start_us"].as_u64().unwrap()),
         )
         .to_string()[..10];
         let key = format!("fleet/host={host}/date={date}/{}.jsonl.zst", id(session));
-        assert_eq!(keys.iter().filter(|k| **k == key).count(), 1, "{key} in {keys:?}");
+        assert_eq!(
+            keys.iter().filter(|k| **k == key).count(),
+            1,
+            "{key} in {keys:?}"
+        );
     }
 
     // Pulled back: exactly what was recorded, verified.
@@ -201,14 +221,27 @@ fn sessions_are_recorded_shipped_pulled_and_verified() {
     let credentials = garage.credentials_file();
     let pull = |to: &Path| {
         interlock(&[
-            "fleet", "pull", "--from", "s3://sessions/fleet", "--endpoint", &garage.endpoint,
-            "--region", "garage", "--credentials-file", credentials.to_str().unwrap(),
-            "--to", to.to_str().unwrap(),
+            "fleet",
+            "pull",
+            "--from",
+            "s3://sessions/fleet",
+            "--endpoint",
+            &garage.endpoint,
+            "--region",
+            "garage",
+            "--credentials-file",
+            credentials.to_str().unwrap(),
+            "--to",
+            to.to_str().unwrap(),
         ])
     };
     let out = pull(&pulled);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
-    assert!(stdout(&out).contains("pulled 3 sessions"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("pulled 3 sessions"),
+        "{}",
+        stdout(&out)
+    );
     let from = pulled.to_str().unwrap();
     for session in &sessions {
         let exported = agent.cli(&["sessions", "export", id(session)]);
@@ -218,40 +251,82 @@ fn sessions_are_recorded_shipped_pulled_and_verified() {
         )
         .to_string()[..10];
         let file = pulled.join(format!("host={host}/date={date}/{}.jsonl", id(session)));
-        assert_eq!(std::fs::read(&file).unwrap(), exported.stdout, "{}", file.display());
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            exported.stdout,
+            "{}",
+            file.display()
+        );
         let out = interlock(&["sessions", "verify", file.to_str().unwrap()]);
         assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     }
     let out = interlock(&["sessions", "list", "--from", from, "--json"]);
     assert_eq!(json_lines(&stdout(&out)).len(), 3, "{}", stderr(&out));
-    let out = interlock(&["sessions", "list", "--from", from, "--decision", "denied", "--json"]);
+    let out = interlock(&[
+        "sessions",
+        "list",
+        "--from",
+        from,
+        "--decision",
+        "denied",
+        "--json",
+    ]);
     assert_eq!(json_lines(&stdout(&out)).len(), 1);
-    let out = interlock(&["sessions", "replay", id(&denied[0]), "--from", from, "--speed", "0"]);
+    let out = interlock(&[
+        "sessions",
+        "replay",
+        id(&denied[0]),
+        "--from",
+        from,
+        "--speed",
+        "0",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let transcript = stdout(&out);
     assert!(
         transcript.contains("DELETE FROM events [deny"),
         "the transcript shows the denied statement:\n{transcript}"
     );
-    let out = interlock(&["sessions", "export", id(&sessions[1]), "--from", from, "--format", "asciicast"]);
+    let out = interlock(&[
+        "sessions",
+        "export",
+        id(&sessions[1]),
+        "--from",
+        from,
+        "--format",
+        "asciicast",
+    ]);
     let cast = json_lines(&stdout(&out));
     assert_eq!(cast[0]["version"], 2, "asciicast v2 header");
-    assert!(cast[1..].iter().all(|e| e[1] == "o" && e[0].as_f64().is_some()));
+    assert!(
+        cast[1..]
+            .iter()
+            .all(|e| e[1] == "o" && e[0].as_f64().is_some())
+    );
     assert!(stdout(&out).contains("SELECT id, note FROM events"));
 
     // Tampered: one byte changed, one event removed; the verifier names it.
     let file = interlock_e2e_file(&pulled, &host, &sessions[0]);
     let original = std::fs::read_to_string(&file).unwrap();
     let lines: Vec<&str> = original.lines().collect();
-    let statement_at = lines.iter().position(|l| l.contains("\"kind\":\"statement\"")).unwrap();
-    let changed = original.replacen("VALUES (1, 'one')", "VALUES (2, 'one')", 1);
-    assert_ne!(changed, original);
+    let statement_at = lines
+        .iter()
+        .position(|l| l.contains("\"kind\":\"statement\""))
+        .unwrap();
+    let mut changed_lines = lines.clone();
+    let altered = lines[statement_at].replacen("VALUES (1, 'one')", "VALUES (2, 'one')", 1);
+    assert_ne!(altered, lines[statement_at]);
+    changed_lines[statement_at] = &altered;
+    let changed = changed_lines.join("\n");
     let tampered = agent.workdir.join("tampered.jsonl");
     std::fs::write(&tampered, &changed).unwrap();
     let out = interlock(&["sessions", "verify", tampered.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(
-        stderr(&out).contains(&format!("event {statement_at} (line {}) was altered", statement_at + 1)),
+        stderr(&out).contains(&format!(
+            "event {statement_at} (line {}) was altered",
+            statement_at + 1
+        )),
         "{}",
         stderr(&out)
     );
@@ -268,14 +343,23 @@ fn sessions_are_recorded_shipped_pulled_and_verified() {
     // A tampered object in the bucket fails the pull, naming the event.
     let object = format!(
         "fleet/host={host}/date={}/{}.jsonl.zst",
-        file.parent().unwrap().file_name().unwrap().to_str().unwrap().trim_start_matches("date="),
+        file.parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim_start_matches("date="),
         id(&sessions[0])
     );
     garage.put(&object, &zstd_compress(changed.as_bytes()));
     let out = pull(&agent.workdir.join("pulled-again"));
     assert!(!out.status.success(), "a tampered object fails the pull");
     assert!(
-        stderr(&out).contains(&format!("event {statement_at} (line {}) was altered", statement_at + 1)),
+        stderr(&out).contains(&format!(
+            "event {statement_at} (line {}) was altered",
+            statement_at + 1
+        )),
         "{}",
         stderr(&out)
     );
@@ -299,8 +383,16 @@ fn an_outage_of_the_store_delays_shipping_and_loses_nothing() {
     let (pg, _cgroup, job, agent) = start("outage", "127.0.0.51", &garage.shipper_section("out"));
     garage.stop();
     for i in 0..5 {
-        let out = psql(&job, &pg, &format!("INSERT INTO events VALUES ({i}, 'outage')"));
-        assert!(out.status.success(), "recording goes on while the store is down: {}", stderr(&out));
+        let out = psql(
+            &job,
+            &pg,
+            &format!("INSERT INTO events VALUES ({i}, 'outage')"),
+        );
+        assert!(
+            out.status.success(),
+            "recording goes on while the store is down: {}",
+            stderr(&out)
+        );
     }
     let sessions = wait_sessions(&agent, 5);
     assert_eq!(sessions.len(), 5);
@@ -314,16 +406,24 @@ fn an_outage_of_the_store_delays_shipping_and_loses_nothing() {
     wait_shipped(&agent, Duration::from_secs(90));
     let keys = garage.list("out/");
     for session in &sessions {
-        let n = keys.iter().filter(|k| k.ends_with(&format!("/{}.jsonl.zst", id(session)))).count();
+        let n = keys
+            .iter()
+            .filter(|k| k.ends_with(&format!("/{}.jsonl.zst", id(session))))
+            .count();
         assert_eq!(n, 1, "{} arrived exactly once: {keys:?}", id(session));
     }
-    assert_eq!(keys.iter().filter(|k| k.ends_with(".jsonl.zst")).count(), 5, "{keys:?}");
+    assert_eq!(
+        keys.iter().filter(|k| k.ends_with(".jsonl.zst")).count(),
+        5,
+        "{keys:?}"
+    );
 }
 
 #[test]
 fn kill_9_mid_burst_keeps_every_forwarded_statement() {
     let garage = Garage::start("kill");
-    let (pg, _cgroup, job, mut agent) = start("kill", "127.0.0.52", &garage.shipper_section("kill"));
+    let (pg, _cgroup, job, mut agent) =
+        start("kill", "127.0.0.52", &garage.shipper_section("kill"));
     // One session sending INSERTs one after another, as fast as psql can.
     let script = format!(
         "seq 1 1000000 | sed \"s/.*/INSERT INTO events VALUES (&, 'burst');/\" | \
@@ -333,12 +433,25 @@ fn kill_9_mid_burst_keeps_every_forwarded_statement() {
     );
     let mut burst = std::process::Command::new("sh")
         .arg("-c")
-        .arg(format!("echo $$ > {}/cgroup.procs && {script}", job.display()))
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && {script}",
+            job.display()
+        ))
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while pg.admin_sql("postgres", "SELECT count(*) FROM events").trim().parse::<u64>().unwrap() < 300 {
-        assert!(Instant::now() < deadline, "the burst did not start: {}", agent.stderr());
+    while pg
+        .admin_sql("postgres", "SELECT count(*) FROM events")
+        .trim()
+        .parse::<u64>()
+        .unwrap()
+        < 300
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the burst did not start: {}",
+            agent.stderr()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     agent.kill9();
@@ -363,7 +476,13 @@ fn kill_9_mid_burst_keeps_every_forwarded_statement() {
         .filter(|e| e["kind"] == "statement")
         .filter_map(|e| {
             let text = e["text"].as_str()?;
-            text.split("VALUES (").nth(1)?.split(',').next()?.trim().parse().ok()
+            text.split("VALUES (")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .trim()
+                .parse()
+                .ok()
         })
         .collect();
     let missing: Vec<_> = forwarded.difference(&recorded).collect();
@@ -375,29 +494,49 @@ fn kill_9_mid_burst_keeps_every_forwarded_statement() {
         recorded.len()
     );
     let exported = agent.workdir.join("interrupted.jsonl");
-    std::fs::write(&exported, agent.cli(&["sessions", "export", id(&sessions[0])]).stdout).unwrap();
+    std::fs::write(
+        &exported,
+        agent.cli(&["sessions", "export", id(&sessions[0])]).stdout,
+    )
+    .unwrap();
     let out = interlock(&["sessions", "verify", exported.to_str().unwrap()]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
 
     // Shipping resumes after the restart.
     wait_shipped(&agent, Duration::from_secs(30));
     let keys = garage.list("kill/");
-    assert!(keys.iter().any(|k| k.ends_with(&format!("/{}.jsonl.zst", id(&sessions[0])))), "{keys:?}");
+    assert!(
+        keys.iter()
+            .any(|k| k.ends_with(&format!("/{}.jsonl.zst", id(&sessions[0])))),
+        "{keys:?}"
+    );
 }
 
 #[test]
 fn a_full_store_refuses_new_sessions_and_drops_nothing() {
     // The shipper points at a port nobody listens on: nothing leaves.
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let credentials = std::env::temp_dir().join(format!("interlock-dead-s3-{}.toml", std::process::id()));
-    std::fs::write(&credentials, "access_key_id = \"GK0\"\nsecret_access_key = \"x\"\n").unwrap();
-    std::fs::set_permissions(&credentials, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let credentials =
+        std::env::temp_dir().join(format!("interlock-dead-s3-{}.toml", std::process::id()));
+    std::fs::write(
+        &credentials,
+        "access_key_id = \"GK0\"\nsecret_access_key = \"x\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &credentials,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let sections = format!(
         "[sessions]\nmax_store_bytes = \"3MiB\"\n\n[shipper]\nurl = \"s3://sessions/full\"\nendpoint = \"{dead}\"\nregion = \"garage\"\ncredentials_file = {:?}\n",
         credentials.display().to_string()
     );
     let (pg, _cgroup, job, agent) = start("full", "127.0.0.53", &sections);
-    pg.admin_sql("postgres", "INSERT INTO events SELECT g, repeat('x', 200) FROM generate_series(1, 2000) g");
+    pg.admin_sql(
+        "postgres",
+        "INSERT INTO events SELECT g, repeat('x', 200) FROM generate_series(1, 2000) g",
+    );
 
     let mut recorded = 0;
     let mut refusal = None;
@@ -418,11 +557,29 @@ fn a_full_store_refuses_new_sessions_and_drops_nothing() {
 
     // Every session that ran is still there, sealed, and waiting to ship.
     let sessions = wait_sessions(&agent, recorded);
-    let ran: Vec<_> = sessions.iter().filter(|s| s["outcome"] == "closed").collect();
+    let ran: Vec<_> = sessions
+        .iter()
+        .filter(|s| s["outcome"] == "closed")
+        .collect();
     assert_eq!(ran.len(), recorded, "{sessions:?}");
     let status = status(&agent);
-    assert!(status["sessions"]["admitting"]["Err"].as_str().unwrap().contains("full"), "{status}");
-    assert!(status["sessions"]["backlog"]["Ok"]["sessions"].as_u64().unwrap() >= recorded as u64);
+    assert!(
+        status["sessions"]["admitting"]["Err"]
+            .as_str()
+            .unwrap()
+            .contains("full"),
+        "{status}"
+    );
+    assert!(
+        status["sessions"]["backlog"]["Ok"]["sessions"]
+            .as_u64()
+            .unwrap()
+            >= recorded as u64
+    );
     let out = agent.cli(&["status"]);
-    assert!(stdout(&out).contains("REFUSING NEW SESSIONS"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("REFUSING NEW SESSIONS"),
+        "{}",
+        stdout(&out)
+    );
 }

@@ -31,7 +31,9 @@ pub enum Request {
         filter: crate::sessions::view::Filter,
     },
     /// One session's lines (events and seal).
-    SessionLog { id: String },
+    SessionLog {
+        id: String,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

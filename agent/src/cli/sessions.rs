@@ -158,10 +158,15 @@ fn shipper_settings(config: Option<&Config>, url: &str, args: &BucketArgs) -> Sh
 async fn open(from: &FromArgs) -> anyhow::Result<Source> {
     let config = Config::load(&from.config).ok();
     let socket = crate::config::admin_socket_of(&from.config);
-    let state_dir = config
-        .as_ref()
-        .map_or_else(|| crate::config::AgentSettings::default().state_dir, |c| c.agent.state_dir.clone());
-    let shipper = shipper_settings(config.as_ref(), from.from.as_deref().unwrap_or(""), &from.bucket);
+    let state_dir = config.as_ref().map_or_else(
+        || crate::config::AgentSettings::default().state_dir,
+        |c| c.agent.state_dir.clone(),
+    );
+    let shipper = shipper_settings(
+        config.as_ref(),
+        from.from.as_deref().unwrap_or(""),
+        &from.bucket,
+    );
     Source::open(from.from.as_deref(), &socket, &state_dir, &shipper).await
 }
 
@@ -176,7 +181,12 @@ pub async fn sessions(command: SessionsCommand) -> anyhow::Result<ExitCode> {
             let log = open(&from).await?.log(&id).await?;
             view::show(&log, json, &mut stdout)?;
         }
-        SessionsCommand::Replay { id, from, speed, max_idle } => {
+        SessionsCommand::Replay {
+            id,
+            from,
+            speed,
+            max_idle,
+        } => {
             let log = open(&from).await?.log(&id).await?;
             view::replay(&log, speed, max_idle, &mut stdout)?;
         }
@@ -220,7 +230,14 @@ pub async fn sessions(command: SessionsCommand) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
-    let FleetCommand::Pull { from, bucket, host, filter, to, config } = command;
+    let FleetCommand::Pull {
+        from,
+        bucket,
+        host,
+        filter,
+        to,
+        config,
+    } = command;
     let config = Config::load(&config).ok();
     let settings = shipper_settings(config.as_ref(), &from, &bucket);
     let bucket = Bucket::open(&settings)?;

@@ -6,8 +6,7 @@ use serde::Deserialize;
 
 use super::ConfigError;
 use crate::policy::{
-    Action, MaskSpec, Pattern, Protocol, RecordMode, StatementKind, UpstreamTls,
-    WorkloadSelector,
+    Action, MaskSpec, Pattern, Protocol, RecordMode, StatementKind, UpstreamTls, WorkloadSelector,
 };
 
 pub type Located<T> = toml::Spanned<T>;
@@ -91,7 +90,9 @@ impl ByteSize {
             ByteSize::Bytes(n) => return Ok(*n),
             ByteSize::Text(text) => text.trim(),
         };
-        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
         let (number, unit) = text.split_at(split);
         let number: u64 = number
             .parse()
@@ -106,7 +107,11 @@ impl ByteSize {
             "GiB" => 1 << 30,
             "TB" => 1000_u64.pow(4),
             "TiB" => 1 << 40,
-            other => return Err(format!("unknown size unit {other:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+                ));
+            }
         };
         number
             .checked_mul(scale)

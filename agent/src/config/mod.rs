@@ -81,7 +81,10 @@ impl Config {
             if !(url.get_ref().starts_with("s3://") || url.get_ref().starts_with("file:///")) {
                 return Err(main.error_at(
                     url.span(),
-                    format!("url {:?} must be s3://bucket/prefix or file:///dir", url.get_ref()),
+                    format!(
+                        "url {:?} must be s3://bucket/prefix or file:///dir",
+                        url.get_ref()
+                    ),
                 ));
             }
         }
@@ -94,7 +97,12 @@ impl Config {
                 if let Some(agent) = &spec.agent {
                     return Err(source.error_at(agent.span(), "[agent] belongs in the main configuration file, not in the policy directory"));
                 }
-                if let Some(span) = spec.sessions.as_ref().map(|s| s.span()).or(spec.shipper.as_ref().map(|s| s.span())) {
+                if let Some(span) = spec
+                    .sessions
+                    .as_ref()
+                    .map(|s| s.span())
+                    .or(spec.shipper.as_ref().map(|s| s.span()))
+                {
                     return Err(source.error_at(span, "[sessions] and [shipper] belong in the main configuration file, not in the policy directory"));
                 }
                 files.push((source, spec));

@@ -209,7 +209,14 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
         // Nothing reaches the target unrecorded: the session's start and
         // the decision are on disk before the first byte goes upstream.
         let recorder = match begin_session(
-            &context, session_id, client, &intercepted.orig_dst, &workload, &active, target, &verdict,
+            &context,
+            session_id,
+            client,
+            &intercepted.orig_dst,
+            &workload,
+            &active,
+            target,
+            &verdict,
         )
         .await
         {

@@ -58,7 +58,10 @@ pub async fn pull(bucket: &Bucket, options: &PullOptions) -> anyhow::Result<Pull
             continue;
         }
         let key = match bucket.host_key(&entry.host).await? {
-            None => Err(format!("host {:?} publishes no key (host={}/host-key.json)", entry.host, entry.host)),
+            None => Err(format!(
+                "host {:?} publishes no key (host={}/host-key.json)",
+                entry.host, entry.host
+            )),
             Some(key) => pin(&options.to, &entry.host, &key),
         };
         keys.insert(entry.host.clone(), key);
@@ -70,8 +73,10 @@ pub async fn pull(bucket: &Bucket, options: &PullOptions) -> anyhow::Result<Pull
         indicatif::ProgressBar::hidden()
     };
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} sessions {bytes_per_sec} {msg}")
-            .expect("a valid template"),
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} sessions {bytes_per_sec} {msg}",
+        )
+        .expect("a valid template"),
     );
     let mut report = PullReport::default();
     let mut summaries: BTreeMap<String, Summary> = read_index(&options.to);
@@ -100,12 +105,15 @@ pub async fn pull(bucket: &Bucket, options: &PullOptions) -> anyhow::Result<Pull
             if !options.filter.matches(&summary) {
                 return Ok(None);
             }
-            let dir = options.to.join(format!("host={}/date={}", entry.host, entry.date));
+            let dir = options
+                .to
+                .join(format!("host={}/date={}", entry.host, entry.date));
             let path = dir.join(format!("{id}.jsonl"));
             if std::fs::read(&path).is_ok_and(|old| old == text) {
                 return Ok(Some((summary, false, 0)));
             }
-            write_atomically(&dir, &path, &text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            write_atomically(&dir, &path, &text)
+                .map_err(|e| format!("writing {}: {e}", path.display()))?;
             Ok(Some((summary, true, bytes.len() as u64)))
         })();
         match result {

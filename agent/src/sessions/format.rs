@@ -45,7 +45,14 @@ pub fn encode_event<E: Serialize>(
     event: &E,
 ) -> serde_json::Result<[u8; 32]> {
     let start = out.len();
-    serde_json::to_writer(&mut *out, &Envelope { seq, time_us, event })?;
+    serde_json::to_writer(
+        &mut *out,
+        &Envelope {
+            seq,
+            time_us,
+            event,
+        },
+    )?;
     let hash: [u8; 32] = Sha256::new()
         .chain_update(prev)
         .chain_update(&out[start..])
@@ -101,7 +108,13 @@ fn seal_message(session_id: &str, events: u64, head: &str) -> Vec<u8> {
 }
 
 impl Seal {
-    pub fn sign(key: &SigningKey, host: &str, session_id: &str, events: u64, head: &[u8; 32]) -> Self {
+    pub fn sign(
+        key: &SigningKey,
+        host: &str,
+        session_id: &str,
+        events: u64,
+        head: &[u8; 32],
+    ) -> Self {
         let head = hex::encode(head);
         let signature = key.sign(&seal_message(session_id, events, &head));
         Self {
@@ -134,10 +147,18 @@ pub enum VerifyError {
     #[error("event {seq} is missing (the next event present is {found})")]
     Missing { seq: u64, found: u64 },
     #[error("event {seq} (line {line}) is out of order (expected event {expected})")]
-    OutOfOrder { seq: u64, line: usize, expected: u64 },
-    #[error("event {seq} (line {line}) was altered: its hash does not match its contents and the chain before it")]
+    OutOfOrder {
+        seq: u64,
+        line: usize,
+        expected: u64,
+    },
+    #[error(
+        "event {seq} (line {line}) was altered: its hash does not match its contents and the chain before it"
+    )]
     Altered { seq: u64, line: usize },
-    #[error("the log ends without a seal after event {last} (a session still running, or cut short)")]
+    #[error(
+        "the log ends without a seal after event {last} (a session still running, or cut short)"
+    )]
     Unsealed { last: u64 },
     #[error("the seal is not readable: {0}")]
     BadSeal(String),
@@ -255,8 +276,11 @@ pub fn verify<'a>(
         .ok()
         .and_then(|s| Signature::from_slice(&s).ok())
         .ok_or(VerifyError::BadSignature)?;
-    key.verify(&seal_message(&seal.session_id, seal.events, &seal.head), &signature)
-        .map_err(|_| VerifyError::BadSignature)?;
+    key.verify(
+        &seal_message(&seal.session_id, seal.events, &seal.head),
+        &signature,
+    )
+    .map_err(|_| VerifyError::BadSignature)?;
     if let Some(trusted) = trusted_key
         && !trusted.eq_ignore_ascii_case(&seal.public_key)
     {
@@ -328,7 +352,10 @@ mod tests {
         let (mut lines, _) = log(5);
         let at = lines[3].windows(8).position(|w| w == b"SELECT 3").unwrap();
         lines[3][at + 7] = b'4';
-        assert_eq!(check(&lines).unwrap_err(), VerifyError::Altered { seq: 3, line: 4 });
+        assert_eq!(
+            check(&lines).unwrap_err(),
+            VerifyError::Altered { seq: 3, line: 4 }
+        );
     }
 
     #[test]
@@ -343,7 +370,10 @@ mod tests {
         lines.remove(4); // the last event
         assert!(matches!(
             check(&lines).unwrap_err(),
-            VerifyError::Truncated { sealed: 5, found: 4 }
+            VerifyError::Truncated {
+                sealed: 5,
+                found: 4
+            }
         ));
     }
 
@@ -363,6 +393,9 @@ mod tests {
     fn an_unsealed_log_says_so() {
         let (mut lines, _) = log(3);
         lines.pop();
-        assert_eq!(check(&lines).unwrap_err(), VerifyError::Unsealed { last: 2 });
+        assert_eq!(
+            check(&lines).unwrap_err(),
+            VerifyError::Unsealed { last: 2 }
+        );
     }
 }

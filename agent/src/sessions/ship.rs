@@ -307,7 +307,9 @@ pub async fn run(
         if let Err(error) = prune(&store, retention) {
             tracing::warn!(%error, "pruning shipped sessions failed");
         }
-        let wait = next.unwrap_or(Duration::from_secs(5)).min(Duration::from_secs(5));
+        let wait = next
+            .unwrap_or(Duration::from_secs(5))
+            .min(Duration::from_secs(5));
         tokio::select! {
             _ = store.ship_wake.notified() => {}
             _ = tokio::time::sleep(wait) => {}
@@ -325,7 +327,9 @@ async fn ship_due(store: &Arc<Store>, bucket: &Bucket) -> Option<Duration> {
         let Ok((key, value)) = entry else { continue };
         let outbox: Outbox = serde_json::from_slice(&value).unwrap_or_default();
         if outbox.next_ms <= now {
-            let Ok(bytes) = <[u8; 16]>::try_from(key.as_ref()) else { continue };
+            let Ok(bytes) = <[u8; 16]>::try_from(key.as_ref()) else {
+                continue;
+            };
             due.push((ulid::Ulid(u128::from_be_bytes(bytes)), outbox));
         } else {
             next = Some(next.map_or(outbox.next_ms, |n| n.min(outbox.next_ms)));
@@ -390,7 +394,9 @@ fn prune(store: &Store, retention: Duration) -> Result<(), StoreError> {
         let (key, value) = entry?;
         let shipped_at = <[u8; 8]>::try_from(value.as_ref()).map_or(0, u64::from_be_bytes);
         if shipped_at <= cutoff || over_quota {
-            let Ok(bytes) = <[u8; 16]>::try_from(key.as_ref()) else { continue };
+            let Ok(bytes) = <[u8; 16]>::try_from(key.as_ref()) else {
+                continue;
+            };
             store.remove(&ulid::Ulid(u128::from_be_bytes(bytes)))?;
         }
     }
@@ -402,9 +408,14 @@ fn prune_local(store: &Store, retention: Duration) -> Result<(), StoreError> {
     let cutoff = now_us().saturating_sub(retention.as_micros() as u64);
     for entry in store.outbox.iter() {
         let (key, _) = entry?;
-        let Ok(bytes) = <[u8; 16]>::try_from(key.as_ref()) else { continue };
+        let Ok(bytes) = <[u8; 16]>::try_from(key.as_ref()) else {
+            continue;
+        };
         let id = ulid::Ulid(u128::from_be_bytes(bytes));
-        if store.summary(&id).is_ok_and(|s| s.end_us.is_some_and(|end| end <= cutoff)) {
+        if store
+            .summary(&id)
+            .is_ok_and(|s| s.end_us.is_some_and(|end| end <= cutoff))
+        {
             store.remove(&id)?;
             store.outbox.remove(key)?;
         }
@@ -427,7 +438,9 @@ pub fn backlog(store: &Store) -> Result<Backlog, StoreError> {
     let now = now_us();
     for entry in store.outbox.iter() {
         let (key, value) = entry?;
-        let Ok(bytes) = <[u8; 16]>::try_from(key.as_ref()) else { continue };
+        let Ok(bytes) = <[u8; 16]>::try_from(key.as_ref()) else {
+            continue;
+        };
         let id = ulid::Ulid(u128::from_be_bytes(bytes));
         backlog.sessions += 1;
         if let Ok(summary) = store.summary(&id) {

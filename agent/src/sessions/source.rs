@@ -52,14 +52,25 @@ impl Source {
             );
         }
         let store = Store::open(&dir, &state_dir.join("host.key"), host_name(), u64::MAX)
-            .with_context(|| format!("opening {} (is the agent running under another socket?)", dir.display()))?;
+            .with_context(|| {
+                format!(
+                    "opening {} (is the agent running under another socket?)",
+                    dir.display()
+                )
+            })?;
         Ok(Self::Store(store))
     }
 
     pub async fn list(&self, filter: &Filter) -> anyhow::Result<Vec<Summary>> {
         let mut summaries = match self {
             Self::Agent(socket) => {
-                let data = admin::call(socket, &Request::SessionsList { filter: filter.clone() }).await?;
+                let data = admin::call(
+                    socket,
+                    &Request::SessionsList {
+                        filter: filter.clone(),
+                    },
+                )
+                .await?;
                 serde_json::from_value(data)?
             }
             Self::Store(store) => store.summaries(filter.since_ms)?,
@@ -70,7 +81,10 @@ impl Source {
                     if entry.id.timestamp_ms() < filter.since_ms {
                         continue;
                     }
-                    out.push(SessionLog::parse(&zstd::decode_all(&*bucket.get(&entry.path).await?)?).summary());
+                    out.push(
+                        SessionLog::parse(&zstd::decode_all(&*bucket.get(&entry.path).await?)?)
+                            .summary(),
+                    );
                 }
                 out
             }
@@ -107,7 +121,9 @@ impl Source {
                     .into_iter()
                     .find(|e| e.id == wanted)
                     .with_context(|| format!("no session {id} in {}", bucket.url))?;
-                Ok(SessionLog::parse(&zstd::decode_all(&*bucket.get(&entry.path).await?)?))
+                Ok(SessionLog::parse(&zstd::decode_all(
+                    &*bucket.get(&entry.path).await?,
+                )?))
             }
         }
     }
@@ -127,7 +143,11 @@ pub fn dir_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let read = |p: &Path| std::fs::read_dir(p).with_context(|| format!("reading {}", p.display()));
     for host in read(dir)? {
         let host = host?.path();
-        if !host.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("host=")) {
+        if !host
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("host="))
+        {
             continue;
         }
         for date in read(&host)? {
@@ -161,7 +181,9 @@ fn dir_summaries(dir: &Path) -> anyhow::Result<Vec<Summary>> {
         return text
             .lines()
             .filter(|l| !l.is_empty())
-            .map(|l| serde_json::from_str(l).with_context(|| format!("{}: bad line", index.display())))
+            .map(|l| {
+                serde_json::from_str(l).with_context(|| format!("{}: bad line", index.display()))
+            })
             .collect();
     }
     dir_files(dir)?

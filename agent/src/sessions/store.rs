@@ -42,14 +42,19 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("session store cannot write to disk: {0}")]
     Flush(String),
-    #[error("the session store is full ({used} of max_store_bytes {max}): new sessions are refused until recorded sessions are shipped")]
+    #[error(
+        "the session store is full ({used} of max_store_bytes {max}): new sessions are refused until recorded sessions are shipped"
+    )]
     Full { used: u64, max: u64 },
     #[error("session store: cannot encode an event: {0}")]
     Encode(#[from] serde_json::Error),
     #[error("no session {0}")]
     NotFound(String),
     #[error("host key {}: {cause}", path.display())]
-    Key { path: PathBuf, cause: std::io::Error },
+    Key {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
 }
 
 /// One row per session, for listing without reading its events.
@@ -146,7 +151,12 @@ impl Store {
     /// then closes what a crash left open: sessions still `live` are ended
     /// as `interrupted` and sealed, ended ones missing from the outbox are
     /// put back in it.
-    pub fn open(dir: &Path, key_path: &Path, host: String, max_bytes: u64) -> Result<Arc<Self>, StoreError> {
+    pub fn open(
+        dir: &Path,
+        key_path: &Path,
+        host: String,
+        max_bytes: u64,
+    ) -> Result<Arc<Self>, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(64 * 1024 * 1024)
@@ -219,7 +229,10 @@ impl Store {
 
     /// Flushes now and waits for it (at shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush().map(drop).map_err(|e| StoreError::Flush(e.to_string()))
+        self.db
+            .flush()
+            .map(drop)
+            .map_err(|e| StoreError::Flush(e.to_string()))
     }
 
     pub fn used_bytes(&self) -> u64 {
@@ -296,8 +309,12 @@ impl Store {
                 self.sessions.insert(&key, serde_json::to_vec(&summary)?)?;
                 tracing::warn!(session = %summary.id, events = chain.next_seq, "sealed a session the agent did not end (interrupted)");
             }
-            if !self.shipped.contains_key(&key)? && !self.outbox.contains_key(&key)? && summary.outcome != "live" {
-                self.outbox.insert(key, serde_json::to_vec(&Outbox::default())?)?;
+            if !self.shipped.contains_key(&key)?
+                && !self.outbox.contains_key(&key)?
+                && summary.outcome != "live"
+            {
+                self.outbox
+                    .insert(key, serde_json::to_vec(&Outbox::default())?)?;
             }
         }
         self.db.flush()?;
@@ -305,7 +322,13 @@ impl Store {
     }
 
     fn seal(&self, id: &ulid::Ulid, chain: &Chain) -> Result<(), StoreError> {
-        let seal = Seal::sign(&self.key, &self.host, &id.to_string(), chain.next_seq, &chain.prev);
+        let seal = Seal::sign(
+            &self.key,
+            &self.host,
+            &id.to_string(),
+            chain.next_seq,
+            &chain.prev,
+        );
         self.seals.insert(id_key(id), serde_json::to_vec(&seal)?)?;
         Ok(())
     }
@@ -436,7 +459,12 @@ struct Chain {
 
 impl Chain {
     /// Writes the next event; returns its line's length.
-    fn push(&mut self, store: &Store, id: &ulid::Ulid, event: &Event<'_>) -> Result<u64, StoreError> {
+    fn push(
+        &mut self,
+        store: &Store,
+        id: &ulid::Ulid,
+        event: &Event<'_>,
+    ) -> Result<u64, StoreError> {
         self.line.clear();
         let hash = encode_event(&mut self.line, &self.prev, self.next_seq, now_us(), event)?;
         self.key[..16].copy_from_slice(&id_key(id));
@@ -473,7 +501,11 @@ impl Recorder {
     /// Appends an event; it is durable once [`Recorder::durable`] of the
     /// returned ticket (or a later one) returns.
     pub fn append(&self, event: &Event<'_>) -> Result<Ticket, StoreError> {
-        let bytes = self.chain.lock().expect("not poisoned").push(&self.store, &self.id, event)?;
+        let bytes = self
+            .chain
+            .lock()
+            .expect("not poisoned")
+            .push(&self.store, &self.id, event)?;
         self.summary.lock().expect("not poisoned").bytes += bytes;
         Ok(Ticket(
             self.store.commit.written.fetch_add(1, Ordering::SeqCst) + 1,
@@ -500,7 +532,9 @@ impl Recorder {
             return Ok(());
         }
         let error = commit.last_error.lock().expect("not poisoned").clone();
-        Err(StoreError::Flush(error.unwrap_or_else(|| "the store is closed".into())))
+        Err(StoreError::Flush(
+            error.unwrap_or_else(|| "the store is closed".into()),
+        ))
     }
 
     fn put_summary(&self) -> Result<(), StoreError> {
@@ -528,7 +562,13 @@ impl Recorder {
         }
     }
 
-    fn try_finish(&self, outcome: &str, error: Option<&str>, bytes_up: u64, bytes_down: u64) -> Result<(), StoreError> {
+    fn try_finish(
+        &self,
+        outcome: &str,
+        error: Option<&str>,
+        bytes_up: u64,
+        bytes_down: u64,
+    ) -> Result<(), StoreError> {
         let (statements, denied) = {
             let summary = self.summary.lock().expect("not poisoned");
             (summary.statements, summary.denied)
@@ -579,7 +619,13 @@ mod tests {
     use crate::sessions::{format, view::SessionLog};
 
     fn open(dir: &Path) -> Arc<Store> {
-        Store::open(&dir.join("sessions"), &dir.join("host.key"), "host-a".into(), u64::MAX).unwrap()
+        Store::open(
+            &dir.join("sessions"),
+            &dir.join("host.key"),
+            "host-a".into(),
+            u64::MAX,
+        )
+        .unwrap()
     }
 
     fn begin(store: &Arc<Store>) -> (Recorder, Ticket) {
@@ -590,8 +636,12 @@ mod tests {
             ..Summary::default()
         };
         let start = Event::Output { data: b"start" };
-        let connection = Event::Output { data: b"connection" };
-        store.begin(id, summary, &start, &connection, false).unwrap()
+        let connection = Event::Output {
+            data: b"connection",
+        };
+        store
+            .begin(id, summary, &start, &connection, false)
+            .unwrap()
     }
 
     fn verify(store: &Store, id: &ulid::Ulid) -> Result<format::Verified, format::VerifyError> {
@@ -655,7 +705,9 @@ mod tests {
                 record: crate::policy::RecordMode::Commands,
             };
             let connection = Event::Output { data: b"" };
-            let (recorder, _) = store.begin(id, summary, &start, &connection, false).unwrap();
+            let (recorder, _) = store
+                .begin(id, summary, &start, &connection, false)
+                .unwrap();
             store.flush().unwrap();
             // A crash: the recorder never ends the session.
             recorder.finished.store(true, Ordering::SeqCst);
@@ -666,7 +718,12 @@ mod tests {
         let verified = verify(&store, &id).unwrap();
         assert_eq!(verified.events, 3);
         let log = SessionLog {
-            lines: store.lines(&id).unwrap().iter().map(|l| l.to_vec()).collect(),
+            lines: store
+                .lines(&id)
+                .unwrap()
+                .iter()
+                .map(|l| l.to_vec())
+                .collect(),
         };
         assert_eq!(log.summary().outcome, "interrupted");
         assert!(store.outbox.contains_key(id.0.to_be_bytes()).unwrap());
@@ -675,11 +732,20 @@ mod tests {
     #[test]
     fn a_store_over_quota_refuses_new_sessions() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s"), &dir.path().join("k"), "h".into(), 1024).unwrap();
+        let store = Store::open(
+            &dir.path().join("s"),
+            &dir.path().join("k"),
+            "h".into(),
+            1024,
+        )
+        .unwrap();
         let (recorder, ticket) = begin(&store);
         futures::executor::block_on(recorder.durable(ticket)).unwrap();
         // The commit thread measures the store twice a second.
         std::thread::sleep(Duration::from_millis(700));
-        assert!(matches!(store.admit(), Err(StoreError::Full { max: 1024, .. })));
+        assert!(matches!(
+            store.admit(),
+            Err(StoreError::Full { max: 1024, .. })
+        ));
     }
 }

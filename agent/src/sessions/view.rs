@@ -36,7 +36,10 @@ impl SessionLog {
             .filter(|event| event["kind"] != "seal")
     }
 
-    pub fn verify(&self, trusted_key: Option<&str>) -> Result<super::format::Verified, super::format::VerifyError> {
+    pub fn verify(
+        &self,
+        trusted_key: Option<&str>,
+    ) -> Result<super::format::Verified, super::format::VerifyError> {
         super::format::verify(self.lines.iter().map(Vec::as_slice), trusted_key)
     }
 
@@ -66,7 +69,11 @@ impl SessionLog {
                     summary.exe = workload["exe"].as_str().map(str::to_owned);
                     summary.workloads = event["workloads"]
                         .as_array()
-                        .map(|a| a.iter().filter_map(|w| w.as_str().map(str::to_owned)).collect())
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|w| w.as_str().map(str::to_owned))
+                                .collect()
+                        })
                         .unwrap_or_default();
                 }
                 "connection" => {
@@ -196,9 +203,17 @@ pub fn show(log: &SessionLog, json: bool, out: &mut impl Write) -> io::Result<()
     writeln!(
         out,
         "workload  {} (uid {}{}, pid {}, exe {})",
-        if summary.workloads.is_empty() { "-".into() } else { summary.workloads.join(", ") },
+        if summary.workloads.is_empty() {
+            "-".into()
+        } else {
+            summary.workloads.join(", ")
+        },
         summary.uid,
-        summary.user.as_deref().map(|u| format!(" {u}")).unwrap_or_default(),
+        summary
+            .user
+            .as_deref()
+            .map(|u| format!(" {u}"))
+            .unwrap_or_default(),
         summary.pid,
         summary.exe.as_deref().unwrap_or("-")
     )?;
@@ -216,7 +231,10 @@ pub fn show(log: &SessionLog, json: bool, out: &mut impl Write) -> io::Result<()
 
 /// One event as a transcript line.
 pub fn describe(event: &Value, start_us: u64) -> String {
-    let at = event["time_us"].as_u64().unwrap_or(start_us).saturating_sub(start_us);
+    let at = event["time_us"]
+        .as_u64()
+        .unwrap_or(start_us)
+        .saturating_sub(start_us);
     let seq = event["seq"].as_u64().unwrap_or(0);
     let rule = |e: &Value| {
         e["rule"]
@@ -236,7 +254,11 @@ pub fn describe(event: &Value, start_us: u64) -> String {
             "connection {}{}{}",
             event["decision"].as_str().unwrap_or("?"),
             rule(event),
-            if event["enforced"] == false { " (audit mode)" } else { "" }
+            if event["enforced"] == false {
+                " (audit mode)"
+            } else {
+                ""
+            }
         ),
         "statement" => format!(
             "#{} {} [{}{}]",
@@ -246,7 +268,11 @@ pub fn describe(event: &Value, start_us: u64) -> String {
             rule(event)
         ),
         "result" => {
-            let mut text = format!("#{} {}", event["n"], event["outcome"].as_str().unwrap_or("?"));
+            let mut text = format!(
+                "#{} {}",
+                event["n"],
+                event["outcome"].as_str().unwrap_or("?")
+            );
             if let Some(rows) = event["rows"].as_u64() {
                 text += &format!(", {rows} row{}", if rows == 1 { "" } else { "s" });
             }
@@ -262,7 +288,10 @@ pub fn describe(event: &Value, start_us: u64) -> String {
         "session_end" => format!(
             "end: {}{}, {} statements ({} denied), {} bytes up, {} bytes down",
             event["outcome"].as_str().unwrap_or("?"),
-            event["error"].as_str().map(|e| format!(" ({e})")).unwrap_or_default(),
+            event["error"]
+                .as_str()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default(),
             event["statements"],
             event["denied"],
             event["bytes_up"],
@@ -283,7 +312,12 @@ fn output_bytes(event: &Value) -> Vec<u8> {
 /// `sessions replay`: the session at its own pace (`speed` times faster,
 /// idle gaps cut to `max_idle`; `speed` 0 does not wait). Terminal output
 /// is written as it was; a PostgreSQL session is a transcript.
-pub fn replay(log: &SessionLog, speed: f64, max_idle: Duration, out: &mut impl Write) -> io::Result<()> {
+pub fn replay(
+    log: &SessionLog,
+    speed: f64,
+    max_idle: Duration,
+    out: &mut impl Write,
+) -> io::Result<()> {
     let summary = log.summary();
     let raw_output = summary.protocol != "postgres";
     let mut last = summary.start_us;
@@ -329,7 +363,11 @@ pub fn export_asciicast(log: &SessionLog, out: &mut impl Write) -> io::Result<()
     out.write_all(b"\n")?;
     let raw_output = summary.protocol != "postgres";
     for event in log.events() {
-        let at = event["time_us"].as_u64().unwrap_or(summary.start_us).saturating_sub(summary.start_us) as f64 / 1e6;
+        let at = event["time_us"]
+            .as_u64()
+            .unwrap_or(summary.start_us)
+            .saturating_sub(summary.start_us) as f64
+            / 1e6;
         let text = if event["kind"] == "output" && raw_output {
             String::from_utf8_lossy(&output_bytes(&event)).into_owned()
         } else if event["kind"] == "output" {

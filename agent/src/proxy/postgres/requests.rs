@@ -403,7 +403,11 @@ where
 
 impl Requests<'_> {
     /// Sends what was gathered, once its statements are on disk.
-    async fn flush<W: AsyncWrite + Unpin>(&mut self, writer: &mut W, out: &mut BytesMut) -> Result<(), WireError> {
+    async fn flush<W: AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+        out: &mut BytesMut,
+    ) -> Result<(), WireError> {
         if let Some(ticket) = self.pending.take() {
             self.session.recorder.durable(ticket).await?;
         }
