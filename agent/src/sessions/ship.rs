@@ -170,7 +170,7 @@ impl Bucket {
                 out.push(entry);
             }
         }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out.sort_by_key(|e| e.id);
         Ok(out)
     }
 

@@ -254,7 +254,7 @@ impl Audit {
             outcome,
             rows: ran.then_some(rows),
             cells_masked: self.masked,
-            duration_ms: ran.then(|| duration.as_secs_f64() * 1000.0),
+            duration_ms: ran.then_some(duration.as_secs_f64() * 1000.0),
         }
         .write();
     }
