@@ -41,6 +41,16 @@ enum Bench {
         #[arg(long, default_value_t = 1_000_000)]
         stream_rows: u64,
     },
+    /// The session store: events/s with flush-before-forward, added
+    /// latency per statement, shipping to Garage.
+    Sessions {
+        /// Statements per scenario.
+        #[arg(long, default_value_t = 20_000)]
+        statements: usize,
+        /// Sessions recorded, then shipped.
+        #[arg(long, default_value_t = 2_000)]
+        ship_sessions: usize,
+    },
     /// Opaque TCP: direct vs Interlock vs socat.
     Tcp {
         /// Connections in the `connect` scenario.
@@ -77,6 +87,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             seconds,
             stream_rows,
         } => crate::bench_postgres::run(seconds, stream_rows),
+        Bench::Sessions {
+            statements,
+            ship_sessions,
+        } => crate::bench_sessions::run(statements, ship_sessions),
     }
 }
 

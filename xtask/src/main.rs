@@ -20,6 +20,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_postgres;
+mod bench_sessions;
 mod install;
 mod setup;
 

@@ -57,6 +57,9 @@ enum Command {
     /// Sessions of many hosts, from object storage.
     #[command(subcommand)]
     Fleet(sessions::FleetCommand),
+    /// Measures the session store on its own (`cargo xtask bench sessions`).
+    #[command(hide = true)]
+    BenchStore(sessions::BenchStoreArgs),
 }
 
 #[derive(Subcommand)]
@@ -185,6 +188,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => crate::demo::run(args),
         Command::Sessions(command) => runtime()?.block_on(sessions::sessions(command)),
         Command::Fleet(command) => runtime()?.block_on(sessions::fleet(command)),
+        Command::BenchStore(args) => runtime()?.block_on(sessions::bench_store(args)),
         Command::Ca(CaCommand::Print(ConfigArg { config })) => {
             let state_dir = Config::load(&config)?.agent.state_dir;
             let pem = crate::tls::LocalCa::read_cert(&state_dir.join("ca")).with_context(|| {

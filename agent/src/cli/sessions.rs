@@ -266,3 +266,36 @@ pub async fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
         ExitCode::FAILURE
     })
 }
+
+#[derive(Args)]
+pub struct BenchStoreArgs {
+    /// An empty directory for the store.
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    sessions: usize,
+    /// Statements per session.
+    #[arg(long, default_value_t = 10_000)]
+    statements: usize,
+    /// Skip the wait for each statement's flush (for comparison).
+    #[arg(long)]
+    no_wait: bool,
+    /// Then ship everything here (`s3://…`), timing it.
+    #[arg(long)]
+    ship: Option<String>,
+    #[command(flatten)]
+    bucket: BucketArgs,
+}
+
+pub async fn bench_store(args: BenchStoreArgs) -> anyhow::Result<ExitCode> {
+    let (store, report) =
+        crate::sessions::bench::record(&args.dir, args.sessions, args.statements, !args.no_wait)
+            .await?;
+    println!("{}", serde_json::to_string(&report)?);
+    if let Some(url) = &args.ship {
+        let bucket = Bucket::open(&shipper_settings(None, url, &args.bucket))?;
+        let report = crate::sessions::bench::ship(&store, &bucket).await?;
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}

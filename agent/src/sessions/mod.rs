@@ -2,6 +2,7 @@
 //! signed log of events, stored locally first (sled, `store.rs`), shipped
 //! to object storage after (`ship.rs`), pulled and verified by fleet
 //! operators (`fleet.rs`). The format is `format.rs` and docs/SESSIONS.md.
+pub mod bench;
 mod event;
 pub mod fleet;
 pub mod format;

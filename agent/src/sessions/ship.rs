@@ -28,6 +28,8 @@ pub enum ShipError {
     Local(#[from] StoreError),
     #[error("compressing: {0}")]
     Compress(#[from] std::io::Error),
+    #[error("{0} uploads failed")]
+    Drain(u64),
 }
 
 /// `[shipper]`.
@@ -303,7 +305,7 @@ pub async fn run(
                 }
             }
         }
-        let next = ship_due(&store, &bucket).await;
+        let next = ship_due(&store, &bucket).await.next;
         if let Err(error) = prune(&store, retention) {
             tracing::warn!(%error, "pruning shipped sessions failed");
         }
@@ -318,8 +320,8 @@ pub async fn run(
     }
 }
 
-/// Ships every due session; returns how long until the next one is due.
-async fn ship_due(store: &Arc<Store>, bucket: &Bucket) -> Option<Duration> {
+/// Ships every due session.
+async fn ship_due(store: &Arc<Store>, bucket: &Bucket) -> Round {
     let now = now_us() / 1000;
     let mut due = Vec::new();
     let mut next: Option<u64> = None;
@@ -346,16 +348,18 @@ async fn ship_due(store: &Arc<Store>, bucket: &Bucket) -> Option<Duration> {
         .buffer_unordered(CONCURRENCY)
         .collect::<Vec<_>>()
         .await;
-    let mut failed = false;
+    let (mut shipped, mut bytes, mut failed) = (0, 0, 0);
     for (id, mut outbox, result) in results {
         let key = id.0.to_be_bytes();
         match result {
-            Ok(()) => {
+            Ok(size) => {
+                shipped += 1;
+                bytes += size;
                 let _ = store.shipped.insert(key, &now_us().to_be_bytes());
                 let _ = store.outbox.remove(key);
             }
             Err(error) => {
-                failed = true;
+                failed += 1;
                 let delay = backoff(outbox.attempts);
                 outbox.attempts += 1;
                 outbox.next_ms = now_us() / 1000 + delay.as_millis() as u64;
@@ -367,13 +371,18 @@ async fn ship_due(store: &Arc<Store>, bucket: &Bucket) -> Option<Duration> {
             }
         }
     }
-    if failed {
+    if failed > 0 {
         next = Some(now_us() / 1000 + 1000);
     }
-    next.map(|ms| Duration::from_millis(ms.saturating_sub(now_us() / 1000)))
+    Round {
+        shipped,
+        bytes,
+        failed,
+        next: next.map(|ms| Duration::from_millis(ms.saturating_sub(now_us() / 1000))),
+    }
 }
 
-async fn ship_one(store: &Arc<Store>, bucket: &Bucket, id: &ulid::Ulid) -> Result<(), ShipError> {
+async fn ship_one(store: &Arc<Store>, bucket: &Bucket, id: &ulid::Ulid) -> Result<u64, ShipError> {
     let (from, id_copy) = (store.clone(), *id);
     let object = tokio::task::spawn_blocking(move || session_object(&from, &id_copy))
         .await
@@ -382,7 +391,33 @@ async fn ship_one(store: &Arc<Store>, bucket: &Bucket, id: &ulid::Ulid) -> Resul
     let size = object.len();
     bucket.put(&path, object).await?;
     tracing::debug!(session = %id, %path, size, "shipped");
-    Ok(())
+    Ok(size as u64)
+}
+
+/// Ships until the outbox is empty (or an upload fails); returns the
+/// sessions and compressed bytes shipped.
+pub async fn drain(store: &Arc<Store>, bucket: &Bucket) -> Result<(u64, u64), ShipError> {
+    let (mut sessions, mut bytes) = (0, 0);
+    loop {
+        let round = ship_due(store, bucket).await;
+        if round.failed > 0 {
+            return Err(ShipError::Drain(round.failed));
+        }
+        sessions += round.shipped;
+        bytes += round.bytes;
+        if store.outbox.is_empty() {
+            return Ok((sessions, bytes));
+        }
+    }
+}
+
+/// What one pass over the outbox did.
+struct Round {
+    shipped: u64,
+    bytes: u64,
+    failed: u64,
+    /// When the next entry is due.
+    next: Option<Duration>,
 }
 
 /// Removes shipped sessions older than `retention`, and while the store is
