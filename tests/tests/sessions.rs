@@ -583,3 +583,38 @@ fn a_full_store_refuses_new_sessions_and_drops_nothing() {
         stdout(&out)
     );
 }
+
+#[test]
+fn a_long_session_ships_in_parts_while_it_runs() {
+    let garage = Garage::start("parts");
+    let sections = format!(
+        "{}part_interval = \"1s\"\n",
+        garage.shipper_section("parts")
+    );
+    let (pg, _cgroup, job, agent) = start("parts", "127.0.0.54", &sections);
+    let out = psql(&job, &pg, "SELECT 1; SELECT pg_sleep(4); SELECT 2");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sessions = wait_sessions(&agent, 1);
+    wait_shipped(&agent, Duration::from_secs(30));
+    let session = id(&sessions[0]);
+    let keys = garage.list("parts/");
+    let part = keys
+        .iter()
+        .find(|k| k.ends_with(&format!("/{session}.part1.jsonl.zst")))
+        .unwrap_or_else(|| {
+            panic!(
+                "no part of {session} while it ran: {keys:?}\n{}",
+                agent.stderr()
+            )
+        });
+    let part = zstd::decode_all(&*garage.get(part)).unwrap();
+    let whole = agent.cli(&["sessions", "export", session]).stdout;
+    assert!(
+        !part.is_empty() && whole.starts_with(&part),
+        "a part is a prefix of the session"
+    );
+    assert!(
+        String::from_utf8_lossy(&part).contains("pg_sleep"),
+        "the running statement is in it"
+    );
+}

@@ -152,6 +152,7 @@ fn shipper_settings(config: Option<&Config>, url: &str, args: &BucketArgs) -> Sh
         endpoint: args.endpoint.clone().or(base.endpoint),
         region: args.region.clone().or(base.region),
         credentials_file: args.credentials_file.clone().or(base.credentials_file),
+        ..base
     }
 }
 

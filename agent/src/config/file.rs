@@ -126,6 +126,8 @@ pub struct ShipperSpec {
     pub endpoint: Option<String>,
     pub region: Option<String>,
     pub credentials_file: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    pub part_interval: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -74,6 +74,10 @@ impl Config {
                 endpoint: spec.endpoint.clone(),
                 region: spec.region.clone(),
                 credentials_file: spec.credentials_file.clone(),
+                part_interval: spec
+                    .part_interval
+                    .unwrap_or(crate::sessions::ship::DEFAULT_PART_INTERVAL)
+                    .max(std::time::Duration::from_secs(1)),
             }
         });
         if let Some(spec) = &main_spec.shipper {

@@ -33,7 +33,7 @@ pub enum ShipError {
 }
 
 /// `[shipper]`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ShipperSettings {
     /// `s3://bucket/prefix` or `file:///dir`.
     pub url: String,
@@ -43,12 +43,17 @@ pub struct ShipperSettings {
     /// TOML with `access_key_id` and `secret_access_key`, root-owned 0600;
     /// without it, the `AWS_*` environment variables.
     pub credentials_file: Option<PathBuf>,
+    /// A running session ships what it has recorded so far this often.
+    pub part_interval: Duration,
 }
+
+pub const DEFAULT_PART_INTERVAL: Duration = Duration::from_secs(300);
 
 /// Where sessions go, or come from (`fleet pull`).
 #[derive(Clone, Debug)]
 pub struct Bucket {
     pub url: String,
+    part_interval: Duration,
     store: Arc<dyn ObjectStore>,
     prefix: ObjectPath,
 }
@@ -59,6 +64,18 @@ struct CredentialsFile {
     access_key_id: String,
     secret_access_key: String,
     session_token: Option<String>,
+}
+
+impl Default for ShipperSettings {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            endpoint: None,
+            region: None,
+            credentials_file: None,
+            part_interval: DEFAULT_PART_INTERVAL,
+        }
+    }
 }
 
 impl Bucket {
@@ -108,6 +125,7 @@ impl Bucket {
                 }
                 Ok(Self {
                     url: settings.url.clone(),
+                    part_interval: settings.part_interval,
                     store: Arc::new(builder.build()?),
                     prefix: ObjectPath::from(parsed.path().trim_matches('/')),
                 })
@@ -119,6 +137,7 @@ impl Bucket {
                 std::fs::create_dir_all(&dir).map_err(|e| url_error(e.to_string()))?;
                 Ok(Self {
                     url: settings.url.clone(),
+                    part_interval: settings.part_interval,
                     store: Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&dir)?),
                     prefix: ObjectPath::default(),
                 })
@@ -137,11 +156,13 @@ impl Bucket {
         }
     }
 
-    /// `host=H/date=YYYY-MM-DD/ID.jsonl.zst`, dated by the session's start.
-    pub fn session_path(&self, host: &str, id: &ulid::Ulid) -> ObjectPath {
+    /// `host=H/date=YYYY-MM-DD/ID.jsonl.zst`, dated by the session's start;
+    /// `ID.partN.jsonl.zst` for part N of a running session.
+    pub fn session_path(&self, host: &str, id: &ulid::Ulid, part: Option<u32>) -> ObjectPath {
         let start = std::time::UNIX_EPOCH + Duration::from_millis(id.timestamp_ms());
         let date = &humantime::format_rfc3339(start).to_string()[..10];
-        self.path(&format!("host={host}/date={date}/{id}.jsonl.zst"))
+        let part = part.map(|n| format!(".part{n}")).unwrap_or_default();
+        self.path(&format!("host={host}/date={date}/{id}{part}.jsonl.zst"))
     }
 
     pub fn key_path(&self, host: &str) -> ObjectPath {
@@ -243,12 +264,45 @@ fn read_credentials(path: &std::path::Path) -> Result<CredentialsFile, ShipError
 
 /// A session's object: its lines, newline-terminated, zstd-compressed.
 pub fn session_object(store: &Store, id: &ulid::Ulid) -> Result<Vec<u8>, ShipError> {
+    compress(store.lines(id)?)
+}
+
+fn compress(lines: Vec<sled::IVec>) -> Result<Vec<u8>, ShipError> {
     let mut encoder = zstd::Encoder::new(Vec::new(), 3)?;
-    for line in store.lines(id)? {
+    for line in lines {
         encoder.write_all(&line)?;
         encoder.write_all(b"\n")?;
     }
     Ok(encoder.finish()?)
+}
+
+/// Ships what running sessions recorded since their last part. A part is
+/// not sealed (its session has not ended); the session's final object
+/// holds every event again, sealed. Best effort: a failed part is tried
+/// again next round, with everything since.
+async fn ship_parts(store: &Arc<Store>, bucket: &Bucket, interval: Duration) {
+    for (id, parts) in store.parts_due(interval) {
+        let result = async {
+            let (lines, next_seq) = store.lines_from(&id, parts.next_seq)?;
+            if lines.is_empty() {
+                return Ok(None);
+            }
+            let part = parts.part + 1;
+            bucket
+                .put(
+                    &bucket.session_path(&store.host, &id, Some(part)),
+                    compress(lines)?,
+                )
+                .await?;
+            Ok::<_, ShipError>(Some((part, next_seq)))
+        }
+        .await;
+        match result {
+            Ok(Some((part, next_seq))) => store.part_shipped(&id, part, next_seq),
+            Ok(None) => store.part_shipped(&id, parts.part, parts.next_seq),
+            Err(error) => tracing::warn!(session = %id, %error, "shipping a part failed"),
+        }
+    }
 }
 
 /// Retry delays: 1 s doubling to 5 min, each taken at 50–100 % (jitter),
@@ -273,6 +327,9 @@ pub async fn run(
     retention: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let part_interval = bucket
+        .as_ref()
+        .map_or(DEFAULT_PART_INTERVAL, |b| b.part_interval);
     let Some(bucket) = bucket else {
         // Nowhere to ship: sessions stay local for `retention`.
         loop {
@@ -306,12 +363,14 @@ pub async fn run(
             }
         }
         let next = ship_due(&store, &bucket).await.next;
+        ship_parts(&store, &bucket, part_interval).await;
         if let Err(error) = prune(&store, retention) {
             tracing::warn!(%error, "pruning shipped sessions failed");
         }
         let wait = next
             .unwrap_or(Duration::from_secs(5))
-            .min(Duration::from_secs(5));
+            .min(Duration::from_secs(5))
+            .min(part_interval);
         tokio::select! {
             _ = store.ship_wake.notified() => {}
             _ = tokio::time::sleep(wait) => {}
@@ -387,7 +446,7 @@ async fn ship_one(store: &Arc<Store>, bucket: &Bucket, id: &ulid::Ulid) -> Resul
     let object = tokio::task::spawn_blocking(move || session_object(&from, &id_copy))
         .await
         .map_err(|e| ShipError::Compress(std::io::Error::other(e)))??;
-    let path = bucket.session_path(&store.host, id);
+    let path = bucket.session_path(&store.host, id, None);
     let size = object.len();
     bucket.put(&path, object).await?;
     tracing::debug!(session = %id, %path, size, "shipped");

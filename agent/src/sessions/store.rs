@@ -16,6 +16,7 @@
 //! cover every session's pending events. It also flushes whatever is
 //! pending every 100 ms.
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     sync::{
         Arc, Condvar, Mutex,
@@ -130,6 +131,17 @@ pub struct Store {
     pub max_bytes: u64,
     /// Woken when a session is put in the outbox.
     pub ship_wake: Notify,
+    /// Sessions still running, and how far they were shipped in parts.
+    live: Mutex<HashMap<ulid::Ulid, Parts>>,
+}
+
+/// A running session's parts: `part` shipped so far, covering events
+/// before `next_seq`, the last one at `since`.
+#[derive(Clone, Copy, Debug)]
+pub struct Parts {
+    pub part: u32,
+    pub next_seq: u64,
+    pub since: std::time::Instant,
 }
 
 pub fn now_us() -> u64 {
@@ -193,6 +205,7 @@ impl Store {
             key: SigningKey::from_bytes(&key),
             max_bytes,
             ship_wake: Notify::new(),
+            live: Mutex::new(HashMap::new()),
         });
         let thread = std::thread::Builder::new()
             .name("store-commit".into())
@@ -264,6 +277,14 @@ impl Store {
             finished: AtomicBool::new(false),
         };
         recorder.put_summary()?;
+        self.live.lock().expect("not poisoned").insert(
+            id,
+            Parts {
+                part: 0,
+                next_seq: 0,
+                since: std::time::Instant::now(),
+            },
+        );
         recorder.append(start)?;
         let ticket = recorder.append(connection)?;
         Ok((recorder, ticket))
@@ -374,6 +395,49 @@ impl Store {
             lines.push(seal);
         }
         Ok(lines)
+    }
+
+    /// Running sessions whose last part (or start) is `interval` old.
+    pub fn parts_due(&self, interval: Duration) -> Vec<(ulid::Ulid, Parts)> {
+        self.live
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .filter(|(_, parts)| parts.since.elapsed() >= interval)
+            .map(|(id, parts)| (*id, *parts))
+            .collect()
+    }
+
+    /// Notes a part shipped (if the session still runs).
+    pub fn part_shipped(&self, id: &ulid::Ulid, part: u32, next_seq: u64) {
+        if let Some(parts) = self.live.lock().expect("not poisoned").get_mut(id) {
+            *parts = Parts {
+                part,
+                next_seq,
+                since: std::time::Instant::now(),
+            };
+        }
+    }
+
+    /// Event lines of a session from `from` on, with the next seq.
+    pub fn lines_from(
+        &self,
+        id: &ulid::Ulid,
+        from: u64,
+    ) -> Result<(Vec<sled::IVec>, u64), StoreError> {
+        let mut start = [0u8; 24];
+        start[..16].copy_from_slice(&id_key(id));
+        start[16..].copy_from_slice(&from.to_be_bytes());
+        let mut end = [0xffu8; 24];
+        end[..16].copy_from_slice(&id_key(id));
+        let mut lines = Vec::new();
+        let mut next = from;
+        for entry in self.events.range(start..=end) {
+            let (key, line) = entry?;
+            next = u64::from_be_bytes(key[16..24].try_into().expect("24-byte key")) + 1;
+            lines.push(line);
+        }
+        Ok((lines, next))
     }
 
     /// Removes a session entirely (pruning after shipping).
@@ -599,6 +663,11 @@ impl Recorder {
         self.store
             .outbox
             .insert(id_key(&self.id), serde_json::to_vec(&Outbox::default())?)?;
+        self.store
+            .live
+            .lock()
+            .expect("not poisoned")
+            .remove(&self.id);
         self.store.commit.written.fetch_add(1, Ordering::SeqCst);
         self.store.request_commit();
         self.store.ship_wake.notify_one();
