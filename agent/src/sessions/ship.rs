@@ -267,7 +267,7 @@ pub fn session_object(store: &Store, id: &ulid::Ulid) -> Result<Vec<u8>, ShipErr
     compress(store.lines(id)?)
 }
 
-fn compress(lines: Vec<sled::IVec>) -> Result<Vec<u8>, ShipError> {
+fn compress(lines: Vec<Vec<u8>>) -> Result<Vec<u8>, ShipError> {
     let mut encoder = zstd::Encoder::new(Vec::new(), 3)?;
     for line in lines {
         encoder.write_all(&line)?;

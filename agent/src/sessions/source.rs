@@ -105,7 +105,7 @@ impl Source {
             Self::Store(store) => {
                 let id = super::store::parse_id(id)?;
                 Ok(SessionLog {
-                    lines: store.lines(&id)?.into_iter().map(|l| l.to_vec()).collect(),
+                    lines: store.lines(&id)?,
                 })
             }
             Self::Dir(dir) => {

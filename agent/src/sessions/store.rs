@@ -5,16 +5,18 @@
 //! | tree | key | value |
 //! |---|---|---|
 //! | `sessions` | session id (16) | [`Summary`] (JSON) |
-//! | `events` | session id (16) ‖ seq (u64) | the event's line |
+//! | `events` | session id (16) ‖ seq of its first line (u64) | event lines, `\n`-separated |
 //! | `seals` | session id | the seal's line |
 //! | `outbox` | session id | [`Outbox`] entry: to be shipped |
 //! | `shipped` | session id | when it was shipped (unix ms) |
 //!
-//! Durability is group commit: appends go into sled's log without waiting;
-//! a caller that must not go on before its events are on disk waits for
-//! [`Recorder::durable`], and the `store-commit` thread makes one flush
-//! cover every session's pending events. It also flushes whatever is
-//! pending every 100 ms.
+//! Durability is group commit. A recorder appends an event by encoding its
+//! line into the session's pending chunk, in memory, without waiting. The
+//! `store-commit` thread writes every session's pending chunk to sled (one
+//! insert per session, however many events it holds: sled inserts are the
+//! expensive part) and makes one flush cover them all. A caller that must
+//! not go on before its events are on disk waits for [`Recorder::durable`];
+//! whatever else is pending is written and flushed every 100 ms.
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -111,7 +113,13 @@ struct Committer {
     /// sled's size on disk, refreshed by the commit thread.
     used_bytes: AtomicU64,
     stop: AtomicBool,
+    /// Sessions with pending lines.
+    dirty: Mutex<Vec<Arc<Mutex<Chain>>>>,
 }
+
+/// A session's pending chunk is written without waiting for the commit
+/// thread's next round once it holds this much.
+const CHUNK_LIMIT: usize = 1 << 20;
 
 /// Flushed at least this often when something is pending.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
@@ -171,7 +179,7 @@ impl Store {
     ) -> Result<Arc<Self>, StoreError> {
         let db = sled::Config::new()
             .path(dir)
-            .cache_capacity(64 * 1024 * 1024)
+            .cache_capacity(16 * 1024 * 1024)
             .flush_every_ms(None)
             .open()
             .map_err(|cause| StoreError::Open {
@@ -190,6 +198,7 @@ impl Store {
             last_error: Mutex::new(None),
             used_bytes: AtomicU64::new(db.size_on_disk().unwrap_or(0)),
             stop: AtomicBool::new(false),
+            dirty: Mutex::new(Vec::new()),
         });
         let store = Arc::new(Self {
             path: dir.to_owned(),
@@ -207,9 +216,10 @@ impl Store {
             ship_wake: Notify::new(),
             live: Mutex::new(HashMap::new()),
         });
+        let events = store.events.clone();
         let thread = std::thread::Builder::new()
             .name("store-commit".into())
-            .spawn(move || commit_loop(db, commit))
+            .spawn(move || commit_loop(db, events, commit))
             .expect("spawn the store commit thread");
         *store.commit_thread.lock().expect("not poisoned") = Some(thread);
         store.recover()?;
@@ -266,12 +276,7 @@ impl Store {
             store: self.clone(),
             id,
             record_output,
-            chain: Mutex::new(Chain {
-                next_seq: 0,
-                prev: chain_start(&summary.id),
-                line: Vec::with_capacity(512),
-                key: [0; 24],
-            }),
+            chain: Arc::new(Mutex::new(Chain::new(&id, 0, chain_start(&summary.id)))),
             summary: Mutex::new(summary),
             statements: AtomicU64::new(0),
             finished: AtomicBool::new(false),
@@ -302,18 +307,15 @@ impl Store {
                 prefix.copy_from_slice(&key);
                 let (next_seq, prev) = match self.events.scan_prefix(prefix).last() {
                     Some(last) => {
-                        let (k, line) = last?;
-                        let seq = u64::from_be_bytes(k[16..24].try_into().expect("24-byte key"));
-                        (seq + 1, line_hash(&line).unwrap_or_default())
+                        let (k, chunk) = last?;
+                        let first = u64::from_be_bytes(k[16..24].try_into().expect("24-byte key"));
+                        let lines = chunk.split(|b| *b == b'\n').count() as u64;
+                        let last_line = chunk.rsplit(|b| *b == b'\n').next().unwrap_or_default();
+                        (first + lines, line_hash(last_line).unwrap_or_default())
                     }
                     None => (0, chain_start(&summary.id)),
                 };
-                let mut chain = Chain {
-                    next_seq,
-                    prev,
-                    line: Vec::new(),
-                    key: [0; 24],
-                };
+                let mut chain = Chain::new(&id, next_seq, prev);
                 let end = Event::SessionEnd {
                     outcome: "interrupted",
                     error: Some("the agent stopped before the session ended"),
@@ -322,7 +324,8 @@ impl Store {
                     statements: summary.statements,
                     denied: summary.denied,
                 };
-                summary.bytes += chain.push(self, &id, &end)?;
+                summary.bytes += chain.push(&end)?;
+                chain.write(&self.events)?;
                 summary.outcome = "interrupted".into();
                 summary.end_us = Some(now_us());
                 summary.events = chain.next_seq;
@@ -380,19 +383,16 @@ impl Store {
         Ok(serde_json::from_slice(&value)?)
     }
 
-    /// A session's lines: every event, then its seal once it has ended.
-    pub fn lines(&self, id: &ulid::Ulid) -> Result<Vec<sled::IVec>, StoreError> {
+    /// A session's lines: every event written so far, then its seal once
+    /// it has ended.
+    pub fn lines(&self, id: &ulid::Ulid) -> Result<Vec<Vec<u8>>, StoreError> {
         let key = id_key(id);
         if !self.sessions.contains_key(key)? {
             return Err(StoreError::NotFound(id.to_string()));
         }
-        let mut lines = self
-            .events
-            .scan_prefix(key)
-            .values()
-            .collect::<Result<Vec<_>, _>>()?;
+        let (mut lines, _) = self.lines_from(id, 0)?;
         if let Some(seal) = self.seals.get(key)? {
-            lines.push(seal);
+            lines.push(seal.to_vec());
         }
         Ok(lines)
     }
@@ -419,23 +419,37 @@ impl Store {
         }
     }
 
-    /// Event lines of a session from `from` on, with the next seq.
+    /// Event lines of a session written so far, from seq `from` on, and
+    /// the seq after the last.
     pub fn lines_from(
         &self,
         id: &ulid::Ulid,
         from: u64,
-    ) -> Result<(Vec<sled::IVec>, u64), StoreError> {
-        let mut start = [0u8; 24];
-        start[..16].copy_from_slice(&id_key(id));
-        start[16..].copy_from_slice(&from.to_be_bytes());
-        let mut end = [0xffu8; 24];
-        end[..16].copy_from_slice(&id_key(id));
+    ) -> Result<(Vec<Vec<u8>>, u64), StoreError> {
+        let key = |seq: u64| {
+            let mut key = [0u8; 24];
+            key[..16].copy_from_slice(&id_key(id));
+            key[16..].copy_from_slice(&seq.to_be_bytes());
+            key
+        };
+        // The chunk holding `from` starts at or before it.
+        let start: sled::IVec = match self.events.range(key(0)..=key(from)).next_back() {
+            Some(entry) => entry?.0,
+            None => key(from).as_slice().into(),
+        };
+        let end: sled::IVec = key(u64::MAX).as_slice().into();
         let mut lines = Vec::new();
         let mut next = from;
         for entry in self.events.range(start..=end) {
-            let (key, line) = entry?;
-            next = u64::from_be_bytes(key[16..24].try_into().expect("24-byte key")) + 1;
-            lines.push(line);
+            let (chunk_key, chunk) = entry?;
+            let first = u64::from_be_bytes(chunk_key[16..24].try_into().expect("24-byte key"));
+            for (i, line) in chunk.split(|b| *b == b'\n').enumerate() {
+                let seq = first + i as u64;
+                if seq >= from {
+                    lines.push(line.to_vec());
+                    next = seq + 1;
+                }
+            }
         }
         Ok((lines, next))
     }
@@ -465,7 +479,7 @@ impl Drop for Store {
     }
 }
 
-fn commit_loop(db: sled::Db, commit: Arc<Committer>) {
+fn commit_loop(db: sled::Db, events: sled::Tree, commit: Arc<Committer>) {
     let mut measured = std::time::Instant::now();
     loop {
         {
@@ -482,7 +496,13 @@ fn commit_loop(db: sled::Db, commit: Arc<Committer>) {
         let stop = commit.stop.load(Ordering::SeqCst);
         let target = commit.written.load(Ordering::SeqCst);
         if target != commit.committed.borrow().generation {
-            match db.flush() {
+            let dirty = std::mem::take(&mut *commit.dirty.lock().expect("not poisoned"));
+            let written = dirty.iter().try_for_each(|chain| {
+                let mut chain = chain.lock().expect("not poisoned");
+                chain.listed = false;
+                chain.write(&events)
+            });
+            match written.and_then(|()| db.flush().map(drop)) {
                 Ok(_) => {
                     commit.last_error.lock().expect("not poisoned").take();
                     commit.committed.send_replace(Committed {
@@ -513,30 +533,63 @@ fn commit_loop(db: sled::Db, commit: Arc<Committer>) {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Ticket(u64);
 
+/// A session's hash chain and the lines not yet written to sled.
 struct Chain {
+    id: [u8; 16],
     next_seq: u64,
     prev: [u8; 32],
-    /// Reused for every line.
-    line: Vec<u8>,
-    key: [u8; 24],
+    /// Event lines from `pending_first` on, `\n`-separated.
+    pending: Vec<u8>,
+    pending_first: u64,
+    /// On the commit thread's dirty list.
+    listed: bool,
 }
 
 impl Chain {
-    /// Writes the next event; returns its line's length.
-    fn push(
-        &mut self,
-        store: &Store,
-        id: &ulid::Ulid,
-        event: &Event<'_>,
-    ) -> Result<u64, StoreError> {
-        self.line.clear();
-        let hash = encode_event(&mut self.line, &self.prev, self.next_seq, now_us(), event)?;
-        self.key[..16].copy_from_slice(&id_key(id));
-        self.key[16..].copy_from_slice(&self.next_seq.to_be_bytes());
-        store.events.insert(self.key, self.line.as_slice())?;
-        self.prev = hash;
+    fn new(id: &ulid::Ulid, next_seq: u64, prev: [u8; 32]) -> Self {
+        Self {
+            id: id_key(id),
+            next_seq,
+            prev,
+            pending: Vec::with_capacity(1024),
+            pending_first: next_seq,
+            listed: false,
+        }
+    }
+
+    /// Encodes the next event into the pending chunk; returns its length.
+    fn push(&mut self, event: &Event<'_>) -> Result<u64, StoreError> {
+        if self.pending.is_empty() {
+            self.pending_first = self.next_seq;
+        } else {
+            self.pending.push(b'\n');
+        }
+        let start = self.pending.len();
+        self.prev = encode_event(
+            &mut self.pending,
+            &self.prev,
+            self.next_seq,
+            now_us(),
+            event,
+        )?;
         self.next_seq += 1;
-        Ok(self.line.len() as u64)
+        Ok((self.pending.len() - start) as u64)
+    }
+
+    /// Writes the pending chunk to sled, keyed by its first seq.
+    fn write(&mut self, events: &sled::Tree) -> Result<(), sled::Error> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut key = [0u8; 24];
+        key[..16].copy_from_slice(&self.id);
+        key[16..].copy_from_slice(&self.pending_first.to_be_bytes());
+        events.insert(key, self.pending.as_slice())?;
+        self.pending.clear();
+        if self.pending.capacity() > CHUNK_LIMIT {
+            self.pending = Vec::with_capacity(1024);
+        }
+        Ok(())
     }
 }
 
@@ -545,7 +598,7 @@ pub struct Recorder {
     store: Arc<Store>,
     id: ulid::Ulid,
     record_output: bool,
-    chain: Mutex<Chain>,
+    chain: Arc<Mutex<Chain>>,
     summary: Mutex<Summary>,
     statements: AtomicU64,
     finished: AtomicBool,
@@ -565,15 +618,27 @@ impl Recorder {
     /// Appends an event; it is durable once [`Recorder::durable`] of the
     /// returned ticket (or a later one) returns.
     pub fn append(&self, event: &Event<'_>) -> Result<Ticket, StoreError> {
-        let bytes = self
-            .chain
-            .lock()
-            .expect("not poisoned")
-            .push(&self.store, &self.id, event)?;
+        let (bytes, full) = {
+            let mut chain = self.chain.lock().expect("not poisoned");
+            let bytes = chain.push(event)?;
+            if !chain.listed {
+                chain.listed = true;
+                self.store
+                    .commit
+                    .dirty
+                    .lock()
+                    .expect("not poisoned")
+                    .push(self.chain.clone());
+            }
+            (bytes, chain.pending.len() >= CHUNK_LIMIT)
+        };
         self.summary.lock().expect("not poisoned").bytes += bytes;
-        Ok(Ticket(
-            self.store.commit.written.fetch_add(1, Ordering::SeqCst) + 1,
-        ))
+        let ticket = Ticket(self.store.commit.written.fetch_add(1, Ordering::SeqCst) + 1);
+        if full {
+            // Output streaming in: written now rather than held.
+            self.store.request_commit();
+        }
+        Ok(ticket)
     }
 
     /// Waits until everything appended up to `ticket` is on disk.
@@ -583,6 +648,18 @@ impl Recorder {
         if committed.borrow().generation >= ticket.0 {
             return Ok(());
         }
+        // The session writes its own chunk (sled inserts run in parallel on
+        // the workers); the commit thread then only has to flush. A write
+        // after the ticket was taken needs a later ticket.
+        let ticket = {
+            let mut chain = self.chain.lock().expect("not poisoned");
+            if chain.pending.is_empty() {
+                ticket
+            } else {
+                chain.write(&self.store.events)?;
+                Ticket(commit.written.fetch_add(1, Ordering::SeqCst) + 1)
+            }
+        };
         self.store.request_commit();
         let state = committed
             .wait_for(|c| c.generation >= ticket.0 || c.failed)
@@ -638,18 +715,15 @@ impl Recorder {
             (summary.statements, summary.denied)
         };
         let mut chain = self.chain.lock().expect("not poisoned");
-        let bytes = chain.push(
-            &self.store,
-            &self.id,
-            &Event::SessionEnd {
-                outcome,
-                error,
-                bytes_up,
-                bytes_down,
-                statements,
-                denied,
-            },
-        )?;
+        let bytes = chain.push(&Event::SessionEnd {
+            outcome,
+            error,
+            bytes_up,
+            bytes_down,
+            statements,
+            denied,
+        })?;
+        chain.write(&self.store.events)?;
         self.store.seal(&self.id, &chain)?;
         {
             let mut summary = self.summary.lock().expect("not poisoned");
@@ -796,6 +870,45 @@ mod tests {
         };
         assert_eq!(log.summary().outcome, "interrupted");
         assert!(store.outbox.contains_key(id.0.to_be_bytes()).unwrap());
+    }
+
+    #[tokio::test]
+    async fn events_written_in_chunks_read_back_in_order_from_any_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (recorder, ticket) = begin(&store);
+        recorder.durable(ticket).await.unwrap();
+        // Chunks of 1, 3 and 2 events (a durable wait writes one).
+        for chunk in [1, 3, 2] {
+            let mut last = None;
+            for _ in 0..chunk {
+                last = Some(recorder.append(&Event::Output { data: b"x" }).unwrap());
+            }
+            recorder.durable(last.unwrap()).await.unwrap();
+        }
+        assert_eq!(
+            store
+                .events
+                .scan_prefix(recorder.id.0.to_be_bytes())
+                .count(),
+            4
+        );
+        let seqs = |from| {
+            let (lines, next) = store.lines_from(&recorder.id, from).unwrap();
+            let seqs: Vec<u64> = lines
+                .iter()
+                .map(|l| {
+                    serde_json::from_slice::<serde_json::Value>(l).unwrap()["seq"]
+                        .as_u64()
+                        .unwrap()
+                })
+                .collect();
+            (seqs, next)
+        };
+        assert_eq!(seqs(0), ((0..8).collect(), 8));
+        assert_eq!(seqs(4), ((4..8).collect(), 8), "from inside a chunk");
+        assert_eq!(seqs(3), ((3..8).collect(), 8), "from a chunk's start");
+        assert_eq!(seqs(8), (vec![], 8));
     }
 
     #[test]
