@@ -463,6 +463,11 @@ fn kill_9_mid_burst_keeps_every_forwarded_statement() {
         .collect();
     assert!(forwarded.len() >= 300);
 
+    // With the agent down, the CLI reads its store directly, as it is.
+    let down = list(&agent, &[]);
+    assert_eq!(down.len(), 1, "{down:?}");
+    assert_eq!(down[0]["outcome"], "live", "not ended: the agent died");
+
     agent.spawn();
     let sessions = list(&agent, &[]);
     assert_eq!(sessions.len(), 1, "{sessions:?}");

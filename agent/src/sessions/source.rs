@@ -51,7 +51,7 @@ impl Source {
                 dir.display()
             );
         }
-        let store = Store::open(&dir, &state_dir.join("host.key"), host_name(), u64::MAX)
+        let store = Store::open_as_is(&dir, &state_dir.join("host.key"), host_name(), u64::MAX)
             .with_context(|| {
                 format!(
                     "opening {} (is the agent running under another socket?)",

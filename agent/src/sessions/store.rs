@@ -177,6 +177,19 @@ impl Store {
         host: String,
         max_bytes: u64,
     ) -> Result<Arc<Self>, StoreError> {
+        let store = Self::open_as_is(dir, key_path, host, max_bytes)?;
+        store.recover()?;
+        Ok(store)
+    }
+
+    /// Opens the store without touching what is in it (the CLI reading a
+    /// stopped agent's sessions: sealing them is the agent's job).
+    pub fn open_as_is(
+        dir: &Path,
+        key_path: &Path,
+        host: String,
+        max_bytes: u64,
+    ) -> Result<Arc<Self>, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(16 * 1024 * 1024)
@@ -222,7 +235,6 @@ impl Store {
             .spawn(move || commit_loop(db, events, commit))
             .expect("spawn the store commit thread");
         *store.commit_thread.lock().expect("not poisoned") = Some(thread);
-        store.recover()?;
         Ok(store)
     }
 
