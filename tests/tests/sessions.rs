@@ -262,6 +262,45 @@ fn sessions_are_recorded_shipped_pulled_and_verified() {
     }
     let out = interlock(&["sessions", "list", "--from", from, "--json"]);
     assert_eq!(json_lines(&stdout(&out)).len(), 3, "{}", stderr(&out));
+    // Straight from the bucket, too.
+    let out = interlock(&[
+        "sessions",
+        "list",
+        "--from",
+        "s3://sessions/fleet",
+        "--endpoint",
+        &garage.endpoint,
+        "--region",
+        "garage",
+        "--credentials-file",
+        credentials.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(json_lines(&stdout(&out)).len(), 3, "{}", stderr(&out));
+    // Filters apply to what is pulled.
+    let out = interlock(&[
+        "fleet",
+        "pull",
+        "--from",
+        "s3://sessions/fleet",
+        "--endpoint",
+        &garage.endpoint,
+        "--region",
+        "garage",
+        "--credentials-file",
+        credentials.to_str().unwrap(),
+        "--host",
+        &host,
+        "--workload",
+        "nobody",
+        "--to",
+        agent.workdir.join("none").to_str().unwrap(),
+    ]);
+    assert!(
+        stdout(&out).contains("pulled 0 sessions") && stdout(&out).contains("3 filtered out"),
+        "{}",
+        stdout(&out)
+    );
     let out = interlock(&[
         "sessions",
         "list",

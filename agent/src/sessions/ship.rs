@@ -551,3 +551,71 @@ pub fn backlog(store: &Store) -> Result<Backlog, StoreError> {
     }
     Ok(backlog)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sessions::{Event, Summary, view::SessionLog};
+
+    #[tokio::test]
+    async fn ships_to_a_directory_then_prunes_after_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            &dir.path().join("s"),
+            &dir.path().join("k"),
+            "host-a".into(),
+            u64::MAX,
+        )
+        .unwrap();
+        let id = ulid::Ulid::new();
+        let workload = crate::workload::Workload::default();
+        let summary = Summary {
+            id: id.to_string(),
+            outcome: "live".into(),
+            ..Summary::default()
+        };
+        let start = Event::SessionStart {
+            schema: crate::sessions::format::SCHEMA_VERSION,
+            session_id: &id.to_string(),
+            host: "host-a",
+            protocol: "tcp",
+            target: "t",
+            client: "127.0.0.1:1".parse().unwrap(),
+            orig_dst: "127.0.0.1:2".parse().unwrap(),
+            workload: &workload,
+            workloads: &[],
+            record: crate::policy::RecordMode::Full,
+        };
+        let (recorder, ticket) = store
+            .begin(id, summary, &start, &Event::Output { data: b"hello" }, true)
+            .unwrap();
+        recorder.durable(ticket).await.unwrap();
+        recorder.finish("closed", None, 1, 5);
+
+        let bucket = Bucket::open(&ShipperSettings {
+            url: format!("file://{}", dir.path().join("bucket").display()),
+            ..ShipperSettings::default()
+        })
+        .unwrap();
+        assert_eq!(drain(&store, &bucket).await.unwrap().0, 1);
+        assert!(backlog(&store).unwrap().sessions == 0);
+        let date = &humantime::format_rfc3339(std::time::SystemTime::now()).to_string()[..10];
+        let object = dir
+            .path()
+            .join(format!("bucket/host=host-a/date={date}/{id}.jsonl.zst"));
+        let log = SessionLog::parse(&zstd::decode_all(&*std::fs::read(&object).unwrap()).unwrap());
+        assert_eq!(log.verify(Some(&store.public_key())).unwrap().events, 3);
+        let listed = bucket.list_sessions(Some("host-a")).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id, id);
+
+        prune(&store, Duration::from_secs(3600)).unwrap();
+        assert!(store.summary(&id).is_ok(), "kept while within retention");
+        prune(&store, Duration::ZERO).unwrap();
+        assert!(
+            store.summary(&id).is_err(),
+            "pruned once shipped and past retention"
+        );
+        assert_eq!(store.events.len(), 0);
+    }
+}
