@@ -141,12 +141,23 @@ impl Drop for TestCgroup {
 }
 
 /// A free TCP port on loopback (bound and released).
+/// A port free right now and never handed out before in this process:
+/// tests run in parallel threads, and the kernel may offer a port it just
+/// gave one test to another before the first has bound it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// The real agent, run as `interlock run --config` inside a test cgroup.
