@@ -117,8 +117,8 @@ struct Committer {
     dirty: Mutex<Vec<Arc<Mutex<Chain>>>>,
 }
 
-/// A session's pending chunk is written without waiting for the commit
-/// thread's next round once it holds this much.
+/// A session's pending chunk is written by the appender itself, without
+/// waiting for the commit thread's next round, once it holds this much.
 const CHUNK_LIMIT: usize = 1 << 20;
 
 /// Flushed at least this often when something is pending.
@@ -630,10 +630,14 @@ impl Recorder {
     /// Appends an event; it is durable once [`Recorder::durable`] of the
     /// returned ticket (or a later one) returns.
     pub fn append(&self, event: &Event<'_>) -> Result<Ticket, StoreError> {
-        let (bytes, full) = {
+        let bytes = {
             let mut chain = self.chain.lock().expect("not poisoned");
             let bytes = chain.push(event)?;
-            if !chain.listed {
+            if chain.pending.len() >= CHUNK_LIMIT {
+                // Output streaming in: written now, so a session holds at
+                // most this much in memory whatever it records.
+                chain.write(&self.store.events)?;
+            } else if !chain.listed {
                 chain.listed = true;
                 self.store
                     .commit
@@ -642,15 +646,12 @@ impl Recorder {
                     .expect("not poisoned")
                     .push(self.chain.clone());
             }
-            (bytes, chain.pending.len() >= CHUNK_LIMIT)
+            bytes
         };
         self.summary.lock().expect("not poisoned").bytes += bytes;
-        let ticket = Ticket(self.store.commit.written.fetch_add(1, Ordering::SeqCst) + 1);
-        if full {
-            // Output streaming in: written now rather than held.
-            self.store.request_commit();
-        }
-        Ok(ticket)
+        Ok(Ticket(
+            self.store.commit.written.fetch_add(1, Ordering::SeqCst) + 1,
+        ))
     }
 
     /// Waits until everything appended up to `ticket` is on disk.
