@@ -66,7 +66,7 @@ fn psql(job: &Path, pg: &Postgres, sql: &str) -> std::process::Output {
     sh_in(
         job,
         &format!(
-            "exec psql -X -w -q -t -A -v ON_ERROR_STOP=1 -h {} -p {} -U anyone -d postgres -c '{script}'",
+            "PGSSLMODE=disable exec psql -X -w -q -t -A -v ON_ERROR_STOP=1 -h {} -p {} -U anyone -d postgres -c '{script}'",
             pg.addr.ip(),
             pg.addr.port()
         ),
@@ -660,5 +660,78 @@ fn a_long_session_ships_in_parts_while_it_runs() {
     assert!(
         String::from_utf8_lossy(&part).contains("pg_sleep"),
         "the running statement is in it"
+    );
+}
+
+#[test]
+fn a_full_disk_ends_sessions_cleanly_and_refuses_new_ones() {
+    // The agent's state_dir on a 3 MiB tmpfs: a real ENOSPC.
+    let state = std::env::temp_dir().join(format!(
+        "interlock-e2e-sess-disk-{}/state",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&state).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs"])
+        .arg(&state)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(state.clone());
+    let (pg, _cgroup, job, agent) = start("disk", "127.0.0.55", "");
+    pg.admin_sql(
+        "postgres",
+        "INSERT INTO events SELECT g, repeat('x', 500) FROM generate_series(1, 2000) g",
+    );
+
+    let mut ok = 0;
+    let mut failure = None;
+    for _ in 0..200 {
+        let out = psql(&job, &pg, "SELECT * FROM events");
+        if out.status.success() {
+            ok += 1;
+        } else {
+            failure = Some(stderr(&out));
+            break;
+        }
+    }
+    let failure = failure.expect("the disk never filled up");
+    // The commit thread measures free space twice a second.
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        failure.contains("session store") && failure.contains("No space left on device"),
+        "a clear error: {failure}\n{}",
+        agent.stderr()
+    );
+    assert!(ok > 0);
+    // The agent is still up and says why it refuses.
+    let status = status(&agent);
+    let admitting = status["sessions"]["admitting"]["Err"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let disk_full = |text: &str| {
+        text.contains("disk holding the session store is full")
+            || text.contains("No space left on device")
+    };
+    assert!(disk_full(&admitting), "{status}");
+    let out = psql(&job, &pg, "SELECT 1");
+    assert!(!out.status.success());
+    assert!(disk_full(&stderr(&out)), "{}", stderr(&out));
+    // What was recorded before is all there, sealed.
+    let sessions = wait_sessions(&agent, ok + 1);
+    assert_eq!(
+        sessions.iter().filter(|s| s["outcome"] == "closed").count(),
+        ok,
+        "{sessions:?}"
     );
 }

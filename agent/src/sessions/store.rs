@@ -49,6 +49,10 @@ pub enum StoreError {
         "the session store is full ({used} of max_store_bytes {max}): new sessions are refused until recorded sessions are shipped"
     )]
     Full { used: u64, max: u64 },
+    #[error(
+        "the disk holding the session store is full ({free} bytes free): new sessions are refused until space is freed"
+    )]
+    DiskFull { free: u64 },
     #[error("session store: cannot encode an event: {0}")]
     Encode(#[from] serde_json::Error),
     #[error("no session {0}")]
@@ -110,8 +114,10 @@ struct Committer {
     wake: Condvar,
     committed: watch::Sender<Committed>,
     last_error: Mutex<Option<String>>,
-    /// sled's size on disk, refreshed by the commit thread.
+    /// sled's size on disk and the free space of its filesystem,
+    /// refreshed by the commit thread.
     used_bytes: AtomicU64,
+    free_bytes: AtomicU64,
     stop: AtomicBool,
     /// Sessions with pending lines.
     dirty: Mutex<Vec<Arc<Mutex<Chain>>>>,
@@ -210,6 +216,7 @@ impl Store {
             committed: watch::channel(Committed::default()).0,
             last_error: Mutex::new(None),
             used_bytes: AtomicU64::new(db.size_on_disk().unwrap_or(0)),
+            free_bytes: AtomicU64::new(free_space(dir).unwrap_or(u64::MAX)),
             stop: AtomicBool::new(false),
             dirty: Mutex::new(Vec::new()),
         });
@@ -230,9 +237,10 @@ impl Store {
             live: Mutex::new(HashMap::new()),
         });
         let events = store.events.clone();
+        let dir = dir.to_owned();
         let thread = std::thread::Builder::new()
             .name("store-commit".into())
-            .spawn(move || commit_loop(db, events, commit))
+            .spawn(move || commit_loop(db, dir, events, commit))
             .expect("spawn the store commit thread");
         *store.commit_thread.lock().expect("not poisoned") = Some(thread);
         Ok(store)
@@ -251,6 +259,10 @@ impl Store {
     pub fn admit(&self) -> Result<(), StoreError> {
         if let Some(error) = self.commit.last_error.lock().expect("not poisoned").clone() {
             return Err(StoreError::Flush(error));
+        }
+        let free = self.commit.free_bytes.load(Ordering::Relaxed);
+        if free < MIN_FREE_BYTES {
+            return Err(StoreError::DiskFull { free });
         }
         let used = self.commit.used_bytes.load(Ordering::Relaxed);
         if used >= self.max_bytes {
@@ -491,7 +503,15 @@ impl Drop for Store {
     }
 }
 
-fn commit_loop(db: sled::Db, events: sled::Tree, commit: Arc<Committer>) {
+/// New sessions are refused when the store's filesystem has less free.
+const MIN_FREE_BYTES: u64 = 256 * 1024;
+
+fn free_space(dir: &Path) -> Option<u64> {
+    let stat = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(stat.blocks_available() as u64 * stat.fragment_size() as u64)
+}
+
+fn commit_loop(db: sled::Db, dir: PathBuf, events: sled::Tree, commit: Arc<Committer>) {
     let mut measured = std::time::Instant::now();
     loop {
         {
@@ -533,6 +553,9 @@ fn commit_loop(db: sled::Db, events: sled::Tree, commit: Arc<Committer>) {
             measured = std::time::Instant::now();
             if let Ok(size) = db.size_on_disk() {
                 commit.used_bytes.store(size, Ordering::Relaxed);
+            }
+            if let Some(free) = free_space(&dir) {
+                commit.free_bytes.store(free, Ordering::Relaxed);
             }
         }
         if stop {

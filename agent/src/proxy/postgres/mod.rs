@@ -447,25 +447,33 @@ async fn relay<C: Duplex, U: Duplex>(
     let mut responses = responses::Responses::new(session, counts, &expected);
     let (mut client_read, mut client_write) = client.halves();
     let (mut upstream_read, mut upstream_write) = upstream.halves();
+    // Set when the client side fails: the server side then leaves the
+    // client's connection open, so the session's FATAL can still reach it.
+    let client_failed = std::sync::atomic::AtomicBool::new(false);
     let up = requests::relay_client(
         &mut client_read,
         &mut upstream_write,
         &mut requests,
         &record.bytes.up,
+        &client_failed,
     );
     let down = responses::relay_server(
         &mut upstream_read,
         &mut client_write,
         &mut responses,
         &record.bytes.down,
+        &client_failed,
     );
     let (up, down) = tokio::join!(up.in_current_span(), down);
     responses.finish();
     up.map_err(SessionError::protocol)?;
     down.map_err(|e| SessionError {
         outcome: outcome::ERROR,
+        // The store failing mid-result: the client is told why (a FATAL
+        // may come at any point of the protocol), not just cut off.
+        to_client: matches!(e, responses::ResponseError::Record(_))
+            .then(|| ("53100", e.to_string())),
         message: e.to_string(),
-        to_client: None,
     })
 }
 

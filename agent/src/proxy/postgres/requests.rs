@@ -356,12 +356,16 @@ pub async fn relay_client<R, W>(
     writer: &mut W,
     requests: &mut Requests<'_>,
     bytes_up: &AtomicU64,
+    failed: &std::sync::atomic::AtomicBool,
 ) -> Result<(), WireError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let result = relay(reader, writer, requests, bytes_up).await;
+    if result.is_err() {
+        failed.store(true, Ordering::SeqCst);
+    }
     // Terminate, end of stream or an error: the server sees the end of ours.
     let _ = writer.shutdown().await;
     result

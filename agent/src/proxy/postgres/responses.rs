@@ -390,6 +390,7 @@ pub async fn relay_server<R, W>(
     writer: &mut W,
     responses: &mut Responses<'_>,
     bytes_down: &AtomicU64,
+    client_failed: &std::sync::atomic::AtomicBool,
 ) -> Result<(), ResponseError>
 where
     R: AsyncRead + Unpin,
@@ -406,7 +407,9 @@ where
         }
         if reader.read_buf(&mut buf).await? == 0 {
             if buf.is_empty() && streaming == 0 {
-                let _ = writer.shutdown().await;
+                if !client_failed.load(Ordering::SeqCst) {
+                    let _ = writer.shutdown().await;
+                }
                 return Ok(());
             }
             return Err(ResponseError::Malformed(
