@@ -124,6 +124,21 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         "== status ==\n{}",
         serde_json::to_string_pretty(&agent.status())?
     );
+    let sessions: Vec<crate::sessions::Summary> = serde_json::from_value(
+        crate::admin::call(
+            &agent.admin_socket,
+            &crate::admin::Request::SessionsList {
+                filter: Default::default(),
+            },
+        )
+        .await?,
+    )?;
+    let mut table = Vec::new();
+    crate::sessions::view::print_list(&sessions, false, &mut table)?;
+    eprintln!(
+        "== recorded sessions (interlock sessions list) ==\n{}",
+        String::from_utf8_lossy(&table)
+    );
 
     if args.keep {
         eprintln!(
