@@ -228,3 +228,39 @@ fn postgres_targets_need_a_private_credential() {
     );
     assert!(message.contains("unknown variant `selec`"), "{message}");
 }
+
+#[test]
+fn sessions_and_shipper_settings() {
+    let config = Config::from_text(
+        "t.toml",
+        "[sessions]\nmax_store_bytes = \"512MiB\"\nretention = \"2d\"\n\
+         [shipper]\nurl = \"s3://audit/interlock\"\nendpoint = \"http://127.0.0.1:3900\"\npart_interval = \"1m\"\n\
+         [[target]]\nname = \"t\"\nprotocol = \"tcp\"\naddress = \"10.0.0.1:80\"\nrecord = \"full\"\n",
+    )
+    .unwrap();
+    assert_eq!(config.sessions.max_store_bytes, 512 << 20);
+    assert_eq!(
+        config.sessions.retention,
+        std::time::Duration::from_secs(2 * 86400)
+    );
+    let shipper = config.shipper.unwrap();
+    assert_eq!(shipper.url, "s3://audit/interlock");
+    assert_eq!(shipper.part_interval, std::time::Duration::from_secs(60));
+    assert_eq!(
+        config.policy.targets[0].record,
+        crate::policy::RecordMode::Full
+    );
+    let defaults = Config::from_text("t.toml", "").unwrap();
+    assert_eq!(defaults.sessions.max_store_bytes, 2 << 30);
+    assert!(defaults.shipper.is_none());
+
+    let (line, column, message) = error_of("[sessions]\nmax_store_bytes = \"2XB\"\n");
+    assert_eq!((line, column), (2, 19), "{message}");
+    assert!(message.contains("unknown size unit"), "{message}");
+    let (line, column, message) = error_of("[shipper]\nurl = \"http://x\"\n");
+    assert_eq!((line, column), (2, 7), "{message}");
+    let (line, _, message) = error_of(
+        "[[target]]\nname = \"t\"\nprotocol = \"tcp\"\naddress = \"10.0.0.1:80\"\nrecord = \"everything\"\n",
+    );
+    assert_eq!(line, 5, "{message}");
+}
