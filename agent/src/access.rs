@@ -164,21 +164,27 @@ impl StatementLine<'_> {
     /// Queues the line for the writer directly: statements are the hot
     /// path, so this skips the tracing dispatch and the copy it implies.
     pub fn write(&self) {
-        let mut line = Vec::with_capacity(256);
-        match serde_json::to_writer(&mut line, self) {
-            Ok(()) => {
-                line.push(b'\n');
-                // serde_json writes UTF-8 only.
-                let line = String::from_utf8(line).expect("JSON is UTF-8");
-                match QUEUE.get() {
-                    Some(queue) => {
-                        let _ = queue.send(Queued::Line(line));
-                    }
-                    None => print!("{line}"),
+        write_line(self);
+    }
+}
+
+/// Writes one JSON line to the access log (stdout, through the writer
+/// thread once it runs).
+pub fn write_line<T: Serialize>(record: &T) {
+    let mut line = Vec::with_capacity(256);
+    match serde_json::to_writer(&mut line, record) {
+        Ok(()) => {
+            line.push(b'\n');
+            // serde_json writes UTF-8 only.
+            let line = String::from_utf8(line).expect("JSON is UTF-8");
+            match QUEUE.get() {
+                Some(queue) => {
+                    let _ = queue.send(Queued::Line(line));
                 }
+                None => print!("{line}"),
             }
-            Err(error) => tracing::error!(%error, "cannot serialise a statement record"),
         }
+        Err(error) => tracing::error!(%error, "cannot serialise an access record"),
     }
 }
 

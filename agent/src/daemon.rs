@@ -125,6 +125,25 @@ impl Agent {
             .map(crate::sessions::Bucket::open)
             .transpose()
             .context("[shipper]")?;
+        let notifier = crate::approvals::Notifier::start(&config.approvals)
+            .map_err(anyhow::Error::msg)
+            .context("[approvals] webhook")?;
+        let approvals = crate::approvals::Approvals::open(store.db(), store.host.clone(), notifier)
+            .context("opening the approval records")?;
+        let callback = match (config.approvals.callback_listen, &config.approvals.token) {
+            (Some(addr), Some(token)) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the approvals callback on {addr}"))?;
+                tracing::info!(%addr, "approvals callback listening");
+                Some(tokio::spawn(crate::approvals::callback::serve(
+                    listener,
+                    approvals.clone(),
+                    token.clone(),
+                )))
+            }
+            _ => None,
+        };
         let proxy_context = Arc::new(ProxyContext {
             orig_dst: interceptor.clone(),
             resolver: Arc::new(WorkloadResolver::new(cgroups)),
@@ -139,6 +158,7 @@ impl Agent {
                 crate::proxy::postgres::Literals::Keep
             },
             store: store.clone(),
+            approvals,
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -156,10 +176,14 @@ impl Agent {
         let admin_listener = admin::bind(&admin_socket, &admins)
             .with_context(|| format!("binding the admin socket {}", admin_socket.display()))?;
         let admin_state = state.clone();
-        let admin_task = tokio::spawn(admin::serve(admin_listener, admins, move |request| {
-            let state = admin_state.clone();
-            async move { state.answer(request).await }
-        }));
+        let admin_task = tokio::spawn(admin::serve(
+            admin_listener,
+            admins,
+            move |request, peer| {
+                let state = admin_state.clone();
+                async move { state.answer(request, peer).await }
+            },
+        ));
 
         let proxy = tokio::spawn({
             let shutdown_rx = shutdown_rx.clone();
@@ -167,6 +191,9 @@ impl Agent {
             async move {
                 proxy::serve(proxy_context, listeners, shutdown_rx, DRAIN).await;
                 admin_task.abort();
+                if let Some(callback) = callback {
+                    callback.abort();
+                }
                 let _ = std::fs::remove_file(&admin_socket);
             }
         });
@@ -245,8 +272,39 @@ impl Agent {
 }
 
 impl State {
-    async fn answer(&self, request: Request) -> Response {
+    async fn answer(&self, request: Request, peer: admin::Peer) -> Response {
+        let approvals = &self.proxy.approvals;
+        let caller = crate::approvals::Caller::Local {
+            uid: peer.uid,
+            gid: peer.gid,
+        };
         let result = match request {
+            Request::ApprovalsList { all } if all && peer.admin => approvals
+                .history()
+                .map_err(anyhow::Error::from)
+                .and_then(|list| Ok(serde_json::to_value(list)?)),
+            Request::ApprovalsList { all } if all => Err(anyhow::anyhow!(
+                "only admins may list every request on record"
+            )),
+            Request::ApprovalsList { .. } => Ok(serde_json::to_value(
+                approvals.pending(&caller, peer.admin),
+            )
+            .unwrap_or_default()),
+            Request::ApprovalAnswer {
+                id,
+                approve,
+                reason,
+            } => approvals
+                .answer(&id, &caller, approve, reason)
+                .map_err(anyhow::Error::from)
+                .and_then(|record| Ok(serde_json::to_value(record)?)),
+            Request::GrantsList { all } => {
+                Ok(serde_json::to_value(approvals.grants(all)).unwrap_or_default())
+            }
+            Request::GrantRevoke { id, reason } => approvals
+                .revoke(&id, &caller, peer.admin, reason)
+                .map_err(anyhow::Error::from)
+                .and_then(|grant| Ok(serde_json::to_value(grant)?)),
             Request::Status => Ok(self.status()),
             Request::Reload => self.reload().await.map(|()| json!({"reloaded": true})),
             Request::Detach => self.detach().map(|()| {
@@ -491,6 +549,7 @@ fn restart_needed(old: &Config, new: &Config) -> bool {
         || a.redact_literals != b.redact_literals
         || old.sessions != new.sessions
         || old.shipper != new.shipper
+        || old.approvals != new.approvals
 }
 
 /// Resolves host names (blocking, off the async threads) and builds the

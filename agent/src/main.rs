@@ -8,6 +8,7 @@
 mod access;
 mod addr;
 mod admin;
+mod approvals;
 mod cli;
 mod config;
 mod daemon;

@@ -3,7 +3,9 @@ use nix::unistd::{Gid, Group, Uid, User, getgrouplist};
 
 use crate::config::Principal;
 
-pub fn is_admin(uid: u32, gid: u32, admins: &[Principal]) -> bool {
+/// Whether the caller with this uid and gid is one of `principals` (by
+/// uid, user name, or membership of a group, supplementary included).
+pub fn caller_matches(uid: u32, gid: u32, admins: &[Principal]) -> bool {
     let user = User::from_uid(Uid::from_raw(uid)).ok().flatten();
     admins.iter().any(|principal| match principal {
         Principal::Uid(admin) => *admin == uid,
@@ -32,10 +34,10 @@ mod tests {
 
     #[test]
     fn root_by_uid_name_and_group() {
-        assert!(is_admin(0, 0, &[Principal::Uid(0)]));
-        assert!(is_admin(0, 0, &[Principal::User("root".into())]));
-        assert!(is_admin(0, 0, &[Principal::Group("root".into())]));
-        assert!(!is_admin(
+        assert!(caller_matches(0, 0, &[Principal::Uid(0)]));
+        assert!(caller_matches(0, 0, &[Principal::User("root".into())]));
+        assert!(caller_matches(0, 0, &[Principal::Group("root".into())]));
+        assert!(!caller_matches(
             12345,
             12345,
             &[
@@ -43,7 +45,7 @@ mod tests {
                 Principal::Group("root".into())
             ]
         ));
-        assert!(!is_admin(
+        assert!(!caller_matches(
             0,
             0,
             &[Principal::Group("no-such-group-here".into())]

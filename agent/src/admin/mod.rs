@@ -1,9 +1,11 @@
-//! The admin socket: a Unix socket (0660) speaking one JSON request and one
-//! JSON response per line. Every caller is identified by SO_PEERCRED and
-//! must be one of `[agent] admins`.
+//! The admin socket: a Unix socket speaking one JSON request and one JSON
+//! response per line. Every caller is identified by SO_PEERCRED: only
+//! `[agent] admins` may administer; anyone on the host may connect (0666)
+//! to answer approval requests, and each answer is checked against the
+//! rule's approvers.
 mod auth;
 
-pub use auth::is_admin;
+pub use auth::caller_matches;
 
 use std::{
     io,
@@ -34,6 +36,49 @@ pub enum Request {
     SessionLog {
         id: String,
     },
+    /// Pending approval requests the caller may answer (`all`: every
+    /// request on record, for admins).
+    ApprovalsList {
+        #[serde(default)]
+        all: bool,
+    },
+    /// Approves or denies a pending request.
+    ApprovalAnswer {
+        id: String,
+        approve: bool,
+        reason: Option<String>,
+    },
+    /// Active grants (`all`: expired and revoked ones too).
+    GrantsList {
+        #[serde(default)]
+        all: bool,
+    },
+    GrantRevoke {
+        id: String,
+        reason: Option<String>,
+    },
+}
+
+impl Request {
+    /// Requests an approver who is not an admin may make; the agent
+    /// authorizes each against the rule's approvers.
+    fn for_approvers(&self) -> bool {
+        matches!(
+            self,
+            Request::ApprovalsList { .. }
+                | Request::ApprovalAnswer { .. }
+                | Request::GrantsList { .. }
+                | Request::GrantRevoke { .. }
+        )
+    }
+}
+
+/// Who sent a request, from SO_PEERCRED.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub admin: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -58,7 +103,7 @@ pub enum AdminError {
 /// Serves requests with `handler` until the task is dropped.
 pub async fn serve<F, Fut>(listener: UnixListener, admins: Vec<Principal>, handler: F)
 where
-    F: Fn(Request) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request, Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response> + Send,
 {
     loop {
@@ -87,10 +132,15 @@ const MAX_REQUEST: u64 = 64 * 1024;
 
 async fn serve_one<F, Fut>(stream: UnixStream, admins: &[Principal], handler: F) -> io::Result<()>
 where
-    F: Fn(Request) -> Fut,
+    F: Fn(Request, Peer) -> Fut,
     Fut: std::future::Future<Output = Response>,
 {
     let cred = stream.peer_cred()?;
+    let peer = Peer {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        admin: caller_matches(cred.uid(), cred.gid(), admins),
+    };
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut line = Vec::new();
@@ -106,28 +156,26 @@ where
             return Ok(());
         }
         let too_long = !line.ends_with(b"\n") && n as u64 == MAX_REQUEST;
-        let response = if !is_admin(cred.uid(), cred.gid(), admins) {
-            tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "admin request refused: caller is not an admin");
-            Response::Error {
-                message: format!(
-                    "uid {} is not allowed to administer this agent (see [agent] admins)",
-                    cred.uid()
-                ),
+        let request = match serde_json::from_slice::<Request>(&line) {
+            _ if too_long => Err(format!("bad request: longer than {MAX_REQUEST} bytes")),
+            Ok(request) => Ok(request),
+            Err(error) => Err(format!("bad request: {error}")),
+        };
+        let response = match request {
+            Ok(request) if peer.admin || request.for_approvers() => {
+                tracing::info!(uid = peer.uid, ?request, "admin request");
+                handler(request, peer).await
             }
-        } else if too_long {
-            Response::Error {
-                message: format!("bad request: longer than {MAX_REQUEST} bytes"),
-            }
-        } else {
-            match serde_json::from_slice::<Request>(&line) {
-                Ok(request) => {
-                    tracing::info!(uid = cred.uid(), ?request, "admin request");
-                    handler(request).await
+            Ok(_) => {
+                tracing::warn!(uid = peer.uid, pid = ?cred.pid(), "admin request refused: caller is not an admin");
+                Response::Error {
+                    message: format!(
+                        "uid {} is not allowed to administer this agent (see [agent] admins)",
+                        peer.uid
+                    ),
                 }
-                Err(error) => Response::Error {
-                    message: format!("bad request: {error}"),
-                },
             }
+            Err(message) => Response::Error { message },
         };
         let mut out = serde_json::to_vec(&response).unwrap_or_default();
         out.push(b'\n');
@@ -138,9 +186,9 @@ where
     }
 }
 
-/// Binds the admin socket, replacing a stale one, with mode 0660; its
-/// group is the first `group:` admin that exists, so members can connect
-/// (the agent still checks every caller).
+/// Binds the admin socket, replacing a stale one, with mode 0666: approvers
+/// need not be admins, and the agent checks every caller itself. Its group
+/// is the first `group:` admin that exists.
 pub fn bind(path: &Path, admins: &[Principal]) -> io::Result<UnixListener> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
@@ -150,7 +198,7 @@ pub fn bind(path: &Path, admins: &[Principal]) -> io::Result<UnixListener> {
         _ => {}
     }
     let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
     let group = admins.iter().find_map(|p| match p {
         Principal::Group(name) => nix::unistd::Group::from_name(name).ok().flatten(),
         _ => None,

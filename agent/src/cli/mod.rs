@@ -1,6 +1,7 @@
 //! Command-line interface: `run`, `policy check|explain`, `status`,
-//! `reload`, `detach`, `demo`, `sessions …`, `fleet pull`. `anyhow` lives
-//! here, at the edge.
+//! `reload`, `detach`, `demo`, `sessions …`, `fleet pull`, `approvals …`,
+//! `grants …`. `anyhow` lives here, at the edge.
+mod approvals;
 mod sessions;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -57,6 +58,12 @@ enum Command {
     /// Sessions of many hosts, from object storage.
     #[command(subcommand)]
     Fleet(sessions::FleetCommand),
+    /// Commands held for approval: list, approve, deny.
+    #[command(subcommand)]
+    Approvals(approvals::ApprovalsCommand),
+    /// Standing permissions approvals granted: list, revoke.
+    #[command(subcommand)]
+    Grants(approvals::GrantsCommand),
     /// Measures the session store on its own (`cargo xtask bench sessions`).
     #[command(hide = true)]
     BenchStore(sessions::BenchStoreArgs),
@@ -188,6 +195,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => crate::demo::run(args),
         Command::Sessions(command) => runtime()?.block_on(sessions::sessions(command)),
         Command::Fleet(command) => runtime()?.block_on(sessions::fleet(command)),
+        Command::Approvals(command) => approvals::approvals(command),
+        Command::Grants(command) => approvals::grants(command),
         Command::BenchStore(args) => runtime()?.block_on(sessions::bench_store(args)),
         Command::Ca(CaCommand::Print(ConfigArg { config })) => {
             let state_dir = Config::load(&config)?.agent.state_dir;

@@ -66,6 +66,23 @@ pub struct FileSpec {
     pub rule: Vec<Located<RuleSpec>>,
     pub sessions: Option<Located<SessionsSpec>>,
     pub shipper: Option<Located<ShipperSpec>>,
+    pub approvals: Option<Located<ApprovalsSpec>>,
+}
+
+/// `[approvals]`: where requests are announced and answered from besides
+/// the admin socket.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsSpec {
+    /// HTTPS URL that receives each request and outcome as JSON.
+    pub webhook_url: Option<Located<String>>,
+    /// Extra CA bundle (PEM) for the webhook's certificate.
+    pub webhook_ca_file: Option<PathBuf>,
+    /// Address of the HTTP callback a chat bot or ticket system answers on.
+    pub callback_listen: Option<Located<String>>,
+    /// 0600 file with the shared secret: the callback's bearer token and
+    /// the HMAC key of payloads both ways.
+    pub token_file: Option<Located<PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -268,6 +285,14 @@ pub struct RuleSpec {
     pub as_user: Option<Located<String>>,
     /// SQL targets: values this rule's workloads see masked.
     pub mask: Option<Vec<Located<MaskSpec>>>,
+    /// `decision = "approve"`: who may say yes (`user`, `uid:N`,
+    /// `group:NAME`, `webhook:NAME`).
+    pub approvers: Option<Located<Vec<Located<String>>>>,
+    pub min_approvals: Option<Located<u32>>,
+    /// How long the client waits, e.g. `"5m"`.
+    pub timeout: Option<Located<String>>,
+    /// `"once"` or a duration such as `"30m"`.
+    pub grant: Option<Located<String>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

@@ -9,6 +9,7 @@ mod settings;
 
 pub use settings::{
     AgentSettings, CgroupSetting, DEFAULT_ADMIN_SOCKET, DEFAULT_CONFIG_PATH, Mode, Principal,
+    parse_principal,
 };
 
 use std::{
@@ -17,8 +18,8 @@ use std::{
 };
 
 use crate::policy::{
-    Credential, NamedWorkload, Pattern, Policy, Protocol, Rule, Secret, Target, TargetAddress,
-    TargetId, UpstreamTls,
+    ApprovalSpec, Approver, Credential, GrantSpec, NamedWorkload, Pattern, Policy, Protocol, Rule,
+    Secret, Target, TargetAddress, TargetId, UpstreamTls,
 };
 use file::{FileSpec, Located, SourceFile};
 
@@ -45,6 +46,7 @@ pub struct Config {
     pub sessions: crate::sessions::SessionSettings,
     /// Where ended sessions are shipped; none keeps them local.
     pub shipper: Option<crate::sessions::ShipperSettings>,
+    pub approvals: crate::approvals::ApprovalSettings,
     pub policy: Policy,
     /// Every file read, main file first: what a reload watches.
     pub sources: Vec<PathBuf>,
@@ -93,6 +95,8 @@ impl Config {
             }
         }
 
+        let approvals = approval_settings(main_spec.approvals.as_ref(), &main)?;
+
         let mut files = vec![(main, main_spec)];
         if let Some(dir) = &agent.policy_dir {
             for path in policy_files(dir)? {
@@ -106,8 +110,9 @@ impl Config {
                     .as_ref()
                     .map(|s| s.span())
                     .or(spec.shipper.as_ref().map(|s| s.span()))
+                    .or(spec.approvals.as_ref().map(|s| s.span()))
                 {
-                    return Err(source.error_at(span, "[sessions] and [shipper] belong in the main configuration file, not in the policy directory"));
+                    return Err(source.error_at(span, "[sessions], [shipper] and [approvals] belong in the main configuration file, not in the policy directory"));
                 }
                 files.push((source, spec));
             }
@@ -118,6 +123,7 @@ impl Config {
             agent,
             sessions,
             shipper,
+            approvals,
             policy,
             sources,
         })
@@ -144,6 +150,56 @@ fn session_settings(
     Ok(settings)
 }
 
+fn approval_settings(
+    spec: Option<&Located<file::ApprovalsSpec>>,
+    source: &SourceFile,
+) -> Result<crate::approvals::ApprovalSettings, ConfigError> {
+    let mut settings = crate::approvals::ApprovalSettings::default();
+    let Some(located) = spec else {
+        return Ok(settings);
+    };
+    let spec = located.get_ref();
+    if let Some(url) = &spec.webhook_url {
+        let parsed = url::Url::parse(url.get_ref())
+            .map_err(|e| source.error_at(url.span(), format!("webhook_url: {e}")))?;
+        let loopback = match parsed.host() {
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            Some(url::Host::Domain(name)) => name == "localhost",
+            None => false,
+        };
+        if !(parsed.scheme() == "https" || parsed.scheme() == "http" && loopback) {
+            return Err(source.error_at(
+                url.span(),
+                "webhook_url must be https:// (plain http only to a loopback address)",
+            ));
+        }
+        settings.webhook_url = Some(parsed);
+    }
+    settings.webhook_ca_file = spec.webhook_ca_file.clone();
+    if let Some(listen) = &spec.callback_listen {
+        settings.callback_listen = Some(listen.get_ref().parse().map_err(|_| {
+            source.error_at(
+                listen.span(),
+                format!(
+                    "callback_listen: {:?} is not an address such as \"127.0.0.1:9956\"",
+                    listen.get_ref()
+                ),
+            )
+        })?);
+    }
+    if let Some(file) = &spec.token_file {
+        let token = read_secret_file(source, file.get_ref(), file.span(), "token_file")?;
+        settings.token = Some(std::sync::Arc::new(token));
+    } else if let Some(listen) = &spec.callback_listen {
+        return Err(source.error_at(
+            listen.span(),
+            "callback_listen needs a token_file (the callers' bearer token)",
+        ));
+    }
+    Ok(settings)
+}
+
 /// The admin socket a configuration file names, read leniently: the CLI
 /// must find a running agent even while its file is broken (say, to ask it
 /// to reload and hear why that fails).
@@ -158,47 +214,55 @@ pub fn admin_socket_of(path: &Path) -> PathBuf {
     named.unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET))
 }
 
-/// Reads a target's password file. It must be a regular file owned by root
-/// and readable by its owner only (0600 or stricter); the secret itself is
-/// never put in an error or a log.
+/// Reads a target's password file.
 fn read_credential(
     source: &SourceFile,
     spec: &Located<file::CredentialSpec>,
 ) -> Result<Credential, ConfigError> {
-    use std::os::unix::fs::MetadataExt;
     let path = spec.get_ref().password_file.get_ref();
     let at = spec.get_ref().password_file.span();
-    let meta = std::fs::metadata(path).map_err(|e| {
-        source.error_at(at.clone(), format!("password_file {}: {e}", path.display()))
-    })?;
+    Ok(Credential {
+        user: spec.get_ref().user.clone(),
+        password: read_secret_file(source, path, at, "password_file")?,
+    })
+}
+
+/// Reads a secret from a file. It must be a regular file owned by root and
+/// readable by its owner only (0600 or stricter); the secret itself is never
+/// put in an error or a log.
+fn read_secret_file(
+    source: &SourceFile,
+    path: &Path,
+    at: std::ops::Range<usize>,
+    field: &str,
+) -> Result<Secret, ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| source.error_at(at.clone(), format!("{field} {}: {e}", path.display())))?;
     if !meta.is_file() {
         return Err(source.error_at(
             at,
-            format!("password_file {} is not a regular file", path.display()),
+            format!("{field} {} is not a regular file", path.display()),
         ));
     }
     if meta.mode() & 0o077 != 0 || meta.uid() != 0 {
         return Err(source.error_at(
             at,
             format!(
-                "password_file {} must be owned by root with mode 0600 (it is uid {}, mode {:04o})",
+                "{field} {} must be owned by root with mode 0600 (it is uid {}, mode {:04o})",
                 path.display(),
                 meta.uid(),
                 meta.mode() & 0o7777
             ),
         ));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        source.error_at(at.clone(), format!("password_file {}: {e}", path.display()))
-    })?;
-    let password = text.trim_end_matches(['\n', '\r']).to_owned();
-    if password.is_empty() {
-        return Err(source.error_at(at, format!("password_file {} is empty", path.display())));
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| source.error_at(at.clone(), format!("{field} {}: {e}", path.display())))?;
+    let secret = text.trim_end_matches(['\n', '\r']).to_owned();
+    if secret.is_empty() {
+        return Err(source.error_at(at, format!("{field} {} is empty", path.display())));
     }
-    Ok(Credential {
-        user: spec.get_ref().user.clone(),
-        password: Secret::new(password),
-    })
+    Ok(Secret::new(secret))
 }
 
 /// `*.toml` in `dir`, sorted by name so merges are deterministic. A missing
@@ -335,12 +399,12 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                     .collect::<Result<_, _>>()?,
             };
             if let Some(role) = &rule.as_user
-                && (rule.decision == crate::policy::Action::Deny || role.get_ref().is_empty())
+                && (rule.decision != crate::policy::Action::Allow || role.get_ref().is_empty())
             {
                 return Err(source.error_at(role.span(), "as_user names a role, on an allow rule"));
             }
             if let Some(unparsed) = &rule.unparsed
-                && rule.decision == crate::policy::Action::Deny
+                && rule.decision != crate::policy::Action::Allow
             {
                 return Err(source.error_at(
                     unparsed.span(),
@@ -349,7 +413,7 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
             }
             let masks = compile_masks(source, rule.mask.as_deref())?;
             if let Some(mask) = rule.mask.as_ref().and_then(|m| m.first())
-                && rule.decision == crate::policy::Action::Deny
+                && rule.decision != crate::policy::Action::Allow
             {
                 return Err(source.error_at(
                     mask.span(),
@@ -378,6 +442,7 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                     ));
                 }
             }
+            let approval = approval_spec(source, located)?;
             policy.rules.push(Rule {
                 name,
                 description: rule.description.clone(),
@@ -392,10 +457,88 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                     rule.unparsed.as_ref().map(|u| *u.get_ref()),
                     Some(file::Unparsed::Allow)
                 ),
+                approval,
             });
         }
     }
     Ok(policy)
+}
+
+/// How long a client waits for an answer unless the rule says.
+pub const DEFAULT_APPROVAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
+/// The approval fields of a rule: required on `decision = "approve"`,
+/// refused anywhere else.
+fn approval_spec(
+    source: &SourceFile,
+    located: &Located<file::RuleSpec>,
+) -> Result<Option<std::sync::Arc<ApprovalSpec>>, ConfigError> {
+    let rule = located.get_ref();
+    if rule.decision != crate::policy::Action::Approve {
+        let stray = [
+            rule.approvers.as_ref().map(|a| a.span()),
+            rule.min_approvals.as_ref().map(|m| m.span()),
+            rule.timeout.as_ref().map(|t| t.span()),
+            rule.grant.as_ref().map(|g| g.span()),
+        ];
+        return match stray.into_iter().flatten().next() {
+            Some(at) => Err(source.error_at(
+                at,
+                "approvers, min_approvals, timeout and grant apply to decision = \"approve\"",
+            )),
+            None => Ok(None),
+        };
+    }
+    let Some(list) = rule.approvers.as_ref().filter(|a| !a.get_ref().is_empty()) else {
+        return Err(source.error_at(
+            located.span(),
+            "decision = \"approve\" needs approvers (user, \"uid:N\", \"group:NAME\" or \"webhook:NAME\")",
+        ));
+    };
+    let approvers = list
+        .get_ref()
+        .iter()
+        .map(|a| {
+            Approver::parse(a.get_ref())
+                .map_err(|m| source.error_at(a.span(), format!("approvers: {m}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let min_approvals = match &rule.min_approvals {
+        None => 1,
+        Some(n) if *n.get_ref() == 0 => {
+            return Err(source.error_at(n.span(), "min_approvals must be at least 1"));
+        }
+        Some(n) => *n.get_ref(),
+    };
+    let duration = |field: &str, text: &Located<String>| {
+        humantime::parse_duration(text.get_ref())
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                source.error_at(
+                    text.span(),
+                    format!(
+                        "{field}: {:?} is not a duration such as \"5m\" or \"30m\"",
+                        text.get_ref()
+                    ),
+                )
+            })
+    };
+    let timeout = match &rule.timeout {
+        None => DEFAULT_APPROVAL_TIMEOUT,
+        Some(text) => duration("timeout", text)?,
+    };
+    let grant = match &rule.grant {
+        None => GrantSpec::Once,
+        Some(text) if text.get_ref() == "once" => GrantSpec::Once,
+        Some(text) => GrantSpec::For(duration("grant (\"once\" or a duration)", text)?),
+    };
+    Ok(Some(std::sync::Arc::new(ApprovalSpec {
+        approvers,
+        min_approvals,
+        timeout,
+        grant,
+    })))
 }
 
 /// Compiles `mask = [...]`; an error points at the entry.

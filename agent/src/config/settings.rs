@@ -146,7 +146,8 @@ impl AgentSettings {
     }
 }
 
-fn parse_principal(text: &str) -> Result<Principal, String> {
+/// `name`, `uid:N` or `group:NAME`.
+pub fn parse_principal(text: &str) -> Result<Principal, String> {
     if let Some(group) = text.strip_prefix("group:") {
         return if group.is_empty() {
             Err("\"group:\" needs a group name".into())
@@ -161,7 +162,7 @@ fn parse_principal(text: &str) -> Result<Principal, String> {
             .map_err(|_| format!("{uid:?} is not a uid"));
     }
     if text.is_empty() {
-        return Err("an admin cannot be empty".into());
+        return Err("a user name cannot be empty".into());
     }
     Ok(Principal::User(text.to_owned()))
 }

@@ -264,3 +264,65 @@ fn sessions_and_shipper_settings() {
     );
     assert_eq!(line, 5, "{message}");
 }
+
+#[test]
+fn approval_fields_are_checked_where_they_are_written() {
+    const BASE: &str = "[[target]]\nname = \"t\"\nprotocol = \"tcp\"\naddress = \"10.0.0.1:80\"\n\
+        [[workload]]\nname = \"w\"\nuid = 1\n\
+        [[rule]]\nname = \"r\"\nworkloads = [\"w\"]\ntargets = [\"t\"]\n";
+    let rule = |rest: &str| format!("{BASE}{rest}");
+    let config = Config::from_text(
+        "t.toml",
+        &rule("decision = \"approve\"\napprovers = [\"uid:7\"]\n"),
+    )
+    .unwrap();
+    let spec = config.policy.rules[0].approval.clone().unwrap();
+    assert_eq!(spec.min_approvals, 1);
+    assert_eq!(spec.timeout, DEFAULT_APPROVAL_TIMEOUT);
+    assert_eq!(spec.grant, GrantSpec::Once);
+
+    let (line, _, message) = error_of(&rule("decision = \"approve\"\n"));
+    assert_eq!(line, 8, "{message}");
+    assert!(message.contains("needs approvers"), "{message}");
+    let (line, column, message) = error_of(&rule("decision = \"allow\"\ngrant = \"30m\"\n"));
+    assert_eq!((line, column), (13, 9), "{message}");
+    assert!(
+        message.contains("apply to decision = \"approve\""),
+        "{message}"
+    );
+    let (line, column, message) = error_of(&rule(
+        "decision = \"approve\"\napprovers = [\"alice\", \"webhook:\"]\n",
+    ));
+    assert_eq!((line, column), (13, 23), "{message}");
+    let (line, _, message) = error_of(&rule(
+        "decision = \"approve\"\napprovers = [\"alice\"]\ngrant = \"forever\"\n",
+    ));
+    assert_eq!(line, 14, "{message}");
+    assert!(message.contains("\"once\" or a duration"), "{message}");
+    let (line, _, message) = error_of(&rule(
+        "decision = \"approve\"\napprovers = [\"alice\"]\nmin_approvals = 0\n",
+    ));
+    assert_eq!(line, 14, "{message}");
+
+    let (line, column, message) =
+        error_of("[approvals]\nwebhook_url = \"http://chat.example.com/hook\"\n");
+    assert_eq!((line, column), (2, 15), "{message}");
+    assert!(message.contains("https://"), "{message}");
+    let (line, _, message) = error_of("[approvals]\ncallback_listen = \"127.0.0.1:9956\"\n");
+    assert_eq!(line, 2, "{message}");
+    assert!(message.contains("token_file"), "{message}");
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let text = format!(
+        "[approvals]\ncallback_listen = \"127.0.0.1:9956\"\ntoken_file = \"{}\"\n",
+        token.display()
+    );
+    let (line, _, message) = error_of(&text);
+    assert_eq!(line, 3, "{message}");
+    assert!(message.contains("mode 0600"), "{message}");
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let config = Config::from_text("t.toml", &text).unwrap();
+    assert_eq!(config.approvals.token.unwrap().expose(), "t0ken");
+}

@@ -66,6 +66,60 @@ pub struct Rule {
     pub as_user: Option<String>,
     /// SQL targets: values this rule's workloads see masked.
     pub masks: Vec<Mask>,
+    /// `decision = "approve"`: who must say yes, and what a yes grants.
+    pub approval: Option<std::sync::Arc<ApprovalSpec>>,
+}
+
+/// What an `approve` rule asks for before a command goes on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ApprovalSpec {
+    pub approvers: Vec<Approver>,
+    /// Distinct approvers needed (a denial from any one ends the request).
+    pub min_approvals: u32,
+    /// How long the client waits for an answer.
+    #[serde(with = "humantime_serde")]
+    pub timeout: std::time::Duration,
+    pub grant: GrantSpec,
+}
+
+/// Who may answer: a local principal (by SO_PEERCRED on the admin socket)
+/// or a name a chat bot or ticket system gives in an HTTP callback.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum Approver {
+    Local(crate::config::Principal),
+    /// `webhook:NAME`; `webhook:*` accepts any name the callback gives.
+    Callback(String),
+}
+
+impl std::fmt::Display for Approver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::config::Principal;
+        match self {
+            Approver::Local(Principal::User(name)) => write!(f, "{name}"),
+            Approver::Local(Principal::Uid(uid)) => write!(f, "uid:{uid}"),
+            Approver::Local(Principal::Group(name)) => write!(f, "group:{name}"),
+            Approver::Callback(name) => write!(f, "webhook:{name}"),
+        }
+    }
+}
+
+/// What an approval lets through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum GrantSpec {
+    /// That one command.
+    Once,
+    /// Every command of the same rule, by the same workload on the same
+    /// target, until it expires.
+    For(#[serde(with = "humantime_serde")] std::time::Duration),
+}
+
+impl std::fmt::Display for GrantSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GrantSpec::Once => f.write_str("once"),
+            GrantSpec::For(d) => write!(f, "{}", humantime::format_duration(*d)),
+        }
+    }
 }
 
 impl Rule {
@@ -90,7 +144,9 @@ impl Rule {
                             .iter()
                             .all(|t| self.tables.iter().any(|p| p.matches(t))))
             }
-            Action::Deny => {
+            // Approve is restrictive like deny: it catches any of its kinds
+            // or tables.
+            Action::Deny | Action::Approve => {
                 self.statements
                     .is_none_or(|denied| statement.kinds.intersects(denied))
                     && (self.tables.is_empty()
@@ -108,6 +164,8 @@ impl Rule {
 pub enum Action {
     Allow,
     Deny,
+    /// Allowed once a person says yes (see `approvals`).
+    Approve,
 }
 
 impl Action {
@@ -115,6 +173,7 @@ impl Action {
         match self {
             Action::Allow => "allow",
             Action::Deny => "deny",
+            Action::Approve => "approve",
         }
     }
 }
@@ -132,6 +191,10 @@ impl Verdict {
     pub fn allowed(&self) -> bool {
         self.action == Action::Allow
     }
+
+    pub fn denied(&self) -> bool {
+        self.action == Action::Deny
+    }
 }
 
 /// Decides whether `workload` may use `target`.
@@ -139,14 +202,16 @@ impl Verdict {
 /// The order is the policy format's contract (docs/POLICY.md):
 /// 1. "An explicit deny wins": the first deny rule naming this workload and
 ///    target decides, whatever allows exist.
-/// 2. "Then allow": the first allow rule naming them decides.
-/// 3. "A protected target no rule allows is denied" (fail closed).
+/// 2. "Then approve": the first approve rule naming them; the connection
+///    waits for a person (a SQL target admits it, and asks per statement).
+/// 3. "Then allow": the first allow rule naming them decides.
+/// 4. "A protected target no rule allows is denied" (fail closed).
 ///
-/// Deny rules about particular statements do not refuse the connection:
-/// they are applied to each statement by [`evaluate_statement`].
+/// Deny and approve rules about particular statements do not decide the
+/// connection: [`evaluate_statement`] applies them to each statement.
 pub fn evaluate(policy: &Policy, workload: &Workload, target: TargetId) -> Verdict {
     let target_name = &policy.targets[target.0].name;
-    for action in [Action::Deny, Action::Allow] {
+    for action in [Action::Deny, Action::Approve, Action::Allow] {
         if let Some(rule) = policy
             .rules
             .iter()
@@ -154,10 +219,10 @@ pub fn evaluate(policy: &Policy, workload: &Workload, target: TargetId) -> Verdi
             .filter(|rule| action == Action::Allow || !rule.is_statement_level())
             .find(|rule| applies(policy, rule, workload, target))
         {
-            let verb = if action == Action::Deny {
-                "denies"
-            } else {
-                "allows"
+            let verb = match action {
+                Action::Deny => "denies",
+                Action::Approve => "asks approval for",
+                Action::Allow => "allows",
             };
             return Verdict {
                 action,
@@ -181,8 +246,9 @@ pub fn evaluate(policy: &Policy, workload: &Workload, target: TargetId) -> Verdi
 ///    allow rule for this workload and target says `unparsed = "allow"`.
 /// 2. The first deny rule for this workload and target that hits the
 ///    statement wins.
-/// 3. Then the first allow rule that covers it.
-/// 4. Otherwise it is denied.
+/// 3. Then the first approve rule that hits it: it waits for a person.
+/// 4. Then the first allow rule that covers it.
+/// 5. Otherwise it is denied.
 ///
 /// This runs for every statement, so it allocates nothing: the verdict
 /// borrows the rule, and the reason is only written out on demand.
@@ -207,7 +273,7 @@ pub fn evaluate_statement<'p>(
             rule: waiver.map(|rule| rule.name.as_str()),
         };
     }
-    for action in [Action::Deny, Action::Allow] {
+    for action in [Action::Deny, Action::Approve, Action::Allow] {
         if let Some(rule) = policy
             .rules
             .iter()
@@ -236,17 +302,17 @@ pub struct StatementVerdict<'p> {
 }
 
 impl StatementVerdict<'_> {
-    pub fn allowed(&self) -> bool {
-        self.action == Action::Allow
-    }
-
     /// Why, in words, for the client's error and the log.
     pub fn reason(&self, statement: &StatementInfo) -> String {
         let tables = tables_text(statement);
         match (self.rule, statement.parsed) {
             (_, false) => "the statement could not be parsed, so it cannot be checked".into(),
             (Some(rule), _) => {
-                let verb = if self.allowed() { "allows" } else { "denies" };
+                let verb = match self.action {
+                    Action::Allow => "allows",
+                    Action::Deny => "denies",
+                    Action::Approve => "needs approval for",
+                };
                 format!("rule {rule:?} {verb} {} on {tables}", statement.kinds)
             }
             (None, _) => format!("no rule allows {} on {tables}", statement.kinds),

@@ -390,6 +390,75 @@ fn statements_need_every_kind_and_table_allowed_and_any_deny_hits() {
 }
 
 #[test]
+fn approve_rules_sit_between_deny_and_allow() {
+    use StatementKind as K;
+    let text = format!(
+        "{SQL_POLICY}{}",
+        r#"
+[[rule]]
+name = "event-deletes-need-approval"
+workloads = ["ci"]
+targets = ["db"]
+decision = "approve"
+statements = ["delete", "insert"]
+tables = ["public.events"]
+approvers = ["alice", "group:oncall", "uid:1001", "webhook:*"]
+min_approvals = 2
+timeout = "90s"
+grant = "30m"
+"#
+    );
+    // A deny about deletes still wins over the approval.
+    let (policy, _dir) = sql_policy_from(&text);
+    let ci = Workload {
+        unit: Some("ci.service".into()),
+        ..Workload::default()
+    };
+    let db = TargetId(0);
+    let delete = statement(&[K::Delete], &["public.events"]);
+    assert_eq!(
+        evaluate_statement(&policy, &ci, db, &delete).rule,
+        Some("no-deletes")
+    );
+    // An insert the allow rule covers now needs approval first.
+    let insert = statement(&[K::Insert], &["public.events"]);
+    let verdict = evaluate_statement(&policy, &ci, db, &insert);
+    assert_eq!(
+        (verdict.action, verdict.rule),
+        (Action::Approve, Some("event-deletes-need-approval"))
+    );
+    assert!(verdict.reason(&insert).contains("needs approval"));
+    // Reads are untouched.
+    let read = statement(&[K::Select], &["public.events"]);
+    assert_eq!(
+        evaluate_statement(&policy, &ci, db, &read).action,
+        Action::Allow
+    );
+
+    let spec = policy.rules[3].approval.as_ref().unwrap();
+    assert_eq!(spec.min_approvals, 2);
+    assert_eq!(spec.timeout, std::time::Duration::from_secs(90));
+    assert_eq!(
+        spec.grant,
+        GrantSpec::For(std::time::Duration::from_secs(1800))
+    );
+    let names: Vec<String> = spec.approvers.iter().map(|a| a.to_string()).collect();
+    assert_eq!(names, ["alice", "group:oncall", "uid:1001", "webhook:*"]);
+    // Without statements, an approve rule asks for every statement, and
+    // the connection is admitted to ask them.
+    let every = text.replace(
+        "statements = [\"delete\", \"insert\"]\ntables = [\"public.events\"]\n",
+        "",
+    );
+    let (policy, _dir) = sql_policy_from(&every);
+    assert_eq!(evaluate(&policy, &ci, db).action, Action::Approve);
+    assert_eq!(
+        evaluate_statement(&policy, &ci, db, &read).action,
+        Action::Approve
+    );
+}
+
+#[test]
 fn secrets_are_never_printed() {
     let (policy, _dir) = sql_policy();
     let credential = policy.targets[0].credential.as_ref().unwrap();

@@ -42,6 +42,8 @@ pub struct ProxyContext {
     pub literals: postgres::Literals,
     /// Where sessions are recorded.
     pub store: Arc<crate::sessions::Store>,
+    /// Commands held for a person's approval, and standing grants.
+    pub approvals: Arc<crate::approvals::Approvals>,
 }
 
 /// Accepts on every listener until `shutdown` turns true, then gives live
@@ -204,7 +206,7 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
         record.enforced = active.enforce;
         record.rule = verdict.rule.clone();
         record.reason = Some(verdict.reason.clone());
-        let denied = !verdict.allowed() && active.enforce;
+        let denied = verdict.denied() && active.enforce;
 
         // Nothing reaches the target unrecorded: the session's start and
         // the decision are on disk before the first byte goes upstream.
@@ -244,6 +246,27 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
         }
 
         match target.protocol {
+            Protocol::Tcp if verdict.action == crate::policy::Action::Approve && active.enforce => {
+                if let Err(refusal) =
+                    approve_connection(&context, &recorder, &workload, &active, target, &verdict)
+                        .await
+                {
+                    tracing::info!(%refusal, "connection refused");
+                    record.reason = Some(refusal);
+                    record.finish(outcome::DENIED, None);
+                    recorder.finish(outcome::DENIED, None, 0, 0);
+                    reset(stream);
+                    return;
+                }
+                tcp::forward(
+                    stream,
+                    intercepted.orig_dst,
+                    context.bypass_mark,
+                    &mut record,
+                    &recorder,
+                )
+                .await
+            }
             Protocol::Tcp => {
                 tcp::forward(
                     stream,
@@ -296,6 +319,89 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
     }
     .instrument(span)
     .await
+}
+
+/// A TCP connection an `approve` rule catches waits, before anything goes
+/// upstream, for its request's answer; `Err` says why it may not go on.
+/// (A client that gives up meanwhile is only noticed at the answer.)
+async fn approve_connection(
+    context: &ProxyContext,
+    recorder: &Recorder,
+    workload: &Workload,
+    active: &ActivePolicy,
+    target: &Target,
+    verdict: &Verdict,
+) -> Result<(), String> {
+    let rule = verdict
+        .rule
+        .as_deref()
+        .and_then(|name| active.policy.rules.iter().find(|r| r.name == name))
+        .ok_or("the approving rule is gone")?;
+    let spec = rule
+        .approval
+        .clone()
+        .ok_or("the rule asks approval of no one")?;
+    let requester = crate::approvals::Requester::new(
+        workload,
+        crate::policy::matching_workloads(&active.policy, workload)
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
+    );
+    let approvals = &context.approvals;
+    if let Some(grant) = approvals.grant_for(&requester, &target.name, &rule.name) {
+        recorder
+            .append(&Event::GrantUsed {
+                grant: &grant,
+                rule: &rule.name,
+            })
+            .map_err(|e| e.to_string())?;
+        return Ok(());
+    }
+    let command = format!("connect to {}", target.name);
+    let mut held = approvals
+        .request(crate::approvals::NewRequest {
+            session_id: &recorder.id().to_string(),
+            requester,
+            target: &target.name,
+            rule: &rule.name,
+            spec: spec.clone(),
+            command: &command,
+        })
+        .map_err(|e| format!("approval needed, but the request cannot be recorded: {e}"))?;
+    let id = held.record().id.clone();
+    let ticket = recorder
+        .append(&Event::ApprovalRequested {
+            id: &id,
+            rule: &rule.name,
+            command: &command,
+            approvers: &held.record().approvers,
+            min_approvals: spec.min_approvals,
+            timeout_s: spec.timeout.as_secs(),
+            grant: &spec.grant.to_string(),
+        })
+        .map_err(|e| e.to_string())?;
+    recorder.durable(ticket).await.map_err(|e| e.to_string())?;
+    let record = held.outcome().await;
+    let by = record.deciders();
+    recorder
+        .append(&Event::ApprovalDecided {
+            id: &id,
+            outcome: record.state.as_str(),
+            by: &by,
+            reason: record
+                .answers
+                .iter()
+                .rev()
+                .find_map(|a| a.reason.as_deref()),
+            grant: record.grant_id.as_deref(),
+        })
+        .map_err(|e| e.to_string())?;
+    if record.state == crate::approvals::RequestState::Approved {
+        Ok(())
+    } else {
+        Err(record.refusal())
+    }
 }
 
 /// Opens the session's record and waits until its start is durable.

@@ -58,6 +58,7 @@ async fn harness_with(upstream: SocketAddr, allowed: bool, enforce: bool) -> Har
         tls: None,
         mask_key: Arc::new(crate::proxy::postgres::MaskKey::new([0; 32])),
         literals: Default::default(),
+        approvals: crate::approvals::Approvals::open(store.db(), "test-host".into(), None).unwrap(),
         store,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -55,6 +55,28 @@ pub enum Event<'a> {
         cells_masked: u64,
         duration_us: Option<u64>,
     },
+    /// A command held until a person approves it (`approvals`).
+    ApprovalRequested {
+        id: &'a str,
+        rule: &'a str,
+        command: &'a str,
+        approvers: &'a [String],
+        min_approvals: u32,
+        timeout_s: u64,
+        grant: &'a str,
+    },
+    /// How a held command's request ended: `approved`, `denied`,
+    /// `timed_out`, `withdrawn`.
+    ApprovalDecided {
+        id: &'a str,
+        outcome: &'a str,
+        by: &'a [String],
+        reason: Option<&'a str>,
+        /// The grant an approval created, when the rule grants a duration.
+        grant: Option<&'a str>,
+    },
+    /// A command let through without asking, by an earlier approval's grant.
+    GrantUsed { grant: &'a str, rule: &'a str },
     /// Bytes the server side sent the client (after masking), with
     /// `record = "full"`.
     Output {

@@ -246,6 +246,12 @@ impl Store {
         Ok(store)
     }
 
+    /// The database, for other records kept beside the sessions (approval
+    /// requests and grants): one store, one flush.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -640,6 +646,10 @@ pub struct Recorder {
 }
 
 impl Recorder {
+    pub fn id(&self) -> ulid::Ulid {
+        self.id
+    }
+
     /// Whether the server's output is recorded (`record = "full"`).
     pub fn records_output(&self) -> bool {
         self.record_output

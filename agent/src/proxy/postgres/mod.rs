@@ -443,8 +443,10 @@ async fn relay<C: Duplex, U: Duplex>(
         .map_err(|e| SessionError::protocol(e.into()))?;
 
     let expected = responses::Expected::default();
-    let mut requests = requests::Requests::new(session, counts, &expected, policy, resolved);
-    let mut responses = responses::Responses::new(session, counts, &expected);
+    let (notices, notices_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut requests =
+        requests::Requests::new(session, counts, &expected, policy, resolved, notices);
+    let mut responses = responses::Responses::new(session, counts, &expected, notices_rx);
     let (mut client_read, mut client_write) = client.halves();
     let (mut upstream_read, mut upstream_write) = upstream.halves();
     // Set when the client side fails: the server side then leaves the

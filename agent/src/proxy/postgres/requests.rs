@@ -50,7 +50,39 @@ pub struct Requests<'s> {
     /// The latest statement recorded: what must be durable before the
     /// gathered messages go upstream.
     pending: Option<Ticket>,
+    /// The rule whose approval the message being replayed just got.
+    cleared: Option<String>,
+    /// NoticeResponses for the client, sent by the server side between
+    /// two of its messages.
+    notices: tokio::sync::mpsc::UnboundedSender<BytesMut>,
 }
+
+/// What a client message asks of the relay.
+pub enum Step {
+    /// Handled: what goes upstream is in the output buffer.
+    Done,
+    /// It needs a person's approval first: hold it, then replay it.
+    Hold(Hold),
+}
+
+/// A message held for approval under one rule.
+pub struct Hold {
+    decided: Arc<Decided>,
+    rule: usize,
+}
+
+/// How a hold ended.
+enum Held {
+    /// Approved: the message is handled again, as if it had just arrived.
+    Cleared,
+    /// Denied or timed out: the client gets this as an error.
+    Refused(String),
+    /// The client went away while it waited.
+    Gone,
+}
+
+/// Bytes a held client may send meanwhile (it is not read beyond this).
+const MAX_WHILE_HELD: usize = 1024 * 1024;
 
 struct Portal {
     decided: Option<Arc<Decided>>,
@@ -71,6 +103,7 @@ impl<'s> Requests<'s> {
         expected: &'s Expected,
         policy: Arc<ActivePolicy>,
         resolved: HashMap<ColumnName, Vec<Origin>>,
+        notices: tokio::sync::mpsc::UnboundedSender<BytesMut>,
     ) -> Self {
         let mut requests = Self {
             session,
@@ -84,6 +117,8 @@ impl<'s> Requests<'s> {
             portals: HashMap::new(),
             denied_batch: None,
             pending: None,
+            cleared: None,
+            notices,
         };
         requests.masking = requests.compute_masking();
         requests
@@ -158,7 +193,9 @@ impl<'s> Requests<'s> {
             let (action, _) = decided.verdicts[audit.index];
             let outcome = match action {
                 crate::policy::Action::Deny => StatementOutcome::Denied,
-                crate::policy::Action::Allow => StatementOutcome::NotRun,
+                crate::policy::Action::Allow | crate::policy::Action::Approve => {
+                    StatementOutcome::NotRun
+                }
             };
             audit.finish(self.session, self.counts, outcome, None);
         }
@@ -166,8 +203,186 @@ impl<'s> Requests<'s> {
         Ok(())
     }
 
-    /// Handles one client message: `Some(bytes)` to send upstream.
-    fn on_frame(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), WireError> {
+    /// Whether `decided` must wait for a person: not when the message is
+    /// being replayed after its approval, nor under an active grant.
+    fn gate(&mut self, decided: &Arc<Decided>) -> Result<Option<Hold>, WireError> {
+        let Some(rule) = decided.approval else {
+            return Ok(None);
+        };
+        let name = &decided.policy.policy.rules[rule].name;
+        if self.cleared.take_if(|cleared| cleared == name).is_some() {
+            return Ok(None);
+        }
+        let requester = self.requester();
+        let approvals = &self.session.context.approvals;
+        if let Some(grant) = approvals.grant_for(&requester, &self.session.target, name) {
+            self.session
+                .recorder
+                .append(&crate::sessions::Event::GrantUsed {
+                    grant: &grant,
+                    rule: name,
+                })?;
+            tracing::info!(%grant, rule = %name, "statement let through by a grant");
+            return Ok(None);
+        }
+        Ok(Some(Hold {
+            decided: decided.clone(),
+            rule,
+        }))
+    }
+
+    fn requester(&self) -> crate::approvals::Requester {
+        let workloads =
+            crate::policy::matching_workloads(&self.policy.policy, &self.session.workload);
+        crate::approvals::Requester::new(
+            &self.session.workload,
+            workloads.into_iter().map(str::to_owned).collect(),
+        )
+    }
+
+    fn notice(&self, message: &str) {
+        let mut buf = BytesMut::new();
+        wire::notice_response(&mut buf, &format!("interlock: {message}"));
+        let _ = self.notices.send(buf);
+    }
+
+    /// Holds a message until its request is answered; meanwhile the client
+    /// is read (into `buf`, bounded) only to notice that it went away.
+    async fn hold<R: AsyncRead + Unpin>(
+        &mut self,
+        hold: &Hold,
+        reader: &mut R,
+        buf: &mut BytesMut,
+    ) -> Result<Held, WireError> {
+        use tokio::io::AsyncReadExt;
+        let rule = &hold.decided.policy.policy.rules[hold.rule];
+        let Some(spec) = rule.approval.clone() else {
+            return Ok(Held::Refused(format!(
+                "rule {:?} asks approval of no one",
+                rule.name
+            )));
+        };
+        let command = hold
+            .decided
+            .statements
+            .iter()
+            .map(|s| s.text.as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let recorder = &self.session.recorder;
+        let request = crate::approvals::NewRequest {
+            session_id: &self.session.session_id,
+            requester: self.requester(),
+            target: &self.session.target,
+            rule: &rule.name,
+            spec: spec.clone(),
+            command: &command,
+        };
+        let mut held = match self.session.context.approvals.request(request) {
+            Ok(held) => held,
+            Err(error) => {
+                tracing::error!(%error, "cannot record an approval request");
+                return Ok(Held::Refused(format!(
+                    "approval needed, but the request cannot be recorded: {error}"
+                )));
+            }
+        };
+        let id = held.record().id.clone();
+        let grant = spec.grant.to_string();
+        let ticket = recorder.append(&crate::sessions::Event::ApprovalRequested {
+            id: &id,
+            rule: &rule.name,
+            command: &command,
+            approvers: &held.record().approvers,
+            min_approvals: spec.min_approvals,
+            timeout_s: spec.timeout.as_secs(),
+            grant: &grant,
+        })?;
+        recorder.durable(ticket).await?;
+        tracing::info!(%id, rule = %rule.name, "statement held for approval");
+        self.notice(&format!(
+            "rule {:?} needs approval for this statement; request {id} is waiting (up to {}) for {}. Approve with: interlock approvals approve {id}",
+            rule.name,
+            humantime::format_duration(spec.timeout),
+            held.record().approvers.join(", "),
+        ));
+        let record = loop {
+            tokio::select! {
+                record = held.outcome() => break record,
+                read = reader.read_buf(buf), if buf.len() < MAX_WHILE_HELD => {
+                    if matches!(read, Ok(0) | Err(_)) {
+                        drop(held);
+                        recorder.append(&crate::sessions::Event::ApprovalDecided {
+                            id: &id,
+                            outcome: crate::approvals::RequestState::Withdrawn.as_str(),
+                            by: &[],
+                            reason: Some("the client disconnected"),
+                            grant: None,
+                        })?;
+                        tracing::info!(%id, "client left while its statement was held");
+                        return Ok(Held::Gone);
+                    }
+                }
+            }
+        };
+        let by = record.deciders();
+        let reason = record
+            .answers
+            .iter()
+            .rev()
+            .find_map(|a| a.reason.as_deref());
+        recorder.append(&crate::sessions::Event::ApprovalDecided {
+            id: &id,
+            outcome: record.state.as_str(),
+            by: &by,
+            reason,
+            grant: record.grant_id.as_deref(),
+        })?;
+        if record.state == crate::approvals::RequestState::Approved {
+            tracing::info!(%id, by = ?by, "statement approved");
+            self.notice(&format!("request {id} approved by {}", by.join(", ")));
+            self.cleared = Some(rule.name.clone());
+            Ok(Held::Cleared)
+        } else {
+            tracing::info!(%id, state = record.state.as_str(), "statement refused");
+            Ok(Held::Refused(record.refusal()))
+        }
+    }
+
+    /// Answers a held message its request's refusal, in its protocol's
+    /// way: a simple query gets the error now; an extended-protocol batch
+    /// is dropped and raises it at its Flush or Sync.
+    fn refuse(
+        &mut self,
+        frame: &Frame,
+        hold: &Hold,
+        message: &str,
+        out: &mut BytesMut,
+    ) -> Result<(), WireError> {
+        let audits = if frame.tag == b'E' {
+            VecDeque::from([self.record_one(&hold.decided, 0)?])
+        } else {
+            self.record(&hold.decided)?
+        };
+        for audit in audits {
+            let (action, _) = hold.decided.verdicts[audit.index];
+            let outcome = match action {
+                crate::policy::Action::Allow => StatementOutcome::NotRun,
+                _ => StatementOutcome::Denied,
+            };
+            audit.finish(self.session, self.counts, outcome, None);
+        }
+        let denial = format!("statement not run: {message}");
+        if frame.tag == b'E' {
+            self.deny_batch(denial)
+        } else {
+            self.raise_denial(&denial, out, false);
+            Ok(())
+        }
+    }
+
+    /// Handles one client message: what goes upstream is added to `out`.
+    fn on_frame(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<Step, WireError> {
         if let Some(batch) = &mut self.denied_batch {
             // The rest of a batch whose Parse or Bind was denied is dropped;
             // the denial is raised at the client's next Flush or Sync.
@@ -181,7 +396,7 @@ impl<'s> Requests<'s> {
                 self.expect(Expect::Sync);
                 out.extend_from_slice(&frame.bytes);
             }
-            return Ok(());
+            return Ok(Step::Done);
         }
         match frame.tag {
             b'Q' => {
@@ -193,7 +408,10 @@ impl<'s> Requests<'s> {
                 if let Some(denial) = &decided.denial {
                     self.record_denial(&decided)?;
                     self.raise_denial(denial, out, false);
-                    return Ok(());
+                    return Ok(Step::Done);
+                }
+                if let Some(hold) = self.gate(&decided)? {
+                    return Ok(Step::Hold(hold));
                 }
                 let audits = self.record(&decided)?;
                 self.expect(Expect::Query {
@@ -210,12 +428,14 @@ impl<'s> Requests<'s> {
                     .get(sql, self.session, &self.policy, &self.masking);
                 if let Some(denial) = &decided.denial {
                     self.record_denial(&decided)?;
-                    return self.deny_batch(denial.clone());
+                    return self.deny_batch(denial.clone()).map(|()| Step::Done);
                 }
                 if !self.prepared.contains_key(name) && self.prepared.len() >= MAX_PREPARED {
-                    return self.deny_batch(format!(
-                        "more than {MAX_PREPARED} prepared statements in one session; close some first"
-                    ));
+                    return self
+                        .deny_batch(format!(
+                            "more than {MAX_PREPARED} prepared statements in one session; close some first"
+                        ))
+                        .map(|()| Step::Done);
                 }
                 self.prepared.insert(name.to_owned(), decided);
                 self.expect(Expect::Parse);
@@ -240,7 +460,7 @@ impl<'s> Requests<'s> {
                 if let Some(decided) = decided.as_ref().filter(|d| d.denial.is_some()) {
                     self.record_denial(decided)?;
                     let denial = decided.denial.clone().expect("filtered");
-                    return self.deny_batch(denial);
+                    return self.deny_batch(denial).map(|()| Step::Done);
                 }
                 self.portals.insert(
                     portal.to_owned(),
@@ -270,6 +490,18 @@ impl<'s> Requests<'s> {
             }
             b'E' => {
                 let portal_name = wire::execute_portal(frame.body())?;
+                // Each execution of a statement that needs approval waits
+                // for its own (prepared statements are not approved once
+                // for all their executions).
+                let held = self
+                    .portals
+                    .get(portal_name)
+                    .and_then(|p| p.decided.clone());
+                if let Some(decided) = held
+                    && let Some(hold) = self.gate(&decided)?
+                {
+                    return Ok(Step::Hold(hold));
+                }
                 let masks = self.masks();
                 let portal = self.portals.get_mut(portal_name);
                 let described = portal.as_ref().is_some_and(|p| p.described);
@@ -325,7 +557,10 @@ impl<'s> Requests<'s> {
                 if let Some(denial) = denial {
                     self.record_denial(&decided)?;
                     self.raise_denial(&denial, out, false);
-                    return Ok(());
+                    return Ok(Step::Done);
+                }
+                if let Some(hold) = self.gate(&decided)? {
+                    return Ok(Step::Hold(hold));
                 }
                 let audits = self.record(&decided)?;
                 self.expect(Expect::Query {
@@ -337,7 +572,7 @@ impl<'s> Requests<'s> {
             _ => {}
         }
         out.extend_from_slice(&frame.bytes);
-        Ok(())
+        Ok(Step::Done)
     }
 
     /// Drops the rest of the batch; the denial is raised at Flush or Sync.
@@ -387,7 +622,7 @@ where
     // frame is already waiting, i.e. before the relay would block on a read.
     // Their statements are made durable first, in one group commit.
     let mut out = BytesMut::with_capacity(16 * 1024);
-    loop {
+    'frames: loop {
         if (!wire::has_frame(&buf) || out.len() >= 64 * 1024) && !out.is_empty() {
             requests.flush(writer, &mut out).await?;
         }
@@ -400,7 +635,20 @@ where
             out.extend_from_slice(&frame.bytes);
             break;
         }
-        requests.on_frame(&frame, &mut out)?;
+        let mut step = requests.on_frame(&frame, &mut out)?;
+        while let Step::Hold(hold) = step {
+            // What came before goes on; only this message waits.
+            requests.flush(writer, &mut out).await?;
+            step = match requests.hold(&hold, reader, &mut buf).await? {
+                // Handled again: a reload meanwhile may decide it anew.
+                Held::Cleared => requests.on_frame(&frame, &mut out)?,
+                Held::Refused(message) => {
+                    requests.refuse(&frame, &hold, &message, &mut out)?;
+                    Step::Done
+                }
+                Held::Gone => break 'frames,
+            }
+        }
     }
     requests.flush(writer, &mut out).await
 }

@@ -99,6 +99,9 @@ pub struct Responses<'s> {
     plan: Option<Arc<RowPlan>>,
     /// Plans of portals described while masking is on, by portal name.
     portals: HashMap<String, Arc<RowPlan>>,
+    /// NoticeResponses from the client side (a statement held for
+    /// approval), written between two whole server messages.
+    notices: tokio::sync::mpsc::UnboundedReceiver<BytesMut>,
 }
 
 /// Portal plans kept at most (named portals live until their transaction
@@ -106,7 +109,12 @@ pub struct Responses<'s> {
 const MAX_PORTALS: usize = 1024;
 
 impl<'s> Responses<'s> {
-    pub fn new(session: &'s Session, counts: &'s StatementCounts, expected: &'s Expected) -> Self {
+    pub fn new(
+        session: &'s Session,
+        counts: &'s StatementCounts,
+        expected: &'s Expected,
+        notices: tokio::sync::mpsc::UnboundedReceiver<BytesMut>,
+    ) -> Self {
         Self {
             session,
             counts,
@@ -115,6 +123,7 @@ impl<'s> Responses<'s> {
             skip_to_sync: false,
             plan: None,
             portals: HashMap::new(),
+            notices,
         }
     }
 
@@ -405,7 +414,21 @@ where
         if buf.capacity() - buf.len() < READ_SIZE / 4 {
             buf.reserve(READ_SIZE);
         }
-        if reader.read_buf(&mut buf).await? == 0 {
+        // The client has only whole messages so far unless one is
+        // streaming: a notice may go in between.
+        let read = if streaming == 0 {
+            tokio::select! {
+                biased;
+                read = reader.read_buf(&mut buf) => read?,
+                Some(notice) = responses.notices.recv() => {
+                    writer.write_all(&notice).await?;
+                    continue;
+                }
+            }
+        } else {
+            reader.read_buf(&mut buf).await?
+        };
+        if read == 0 {
             if buf.is_empty() && streaming == 0 {
                 if !client_failed.load(Ordering::SeqCst) {
                     let _ = writer.shutdown().await;

@@ -45,6 +45,9 @@ pub struct Decided {
     /// Set when a statement is denied and enforcement is on: the message
     /// the client gets. None of the query runs.
     pub denial: Option<String>,
+    /// Set when a statement needs approval (enforcement on, nothing
+    /// denied): the asking rule. The whole query waits for one answer.
+    pub approval: Option<usize>,
 }
 
 impl Decided {
@@ -99,6 +102,7 @@ pub fn decide(
 ) -> Decided {
     let target = policy.policy.target_id(&session.target);
     let mut denial = None;
+    let mut approval: Option<usize> = None;
     let mut verdicts = Vec::with_capacity(statements.len());
     for statement in statements.iter() {
         let (action, rule, reason) = match (target, masking) {
@@ -114,17 +118,17 @@ pub fn decide(
                 let rule = verdict
                     .rule
                     .and_then(|name| policy.policy.rules.iter().position(|r| r.name == name));
-                if verdict.allowed()
+                if verdict.action != Action::Deny
                     && masking.set().is_some()
                     && statement.kinds.contains(StatementKind::CopyTo)
                 {
                     // COPY output is not rows the agent can mask.
                     let why = "results are masked for this workload, and COPY ... TO output cannot be; use SELECT";
                     (Action::Deny, rule, why.into())
-                } else if verdict.allowed() {
-                    (Action::Allow, rule, String::new())
-                } else {
+                } else if verdict.action == Action::Deny {
                     (Action::Deny, rule, verdict.reason(statement))
+                } else {
+                    (verdict.action, rule, String::new())
                 }
             }
         };
@@ -134,12 +138,25 @@ pub fn decide(
                 None => format!("statement denied: {reason}"),
             });
         }
+        if action == Action::Approve && policy.enforce && denial.is_none() {
+            match (approval, rule) {
+                (None, Some(asking)) => approval = Some(asking),
+                (Some(first), Some(asking)) if first != asking => {
+                    denial = Some(format!(
+                        "statements of this query need approval under rules {:?} and {:?}; send them one at a time",
+                        policy.policy.rules[first].name, policy.policy.rules[asking].name
+                    ));
+                }
+                _ => {}
+            }
+        }
         verdicts.push((action, rule));
     }
     Decided {
         policy: policy.clone(),
         statements,
         verdicts: verdicts.into(),
+        approval: approval.filter(|_| denial.is_none()),
         denial,
     }
 }
@@ -166,7 +183,7 @@ pub enum StatementOutcome {
     Error,
     /// An earlier statement of the same query or batch failed.
     NotRun,
-    /// Denied by policy: never sent.
+    /// Denied by policy, or by a person asked to approve it: never sent.
     Denied,
 }
 
@@ -217,10 +234,11 @@ impl Audit {
             return;
         };
         let (action, _) = self.decided.verdicts[self.index];
-        match action {
-            Action::Allow => counts.allowed.fetch_add(1, Ordering::Relaxed),
-            Action::Deny => counts.denied.fetch_add(1, Ordering::Relaxed),
-        };
+        if action == Action::Deny || outcome == StatementOutcome::Denied {
+            counts.denied.fetch_add(1, Ordering::Relaxed);
+        } else {
+            counts.allowed.fetch_add(1, Ordering::Relaxed);
+        }
         // The server's count (`UPDATE 3`, `SELECT 5`) where it gives one,
         // else the rows that went by.
         let rows = completion

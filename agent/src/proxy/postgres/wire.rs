@@ -232,8 +232,17 @@ pub fn authentication_ok(buf: &mut BytesMut) {
 
 /// An ErrorResponse with severity FATAL or ERROR, a SQLSTATE and a message.
 pub fn error_response(buf: &mut BytesMut, severity: &str, code: &str, message: &str) {
+    report(buf, b'E', severity, code, message);
+}
+
+/// A NoticeResponse: shown by the client while it keeps waiting.
+pub fn notice_response(buf: &mut BytesMut, message: &str) {
+    report(buf, b'N', "NOTICE", "00000", message);
+}
+
+fn report(buf: &mut BytesMut, tag: u8, severity: &str, code: &str, message: &str) {
     let start = buf.len();
-    buf.put_u8(b'E');
+    buf.put_u8(tag);
     buf.put_i32(0);
     for (field, value) in [
         (b'S', severity),

@@ -1,0 +1,194 @@
+//! The HTTP callback: how a chat bot or ticket system answers requests.
+//!
+//! `[approvals] callback_listen` (plain HTTP: keep it on loopback or behind
+//! a TLS-terminating proxy). Every call carries `Authorization: Bearer
+//! <token>`; an answer is also signed (`x-interlock-timestamp`, and
+//! `x-interlock-signature: sha256=<hex HMAC of "{timestamp}.{body}">`,
+//! within five minutes), so a captured request cannot be replayed later or
+//! altered. The answer names its approver (`"approver": "alice"`), which
+//! the rule must list as `webhook:alice` (or `webhook:*`).
+//!
+//! - `GET /v1/approvals`: pending requests.
+//! - `POST /v1/approvals/{id}` with `{"decision": "approve" | "deny",
+//!   "approver": "...", "reason": "..."}`.
+use std::{convert::Infallible, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+use super::{ApprovalError, Approvals, Caller};
+use crate::policy::Secret;
+
+/// Largest answer accepted.
+const MAX_BODY: usize = 64 * 1024;
+/// How far a signed answer's timestamp may be from now.
+const MAX_SKEW_S: u64 = 300;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnswerBody {
+    decision: Decision,
+    approver: String,
+    reason: Option<String>,
+}
+
+#[derive(Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Decision {
+    Approve,
+    Deny,
+}
+
+/// Serves the callback until the task is dropped.
+pub async fn serve(listener: TcpListener, approvals: Arc<Approvals>, token: Arc<Secret>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "callback accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let approvals = approvals.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let approvals = approvals.clone();
+                let token = token.clone();
+                async move { Ok::<_, Infallible>(handle(request, &approvals, &token).await) }
+            });
+            if let Err(error) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%error, %peer, "callback connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle(
+    request: Request<Incoming>,
+    approvals: &Approvals,
+    token: &Secret,
+) -> Response<Full<Bytes>> {
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let bearer = header("authorization");
+    let presented = bearer.as_deref().and_then(|b| b.strip_prefix("Bearer "));
+    if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.expose().as_bytes())) {
+        return reply(StatusCode::UNAUTHORIZED, "a valid bearer token is needed");
+    }
+    let path = request.uri().path().to_owned();
+    let id = path
+        .strip_prefix("/v1/approvals")
+        .map(|rest| rest.trim_matches('/'));
+    match (request.method().clone(), id) {
+        (Method::GET, Some("")) => {
+            let pending = approvals.pending(
+                &Caller::Callback {
+                    name: String::new(),
+                },
+                true,
+            );
+            json(StatusCode::OK, &pending)
+        }
+        (Method::POST, Some(id)) if !id.is_empty() && !id.contains('/') => {
+            let id = id.to_owned();
+            let timestamp = header("x-interlock-timestamp").and_then(|t| t.parse::<u64>().ok());
+            let signature = header("x-interlock-signature");
+            let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(_) => {
+                    return reply(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "the body is larger than 64 KiB or was cut off",
+                    );
+                }
+            };
+            let now = super::now_ms() / 1000;
+            let signed = match (
+                timestamp,
+                signature.as_deref().and_then(|s| s.strip_prefix("sha256=")),
+            ) {
+                (Some(ts), Some(sig)) => {
+                    ts.abs_diff(now) <= MAX_SKEW_S && super::notify::verify(token, ts, &body, sig)
+                }
+                _ => false,
+            };
+            if !signed {
+                return reply(
+                    StatusCode::UNAUTHORIZED,
+                    "the answer must be signed: x-interlock-timestamp (unix seconds, within 5 minutes) and x-interlock-signature: sha256=<HMAC-SHA256 of \"{timestamp}.{body}\">",
+                );
+            }
+            let answer: AnswerBody = match serde_json::from_slice(&body) {
+                Ok(answer) => answer,
+                Err(error) => {
+                    return reply(StatusCode::BAD_REQUEST, &format!("bad answer: {error}"));
+                }
+            };
+            if answer.approver.is_empty() {
+                return reply(StatusCode::BAD_REQUEST, "approver cannot be empty");
+            }
+            let caller = Caller::Callback {
+                name: answer.approver,
+            };
+            match approvals.answer(
+                &id,
+                &caller,
+                answer.decision == Decision::Approve,
+                answer.reason,
+            ) {
+                Ok(record) => json(StatusCode::OK, &record),
+                Err(error) => {
+                    let status = match error {
+                        ApprovalError::NotFound(_) | ApprovalError::Ambiguous(_) => {
+                            StatusCode::NOT_FOUND
+                        }
+                        ApprovalError::NotApprover { .. } | ApprovalError::OwnRequest { .. } => {
+                            StatusCode::FORBIDDEN
+                        }
+                        ApprovalError::Again(_) => StatusCode::CONFLICT,
+                        ApprovalError::NoReason => StatusCode::BAD_REQUEST,
+                        _ => StatusCode::INTERNAL_SERVER_ERROR,
+                    };
+                    tracing::warn!(%error, "callback answer refused");
+                    reply(status, &error.to_string())
+                }
+            }
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "use GET /v1/approvals or POST /v1/approvals/{id}",
+        ),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn reply(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    json(status, &serde_json::json!({ "error": message }))
+}

@@ -1,0 +1,721 @@
+//! Just-in-time approval: a command an `approve` rule catches is held in
+//! flight until enough of the rule's approvers say yes, anyone says no, or
+//! it times out.
+//!
+//! The proxy asks [`Approvals::request`] and waits on the [`Held`] it gets;
+//! people answer through the admin socket (`interlock approvals ...`,
+//! authorized by SO_PEERCRED) or the HTTP callback (`callback.rs`). Every
+//! request and grant is a record in the session store's sled database, so
+//! it outlives the process: requests still pending at start belonged to
+//! connections that died with the old process, and are marked `abandoned`.
+pub mod callback;
+mod notify;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::{
+    policy::{ApprovalSpec, Approver, GrantSpec, Secret},
+    workload::Workload,
+};
+
+pub use notify::Notifier;
+
+/// `[approvals]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApprovalSettings {
+    pub webhook_url: Option<url::Url>,
+    pub webhook_ca_file: Option<std::path::PathBuf>,
+    pub callback_listen: Option<std::net::SocketAddr>,
+    /// The callback's bearer token and the HMAC key of payloads.
+    pub token: Option<Arc<Secret>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApprovalError {
+    #[error(
+        "no pending approval request {0:?} (it may have been answered, withdrawn or timed out; see `interlock approvals list --all`)"
+    )]
+    NotFound(String),
+    #[error("{0:?} matches more than one pending request; give more of the id")]
+    Ambiguous(String),
+    #[error("no grant {0:?}")]
+    NoGrant(String),
+    #[error(
+        "{who} cannot answer for its own workload (uid {uid} made this request): another person must"
+    )]
+    OwnRequest { who: String, uid: u32 },
+    #[error("{who} is not an approver of rule {rule:?} (approvers: {approvers})")]
+    NotApprover {
+        who: String,
+        rule: String,
+        approvers: String,
+    },
+    #[error("{0} has already approved this request; it needs another approver")]
+    Again(String),
+    #[error("a denial needs a --reason")]
+    NoReason,
+    #[error("approval records: {0}")]
+    Store(#[from] sled::Error),
+    #[error("approval records: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Where a request stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestState {
+    Pending,
+    Approved,
+    Denied,
+    TimedOut,
+    /// The client went away while it waited.
+    Withdrawn,
+    /// The agent stopped while it waited.
+    Abandoned,
+}
+
+impl RequestState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestState::Pending => "pending",
+            RequestState::Approved => "approved",
+            RequestState::Denied => "denied",
+            RequestState::TimedOut => "timed_out",
+            RequestState::Withdrawn => "withdrawn",
+            RequestState::Abandoned => "abandoned",
+        }
+    }
+}
+
+/// Who asked: what an approver needs to judge the request.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Requester {
+    pub uid: u32,
+    pub user: Option<String>,
+    pub pid: u32,
+    pub unit: Option<String>,
+    pub cgroup: Option<String>,
+    pub exe: Option<String>,
+    /// The policy's workloads it matched.
+    pub workloads: Vec<String>,
+}
+
+impl Requester {
+    pub fn new(workload: &Workload, workloads: Vec<String>) -> Self {
+        Self {
+            uid: workload.uid,
+            user: workload.user.clone(),
+            pid: workload.pid,
+            unit: workload.unit.clone(),
+            cgroup: workload.cgroup.clone(),
+            exe: workload.exe.clone(),
+            workloads,
+        }
+    }
+
+    /// What "the same workload" means for a grant: the same uid in the same
+    /// cgroup (a CI job's scope, a service's unit).
+    fn grant_key(&self) -> String {
+        format!("{}@{}", self.uid, self.cgroup.as_deref().unwrap_or("-"))
+    }
+
+    fn describe(&self) -> String {
+        let who = match &self.user {
+            Some(user) => format!("{user} (uid {})", self.uid),
+            None => format!("uid {}", self.uid),
+        };
+        let place = self
+            .unit
+            .as_deref()
+            .or(self.cgroup.as_deref())
+            .unwrap_or("-");
+        let exe = self.exe.as_deref().unwrap_or("?");
+        format!("{who} in {place}, {exe} (pid {})", self.pid)
+    }
+}
+
+/// One answer to a request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Answer {
+    pub by: String,
+    pub approve: bool,
+    pub reason: Option<String>,
+    pub at_ms: u64,
+}
+
+/// A request, as stored, listed and sent to the webhook.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RequestRecord {
+    pub id: String,
+    pub session_id: String,
+    pub host: String,
+    pub state: RequestState,
+    pub target: String,
+    pub rule: String,
+    /// The exact command held.
+    pub command: String,
+    pub requester: Requester,
+    pub approvers: Vec<String>,
+    pub min_approvals: u32,
+    /// `once` or the grant's duration.
+    pub grant: String,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    #[serde(default)]
+    pub answers: Vec<Answer>,
+    pub decided_ms: Option<u64>,
+    /// The grant an approval created, when the rule grants a duration.
+    pub grant_id: Option<String>,
+}
+
+impl RequestRecord {
+    /// Who said yes (or no, for a denial).
+    pub fn deciders(&self) -> Vec<String> {
+        let approve = self.state != RequestState::Denied;
+        self.answers
+            .iter()
+            .filter(|a| a.approve == approve)
+            .map(|a| a.by.clone())
+            .collect()
+    }
+
+    /// Why it did not go through, for the client's error.
+    pub fn refusal(&self) -> String {
+        let denial = self.answers.iter().find(|a| !a.approve);
+        match (self.state, denial) {
+            (RequestState::Denied, Some(answer)) => format!(
+                "approval request {} was denied by {}: {}",
+                self.id,
+                answer.by,
+                answer.reason.as_deref().unwrap_or("no reason given")
+            ),
+            (RequestState::TimedOut, _) => format!(
+                "approval request {} timed out after {} with {} of {} approvals",
+                self.id,
+                humantime::format_duration(Duration::from_secs(
+                    (self.expires_ms - self.created_ms) / 1000
+                )),
+                self.answers.iter().filter(|a| a.approve).count(),
+                self.min_approvals
+            ),
+            (state, _) => format!("approval request {} is {}", self.id, state.as_str()),
+        }
+    }
+}
+
+/// A standing permission an approval created.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GrantRecord {
+    pub id: String,
+    pub rule: String,
+    pub target: String,
+    pub requester: Requester,
+    pub workload_key: String,
+    pub request_id: String,
+    pub approved_by: Vec<String>,
+    /// The rule's approvers when granted: who may revoke it besides admins.
+    pub approvers: Vec<String>,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    pub revoked: Option<Answer>,
+}
+
+impl GrantRecord {
+    fn active(&self, now: u64) -> bool {
+        self.revoked.is_none() && now < self.expires_ms
+    }
+}
+
+/// Who is answering.
+#[derive(Clone, Debug)]
+pub enum Caller {
+    /// A process on the host, from SO_PEERCRED.
+    Local { uid: u32, gid: u32 },
+    /// A name an authenticated HTTP callback gives.
+    Callback { name: String },
+}
+
+impl Caller {
+    fn name(&self) -> String {
+        match self {
+            Caller::Local { uid, .. } => crate::workload::user_name(*uid).map_or_else(
+                || format!("uid:{uid}"),
+                |name| format!("{name} (uid {uid})"),
+            ),
+            Caller::Callback { name } => format!("webhook:{name}"),
+        }
+    }
+
+    fn is(&self, approver: &Approver) -> bool {
+        match (self, approver) {
+            (Caller::Local { uid, gid }, Approver::Local(principal)) => {
+                crate::admin::caller_matches(*uid, *gid, std::slice::from_ref(principal))
+            }
+            (Caller::Callback { name }, Approver::Callback(expected)) => {
+                expected == "*" || expected == name
+            }
+            _ => false,
+        }
+    }
+}
+
+struct Pending {
+    record: RequestRecord,
+    spec: Arc<ApprovalSpec>,
+    wake: Option<oneshot::Sender<RequestRecord>>,
+}
+
+#[derive(Default)]
+struct State {
+    pending: HashMap<String, Pending>,
+    grants: Vec<GrantRecord>,
+}
+
+pub struct Approvals {
+    host: String,
+    requests: sled::Tree,
+    grants: sled::Tree,
+    state: Mutex<State>,
+    notifier: Option<Notifier>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// What the proxy knows about a command to hold.
+pub struct NewRequest<'a> {
+    pub session_id: &'a str,
+    pub requester: Requester,
+    pub target: &'a str,
+    pub rule: &'a str,
+    pub spec: Arc<ApprovalSpec>,
+    pub command: &'a str,
+}
+
+impl Approvals {
+    /// Opens the records in `db`: requests left pending by an earlier
+    /// process are marked abandoned; unexpired grants are loaded.
+    pub fn open(
+        db: &sled::Db,
+        host: String,
+        notifier: Option<Notifier>,
+    ) -> Result<Arc<Self>, ApprovalError> {
+        let requests = db.open_tree("approvals")?;
+        let grants_tree = db.open_tree("grants")?;
+        let now = now_ms();
+        for entry in requests.iter() {
+            let (key, value) = entry?;
+            let mut record: RequestRecord = serde_json::from_slice(&value)?;
+            if record.state == RequestState::Pending {
+                record.state = RequestState::Abandoned;
+                record.decided_ms = Some(now);
+                requests.insert(key, serde_json::to_vec(&record)?)?;
+                log_request(&record);
+                if let Some(notifier) = &notifier {
+                    notifier.send(&record);
+                }
+            }
+        }
+        let mut grants = Vec::new();
+        for entry in grants_tree.iter() {
+            let (_, value) = entry?;
+            let grant: GrantRecord = serde_json::from_slice(&value)?;
+            grants.push(grant);
+        }
+        Ok(Arc::new(Self {
+            host,
+            requests,
+            grants: grants_tree,
+            state: Mutex::new(State {
+                pending: HashMap::new(),
+                grants,
+            }),
+            notifier,
+        }))
+    }
+
+    /// The grant that lets this workload run this rule's commands on this
+    /// target without asking, if one is active.
+    pub fn grant_for(&self, requester: &Requester, target: &str, rule: &str) -> Option<String> {
+        let key = requester.grant_key();
+        let now = now_ms();
+        let state = self.state.lock().expect("not poisoned");
+        state
+            .grants
+            .iter()
+            .find(|g| {
+                g.active(now) && g.rule == rule && g.target == target && g.workload_key == key
+            })
+            .map(|g| g.id.clone())
+    }
+
+    /// Holds a command: the request is recorded and announced; the caller
+    /// waits on the returned [`Held`].
+    pub fn request(self: &Arc<Self>, new: NewRequest<'_>) -> Result<Held, ApprovalError> {
+        let id = ulid::Ulid::new().to_string();
+        let created_ms = now_ms();
+        let record = RequestRecord {
+            id: id.clone(),
+            session_id: new.session_id.to_owned(),
+            host: self.host.clone(),
+            state: RequestState::Pending,
+            target: new.target.to_owned(),
+            rule: new.rule.to_owned(),
+            command: new.command.to_owned(),
+            requester: new.requester,
+            approvers: new.spec.approvers.iter().map(|a| a.to_string()).collect(),
+            min_approvals: new.spec.min_approvals,
+            grant: new.spec.grant.to_string(),
+            created_ms,
+            expires_ms: created_ms + new.spec.timeout.as_millis() as u64,
+            answers: Vec::new(),
+            decided_ms: None,
+            grant_id: None,
+        };
+        self.requests
+            .insert(id.as_bytes(), serde_json::to_vec(&record)?)?;
+        log_request(&record);
+        if let Some(notifier) = &self.notifier {
+            notifier.send(&record);
+        }
+        let (wake, wait) = oneshot::channel();
+        self.state.lock().expect("not poisoned").pending.insert(
+            id.clone(),
+            Pending {
+                record: record.clone(),
+                spec: new.spec.clone(),
+                wake: Some(wake),
+            },
+        );
+        Ok(Held {
+            approvals: self.clone(),
+            record,
+            wait: Some(wait),
+            deadline: Instant::now() + new.spec.timeout,
+        })
+    }
+
+    /// An answer from `caller`; the request as it now stands.
+    pub fn answer(
+        &self,
+        id: &str,
+        caller: &Caller,
+        approve: bool,
+        reason: Option<String>,
+    ) -> Result<RequestRecord, ApprovalError> {
+        let reason = reason.filter(|r| !r.trim().is_empty());
+        if !approve && reason.is_none() {
+            return Err(ApprovalError::NoReason);
+        }
+        let who = caller.name();
+        let mut state = self.state.lock().expect("not poisoned");
+        let id = find_pending(&state.pending, id)?;
+        let pending = state.pending.get_mut(&id).expect("found");
+        if let Caller::Local { uid, .. } = caller
+            && *uid == pending.record.requester.uid
+        {
+            return Err(ApprovalError::OwnRequest { who, uid: *uid });
+        }
+        if !pending.spec.approvers.iter().any(|a| caller.is(a)) {
+            return Err(ApprovalError::NotApprover {
+                who,
+                rule: pending.record.rule.clone(),
+                approvers: pending.record.approvers.join(", "),
+            });
+        }
+        if pending.record.answers.iter().any(|a| a.by == who) {
+            return Err(ApprovalError::Again(who));
+        }
+        pending.record.answers.push(Answer {
+            by: who,
+            approve,
+            reason,
+            at_ms: now_ms(),
+        });
+        let approvals = pending.record.answers.iter().filter(|a| a.approve).count();
+        let outcome = if !approve {
+            Some(RequestState::Denied)
+        } else if approvals >= pending.spec.min_approvals as usize {
+            Some(RequestState::Approved)
+        } else {
+            None
+        };
+        match outcome {
+            Some(outcome) => Ok(self
+                .resolve_locked(&mut state, &id, outcome)
+                .expect("pending")),
+            None => {
+                let record = pending.record.clone();
+                self.requests
+                    .insert(id.as_bytes(), serde_json::to_vec(&record)?)?;
+                log_request(&record);
+                Ok(record)
+            }
+        }
+    }
+
+    /// Ends a pending request; `None` if it already ended.
+    fn resolve(&self, id: &str, outcome: RequestState) -> Option<RequestRecord> {
+        let mut state = self.state.lock().expect("not poisoned");
+        self.resolve_locked(&mut state, id, outcome)
+    }
+
+    fn resolve_locked(
+        &self,
+        state: &mut State,
+        id: &str,
+        outcome: RequestState,
+    ) -> Option<RequestRecord> {
+        let mut pending = state.pending.remove(id)?;
+        let record = &mut pending.record;
+        record.state = outcome;
+        let now = now_ms();
+        record.decided_ms = Some(now);
+        if let (RequestState::Approved, GrantSpec::For(duration)) = (outcome, pending.spec.grant) {
+            let grant = GrantRecord {
+                id: ulid::Ulid::new().to_string(),
+                rule: record.rule.clone(),
+                target: record.target.clone(),
+                workload_key: record.requester.grant_key(),
+                requester: record.requester.clone(),
+                request_id: record.id.clone(),
+                approved_by: record.deciders(),
+                approvers: record.approvers.clone(),
+                created_ms: now,
+                expires_ms: now + duration.as_millis() as u64,
+                revoked: None,
+            };
+            record.grant_id = Some(grant.id.clone());
+            self.put_grant(&grant);
+            log_grant("granted", &grant);
+            state.grants.push(grant);
+        }
+        match serde_json::to_vec(&*record) {
+            Ok(bytes) => {
+                if let Err(error) = self.requests.insert(id.as_bytes(), bytes) {
+                    tracing::error!(%error, "cannot store an approval request's outcome");
+                }
+            }
+            Err(error) => tracing::error!(%error, "cannot serialise an approval request"),
+        }
+        log_request(record);
+        if let Some(notifier) = &self.notifier {
+            notifier.send(record);
+        }
+        if let Some(wake) = pending.wake.take() {
+            let _ = wake.send(record.clone());
+        }
+        Some(pending.record)
+    }
+
+    fn put_grant(&self, grant: &GrantRecord) {
+        let stored = serde_json::to_vec(grant)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                self.grants
+                    .insert(grant.id.as_bytes(), bytes)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(error) = stored {
+            tracing::error!(%error, "cannot store a grant");
+        }
+    }
+
+    /// Pending requests `caller` may answer (all of them for an admin).
+    pub fn pending(&self, caller: &Caller, admin: bool) -> Vec<RequestRecord> {
+        let state = self.state.lock().expect("not poisoned");
+        let mut list: Vec<RequestRecord> = state
+            .pending
+            .values()
+            .filter(|p| admin || p.spec.approvers.iter().any(|a| caller.is(a)))
+            .map(|p| p.record.clone())
+            .collect();
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        list
+    }
+
+    /// Every request on record, oldest first (admins).
+    pub fn history(&self) -> Result<Vec<RequestRecord>, ApprovalError> {
+        self.requests
+            .iter()
+            .map(|entry| Ok(serde_json::from_slice(&entry?.1)?))
+            .collect()
+    }
+
+    /// Active grants, or every grant on record with `all`.
+    pub fn grants(&self, all: bool) -> Vec<GrantRecord> {
+        let now = now_ms();
+        let state = self.state.lock().expect("not poisoned");
+        state
+            .grants
+            .iter()
+            .filter(|g| all || g.active(now))
+            .cloned()
+            .collect()
+    }
+
+    /// Ends a grant before it expires: by an admin or one of its rule's
+    /// approvers.
+    pub fn revoke(
+        &self,
+        id: &str,
+        caller: &Caller,
+        admin: bool,
+        reason: Option<String>,
+    ) -> Result<GrantRecord, ApprovalError> {
+        let now = now_ms();
+        let who = caller.name();
+        let mut state = self.state.lock().expect("not poisoned");
+        let mut matching = state
+            .grants
+            .iter_mut()
+            .filter(|g| g.active(now) && g.id.starts_with(&id.to_ascii_uppercase()));
+        let grant = matching
+            .next()
+            .ok_or_else(|| ApprovalError::NoGrant(id.to_owned()))?;
+        let may = admin
+            || grant
+                .approvers
+                .iter()
+                .filter_map(|a| Approver::parse(a).ok())
+                .any(|a| caller.is(&a));
+        if !may {
+            return Err(ApprovalError::NotApprover {
+                who,
+                rule: grant.rule.clone(),
+                approvers: grant.approvers.join(", "),
+            });
+        }
+        grant.revoked = Some(Answer {
+            by: who,
+            approve: false,
+            reason,
+            at_ms: now,
+        });
+        let grant = grant.clone();
+        drop(state);
+        self.put_grant(&grant);
+        log_grant("revoked", &grant);
+        Ok(grant)
+    }
+}
+
+/// The one pending request whose id starts with `given` (ids are long;
+/// a unique prefix will do, as with git).
+fn find_pending(pending: &HashMap<String, Pending>, given: &str) -> Result<String, ApprovalError> {
+    let given_upper = given.to_ascii_uppercase();
+    if pending.contains_key(&given_upper) {
+        return Ok(given_upper);
+    }
+    let mut matching = pending.keys().filter(|id| id.starts_with(&given_upper));
+    match (matching.next(), matching.next()) {
+        (Some(id), None) if !given.is_empty() => Ok(id.clone()),
+        (Some(_), Some(_)) => Err(ApprovalError::Ambiguous(given.to_owned())),
+        _ => Err(ApprovalError::NotFound(given.to_owned())),
+    }
+}
+
+/// A held command's wait. Dropping it before it ends (the client went
+/// away) withdraws the request.
+pub struct Held {
+    approvals: Arc<Approvals>,
+    record: RequestRecord,
+    wait: Option<oneshot::Receiver<RequestRecord>>,
+    deadline: Instant,
+}
+
+impl Held {
+    pub fn record(&self) -> &RequestRecord {
+        &self.record
+    }
+
+    /// Waits for the outcome: approved, denied, or timed out.
+    pub async fn outcome(&mut self) -> RequestRecord {
+        let Some(wait) = self.wait.as_mut() else {
+            return self.record.clone();
+        };
+        let deadline = tokio::time::Instant::from_std(self.deadline);
+        let outcome = match tokio::time::timeout_at(deadline, &mut *wait).await {
+            Ok(Ok(record)) => record,
+            // Timed out; an answer racing the deadline still wins.
+            _ => match self
+                .approvals
+                .resolve(&self.record.id, RequestState::TimedOut)
+            {
+                Some(record) => record,
+                None => wait.try_recv().unwrap_or_else(|_| self.record.clone()),
+            },
+        };
+        self.wait = None;
+        self.record = outcome.clone();
+        outcome
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.wait.is_some() {
+            self.approvals
+                .resolve(&self.record.id, RequestState::Withdrawn);
+        }
+    }
+}
+
+/// A request's line in the access log.
+fn log_request(record: &RequestRecord) {
+    #[derive(Serialize)]
+    struct Line<'a> {
+        event: &'static str,
+        time: String,
+        #[serde(flatten)]
+        record: &'a RequestRecord,
+    }
+    crate::access::write_line(&Line {
+        event: "approval",
+        time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        record,
+    });
+}
+
+fn log_grant(change: &'static str, grant: &GrantRecord) {
+    #[derive(Serialize)]
+    struct Line<'a> {
+        event: &'static str,
+        change: &'static str,
+        time: String,
+        #[serde(flatten)]
+        grant: &'a GrantRecord,
+    }
+    crate::access::write_line(&Line {
+        event: "grant",
+        change,
+        time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        grant,
+    });
+}
+
+/// How an approver is written in a rule: `user`, `uid:N`, `group:NAME`,
+/// `webhook:NAME`.
+impl Approver {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.strip_prefix("webhook:") {
+            Some("") => Err("\"webhook:\" needs a name (or *)".into()),
+            Some(name) => Ok(Approver::Callback(name.to_owned())),
+            None => crate::config::parse_principal(text).map(Approver::Local),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
