@@ -252,6 +252,7 @@ impl Agent {
 
     /// Stops accepting, drains, and returns. Pins are left in place.
     pub async fn stop(self) {
+        self.state.proxy.approvals.abandon_all();
         let _ = self.shutdown.send(true);
         let _ = self.proxy.await;
         if let Err(error) = self.state.proxy.store.flush() {

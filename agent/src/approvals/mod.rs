@@ -532,6 +532,16 @@ impl Approvals {
         }
     }
 
+    /// Ends every pending request as abandoned: the agent is stopping, and
+    /// each held client is told so before its connection goes.
+    pub fn abandon_all(&self) {
+        let mut state = self.state.lock().expect("not poisoned");
+        let ids: Vec<String> = state.pending.keys().cloned().collect();
+        for id in ids {
+            self.resolve_locked(&mut state, &id, RequestState::Abandoned);
+        }
+    }
+
     /// Pending requests `caller` may answer (all of them for an admin).
     pub fn pending(&self, caller: &Caller, admin: bool) -> Vec<RequestRecord> {
         let state = self.state.lock().expect("not poisoned");

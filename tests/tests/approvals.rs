@@ -1,0 +1,653 @@
+//! Just-in-time approval with real clients: `psql` in a workload cgroup runs
+//! statements an `approve` rule holds; other uids answer with the real CLI
+//! over the admin socket, or a chat bot through the HTTP callback; a real
+//! HTTPS server receives the webhook.
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use interlock_e2e::*;
+use serde_json::Value;
+
+const SETUP: &str = "
+    CREATE ROLE app LOGIN PASSWORD 'app-secret-5';
+    CREATE TABLE orders (id int PRIMARY KEY, total numeric);
+    INSERT INTO orders SELECT g, g * 10 FROM generate_series(1, 100) g;
+    CREATE TABLE events (id serial PRIMARY KEY, what text);
+    GRANT SELECT, INSERT, UPDATE, DELETE ON orders, events TO app;
+    GRANT USAGE ON SEQUENCE events_id_seq TO app;
+";
+
+/// The workload runs as `nobody`; approvers are uids with no account.
+const REQUESTER: u32 = 65534;
+const ONCALL: u32 = 5001;
+const STRANGER: u32 = 5003;
+const TOKEN: &str = "callback-token-for-tests";
+
+fn policy(
+    pg: &Postgres,
+    secret: &Path,
+    webhook_port: u16,
+    callback_port: u16,
+    dir: &Path,
+) -> String {
+    let token_file = dir.join("approvals.token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    format!(
+        r#"
+[approvals]
+webhook_url = "https://127.0.0.1:{webhook_port}/hook"
+webhook_ca_file = {ca:?}
+callback_listen = "127.0.0.1:{callback_port}"
+token_file = {token:?}
+
+[[target]]
+name = "prod-db"
+protocol = "postgres"
+address = "{addr}"
+tls = "disable"
+[target.credential]
+user = "app"
+password_file = {secret:?}
+
+[[workload]]
+name = "ci-jobs"
+unit = "ci-job.service"
+
+[[rule]]
+name = "ci-works-on-prod"
+workloads = ["ci-jobs"]
+targets = ["prod-db"]
+decision = "allow"
+statements = ["select", "insert", "update", "delete", "transaction"]
+tables = ["public.*"]
+
+[[rule]]
+name = "deletes-need-oncall"
+workloads = ["ci-jobs"]
+targets = ["prod-db"]
+decision = "approve"
+statements = ["delete"]
+tables = ["public.orders"]
+approvers = ["uid:{ONCALL}", "uid:{REQUESTER}"]
+timeout = "2m"
+
+[[rule]]
+name = "updates-time-out"
+workloads = ["ci-jobs"]
+targets = ["prod-db"]
+decision = "approve"
+statements = ["update"]
+approvers = ["uid:{ONCALL}"]
+timeout = "2s"
+
+[[rule]]
+name = "event-writes-for-30m"
+workloads = ["ci-jobs"]
+targets = ["prod-db"]
+decision = "approve"
+statements = ["insert"]
+tables = ["public.events"]
+approvers = ["uid:{ONCALL}", "webhook:chatops"]
+grant = "30m"
+"#,
+        addr = pg.addr,
+        secret = secret.display().to_string(),
+        ca = dir.join("ca.pem").display().to_string(),
+        token = token_file.display().to_string(),
+    )
+}
+
+/// `psql -c` for each statement, as `nobody` in the job's cgroup, started
+/// in the background.
+fn psql(job: &Path, pg: &Postgres, statements: &[&str]) -> Child {
+    let commands: String = statements
+        .iter()
+        .map(|s| format!(" -c '{}'", s.replace('\'', r"'\''")))
+        .collect();
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs || exit 99\nunset PGPASSWORD PGPASSFILE; exec setpriv --reuid={REQUESTER} --regid={REQUESTER} --clear-groups psql -X -w -q -t -A -v ON_ERROR_STOP=0 -h {} -p {} -U someone -d postgres{commands}",
+            job.display(),
+            pg.addr.ip(),
+            pg.addr.port()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn psql")
+}
+
+fn finish(child: Child) -> (i32, String, String) {
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        stdout(&output),
+        stderr(&output),
+    )
+}
+
+/// The CLI as another uid (no account: `interlock` needs none).
+fn cli_as(agent: &Agent, uid: u32, args: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args([
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            "--clear-groups".into(),
+        ])
+        .arg(interlock_bin())
+        .args(args)
+        .arg("--config")
+        .arg(&agent.config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn pending(agent: &Agent) -> Vec<Value> {
+    let out = agent.cli(&["approvals", "list", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_str::<Value>(&stdout(&out))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// Waits for a pending request for `command` and returns it.
+fn wait_request(agent: &Agent, command: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(request) = pending(agent)
+            .into_iter()
+            .find(|r| r["command"].as_str().is_some_and(|c| c.contains(command)))
+        {
+            return request;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pending request for {command:?}:\n{}",
+            agent.stderr()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn history(agent: &Agent) -> Vec<Value> {
+    let out = agent.cli(&["approvals", "list", "--all", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_str::<Value>(&stdout(&out))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn state_of(agent: &Agent, id: &str) -> String {
+    history(agent)
+        .iter()
+        .find(|r| r["id"] == id)
+        .map(|r| r["state"].as_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+/// A CA and a certificate for 127.0.0.1, and the HTTPS webhook receiver.
+struct Webhook {
+    child: Child,
+    out: PathBuf,
+}
+
+impl Webhook {
+    fn start(dir: &Path, port: u16, fail_first: u32) -> Self {
+        let d = dir.display();
+        let certs = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "cd {d} && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=webhook-test-ca 2>/dev/null \
+                 && openssl req -newkey rsa:2048 -nodes -keyout hook.key -out hook.csr -subj /CN=127.0.0.1 2>/dev/null \
+                 && printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\nextendedKeyUsage=serverAuth\\n' > ext.cnf \
+                 && openssl x509 -req -in hook.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out hook.pem -days 2 -extfile ext.cnf 2>/dev/null"
+            ))
+            .status()
+            .unwrap();
+        assert!(certs.success(), "openssl failed");
+        let out = dir.join("webhook.jsonl");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/webhook.py");
+        let child = Command::new("/usr/bin/python3")
+            .arg(script)
+            .arg(port.to_string())
+            .arg(dir.join("hook.pem"))
+            .arg(dir.join("hook.key"))
+            .arg(&out)
+            .arg(TOKEN)
+            .arg(fail_first.to_string())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        Self { child, out }
+    }
+
+    fn payloads(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Waits for the payload of `event` about request `id`.
+    fn wait_for(&self, event: &str, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(p) = self
+                .payloads()
+                .into_iter()
+                .find(|p| p["payload"]["event"] == event && p["payload"]["request"]["id"] == id)
+            {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no webhook {event} for {id}: {:?}",
+                self.payloads()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An answer through the HTTP callback, signed as a chat bot would.
+fn callback(port: u16, id: &str, body: &str, token: &str, sign_with: &str) -> (u16, String) {
+    let script = format!(
+        "ts=$(date +%s); body='{body}'; sig=$(printf '%s.%s' \"$ts\" \"$body\" | openssl dgst -sha256 -hmac '{sign_with}' -r | cut -d' ' -f1); \
+         curl -sS -o /dev/stdout -w '\\n%{{http_code}}' -X POST http://127.0.0.1:{port}/v1/approvals/{id} \
+           -H 'Authorization: Bearer {token}' -H \"x-interlock-timestamp: $ts\" -H \"x-interlock-signature: sha256=$sig\" \
+           -H 'content-type: application/json' --data \"$body\""
+    );
+    let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+    let text = stdout(&out);
+    let (body, code) = text
+        .trim_end()
+        .rsplit_once('\n')
+        .unwrap_or(("", text.trim()));
+    (code.parse().unwrap_or(0), body.to_owned())
+}
+
+#[test]
+fn held_statements_wait_for_a_person() {
+    let pg = Postgres::start("approvals", "127.0.0.60");
+    pg.admin_sql("postgres", SETUP);
+    let secret = pg.password_file("app-secret-5");
+    let mut cgroup = TestCgroup::new("approvals");
+    let (job, _) = cgroup.child("ci-job.service");
+    let dir = std::env::temp_dir().join(format!("interlock-approvals-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let webhook_port = free_port();
+    let callback_port = free_port();
+    // The first notification fails: it must arrive anyway, retried.
+    let webhook = Webhook::start(&dir, webhook_port, 1);
+    let mut agent = Agent::start(
+        &cgroup,
+        "approvals",
+        &policy(&pg, &secret, webhook_port, callback_port, &dir),
+    );
+
+    // 1. A DELETE waits; the requester cannot approve itself, a stranger
+    //    cannot approve at all, the on-call uid can.
+    let client = psql(
+        &job,
+        &pg,
+        &[
+            "DELETE FROM orders WHERE id = 1",
+            "SELECT count(*) FROM orders",
+        ],
+    );
+    let request = wait_request(&agent, "DELETE FROM orders WHERE id = 1");
+    let id = request["id"].as_str().unwrap().to_owned();
+    assert_eq!(request["rule"], "deletes-need-oncall");
+    assert_eq!(request["target"], "prod-db");
+    assert_eq!(request["requester"]["uid"], REQUESTER);
+    assert_eq!(request["requester"]["workloads"][0], "ci-jobs");
+    assert!(
+        request["requester"]["exe"]
+            .as_str()
+            .unwrap()
+            .ends_with("psql")
+    );
+    assert_eq!(
+        pg.admin_sql("postgres", "SELECT count(*) FROM orders WHERE id = 1")
+            .trim(),
+        "1"
+    );
+
+    // Anyone may list, but only sees what they may answer.
+    let out = cli_as(&agent, STRANGER, &["approvals", "list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("no pending requests"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cli_as(&agent, ONCALL, &["approvals", "list"]);
+    let listed = stdout(&out);
+    assert!(
+        listed.contains(&id) && listed.contains("DELETE FROM orders WHERE id = 1"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("nobody (uid 65534)") && listed.contains("age"),
+        "{listed}"
+    );
+
+    let out = cli_as(&agent, REQUESTER, &["approvals", "approve", &id]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot answer for its own workload"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cli_as(&agent, STRANGER, &["approvals", "approve", &id]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is not an approver"),
+        "{}",
+        stderr(&out)
+    );
+    // Root administers the agent, but is not an approver of this rule.
+    let out = agent.cli(&["approvals", "approve", &id]);
+    assert!(
+        stderr(&out).contains("is not an approver"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(state_of(&agent, &id), "pending");
+
+    let out = cli_as(
+        &agent,
+        ONCALL,
+        &["approvals", "approve", &id, "--reason", "ticket OPS-1"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (code, out, err) = finish(client);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(out.trim(), "99", "the DELETE ran, then the session went on");
+    assert!(
+        err.contains(&format!("request {id} is waiting")),
+        "the NOTICE: {err}"
+    );
+    assert!(err.contains("approved by uid:5001"), "{err}");
+    assert_eq!(
+        pg.admin_sql("postgres", "SELECT count(*) FROM orders WHERE id = 1")
+            .trim(),
+        "0"
+    );
+
+    // 2. Denied: the client gets 42501 naming who and why; the session goes on.
+    let client = psql(
+        &job,
+        &pg,
+        &[
+            "DELETE FROM orders WHERE id = 2",
+            "SELECT count(*) FROM orders",
+        ],
+    );
+    let denied_id = wait_request(&agent, "id = 2")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = cli_as(&agent, ONCALL, &["approvals", "deny", &denied_id]);
+    assert!(!out.status.success(), "a denial needs a reason");
+    let out = cli_as(
+        &agent,
+        ONCALL,
+        &[
+            "approvals",
+            "deny",
+            &denied_id,
+            "--reason",
+            "not during the freeze",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (_, out, err) = finish(client);
+    assert_eq!(out.trim(), "99", "{out}\n{err}");
+    assert!(
+        err.contains(&format!(
+            "approval request {denied_id} was denied by uid:5001: not during the freeze"
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        pg.admin_sql("postgres", "SELECT count(*) FROM orders WHERE id = 2")
+            .trim(),
+        "1"
+    );
+
+    // 3. Timed out after the rule's 2 s.
+    let client = psql(
+        &job,
+        &pg,
+        &["UPDATE orders SET total = 0 WHERE id = 3", "SELECT 1"],
+    );
+    let (_, out, err) = finish(client);
+    assert_eq!(out.trim(), "1", "{err}");
+    assert!(
+        err.contains("timed out after 2s with 0 of 1 approvals"),
+        "{err}"
+    );
+    assert_eq!(
+        pg.admin_sql("postgres", "SELECT total FROM orders WHERE id = 3")
+            .trim(),
+        "30"
+    );
+
+    // 4. While one session waits, another runs SELECTs at full speed:
+    //    measured against the same run with nothing held, and printed.
+    let reads_tps = || {
+        let reads = sh_in(
+            &job,
+            &format!(
+                "printf 'SELECT count(*) FROM orders;\\n' > {dir}/select.sql; \
+                 exec pgbench -n -T 3 -c 1 -f {dir}/select.sql -h {} -p {} -U someone postgres",
+                pg.addr.ip(),
+                pg.addr.port(),
+                dir = dir.display(),
+            ),
+        );
+        assert!(reads.status.success(), "{}", stderr(&reads));
+        let report = stdout(&reads);
+        report
+            .lines()
+            .find_map(|l| l.strip_prefix("tps = "))
+            .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{report}"))
+    };
+    let alone = reads_tps();
+    let waiting = psql(&job, &pg, &["DELETE FROM orders WHERE id = 4"]);
+    let waiting_id = wait_request(&agent, "id = 4")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let beside = reads_tps();
+    println!(
+        "SELECT sessions through the agent: {alone:.0} TPS alone, {beside:.0} TPS while a DELETE waits for approval ({:.2}x)",
+        beside / alone
+    );
+    assert_eq!(
+        state_of(&agent, &waiting_id),
+        "pending",
+        "it waited all along"
+    );
+
+    // 5. The client leaves while it waits: the request is withdrawn.
+    // SAFETY: signalling a child of ours.
+    unsafe { libc::kill(waiting.id() as i32, libc::SIGKILL) };
+    let _ = finish(waiting);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state_of(&agent, &waiting_id) != "withdrawn" {
+        assert!(
+            Instant::now() < deadline,
+            "not withdrawn: {:?}",
+            history(&agent)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+
+    // 6. A chat bot approves through the callback; the rule grants 30 minutes.
+    let client = psql(&job, &pg, &["INSERT INTO events (what) VALUES ($$first$$)"]);
+    let grant_request = wait_request(&agent, "first")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let approve = r#"{"decision":"approve","approver":"chatops","reason":"OPS-2"}"#;
+    let (code, body) = callback(callback_port, &grant_request, approve, "wrong-token", TOKEN);
+    assert_eq!(code, 401, "{body}");
+    let (code, body) = callback(callback_port, &grant_request, approve, TOKEN, "wrong-key");
+    assert_eq!(code, 401, "unsigned answers are refused: {body}");
+    let stranger = r#"{"decision":"approve","approver":"mallory"}"#;
+    let (code, body) = callback(callback_port, &grant_request, stranger, TOKEN, TOKEN);
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = callback(callback_port, &grant_request, approve, TOKEN, TOKEN);
+    assert_eq!(code, 200, "{body}");
+    let answered: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answered["state"], "approved");
+    let grant = answered["grant_id"].as_str().unwrap().to_owned();
+    let (code, _, err) = finish(client);
+    assert_eq!(code, 0, "{err}");
+
+    // The next INSERT of the same workload goes through without asking.
+    let client = psql(
+        &job,
+        &pg,
+        &["INSERT INTO events (what) VALUES ($$second$$)"],
+    );
+    let (code, _, err) = finish(client);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("waiting"), "a grant lets it through: {err}");
+    let out = agent.cli(&["grants", "list", "--json"]);
+    let grants: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(grants.as_array().unwrap().len(), 1, "{grants}");
+    assert_eq!(grants[0]["id"], grant.as_str());
+    assert_eq!(grants[0]["rule"], "event-writes-for-30m");
+
+    // 7. Webhook: every request and outcome, signed, retried past a 503.
+    for (event, request) in [
+        ("approval.pending", &id),
+        ("approval.approved", &id),
+        ("approval.denied", &denied_id),
+        ("approval.withdrawn", &waiting_id),
+        ("approval.approved", &grant_request),
+    ] {
+        let delivered = webhook.wait_for(event, request);
+        assert_eq!(delivered["signature_ok"], true, "{delivered}");
+        assert!(
+            delivered["payload"]["text"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+        );
+    }
+    let first = webhook.wait_for("approval.pending", &id);
+    assert!(
+        first["payload"]["text"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("interlock approvals approve {id}"))
+    );
+
+    // 8. Records: events in the session (signed and shipped with it) and
+    //    lines in the access log.
+    let sessions = agent.cli(&[
+        "sessions",
+        "show",
+        request["session_id"].as_str().unwrap(),
+        "--json",
+    ]);
+    let shown = stdout(&sessions);
+    assert!(
+        shown.contains("\"approval_requested\"") && shown.contains("\"approval_decided\""),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("ticket OPS-1"),
+        "the approver's reason is recorded: {shown}"
+    );
+    let verify = agent.cli(&[
+        "sessions",
+        "verify",
+        request["session_id"].as_str().unwrap(),
+    ]);
+    assert!(verify.status.success(), "{}", stderr(&verify));
+    let lines = agent.all_lines();
+    let approval_lines: Vec<&Value> = lines.iter().filter(|l| l["event"] == "approval").collect();
+    for state in ["pending", "approved", "denied", "timed_out", "withdrawn"] {
+        assert!(
+            approval_lines.iter().any(|l| l["state"] == state),
+            "no {state} line: {approval_lines:?}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["event"] == "grant" && l["change"] == "granted")
+    );
+
+    // 9. Restart: a request held when the agent dies is abandoned; the
+    //    grant survives, and stops after `grants revoke`.
+    let held = psql(&job, &pg, &["DELETE FROM orders WHERE id = 5"]);
+    let lost = wait_request(&agent, "id = 5")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    agent.kill9();
+    let (code, _, err) = finish(held);
+    assert_ne!(code, 0, "the held client was disconnected: {err}");
+    agent.spawn();
+    assert_eq!(state_of(&agent, &lost), "abandoned");
+    let out = agent.cli(&["grants", "list"]);
+    assert!(stdout(&out).contains(&grant), "{}", stdout(&out));
+    let out = cli_as(&agent, STRANGER, &["grants", "revoke", &grant]);
+    assert!(!out.status.success(), "a stranger cannot revoke");
+    let out = cli_as(
+        &agent,
+        ONCALL,
+        &["grants", "revoke", &grant, "--reason", "done"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let client = psql(&job, &pg, &["INSERT INTO events (what) VALUES ($$third$$)"]);
+    let asked = wait_request(&agent, "third")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        state_of(&agent, &asked),
+        "pending",
+        "asked again after the revoke"
+    );
+    // A graceful stop tells the held client before it goes.
+    agent.terminate();
+    let (_, _, err) = finish(client);
+    assert!(err.contains("abandoned"), "{err}");
+    assert_eq!(
+        pg.admin_sql("postgres", "SELECT count(*) FROM events")
+            .trim(),
+        "2"
+    );
+}
