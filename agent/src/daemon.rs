@@ -159,6 +159,7 @@ impl Agent {
             },
             store: store.clone(),
             approvals,
+            pg_cancels: Default::default(),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);

@@ -497,7 +497,24 @@ fn held_statements_wait_for_a_person() {
         "it waited all along"
     );
 
-    // 5. The client leaves while it waits: the request is withdrawn.
+    // 5. Ctrl-C in psql (a cancel request) withdraws a held statement; so
+    //    does a client that leaves while it waits.
+    let cancelled = psql(&job, &pg, &["DELETE FROM orders WHERE id = 6"]);
+    let cancelled_id = wait_request(&agent, "id = 6")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // SAFETY: signalling a child of ours (sh exec'd setpriv exec'd psql).
+    unsafe { libc::kill(cancelled.id() as i32, libc::SIGINT) };
+    let (_, _, err) = finish(cancelled);
+    assert!(err.contains("the client cancelled the statement"), "{err}");
+    assert_eq!(state_of(&agent, &cancelled_id), "withdrawn");
+    assert_eq!(
+        pg.admin_sql("postgres", "SELECT count(*) FROM orders WHERE id = 6")
+            .trim(),
+        "1"
+    );
+
     // SAFETY: signalling a child of ours.
     unsafe { libc::kill(waiting.id() as i32, libc::SIGKILL) };
     let _ = finish(waiting);

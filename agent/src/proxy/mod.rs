@@ -44,6 +44,8 @@ pub struct ProxyContext {
     pub store: Arc<crate::sessions::Store>,
     /// Commands held for a person's approval, and standing grants.
     pub approvals: Arc<crate::approvals::Approvals>,
+    /// PostgreSQL sessions by backend key, so a cancel reaches a held one.
+    pub pg_cancels: postgres::CancelKeys,
 }
 
 /// Accepts on every listener until `shutdown` turns true, then gives live

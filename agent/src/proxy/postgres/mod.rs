@@ -13,6 +13,7 @@
 //! 6. Server → client (`responses.rs`): each response matched to its
 //!    request; rows masked as they stream (`mask.rs`), each statement
 //!    audited when it completes.
+mod cancel;
 mod catalog;
 mod mask;
 mod requests;
@@ -22,6 +23,7 @@ mod statements;
 mod upstream;
 mod wire;
 
+pub use cancel::CancelKeys;
 pub use mask::MaskKey;
 pub use sql::Literals;
 pub use statements::StatementOutcome;
@@ -442,10 +444,16 @@ async fn relay<C: Duplex, U: Duplex>(
         .await
         .map_err(|e| SessionError::protocol(e.into()))?;
 
+    // A cancel for this session's key withdraws a held statement.
+    let cancel_guard = after_auth
+        .iter()
+        .find_map(cancel::backend_key)
+        .map(|(pid, key)| session.context.pg_cancels.register(pid, key));
     let expected = responses::Expected::default();
     let (notices, notices_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut requests =
         requests::Requests::new(session, counts, &expected, policy, resolved, notices);
+    requests.cancelled = cancel_guard.as_ref().map(|g| g.notify.clone());
     let mut responses = responses::Responses::new(session, counts, &expected, notices_rx);
     let (mut client_read, mut client_write) = client.halves();
     let (mut upstream_read, mut upstream_write) = upstream.halves();
@@ -502,6 +510,7 @@ async fn relay_cancel(
     pid: i32,
     key: i32,
 ) -> Result<(), SessionError> {
+    session.context.pg_cancels.cancel(pid, key);
     let mut upstream = super::tcp::connect_marked(dst, session.context.bypass_mark)
         .await
         .map_err(|e| SessionError::upstream(format!("cancel: {e}"), None))?;

@@ -55,6 +55,8 @@ pub struct Requests<'s> {
     /// NoticeResponses for the client, sent by the server side between
     /// two of its messages.
     notices: tokio::sync::mpsc::UnboundedSender<BytesMut>,
+    /// Woken by a cancel request for this session (psql's Ctrl-C).
+    pub cancelled: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// What a client message asks of the relay.
@@ -119,6 +121,7 @@ impl<'s> Requests<'s> {
             pending: None,
             cleared: None,
             notices,
+            cancelled: None,
         };
         requests.masking = requests.compute_masking();
         requests
@@ -306,9 +309,31 @@ impl<'s> Requests<'s> {
             humantime::format_duration(spec.timeout),
             held.record().approvers.join(", "),
         ));
+        let cancelled = self.cancelled.clone();
+        let cancel = async {
+            match &cancelled {
+                Some(notify) => notify.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(cancel);
         let record = loop {
             tokio::select! {
                 record = held.outcome() => break record,
+                () = &mut cancel => {
+                    drop(held);
+                    recorder.append(&crate::sessions::Event::ApprovalDecided {
+                        id: &id,
+                        outcome: crate::approvals::RequestState::Withdrawn.as_str(),
+                        by: &[],
+                        reason: Some("the client cancelled the statement"),
+                        grant: None,
+                    })?;
+                    tracing::info!(%id, "held statement cancelled by the client");
+                    return Ok(Held::Refused(format!(
+                        "the client cancelled the statement; approval request {id} withdrawn"
+                    )));
+                }
                 read = reader.read_buf(buf), if buf.len() < MAX_WHILE_HELD => {
                     if matches!(read, Ok(0) | Err(_)) {
                         drop(held);
