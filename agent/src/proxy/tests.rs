@@ -21,6 +21,7 @@ struct Harness {
     table: Arc<OrigDstTable>,
     listen: SocketAddr,
     shutdown: watch::Sender<bool>,
+    approvals: Arc<crate::approvals::Approvals>,
 }
 
 async fn harness(upstream: SocketAddr, allowed: bool) -> Harness {
@@ -28,11 +29,15 @@ async fn harness(upstream: SocketAddr, allowed: bool) -> Harness {
 }
 
 async fn harness_with(upstream: SocketAddr, allowed: bool, enforce: bool) -> Harness {
+    harness_deciding(upstream, if allowed { "allow" } else { "deny" }, enforce).await
+}
+
+/// `decision` is the rule's decision line and whatever follows it.
+async fn harness_deciding(upstream: SocketAddr, decision: &str, enforce: bool) -> Harness {
     let text = format!(
         "[[target]]\nname = \"up\"\nprotocol = \"tcp\"\naddress = \"{upstream}\"\n\
          [[workload]]\nname = \"me\"\nuid = 4242\n\
-         [[rule]]\nname = \"r\"\nworkloads = [\"me\"]\ntargets = [\"up\"]\ndecision = \"{}\"\n",
-        if allowed { "allow" } else { "deny" }
+         [[rule]]\nname = \"r\"\nworkloads = [\"me\"]\ntargets = [\"up\"]\ndecision = \"{decision}\"\n",
     );
     let policy = Config::from_text("t.toml", &text).unwrap().policy;
     let table = crate::daemon::resolve_table(&policy);
@@ -45,6 +50,8 @@ async fn harness_with(upstream: SocketAddr, allowed: bool, enforce: bool) -> Har
         u64::MAX,
     )
     .unwrap();
+    let approvals =
+        crate::approvals::Approvals::open(store.db(), "test-host".into(), None).unwrap();
     let context = Arc::new(ProxyContext {
         orig_dst: orig_dst.clone(),
         resolver: Arc::new(WorkloadResolver::new(CgroupFs::new("/nonexistent".into()))),
@@ -58,7 +65,8 @@ async fn harness_with(upstream: SocketAddr, allowed: bool, enforce: bool) -> Har
         tls: None,
         mask_key: Arc::new(crate::proxy::postgres::MaskKey::new([0; 32])),
         literals: Default::default(),
-        approvals: crate::approvals::Approvals::open(store.db(), "test-host".into(), None).unwrap(),
+        approvals: approvals.clone(),
+        pg_cancels: Default::default(),
         store,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -70,6 +78,7 @@ async fn harness_with(upstream: SocketAddr, allowed: bool, enforce: bool) -> Har
         table: orig_dst,
         listen,
         shutdown,
+        approvals,
     }
 }
 
@@ -178,5 +187,61 @@ async fn audit_mode_logs_the_deny_but_forwards() {
     let mut reply = Vec::new();
     client.read_to_end(&mut reply).await.unwrap();
     assert_eq!(reply, b"hi\nxbye\n");
+    let _ = h.shutdown.send(true);
+}
+
+/// Waits for the one pending request and answers it as uid 5001.
+async fn answer_pending(h: &Harness, approve: bool) {
+    let caller = crate::approvals::Caller::Local {
+        uid: 5001,
+        gid: 5001,
+    };
+    for _ in 0..200 {
+        if let Some(request) = h.approvals.pending(&caller, true).first() {
+            assert_eq!(request.command, "connect to up");
+            assert_eq!(request.requester.uid, 4242);
+            let reason = (!approve).then(|| "no".to_owned());
+            h.approvals
+                .answer(&request.id, &caller, approve, reason)
+                .unwrap();
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("no pending request");
+}
+
+#[tokio::test]
+async fn an_approve_rule_holds_a_tcp_connection_until_answered() {
+    let upstream = echo_server().await;
+    let h = harness_deciding(
+        upstream,
+        "approve\"\napprovers = [\"uid:5001\"]\ntimeout = \"30s",
+        true,
+    )
+    .await;
+    let mut client = connect(&h, upstream).await;
+    client.write_all(b"ping").await.unwrap();
+    client.shutdown().await.unwrap();
+    // Held: nothing from upstream yet.
+    let mut buf = [0u8; 8];
+    let early =
+        tokio::time::timeout(std::time::Duration::from_millis(200), client.read(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "upstream reached before approval: {early:?}"
+    );
+    answer_pending(&h, true).await;
+    let mut reply = Vec::new();
+    client.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply, b"hi\npingbye\n");
+
+    // Denied: reset, never connected.
+    let mut client = connect(&h, upstream).await;
+    answer_pending(&h, false).await;
+    assert_eq!(
+        client.read(&mut buf).await.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionReset
+    );
     let _ = h.shutdown.send(true);
 }
