@@ -284,6 +284,51 @@ pub fn describe(event: &Value, start_us: u64) -> String {
             }
             text
         }
+        "approval_requested" => format!(
+            "held for approval: request {} by rule {:?}, waiting up to {}s for {}",
+            event["id"].as_str().unwrap_or("?"),
+            event["rule"].as_str().unwrap_or("?"),
+            event["timeout_s"],
+            event["approvers"]
+                .as_array()
+                .map(|a| a
+                    .iter()
+                    .filter_map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default(),
+        ),
+        "approval_decided" => {
+            let by = event["by"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+            let mut text = format!(
+                "request {} {}",
+                event["id"].as_str().unwrap_or("?"),
+                event["outcome"].as_str().unwrap_or("?")
+            );
+            if !by.is_empty() {
+                text += &format!(" by {by}");
+            }
+            if let Some(reason) = event["reason"].as_str() {
+                text += &format!(": {reason}");
+            }
+            if let Some(grant) = event["grant"].as_str() {
+                text += &format!(" (grant {grant})");
+            }
+            text
+        }
+        "grant_used" => format!(
+            "let through by grant {} (rule {:?})",
+            event["grant"].as_str().unwrap_or("?"),
+            event["rule"].as_str().unwrap_or("?")
+        ),
         "output" => format!("output {} bytes", output_bytes(event).len()),
         "session_end" => format!(
             "end: {}{}, {} statements ({} denied), {} bytes up, {} bytes down",
