@@ -666,7 +666,12 @@ where
             requests.flush(writer, &mut out).await?;
             step = match requests.hold(&hold, reader, &mut buf).await? {
                 // Handled again: a reload meanwhile may decide it anew.
-                Held::Cleared => requests.on_frame(&frame, &mut out)?,
+                // The clearance was for this message only, whatever it met.
+                Held::Cleared => {
+                    let step = requests.on_frame(&frame, &mut out)?;
+                    requests.cleared = None;
+                    step
+                }
                 Held::Refused(message) => {
                     requests.refuse(&frame, &hold, &message, &mut out)?;
                     Step::Done
