@@ -74,7 +74,7 @@ pub struct Hold {
 }
 
 /// How a hold ended.
-enum Held {
+enum Answer {
     /// Approved: the message is handled again, as if it had just arrived.
     Cleared,
     /// Denied or timed out: the client gets this as an error.
@@ -256,11 +256,11 @@ impl<'s> Requests<'s> {
         hold: &Hold,
         reader: &mut R,
         buf: &mut BytesMut,
-    ) -> Result<Held, WireError> {
+    ) -> Result<Answer, WireError> {
         use tokio::io::AsyncReadExt;
         let rule = &hold.decided.policy.policy.rules[hold.rule];
         let Some(spec) = rule.approval.clone() else {
-            return Ok(Held::Refused(format!(
+            return Ok(Answer::Refused(format!(
                 "rule {:?} asks approval of no one",
                 rule.name
             )));
@@ -285,7 +285,7 @@ impl<'s> Requests<'s> {
             Ok(held) => held,
             Err(error) => {
                 tracing::error!(%error, "cannot record an approval request");
-                return Ok(Held::Refused(format!(
+                return Ok(Answer::Refused(format!(
                     "approval needed, but the request cannot be recorded: {error}"
                 )));
             }
@@ -330,7 +330,7 @@ impl<'s> Requests<'s> {
                         grant: None,
                     })?;
                     tracing::info!(%id, "held statement cancelled by the client");
-                    return Ok(Held::Refused(format!(
+                    return Ok(Answer::Refused(format!(
                         "the client cancelled the statement; approval request {id} withdrawn"
                     )));
                 }
@@ -345,7 +345,7 @@ impl<'s> Requests<'s> {
                             grant: None,
                         })?;
                         tracing::info!(%id, "client left while its statement was held");
-                        return Ok(Held::Gone);
+                        return Ok(Answer::Gone);
                     }
                 }
             }
@@ -367,10 +367,10 @@ impl<'s> Requests<'s> {
             tracing::info!(%id, by = ?by, "statement approved");
             self.notice(&format!("request {id} approved by {}", by.join(", ")));
             self.cleared = Some(rule.name.clone());
-            Ok(Held::Cleared)
+            Ok(Answer::Cleared)
         } else {
             tracing::info!(%id, state = record.state.as_str(), "statement refused");
-            Ok(Held::Refused(record.refusal()))
+            Ok(Answer::Refused(record.refusal()))
         }
     }
 
@@ -667,16 +667,16 @@ where
             step = match requests.hold(&hold, reader, &mut buf).await? {
                 // Handled again: a reload meanwhile may decide it anew.
                 // The clearance was for this message only, whatever it met.
-                Held::Cleared => {
+                Answer::Cleared => {
                     let step = requests.on_frame(&frame, &mut out)?;
                     requests.cleared = None;
                     step
                 }
-                Held::Refused(message) => {
+                Answer::Refused(message) => {
                     requests.refuse(&frame, &hold, &message, &mut out)?;
                     Step::Done
                 }
-                Held::Gone => break 'frames,
+                Answer::Gone => break 'frames,
             }
         }
     }
