@@ -416,6 +416,12 @@ impl State {
             "accepted": self.proxy.connections.accepted(),
             "connections": self.proxy.connections.snapshot(),
             "sessions": self.sessions_status(&config),
+            "approvals": {
+                "pending": self.proxy.approvals.pending_count(),
+                "grants": self.proxy.approvals.grants(false).len(),
+                "webhook": config.approvals.webhook_url.as_ref().map(|u| u.as_str()),
+                "callback": config.approvals.callback_listen.map(|a| a.to_string()),
+            },
         })
     }
 

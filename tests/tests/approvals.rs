@@ -565,6 +565,13 @@ fn held_statements_wait_for_a_person() {
     assert_eq!(grants[0]["id"], grant.as_str());
     assert_eq!(grants[0]["rule"], "event-writes-for-30m");
 
+    let out = agent.cli(&["status"]);
+    assert!(
+        stdout(&out).contains("approvals: 0 pending, 1 active grants"),
+        "{}",
+        stdout(&out)
+    );
+
     // 7. Webhook: every request and outcome, signed, retried past a 503.
     for (event, request) in [
         ("approval.pending", &id),

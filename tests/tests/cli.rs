@@ -17,7 +17,7 @@ fn policy_check_accepts_examples_and_locates_errors() {
     let out = interlock(&["policy", "check", &example("ci-runner.toml")]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stdout(&out).contains("3 targets, 2 workloads, 3 rules"),
+        stdout(&out).contains("4 targets, 2 workloads, 4 rules"),
         "{}",
         stdout(&out)
     );
@@ -82,6 +82,19 @@ fn policy_explain_names_the_deciding_rule() {
     ]);
     assert_eq!(code, Some(3));
     assert_eq!(json["verdict"]["rule"], "no-raw-http-to-cache");
+
+    // The deploy API needs a release manager's approval. Exit status 4.
+    let (code, json) = explain(&[
+        "--target",
+        "deploy-api",
+        "--unit",
+        "gitlab-runner.service",
+        "--exe",
+        "/usr/bin/curl",
+    ]);
+    assert_eq!(code, Some(4));
+    assert_eq!(json["verdict"]["action"], "approve");
+    assert_eq!(json["verdict"]["rule"], "deploys-need-a-release-manager");
 
     // A live process: this test itself, in no CI unit, is denied by default.
     let pid = std::process::id().to_string();

@@ -542,6 +542,10 @@ impl Approvals {
         }
     }
 
+    pub fn pending_count(&self) -> usize {
+        self.state.lock().expect("not poisoned").pending.len()
+    }
+
     /// Pending requests `caller` may answer (all of them for an admin).
     pub fn pending(&self, caller: &Caller, admin: bool) -> Vec<RequestRecord> {
         let state = self.state.lock().expect("not poisoned");

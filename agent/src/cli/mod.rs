@@ -350,10 +350,11 @@ fn policy_explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
             println!("rule says: {description}");
         }
     }
-    Ok(if verdict.allowed() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(3)
+    // 0 allowed, 3 denied, 4 allowed once a person approves.
+    Ok(match verdict.action {
+        policy::Action::Allow => ExitCode::SUCCESS,
+        policy::Action::Deny => ExitCode::from(3),
+        policy::Action::Approve => ExitCode::from(4),
     })
 }
 
@@ -461,6 +462,14 @@ fn print_status(data: &serde_json::Value) {
             .as_str()
             .map(|e| format!(" (last error: {e})"))
             .unwrap_or_default()
+    );
+    let approvals = &data["approvals"];
+    println!(
+        "approvals: {} pending, {} active grants; webhook {}, callback {}",
+        approvals["pending"],
+        approvals["grants"],
+        approvals["webhook"].as_str().unwrap_or("not configured"),
+        approvals["callback"].as_str().unwrap_or("not configured"),
     );
     let live = data["connections"].as_array().map_or(0, Vec::len);
     println!(

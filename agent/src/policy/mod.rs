@@ -188,10 +188,6 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    pub fn allowed(&self) -> bool {
-        self.action == Action::Allow
-    }
-
     pub fn denied(&self) -> bool {
         self.action == Action::Deny
     }

@@ -178,16 +178,16 @@ decision = "allow"
         comm: "curl".into(),
         ..Workload::default()
     };
-    assert!(evaluate(&policy, &w, TargetId(0)).allowed());
+    assert!((evaluate(&policy, &w, TargetId(0)).action == Action::Allow));
     w.uid = 0;
     assert!(
-        !evaluate(&policy, &w, TargetId(0)).allowed(),
+        !(evaluate(&policy, &w, TargetId(0)).action == Action::Allow),
         "uid must also match"
     );
     w.uid = 1000;
     w.comm = "bash".into();
     assert!(
-        !evaluate(&policy, &w, TargetId(0)).allowed(),
+        !(evaluate(&policy, &w, TargetId(0)).action == Action::Allow),
         "comm must also match"
     );
     assert_eq!(
@@ -238,11 +238,11 @@ fn every_selector_field_matches_its_identity_field() {
         );
         let policy = Config::from_text("p.toml", &text).unwrap().policy;
         assert!(
-            evaluate(&policy, &full, TargetId(0)).allowed(),
+            (evaluate(&policy, &full, TargetId(0)).action == Action::Allow),
             "{field} should match"
         );
         assert!(
-            !evaluate(&policy, &Workload::default(), TargetId(0)).allowed(),
+            !(evaluate(&policy, &Workload::default(), TargetId(0)).action == Action::Allow),
             "{field} should not match an empty identity"
         );
     }
@@ -386,7 +386,7 @@ fn statements_need_every_kind_and_table_allowed_and_any_deny_hits() {
 
     // Statement-level denies do not refuse the connection; allows admit it.
     assert_eq!(evaluate(&policy, &ci, db).rule.as_deref(), Some("reads"));
-    assert!(!evaluate(&policy, &Workload::default(), db).allowed());
+    assert!(!(evaluate(&policy, &Workload::default(), db).action == Action::Allow));
 }
 
 #[test]
