@@ -460,6 +460,10 @@ impl Approvals {
                 self.requests
                     .insert(id.as_bytes(), serde_json::to_vec(&record)?)?;
                 log_request(&record);
+                // Still pending, with one more approval: the chat sees it.
+                if let Some(notifier) = &self.notifier {
+                    notifier.send(&record);
+                }
                 Ok(record)
             }
         }

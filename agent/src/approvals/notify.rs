@@ -144,7 +144,16 @@ fn mac(token: &Secret, timestamp: u64, body: &[u8]) -> Hmac<Sha256> {
 
 fn chat_text(record: &RequestRecord) -> String {
     let who = record.requester.describe();
+    let approvals = record.answers.iter().filter(|a| a.approve).count();
     match record.state {
+        RequestState::Pending if approvals > 0 => format!(
+            "Request {} on {}: {approvals} of {} approvals ({}); waiting for more: `{}`",
+            record.id,
+            record.host,
+            record.min_approvals,
+            record.deciders().join(", "),
+            record.command
+        ),
         RequestState::Pending => format!(
             "Approval needed on {host}: {who} wants to run on target {target} (rule {rule}): `{command}` — `interlock approvals approve {id}` or `interlock approvals deny {id} --reason ...` (expires in {timeout})",
             host = record.host,

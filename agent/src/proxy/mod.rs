@@ -249,9 +249,10 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
 
         match target.protocol {
             Protocol::Tcp if verdict.action == crate::policy::Action::Approve && active.enforce => {
-                if let Err(refusal) =
-                    approve_connection(&context, &recorder, &workload, &active, target, &verdict)
-                        .await
+                if let Err(refusal) = approve_connection(
+                    &context, &stream, &recorder, &workload, &active, target, &verdict,
+                )
+                .await
                 {
                     tracing::info!(%refusal, "connection refused");
                     record.reason = Some(refusal);
@@ -325,9 +326,10 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
 
 /// A TCP connection an `approve` rule catches waits, before anything goes
 /// upstream, for its request's answer; `Err` says why it may not go on.
-/// (A client that gives up meanwhile is only noticed at the answer.)
+/// A client that closes meanwhile withdraws the request.
 async fn approve_connection(
     context: &ProxyContext,
+    client: &TcpStream,
     recorder: &Recorder,
     workload: &Workload,
     active: &ActivePolicy,
@@ -384,7 +386,31 @@ async fn approve_connection(
         })
         .map_err(|e| e.to_string())?;
     recorder.durable(ticket).await.map_err(|e| e.to_string())?;
-    let record = held.outcome().await;
+    // Watch the client (peeking: its bytes are the target's) until it
+    // sends something; the end of its stream means it gave up.
+    let mut watching = true;
+    let mut byte = [0u8; 1];
+    let record = loop {
+        tokio::select! {
+            record = held.outcome() => break record,
+            peeked = client.peek(&mut byte), if watching => match peeked {
+                Ok(0) | Err(_) => {
+                    drop(held);
+                    recorder
+                        .append(&Event::ApprovalDecided {
+                            id: &id,
+                            outcome: crate::approvals::RequestState::Withdrawn.as_str(),
+                            by: &[],
+                            reason: Some("the client disconnected"),
+                            grant: None,
+                        })
+                        .map_err(|e| e.to_string())?;
+                    return Err(format!("the client left; approval request {id} withdrawn"));
+                }
+                Ok(_) => watching = false,
+            },
+        }
+    };
     let by = record.deciders();
     recorder
         .append(&Event::ApprovalDecided {

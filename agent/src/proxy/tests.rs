@@ -243,5 +243,28 @@ async fn an_approve_rule_holds_a_tcp_connection_until_answered() {
         client.read(&mut buf).await.unwrap_err().kind(),
         std::io::ErrorKind::ConnectionReset
     );
-    let _ = h.shutdown.send(true);
+
+    // A client that gives up while held withdraws its request.
+    let client = connect(&h, upstream).await;
+    let admin = crate::approvals::Caller::Local { uid: 0, gid: 0 };
+    while h.approvals.pending(&admin, true).is_empty() {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    drop(client);
+    for _ in 0..200 {
+        let states: Vec<_> = h
+            .approvals
+            .history()
+            .unwrap()
+            .iter()
+            .map(|r| r.state)
+            .collect();
+        if states.last() == Some(&crate::approvals::RequestState::Withdrawn) {
+            assert!(h.approvals.pending(&admin, true).is_empty());
+            let _ = h.shutdown.send(true);
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("not withdrawn: {:?}", h.approvals.history().unwrap());
 }
