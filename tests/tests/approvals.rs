@@ -25,6 +25,11 @@ const SETUP: &str = "
 const REQUESTER: u32 = 65534;
 const ONCALL: u32 = 5001;
 const STRANGER: u32 = 5003;
+/// Approves as a member of the `users` group (gid 100), by group.
+const GROUP_MEMBER: u32 = 5004;
+const USERS_GID: u32 = 100;
+/// `daemon` (uid 1), named as an approver by user name.
+const DAEMON: u32 = 1;
 const TOKEN: &str = "callback-token-for-tests";
 
 fn policy(
@@ -77,7 +82,7 @@ targets = ["prod-db"]
 decision = "approve"
 statements = ["delete"]
 tables = ["public.orders"]
-approvers = ["uid:{ONCALL}", "uid:{REQUESTER}"]
+approvers = ["uid:{ONCALL}", "uid:{REQUESTER}", "group:users"]
 timeout = "2m"
 
 [[rule]]
@@ -96,7 +101,7 @@ targets = ["prod-db"]
 decision = "approve"
 statements = ["insert"]
 tables = ["public.events"]
-approvers = ["uid:{ONCALL}", "webhook:chatops"]
+approvers = ["uid:{ONCALL}", "daemon", "webhook:chatops"]
 grant = "30m"
 "#,
         addr = pg.addr,
@@ -139,10 +144,14 @@ fn finish(child: Child) -> (i32, String, String) {
 
 /// The CLI as another uid (no account: `interlock` needs none).
 fn cli_as(agent: &Agent, uid: u32, args: &[&str]) -> std::process::Output {
+    cli_as_ids(agent, uid, uid, args)
+}
+
+fn cli_as_ids(agent: &Agent, uid: u32, gid: u32, args: &[&str]) -> std::process::Output {
     Command::new("setpriv")
         .args([
             format!("--reuid={uid}"),
-            format!("--regid={uid}"),
+            format!("--regid={gid}"),
             "--clear-groups".into(),
         ])
         .arg(interlock_bin())
@@ -415,9 +424,11 @@ fn held_statements_wait_for_a_person() {
         .to_owned();
     let out = cli_as(&agent, ONCALL, &["approvals", "deny", &denied_id]);
     assert!(!out.status.success(), "a denial needs a reason");
-    let out = cli_as(
+    // Denied by a member of an approving group.
+    let out = cli_as_ids(
         &agent,
-        ONCALL,
+        GROUP_MEMBER,
+        USERS_GID,
         &[
             "approvals",
             "deny",
@@ -431,7 +442,7 @@ fn held_statements_wait_for_a_person() {
     assert_eq!(out.trim(), "99", "{out}\n{err}");
     assert!(
         err.contains(&format!(
-            "approval request {denied_id} was denied by uid:5001: not during the freeze"
+            "approval request {denied_id} was denied by uid:5004: not during the freeze"
         )),
         "{err}"
     );
@@ -649,9 +660,10 @@ fn held_statements_wait_for_a_person() {
     assert!(stdout(&out).contains(&grant), "{}", stdout(&out));
     let out = cli_as(&agent, STRANGER, &["grants", "revoke", &grant]);
     assert!(!out.status.success(), "a stranger cannot revoke");
+    // Revoked by an approver named by user name.
     let out = cli_as(
         &agent,
-        ONCALL,
+        DAEMON,
         &["grants", "revoke", &grant, "--reason", "done"],
     );
     assert!(out.status.success(), "{}", stderr(&out));

@@ -727,11 +727,23 @@ fn a_full_disk_ends_sessions_cleanly_and_refuses_new_ones() {
     let out = psql(&job, &pg, "SELECT 1");
     assert!(!out.status.success());
     assert!(disk_full(&stderr(&out)), "{}", stderr(&out));
-    // What was recorded before is all there, sealed.
+    // Every session that ran is on record with its statement. One that
+    // ended as the disk filled may not have its end written: it stays
+    // `live` until the next start seals it as interrupted. Those that
+    // ended are sealed and verify.
     let sessions = wait_sessions(&agent, ok + 1);
-    assert_eq!(
-        sessions.iter().filter(|s| s["outcome"] == "closed").count(),
-        ok,
-        "{sessions:?}"
-    );
+    let all = list(&agent, &[]);
+    assert_eq!(all.len(), ok + 1, "{all:?}");
+    assert!(!sessions.is_empty(), "{all:?}");
+    for session in &all[..ok] {
+        let id = session["id"].as_str().unwrap();
+        let shown = stdout(&agent.cli(&["sessions", "show", id, "--json"]));
+        assert!(shown.contains("SELECT * FROM events"), "{id}: {shown}");
+        if session["outcome"] == "closed" {
+            let verify = agent.cli(&["sessions", "verify", id]);
+            assert!(verify.status.success(), "{}", stderr(&verify));
+        } else {
+            assert_eq!(session["outcome"], "live", "{session}");
+        }
+    }
 }
