@@ -163,14 +163,20 @@ fn cli_as_ids(agent: &Agent, uid: u32, gid: u32, args: &[&str]) -> std::process:
         .unwrap()
 }
 
-fn pending(agent: &Agent) -> Vec<Value> {
-    let out = agent.cli(&["approvals", "list", "--json"]);
+/// `interlock approvals list --json` (with `extra`), as a list.
+fn approvals_list(agent: &Agent, extra: &[&str]) -> Vec<Value> {
+    let mut args = vec!["approvals", "list", "--json"];
+    args.extend_from_slice(extra);
+    let out = agent.cli(&args);
     assert!(out.status.success(), "{}", stderr(&out));
-    serde_json::from_str::<Value>(&stdout(&out))
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
+    match serde_json::from_str(&stdout(&out)).unwrap() {
+        Value::Array(list) => list,
+        other => panic!("not a list: {other}"),
+    }
+}
+
+fn pending(agent: &Agent) -> Vec<Value> {
+    approvals_list(agent, &[])
 }
 
 /// Waits for a pending request for `command` and returns it.
@@ -193,13 +199,7 @@ fn wait_request(agent: &Agent, command: &str) -> Value {
 }
 
 fn history(agent: &Agent) -> Vec<Value> {
-    let out = agent.cli(&["approvals", "list", "--all", "--json"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    serde_json::from_str::<Value>(&stdout(&out))
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
+    approvals_list(agent, &["--all"])
 }
 
 fn state_of(agent: &Agent, id: &str) -> String {

@@ -2,7 +2,8 @@
 //! flight until enough of the rule's approvers say yes, anyone says no, or
 //! it times out.
 //!
-//! The proxy asks [`Approvals::request`] and waits on the [`Held`] it gets;
+//! The proxy asks [`Approvals::hold`] and waits on the [`Held`] it gets
+//! (each step is an event of the session, recorded here);
 //! people answer through the admin socket (`interlock approvals ...`,
 //! authorized by SO_PEERCRED) or the HTTP callback (`callback.rs`). Every
 //! request and grant is a record in the session store's sled database, so
@@ -21,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::{
-    policy::{ApprovalSpec, Approver, GrantSpec, Secret},
+    policy::{ApprovalSpec, Approver, GrantSpec, Policy, Secret},
+    sessions::{Event, Recorder, StoreError},
     workload::Workload,
 };
 
@@ -65,6 +67,9 @@ pub enum ApprovalError {
     Store(#[from] sled::Error),
     #[error("approval records: {0}")]
     Json(#[from] serde_json::Error),
+    /// The session cannot record the request: the session must end.
+    #[error(transparent)]
+    Record(#[from] StoreError),
 }
 
 /// Where a request stands.
@@ -108,7 +113,8 @@ pub struct Requester {
 }
 
 impl Requester {
-    pub fn new(workload: &Workload, workloads: Vec<String>) -> Self {
+    /// The caller, and the policy's workloads it matches.
+    pub fn of(policy: &Policy, workload: &Workload) -> Self {
         Self {
             uid: workload.uid,
             user: workload.user.clone(),
@@ -116,7 +122,10 @@ impl Requester {
             unit: workload.unit.clone(),
             cgroup: workload.cgroup.clone(),
             exe: workload.exe.clone(),
-            workloads,
+            workloads: crate::policy::matching_workloads(policy, workload)
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
         }
     }
 
@@ -295,7 +304,6 @@ pub fn now_ms() -> u64 {
 
 /// What the proxy knows about a command to hold.
 pub struct NewRequest<'a> {
-    pub session_id: &'a str,
     pub requester: Requester,
     pub target: &'a str,
     pub rule: &'a str,
@@ -345,9 +353,29 @@ impl Approvals {
         }))
     }
 
+    /// Whether an active grant lets this workload run this rule's commands
+    /// on this target without asking; its use is recorded in the session.
+    pub fn use_grant(
+        &self,
+        recorder: &Recorder,
+        requester: &Requester,
+        target: &str,
+        rule: &str,
+    ) -> Result<bool, StoreError> {
+        let Some(grant) = self.grant_for(requester, target, rule) else {
+            return Ok(false);
+        };
+        recorder.append(&Event::GrantUsed {
+            grant: &grant,
+            rule,
+        })?;
+        tracing::info!(%grant, %rule, "let through by a grant");
+        Ok(true)
+    }
+
     /// The grant that lets this workload run this rule's commands on this
     /// target without asking, if one is active.
-    pub fn grant_for(&self, requester: &Requester, target: &str, rule: &str) -> Option<String> {
+    fn grant_for(&self, requester: &Requester, target: &str, rule: &str) -> Option<String> {
         let key = requester.grant_key();
         let now = now_ms();
         let state = self.state.lock().expect("not poisoned");
@@ -360,14 +388,40 @@ impl Approvals {
             .map(|g| g.id.clone())
     }
 
-    /// Holds a command: the request is recorded and announced; the caller
-    /// waits on the returned [`Held`].
-    pub fn request(self: &Arc<Self>, new: NewRequest<'_>) -> Result<Held, ApprovalError> {
+    /// Holds a command of `recorder`'s session: the request is recorded,
+    /// announced, and an event of the session, durable before this returns
+    /// (so before the client is told to wait). The caller waits on the
+    /// returned [`Held`].
+    pub async fn hold(
+        self: &Arc<Self>,
+        recorder: &Arc<Recorder>,
+        new: NewRequest<'_>,
+    ) -> Result<Held, ApprovalError> {
+        let held = self.request(recorder, new)?;
+        let record = &held.record;
+        let ticket = recorder.append(&Event::ApprovalRequested {
+            id: &record.id,
+            rule: &record.rule,
+            command: &record.command,
+            approvers: &record.approvers,
+            min_approvals: record.min_approvals,
+            timeout_s: (record.expires_ms - record.created_ms) / 1000,
+            grant: &record.grant,
+        })?;
+        recorder.durable(ticket).await?;
+        Ok(held)
+    }
+
+    fn request(
+        self: &Arc<Self>,
+        recorder: &Arc<Recorder>,
+        new: NewRequest<'_>,
+    ) -> Result<Held, ApprovalError> {
         let id = ulid::Ulid::new().to_string();
         let created_ms = now_ms();
         let record = RequestRecord {
             id: id.clone(),
-            session_id: new.session_id.to_owned(),
+            session_id: recorder.id().to_string(),
             host: self.host.clone(),
             state: RequestState::Pending,
             target: new.target.to_owned(),
@@ -400,6 +454,7 @@ impl Approvals {
         );
         Ok(Held {
             approvals: self.clone(),
+            recorder: recorder.clone(),
             record,
             wait: Some(wait),
             deadline: Instant::now() + new.spec.timeout,
@@ -644,10 +699,11 @@ fn find_pending(pending: &HashMap<String, Pending>, given: &str) -> Result<Strin
     }
 }
 
-/// A held command's wait. Dropping it before it ends (the client went
-/// away) withdraws the request.
+/// A held command's wait. Dropping it before it ends withdraws the
+/// request (as [`Held::withdraw`] does, with a reason).
 pub struct Held {
     approvals: Arc<Approvals>,
+    recorder: Arc<Recorder>,
     record: RequestRecord,
     wait: Option<oneshot::Receiver<RequestRecord>>,
     deadline: Instant,
@@ -658,10 +714,11 @@ impl Held {
         &self.record
     }
 
-    /// Waits for the outcome: approved, denied, or timed out.
-    pub async fn outcome(&mut self) -> RequestRecord {
+    /// Waits for the outcome (approved, denied, or timed out) and records
+    /// it in the session.
+    pub async fn outcome(&mut self) -> Result<RequestRecord, StoreError> {
         let Some(wait) = self.wait.as_mut() else {
-            return self.record.clone();
+            return Ok(self.record.clone());
         };
         let deadline = tokio::time::Instant::from_std(self.deadline);
         let outcome = match tokio::time::timeout_at(deadline, &mut *wait).await {
@@ -677,17 +734,63 @@ impl Held {
         };
         self.wait = None;
         self.record = outcome.clone();
-        outcome
+        record_outcome(&self.recorder, &outcome, None)?;
+        Ok(outcome)
+    }
+
+    /// Withdraws the request (the client cancelled or went away), and
+    /// records why in the session.
+    pub fn withdraw(mut self, why: &str) -> Result<RequestRecord, StoreError> {
+        self.wait = None;
+        let record = self
+            .approvals
+            .resolve(&self.record.id, RequestState::Withdrawn)
+            .unwrap_or_else(|| RequestRecord {
+                state: RequestState::Withdrawn,
+                ..self.record.clone()
+            });
+        record_outcome(&self.recorder, &record, Some(why))?;
+        Ok(record)
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        if self.wait.is_some() {
-            self.approvals
-                .resolve(&self.record.id, RequestState::Withdrawn);
+        if self.wait.is_some()
+            && let Some(record) = self
+                .approvals
+                .resolve(&self.record.id, RequestState::Withdrawn)
+        {
+            let _ = record_outcome(&self.recorder, &record, Some("the wait was dropped"));
         }
     }
+}
+
+/// A request's end as an event of its session; `reason` when the client
+/// ended it, else the answers' last reason.
+fn record_outcome(
+    recorder: &Recorder,
+    record: &RequestRecord,
+    reason: Option<&str>,
+) -> Result<(), StoreError> {
+    let by = match record.state {
+        RequestState::Withdrawn => Vec::new(),
+        _ => record.deciders(),
+    };
+    recorder.append(&Event::ApprovalDecided {
+        id: &record.id,
+        outcome: record.state.as_str(),
+        by: &by,
+        reason: reason.or_else(|| {
+            record
+                .answers
+                .iter()
+                .rev()
+                .find_map(|a| a.reason.as_deref())
+        }),
+        grant: record.grant_id.as_deref(),
+    })?;
+    Ok(())
 }
 
 /// A request's line in the access log.

@@ -29,22 +29,37 @@ fn requester() -> Requester {
     }
 }
 
-fn open(dir: &std::path::Path) -> (sled::Db, Arc<Approvals>) {
-    let db = sled::open(dir).unwrap();
-    let approvals = Approvals::open(&db, "test-host".into(), None).unwrap();
-    (db, approvals)
+/// Approvals in a session store, and a session of it to hold commands of.
+fn open(dir: &std::path::Path) -> (Arc<crate::sessions::Store>, Arc<Approvals>, Arc<Recorder>) {
+    let store = crate::sessions::Store::open(
+        &dir.join("sessions"),
+        &dir.join("host.key"),
+        "test-host".into(),
+        u64::MAX,
+    )
+    .unwrap();
+    let approvals = Approvals::open(store.db(), "test-host".into(), None).unwrap();
+    let (recorder, _) = crate::sessions::store::tests::begin(&store);
+    (store, approvals, Arc::new(recorder))
 }
 
-fn ask(approvals: &Arc<Approvals>, spec: Arc<ApprovalSpec>) -> Held {
+async fn ask(
+    approvals: &Arc<Approvals>,
+    recorder: &Arc<Recorder>,
+    spec: Arc<ApprovalSpec>,
+) -> Held {
     approvals
-        .request(NewRequest {
-            session_id: "S",
-            requester: requester(),
-            target: "prod",
-            rule: "deletes-need-approval",
-            spec,
-            command: "DELETE FROM orders WHERE id = 7",
-        })
+        .hold(
+            recorder,
+            NewRequest {
+                requester: requester(),
+                target: "prod",
+                rule: "deletes-need-approval",
+                spec,
+                command: "DELETE FROM orders WHERE id = 7",
+            },
+        )
+        .await
         .unwrap()
 }
 
@@ -55,11 +70,13 @@ fn local(uid: u32) -> Caller {
 #[tokio::test]
 async fn an_approver_approves_and_the_command_goes_on() {
     let dir = tempfile::tempdir().unwrap();
-    let (_db, approvals) = open(dir.path());
+    let (_store, approvals, recorder) = open(dir.path());
     let mut held = ask(
         &approvals,
+        &recorder,
         spec(1, Duration::from_secs(60), GrantSpec::Once),
-    );
+    )
+    .await;
     let id = held.record().id.clone();
 
     let own = approvals.answer(&id, &local(REQUESTER), true, None);
@@ -83,7 +100,7 @@ async fn an_approver_approves_and_the_command_goes_on() {
         .answer(&id[..20], &local(ALICE), true, None)
         .unwrap();
     assert_eq!(record.state, RequestState::Approved);
-    let outcome = held.outcome().await;
+    let outcome = held.outcome().await.unwrap();
     assert_eq!(outcome.state, RequestState::Approved);
     assert_eq!(outcome.answers.len(), 1);
     assert!(outcome.grant_id.is_none(), "grant once creates no grant");
@@ -97,11 +114,13 @@ async fn an_approver_approves_and_the_command_goes_on() {
 #[tokio::test]
 async fn a_denial_needs_a_reason_and_ends_the_request() {
     let dir = tempfile::tempdir().unwrap();
-    let (_db, approvals) = open(dir.path());
+    let (_store, approvals, recorder) = open(dir.path());
     let mut held = ask(
         &approvals,
+        &recorder,
         spec(2, Duration::from_secs(60), GrantSpec::Once),
-    );
+    )
+    .await;
     let id = held.record().id.clone();
     assert!(matches!(
         approvals.answer(&id, &local(ALICE), false, None),
@@ -124,7 +143,7 @@ async fn a_denial_needs_a_reason_and_ends_the_request() {
             Some("not during the freeze".into()),
         )
         .unwrap();
-    let outcome = held.outcome().await;
+    let outcome = held.outcome().await.unwrap();
     assert_eq!(outcome.state, RequestState::Denied);
     let refusal = outcome.refusal();
     assert!(
@@ -136,12 +155,14 @@ async fn a_denial_needs_a_reason_and_ends_the_request() {
 #[tokio::test]
 async fn unanswered_requests_time_out_and_dropped_ones_are_withdrawn() {
     let dir = tempfile::tempdir().unwrap();
-    let (_db, approvals) = open(dir.path());
+    let (_store, approvals, recorder) = open(dir.path());
     let mut held = ask(
         &approvals,
+        &recorder,
         spec(1, Duration::from_millis(50), GrantSpec::Once),
-    );
-    let outcome = held.outcome().await;
+    )
+    .await;
+    let outcome = held.outcome().await.unwrap();
     assert_eq!(outcome.state, RequestState::TimedOut);
     assert!(
         outcome.refusal().contains("timed out"),
@@ -156,8 +177,10 @@ async fn unanswered_requests_time_out_and_dropped_ones_are_withdrawn() {
 
     let held = ask(
         &approvals,
+        &recorder,
         spec(1, Duration::from_secs(60), GrantSpec::Once),
-    );
+    )
+    .await;
     let id = held.record().id.clone();
     drop(held);
     let history = approvals.history().unwrap();
@@ -168,19 +191,21 @@ async fn unanswered_requests_time_out_and_dropped_ones_are_withdrawn() {
 #[tokio::test]
 async fn a_grant_lets_the_same_workload_through_until_revoked() {
     let dir = tempfile::tempdir().unwrap();
-    let (db, approvals) = open(dir.path());
+    let (store, approvals, recorder) = open(dir.path());
     let mut held = ask(
         &approvals,
+        &recorder,
         spec(
             1,
             Duration::from_secs(60),
             GrantSpec::For(Duration::from_secs(1800)),
         ),
-    );
+    )
+    .await;
     approvals
         .answer(&held.record().id.clone(), &local(BOB), true, None)
         .unwrap();
-    let outcome = held.outcome().await;
+    let outcome = held.outcome().await.unwrap();
     let grant = outcome.grant_id.clone().expect("a 30m grant");
     assert_eq!(
         approvals
@@ -206,11 +231,13 @@ async fn a_grant_lets_the_same_workload_through_until_revoked() {
     // Grants survive a restart; requests pending then are abandoned.
     let _pending = ask(
         &approvals,
+        &recorder,
         spec(1, Duration::from_secs(60), GrantSpec::Once),
-    );
+    )
+    .await;
     std::mem::forget(_pending);
     drop(approvals);
-    let reopened = Approvals::open(&db, "test-host".into(), None).unwrap();
+    let reopened = Approvals::open(store.db(), "test-host".into(), None).unwrap();
     assert!(
         reopened
             .grant_for(&requester(), "prod", "deletes-need-approval")

@@ -330,7 +330,7 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
 async fn approve_connection(
     context: &ProxyContext,
     client: &TcpStream,
-    recorder: &Recorder,
+    recorder: &Arc<Recorder>,
     workload: &Workload,
     active: &ActivePolicy,
     target: &Target,
@@ -345,86 +345,44 @@ async fn approve_connection(
         .approval
         .clone()
         .ok_or("the rule asks approval of no one")?;
-    let requester = crate::approvals::Requester::new(
-        workload,
-        crate::policy::matching_workloads(&active.policy, workload)
-            .into_iter()
-            .map(str::to_owned)
-            .collect(),
-    );
+    let requester = crate::approvals::Requester::of(&active.policy, workload);
     let approvals = &context.approvals;
-    if let Some(grant) = approvals.grant_for(&requester, &target.name, &rule.name) {
-        recorder
-            .append(&Event::GrantUsed {
-                grant: &grant,
-                rule: &rule.name,
-            })
-            .map_err(|e| e.to_string())?;
+    let store_error = |e: StoreError| e.to_string();
+    if approvals
+        .use_grant(recorder, &requester, &target.name, &rule.name)
+        .map_err(store_error)?
+    {
         return Ok(());
     }
     let command = format!("connect to {}", target.name);
+    let request = crate::approvals::NewRequest {
+        requester,
+        target: &target.name,
+        rule: &rule.name,
+        spec,
+        command: &command,
+    };
     let mut held = approvals
-        .request(crate::approvals::NewRequest {
-            session_id: &recorder.id().to_string(),
-            requester,
-            target: &target.name,
-            rule: &rule.name,
-            spec: spec.clone(),
-            command: &command,
-        })
+        .hold(recorder, request)
+        .await
         .map_err(|e| format!("approval needed, but the request cannot be recorded: {e}"))?;
     let id = held.record().id.clone();
-    let ticket = recorder
-        .append(&Event::ApprovalRequested {
-            id: &id,
-            rule: &rule.name,
-            command: &command,
-            approvers: &held.record().approvers,
-            min_approvals: spec.min_approvals,
-            timeout_s: spec.timeout.as_secs(),
-            grant: &spec.grant.to_string(),
-        })
-        .map_err(|e| e.to_string())?;
-    recorder.durable(ticket).await.map_err(|e| e.to_string())?;
     // Watch the client (peeking: its bytes are the target's) until it
     // sends something; the end of its stream means it gave up.
     let mut watching = true;
     let mut byte = [0u8; 1];
     let record = loop {
         tokio::select! {
-            record = held.outcome() => break record,
+            outcome = held.outcome() => break outcome.map_err(store_error)?,
             peeked = client.peek(&mut byte), if watching => match peeked {
                 Ok(0) | Err(_) => {
-                    drop(held);
-                    recorder
-                        .append(&Event::ApprovalDecided {
-                            id: &id,
-                            outcome: crate::approvals::RequestState::Withdrawn.as_str(),
-                            by: &[],
-                            reason: Some("the client disconnected"),
-                            grant: None,
-                        })
-                        .map_err(|e| e.to_string())?;
+                    held.withdraw("the client disconnected").map_err(store_error)?;
                     return Err(format!("the client left; approval request {id} withdrawn"));
                 }
                 Ok(_) => watching = false,
             },
         }
     };
-    let by = record.deciders();
-    recorder
-        .append(&Event::ApprovalDecided {
-            id: &id,
-            outcome: record.state.as_str(),
-            by: &by,
-            reason: record
-                .answers
-                .iter()
-                .rev()
-                .find_map(|a| a.reason.as_deref()),
-            grant: record.grant_id.as_deref(),
-        })
-        .map_err(|e| e.to_string())?;
     if record.state == crate::approvals::RequestState::Approved {
         Ok(())
     } else {

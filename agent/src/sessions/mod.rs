@@ -8,7 +8,7 @@ pub mod fleet;
 pub mod format;
 pub mod ship;
 pub mod source;
-mod store;
+pub(crate) mod store;
 pub mod view;
 
 pub use event::Event;

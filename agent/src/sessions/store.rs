@@ -803,7 +803,7 @@ impl Drop for Recorder {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::sessions::{format, view::SessionLog};
 
@@ -817,7 +817,7 @@ mod tests {
         .unwrap()
     }
 
-    fn begin(store: &Arc<Store>) -> (Recorder, Ticket) {
+    pub(crate) fn begin(store: &Arc<Store>) -> (Recorder, Ticket) {
         let id = ulid::Ulid::new();
         let summary = Summary {
             id: id.to_string(),

@@ -24,6 +24,7 @@ use super::{
     wire::{self, Frame, WireError},
 };
 use crate::{
+    approvals::{ApprovalError, Requester},
     policy::{ActivePolicy, ColumnName, KindSet, StatementInfo, StatementKind},
     sessions::Ticket,
 };
@@ -216,31 +217,20 @@ impl<'s> Requests<'s> {
         if self.cleared.take_if(|cleared| cleared == name).is_some() {
             return Ok(None);
         }
-        let requester = self.requester();
-        let approvals = &self.session.context.approvals;
-        if let Some(grant) = approvals.grant_for(&requester, &self.session.target, name) {
-            self.session
-                .recorder
-                .append(&crate::sessions::Event::GrantUsed {
-                    grant: &grant,
-                    rule: name,
-                })?;
-            tracing::info!(%grant, rule = %name, "statement let through by a grant");
+        let requester = Requester::of(&self.policy.policy, &self.session.workload);
+        let session = self.session;
+        if session.context.approvals.use_grant(
+            &session.recorder,
+            &requester,
+            &session.target,
+            name,
+        )? {
             return Ok(None);
         }
         Ok(Some(Hold {
             decided: decided.clone(),
             rule,
         }))
-    }
-
-    fn requester(&self) -> crate::approvals::Requester {
-        let workloads =
-            crate::policy::matching_workloads(&self.policy.policy, &self.session.workload);
-        crate::approvals::Requester::new(
-            &self.session.workload,
-            workloads.into_iter().map(str::to_owned).collect(),
-        )
     }
 
     fn notice(&self, message: &str) {
@@ -272,17 +262,17 @@ impl<'s> Requests<'s> {
             .map(|s| s.text.as_str())
             .collect::<Vec<_>>()
             .join("; ");
-        let recorder = &self.session.recorder;
         let request = crate::approvals::NewRequest {
-            session_id: &self.session.session_id,
-            requester: self.requester(),
+            requester: Requester::of(&self.policy.policy, &self.session.workload),
             target: &self.session.target,
             rule: &rule.name,
             spec: spec.clone(),
             command: &command,
         };
-        let mut held = match self.session.context.approvals.request(request) {
+        let approvals = &self.session.context.approvals;
+        let mut held = match approvals.hold(&self.session.recorder, request).await {
             Ok(held) => held,
+            Err(ApprovalError::Record(error)) => return Err(error.into()),
             Err(error) => {
                 tracing::error!(%error, "cannot record an approval request");
                 return Ok(Answer::Refused(format!(
@@ -291,17 +281,6 @@ impl<'s> Requests<'s> {
             }
         };
         let id = held.record().id.clone();
-        let grant = spec.grant.to_string();
-        let ticket = recorder.append(&crate::sessions::Event::ApprovalRequested {
-            id: &id,
-            rule: &rule.name,
-            command: &command,
-            approvers: &held.record().approvers,
-            min_approvals: spec.min_approvals,
-            timeout_s: spec.timeout.as_secs(),
-            grant: &grant,
-        })?;
-        recorder.durable(ticket).await?;
         tracing::info!(%id, rule = %rule.name, "statement held for approval");
         self.notice(&format!(
             "rule {:?} needs approval for this statement; request {id} is waiting (up to {}) for {}. Approve with: interlock approvals approve {id}",
@@ -319,16 +298,9 @@ impl<'s> Requests<'s> {
         tokio::pin!(cancel);
         let record = loop {
             tokio::select! {
-                record = held.outcome() => break record,
+                record = held.outcome() => break record?,
                 () = &mut cancel => {
-                    drop(held);
-                    recorder.append(&crate::sessions::Event::ApprovalDecided {
-                        id: &id,
-                        outcome: crate::approvals::RequestState::Withdrawn.as_str(),
-                        by: &[],
-                        reason: Some("the client cancelled the statement"),
-                        grant: None,
-                    })?;
+                    held.withdraw("the client cancelled the statement")?;
                     tracing::info!(%id, "held statement cancelled by the client");
                     return Ok(Answer::Refused(format!(
                         "the client cancelled the statement; approval request {id} withdrawn"
@@ -336,14 +308,7 @@ impl<'s> Requests<'s> {
                 }
                 read = reader.read_buf(buf), if buf.len() < MAX_WHILE_HELD => {
                     if matches!(read, Ok(0) | Err(_)) {
-                        drop(held);
-                        recorder.append(&crate::sessions::Event::ApprovalDecided {
-                            id: &id,
-                            outcome: crate::approvals::RequestState::Withdrawn.as_str(),
-                            by: &[],
-                            reason: Some("the client disconnected"),
-                            grant: None,
-                        })?;
+                        held.withdraw("the client disconnected")?;
                         tracing::info!(%id, "client left while its statement was held");
                         return Ok(Answer::Gone);
                     }
@@ -351,18 +316,6 @@ impl<'s> Requests<'s> {
             }
         };
         let by = record.deciders();
-        let reason = record
-            .answers
-            .iter()
-            .rev()
-            .find_map(|a| a.reason.as_deref());
-        recorder.append(&crate::sessions::Event::ApprovalDecided {
-            id: &id,
-            outcome: record.state.as_str(),
-            by: &by,
-            reason,
-            grant: record.grant_id.as_deref(),
-        })?;
         if record.state == crate::approvals::RequestState::Approved {
             tracing::info!(%id, by = ?by, "statement approved");
             self.notice(&format!("request {id} approved by {}", by.join(", ")));
