@@ -112,6 +112,8 @@ impl Agent {
         let mask_key_path = config.agent.state_dir.join("mask.key");
         let mask_key = crate::proxy::postgres::MaskKey::load_or_create(&mask_key_path)
             .with_context(|| format!("loading the masking key {}", mask_key_path.display()))?;
+        let ssh_host_key = crate::proxy::ssh::load_or_create_host_key(&config.agent.state_dir)
+            .context("loading the SSH host key")?;
         let store = crate::sessions::Store::open(
             &config.agent.state_dir.join("sessions"),
             &config.agent.state_dir.join("host.key"),
@@ -160,6 +162,7 @@ impl Agent {
             store: store.clone(),
             approvals,
             pg_cancels: Default::default(),
+            ssh_server: crate::proxy::ssh::server_config(ssh_host_key),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);

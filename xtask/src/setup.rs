@@ -7,8 +7,8 @@ use crate::exec;
 
 /// Debian packages the end-to-end tests, the demo and the benchmark use as
 /// real servers and clients (and `socat`, the relay the benchmark compares
-/// against).
-const APT_PACKAGES: [&str; 10] = [
+/// against; OpenSSH's server and clients, `rsync` and `git` for SSH).
+const APT_PACKAGES: [&str; 15] = [
     "curl",
     "python3",
     "socat",
@@ -19,6 +19,11 @@ const APT_PACKAGES: [&str; 10] = [
     "pgbouncer",
     "python3-psycopg",
     "python3-psycopg2",
+    "openssh-server",
+    "openssh-sftp-server",
+    "openssh-client",
+    "rsync",
+    "git",
 ];
 const BPF_LINKER: &str = "bpf-linker@0.10.1";
 /// The S3-compatible store the session tests ship to (a real one, built

@@ -52,6 +52,9 @@ enum Command {
     /// The local CA that signs the certificates clients see over TLS.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// The SSH host key clients see.
+    #[command(subcommand)]
+    Ssh(SshCommand),
     /// Recorded sessions: list, show, replay, export, verify.
     #[command(subcommand)]
     Sessions(sessions::SessionsCommand),
@@ -73,6 +76,13 @@ enum Command {
 enum CaCommand {
     /// Print the CA certificate (PEM), to add to the host's trust store.
     Print(ConfigArg),
+}
+
+#[derive(Subcommand)]
+enum SshCommand {
+    /// Print the lines for /etc/ssh/ssh_known_hosts that make clients trust
+    /// the agent's host key for every SSH target (by name and address).
+    KnownHosts(ConfigArg),
 }
 
 #[derive(Args)]
@@ -207,6 +217,36 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 )
             })?;
             print!("{pem}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ssh(SshCommand::KnownHosts(ConfigArg { config })) => {
+            let config = Config::load(&config)?;
+            let state_dir = &config.agent.state_dir;
+            // Made here if the agent has not started yet, so an install can
+            // trust it before the first connection.
+            std::os::unix::fs::DirBuilderExt::mode(
+                std::fs::DirBuilder::new().recursive(true),
+                0o700,
+            )
+            .create(state_dir)
+            .with_context(|| format!("creating {}", state_dir.display()))?;
+            let key = crate::proxy::ssh::load_or_create_host_key(state_dir)
+                .with_context(|| format!("the SSH host key in {}", state_dir.display()))?;
+            let resolve = |host: &str, port: u16| {
+                use std::net::ToSocketAddrs;
+                (host, port)
+                    .to_socket_addrs()
+                    .map(|addrs| {
+                        let mut ips: Vec<_> = addrs.map(|a| a.ip()).collect();
+                        ips.sort();
+                        ips.dedup();
+                        ips
+                    })
+                    .unwrap_or_default()
+            };
+            for line in crate::proxy::ssh::known_hosts_lines(&config.policy, &key, resolve) {
+                println!("{line}");
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

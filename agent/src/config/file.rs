@@ -177,13 +177,21 @@ pub struct TargetSpec {
     pub mask: Option<Vec<Located<MaskSpec>>>,
     /// What sessions to this target record.
     pub record: Option<RecordMode>,
+    /// SSH targets: an OpenSSH known_hosts file with the server's key.
+    pub known_hosts: Option<Located<PathBuf>>,
+    /// SSH targets: the server key's `SHA256:...` fingerprint.
+    pub host_key_fingerprint: Option<Located<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialSpec {
     pub user: String,
-    pub password_file: Located<PathBuf>,
+    pub password_file: Option<Located<PathBuf>>,
+    /// SSH targets: an OpenSSH private key (unencrypted; root 0600).
+    pub private_key_file: Option<Located<PathBuf>>,
+    /// SSH targets: an OpenSSH certificate for that key.
+    pub certificate_file: Option<Located<PathBuf>>,
 }
 
 /// Each field takes one value or a list of values.
@@ -293,6 +301,20 @@ pub struct RuleSpec {
     pub timeout: Option<Located<String>>,
     /// `"once"` or a duration such as `"30m"`.
     pub grant: Option<Located<String>>,
+    /// SSH targets: exec command patterns, e.g. `"systemctl restart app*"`.
+    pub commands: Option<Located<Vec<Located<String>>>>,
+    /// SSH targets: whether the rule is about interactive shells.
+    pub shell: Option<Located<bool>>,
+    /// SSH targets: subsystems, e.g. `["sftp"]`.
+    pub subsystems: Option<Located<Vec<String>>>,
+    /// SSH targets: `host:port` destinations of `ssh -L`.
+    pub forward: Option<Located<Vec<Located<String>>>>,
+    /// SSH targets: the SSH users (as the client asked) the rule is for.
+    pub users: Option<Located<Vec<String>>>,
+    /// SSH targets: environment variables passed on (globs).
+    pub env: Option<Located<Vec<String>>>,
+    /// SSH targets: `false` refuses terminals.
+    pub pty: Option<Located<bool>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

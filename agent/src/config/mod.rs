@@ -219,8 +219,10 @@ fn read_credential(
     source: &SourceFile,
     spec: &Located<file::CredentialSpec>,
 ) -> Result<Credential, ConfigError> {
-    let path = spec.get_ref().password_file.get_ref();
-    let at = spec.get_ref().password_file.span();
+    let Some(file) = &spec.get_ref().password_file else {
+        return Err(source.error_at(spec.span(), "a postgres credential needs password_file"));
+    };
+    let (path, at) = (file.get_ref(), file.span());
     Ok(Credential {
         user: spec.get_ref().user.clone(),
         password: read_secret_file(source, path, at, "password_file")?,
@@ -306,37 +308,74 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
             let address = TargetAddress::parse(target.get_ref().address.get_ref())
                 .map_err(|message| source.error_at(target.get_ref().address.span(), message))?;
             let protocol = *target.get_ref().protocol.get_ref();
-            let credential = match (&target.get_ref().credential, protocol) {
-                (Some(spec), Protocol::Postgres) => Some(read_credential(source, spec)?),
-                (None, Protocol::Postgres) => {
+            let spec = target.get_ref();
+            let (credential, ssh) = match (&spec.credential, protocol) {
+                (Some(credential), Protocol::Postgres) => {
+                    (Some(read_credential(source, credential)?), None)
+                }
+                (Some(credential), Protocol::Ssh) => (
+                    None,
+                    Some(std::sync::Arc::new(ssh_upstream(
+                        source, target, credential,
+                    )?)),
+                ),
+                (None, Protocol::Postgres | Protocol::Ssh) => {
                     return Err(source.error_at(
                         target.span(),
-                        format!("postgres target {name:?} needs a [target.credential] (user, password_file)"),
+                        format!(
+                            "{} target {name:?} needs a [target.credential] (user, and {})",
+                            protocol.as_str(),
+                            if protocol == Protocol::Ssh {
+                                "private_key_file or password_file"
+                            } else {
+                                "password_file"
+                            }
+                        ),
                     ));
                 }
-                (Some(spec), Protocol::Tcp) => {
+                (Some(credential), Protocol::Tcp) => {
                     return Err(source.error_at(
-                        spec.span(),
-                        "a credential only applies to protocol = \"postgres\"",
+                        credential.span(),
+                        "a credential applies to protocol = \"postgres\" or \"ssh\"",
                     ));
                 }
-                (None, Protocol::Tcp) => None,
+                (None, Protocol::Tcp) => (None, None),
             };
-            let spec = target.get_ref();
+            let host_key_fields = [
+                spec.known_hosts.as_ref().map(|k| k.span()),
+                spec.host_key_fingerprint.as_ref().map(|k| k.span()),
+            ];
+            if let (Some(at), false) = (
+                host_key_fields.into_iter().flatten().next(),
+                protocol == Protocol::Ssh,
+            ) {
+                return Err(source.error_at(
+                    at,
+                    "known_hosts and host_key_fingerprint apply to protocol = \"ssh\"",
+                ));
+            }
             let masks = compile_masks(source, spec.mask.as_deref())?;
             if let (Some(mask), Protocol::Tcp) =
                 (spec.mask.as_ref().and_then(|m| m.first()), protocol)
             {
                 return Err(source.error_at(
                     mask.span(),
-                    "mask applies to protocol = \"postgres\" (a tcp target is copied as it is)",
+                    "mask applies to protocol = \"postgres\" or \"ssh\" (a tcp target is copied as it is)",
                 ));
             }
-            if let (Some(tls), Protocol::Tcp) = (&spec.tls, protocol) {
+            if let (Some(mask), Protocol::Ssh) = (
+                spec.mask
+                    .as_ref()
+                    .and_then(|m| m.iter().find(|m| m.get_ref().column.is_some())),
+                protocol,
+            ) {
                 return Err(source.error_at(
-                    tls.span(),
-                    "tls applies to protocol = \"postgres\" (a tcp target is copied as it is)",
+                    mask.span(),
+                    "an ssh target masks by pattern or regex (its output has no columns)",
                 ));
+            }
+            if let (Some(tls), Protocol::Tcp | Protocol::Ssh) = (&spec.tls, protocol) {
+                return Err(source.error_at(tls.span(), "tls applies to protocol = \"postgres\""));
             }
             policy.targets.push(Target {
                 name,
@@ -350,6 +389,7 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                 tls_ca_file: spec.tls_ca_file.clone(),
                 masks,
                 record: spec.record.unwrap_or_default(),
+                ssh,
             });
         }
         for workload in &spec.workload {
@@ -442,6 +482,31 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                     ));
                 }
             }
+            let ssh = ssh_requests(source, rule)?;
+            let ssh_fields = [
+                rule.commands.as_ref().map(|c| c.span()),
+                rule.shell.as_ref().map(|c| c.span()),
+                rule.subsystems.as_ref().map(|c| c.span()),
+                rule.forward.as_ref().map(|c| c.span()),
+                rule.users.as_ref().map(|c| c.span()),
+                rule.env.as_ref().map(|c| c.span()),
+                rule.pty.as_ref().map(|c| c.span()),
+            ];
+            if let Some(at) = ssh_fields.into_iter().flatten().next() {
+                let not_ssh = targets.as_ref().and_then(|ids| {
+                    ids.iter()
+                        .find(|id| policy.targets[id.0].protocol != Protocol::Ssh)
+                });
+                if let Some(id) = not_ssh {
+                    return Err(source.error_at(
+                        at,
+                        format!(
+                            "commands, shell, subsystems, forward, users, env and pty apply to ssh targets; {:?} is not one",
+                            policy.targets[id.0].name
+                        ),
+                    ));
+                }
+            }
             let approval = approval_spec(source, located)?;
             policy.rules.push(Rule {
                 name,
@@ -458,10 +523,186 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                     Some(file::Unparsed::Allow)
                 ),
                 approval,
+                ssh,
             });
         }
     }
     Ok(policy)
+}
+
+/// The SSH fields of a rule.
+fn ssh_requests(
+    source: &SourceFile,
+    rule: &file::RuleSpec,
+) -> Result<crate::policy::SshRequests, ConfigError> {
+    let globs = |field: &str, list: &Option<Located<Vec<String>>>| {
+        list.as_ref().map_or(Ok(Vec::new()), |l| {
+            l.get_ref()
+                .iter()
+                .map(|g| {
+                    Pattern::new(g).map_err(|e| {
+                        source.error_at(l.span(), format!("{field}: bad pattern {g:?}: {e}"))
+                    })
+                })
+                .collect()
+        })
+    };
+    let commands = rule
+        .commands
+        .as_ref()
+        .map(|list| {
+            list.get_ref()
+                .iter()
+                .map(|c| {
+                    crate::policy::CommandPattern::new(c.get_ref())
+                        .map_err(|m| source.error_at(c.span(), format!("commands: {m}")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
+    let forward = rule.forward.as_ref().map_or(Ok(Vec::new()), |list| {
+        list.get_ref()
+            .iter()
+            .map(|entry| {
+                let text = entry.get_ref();
+                let bad = || {
+                    source.error_at(
+                        entry.span(),
+                        format!("forward: {text:?} is not host:port (the host may be a glob)"),
+                    )
+                };
+                let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+                let port: u16 = port.parse().map_err(|_| bad())?;
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                Ok((Pattern::new(host).map_err(|_| bad())?, port))
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()
+    })?;
+    if let Some(shell) = rule.shell.as_ref().filter(|s| !*s.get_ref()) {
+        return Err(source.error_at(
+            shell.span(),
+            "shell = true makes a rule about interactive shells; leave it out otherwise",
+        ));
+    }
+    if let (Some(forward), false) = (&rule.forward, rule.decision == crate::policy::Action::Allow) {
+        return Err(source.error_at(
+            forward.span(),
+            "forward applies to allow rules (forwarding is refused unless allowed)",
+        ));
+    }
+    Ok(crate::policy::SshRequests {
+        commands,
+        shell: rule.shell.as_ref().is_some_and(|s| *s.get_ref()),
+        subsystems: rule
+            .subsystems
+            .as_ref()
+            .map(|s| s.get_ref().clone())
+            .unwrap_or_default(),
+        forward,
+        users: globs("users", &rule.users)?,
+        env: globs("env", &rule.env)?,
+        pty: rule.pty.as_ref().map(|p| *p.get_ref()),
+    })
+}
+
+/// The upstream side of an SSH target: its credential and how its host
+/// key is checked.
+fn ssh_upstream(
+    source: &SourceFile,
+    target: &Located<file::TargetSpec>,
+    credential: &Located<file::CredentialSpec>,
+) -> Result<crate::policy::SshUpstream, ConfigError> {
+    use crate::policy::{HostKeyCheck, SshAuth};
+    let spec = target.get_ref();
+    let cred = credential.get_ref();
+    let auth = match (&cred.private_key_file, &cred.password_file) {
+        (Some(key_file), None) => {
+            let text = read_secret_file(
+                source,
+                key_file.get_ref(),
+                key_file.span(),
+                "private_key_file",
+            )?;
+            let key = russh::keys::decode_secret_key(text.expose(), None).map_err(|e| {
+                source.error_at(
+                    key_file.span(),
+                    format!(
+                        "private_key_file {}: not an unencrypted OpenSSH private key ({e})",
+                        key_file.get_ref().display()
+                    ),
+                )
+            })?;
+            let certificate = cred
+                .certificate_file
+                .as_ref()
+                .map(|file| {
+                    russh::keys::load_openssh_certificate(file.get_ref())
+                        .map(Box::new)
+                        .map_err(|e| {
+                            source.error_at(
+                                file.span(),
+                                format!("certificate_file {}: {e}", file.get_ref().display()),
+                            )
+                        })
+                })
+                .transpose()?;
+            SshAuth::Key {
+                key: std::sync::Arc::new(key),
+                certificate,
+            }
+        }
+        (None, Some(password_file)) => {
+            if let Some(cert) = &cred.certificate_file {
+                return Err(
+                    source.error_at(cert.span(), "certificate_file goes with private_key_file")
+                );
+            }
+            SshAuth::Password(read_secret_file(
+                source,
+                password_file.get_ref(),
+                password_file.span(),
+                "password_file",
+            )?)
+        }
+        _ => {
+            return Err(source.error_at(
+                credential.span(),
+                "an ssh credential has one of private_key_file or password_file",
+            ));
+        }
+    };
+    let host_key = match (&spec.known_hosts, &spec.host_key_fingerprint) {
+        (Some(file), None) => {
+            std::fs::metadata(file.get_ref()).map_err(|e| {
+                source.error_at(
+                    file.span(),
+                    format!("known_hosts {}: {e}", file.get_ref().display()),
+                )
+            })?;
+            HostKeyCheck::KnownHosts(file.get_ref().clone())
+        }
+        (None, Some(fingerprint)) => {
+            let text = fingerprint.get_ref();
+            if !text.starts_with("SHA256:") || text.len() < 20 {
+                return Err(source.error_at(
+                    fingerprint.span(),
+                    format!("host_key_fingerprint {text:?} is not \"SHA256:...\" as ssh-keygen -l prints it"),
+                ));
+            }
+            HostKeyCheck::Fingerprint(text.clone())
+        }
+        _ => {
+            return Err(source.error_at(
+                target.span(),
+                "an ssh target names the server's key: known_hosts (a file) or host_key_fingerprint (\"SHA256:...\"), one of them",
+            ));
+        }
+    };
+    Ok(crate::policy::SshUpstream {
+        user: cred.user.clone(),
+        auth,
+        host_key,
+    })
 }
 
 /// How long a client waits for an answer unless the rule says.

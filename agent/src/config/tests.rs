@@ -14,7 +14,7 @@ fn error_of(text: &str) -> (usize, usize, String) {
 
 #[test]
 fn errors_name_line_and_column() {
-    let cases: [(&str, usize, usize, &str); 8] = [
+    let cases: [(&str, usize, usize, &str); 10] = [
         (
             "[agent]\nmode = \"enforce\"\nbogus = 1\n",
             3,
@@ -34,10 +34,10 @@ fn errors_name_line_and_column() {
             "has no port",
         ),
         (
-            "[[target]]\nname = \"a\"\nprotocol = \"ssh\"\naddress = \"10.0.0.1:22\"\n",
+            "[[target]]\nname = \"a\"\nprotocol = \"smtp\"\naddress = \"10.0.0.1:25\"\n",
             3,
             12,
-            "unknown variant `ssh`",
+            "unknown variant `smtp`",
         ),
         (
             "[[target]]\nname = \"a\"\nprotocol = \"tcp\"\naddress = \"10.0.0.1:1\"\n[[rule]]\nname = \"r\"\nworkloads = [\"ghost\"]\ntargets = [\"a\"]\ndecision = \"allow\"\n",
@@ -52,6 +52,18 @@ fn errors_name_line_and_column() {
             "target \"a\" is defined twice",
         ),
         ("[[workload]]\nname = \"w\"\n", 1, 1, "selects nothing"),
+        (
+            "[[target]]\nname = \"a\"\nprotocol = \"ssh\"\naddress = \"10.0.0.1:22\"\n",
+            1,
+            1,
+            "needs a [target.credential]",
+        ),
+        (
+            "[[target]]\nname = \"a\"\nprotocol = \"tcp\"\naddress = \"10.0.0.1:1\"\n[[workload]]\nname = \"w\"\nuid = 1\n[[rule]]\nname = \"r\"\nworkloads = [\"w\"]\ntargets = [\"a\"]\ndecision = \"allow\"\ncommands = [\"true\"]\n",
+            13,
+            12,
+            "apply to ssh targets",
+        ),
         (
             "[agent]\ncgroup = \"relative/path\"\n",
             2,

@@ -3,17 +3,19 @@
 //! The proxy only asks [`evaluate`] "may this workload use this target?";
 //! the configuration loader builds a [`Policy`], the daemon swaps it
 //! atomically on reload.
+mod command;
 mod mask;
 mod selector;
 mod statement;
 mod targets;
 
+pub use command::{CommandLine, CommandPattern};
 pub use mask::{BuiltinPattern, ColumnName, Mask, MaskSelects, MaskSpec, Strategy};
 pub use selector::{Pattern, WorkloadSelector};
 pub use statement::{KindSet, StatementInfo, StatementKind};
 pub use targets::{
-    Credential, Protocol, RecordMode, Secret, Target, TargetAddress, TargetId, TargetTable,
-    UpstreamTls,
+    Credential, HostKeyCheck, Protocol, RecordMode, Secret, SshAuth, SshUpstream, Target,
+    TargetAddress, TargetId, TargetTable, UpstreamTls,
 };
 
 use serde::Serialize;
@@ -68,6 +70,86 @@ pub struct Rule {
     pub masks: Vec<Mask>,
     /// `decision = "approve"`: who must say yes, and what a yes grants.
     pub approval: Option<std::sync::Arc<ApprovalSpec>>,
+    /// SSH targets: which requests the rule is about.
+    pub ssh: SshRequests,
+}
+
+/// The SSH fields of a rule. A rule with none of `commands`, `shell`,
+/// `subsystems`, `forward` is about every exec, shell and subsystem request
+/// (never about forwarding, which only a rule naming the destination
+/// allows).
+#[derive(Clone, Debug, Default)]
+pub struct SshRequests {
+    pub commands: Option<Vec<CommandPattern>>,
+    pub shell: bool,
+    pub subsystems: Vec<String>,
+    /// `host:port` destinations of local port forwarding (`ssh -L`).
+    pub forward: Vec<(Pattern, u16)>,
+    /// The SSH users (as the client asked) the rule applies to; empty: any.
+    pub users: Vec<Pattern>,
+    /// Environment variables an allow rule passes on, besides `LANG` and
+    /// `LC_*`.
+    pub env: Vec<Pattern>,
+    /// `pty = false`: sessions this rule applies to get no terminal.
+    pub pty: Option<bool>,
+}
+
+impl SshRequests {
+    fn is_scoped(&self) -> bool {
+        self.commands.is_some()
+            || self.shell
+            || !self.subsystems.is_empty()
+            || !self.forward.is_empty()
+    }
+
+    /// Whether the rule is about this request; `allow` says how a command
+    /// line must match: all of it (allow) or any part (deny, approve).
+    fn covers(&self, request: &SshRequest, allow: bool) -> bool {
+        match request {
+            SshRequest::Forward { host, port } => self
+                .forward
+                .iter()
+                .any(|(h, p)| *p == *port && h.matches(host)),
+            _ if !self.is_scoped() => true,
+            SshRequest::Shell => self.shell,
+            SshRequest::Subsystem(name) => self.subsystems.iter().any(|s| s == name),
+            SshRequest::Exec(line) => {
+                let Some(patterns) = &self.commands else {
+                    return false;
+                };
+                let matches = |words: &Vec<String>| patterns.iter().any(|p| p.matches(words));
+                if allow {
+                    !line.compound && !line.commands.is_empty() && line.commands.iter().all(matches)
+                } else {
+                    line.commands.iter().any(matches)
+                }
+            }
+        }
+    }
+}
+
+/// A channel or global request on an SSH connection.
+#[derive(Clone, Copy, Debug)]
+pub enum SshRequest<'a> {
+    Exec(&'a CommandLine),
+    Shell,
+    Subsystem(&'a str),
+    /// Local port forwarding to this destination.
+    Forward {
+        host: &'a str,
+        port: u16,
+    },
+}
+
+impl std::fmt::Display for SshRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SshRequest::Exec(_) => f.write_str("this command"),
+            SshRequest::Shell => f.write_str("an interactive shell"),
+            SshRequest::Subsystem(name) => write!(f, "subsystem {name:?}"),
+            SshRequest::Forward { host, port } => write!(f, "forwarding to {host}:{port}"),
+        }
+    }
 }
 
 /// What an `approve` rule asks for before a command goes on.
@@ -126,7 +208,10 @@ impl Rule {
     /// A rule about particular statements decides statements, not
     /// connections.
     fn is_statement_level(&self) -> bool {
-        self.statements.is_some() || !self.tables.is_empty()
+        self.statements.is_some()
+            || !self.tables.is_empty()
+            || self.ssh.is_scoped()
+            || !self.ssh.users.is_empty()
     }
 
     /// An allow covers a statement when every kind in it and every table it
@@ -286,6 +371,75 @@ pub fn evaluate_statement<'p>(
         action: Action::Deny,
         rule: None,
     }
+}
+
+/// Decides one SSH request on an allowed connection, in the order of
+/// [`evaluate`]: the first deny rule about it, then approve, then allow,
+/// else denied. `user` is the SSH user the client asked for.
+pub fn evaluate_ssh(
+    policy: &Policy,
+    workload: &Workload,
+    target: TargetId,
+    user: &str,
+    request: &SshRequest,
+) -> Verdict {
+    for action in [Action::Deny, Action::Approve, Action::Allow] {
+        if let Some(rule) = ssh_rules(policy, workload, target, user)
+            .filter(|rule| rule.action == action)
+            .find(|rule| rule.ssh.covers(request, action == Action::Allow))
+        {
+            let verb = match action {
+                Action::Deny => "denies",
+                Action::Approve => "needs approval for",
+                Action::Allow => "allows",
+            };
+            return Verdict {
+                action,
+                rule: Some(rule.name.clone()),
+                reason: format!("rule {:?} {verb} {request}", rule.name),
+            };
+        }
+    }
+    Verdict {
+        action: Action::Deny,
+        rule: None,
+        reason: format!("no rule allows {request} for SSH user {user:?}"),
+    }
+}
+
+/// The rules that apply to this workload, target and SSH user.
+fn ssh_rules<'p>(
+    policy: &'p Policy,
+    workload: &'p Workload,
+    target: TargetId,
+    user: &'p str,
+) -> impl Iterator<Item = &'p Rule> {
+    policy.rules.iter().filter(move |rule| {
+        applies(policy, rule, workload, target)
+            && (rule.ssh.users.is_empty() || rule.ssh.users.iter().any(|u| u.matches(user)))
+    })
+}
+
+/// Whether an SSH session may set this environment variable: `LANG` and
+/// `LC_*`, and what allow rules for it name.
+pub fn ssh_env_allowed(
+    policy: &Policy,
+    workload: &Workload,
+    target: TargetId,
+    user: &str,
+    name: &str,
+) -> bool {
+    name == "LANG"
+        || name.starts_with("LC_")
+        || ssh_rules(policy, workload, target, user)
+            .filter(|rule| rule.action == Action::Allow)
+            .any(|rule| rule.ssh.env.iter().any(|p| p.matches(name)))
+}
+
+/// Whether an SSH session may have a terminal: unless a rule for it says
+/// `pty = false`.
+pub fn ssh_pty_allowed(policy: &Policy, workload: &Workload, target: TargetId, user: &str) -> bool {
+    !ssh_rules(policy, workload, target, user).any(|rule| rule.ssh.pty == Some(false))
 }
 
 /// The decision on one statement; see [`evaluate_statement`].

@@ -21,6 +21,8 @@ pub enum Protocol {
     Tcp,
     /// PostgreSQL: every statement decided, the credential held by the agent.
     Postgres,
+    /// SSH: every channel request decided, the key held by the agent.
+    Ssh,
 }
 
 impl Protocol {
@@ -28,6 +30,7 @@ impl Protocol {
         match self {
             Protocol::Tcp => "tcp",
             Protocol::Postgres => "postgres",
+            Protocol::Ssh => "ssh",
         }
     }
 }
@@ -61,6 +64,48 @@ pub struct Target {
     pub masks: Vec<super::Mask>,
     /// What its sessions record.
     pub record: RecordMode,
+    /// SSH targets: how the agent logs in and checks the server.
+    pub ssh: Option<std::sync::Arc<SshUpstream>>,
+}
+
+/// The upstream side of an SSH target.
+#[derive(Debug)]
+pub struct SshUpstream {
+    pub user: String,
+    pub auth: SshAuth,
+    pub host_key: HostKeyCheck,
+}
+
+/// The credential the agent logs in with (never the client's).
+pub enum SshAuth {
+    Key {
+        key: std::sync::Arc<russh::keys::PrivateKey>,
+        /// An OpenSSH certificate for that key.
+        certificate: Option<Box<russh::keys::Certificate>>,
+    },
+    Password(Secret),
+}
+
+impl fmt::Debug for SshAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SshAuth::Key { certificate, .. } => f
+                .debug_struct("Key")
+                .field("certificate", &certificate.is_some())
+                .finish_non_exhaustive(),
+            SshAuth::Password(_) => f.write_str("Password(****)"),
+        }
+    }
+}
+
+/// How the upstream server's host key is checked: there is no trust on
+/// first use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostKeyCheck {
+    /// An OpenSSH known_hosts file, read at each connection.
+    KnownHosts(std::path::PathBuf),
+    /// A pinned `SHA256:...` fingerprint, as `ssh-keygen -l` prints it.
+    Fingerprint(String),
 }
 
 /// `record = "commands"` (the default): decisions, statements and their
@@ -262,6 +307,7 @@ mod tests {
             tls_ca_file: None,
             masks: Vec::new(),
             record: RecordMode::Commands,
+            ssh: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! and who opened it, decide, then hand it to the target's protocol.
 pub mod postgres;
 mod registry;
+pub mod ssh;
 mod tcp;
 
 pub use postgres::{StatementCounts, StatementOutcome};
@@ -46,6 +47,8 @@ pub struct ProxyContext {
     pub approvals: Arc<crate::approvals::Approvals>,
     /// PostgreSQL sessions by backend key, so a cancel reaches a held one.
     pub pg_cancels: postgres::CancelKeys,
+    /// The SSH server clients talk to (with the agent's host key).
+    pub ssh_server: Arc<russh::server::Config>,
 }
 
 /// Accepts on every listener until `shutdown` turns true, then gives live
@@ -279,6 +282,22 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
                     &recorder,
                 )
                 .await
+            }
+            Protocol::Ssh => {
+                let host_name = match &target.address {
+                    crate::policy::TargetAddress::Host(host, _) => host.clone(),
+                    _ => intercepted.orig_dst.0.ip().to_string(),
+                };
+                let session = ssh::Session {
+                    context: context.clone(),
+                    active: active.clone(),
+                    target: target_id,
+                    workload,
+                    recorder: recorder.clone(),
+                    orig_dst: intercepted.orig_dst,
+                    host_name,
+                };
+                ssh::serve(stream, session, &mut record).await;
             }
             Protocol::Postgres => {
                 let Some(credential) = target.credential.clone() else {

@@ -67,6 +67,9 @@ async fn harness_deciding(upstream: SocketAddr, decision: &str, enforce: bool) -
         literals: Default::default(),
         approvals: approvals.clone(),
         pg_cancels: Default::default(),
+        ssh_server: super::ssh::server_config(russh::keys::PrivateKey::from(
+            russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[7; 32]),
+        )),
         store,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

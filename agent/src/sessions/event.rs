@@ -83,6 +83,47 @@ pub enum Event<'a> {
         #[serde(serialize_with = "base64")]
         data: &'a [u8],
     },
+    /// SSH: the user the client asked for, and how it authenticated (the
+    /// agent accepts it; the caller is known from the kernel).
+    SshLogin { user: &'a str, method: &'a str },
+    /// SSH: a request (exec, shell, subsystem, forwarding) and its
+    /// decision; recorded before anything of it goes upstream.
+    SshRequest {
+        channel: u32,
+        request: &'a str,
+        command: Option<&'a str>,
+        decision: Action,
+        enforced: bool,
+        rule: Option<&'a str>,
+        reason: &'a str,
+    },
+    /// SSH: a terminal's size, at pty-req (with `term`) and each resize.
+    Terminal {
+        channel: u32,
+        term: Option<&'a str>,
+        cols: u32,
+        rows: u32,
+    },
+    /// SSH: what the client typed into a terminal, with `record = "full"`.
+    Input {
+        #[serde(serialize_with = "base64")]
+        data: &'a [u8],
+    },
+    /// SSH: how a channel's command ended.
+    Exit {
+        channel: u32,
+        status: Option<u32>,
+        signal: Option<&'a str>,
+    },
+    /// SSH: an SFTP operation (`open-read`, `open-write`, `opendir`,
+    /// `close` with the bytes moved, `remove`, `rename`, `mkdir`, `rmdir`).
+    Sftp {
+        op: &'a str,
+        path: &'a str,
+        to: Option<&'a str>,
+        read: Option<u64>,
+        written: Option<u64>,
+    },
     SessionEnd {
         outcome: &'a str,
         error: Option<&'a str>,

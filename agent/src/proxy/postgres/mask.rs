@@ -281,6 +281,21 @@ impl MaskSet {
         Some(())
     }
 
+    /// Masks what the value patterns find in free text (SSH output); `None`
+    /// when nothing is found.
+    pub fn scan_text(&self, text: &[u8]) -> Option<Vec<u8>> {
+        if self.scanners.is_empty() {
+            return None;
+        }
+        match self.scan(text) {
+            Scanned::Untouched => None,
+            Scanned::Rewritten(text) => Some(text),
+            // Text has no NULL; the SSH proxy compiles `null` as redact,
+            // so this only guards against a set made otherwise.
+            Scanned::Null => Some(REDACTED.to_vec()),
+        }
+    }
+
     /// Runs every scanner over a value, masking what they find (a new
     /// value is only made when something is found).
     fn scan(&self, value: &[u8]) -> Scanned {

@@ -24,7 +24,7 @@ mod upstream;
 mod wire;
 
 pub use cancel::CancelKeys;
-pub use mask::MaskKey;
+pub use mask::{MaskKey, MaskSet};
 pub use sql::Literals;
 pub use statements::StatementOutcome;
 

@@ -1,0 +1,543 @@
+//! One session channel: the client's requests, already decided, go to
+//! the server's channel in order; what the server sends comes back masked
+//! and recorded, with its exit status, EOF and close.
+use std::{
+    sync::Arc,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use russh::{
+    Channel, ChannelId, ChannelMsg, ChannelWriteHalf, Pty, Sig, client,
+    server::{self, Msg},
+};
+use tokio::sync::mpsc;
+
+use super::{Connection, mask::StreamMask, sftp::SftpLog};
+use crate::{
+    access::ByteCounters,
+    approvals::{NewRequest, RequestState, Requester},
+    policy::{Action, Verdict},
+    sessions::{Event, StoreError},
+};
+
+/// What the client asked of a channel, in the order it asked.
+pub enum Op {
+    Data(Bytes),
+    Eof,
+    Close,
+    Pty(PtyRequest),
+    Env(String, String),
+    WindowChange {
+        cols: u32,
+        rows: u32,
+        pix_width: u32,
+        pix_height: u32,
+    },
+    Signal(Sig),
+    /// A decided exec, shell or subsystem.
+    Start {
+        start: Start,
+        verdict: Verdict,
+    },
+}
+
+pub struct PtyRequest {
+    pub term: String,
+    pub cols: u32,
+    pub rows: u32,
+    pub pix_width: u32,
+    pub pix_height: u32,
+    pub modes: Vec<(Pty, u32)>,
+}
+
+pub enum Start {
+    Exec(String),
+    Shell,
+    Subsystem(String),
+}
+
+impl Start {
+    fn request(&self) -> &'static str {
+        match self {
+            Start::Exec(_) => "exec",
+            Start::Shell => "shell",
+            Start::Subsystem(_) => "subsystem",
+        }
+    }
+
+    fn command(&self) -> Option<&str> {
+        match self {
+            Start::Exec(command) => Some(command),
+            Start::Shell => None,
+            Start::Subsystem(name) => Some(name),
+        }
+    }
+}
+
+/// Exit status of a command the agent refused, as a shell's for a command
+/// found but not executable.
+pub const REFUSED_STATUS: u32 = 126;
+
+/// Output held back this long at most, waiting for the rest of a value
+/// that may be a secret, before it goes out anyway.
+const MASK_IDLE: Duration = Duration::from_millis(20);
+
+/// What both directions of a channel know.
+pub struct Relay {
+    connection: Arc<Connection>,
+    id: ChannelId,
+    handle: server::Handle,
+    /// The SSH user the client asked for.
+    user: String,
+    /// Set once the server was asked to start the command.
+    started: AtomicBool,
+    /// Set when the command's output is masked (exec and shell; never a
+    /// subsystem's binary protocol).
+    masked: AtomicBool,
+    terminal: AtomicBool,
+    sftp: std::sync::Mutex<Option<SftpLog>>,
+}
+
+impl Relay {
+    pub fn new(
+        connection: Arc<Connection>,
+        id: ChannelId,
+        handle: server::Handle,
+        user: String,
+    ) -> Self {
+        Self {
+            connection,
+            id,
+            handle,
+            user,
+            started: AtomicBool::new(false),
+            masked: AtomicBool::new(false),
+            terminal: AtomicBool::new(false),
+            sftp: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Runs both directions until the server closes the channel, the
+    /// client goes away, or a request is refused. Each direction waits
+    /// only on its own peer's window, so neither can stall the other.
+    pub async fn run(
+        self,
+        upstream: Channel<client::Msg>,
+        to_client: ChannelWriteHalf<Msg>,
+        ops: mpsc::Receiver<Op>,
+    ) {
+        let (from_server, to_server) = upstream.split();
+        let mut down = Down {
+            relay: &self,
+            to_client,
+            mask: None,
+        };
+        tokio::select! {
+            result = self.up(ops, &to_server) => {
+                if let Err(error) = result {
+                    tracing::warn!(%error, "channel ended");
+                }
+            }
+            () = down.run(from_server) => {}
+        }
+        let _ = to_server.close().await;
+    }
+
+    /// Client to server: the ops, in order.
+    async fn up(
+        &self,
+        mut ops: mpsc::Receiver<Op>,
+        to_server: &ChannelWriteHalf<client::Msg>,
+    ) -> Result<(), RelayError> {
+        let recorder = &self.connection.session.recorder;
+        while let Some(op) = ops.recv().await {
+            match op {
+                Op::Data(data) => {
+                    if !self.started.load(Ordering::Relaxed) {
+                        // Input before a command is allowed goes nowhere.
+                        continue;
+                    }
+                    self.connection
+                        .bytes
+                        .up
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if let Some(sftp) = self.sftp.lock().expect("not poisoned").as_mut() {
+                        sftp.client_sent(&data, recorder);
+                    } else if self.terminal.load(Ordering::Relaxed) && recorder.records_output() {
+                        recorder.append(&Event::Input { data: &data })?;
+                    }
+                    to_server.data_bytes(data).await?;
+                }
+                Op::Eof => to_server.eof().await?,
+                Op::Close => to_server.close().await?,
+                Op::Pty(pty) => {
+                    self.terminal.store(true, Ordering::Relaxed);
+                    recorder.append(&Event::Terminal {
+                        channel: self.id.into(),
+                        term: Some(&pty.term),
+                        cols: pty.cols,
+                        rows: pty.rows,
+                    })?;
+                    to_server
+                        .request_pty(
+                            false,
+                            &pty.term,
+                            pty.cols,
+                            pty.rows,
+                            pty.pix_width,
+                            pty.pix_height,
+                            &pty.modes,
+                        )
+                        .await?;
+                }
+                Op::Env(name, value) => to_server.set_env(false, name, value).await?,
+                Op::WindowChange {
+                    cols,
+                    rows,
+                    pix_width,
+                    pix_height,
+                } => {
+                    recorder.append(&Event::Terminal {
+                        channel: self.id.into(),
+                        term: None,
+                        cols,
+                        rows,
+                    })?;
+                    to_server
+                        .window_change(cols, rows, pix_width, pix_height)
+                        .await?;
+                }
+                Op::Signal(signal) => to_server.signal(signal).await?,
+                Op::Start { start, verdict } => {
+                    if self.started.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    if let Err(refusal) = self.admit(&start, &verdict).await {
+                        self.refuse(&refusal).await;
+                        return Ok(());
+                    }
+                    match &start {
+                        Start::Subsystem(name) if name == "sftp" => {
+                            *self.sftp.lock().expect("not poisoned") = Some(SftpLog::default());
+                        }
+                        Start::Subsystem(_) => {}
+                        _ => self
+                            .masked
+                            .store(self.connection.masks.is_some(), Ordering::Relaxed),
+                    }
+                    self.started.store(true, Ordering::Relaxed);
+                    match &start {
+                        Start::Exec(command) => to_server.exec(true, command.as_bytes()).await?,
+                        Start::Shell => to_server.request_shell(true).await?,
+                        Start::Subsystem(name) => {
+                            to_server.request_subsystem(true, name.as_str()).await?
+                        }
+                    }
+                }
+            }
+        }
+        // The client is gone.
+        Ok(())
+    }
+
+    /// Records the request and applies its decision: `Err` says why it
+    /// may not run.
+    async fn admit(&self, start: &Start, verdict: &Verdict) -> Result<(), String> {
+        let session = &self.connection.session;
+        let enforced = session.active.enforce;
+        let recorder = &session.recorder;
+        let refused = enforced && verdict.action == Action::Deny;
+        let ticket = recorder
+            .append(&Event::SshRequest {
+                channel: self.id.into(),
+                request: start.request(),
+                command: start.command(),
+                decision: verdict.action,
+                enforced,
+                rule: verdict.rule.as_deref(),
+                reason: &verdict.reason,
+            })
+            .map_err(|e| format!("the session cannot be recorded: {e}"))?;
+        recorder.count_statement(refused);
+        crate::access::write_line(&SshRequestLine {
+            event: "ssh_request",
+            session: recorder.id().to_string(),
+            target: self.connection.target_name(),
+            user: &self.user,
+            request: start.request(),
+            command: start.command(),
+            decision: verdict.action,
+            enforced,
+            rule: verdict.rule.as_deref(),
+            reason: &verdict.reason,
+        });
+        // Nothing goes upstream before its record is on disk.
+        recorder
+            .durable(ticket)
+            .await
+            .map_err(|e| format!("the session cannot be recorded: {e}"))?;
+        match verdict.action {
+            Action::Deny if enforced => Err(verdict.reason.clone()),
+            Action::Approve if enforced => self.approval(start, verdict).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Holds the request until a person answers.
+    async fn approval(&self, start: &Start, verdict: &Verdict) -> Result<(), String> {
+        let session = &self.connection.session;
+        let policy = &session.active.policy;
+        let rule = verdict
+            .rule
+            .as_deref()
+            .and_then(|name| policy.rules.iter().find(|r| r.name == name))
+            .ok_or("the approving rule is gone")?;
+        let spec = rule.approval.clone().ok_or("the rule asks no one")?;
+        let requester = Requester::of(policy, &session.workload);
+        let approvals = &session.context.approvals;
+        let target = self.connection.target_name();
+        let store_error = |e: StoreError| e.to_string();
+        if approvals
+            .use_grant(&session.recorder, &requester, target, &rule.name)
+            .map_err(store_error)?
+        {
+            return Ok(());
+        }
+        let command = match start {
+            Start::Exec(command) => command.clone(),
+            Start::Shell => "interactive shell".to_owned(),
+            Start::Subsystem(name) => format!("subsystem {name}"),
+        };
+        let approvers = spec
+            .approvers
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let timeout = humantime::format_duration(spec.timeout).to_string();
+        let request = NewRequest {
+            requester,
+            target,
+            rule: &rule.name,
+            spec,
+            command: &command,
+        };
+        let mut held = approvals
+            .hold(&session.recorder, request)
+            .await
+            .map_err(|e| format!("approval needed, but the request cannot be recorded: {e}"))?;
+        let id = held.record().id.clone();
+        self.notice(&format!(
+            "approval request {id} sent to {approvers}; waiting up to {timeout} \
+             (interlock approvals approve {id})"
+        ))
+        .await;
+        let record = held.outcome().await.map_err(store_error)?;
+        if record.state == RequestState::Approved {
+            self.notice(&format!("request {id} approved")).await;
+            Ok(())
+        } else {
+            Err(record.refusal())
+        }
+    }
+
+    /// A line from the agent on the client's stderr.
+    async fn notice(&self, text: &str) {
+        let line = format!("interlock: {text}\r\n");
+        let _ = self
+            .handle
+            .extended_data(self.id, 1, line.into_bytes())
+            .await;
+    }
+
+    /// Tells the client why, exits 126, and ends the channel.
+    async fn refuse(&self, why: &str) {
+        tracing::info!(reason = why, "request refused");
+        self.notice(&format!("refused: {why}")).await;
+        let _ = self.record_exit(Some(REFUSED_STATUS), None);
+        let _ = self
+            .handle
+            .exit_status_request(self.id, REFUSED_STATUS)
+            .await;
+        let _ = self.handle.eof(self.id).await;
+        let _ = self.handle.close(self.id).await;
+    }
+
+    fn record_exit(&self, status: Option<u32>, signal: Option<&str>) -> Result<(), StoreError> {
+        self.connection
+            .session
+            .recorder
+            .append(&Event::Exit {
+                channel: self.id.into(),
+                status,
+                signal,
+            })
+            .map(|_| ())
+    }
+}
+
+/// Server to client: output (masked, recorded, counted), exit status,
+/// EOF, close.
+struct Down<'r> {
+    relay: &'r Relay,
+    to_client: ChannelWriteHalf<Msg>,
+    mask: Option<StreamMask>,
+}
+
+impl Down<'_> {
+    async fn run(&mut self, mut from_server: russh::ChannelReadHalf) {
+        loop {
+            let message = if self.mask.as_ref().is_some_and(StreamMask::holding) {
+                match tokio::time::timeout(MASK_IDLE, from_server.wait()).await {
+                    Ok(message) => message,
+                    Err(_) => {
+                        // An idle moment: what was held back goes out.
+                        self.flush_mask().await;
+                        continue;
+                    }
+                }
+            } else {
+                from_server.wait().await
+            };
+            if !self.pass_on(message).await {
+                return;
+            }
+        }
+    }
+
+    /// Passes one server message on; `false` when the channel is done.
+    async fn pass_on(&mut self, message: Option<ChannelMsg>) -> bool {
+        let relay = self.relay;
+        let (handle, id) = (&relay.handle, relay.id);
+        let Some(message) = message else {
+            // The upstream connection is gone.
+            self.flush_mask().await;
+            let _ = handle.close(id).await;
+            return false;
+        };
+        match message {
+            ChannelMsg::Data { data } => self.output(None, data).await,
+            ChannelMsg::ExtendedData { data, ext } => self.output(Some(ext), data).await,
+            ChannelMsg::Eof => {
+                self.flush_mask().await;
+                let _ = handle.eof(id).await;
+            }
+            ChannelMsg::ExitStatus { exit_status } => {
+                self.flush_mask().await;
+                let _ = relay.record_exit(Some(exit_status), None);
+                let _ = handle.exit_status_request(id, exit_status).await;
+            }
+            ChannelMsg::ExitSignal {
+                signal_name,
+                core_dumped,
+                error_message,
+                lang_tag,
+            } => {
+                self.flush_mask().await;
+                let _ = relay.record_exit(None, Some(&format!("{signal_name:?}")));
+                let _ = handle
+                    .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
+                    .await;
+            }
+            ChannelMsg::Failure => {
+                // The server refused to start what policy allowed.
+                relay.notice("the server refused the request").await;
+                let _ = relay.record_exit(Some(255), None);
+                let _ = handle.exit_status_request(id, 255).await;
+                let _ = handle.eof(id).await;
+                let _ = handle.close(id).await;
+                return false;
+            }
+            ChannelMsg::Close => {
+                self.flush_mask().await;
+                let _ = handle.close(id).await;
+                return false;
+            }
+            _ => {}
+        }
+        true
+    }
+
+    async fn output(&mut self, ext: Option<u32>, data: Bytes) {
+        let relay = self.relay;
+        if let Some(sftp) = relay.sftp.lock().expect("not poisoned").as_mut() {
+            sftp.server_sent(&data);
+        }
+        if self.mask.is_none() && relay.masked.load(Ordering::Relaxed) {
+            self.mask = relay.connection.masks.clone().map(StreamMask::new);
+        }
+        match self.mask.as_mut() {
+            Some(mask) => {
+                for (ext, chunk) in mask.push(ext, &data) {
+                    self.deliver(ext, chunk).await;
+                }
+            }
+            None => self.deliver(ext, data).await,
+        }
+    }
+
+    async fn flush_mask(&mut self) {
+        if let Some(chunks) = self.mask.as_mut().map(StreamMask::flush) {
+            for (ext, chunk) in chunks {
+                self.deliver(ext, chunk).await;
+            }
+        }
+    }
+
+    async fn deliver(&self, ext: Option<u32>, data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        let relay = self.relay;
+        let recorder = &relay.connection.session.recorder;
+        if recorder.records_output() && relay.sftp.lock().expect("not poisoned").is_none() {
+            let _ = recorder.append(&Event::Output { data: &data });
+        }
+        relay
+            .connection
+            .bytes
+            .down
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let _ = match ext {
+            None => self.to_client.data_bytes(data).await,
+            Some(ext) => self.to_client.extended_data_bytes(ext, data).await,
+        };
+    }
+}
+
+#[derive(serde::Serialize)]
+struct SshRequestLine<'a> {
+    event: &'static str,
+    session: String,
+    target: &'a str,
+    user: &'a str,
+    request: &'a str,
+    command: Option<&'a str>,
+    decision: Action,
+    enforced: bool,
+    rule: Option<&'a str>,
+    reason: &'a str,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error("ssh: {0}")]
+    Ssh(#[from] russh::Error),
+    #[error("recording: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// A forwarded port (`ssh -L`), once allowed: bytes both ways.
+pub async fn forward(client: Channel<Msg>, server: Channel<client::Msg>, bytes: Arc<ByteCounters>) {
+    let mut client = client.into_stream();
+    let mut server = server.into_stream();
+    match tokio::io::copy_bidirectional(&mut client, &mut server).await {
+        Ok((up, down)) => {
+            bytes.up.fetch_add(up, Ordering::Relaxed);
+            bytes.down.fetch_add(down, Ordering::Relaxed);
+        }
+        Err(error) => tracing::debug!(%error, "forwarded connection ended"),
+    }
+}

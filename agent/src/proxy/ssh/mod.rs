@@ -1,0 +1,625 @@
+//! SSH: the agent is the server the client talks to (its own host key,
+//! the client's authentication accepted: who calls comes from the kernel)
+//! and a client of the real server (the held credential). Every channel
+//! request is decided by policy before anything of it goes upstream.
+//!
+//! ```text
+//! client ──ssh──▶ ClientHandler (russh server; one per connection)
+//!                   │ decides exec / shell / subsystem / pty / env /
+//!                   │ forwarding, answers the client at once
+//!                   ▼ Op (bounded queue, in order)
+//!                 channel::relay (a task per channel) ──ssh──▶ server
+//!                   ◀── output, masked and recorded; exit status, EOF, close
+//! ```
+mod channel;
+mod host_key;
+mod mask;
+mod sftp;
+mod upstream;
+
+pub use host_key::{known_hosts_lines, load_or_create_host_key};
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use futures::{FutureExt, future::BoxFuture, future::Shared};
+use russh::{
+    Channel, ChannelId, ChannelOpenFailure, Pty, Sig,
+    server::{self, Auth, Msg, Session as ServerSession},
+};
+use tokio::{net::TcpStream, sync::mpsc};
+use tracing::Instrument;
+
+use crate::{
+    access::{AccessRecord, outcome},
+    addr::OrigDstAddr,
+    policy::{
+        Action, ActivePolicy, CommandLine, SshRequest, TargetId, Verdict, evaluate_ssh,
+        ssh_env_allowed, ssh_pty_allowed,
+    },
+    sessions::{Event, Recorder},
+    workload::Workload,
+};
+
+use super::ProxyContext;
+
+/// Each side's channel window, and how many messages a channel queues
+/// before the connection waits for it: bounded memory per channel.
+pub(crate) const WINDOW_SIZE: u32 = 2 * 1024 * 1024;
+pub(crate) const CHANNEL_BUFFER: usize = 64;
+const PACKET_SIZE: u32 = 32 * 1024;
+
+/// The client-facing server configuration, made once at start.
+pub fn server_config(host_key: russh::keys::PrivateKey) -> Arc<server::Config> {
+    Arc::new(server::Config {
+        server_id: russh::SshId::Standard("SSH-2.0-Interlock".into()),
+        keys: vec![host_key],
+        auth_rejection_time: Duration::from_millis(0),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        window_size: WINDOW_SIZE,
+        maximum_packet_size: PACKET_SIZE,
+        channel_buffer_size: CHANNEL_BUFFER,
+        event_buffer_size: CHANNEL_BUFFER,
+        nodelay: true,
+        ..Default::default()
+    })
+}
+
+/// One SSH connection, admitted by the connection-level policy.
+pub struct Session {
+    pub context: Arc<ProxyContext>,
+    pub active: Arc<ActivePolicy>,
+    pub target: TargetId,
+    pub workload: Arc<Workload>,
+    pub recorder: Arc<Recorder>,
+    pub orig_dst: OrigDstAddr,
+    /// The name the server's key is looked up by (target host name, or
+    /// the address).
+    pub host_name: String,
+}
+
+type UpstreamFuture = Shared<BoxFuture<'static, Result<Arc<upstream::Upstream>, String>>>;
+
+/// What every channel of a connection shares.
+pub(crate) struct Connection {
+    pub session: Session,
+    /// The upstream connection, started as the client connects, so both
+    /// handshakes happen at once.
+    upstream: UpstreamFuture,
+    /// Why upstream failed, for the access line.
+    pub upstream_error: std::sync::Mutex<Option<String>>,
+    pub bytes: Arc<crate::access::ByteCounters>,
+    pub masks: Option<Arc<crate::proxy::postgres::MaskSet>>,
+}
+
+impl Connection {
+    pub fn target_name(&self) -> &str {
+        &self.session.active.policy.targets[self.session.target.0].name
+    }
+}
+
+pub async fn serve(stream: TcpStream, session: Session, record: &mut AccessRecord) {
+    let target = &session.active.policy.targets[session.target.0];
+    let Some(settings) = target.ssh.clone() else {
+        record.finish(
+            outcome::ERROR,
+            Some("ssh target without a credential".into()),
+        );
+        return;
+    };
+    let connect = tokio::spawn(
+        upstream::connect(
+            session.orig_dst,
+            session.context.bypass_mark,
+            session.host_name.clone(),
+            settings,
+        )
+        .in_current_span(),
+    );
+    let upstream: UpstreamFuture = async move {
+        match connect.await {
+            Ok(Ok(handle)) => Ok(Arc::new(handle)),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(error) => Err(format!("connecting upstream: {error}")),
+        }
+    }
+    .boxed()
+    .shared();
+
+    let masks = {
+        let list =
+            crate::policy::masks_for(&session.active.policy, &session.workload, session.target);
+        // Text has no NULL: a `null` mask blanks the value instead.
+        let list: Vec<crate::policy::Mask> = list
+            .into_iter()
+            .map(|mask| crate::policy::Mask {
+                selects: mask.selects.clone(),
+                strategy: match mask.strategy {
+                    crate::policy::Strategy::Null => crate::policy::Strategy::Redact,
+                    other => other,
+                },
+            })
+            .collect();
+        let list: Vec<&crate::policy::Mask> = list.iter().collect();
+        (!list.is_empty())
+            .then(|| {
+                crate::proxy::postgres::MaskSet::compile(
+                    &list,
+                    &HashMap::new(),
+                    session.context.mask_key.clone(),
+                )
+                .ok()
+                .map(Arc::new)
+            })
+            .flatten()
+    };
+    let config = session.context.ssh_server.clone();
+    let connection = Arc::new(Connection {
+        session,
+        upstream,
+        upstream_error: Default::default(),
+        bytes: record.bytes.clone(),
+        masks,
+    });
+    let relays = Arc::new(std::sync::Mutex::new(tokio::task::JoinSet::new()));
+    let handler = ClientHandler {
+        connection: connection.clone(),
+        user: String::new(),
+        channels: HashMap::new(),
+        relays: relays.clone(),
+    };
+    let result = match server::run_stream(config, stream, handler).await {
+        Ok(running) => running.await,
+        Err(error) => Err(error),
+    };
+    // The client is gone: give channels a moment to pass on what the
+    // server still sends (exit statuses), then end them (a request held
+    // for approval is withdrawn when its relay ends).
+    let mut relays = std::mem::take(&mut *relays.lock().expect("not poisoned"));
+    if tokio::time::timeout(Duration::from_secs(1), async {
+        while relays.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        relays.abort_all();
+        while relays.join_next().await.is_some() {}
+    }
+    let upstream_error = connection
+        .upstream_error
+        .lock()
+        .expect("not poisoned")
+        .take();
+    match (result, upstream_error) {
+        (_, Some(error)) => record.finish(outcome::UPSTREAM_ERROR, Some(error)),
+        (Ok(()), None) => record.finish(outcome::CLOSED, None),
+        (Err(error), None) => match error {
+            SshError::Ssh(russh::Error::Disconnect) | SshError::Ssh(russh::Error::IO(_)) => {
+                record.finish(outcome::CLOSED, None)
+            }
+            other => record.finish(outcome::ERROR, Some(other.to_string())),
+        },
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error("{0}")]
+    Ssh(#[from] russh::Error),
+    #[error("the session cannot be recorded: {0}")]
+    Store(#[from] crate::sessions::StoreError),
+}
+
+/// The russh server handler of one connection: decides each request and
+/// hands it, in order, to the channel's relay.
+struct ClientHandler {
+    connection: Arc<Connection>,
+    /// The SSH user the client asked for.
+    user: String,
+    channels: HashMap<ChannelId, mpsc::Sender<channel::Op>>,
+    relays: Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
+}
+
+impl ClientHandler {
+    fn login(&mut self, user: &str, method: &str) -> Result<Auth, SshError> {
+        if self.user.is_empty() {
+            self.connection
+                .session
+                .recorder
+                .append(&Event::SshLogin { user, method })?;
+        }
+        self.user = user.to_owned();
+        Ok(Auth::Accept)
+    }
+
+    fn decide(&self, request: &SshRequest) -> Verdict {
+        let s = &self.connection.session;
+        evaluate_ssh(&s.active.policy, &s.workload, s.target, &self.user, request)
+    }
+
+    fn enforced(&self) -> bool {
+        self.connection.session.active.enforce
+    }
+
+    /// Queues an op for a channel's relay (waiting while it is busy: that
+    /// is the client's flow control). A relay that has ended takes nothing.
+    async fn send(&self, channel: ChannelId, op: channel::Op) {
+        if let Some(tx) = self.channels.get(&channel) {
+            let _ = tx.send(op).await;
+        }
+    }
+
+    /// Answers a channel request and queues what starts the channel.
+    async fn start(
+        &self,
+        channel: ChannelId,
+        start: channel::Start,
+        verdict: Verdict,
+        session: &mut ServerSession,
+    ) -> Result<(), SshError> {
+        // The client hears "success" whatever the decision: a denied
+        // command then tells why on stderr and exits 126, as a shell does
+        // for a command it may not run.
+        session.channel_success(channel)?;
+        self.send(channel, channel::Op::Start { start, verdict })
+            .await;
+        Ok(())
+    }
+}
+
+impl server::Handler for ClientHandler {
+    type Error = SshError;
+
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        self.login(user, "none")
+    }
+
+    async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
+        // Accepted and dropped: never logged, never used upstream.
+        self.login(user, "password")
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        _offer: server::PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(Auth::Accept)
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        _key: server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        self.login(user, "publickey")
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        user: &str,
+        _submethods: &str,
+        _response: Option<server::Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        self.login(user, "keyboard-interactive")
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: server::ChannelOpenHandle,
+        session: &mut ServerSession,
+    ) -> Result<(), Self::Error> {
+        let id = channel.id();
+        // The client's messages come through the callbacks below, so the
+        // channel's own queue is dropped; its write half (which waits for
+        // the client's window) carries output.
+        let (_, to_client) = channel.split();
+        let upstream = match self.connection.upstream.clone().await {
+            Ok(upstream) => upstream
+                .channel_open_session()
+                .await
+                .map_err(|e| e.to_string()),
+            Err(error) => Err(error),
+        };
+        let upstream = match upstream {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                // Accept, then say why on stderr and exit 255 as ssh does
+                // for a connection it cannot make: the user reads it in
+                // their terminal, not as a bare "open failed".
+                tracing::warn!(%error, "upstream unavailable");
+                *self.connection.upstream_error.lock().expect("not poisoned") = Some(error.clone());
+                reply.accept().await;
+                let handle = session.handle();
+                tokio::spawn(async move {
+                    let message = format!("interlock: {error}\r\n");
+                    let _ = to_client.extended_data_bytes(1, message.into_bytes()).await;
+                    let _ = handle.exit_status_request(id, 255).await;
+                    let _ = handle.eof(id).await;
+                    let _ = handle.close(id).await;
+                });
+                return Ok(());
+            }
+        };
+        reply.accept().await;
+        let (tx, rx) = mpsc::channel(CHANNEL_BUFFER);
+        self.channels.insert(id, tx);
+        let relay = channel::Relay::new(
+            self.connection.clone(),
+            id,
+            session.handle(),
+            self.user.clone(),
+        );
+        self.relays
+            .lock()
+            .expect("not poisoned")
+            .spawn(relay.run(upstream, to_client, rx).in_current_span());
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: server::ChannelOpenHandle,
+        _session: &mut ServerSession,
+    ) -> Result<(), Self::Error> {
+        let port16 = u16::try_from(port).unwrap_or(0);
+        let verdict = self.decide(&SshRequest::Forward { host, port: port16 });
+        let s = &self.connection.session;
+        let ticket = s.recorder.append(&Event::SshRequest {
+            channel: channel.id().into(),
+            request: "forward",
+            command: Some(&format!("{host}:{port}")),
+            decision: verdict.action,
+            enforced: self.enforced(),
+            rule: verdict.rule.as_deref(),
+            reason: &verdict.reason,
+        })?;
+        s.recorder
+            .count_statement(verdict.action != Action::Allow && self.enforced());
+        if verdict.action != Action::Allow && self.enforced() {
+            tracing::info!(host, port, reason = %verdict.reason, "port forwarding refused");
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        s.recorder.durable(ticket).await?;
+        let opened = match self.connection.upstream.clone().await {
+            Ok(upstream) => upstream
+                .channel_open_direct_tcpip(host, port, "127.0.0.1", 0)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(error) => Err(error),
+        };
+        let upstream = match opened {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                tracing::warn!(%error, host, port, "forwarding failed upstream");
+                reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                return Ok(());
+            }
+        };
+        reply.accept().await;
+        // A forwarded port carries bytes only: copy both ways.
+        let bytes = self.connection.bytes.clone();
+        self.relays
+            .lock()
+            .expect("not poisoned")
+            .spawn(channel::forward(channel, upstream, bytes).in_current_span());
+        Ok(())
+    }
+
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        _session: &mut ServerSession,
+    ) -> Result<(), Self::Error> {
+        self.send(
+            channel,
+            channel::Op::Data(bytes::Bytes::copy_from_slice(data)),
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut ServerSession,
+    ) -> Result<(), Self::Error> {
+        self.send(channel, channel::Op::Eof).await;
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut ServerSession,
+    ) -> Result<(), Self::Error> {
+        self.send(channel, channel::Op::Close).await;
+        self.channels.remove(&channel);
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        cols: u32,
+        rows: u32,
+        pix_width: u32,
+        pix_height: u32,
+        modes: &[(Pty, u32)],
+        session: &mut ServerSession,
+    ) -> Result<(), Self::Error> {
+        let s = &self.connection.session;
+        let allowed = ssh_pty_allowed(&s.active.policy, &s.workload, s.target, &self.user)
+            || !self.enforced();
+        if !allowed {
+            session.channel_failure(channel)?;
+            return Ok(());
+        }
+        session.channel_success(channel)?;
+        self.send(
+            channel,
+            channel::Op::Pty(channel::PtyRequest {
+                term: term.to_owned(),
+                cols,
+                rows,
+                pix_width,
+                pix_height,
+                modes: modes.to_vec(),
+            }),
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        cols: u32,
+        rows: u32,
+        pix_width: u32,
+        pix_height: u32,
+        _session: &mut ServerSession,
+    ) -> Result<(), Self::Error> {
+        self.send(
+            channel,
+            channel::Op::WindowChange {
+                cols,
+                rows,
+                pix_width,
+                pix_height,
+            },
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        value: &str,
+        session: &mut ServerSession,
+    ) -> Result<(), Self::Error> {
+        let s = &self.connection.session;
+        if ssh_env_allowed(&s.active.policy, &s.workload, s.target, &self.user, name) {
+            session.channel_success(channel)?;
+            self.send(channel, channel::Op::Env(name.to_owned(), value.to_owned()))
+                .await;
+        } else {
+            tracing::debug!(name, "environment variable not passed on");
+            session.channel_failure(channel)?;
+        }
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut ServerSession,
+    ) -> Result<(), Self::Error> {
+        let command = String::from_utf8_lossy(data).into_owned();
+        let verdict = self.decide(&SshRequest::Exec(&CommandLine::parse(&command)));
+        self.start(channel, channel::Start::Exec(command), verdict, session)
+            .await
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut ServerSession,
+    ) -> Result<(), Self::Error> {
+        let verdict = self.decide(&SshRequest::Shell);
+        self.start(channel, channel::Start::Shell, verdict, session)
+            .await
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut ServerSession,
+    ) -> Result<(), Self::Error> {
+        let verdict = self.decide(&SshRequest::Subsystem(name));
+        self.start(
+            channel,
+            channel::Start::Subsystem(name.to_owned()),
+            verdict,
+            session,
+        )
+        .await
+    }
+
+    async fn signal(
+        &mut self,
+        channel: ChannelId,
+        signal: Sig,
+        _session: &mut ServerSession,
+    ) -> Result<(), Self::Error> {
+        self.send(channel, channel::Op::Signal(signal)).await;
+        Ok(())
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _protocol: &str,
+        _cookie: &str,
+        _screen: u32,
+        session: &mut ServerSession,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    async fn agent_request(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut ServerSession,
+    ) -> Result<bool, Self::Error> {
+        // Agent forwarding would hand the server the client's keys.
+        tracing::info!(?channel, "agent forwarding refused");
+        let _ = self.connection.session.recorder.append(&Event::SshRequest {
+            channel: channel.into(),
+            request: "agent-forwarding",
+            command: None,
+            decision: Action::Deny,
+            enforced: true,
+            rule: None,
+            reason: "agent forwarding is never passed on",
+        });
+        Ok(false)
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        _session: &mut ServerSession,
+    ) -> Result<bool, Self::Error> {
+        tracing::info!(address, port = *port, "remote port forwarding refused");
+        let _ = self.connection.session.recorder.append(&Event::SshRequest {
+            channel: u32::MAX,
+            request: "remote-forward",
+            command: Some(&format!("{address}:{port}")),
+            decision: Action::Deny,
+            enforced: true,
+            rule: None,
+            reason: "remote port forwarding is not passed on",
+        });
+        Ok(false)
+    }
+}
