@@ -21,6 +21,8 @@ const REMOVE: u8 = 13;
 const MKDIR: u8 = 14;
 const RMDIR: u8 = 15;
 const RENAME: u8 = 18;
+/// Vendor requests by name: OpenSSH renames with `posix-rename@openssh.com`.
+const EXTENDED: u8 = 200;
 const STATUS: u8 = 101;
 const HANDLE: u8 = 102;
 const DATA: u8 = 103;
@@ -125,6 +127,14 @@ impl SftpLog {
                     return;
                 };
                 event("rename", &from, Some(&to));
+            }
+            EXTENDED => {
+                let name = r.string();
+                if let (Some("posix-rename@openssh.com"), Some(from), Some(to)) =
+                    (name.as_deref(), r.string(), r.string())
+                {
+                    event("rename", &from, Some(&to));
+                }
             }
             _ => {}
         }
