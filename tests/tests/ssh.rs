@@ -349,7 +349,7 @@ fn ssh_with_real_clients_and_server() {
     assert!(stderr(&out).contains("host key"), "{}", stderr(&out));
 
     // An exec an approve rule holds, until the on-call approves it.
-    let mut held = Command::new("sh")
+    let held = Command::new("sh")
         .arg("-c")
         .arg(format!(
             "echo $$ > {}/cgroup.procs && exec ssh -F {} {APP} 'uname -n'",
