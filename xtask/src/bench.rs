@@ -51,6 +51,16 @@ enum Bench {
         #[arg(long, default_value_t = 2_000)]
         ship_sessions: usize,
     },
+    /// SSH: direct vs `ssh -J` bastion vs Interlock (scp throughput,
+    /// sequential connects).
+    Ssh {
+        /// MiB copied with scp.
+        #[arg(long, default_value_t = 1024)]
+        mib: usize,
+        /// Sequential `ssh host true` runs.
+        #[arg(long, default_value_t = 1000)]
+        connects: usize,
+    },
     /// Opaque TCP: direct vs Interlock vs socat.
     Tcp {
         /// Connections in the `connect` scenario.
@@ -87,6 +97,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             seconds,
             stream_rows,
         } => crate::bench_postgres::run(seconds, stream_rows),
+        Bench::Ssh { mib, connects } => crate::bench_ssh::run(mib, connects),
         Bench::Sessions {
             statements,
             ship_sessions,

@@ -20,6 +20,11 @@ pub struct InstallArgs {
     /// Use an already built binary instead of building a release one.
     #[arg(long)]
     binary: Option<PathBuf>,
+    /// Also trust the agent's SSH host key for every SSH target host-wide:
+    /// write `interlock ssh known-hosts` into /etc/ssh/ssh_known_hosts
+    /// (lines the agent added before are replaced, others kept).
+    #[arg(long)]
+    ssh_known_hosts: bool,
 }
 
 impl InstallArgs {
@@ -27,6 +32,7 @@ impl InstallArgs {
         Self {
             root: root.to_owned(),
             binary: Some(binary.to_owned()),
+            ssh_known_hosts: false,
         }
     }
 }
@@ -59,6 +65,13 @@ pub fn run(args: InstallArgs) -> Result<()> {
         )?;
     }
     fs::create_dir_all(at("/etc/interlock/policy.d"))?;
+    if args.ssh_known_hosts {
+        trust_ssh_host_key(
+            &at("/usr/local/bin/interlock"),
+            &config,
+            &at("/etc/ssh/ssh_known_hosts"),
+        )?;
+    }
 
     let systemd_running = Path::new("/run/systemd/system").exists();
     if args.root == Path::new("/") && systemd_running {
@@ -70,6 +83,42 @@ pub fn run(args: InstallArgs) -> Result<()> {
             root.display()
         );
     }
+    Ok(())
+}
+
+/// Replaces the agent's lines (comment `interlock:TARGET`) in a
+/// known_hosts file with what `interlock ssh known-hosts` prints now.
+fn trust_ssh_host_key(binary: &Path, config: &Path, known_hosts: &Path) -> Result<()> {
+    let out = Command::new(binary)
+        .args(["ssh", "known-hosts", "--config"])
+        .arg(config)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "interlock ssh known-hosts: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let existing = fs::read_to_string(known_hosts).unwrap_or_default();
+    let mut text: String = existing
+        .lines()
+        .filter(|line| {
+            !line
+                .split_whitespace()
+                .nth(3)
+                .is_some_and(|c| c.starts_with("interlock:"))
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    text.push_str(&String::from_utf8_lossy(&out.stdout));
+    if let Some(parent) = known_hosts.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    fs::write(known_hosts, text)?;
+    fs::set_permissions(known_hosts, fs::Permissions::from_mode(0o644))?;
+    eprintln!(
+        "trusted the agent's SSH host key in {}",
+        known_hosts.display()
+    );
     Ok(())
 }
 

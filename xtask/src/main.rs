@@ -21,6 +21,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_postgres;
 mod bench_sessions;
+mod bench_ssh;
 mod install;
 mod setup;
 

@@ -330,6 +330,42 @@ pub fn describe(event: &Value, start_us: u64) -> String {
             event["rule"].as_str().unwrap_or("?")
         ),
         "output" => format!("output {} bytes", output_bytes(event).len()),
+        "input" => format!("input {} bytes", output_bytes(event).len()),
+        "ssh_login" => format!(
+            "ssh user {:?} ({} accepted by the agent)",
+            event["user"].as_str().unwrap_or("?"),
+            event["method"].as_str().unwrap_or("?")
+        ),
+        "ssh_request" => format!(
+            "{} {}[{}{}]",
+            event["request"].as_str().unwrap_or("?"),
+            event["command"]
+                .as_str()
+                .map(|c| format!("{c} "))
+                .unwrap_or_default(),
+            event["decision"].as_str().unwrap_or("?"),
+            rule(event)
+        ),
+        "terminal" => format!("terminal {}x{}", event["cols"], event["rows"]),
+        "exit" => match event["signal"].as_str() {
+            Some(signal) => format!("exit by signal {signal}"),
+            None => format!("exit status {}", event["status"]),
+        },
+        "sftp" => {
+            let mut text = format!(
+                "sftp {} {}",
+                event["op"].as_str().unwrap_or("?"),
+                event["path"].as_str().unwrap_or("?")
+            );
+            if let Some(to) = event["to"].as_str() {
+                text += &format!(" → {to}");
+            }
+            if let (Some(read), Some(written)) = (event["read"].as_u64(), event["written"].as_u64())
+            {
+                text += &format!(" ({read} bytes read, {written} written)");
+            }
+            text
+        }
         "session_end" => format!(
             "end: {}{}, {} statements ({} denied), {} bytes up, {} bytes down",
             event["outcome"].as_str().unwrap_or("?"),
@@ -376,6 +412,8 @@ pub fn replay(
         last = at;
         if event["kind"] == "output" && raw_output {
             out.write_all(&output_bytes(&event))?;
+        } else if event["kind"] == "input" {
+            // The terminal's echo is in the output already.
         } else {
             writeln!(out, "{}", describe(&event, summary.start_us))?;
         }
@@ -396,10 +434,17 @@ pub fn export_jsonl(log: &SessionLog, out: &mut impl Write) -> io::Result<()> {
 /// terminal output as it was; for a PostgreSQL session, its transcript.
 pub fn export_asciicast(log: &SessionLog, out: &mut impl Write) -> io::Result<()> {
     let summary = log.summary();
+    // The terminal's size as the client first gave it.
+    let size = log.events().find(|e| e["kind"] == "terminal");
+    let dimension = |field: &str, default: u64| {
+        size.as_ref()
+            .and_then(|e| e[field].as_u64())
+            .unwrap_or(default)
+    };
     let header = json!({
         "version": 2,
-        "width": 120,
-        "height": 40,
+        "width": dimension("cols", 120),
+        "height": dimension("rows", 40),
         "timestamp": summary.start_us / 1_000_000,
         "title": format!("interlock session {} ({} → {})", summary.id, summary.exe.as_deref().unwrap_or("?"), summary.target),
         "env": {"TERM": "xterm-256color", "SHELL": "/bin/sh"},
@@ -415,6 +460,11 @@ pub fn export_asciicast(log: &SessionLog, out: &mut impl Write) -> io::Result<()
             / 1e6;
         let text = if event["kind"] == "output" && raw_output {
             String::from_utf8_lossy(&output_bytes(&event)).into_owned()
+        } else if event["kind"] == "input" {
+            let typed = String::from_utf8_lossy(&output_bytes(&event)).into_owned();
+            serde_json::to_writer(&mut *out, &json!([at, "i", typed]))?;
+            out.write_all(b"\n")?;
+            continue;
         } else if event["kind"] == "output" {
             continue;
         } else {
