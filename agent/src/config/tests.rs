@@ -150,13 +150,37 @@ fn defaults_and_admins() {
 #[test]
 fn policy_examples_load_and_evaluate() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy-examples");
+    // The files the examples name under /etc/interlock, made here (a key
+    // of the test's own, root 0600, and an empty known_hosts).
+    let files = tempfile::tempdir().unwrap();
+    let key = files.path().join("deploy_ed25519");
+    let pem = russh::keys::PrivateKey::from(
+        russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[1; 32]),
+    )
+    .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+    .unwrap();
+    std::fs::write(&key, pem.as_bytes()).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let known_hosts = files.path().join("known_hosts");
+    std::fs::write(&known_hosts, "").unwrap();
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_none_or(|e| e != "toml") {
             continue;
         }
-        let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace(
+                "/etc/interlock/secrets/deploy_ed25519",
+                key.to_str().unwrap(),
+            )
+            .replace(
+                "/etc/interlock/upstream_known_hosts",
+                known_hosts.to_str().unwrap(),
+            );
+        let config =
+            Config::from_text(&path.display().to_string(), &text).unwrap_or_else(|e| panic!("{e}"));
         assert!(
             !config.policy.targets.is_empty(),
             "{} has targets",

@@ -465,3 +465,104 @@ fn secrets_are_never_printed() {
     assert_eq!(credential.password.expose(), "s3cret");
     assert!(!format!("{policy:?}").contains("s3cret"));
 }
+
+const SSH_POLICY: &str = r#"
+[[target]]
+name = "app-1"
+protocol = "ssh"
+address = "10.0.0.7:22"
+host_key_fingerprint = "SHA256:0123456789abcdefghijklmnopqrstuvwxyzABCDE"
+[target.credential]
+user = "deploy"
+password_file = "PASSWORD_FILE"
+
+[[workload]]
+name = "ci-jobs"
+unit = "gitlab-runner*.service"
+
+[[rule]]
+name = "ci-may-restart"
+workloads = ["ci-jobs"]
+targets = ["app-1"]
+decision = "allow"
+commands = ["systemctl restart app*", "journalctl -u app *"]
+subsystems = ["sftp"]
+forward = ["db.internal:5432"]
+env = ["GIT_*"]
+users = ["deploy"]
+
+[[rule]]
+name = "no-sudo"
+workloads = ["*"]
+targets = ["*"]
+decision = "deny"
+commands = ["** sudo **", "rm -rf *"]
+
+[[rule]]
+name = "shell-needs-oncall"
+workloads = ["ci-jobs"]
+targets = ["app-1"]
+decision = "approve"
+shell = true
+approvers = ["uid:5001"]
+"#;
+
+#[test]
+fn ssh_requests_follow_deny_approve_allow() {
+    let (policy, _dir) = sql_policy_from(SSH_POLICY);
+    let ci = workload(Some("gitlab-runner-7.service"), "/usr/bin/ssh", 999, &[]);
+    let app = TargetId(0);
+    let exec = |user: &str, line: &str| {
+        let line = CommandLine::parse(line);
+        evaluate_ssh(&policy, &ci, app, user, &SshRequest::Exec(&line))
+    };
+    let decided = |v: Verdict| (v.action, v.rule);
+    assert_eq!(
+        decided(exec("deploy", "systemctl restart app-web")),
+        (Action::Allow, Some("ci-may-restart".into()))
+    );
+    // Another SSH user: the allow rule does not apply.
+    assert_eq!(
+        decided(exec("root", "systemctl restart app")),
+        (Action::Deny, None)
+    );
+    // Not among the patterns, compound, or caught by the deny rule.
+    assert_eq!(
+        decided(exec("deploy", "systemctl stop app")).0,
+        Action::Deny
+    );
+    assert_eq!(
+        decided(exec("deploy", "systemctl restart app; reboot")),
+        (Action::Deny, None)
+    );
+    assert_eq!(
+        decided(exec("deploy", "journalctl -u app && sudo reboot")),
+        (Action::Deny, Some("no-sudo".into()))
+    );
+    let shell = evaluate_ssh(&policy, &ci, app, "deploy", &SshRequest::Shell);
+    assert_eq!(
+        decided(shell),
+        (Action::Approve, Some("shell-needs-oncall".into()))
+    );
+    let sftp = evaluate_ssh(&policy, &ci, app, "deploy", &SshRequest::Subsystem("sftp"));
+    assert_eq!(sftp.action, Action::Allow);
+    let forward = |host: &str, port: u16| {
+        evaluate_ssh(
+            &policy,
+            &ci,
+            app,
+            "deploy",
+            &SshRequest::Forward { host, port },
+        )
+        .action
+    };
+    assert_eq!(forward("db.internal", 5432), Action::Allow);
+    assert_eq!(forward("db.internal", 22), Action::Deny);
+    assert_eq!(forward("10.0.0.1", 5432), Action::Deny);
+    assert!(ssh_env_allowed(&policy, &ci, app, "deploy", "LC_ALL"));
+    assert!(ssh_env_allowed(&policy, &ci, app, "deploy", "GIT_PROTOCOL"));
+    assert!(!ssh_env_allowed(&policy, &ci, app, "deploy", "LD_PRELOAD"));
+    assert!(ssh_pty_allowed(&policy, &ci, app, "deploy"));
+    // The connection itself is admitted: requests are decided one by one.
+    assert_eq!(evaluate(&policy, &ci, app).action, Action::Allow);
+}
