@@ -4,35 +4,52 @@
 //! under that key is woken so it withdraws the request.
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use tokio::sync::Notify;
 
 /// Sessions by the backend key their client was given.
 #[derive(Default)]
-pub struct CancelKeys(Mutex<HashMap<(i32, i32), Arc<Notify>>>);
+pub struct CancelKeys(Mutex<HashMap<(i32, i32), Arc<CancelSignal>>>);
+
+/// How a cancel reaches a session: woken while it holds a statement.
+#[derive(Default)]
+pub struct CancelSignal {
+    pub notify: Notify,
+    /// Set while a statement is held (nothing of it runs upstream).
+    pub holding: AtomicBool,
+}
 
 impl CancelKeys {
     /// Registers a session's key for as long as the guard lives.
     pub fn register(&self, pid: i32, key: i32) -> CancelGuard<'_> {
-        let notify = Arc::new(Notify::new());
+        let signal = Arc::new(CancelSignal::default());
         self.0
             .lock()
             .expect("not poisoned")
-            .insert((pid, key), notify.clone());
+            .insert((pid, key), signal.clone());
         CancelGuard {
             keys: self,
             id: (pid, key),
-            notify,
+            signal,
         }
     }
 
-    /// Wakes the session under this key if it is waiting on a hold; a
-    /// cancel that comes while nothing is held wakes nothing later.
-    pub fn cancel(&self, pid: i32, key: i32) {
-        if let Some(notify) = self.0.lock().expect("not poisoned").get(&(pid, key)) {
-            notify.notify_waiters();
+    /// Wakes the session under this key if it is waiting on a hold, and
+    /// says so (then the cancel is not for the server: relaying it could
+    /// cancel the refusal the session sends instead). A cancel that comes
+    /// while nothing is held wakes nothing later.
+    pub fn cancel(&self, pid: i32, key: i32) -> bool {
+        match self.0.lock().expect("not poisoned").get(&(pid, key)) {
+            Some(signal) if signal.holding.load(Ordering::SeqCst) => {
+                signal.notify.notify_waiters();
+                true
+            }
+            _ => false,
         }
     }
 }
@@ -40,7 +57,7 @@ impl CancelKeys {
 pub struct CancelGuard<'a> {
     keys: &'a CancelKeys,
     id: (i32, i32),
-    pub notify: Arc<Notify>,
+    pub signal: Arc<CancelSignal>,
 }
 
 impl Drop for CancelGuard<'_> {

@@ -453,7 +453,7 @@ async fn relay<C: Duplex, U: Duplex>(
     let (notices, notices_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut requests =
         requests::Requests::new(session, counts, &expected, policy, resolved, notices);
-    requests.cancelled = cancel_guard.as_ref().map(|g| g.notify.clone());
+    requests.cancelled = cancel_guard.as_ref().map(|g| g.signal.clone());
     let mut responses = responses::Responses::new(session, counts, &expected, notices_rx);
     let (mut client_read, mut client_write) = client.halves();
     let (mut upstream_read, mut upstream_write) = upstream.halves();
@@ -510,7 +510,13 @@ async fn relay_cancel(
     pid: i32,
     key: i32,
 ) -> Result<(), SessionError> {
-    session.context.pg_cancels.cancel(pid, key);
+    if session.context.pg_cancels.cancel(pid, key) {
+        tracing::info!(
+            backend_pid = pid,
+            "cancel request withdrew a held statement"
+        );
+        return Ok(());
+    }
     let mut upstream = super::tcp::connect_marked(dst, session.context.bypass_mark)
         .await
         .map_err(|e| SessionError::upstream(format!("cancel: {e}"), None))?;

@@ -57,7 +57,7 @@ pub struct Requests<'s> {
     /// two of its messages.
     notices: tokio::sync::mpsc::UnboundedSender<BytesMut>,
     /// Woken by a cancel request for this session (psql's Ctrl-C).
-    pub cancelled: Option<Arc<tokio::sync::Notify>>,
+    pub cancelled: Option<Arc<super::cancel::CancelSignal>>,
 }
 
 /// What a client message asks of the relay.
@@ -289,9 +289,12 @@ impl<'s> Requests<'s> {
             held.record().approvers.join(", "),
         ));
         let cancelled = self.cancelled.clone();
+        // Marks the session as holding while the request waits (a cancel
+        // then withdraws it instead of going to the server).
+        let _holding = cancelled.as_ref().map(|signal| Holding::new(signal));
         let cancel = async {
             match &cancelled {
-                Some(notify) => notify.notified().await,
+                Some(signal) => signal.notify.notified().await,
                 None => std::future::pending().await,
             }
         };
@@ -674,6 +677,26 @@ pub fn raise(denial: &str) -> BytesMut {
     let mut buf = BytesMut::new();
     postgres_protocol::message::frontend::query(&sql, &mut buf).expect("no NUL in the denial");
     buf
+}
+
+/// Sets a session's `holding` flag for as long as it lives.
+struct Holding<'a>(&'a super::cancel::CancelSignal);
+
+impl<'a> Holding<'a> {
+    fn new(signal: &'a super::cancel::CancelSignal) -> Self {
+        signal
+            .holding
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Self(signal)
+    }
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.0
+            .holding
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 #[cfg(test)]
