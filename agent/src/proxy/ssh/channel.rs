@@ -14,7 +14,7 @@ use russh::{
 };
 use tokio::sync::mpsc;
 
-use super::{Connection, mask::StreamMask, sftp::SftpLog};
+use super::{Connection, RequestRecord, mask::StreamMask, sftp::SftpLog};
 use crate::{
     access::ByteCounters,
     approvals::{NewRequest, RequestState, Requester},
@@ -248,31 +248,15 @@ impl Relay {
         let session = &self.connection.session;
         let enforced = session.active.enforce;
         let recorder = &session.recorder;
-        let refused = enforced && verdict.action == Action::Deny;
-        let ticket = recorder
-            .append(&Event::SshRequest {
-                channel: self.id.into(),
-                request: start.request(),
-                command: start.command(),
-                decision: verdict.action,
-                enforced,
-                rule: verdict.rule.as_deref(),
-                reason: &verdict.reason,
-            })
-            .map_err(|e| format!("the session cannot be recorded: {e}"))?;
-        recorder.count_statement(refused);
-        crate::access::write_line(&SshRequestLine {
-            event: "ssh_request",
-            session: recorder.id().to_string(),
-            target: self.connection.target_name(),
-            user: &self.user,
+        let request = RequestRecord {
+            channel: self.id.into(),
             request: start.request(),
             command: start.command(),
-            decision: verdict.action,
-            enforced,
-            rule: verdict.rule.as_deref(),
-            reason: &verdict.reason,
-        });
+        };
+        let ticket = self
+            .connection
+            .record_request(&self.user, request, verdict)
+            .map_err(|e| format!("the session cannot be recorded: {e}"))?;
         // Nothing goes upstream before its record is on disk.
         recorder
             .durable(ticket)
@@ -505,20 +489,6 @@ impl Down<'_> {
             Some(ext) => self.to_client.extended_data_bytes(ext, data).await,
         };
     }
-}
-
-#[derive(serde::Serialize)]
-struct SshRequestLine<'a> {
-    event: &'static str,
-    session: String,
-    target: &'a str,
-    user: &'a str,
-    request: &'a str,
-    command: Option<&'a str>,
-    decision: Action,
-    enforced: bool,
-    rule: Option<&'a str>,
-    reason: &'a str,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -97,6 +97,57 @@ impl Connection {
     pub fn target_name(&self) -> &str {
         &self.session.active.policy.targets[self.session.target.0].name
     }
+
+    /// Records a request and its decision: a session event (the ticket
+    /// says when it is on disk) and an access line. A refusal counts as a
+    /// denied statement of the session.
+    pub fn record_request(
+        &self,
+        user: &str,
+        request: RequestRecord<'_>,
+        verdict: &Verdict,
+    ) -> Result<crate::sessions::Ticket, crate::sessions::StoreError> {
+        let enforced = self.session.active.enforce;
+        let event = Event::SshRequest {
+            channel: request.channel,
+            request: request.request,
+            command: request.command,
+            decision: verdict.action,
+            enforced,
+            rule: verdict.rule.as_deref(),
+            reason: &verdict.reason,
+        };
+        let recorder = &self.session.recorder;
+        let ticket = recorder.append(&event)?;
+        recorder.count_statement(verdict.action == Action::Deny && enforced);
+        crate::access::write_line(&RequestLine {
+            event: "ssh_request",
+            session: recorder.id().to_string(),
+            target: self.target_name(),
+            user,
+            request: &event,
+        });
+        Ok(ticket)
+    }
+}
+
+/// What a request was, for [`Connection::record_request`].
+pub(crate) struct RequestRecord<'a> {
+    /// The client's channel; `u32::MAX` for a global request.
+    pub channel: u32,
+    pub request: &'a str,
+    pub command: Option<&'a str>,
+}
+
+/// The access line of a request: the session event, with whose it is.
+#[derive(serde::Serialize)]
+struct RequestLine<'a> {
+    event: &'static str,
+    session: String,
+    target: &'a str,
+    user: &'a str,
+    #[serde(flatten)]
+    request: &'a Event<'a>,
 }
 
 pub async fn serve(stream: TcpStream, session: Session, record: &mut AccessRecord) {
@@ -372,17 +423,14 @@ impl server::Handler for ClientHandler {
         let port16 = u16::try_from(port).unwrap_or(0);
         let verdict = self.decide(&SshRequest::Forward { host, port: port16 });
         let s = &self.connection.session;
-        let ticket = s.recorder.append(&Event::SshRequest {
+        let request = RequestRecord {
             channel: channel.id().into(),
             request: "forward",
             command: Some(&format!("{host}:{port}")),
-            decision: verdict.action,
-            enforced: self.enforced(),
-            rule: verdict.rule.as_deref(),
-            reason: &verdict.reason,
-        })?;
-        s.recorder
-            .count_statement(verdict.action != Action::Allow && self.enforced());
+        };
+        let ticket = self
+            .connection
+            .record_request(&self.user, request, &verdict)?;
         if verdict.action != Action::Allow && self.enforced() {
             tracing::info!(host, port, reason = %verdict.reason, "port forwarding refused");
             reply
@@ -592,15 +640,16 @@ impl server::Handler for ClientHandler {
     ) -> Result<bool, Self::Error> {
         // Agent forwarding would hand the server the client's keys.
         tracing::info!(?channel, "agent forwarding refused");
-        let _ = self.connection.session.recorder.append(&Event::SshRequest {
+        let request = RequestRecord {
             channel: channel.into(),
             request: "agent-forwarding",
             command: None,
-            decision: Action::Deny,
-            enforced: true,
-            rule: None,
-            reason: "agent forwarding is never passed on",
-        });
+        };
+        self.connection.record_request(
+            &self.user,
+            request,
+            &never("agent forwarding is never passed on"),
+        )?;
         Ok(false)
     }
 
@@ -611,15 +660,25 @@ impl server::Handler for ClientHandler {
         _session: &mut ServerSession,
     ) -> Result<bool, Self::Error> {
         tracing::info!(address, port = *port, "remote port forwarding refused");
-        let _ = self.connection.session.recorder.append(&Event::SshRequest {
+        let request = RequestRecord {
             channel: u32::MAX,
             request: "remote-forward",
             command: Some(&format!("{address}:{port}")),
-            decision: Action::Deny,
-            enforced: true,
-            rule: None,
-            reason: "remote port forwarding is not passed on",
-        });
+        };
+        self.connection.record_request(
+            &self.user,
+            request,
+            &never("remote port forwarding is not passed on"),
+        )?;
         Ok(false)
+    }
+}
+
+/// The verdict on what the agent never passes on, whatever the policy.
+fn never(reason: &str) -> Verdict {
+    Verdict {
+        action: Action::Deny,
+        rule: None,
+        reason: reason.to_owned(),
     }
 }
