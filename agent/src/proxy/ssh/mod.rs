@@ -23,7 +23,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use futures::{FutureExt, future::BoxFuture, future::Shared};
 use russh::{
-    Channel, ChannelId, ChannelOpenFailure, Pty, Sig,
+    Channel, ChannelId, ChannelOpenFailure, Pty, Sig, cipher,
     server::{self, Auth, Msg, Session as ServerSession},
 };
 use tokio::{net::TcpStream, sync::mpsc};
@@ -62,8 +62,21 @@ pub fn server_config(host_key: russh::keys::PrivateKey) -> Arc<server::Config> {
         channel_buffer_size: CHANNEL_BUFFER,
         event_buffer_size: CHANNEL_BUFFER,
         nodelay: true,
+        preferred: preferred(&[cipher::AES_256_GCM, cipher::AES_128_GCM]),
         ..Default::default()
     })
+}
+
+/// The default algorithms with these ciphers. AES-GCM comes first on both
+/// hops: ring runs it on the CPU's AES instructions, several times faster
+/// than russh's ChaCha20 and CTR modes, and every byte is encrypted twice
+/// on its way through the agent. Clients are offered AES-GCM only, since an
+/// OpenSSH client takes ChaCha20 or CTR first whenever offered.
+pub(crate) fn preferred(ciphers: &'static [cipher::Name]) -> russh::Preferred {
+    russh::Preferred {
+        cipher: std::borrow::Cow::Borrowed(ciphers),
+        ..russh::Preferred::default()
+    }
 }
 
 /// One SSH connection, admitted by the connection-level policy.

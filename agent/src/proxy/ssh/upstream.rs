@@ -60,6 +60,13 @@ pub async fn connect(
         window_size: super::WINDOW_SIZE,
         channel_buffer_size: super::CHANNEL_BUFFER,
         nodelay: true,
+        preferred: super::preferred(&[
+            russh::cipher::AES_256_GCM,
+            russh::cipher::AES_128_GCM,
+            russh::cipher::CHACHA20_POLY1305,
+            russh::cipher::AES_256_CTR,
+            russh::cipher::AES_128_CTR,
+        ]),
         ..Default::default()
     });
     let checker = ServerCheck {
