@@ -460,53 +460,53 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                     "mask applies to allow rules (a denied statement returns nothing)",
                 ));
             }
-            // Fields about SQL only make sense on rules for SQL targets.
-            let sql_only = [
-                rule.statements.as_ref().map(|s| s.span()),
-                rule.tables.as_ref().map(|t| t.span()),
-                rule.as_user.as_ref().map(|u| u.span()),
-                rule.mask.as_ref().and_then(|m| m.first()).map(|m| m.span()),
-            ];
-            if let Some(at) = sql_only.into_iter().flatten().next() {
-                let not_sql = targets.as_ref().and_then(|ids| {
-                    ids.iter()
-                        .find(|id| policy.targets[id.0].protocol != Protocol::Postgres)
-                });
-                if let Some(id) = not_sql {
-                    return Err(source.error_at(
-                        at,
-                        format!(
-                            "statements, tables, as_user and mask apply to postgres targets; {:?} is not one",
-                            policy.targets[id.0].name
-                        ),
-                    ));
-                }
-            }
+            // Fields about one protocol only make sense on rules for its
+            // targets.
+            let for_protocols =
+                |fields: &[Option<std::ops::Range<usize>>], protocols: &[Protocol], what: &str| {
+                    let Some(at) = fields.iter().flatten().next() else {
+                        return Ok(());
+                    };
+                    let other = targets.as_ref().and_then(|ids| {
+                        ids.iter()
+                            .find(|id| !protocols.contains(&policy.targets[id.0].protocol))
+                    });
+                    match other {
+                        Some(id) => Err(source.error_at(
+                            at.clone(),
+                            format!("{what}; {:?} is not one", policy.targets[id.0].name),
+                        )),
+                        None => Ok(()),
+                    }
+                };
+            for_protocols(
+                &[
+                    rule.statements.as_ref().map(|s| s.span()),
+                    rule.tables.as_ref().map(|t| t.span()),
+                    rule.as_user.as_ref().map(|u| u.span()),
+                ],
+                &[Protocol::Postgres],
+                "statements, tables and as_user apply to postgres targets",
+            )?;
+            for_protocols(
+                &[rule.mask.as_ref().and_then(|m| m.first()).map(|m| m.span())],
+                &[Protocol::Postgres, Protocol::Ssh],
+                "mask applies to postgres and ssh targets",
+            )?;
+            for_protocols(
+                &[
+                    rule.commands.as_ref().map(|c| c.span()),
+                    rule.shell.as_ref().map(|c| c.span()),
+                    rule.subsystems.as_ref().map(|c| c.span()),
+                    rule.forward.as_ref().map(|c| c.span()),
+                    rule.users.as_ref().map(|c| c.span()),
+                    rule.env.as_ref().map(|c| c.span()),
+                    rule.pty.as_ref().map(|c| c.span()),
+                ],
+                &[Protocol::Ssh],
+                "commands, shell, subsystems, forward, users, env and pty apply to ssh targets",
+            )?;
             let ssh = ssh_requests(source, rule)?;
-            let ssh_fields = [
-                rule.commands.as_ref().map(|c| c.span()),
-                rule.shell.as_ref().map(|c| c.span()),
-                rule.subsystems.as_ref().map(|c| c.span()),
-                rule.forward.as_ref().map(|c| c.span()),
-                rule.users.as_ref().map(|c| c.span()),
-                rule.env.as_ref().map(|c| c.span()),
-                rule.pty.as_ref().map(|c| c.span()),
-            ];
-            if let Some(at) = ssh_fields.into_iter().flatten().next() {
-                let not_ssh = targets.as_ref().and_then(|ids| {
-                    ids.iter()
-                        .find(|id| policy.targets[id.0].protocol != Protocol::Ssh)
-                });
-                if let Some(id) = not_ssh {
-                    return Err(source.error_at(
-                        at,
-                        format!(
-                            "commands, shell, subsystems, forward, users, env and pty apply to ssh targets; {:?} is not one",
-                            policy.targets[id.0].name
-                        ),
-                    ));
-                }
-            }
             let approval = approval_spec(source, located)?;
             policy.rules.push(Rule {
                 name,

@@ -284,10 +284,6 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
                 .await
             }
             Protocol::Ssh => {
-                let host_name = match &target.address {
-                    crate::policy::TargetAddress::Host(host, _) => host.clone(),
-                    _ => intercepted.orig_dst.0.ip().to_string(),
-                };
                 let session = ssh::Session {
                     context: context.clone(),
                     active: active.clone(),
@@ -295,7 +291,7 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
                     workload,
                     recorder: recorder.clone(),
                     orig_dst: intercepted.orig_dst,
-                    host_name,
+                    host_name: upstream_name(target, &intercepted.orig_dst),
                 };
                 ssh::serve(stream, session, &mut record).await;
             }
@@ -306,10 +302,6 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
                         Some("postgres target without a credential".into()),
                     );
                     return reset(stream);
-                };
-                let server_name = match &target.address {
-                    crate::policy::TargetAddress::Host(host, _) => host.clone(),
-                    _ => intercepted.orig_dst.0.ip().to_string(),
                 };
                 // The role, when the admitting rule names one.
                 let as_user = verdict
@@ -322,7 +314,7 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
                     session_id: session_id.to_string(),
                     upstream_tls: target.tls,
                     upstream_ca_file: target.tls_ca_file.clone(),
-                    server_name,
+                    server_name: upstream_name(target, &intercepted.orig_dst),
                     context: context.clone(),
                     target: target.name.clone(),
                     credential,
@@ -341,6 +333,15 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
     }
     .instrument(span)
     .await
+}
+
+/// The name the upstream server is checked under (its TLS certificate,
+/// its SSH host key): the target's host name, else the address reached.
+fn upstream_name(target: &Target, orig_dst: &crate::addr::OrigDstAddr) -> String {
+    match &target.address {
+        crate::policy::TargetAddress::Host(host, _) => host.clone(),
+        _ => orig_dst.0.ip().to_string(),
+    }
 }
 
 /// A TCP connection an `approve` rule catches waits, before anything goes

@@ -209,7 +209,7 @@ impl MaskSet {
             let scanned = match action {
                 ColumnAction::Keep => continue,
                 ColumnAction::Whole(_) => None,
-                ColumnAction::Scan => match self.scan(value) {
+                ColumnAction::Scan => match self.scan(value, false) {
                     Scanned::Untouched => continue,
                     found => Some(found),
                 },
@@ -282,23 +282,18 @@ impl MaskSet {
     }
 
     /// Masks what the value patterns find in free text (SSH output); `None`
-    /// when nothing is found.
+    /// when nothing is found. Text has no NULL: a `null` mask redacts.
     pub fn scan_text(&self, text: &[u8]) -> Option<Vec<u8>> {
-        if self.scanners.is_empty() {
-            return None;
-        }
-        match self.scan(text) {
-            Scanned::Untouched => None,
+        match self.scan(text, true) {
             Scanned::Rewritten(text) => Some(text),
-            // Text has no NULL; the SSH proxy compiles `null` as redact,
-            // so this only guards against a set made otherwise.
-            Scanned::Null => Some(REDACTED.to_vec()),
+            Scanned::Untouched | Scanned::Null => None,
         }
     }
 
     /// Runs every scanner over a value, masking what they find (a new
-    /// value is only made when something is found).
-    fn scan(&self, value: &[u8]) -> Scanned {
+    /// value is only made when something is found). In `free_text`, a
+    /// `null` strategy redacts the match instead of the whole value.
+    fn scan(&self, value: &[u8], free_text: bool) -> Scanned {
         let mut current: Option<Vec<u8>> = None;
         for scanner in &self.scanners {
             let text = current.as_deref().unwrap_or(value);
@@ -310,10 +305,11 @@ impl MaskSet {
                 }
                 let out = rewritten.get_or_insert_with(|| Vec::with_capacity(text.len()));
                 out.extend_from_slice(&text[last..found.start()]);
-                if self
-                    .apply(scanner.strategy, found.as_bytes(), out)
-                    .is_none()
-                {
+                let strategy = match scanner.strategy {
+                    Strategy::Null if free_text => Strategy::Redact,
+                    strategy => strategy,
+                };
+                if self.apply(strategy, found.as_bytes(), out).is_none() {
                     return Scanned::Null;
                 }
                 last = found.end();
@@ -639,7 +635,7 @@ strategy = "partial""#,
             (b"order ORD-991 shipped", b"order **** shipped"),
         ];
         for (input, expected) in cases {
-            let result = match set.scan(input) {
+            let result = match set.scan(input, false) {
                 Scanned::Untouched => input.to_vec(),
                 Scanned::Rewritten(text) => text,
                 Scanned::Null => panic!("no null strategy here"),

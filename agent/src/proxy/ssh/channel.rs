@@ -446,37 +446,45 @@ impl Down<'_> {
 
     async fn output(&mut self, ext: Option<u32>, data: Bytes) {
         let relay = self.relay;
-        if let Some(sftp) = relay.sftp.lock().expect("not poisoned").as_mut() {
-            sftp.server_sent(&data);
-        }
+        // An SFTP channel's packets become events; its bytes are not
+        // terminal output.
+        let sftp = match relay.sftp.lock().expect("not poisoned").as_mut() {
+            Some(sftp) => {
+                sftp.server_sent(&data);
+                true
+            }
+            None => false,
+        };
         if self.mask.is_none() && relay.masked.load(Ordering::Relaxed) {
             self.mask = relay.connection.masks.clone().map(StreamMask::new);
         }
         match self.mask.as_mut() {
             Some(mask) => {
                 for (ext, chunk) in mask.push(ext, &data) {
-                    self.deliver(ext, chunk).await;
+                    self.deliver(ext, chunk, true).await;
                 }
             }
-            None => self.deliver(ext, data).await,
+            None => self.deliver(ext, data, !sftp).await,
         }
     }
 
     async fn flush_mask(&mut self) {
         if let Some(chunks) = self.mask.as_mut().map(StreamMask::flush) {
             for (ext, chunk) in chunks {
-                self.deliver(ext, chunk).await;
+                self.deliver(ext, chunk, true).await;
             }
         }
     }
 
-    async fn deliver(&self, ext: Option<u32>, data: Bytes) {
+    /// Sends output on to the client; `terminal` output is recorded with
+    /// `record = "full"` (masked output always is: never a subsystem's).
+    async fn deliver(&self, ext: Option<u32>, data: Bytes, terminal: bool) {
         if data.is_empty() {
             return;
         }
         let relay = self.relay;
         let recorder = &relay.connection.session.recorder;
-        if recorder.records_output() && relay.sftp.lock().expect("not poisoned").is_none() {
+        if terminal && recorder.records_output() {
             let _ = recorder.append(&Event::Output { data: &data });
         }
         relay

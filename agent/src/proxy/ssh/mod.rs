@@ -194,29 +194,17 @@ pub async fn serve(stream: TcpStream, session: Session, record: &mut AccessRecor
     let masks = {
         let list =
             crate::policy::masks_for(&session.active.policy, &session.workload, session.target);
-        // Text has no NULL: a `null` mask blanks the value instead.
-        let list: Vec<crate::policy::Mask> = list
-            .into_iter()
-            .map(|mask| crate::policy::Mask {
-                selects: mask.selects.clone(),
-                strategy: match mask.strategy {
-                    crate::policy::Strategy::Null => crate::policy::Strategy::Redact,
-                    other => other,
-                },
-            })
-            .collect();
-        let list: Vec<&crate::policy::Mask> = list.iter().collect();
-        (!list.is_empty())
-            .then(|| {
-                crate::proxy::postgres::MaskSet::compile(
-                    &list,
-                    &HashMap::new(),
-                    session.context.mask_key.clone(),
-                )
-                .ok()
-                .map(Arc::new)
-            })
-            .flatten()
+        if list.is_empty() {
+            None
+        } else {
+            crate::proxy::postgres::MaskSet::compile(
+                &list,
+                &HashMap::new(),
+                session.context.mask_key.clone(),
+            )
+            .ok()
+            .map(Arc::new)
+        }
     };
     let config = session.context.ssh_server.clone();
     let connection = Arc::new(Connection {
