@@ -162,6 +162,10 @@ impl Agent {
             store: store.clone(),
             approvals,
             pg_cancels: Default::default(),
+            pg: crate::proxy::postgres::Shared::new(
+                config.agent.max_statement_bytes,
+                config.agent.startup_timeout,
+            ),
             ssh_server: crate::proxy::ssh::server_config(ssh_host_key),
         });
 
@@ -558,6 +562,8 @@ fn restart_needed(old: &Config, new: &Config) -> bool {
         || a.bypass_mark != b.bypass_mark
         || a.bpffs_dir != b.bpffs_dir
         || a.redact_literals != b.redact_literals
+        || a.max_statement_bytes != b.max_statement_bytes
+        || a.startup_timeout != b.startup_timeout
         || old.sessions != new.sessions
         || old.shipper != new.shipper
         || old.approvals != new.approvals

@@ -7,6 +7,14 @@
                                                   prints how many there were
     pgwire.py HOST PORT parse-flush SQL           Parse and Flush, then waits
                                                   for the answer before Sync
+    pgwire.py HOST PORT simple-tags SQL           a Query; prints the tags of
+    pgwire.py HOST PORT extended-tags SQL         the answer (or of the answer
+                                                  to Parse/Bind/Execute/Sync),
+                                                  then runs SELECT 41 + 1
+    pgwire.py HOST PORT beside-large BYTES        a statement of BYTES on one
+                                                  connection; meanwhile, the
+                                                  slowest of 20 SELECT 1 on
+                                                  another, in milliseconds
 
 No password is ever sent: the agent in front answers AuthenticationOk.
 """
@@ -100,6 +108,10 @@ def stream(conn):
 
 def main():
     host, port, mode, sql = sys.argv[1:5]
+    if sql.startswith("@bytes:"):
+        # A statement of that many bytes (more than a command line holds).
+        size = int(sql[len("@bytes:"):])
+        sql = "SELECT '" + "y" * (size - 10) + "'"
     conn = Conn(host, port)
     if mode == "execute-undescribed":
         batch = (
@@ -132,6 +144,53 @@ def main():
                 print("|".join("" if v is None else v for v in row_values(body)))
 
         conn.until_ready(show)
+    elif mode in ("simple-tags", "extended-tags"):
+        if mode == "simple-tags":
+            conn.sock.sendall(message(b"Q", cstr(sql)))
+        else:
+            conn.sock.sendall(
+                message(b"P", cstr("") + cstr(sql) + struct.pack("!h", 0))
+                + message(b"B", cstr("") + cstr("") + struct.pack("!hhh", 0, 0, 0))
+                + message(b"E", cstr("") + struct.pack("!i", 0))
+                + message(b"S")
+            )
+        tags = []
+        conn.until_ready(lambda tag, body: tags.append(tag.decode()))
+        print("".join(tags))
+        conn.sock.sendall(message(b"Q", cstr("SELECT 41 + 1")))
+
+        def show(tag, body):
+            if tag == b"D":
+                print("|".join("" if v is None else v for v in row_values(body)))
+
+        conn.until_ready(show)
+    elif mode == "beside-large":
+        import threading
+        import time
+
+        size = int(sql)
+        items = ",".join(["1"] * (size // 2))
+        large = "SELECT 1 WHERE 1 IN (" + items + ")"
+        done = []
+
+        def run_large():
+            conn.sock.sendall(message(b"Q", cstr(large)))
+            conn.until_ready()
+            done.append(time.monotonic())
+
+        worker = threading.Thread(target=run_large)
+        other = Conn(host, port)
+        started = time.monotonic()
+        worker.start()
+        slowest = 0.0
+        for _ in range(20):
+            t = time.monotonic()
+            other.sock.sendall(message(b"Q", cstr("SELECT 1")))
+            other.until_ready()
+            slowest = max(slowest, time.monotonic() - t)
+        worker.join()
+        print("slowest_ms %.1f" % (slowest * 1000))
+        print("large_ms %.1f" % ((done[0] - started) * 1000))
     elif mode == "stream":
         conn.sock.sendall(message(b"Q", cstr(sql)))
         print(stream(conn))

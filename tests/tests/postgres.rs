@@ -105,7 +105,7 @@ fn statements_are_decided_and_the_password_stays_with_the_agent() {
         ),
         (
             "DO $$ BEGIN DELETE FROM orders; END $$",
-            "could not be parsed",
+            "no rule allows do",
         ),
         (
             "INSERT INTO orders VALUES (1000, 'x', 1)",
@@ -367,7 +367,7 @@ fn tls_clients_and_a_malformed_startup() {
 
 /// A cluster of the test's own with a role `app` whose password only the
 /// agent holds, and an agent whose one rule lets any workload run
-/// `statements` on it.
+/// `statements` on it (and call `pg_sleep`, which the cancel test runs).
 fn behind_agent(name: &str, ip: &str, statements: &[&str]) -> (Postgres, TestCgroup, Agent) {
     let pg = Postgres::start(name, ip);
     let password = format!("{name}-secret");
@@ -385,7 +385,7 @@ fn behind_agent(name: &str, ip: &str, statements: &[&str]) -> (Postgres, TestCgr
             "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"{}\"\ntls = \"disable\"\n\
              [target.credential]\nuser = \"app\"\npassword_file = {:?}\n\
              [[rule]]\nname = \"reads\"\nworkloads = [\"*\"]\ntargets = [\"db\"]\ndecision = \"allow\"\n\
-             statements = [{}]\n",
+             statements = [{}]\nfunctions = [\"pg_catalog.pg_sleep\"]\n",
             pg.addr,
             secret.display().to_string(),
             statements.join(", ")

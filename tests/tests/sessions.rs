@@ -41,6 +41,7 @@ workloads = ["ci"]
 targets = ["db"]
 decision = "allow"
 statements = ["select", "insert"]
+functions = ["pg_catalog.pg_sleep"]
 "#,
         addr = pg.addr,
         secret = secret.display().to_string(),

@@ -7,8 +7,12 @@ use crate::exec;
 
 /// Debian packages the end-to-end tests, the demo and the benchmark use as
 /// real servers and clients (and `socat`, the relay the benchmark compares
-/// against; OpenSSH's server and clients, `rsync` and `git` for SSH).
-const APT_PACKAGES: [&str; 15] = [
+/// against; OpenSSH's server and clients, `rsync` and `git` for SSH), and
+/// what the build needs: `pg_query` compiles PostgreSQL's parser (C) and
+/// generates its bindings with libclang.
+const APT_PACKAGES: [&str; 17] = [
+    "libclang-dev",
+    "clang",
     "curl",
     "python3",
     "socat",

@@ -162,6 +162,9 @@ pub struct AgentSpec {
     #[serde(default, with = "humantime_serde")]
     pub resolve_interval: Option<std::time::Duration>,
     pub redact_literals: Option<bool>,
+    pub max_statement_bytes: Option<Located<usize>>,
+    #[serde(default, with = "humantime_serde")]
+    pub startup_timeout: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -286,6 +289,8 @@ pub struct RuleSpec {
     pub statements: Option<Located<Vec<StatementKind>>>,
     /// SQL targets: `schema.table` globs the rule is about.
     pub tables: Option<Located<Vec<String>>>,
+    /// SQL targets: `schema.function` globs the rule is about.
+    pub functions: Option<Located<Vec<String>>>,
     /// SQL targets: what an allow rule does with statements that do not
     /// parse; `deny` unless set.
     pub unparsed: Option<Located<Unparsed>>,

@@ -426,18 +426,20 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                 .statements
                 .as_ref()
                 .map(|kinds| kinds.get_ref().iter().copied().collect());
-            let tables = match &rule.tables {
-                None => Vec::new(),
+            let globs = |field: &str, list: &Option<Located<Vec<String>>>| match list {
+                None => Ok(Vec::new()),
                 Some(list) => list
                     .get_ref()
                     .iter()
                     .map(|t| {
                         Pattern::new(t).map_err(|e| {
-                            source.error_at(list.span(), format!("tables: bad pattern {t:?}: {e}"))
+                            source.error_at(list.span(), format!("{field}: bad pattern {t:?}: {e}"))
                         })
                     })
-                    .collect::<Result<_, _>>()?,
+                    .collect::<Result<Vec<_>, _>>(),
             };
+            let tables = globs("tables", &rule.tables)?;
+            let functions = globs("functions", &rule.functions)?;
             if let Some(role) = &rule.as_user
                 && (rule.decision != crate::policy::Action::Allow || role.get_ref().is_empty())
             {
@@ -483,10 +485,11 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                 &[
                     rule.statements.as_ref().map(|s| s.span()),
                     rule.tables.as_ref().map(|t| t.span()),
+                    rule.functions.as_ref().map(|t| t.span()),
                     rule.as_user.as_ref().map(|u| u.span()),
                 ],
                 &[Protocol::Postgres],
-                "statements, tables and as_user apply to postgres targets",
+                "statements, tables, functions and as_user apply to postgres targets",
             )?;
             for_protocols(
                 &[rule.mask.as_ref().and_then(|m| m.first()).map(|m| m.span())],
@@ -516,6 +519,7 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                 action: rule.decision,
                 statements,
                 tables,
+                functions,
                 as_user: rule.as_user.as_ref().map(|u| u.get_ref().clone()),
                 masks,
                 allow_unparsed: matches!(

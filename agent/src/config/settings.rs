@@ -55,6 +55,10 @@ pub struct AgentSettings {
     pub resolve_interval: Duration,
     /// Whether statement audit lines replace literal values with `?`.
     pub redact_literals: bool,
+    /// PostgreSQL statements above this size are refused unparsed.
+    pub max_statement_bytes: usize,
+    /// How long a client has to finish the protocol's startup.
+    pub startup_timeout: Duration,
 }
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/interlock/interlock.toml";
@@ -76,6 +80,8 @@ impl Default for AgentSettings {
             bpffs_dir: PathBuf::from("/sys/fs/bpf/interlock"),
             resolve_interval: Duration::from_secs(30),
             redact_literals: false,
+            max_statement_bytes: 1024 * 1024,
+            startup_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -138,6 +144,18 @@ impl AgentSettings {
         }
         if let Some(redact) = spec.redact_literals {
             settings.redact_literals = redact;
+        }
+        if let Some(bytes) = &spec.max_statement_bytes {
+            if !(1024..=64 * 1024 * 1024).contains(bytes.get_ref()) {
+                return Err(source.error_at(
+                    bytes.span(),
+                    "max_statement_bytes must be between 1024 and 67108864",
+                ));
+            }
+            settings.max_statement_bytes = *bytes.get_ref();
+        }
+        if let Some(timeout) = spec.startup_timeout {
+            settings.startup_timeout = timeout.max(Duration::from_millis(100));
         }
         if let Some(interval) = spec.resolve_interval {
             settings.resolve_interval = interval.max(Duration::from_secs(1));

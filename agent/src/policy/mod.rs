@@ -4,6 +4,7 @@
 //! the configuration loader builds a [`Policy`], the daemon swaps it
 //! atomically on reload.
 mod command;
+pub mod functions;
 mod mask;
 mod selector;
 mod statement;
@@ -12,7 +13,7 @@ mod targets;
 pub use command::{CommandLine, CommandPattern};
 pub use mask::{BuiltinPattern, ColumnName, Mask, MaskSelects, MaskSpec, Strategy};
 pub use selector::{Pattern, WorkloadSelector};
-pub use statement::{KindSet, StatementInfo, StatementKind};
+pub use statement::{Builtin, FunctionRef, KindSet, StatementInfo, StatementKind};
 pub use targets::{
     Credential, HostKeyCheck, Protocol, RecordMode, Secret, SshAuth, SshUpstream, Target,
     TargetAddress, TargetId, TargetTable, UpstreamTls,
@@ -60,6 +61,10 @@ pub struct Rule {
     pub statements: Option<KindSet>,
     /// `schema.table` globs the rule is about (SQL targets); empty: any.
     pub tables: Vec<Pattern>,
+    /// `schema.function` globs (SQL targets): an allow rule lets these be
+    /// called besides the default built-ins; a deny or approve rule is
+    /// about statements that call them.
+    pub functions: Vec<Pattern>,
     /// An allow rule with `unparsed = "allow"` also lets through statements
     /// the parser cannot read (they cannot be checked; use sparingly).
     pub allow_unparsed: bool,
@@ -210,35 +215,37 @@ impl Rule {
     fn is_statement_level(&self) -> bool {
         self.statements.is_some()
             || !self.tables.is_empty()
+            || !self.functions.is_empty()
             || self.ssh.is_scoped()
             || !self.ssh.users.is_empty()
     }
 
-    /// An allow covers a statement when every kind in it and every table it
-    /// touches is allowed; a deny hits a statement when any kind or table
-    /// it names is there. So a DELETE hidden in a CTE needs `delete`
-    /// allowed, and is caught by a rule that denies `delete`.
+    /// An allow covers a statement when every kind in it, every table it
+    /// touches and every function it calls is allowed; a deny hits a
+    /// statement when any kind, table or function it names is there. So a
+    /// DELETE hidden in a CTE needs `delete` allowed, and is caught by a
+    /// rule that denies `delete`.
     fn covers(&self, statement: &StatementInfo) -> bool {
+        let table_matches = |t: &String| self.tables.iter().any(|p| p.matches(t));
+        let function_matches = |f: &FunctionRef| self.functions.iter().any(|p| p.matches(&f.name));
         match self.action {
             Action::Allow => {
                 self.statements
                     .is_none_or(|allowed| statement.kinds.is_subset(allowed))
-                    && (self.tables.is_empty()
-                        || statement
-                            .tables
-                            .iter()
-                            .all(|t| self.tables.iter().any(|p| p.matches(t))))
+                    && (self.tables.is_empty() || statement.tables.iter().all(table_matches))
+                    && statement
+                        .functions
+                        .iter()
+                        .all(|f| functions::covered(&self.functions, f))
             }
-            // Approve is restrictive like deny: it catches any of its kinds
-            // or tables.
+            // Approve is restrictive like deny: it catches any of its kinds,
+            // tables or functions.
             Action::Deny | Action::Approve => {
                 self.statements
                     .is_none_or(|denied| statement.kinds.intersects(denied))
-                    && (self.tables.is_empty()
-                        || statement
-                            .tables
-                            .iter()
-                            .any(|t| self.tables.iter().any(|p| p.matches(t))))
+                    && (self.tables.is_empty() || statement.tables.iter().any(table_matches))
+                    && (self.functions.is_empty()
+                        || statement.functions.iter().any(function_matches))
             }
         }
     }
@@ -339,6 +346,12 @@ pub fn evaluate_statement<'p>(
     target: TargetId,
     statement: &StatementInfo,
 ) -> StatementVerdict<'p> {
+    if statement.changes_role {
+        return StatementVerdict {
+            action: Action::Deny,
+            rule: None,
+        };
+    }
     if !statement.parsed {
         let waiver = policy.rules.iter().find(|rule| {
             rule.action == Action::Allow
@@ -455,8 +468,14 @@ impl StatementVerdict<'_> {
     /// Why, in words, for the client's error and the log.
     pub fn reason(&self, statement: &StatementInfo) -> String {
         let tables = tables_text(statement);
+        if statement.changes_role {
+            return "the session's role is pinned by the agent; it cannot be changed".into();
+        }
         match (self.rule, statement.parsed) {
-            (_, false) => "the statement could not be parsed, so it cannot be checked".into(),
+            (_, false) => format!(
+                "the statement cannot be checked: {}",
+                statement.problem.as_deref().unwrap_or("it does not parse")
+            ),
             (Some(rule), _) => {
                 let verb = match self.action {
                     Action::Allow => "allows",
@@ -465,7 +484,23 @@ impl StatementVerdict<'_> {
                 };
                 format!("rule {rule:?} {verb} {} on {tables}", statement.kinds)
             }
-            (None, _) => format!("no rule allows {} on {tables}", statement.kinds),
+            (None, _) => {
+                let functions = statement
+                    .functions
+                    .iter()
+                    .filter(|f| !functions::allowed_by_default(f))
+                    .map(|f| f.name.as_str())
+                    .collect::<Vec<_>>();
+                if functions.is_empty() {
+                    format!("no rule allows {} on {tables}", statement.kinds)
+                } else {
+                    format!(
+                        "no rule allows {} on {tables} calling {}",
+                        statement.kinds,
+                        functions.join(", ")
+                    )
+                }
+            }
         }
     }
 }

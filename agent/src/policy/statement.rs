@@ -35,11 +35,13 @@ pub enum StatementKind {
     Notify,
     Vacuum,
     Analyze,
+    /// `LOCK TABLE` (pg_dump and pg_restore take locks).
+    Lock,
     Other,
 }
 
 impl StatementKind {
-    const ALL: [StatementKind; 28] = [
+    const ALL: [StatementKind; 29] = [
         Self::Select,
         Self::Insert,
         Self::Update,
@@ -67,6 +69,7 @@ impl StatementKind {
         Self::Notify,
         Self::Vacuum,
         Self::Analyze,
+        Self::Lock,
         Self::Other,
     ];
 
@@ -82,6 +85,7 @@ impl StatementKind {
                 | Self::Transaction
                 | Self::Explain
                 | Self::Listen
+                | Self::Lock
         )
     }
 
@@ -121,6 +125,7 @@ impl StatementKind {
             Self::Notify => "notify",
             Self::Vacuum => "vacuum",
             Self::Analyze => "analyze",
+            Self::Lock => "lock",
             Self::Other => "other",
         }
     }
@@ -190,20 +195,47 @@ impl fmt::Display for KindSet {
     }
 }
 
-/// One statement of a query, analysed.
+/// One statement of a query, analysed and its names resolved for the
+/// session it came in.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StatementInfo {
     /// The statement's own kind and the kinds of every statement nested in
     /// it (a DELETE in a CTE, the statement under EXPLAIN or PREPARE).
     pub kinds: KindSet,
-    /// Every relation it names, as `schema.table` (unqualified names are
-    /// taken as `public.`), CTE names excluded.
+    /// Every relation it names, as `schema.table`, resolved as the server
+    /// will resolve it; a name that could resolve to several (a
+    /// search_path of several schemas) is there once per possibility.
     pub tables: Vec<String>,
-    /// False when the text could not be parsed; such a statement is denied.
+    /// Every function it calls, resolved the same way.
+    pub functions: Vec<FunctionRef>,
+    /// False when it cannot be checked (see `problem`); such a statement
+    /// is denied unless a rule says `unparsed = "allow"`.
     pub parsed: bool,
-    /// The statement as parsed (canonical form: comments and spacing gone),
-    /// or the raw text when it did not parse; cut at 4 KiB for the log.
+    /// Why it cannot be checked.
+    pub problem: Option<String>,
+    /// It changes the session's role (`SET ROLE`, `set_config('role', …)`):
+    /// never allowed, since the agent pins the role.
+    pub changes_role: bool,
+    /// The statement as sent (literals replaced when asked), cut at 4 KiB.
     pub text: String,
+}
+
+/// A function a statement calls, as `schema.name`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FunctionRef {
+    pub name: String,
+    pub builtin: Builtin,
+}
+
+/// What the server's catalog says of a function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Builtin {
+    /// In `pg_catalog`, immutable or stable in every overload.
+    Stable,
+    /// In `pg_catalog`, volatile in some overload.
+    Volatile,
+    /// Not a built-in (or not known to be one).
+    No,
 }
 
 impl StatementInfo {

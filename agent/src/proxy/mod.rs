@@ -47,6 +47,8 @@ pub struct ProxyContext {
     pub approvals: Arc<crate::approvals::Approvals>,
     /// PostgreSQL sessions by backend key, so a cancel reaches a held one.
     pub pg_cancels: postgres::CancelKeys,
+    /// What PostgreSQL sessions share: analyses, catalogs, limits.
+    pub pg: postgres::Shared,
     /// The SSH server clients talk to (with the agent's host key).
     pub ssh_server: Arc<russh::server::Config>,
 }

@@ -67,6 +67,7 @@ async fn harness_deciding(upstream: SocketAddr, decision: &str, enforce: bool) -
         literals: Default::default(),
         approvals: approvals.clone(),
         pg_cancels: Default::default(),
+        pg: crate::proxy::postgres::Shared::new(1024 * 1024, Duration::from_secs(10)),
         ssh_server: super::ssh::server_config(russh::keys::PrivateKey::from(
             russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[7; 32]),
         )),

@@ -69,7 +69,7 @@ pub async fn resolve<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// The text values of a DataRow body (`None` for NULL); `None` if malformed.
-fn text_values(body: &[u8]) -> Option<Vec<Option<&str>>> {
+pub fn text_values(body: &[u8]) -> Option<Vec<Option<&str>>> {
     let (count, mut rest) = body.split_first_chunk::<2>()?;
     let mut values = Vec::new();
     for _ in 0..i16::from_be_bytes(*count) {

@@ -5,10 +5,12 @@
 //!    (`N`), the client's parameters kept; its password is never asked for.
 //! 2. Upstream login with the target's held credential (`upstream.rs`).
 //! 3. `AuthenticationOk` and the server's parameters go to the client.
-//! 4. When the session's masks name table columns, their OIDs are looked
-//!    up in the catalog (`catalog.rs`).
+//! 4. What names resolve to: the session's search path, and what
+//!    `pg_catalog` holds (read once per target); when the session's masks
+//!    name table columns, their OIDs (`catalog.rs`, `names.rs`).
 //! 5. Client → server (`requests.rs`), message by message: each `Query`,
-//!    `Parse` and `Bind` is analysed (`sql.rs`) and every statement decided
+//!    `Parse` and `Bind` is analysed with PostgreSQL's own parser
+//!    (`sql/`), its names resolved (`names.rs`) and every statement decided
 //!    by policy (`statements.rs`); none of a denied query runs.
 //! 6. Server → client (`responses.rs`): each response matched to its
 //!    request; rows masked as they stream (`mask.rs`), each statement
@@ -16,6 +18,7 @@
 mod cancel;
 mod catalog;
 mod mask;
+mod names;
 mod requests;
 mod responses;
 pub mod sql;
@@ -25,7 +28,8 @@ mod wire;
 
 pub use cancel::CancelKeys;
 pub use mask::{MaskKey, MaskSet};
-pub use sql::Literals;
+pub use names::SystemCatalog;
+pub use sql::{Analyzer, Literals};
 pub use statements::StatementOutcome;
 
 use std::sync::{Arc, atomic::AtomicU64};
@@ -66,6 +70,32 @@ pub struct Session {
     pub recorder: Arc<crate::sessions::Recorder>,
 }
 
+/// What PostgreSQL sessions share.
+pub struct Shared {
+    /// Statement analyses by shape, and the threads large ones parse on.
+    pub analyzer: Arc<Analyzer>,
+    /// What `pg_catalog` holds, per target (read by its first session).
+    pub catalogs: std::sync::Mutex<std::collections::HashMap<String, Arc<SystemCatalog>>>,
+    /// Larger statements are refused (SQLSTATE 54000) without parsing.
+    pub max_statement_bytes: usize,
+    /// A client that has not finished its startup by then is dropped.
+    pub startup_timeout: std::time::Duration,
+}
+
+impl Shared {
+    pub fn new(max_statement_bytes: usize, startup_timeout: std::time::Duration) -> Self {
+        let threads = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .min(2);
+        Self {
+            analyzer: Arc::new(Analyzer::new(threads)),
+            catalogs: Default::default(),
+            max_statement_bytes,
+            startup_timeout,
+        }
+    }
+}
+
 /// Statement decisions of one session, for its access line.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct StatementCounts {
@@ -83,7 +113,20 @@ pub async fn serve(
     let _ = client.set_nodelay(true);
     let counts = Arc::new(StatementCounts::default());
     record.statements = Some(counts.clone());
-    let negotiated = negotiate(client, dst, &session.context).await;
+    // Half-open clients must not pile up: the startup has a deadline.
+    let timeout = session.context.pg.startup_timeout;
+    let negotiated = tokio::time::timeout(timeout, negotiate(client, dst, &session.context))
+        .await
+        .unwrap_or_else(|_| {
+            Err(SessionError {
+                outcome: outcome::ERROR,
+                message: format!(
+                    "the client did not finish its startup within {}",
+                    humantime::format_duration(timeout)
+                ),
+                to_client: None,
+            })
+        });
     let ctx = Ctx {
         dst,
         session: &session,
@@ -434,6 +477,19 @@ async fn relay<C: Duplex, U: Duplex>(
             )
         })?;
 
+    let names = session_names(&mut upstream, session).await.map_err(|e| {
+        SessionError::upstream(
+            format!("reading the search path and pg_catalog: {e}"),
+            Some((
+                "08006",
+                format!(
+                    "cannot read the search path on target {:?}: {e}",
+                    session.target
+                ),
+            )),
+        )
+    })?;
+
     let mut greeting = BytesMut::new();
     wire::authentication_ok(&mut greeting);
     for frame in &after_auth {
@@ -452,7 +508,7 @@ async fn relay<C: Duplex, U: Duplex>(
     let expected = responses::Expected::default();
     let (notices, notices_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut requests =
-        requests::Requests::new(session, counts, &expected, policy, resolved, notices);
+        requests::Requests::new(session, counts, &expected, policy, resolved, names, notices);
     requests.cancelled = cancel_guard.as_ref().map(|g| g.signal.clone());
     let mut responses = responses::Responses::new(session, counts, &expected, notices_rx);
     let (mut client_read, mut client_write) = client.halves();
@@ -485,6 +541,78 @@ async fn relay<C: Duplex, U: Duplex>(
             .then(|| ("53100", e.to_string())),
         message: e.to_string(),
     })
+}
+
+/// The session's name resolution: its search path as the server reports
+/// it, and the target's `pg_catalog` (read by the target's first session,
+/// on its own upstream connection, and kept).
+async fn session_names<U: Duplex>(
+    upstream: &mut U,
+    session: &Session,
+) -> Result<names::Names, upstream::LoginError> {
+    let known = session
+        .context
+        .pg
+        .catalogs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&session.target)
+        .cloned();
+    let catalog = match known {
+        Some(catalog) => catalog,
+        None => {
+            let mut catalog = SystemCatalog::default();
+            upstream::simple_query(upstream, SystemCatalog::RELATIONS_SQL, |row| {
+                if let [Some(name)] = catalog::text_values(row).as_deref().unwrap_or_default() {
+                    catalog.relations.insert((*name).to_owned());
+                }
+                Ok(())
+            })
+            .await?;
+            upstream::simple_query(upstream, SystemCatalog::FUNCTIONS_SQL, |row| {
+                if let [Some(name), Some(volatile)] =
+                    catalog::text_values(row).as_deref().unwrap_or_default()
+                {
+                    catalog
+                        .functions
+                        .insert((*name).to_owned(), *volatile == "t");
+                }
+                Ok(())
+            })
+            .await?;
+            let catalog = Arc::new(catalog);
+            session
+                .context
+                .pg
+                .catalogs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(session.target.clone(), catalog.clone());
+            catalog
+        }
+    };
+    let mut path = Vec::new();
+    upstream::simple_query(
+        upstream,
+        "SELECT pg_catalog.unnest(pg_catalog.current_schemas(true))",
+        |row| {
+            if let [Some(schema)] = catalog::text_values(row).as_deref().unwrap_or_default() {
+                path.push((*schema).to_owned());
+            }
+            Ok(())
+        },
+    )
+    .await?;
+    let user = session
+        .as_user
+        .clone()
+        .unwrap_or_else(|| session.credential.user.clone());
+    Ok(names::Names::new(
+        catalog,
+        path,
+        user,
+        session.as_user.is_some(),
+    ))
 }
 
 /// The table-qualified columns this session's masks name.

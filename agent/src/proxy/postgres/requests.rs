@@ -19,13 +19,15 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use super::{
     Session, StatementCounts,
     mask::{MaskSet, Origin},
+    names::Names,
     responses::{Expect, Expected},
-    statements::{Audit, Decided, DecisionCache, Masking, StatementOutcome, decide},
+    sql::{Analysed, Parsed},
+    statements::{Audit, Decided, DecisionCache, Denial, Masking, StatementOutcome, decide},
     wire::{self, Frame, WireError},
 };
 use crate::{
     approvals::{ApprovalError, Requester},
-    policy::{ActivePolicy, ColumnName, KindSet, StatementInfo, StatementKind},
+    policy::{ActivePolicy, ColumnName, KindSet, StatementKind},
     sessions::Ticket,
 };
 
@@ -39,6 +41,10 @@ pub struct Requests<'s> {
     counts: &'s StatementCounts,
     expected: &'s Expected,
     decisions: DecisionCache,
+    /// How names resolve in this session (search_path, pg_catalog).
+    names: Names,
+    /// Bumped when `names` changes: decisions made before are stale.
+    generation: u64,
     /// The policy the masks below were made from.
     policy: Arc<ActivePolicy>,
     masking: Masking,
@@ -95,7 +101,7 @@ struct Portal {
 }
 
 struct DeniedBatch {
-    denial: String,
+    denial: Denial,
     raised: bool,
 }
 
@@ -106,6 +112,7 @@ impl<'s> Requests<'s> {
         expected: &'s Expected,
         policy: Arc<ActivePolicy>,
         resolved: HashMap<ColumnName, Vec<Origin>>,
+        names: Names,
         notices: tokio::sync::mpsc::UnboundedSender<BytesMut>,
     ) -> Self {
         let mut requests = Self {
@@ -113,6 +120,8 @@ impl<'s> Requests<'s> {
             counts,
             expected,
             decisions: DecisionCache::default(),
+            names,
+            generation: 0,
             masking: Masking::Off,
             policy,
             resolved,
@@ -165,8 +174,8 @@ impl<'s> Requests<'s> {
 
     /// Sends, in the client's message's place, a query that makes the
     /// server raise `denial`; `hide_ready` inside an extended-protocol batch.
-    fn raise_denial(&self, denial: &str, out: &mut BytesMut, hide_ready: bool) {
-        out.extend_from_slice(&raise(denial));
+    fn raise_denial(&self, denial: &Denial, out: &mut BytesMut, hide_ready: bool) {
+        out.extend_from_slice(&raise(denial.code, &denial.message));
         self.expect(Expect::Query {
             audits: VecDeque::new(),
             masks: None,
@@ -203,7 +212,10 @@ impl<'s> Requests<'s> {
             };
             audit.finish(self.session, self.counts, outcome, None);
         }
-        tracing::info!(denial = decided.denial.as_deref(), "statement denied");
+        tracing::info!(
+            denial = decided.denial.as_ref().map(|d| d.message.as_str()),
+            "statement denied"
+        );
         Ok(())
     }
 
@@ -353,7 +365,10 @@ impl<'s> Requests<'s> {
             };
             audit.finish(self.session, self.counts, outcome, None);
         }
-        let denial = format!("statement not run: {message}");
+        let denial = Denial {
+            code: "42501",
+            message: format!("statement not run: {message}"),
+        };
         if frame.tag == b'E' {
             self.deny_batch(denial)
         } else {
@@ -383,9 +398,7 @@ impl<'s> Requests<'s> {
             b'Q' => {
                 self.refresh();
                 let sql = wire::query_text(frame.body())?;
-                let decided = self
-                    .decisions
-                    .get(sql, self.session, &self.policy, &self.masking);
+                let decided = self.decide(sql);
                 if let Some(denial) = &decided.denial {
                     self.record_denial(&decided)?;
                     self.raise_denial(denial, out, false);
@@ -394,6 +407,7 @@ impl<'s> Requests<'s> {
                 if let Some(hold) = self.gate(&decided)? {
                     return Ok(Step::Hold(hold));
                 }
+                self.follow(&decided);
                 let audits = self.record(&decided)?;
                 self.expect(Expect::Query {
                     audits,
@@ -404,18 +418,20 @@ impl<'s> Requests<'s> {
             b'P' => {
                 self.refresh();
                 let (name, sql) = wire::parse_fields(frame.body())?;
-                let decided = self
-                    .decisions
-                    .get(sql, self.session, &self.policy, &self.masking);
+                let decided = self.decide(sql);
                 if let Some(denial) = &decided.denial {
                     self.record_denial(&decided)?;
                     return self.deny_batch(denial.clone()).map(|()| Step::Done);
                 }
+                self.follow(&decided);
                 if !self.prepared.contains_key(name) && self.prepared.len() >= MAX_PREPARED {
                     return self
-                        .deny_batch(format!(
-                            "more than {MAX_PREPARED} prepared statements in one session; close some first"
-                        ))
+                        .deny_batch(Denial {
+                            code: "42501",
+                            message: format!(
+                                "more than {MAX_PREPARED} prepared statements in one session; close some first"
+                            ),
+                        })
                         .map(|()| Step::Done);
                 }
                 self.prepared.insert(name.to_owned(), decided);
@@ -425,14 +441,18 @@ impl<'s> Requests<'s> {
                 self.refresh();
                 let (portal, statement) = wire::bind_names(frame.body())?;
                 let mut decided = self.prepared.get(statement).cloned();
-                // Prepared under an older policy: decided again now.
+                // Prepared under an older policy or search path: decided
+                // again now.
                 if let Some(stale) = &decided
-                    && !Arc::ptr_eq(&stale.policy, &self.policy)
+                    && (!Arc::ptr_eq(&stale.policy, &self.policy)
+                        || stale.generation != self.generation)
                 {
                     let fresh = Arc::new(decide(
                         self.session,
                         &self.policy,
-                        stale.statements.clone(),
+                        stale.analysed.clone(),
+                        &self.names,
+                        self.generation,
                         &self.masking,
                     ));
                     self.prepared.insert(statement.to_owned(), fresh.clone());
@@ -490,10 +510,13 @@ impl<'s> Requests<'s> {
                     p.described = true;
                     p.decided.clone()
                 });
-                // Each execution is a statement of the record.
+                // Each execution is a statement of the record (an empty
+                // one runs nothing and records nothing).
                 let audit = match decided {
-                    Some(decided) => Some(self.record_one(&decided, 0)?),
-                    None => None,
+                    Some(decided) if !decided.statements.is_empty() => {
+                        Some(self.record_one(&decided, 0)?)
+                    }
+                    _ => None,
                 };
                 // Rows are masked by their columns: when the client did not
                 // describe the portal, the agent asks for itself.
@@ -525,15 +548,28 @@ impl<'s> Requests<'s> {
                 // A fast-path function call names a function by OID: it
                 // cannot be read as a statement, so it follows `unparsed`.
                 self.refresh();
-                let call: Arc<[StatementInfo]> = Arc::new([StatementInfo {
-                    kinds: KindSet::from_iter([StatementKind::Call]),
+                let call: Arc<[Analysed]> = Arc::new([Analysed {
+                    parsed: Arc::new(Parsed {
+                        kinds: KindSet::from_iter([StatementKind::Call]),
+                        problem: Some("a fast-path call names its function by number".into()),
+                        unparsed: true,
+                        ..Parsed::default()
+                    }),
                     text: "fast-path function call".into(),
-                    ..StatementInfo::default()
                 }]);
-                let decided = Arc::new(decide(self.session, &self.policy, call, &self.masking));
+                let decided = Arc::new(decide(
+                    self.session,
+                    &self.policy,
+                    call,
+                    &self.names,
+                    self.generation,
+                    &self.masking,
+                ));
                 let denial = decided.denial.clone().or_else(|| {
-                    self.masks()
-                        .map(|_| "results are masked for this workload, and a fast-path call's result cannot be".to_owned())
+                    self.masks().map(|_| Denial {
+                        code: "42501",
+                        message: "results are masked for this workload, and a fast-path call's result cannot be".into(),
+                    })
                 });
                 if let Some(denial) = denial {
                     self.record_denial(&decided)?;
@@ -556,8 +592,42 @@ impl<'s> Requests<'s> {
         Ok(Step::Done)
     }
 
+    /// The decision on a query text (analysed by `prepare`).
+    fn decide(&mut self, sql: &str) -> Arc<Decided> {
+        self.decisions.get(
+            sql,
+            self.session,
+            &self.policy,
+            &self.masking,
+            &self.names,
+            self.generation,
+        )
+    }
+
+    /// Analyses the query text of a Query or Parse before it is handled
+    /// (large ones away from the async workers).
+    async fn prepare(&mut self, frame: &Frame) -> Result<(), WireError> {
+        let sql = match frame.tag {
+            b'Q' => wire::query_text(frame.body())?,
+            b'P' => wire::parse_fields(frame.body())?.1,
+            _ => return Ok(()),
+        };
+        self.decisions.prepare(sql, self.session).await;
+        Ok(())
+    }
+
+    /// Follows what an allowed query may do to name resolution: the
+    /// session's search path as it may now be.
+    fn follow(&mut self, decided: &Decided) {
+        for analysed in decided.analysed.iter() {
+            if self.names.apply(&analysed.parsed.effects) {
+                self.generation += 1;
+            }
+        }
+    }
+
     /// Drops the rest of the batch; the denial is raised at Flush or Sync.
-    fn deny_batch(&mut self, denial: String) -> Result<(), WireError> {
+    fn deny_batch(&mut self, denial: Denial) -> Result<(), WireError> {
         self.denied_batch = Some(DeniedBatch {
             denial,
             raised: false,
@@ -616,6 +686,7 @@ where
             out.extend_from_slice(&frame.bytes);
             break;
         }
+        requests.prepare(&frame).await?;
         let mut step = requests.on_frame(&frame, &mut out)?;
         while let Step::Hold(hold) = step {
             // What came before goes on; only this message waits.
@@ -667,12 +738,13 @@ fn describe_portal(portal: &str, out: &mut BytesMut) {
 /// A simple Query that makes the server raise the denial as SQLSTATE 42501.
 /// The text only carries policy names and parsed identifiers; quotes are
 /// doubled and `$` removed so it cannot end the dollar-quoted body.
-pub fn raise(denial: &str) -> BytesMut {
+pub fn raise(code: &str, denial: &str) -> BytesMut {
     let message = format!("interlock: {denial}")
         .replace('$', "")
         .replace('\'', "''");
+    let code: String = code.chars().filter(char::is_ascii_alphanumeric).collect();
     let sql = format!(
-        "DO $interlock$ BEGIN RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = '{message}'; END $interlock$"
+        "DO $interlock$ BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = '{message}'; END $interlock$"
     );
     let mut buf = BytesMut::new();
     postgres_protocol::message::frontend::query(&sql, &mut buf).expect("no NUL in the denial");
@@ -705,7 +777,10 @@ mod tests {
 
     #[test]
     fn raise_cannot_be_broken_out_of() {
-        let buf = raise("rule \"x\" denies drop on public.a'b$interlock$; DROP TABLE t; --");
+        let buf = raise(
+            "42501",
+            "rule \"x\" denies drop on public.a'b$interlock$; DROP TABLE t; --",
+        );
         let text = wire::query_text(&buf[5..]).unwrap();
         assert!(text.starts_with("DO $interlock$ BEGIN RAISE EXCEPTION USING ERRCODE = '42501'"));
         assert_eq!(text.matches("$interlock$").count(), 2, "{text}");

@@ -12,7 +12,12 @@ use crate::{
     sessions::{Event, StoreError, Ticket},
 };
 
-use super::{Session, StatementCounts, mask::MaskSet, sql};
+use super::{
+    Session, StatementCounts,
+    mask::MaskSet,
+    names::Names,
+    sql::{self, Analysed},
+};
 
 /// The masks a session applies, as of one policy.
 #[derive(Clone)]
@@ -34,20 +39,34 @@ impl Masking {
     }
 }
 
-/// Policy's answer for one query text, under one policy.
+/// Policy's answer for one query text, under one policy and one state of
+/// the session's names.
 pub struct Decided {
     /// The policy decided under; a reload makes a new one.
     pub policy: Arc<ActivePolicy>,
+    /// The session's names generation decided under.
+    pub generation: u64,
+    /// The statements as parsed (session-independent).
+    pub analysed: Arc<[Analysed]>,
+    /// The statements as this session's names resolve them.
     pub statements: Arc<[StatementInfo]>,
     /// Per statement: the action and the deciding rule (index in the
     /// policy's rules).
     pub verdicts: Box<[(Action, Option<usize>)]>,
-    /// Set when a statement is denied and enforcement is on: the message
-    /// the client gets. None of the query runs.
-    pub denial: Option<String>,
+    /// Set when a statement is denied and enforcement is on: the SQLSTATE
+    /// and message the client gets. None of the query runs.
+    pub denial: Option<Denial>,
     /// Set when a statement needs approval (enforcement on, nothing
     /// denied): the asking rule. The whole query waits for one answer.
     pub approval: Option<usize>,
+}
+
+/// Why a query does not run, as the client is told.
+#[derive(Clone, Debug)]
+pub struct Denial {
+    /// `42501` (insufficient privilege) or `54000` (too large).
+    pub code: &'static str,
+    pub message: String,
 }
 
 impl Decided {
@@ -59,35 +78,97 @@ impl Decided {
 
 /// Decisions by query text, per session: clients that repeat a statement
 /// (the extended protocol re-sends Parse; ORMs repeat queries) pay a hash
-/// lookup instead of a parse and an evaluation. An entry made under an
-/// older policy is decided again (the parse is kept).
+/// lookup instead of an analysis and an evaluation. An entry made under an
+/// older policy or names generation is decided again (the parse is kept).
 #[derive(Default)]
-pub struct DecisionCache(HashMap<String, Arc<Decided>>);
+pub struct DecisionCache(HashMap<String, Entry>);
+
+struct Entry {
+    analysed: Arc<[Analysed]>,
+    decided: Option<Arc<Decided>>,
+}
 
 impl DecisionCache {
     const MAX_ENTRIES: usize = 256;
 
+    /// Makes sure `sql` is analysed (off the async workers when large);
+    /// statements over the size limit are not parsed at all.
+    pub async fn prepare(&mut self, sql: &str, session: &Session) {
+        if self.0.contains_key(sql) {
+            return;
+        }
+        let limit = session.context.pg.max_statement_bytes;
+        let analysed: Arc<[Analysed]> = if sql.len() > limit {
+            Arc::new([sql::Analysed {
+                parsed: Arc::new(sql::Parsed {
+                    problem: Some(format!(
+                        "it is {} bytes, over the agent's limit of {limit} ([agent] max_statement_bytes)",
+                        sql.len()
+                    )),
+                    too_large: true,
+                    unparsed: true,
+                    ..Default::default()
+                }),
+                text: format!("<statement of {} bytes, over the size limit>", sql.len()),
+            }])
+        } else {
+            session
+                .context
+                .pg
+                .analyzer
+                .analyze(sql, session.context.literals)
+                .await
+                .into()
+        };
+        if self.0.len() >= Self::MAX_ENTRIES {
+            self.0.clear();
+        }
+        self.0.insert(
+            sql.to_owned(),
+            Entry {
+                analysed,
+                decided: None,
+            },
+        );
+    }
+
+    /// The decision on `sql` (analysed by [`prepare`](Self::prepare)).
     pub fn get(
         &mut self,
         sql: &str,
         session: &Session,
         policy: &Arc<ActivePolicy>,
         masking: &Masking,
+        names: &Names,
+        generation: u64,
     ) -> Arc<Decided> {
-        if let Some(hit) = self.0.get(sql)
+        let entry = match self.0.get_mut(sql) {
+            Some(entry) => entry,
+            // Not prepared (it cannot happen on the relay's path): analysed
+            // here, on the calling thread.
+            None => {
+                let analysed: Arc<[Analysed]> = sql::analyze(sql, session.context.literals).into();
+                self.0.entry(sql.to_owned()).or_insert(Entry {
+                    analysed,
+                    decided: None,
+                })
+            }
+        };
+        if let Some(hit) = &entry.decided
             && Arc::ptr_eq(&hit.policy, policy)
+            && hit.generation == generation
         {
             return hit.clone();
         }
-        let statements = match self.0.get(sql) {
-            Some(stale) => stale.statements.clone(),
-            None => sql::analyze(sql, session.context.literals).into(),
-        };
-        if self.0.len() >= Self::MAX_ENTRIES {
-            self.0.clear();
-        }
-        let decided = Arc::new(decide(session, policy, statements, masking));
-        self.0.insert(sql.to_owned(), decided.clone());
+        let decided = Arc::new(decide(
+            session,
+            policy,
+            entry.analysed.clone(),
+            names,
+            generation,
+            masking,
+        ));
+        entry.decided = Some(decided.clone());
         decided
     }
 }
@@ -97,14 +178,17 @@ impl DecisionCache {
 pub fn decide(
     session: &Session,
     policy: &Arc<ActivePolicy>,
-    statements: Arc<[StatementInfo]>,
+    analysed: Arc<[Analysed]>,
+    names: &Names,
+    generation: u64,
     masking: &Masking,
 ) -> Decided {
+    let statements: Arc<[StatementInfo]> = analysed.iter().map(|a| names.resolve(a)).collect();
     let target = policy.policy.target_id(&session.target);
     let mut denial = None;
     let mut approval: Option<usize> = None;
     let mut verdicts = Vec::with_capacity(statements.len());
-    for statement in statements.iter() {
+    for (statement, analysed) in statements.iter().zip(analysed.iter()) {
         let (action, rule, reason) = match (target, masking) {
             // The target left the policy since the session began.
             (None, _) => (
@@ -132,20 +216,31 @@ pub fn decide(
                 }
             }
         };
-        if action == Action::Deny && (policy.enforce || target.is_none()) && denial.is_none() {
-            denial = Some(match rule.map(|r| &policy.policy.rules[r].name) {
+        // A statement over the size limit is refused even in audit mode:
+        // it is never parsed, so it is never checked.
+        let too_large = analysed.parsed.too_large;
+        if action == Action::Deny
+            && (policy.enforce || target.is_none() || too_large)
+            && denial.is_none()
+        {
+            let message = match rule.map(|r| &policy.policy.rules[r].name) {
                 Some(name) => format!("statement denied by rule {name:?}: {reason}"),
                 None => format!("statement denied: {reason}"),
-            });
+            };
+            let code = if too_large { "54000" } else { "42501" };
+            denial = Some(Denial { code, message });
         }
         if action == Action::Approve && policy.enforce && denial.is_none() {
             match (approval, rule) {
                 (None, Some(asking)) => approval = Some(asking),
                 (Some(first), Some(asking)) if first != asking => {
-                    denial = Some(format!(
-                        "statements of this query need approval under rules {:?} and {:?}; send them one at a time",
-                        policy.policy.rules[first].name, policy.policy.rules[asking].name
-                    ));
+                    denial = Some(Denial {
+                        code: "42501",
+                        message: format!(
+                            "statements of this query need approval under rules {:?} and {:?}; send them one at a time",
+                            policy.policy.rules[first].name, policy.policy.rules[asking].name
+                        ),
+                    });
                 }
                 _ => {}
             }
@@ -154,6 +249,8 @@ pub fn decide(
     }
     Decided {
         policy: policy.clone(),
+        generation,
+        analysed,
         statements,
         verdicts: verdicts.into(),
         approval: approval.filter(|_| denial.is_none()),

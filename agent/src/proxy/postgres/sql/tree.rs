@@ -1,0 +1,525 @@
+//! A walk over one statement of PostgreSQL's own parse tree: its kinds,
+//! every relation and function it names (as written), and what it does to
+//! the session's name resolution (search_path, role).
+//!
+//! The tree is libpg_query's, seen through its serde form (`lean.rs`): one generic walk
+//! reaches every node of every statement type, where a typed visitor would
+//! need a case per node type and silently miss the ones it forgot. Nothing
+//! here indexes or unwraps: a tree of an unexpected shape yields less, and
+//! what it yields is checked by policy (an unknown statement type is
+//! `other`).
+use super::lean::Lean;
+use pg_query::protobuf::{DiscardMode, GrantTargetType, ObjectType, VariableSetKind};
+
+/// A node's fields.
+type Fields = [(&'static str, Lean)];
+
+fn get<'a>(fields: &'a Fields, key: &str) -> Option<&'a Lean> {
+    fields.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+}
+
+use crate::policy::{KindSet, StatementKind as K};
+
+/// A relation or function name as the statement wrote it (identifiers
+/// already folded as PostgreSQL folds them).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Name {
+    pub schema: Option<String>,
+    pub name: String,
+}
+
+/// What a statement does to how later names resolve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// `SET search_path`, `set_config('search_path', …)`: the new path,
+    /// as written (`$user` kept).
+    SearchPath(Vec<String>),
+    /// `RESET search_path`, `SET search_path TO DEFAULT`.
+    ResetSearchPath,
+    /// `RESET ALL`, `DISCARD ALL`: every setting back to its default
+    /// (`DISCARD ALL` also puts the session authorization back).
+    ResetAll,
+    /// `SET ROLE`, `SET SESSION AUTHORIZATION`, `set_config('role', …)`.
+    Role,
+    /// `DISCARD ALL`: the session's authorization back to the login role.
+    ResetRole,
+}
+
+/// One statement, as parsed: independent of any session.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Parsed {
+    pub kinds: KindSet,
+    /// Relations it names (tables, views, sequences, indexes), CTE
+    /// references excluded; `GRANT … ON ALL TABLES IN SCHEMA s` names `s.*`.
+    pub relations: Vec<Name>,
+    /// Functions it calls (including aggregates and table functions).
+    pub functions: Vec<Name>,
+    pub effects: Vec<Effect>,
+    /// Why it cannot be checked: it did not parse, or parsed but cannot
+    /// be followed.
+    pub problem: Option<String>,
+    /// It did not parse at all.
+    pub unparsed: bool,
+    /// It was over the size limit, so it was not parsed.
+    pub too_large: bool,
+    /// Its literals may be secrets (`CREATE ROLE … PASSWORD '…'`).
+    pub holds_password: bool,
+    /// Its meaning depends on literal values (`set_config('role', …)`,
+    /// `SET search_path = …`): it must not share a decision with a
+    /// statement that differs only in literals.
+    pub literal_sensitive: bool,
+}
+
+/// Walks one statement (the `stmt` of a RawStmt, in serde form).
+pub fn walk(statement: &Lean) -> Parsed {
+    let mut walker = Walker::default();
+    walker.value(statement, false);
+    let mut parsed = walker.parsed;
+    parsed
+        .relations
+        .sort_by(|a, b| (&a.schema, &a.name).cmp(&(&b.schema, &b.name)));
+    parsed.relations.dedup();
+    parsed
+        .functions
+        .sort_by(|a, b| (&a.schema, &a.name).cmp(&(&b.schema, &b.name)));
+    parsed.functions.dedup();
+    if parsed.kinds == KindSet::default() {
+        parsed.kinds.insert(K::Other);
+    }
+    parsed
+}
+
+#[derive(Default)]
+struct Walker {
+    parsed: Parsed,
+    /// CTE names visible where the walk is.
+    ctes: Vec<String>,
+}
+
+/// Statements whose `relation` is the row target (never a CTE reference).
+const DML: [&str; 4] = ["InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"];
+
+impl Walker {
+    /// `target`: a RangeVar reached here is a statement's target relation,
+    /// which a CTE name never stands for.
+    fn value(&mut self, value: &Lean, target: bool) {
+        match value {
+            Lean::Map(map) => self.object(map, target),
+            Lean::Seq(items) => items.iter().for_each(|v| self.value(v, target)),
+            _ => {}
+        }
+    }
+
+    fn object(&mut self, map: &Fields, target: bool) {
+        // Typed fields (`InsertStmt.relation`, `CallStmt.funccall`) are not
+        // wrapped in a node: RangeVars and FuncCalls are known by shape.
+        if get(map, "relname").is_some() && get(map, "relpersistence").is_some() {
+            self.range_var(map, target);
+            return;
+        }
+        if get(map, "funcname").is_some() && get(map, "funcformat").is_some() {
+            self.func_call(map);
+        }
+        for (key, child) in map {
+            match child {
+                Lean::Map(fields) if is_node_type(key) => self.node(key, fields),
+                _ => self.value(child, false),
+            }
+        }
+    }
+
+    /// A node of a known type: its kind, then its children.
+    fn node(&mut self, node: &str, fields: &Fields) {
+        let flag = |name: &str| get(fields, name).and_then(Lean::as_bool).unwrap_or(false);
+        let int = |name: &str| get(fields, name).and_then(Lean::as_i64).unwrap_or(0) as i32;
+        let text = |name: &str| get(fields, name).and_then(Lean::as_str).unwrap_or("");
+        let kinds = &mut self.parsed.kinds;
+        match node {
+            "RangeVar" => return self.range_var(fields, false),
+            "FuncCall" => self.func_call(fields),
+            "SelectStmt" => {
+                // A bare VALUES list (`INSERT … VALUES`) reads nothing.
+                let values_only = get(fields, "values_lists")
+                    .and_then(Lean::as_array)
+                    .is_some_and(|v| !v.is_empty());
+                if !values_only {
+                    kinds.insert(K::Select);
+                }
+                if get(fields, "into_clause").is_some() {
+                    kinds.insert(K::Create);
+                }
+            }
+            "InsertStmt" => kinds.insert(K::Insert),
+            "UpdateStmt" => kinds.insert(K::Update),
+            "DeleteStmt" => kinds.insert(K::Delete),
+            "MergeStmt" => kinds.insert(K::Merge),
+            "CopyStmt" => kinds.insert(if flag("is_program") || !text("filename").is_empty() {
+                // A server-side file is the server's file system: as
+                // powerful as a program.
+                K::CopyProgram
+            } else if flag("is_from") {
+                K::CopyFrom
+            } else {
+                K::CopyTo
+            }),
+            "TruncateStmt" => kinds.insert(K::Truncate),
+            "GrantStmt" | "GrantRoleStmt" => {
+                kinds.insert(if flag("is_grant") {
+                    K::Grant
+                } else {
+                    K::Revoke
+                });
+                if node == "GrantStmt"
+                    && int("targtype") == GrantTargetType::AclTargetAllInSchema as i32
+                {
+                    for schema in strings(get(fields, "objects")) {
+                        self.parsed.relations.push(Name {
+                            schema: Some(schema),
+                            name: "*".into(),
+                        });
+                    }
+                }
+            }
+            "VariableSetStmt" => self.variable_set(fields),
+            "VariableShowStmt" => kinds.insert(K::Show),
+            "TransactionStmt" => kinds.insert(K::Transaction),
+            "CallStmt" => kinds.insert(K::Call),
+            "DoStmt" => kinds.insert(K::Do),
+            "ExecuteStmt" => kinds.insert(K::Execute),
+            "PrepareStmt" | "DeallocateStmt" => kinds.insert(K::Prepare),
+            "ExplainStmt" => kinds.insert(K::Explain),
+            "ListenStmt" => kinds.insert(K::Listen),
+            // `UNLISTEN *` (no channel) is a pool's reset.
+            "UnlistenStmt" if text("conditionname").is_empty() => kinds.insert(K::Reset),
+            "UnlistenStmt" => kinds.insert(K::Listen),
+            "NotifyStmt" => kinds.insert(K::Notify),
+            "VacuumStmt" => kinds.insert(if flag("is_vacuumcmd") {
+                K::Vacuum
+            } else {
+                K::Analyze
+            }),
+            "DeclareCursorStmt" | "FetchStmt" => kinds.insert(K::Select),
+            // `CLOSE ALL`.
+            "ClosePortalStmt" if text("portalname").is_empty() => kinds.insert(K::Reset),
+            "ClosePortalStmt" => kinds.insert(K::Select),
+            "LockStmt" => kinds.insert(K::Lock),
+            "DiscardStmt" => {
+                kinds.insert(K::Reset);
+                if int("target") == DiscardMode::DiscardAll as i32 {
+                    self.parsed.effects.push(Effect::ResetAll);
+                    self.parsed.effects.push(Effect::ResetRole);
+                }
+            }
+            "ConstraintsSetStmt" => kinds.insert(K::Set),
+            "DropStmt" => {
+                kinds.insert(K::Drop);
+                if is_relation_type(int("remove_type")) {
+                    for object in get(fields, "objects")
+                        .and_then(Lean::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        self.name_list(object, false);
+                    }
+                }
+            }
+            "CommentStmt" | "SecLabelStmt" => {
+                kinds.insert(K::Alter);
+                let objtype = int("objtype");
+                if let Some(object) = get(fields, "object") {
+                    if is_relation_type(objtype) {
+                        self.name_list(object, false);
+                    } else if objtype == ObjectType::ObjectColumn as i32 {
+                        self.name_list(object, true);
+                    }
+                }
+            }
+            "AlterSystemStmt"
+            | "CheckPointStmt"
+            | "LoadStmt"
+            | "ReindexStmt"
+            | "ClusterStmt"
+            | "RefreshMatViewStmt"
+            | "ImportForeignSchemaStmt" => kinds.insert(K::Other),
+            "CreateRoleStmt"
+            | "AlterRoleStmt"
+            | "AlterRoleSetStmt"
+            | "CreateUserMappingStmt"
+            | "AlterUserMappingStmt" => {
+                self.parsed.holds_password = true;
+                kinds.insert(if node.starts_with("Create") {
+                    K::Create
+                } else {
+                    K::Alter
+                });
+            }
+            other
+                if other.starts_with("Create")
+                    || matches!(
+                        other,
+                        "DefineStmt" | "ViewStmt" | "IndexStmt" | "RuleStmt" | "CompositeTypeStmt"
+                    ) =>
+            {
+                kinds.insert(K::Create)
+            }
+            other
+                if other.starts_with("Alter")
+                    || matches!(other, "RenameStmt" | "ReassignOwnedStmt") =>
+            {
+                kinds.insert(K::Alter)
+            }
+            other if other.starts_with("Drop") => kinds.insert(K::Drop),
+            other if other.ends_with("Stmt") => kinds.insert(K::Other),
+            _ => {}
+        }
+        self.children(node, fields);
+    }
+
+    /// The children of a node, with the CTE names of its WITH clause in
+    /// scope where PostgreSQL has them: a non-recursive CTE sees the ones
+    /// before it, a recursive WITH sees all; the statement body sees all;
+    /// a DML statement's target relation sees none.
+    fn children(&mut self, node: &str, fields: &Fields) {
+        let outer = self.ctes.len();
+        if let Some(with) = get(fields, "with_clause") {
+            let recursive = with.get("recursive").and_then(Lean::as_bool) == Some(true);
+            let ctes: Vec<(&str, Option<&Lean>)> = with
+                .get("ctes")
+                .and_then(Lean::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|cte| {
+                    let cte = cte.get("node")?.get("CommonTableExpr")?;
+                    Some((cte.get("ctename")?.as_str()?, cte.get("ctequery")))
+                })
+                .collect();
+            if recursive {
+                self.ctes
+                    .extend(ctes.iter().map(|(name, _)| name.to_string()));
+            }
+            for (name, query) in ctes {
+                if let Some(query) = query {
+                    self.value(query, false);
+                }
+                if !recursive {
+                    self.ctes.push(name.to_owned());
+                }
+            }
+        }
+        let dml = DML.contains(&node);
+        for (key, child) in fields {
+            if *key == "with_clause" {
+                continue;
+            }
+            self.value(child, dml && *key == "relation");
+        }
+        self.ctes.truncate(outer);
+    }
+
+    fn range_var(&mut self, map: &Fields, target: bool) {
+        let field = |name: &str| get(map, name).and_then(Lean::as_str).unwrap_or("");
+        let (schema, name) = (field("schemaname"), field("relname"));
+        if name.is_empty() {
+            return;
+        }
+        if schema.is_empty() && !target && self.ctes.iter().any(|cte| cte == name) {
+            return;
+        }
+        self.parsed.relations.push(Name {
+            schema: (!schema.is_empty()).then(|| schema.to_owned()),
+            name: name.to_owned(),
+        });
+    }
+
+    fn func_call(&mut self, map: &Fields) {
+        let mut parts = strings(get(map, "funcname"));
+        let Some(name) = parts.pop() else {
+            return;
+        };
+        let schema = parts.pop();
+        let builtin = schema.as_deref().is_none_or(|s| s == "pg_catalog");
+        if builtin && name == "set_config" {
+            self.set_config(get(map, "args"));
+            return;
+        }
+        if builtin && name == "pg_advisory_unlock_all" {
+            // What connection pools send to give a connection back clean.
+            self.parsed.kinds.insert(K::Reset);
+            return;
+        }
+        self.parsed.functions.push(Name { schema, name });
+    }
+
+    /// `SET name …`, `RESET …`.
+    fn variable_set(&mut self, fields: &Fields) {
+        self.parsed.literal_sensitive = true;
+        let kind = get(fields, "kind").and_then(Lean::as_i64).unwrap_or(0) as i32;
+        let name = get(fields, "name")
+            .and_then(Lean::as_str)
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if kind == VariableSetKind::VarResetAll as i32 {
+            self.parsed.kinds.insert(K::Reset);
+            self.parsed.effects.push(Effect::ResetAll);
+            return;
+        }
+        let reset = kind == VariableSetKind::VarReset as i32
+            || kind == VariableSetKind::VarSetDefault as i32;
+        match name.as_str() {
+            "role" | "session_authorization" => {
+                self.parsed.kinds.insert(K::Other);
+                self.parsed.effects.push(Effect::Role);
+            }
+            "search_path" if reset => {
+                self.parsed.kinds.insert(K::Set);
+                self.parsed.effects.push(Effect::ResetSearchPath);
+            }
+            "search_path" if kind == VariableSetKind::VarSetValue as i32 => {
+                self.parsed.kinds.insert(K::Set);
+                let path = get(fields, "args")
+                    .and_then(Lean::as_array)
+                    .into_iter()
+                    .flatten()
+                    .map(constant_text)
+                    .collect::<Option<Vec<_>>>();
+                match path {
+                    Some(values) => {
+                        // A value may be a folded name, a quoted name (case
+                        // kept) or a string (`'a, B'`, split and folded by
+                        // the server): the tree does not say which, so each
+                        // spelling is taken as a possible schema.
+                        let mut path = Vec::new();
+                        for value in values {
+                            path.extend(split_search_path(&value));
+                            if !path.contains(&value) {
+                                path.push(value);
+                            }
+                        }
+                        self.parsed.effects.push(Effect::SearchPath(path))
+                    }
+                    None => self.problem("a search_path that is not a list of names"),
+                }
+            }
+            "search_path" => {
+                self.parsed.kinds.insert(K::Set);
+                self.problem("SET search_path FROM CURRENT cannot be followed");
+            }
+            _ if reset => self.parsed.kinds.insert(K::Reset),
+            _ => self.parsed.kinds.insert(K::Set),
+        }
+    }
+
+    /// `set_config(name, value, is_local)`: a `SET` by another spelling,
+    /// followed when its setting and value are literals.
+    fn set_config(&mut self, args: Option<&Lean>) {
+        self.parsed.literal_sensitive = true;
+        let args: Vec<&Lean> = args
+            .and_then(Lean::as_array)
+            .into_iter()
+            .flatten()
+            .collect();
+        let setting = args.first().and_then(|v| constant_text(v));
+        let value = args.get(1).and_then(|v| constant_text(v));
+        let (Some(setting), Some(value)) = (setting, value) else {
+            self.problem(
+                "set_config with a setting or value computed at run time cannot be followed",
+            );
+            return;
+        };
+        match setting.to_ascii_lowercase().as_str() {
+            "role" | "session_authorization" => {
+                self.parsed.kinds.insert(K::Other);
+                self.parsed.effects.push(Effect::Role);
+            }
+            "search_path" => {
+                self.parsed.kinds.insert(K::Set);
+                self.parsed
+                    .effects
+                    .push(Effect::SearchPath(split_search_path(&value)));
+            }
+            _ => self.parsed.kinds.insert(K::Set),
+        }
+    }
+
+    /// A qualified name as a list of strings (`DROP TABLE s.t`); `column`:
+    /// the last part names a column of the relation before it.
+    fn name_list(&mut self, object: &Lean, column: bool) {
+        let list = object
+            .get("List")
+            .or_else(|| object.get("node")?.get("List"));
+        let mut parts = strings(list.and_then(|l| l.get("items")));
+        if column {
+            parts.pop();
+        }
+        if let Some(name) = parts.pop() {
+            self.parsed.relations.push(Name {
+                schema: parts.pop(),
+                name,
+            });
+        }
+    }
+
+    fn problem(&mut self, why: &str) {
+        self.parsed.problem.get_or_insert_with(|| why.to_owned());
+    }
+}
+
+/// Node type names are CamelCase; field names are snake_case.
+fn is_node_type(key: &str) -> bool {
+    key.starts_with(|c: char| c.is_ascii_uppercase())
+}
+
+fn is_relation_type(objtype: i32) -> bool {
+    [
+        ObjectType::ObjectTable,
+        ObjectType::ObjectView,
+        ObjectType::ObjectMatview,
+        ObjectType::ObjectIndex,
+        ObjectType::ObjectSequence,
+        ObjectType::ObjectForeignTable,
+    ]
+    .iter()
+    .any(|t| *t as i32 == objtype)
+}
+
+/// The `sval`s of a list of String nodes.
+fn strings(list: Option<&Lean>) -> Vec<String> {
+    list.and_then(Lean::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|item| {
+            let string = item.get("node").unwrap_or(item).get("String")?;
+            Some(string.get("sval")?.as_str()?.to_owned())
+        })
+        .collect()
+}
+
+/// The text of a string constant node (`'public'`), or None.
+fn constant_text(node: &Lean) -> Option<String> {
+    let constant = node.get("node").unwrap_or(node).get("AConst")?;
+    let string = constant.get("val")?.get("Sval")?;
+    // An empty string is a field at its default: left out of the tree.
+    Some(
+        string
+            .get("sval")
+            .and_then(Lean::as_str)
+            .unwrap_or("")
+            .to_owned(),
+    )
+}
+
+/// A search_path value as `set_config` takes it: comma-separated names,
+/// double quotes keeping case, others folded.
+pub fn split_search_path(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(
+            |s| match s.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+                Some(quoted) => quoted.replace("\"\"", "\""),
+                None => s.to_lowercase(),
+            },
+        )
+        .collect()
+}
