@@ -229,11 +229,21 @@ fn a_large_result_streams_in_bounded_memory() {
         grew_mib < 64,
         "the agent's peak RSS grew by {grew_mib} MiB streaming 1 GB"
     );
-    let line = agent
-        .statement_lines()
-        .into_iter()
-        .find(|l| l["rows"] == rows)
-        .expect("the stream's audit line");
+    // Audit lines are written by a batching thread: give it a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let line = loop {
+        let found = agent
+            .statement_lines()
+            .into_iter()
+            .find(|l| l["rows"] == rows);
+        match found {
+            Some(line) => break line,
+            None if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            None => panic!("the stream's audit line"),
+        }
+    };
     assert_eq!(line["cells_masked"], 0, "no mask names these columns");
 }
 

@@ -298,6 +298,9 @@ pub struct RuleSpec {
     pub as_user: Option<Located<String>>,
     /// SQL targets: values this rule's workloads see masked.
     pub mask: Option<Vec<Located<MaskSpec>>>,
+    /// SQL targets: `allow` lets statements use this rule's masked columns
+    /// where the mask cannot follow them (the values leave unmasked).
+    pub mask_expressions: Option<Located<Unparsed>>,
     /// `decision = "approve"`: who may say yes (`user`, `uid:N`,
     /// `group:NAME`, `webhook:NAME`).
     pub approvers: Option<Located<Vec<Located<String>>>>,

@@ -453,7 +453,19 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                     "unparsed applies to allow rules (unparsed statements are denied anyway)",
                 ));
             }
-            let masks = compile_masks(source, rule.mask.as_deref())?;
+            let mut masks = compile_masks(source, rule.mask.as_deref())?;
+            if let Some(setting) = &rule.mask_expressions {
+                if rule.mask.as_ref().is_none_or(|m| m.is_empty()) {
+                    return Err(source.error_at(
+                        setting.span(),
+                        "mask_expressions applies to a rule with masks",
+                    ));
+                }
+                let allowed = *setting.get_ref() == file::Unparsed::Allow;
+                for mask in &mut masks {
+                    mask.expressions_allowed = allowed;
+                }
+            }
             if let Some(mask) = rule.mask.as_ref().and_then(|m| m.first())
                 && rule.decision != crate::policy::Action::Allow
             {

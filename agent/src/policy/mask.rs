@@ -10,6 +10,49 @@ use serde::Deserialize;
 pub struct Mask {
     pub selects: MaskSelects,
     pub strategy: Strategy,
+    /// `mask_expressions = "allow"` on its rule: statements may use the
+    /// column where the mask cannot follow it (the value leaves unmasked).
+    pub expressions_allowed: bool,
+}
+
+/// The first column mask `statement` would walk around, in words: a
+/// masked column used where the server reports no table origin for the
+/// value (an expression, a set operation, a whole row, a subquery's
+/// output, RETURNING, a write), so the mask could not apply.
+pub fn walked_around(masks: &[&Mask], statement: &super::StatementInfo) -> Option<String> {
+    for exposure in &statement.exposures {
+        for mask in masks.iter().filter(|m| !m.expressions_allowed) {
+            let MaskSelects::Column(name) = &mask.selects else {
+                continue;
+            };
+            let column = exposure
+                .column
+                .as_ref()
+                .is_none_or(|c| c.eq_ignore_ascii_case(&name.column));
+            let tables = if exposure.tables.is_empty() {
+                &statement.tables
+            } else {
+                &exposure.tables
+            };
+            let table = name.table.as_ref().is_none_or(|table| {
+                tables.iter().any(|qualified| {
+                    let (schema, relation) = qualified.split_once('.').unwrap_or(("", qualified));
+                    relation.eq_ignore_ascii_case(table)
+                        && name
+                            .schema
+                            .as_ref()
+                            .is_none_or(|s| s.eq_ignore_ascii_case(schema))
+                })
+            });
+            if column && table {
+                return Some(format!(
+                    "column {name} is masked for this workload, and this statement would return it unmasked ({}); select it as a plain column of a plain SELECT, or allow it with mask_expressions = \"allow\" on the rule",
+                    exposure.how
+                ));
+            }
+        }
+    }
+    None
 }
 
 /// What a mask applies to.
@@ -143,7 +186,11 @@ impl MaskSpec {
             (StrategyName::Hash, None) => Strategy::Hash,
             (StrategyName::Null, None) => Strategy::Null,
         };
-        Ok(Mask { selects, strategy })
+        Ok(Mask {
+            selects,
+            strategy,
+            expressions_allowed: false,
+        })
     }
 }
 

@@ -11,9 +11,9 @@ mod statement;
 mod targets;
 
 pub use command::{CommandLine, CommandPattern};
-pub use mask::{BuiltinPattern, ColumnName, Mask, MaskSelects, MaskSpec, Strategy};
+pub use mask::{BuiltinPattern, ColumnName, Mask, MaskSelects, MaskSpec, Strategy, walked_around};
 pub use selector::{Pattern, WorkloadSelector};
-pub use statement::{Builtin, FunctionRef, KindSet, StatementInfo, StatementKind};
+pub use statement::{Builtin, Exposure, FunctionRef, KindSet, StatementInfo, StatementKind};
 pub use targets::{
     Credential, HostKeyCheck, Protocol, RecordMode, Secret, SshAuth, SshUpstream, Target,
     TargetAddress, TargetId, TargetTable, UpstreamTls,

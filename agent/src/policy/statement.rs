@@ -213,11 +213,27 @@ pub struct StatementInfo {
     pub parsed: bool,
     /// Why it cannot be checked.
     pub problem: Option<String>,
+    /// Column uses a table-column mask cannot follow (the value would leave
+    /// without its table origin).
+    pub exposures: Vec<Exposure>,
     /// It changes the session's role (`SET ROLE`, `set_config('role', …)`):
     /// never allowed, since the agent pins the role.
     pub changes_role: bool,
     /// The statement as sent (literals replaced when asked), cut at 4 KiB.
     pub text: String,
+}
+
+/// A column use whose value would reach the client (or a table) without
+/// the table origin a column mask is applied by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exposure {
+    /// The `schema.table`s the column may belong to; empty: any table of
+    /// the statement.
+    pub tables: Vec<String>,
+    /// None: every column (a whole row, a `*`).
+    pub column: Option<String>,
+    /// How it leaves, in words ("in an expression").
+    pub how: &'static str,
 }
 
 /// A function a statement calls, as `schema.name`.

@@ -55,6 +55,9 @@ pub struct MaskSet {
     /// Masks looking at every value.
     scanners: Vec<Scanner>,
     key: Arc<MaskKey>,
+    /// Views reading a masked column (`schema.view`, the column): a
+    /// statement naming one is refused, since its columns are the view's.
+    pub views: Vec<(String, String)>,
 }
 
 /// A check a match must also pass (Luhn, IBAN mod 97).
@@ -84,6 +87,7 @@ impl MaskSet {
             by_origin: HashMap::new(),
             scanners: Vec::new(),
             key,
+            views: Vec::new(),
         };
         let mut unresolved = Vec::new();
         for mask in masks {

@@ -19,7 +19,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::sql::{Analysed, Effect, Name};
-use crate::policy::{Builtin, FunctionRef, StatementInfo};
+use crate::policy::{Builtin, Exposure, FunctionRef, StatementInfo};
 
 /// What `pg_catalog` holds on one target.
 #[derive(Debug, Default)]
@@ -150,6 +150,25 @@ impl Names {
                 },
             );
         }
+        let exposures = parsed
+            .exposures
+            .iter()
+            .map(|exposure| {
+                let mut tables = Vec::new();
+                if let Some(relation) = &exposure.relation {
+                    self.candidates(
+                        relation,
+                        |s| self.catalog.relations.contains(s),
+                        |schema, name| tables.push(format!("{schema}.{name}")),
+                    );
+                }
+                Exposure {
+                    tables,
+                    column: exposure.column.clone(),
+                    how: exposure.how.describe(),
+                }
+            })
+            .collect();
         let changes_role = parsed.effects.iter().any(|e| match e {
             Effect::Role => true,
             Effect::ResetRole => self.role_pinned,
@@ -167,6 +186,7 @@ impl Names {
             functions,
             parsed: problem.is_none(),
             problem,
+            exposures,
             changes_role,
             text: analysed.text.clone(),
         }

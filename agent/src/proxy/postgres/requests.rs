@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::{
     Session, StatementCounts,
-    mask::{MaskSet, Origin},
+    mask::MaskSet,
     names::Names,
     responses::{Expect, Expected},
     sql::{Analysed, Parsed},
@@ -27,7 +27,7 @@ use super::{
 };
 use crate::{
     approvals::{ApprovalError, Requester},
-    policy::{ActivePolicy, ColumnName, KindSet, StatementKind},
+    policy::{ActivePolicy, KindSet, StatementKind},
     sessions::Ticket,
 };
 
@@ -49,7 +49,7 @@ pub struct Requests<'s> {
     policy: Arc<ActivePolicy>,
     masking: Masking,
     /// Table-qualified mask columns looked up at session start.
-    resolved: HashMap<ColumnName, Vec<Origin>>,
+    resolved: super::catalog::Resolved,
     /// Protocol-level prepared statements, by name.
     prepared: HashMap<String, Arc<Decided>>,
     portals: HashMap<String, Portal>,
@@ -111,7 +111,7 @@ impl<'s> Requests<'s> {
         counts: &'s StatementCounts,
         expected: &'s Expected,
         policy: Arc<ActivePolicy>,
-        resolved: HashMap<ColumnName, Vec<Origin>>,
+        resolved: super::catalog::Resolved,
         names: Names,
         notices: tokio::sync::mpsc::UnboundedSender<BytesMut>,
     ) -> Self {
@@ -147,8 +147,15 @@ impl<'s> Requests<'s> {
         if masks.is_empty() {
             return Masking::Off;
         }
-        match MaskSet::compile(&masks, &self.resolved, self.session.context.mask_key.clone()) {
-            Ok(set) => Masking::On(Arc::new(set)),
+        match MaskSet::compile(
+            &masks,
+            &self.resolved.columns,
+            self.session.context.mask_key.clone(),
+        ) {
+            Ok(mut set) => {
+                set.views = self.resolved.views.clone();
+                Masking::On(Arc::new(set))
+            }
             Err(unresolved) => Masking::Unresolved(
                 format!(
                     "the policy now masks {} (reloaded after this session looked its columns up); reconnect",

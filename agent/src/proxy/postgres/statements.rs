@@ -202,6 +202,23 @@ pub fn decide(
                 let rule = verdict
                     .rule
                     .and_then(|name| policy.policy.rules.iter().position(|r| r.name == name));
+                let walked_around = || {
+                    let masks = crate::policy::masks_for(&policy.policy, &session.workload, id);
+                    if masks.iter().all(|m| m.expressions_allowed) {
+                        return None;
+                    }
+                    let view = masking.set().and_then(|set| {
+                        set.views
+                            .iter()
+                            .find(|(view, _)| statement.tables.contains(view))
+                    });
+                    if let Some((view, column)) = view {
+                        return Some(format!(
+                            "{view} is a view that reads the masked column {column}, and its columns cannot be masked as that column; select from the table"
+                        ));
+                    }
+                    crate::policy::walked_around(&masks, statement)
+                };
                 if verdict.action != Action::Deny
                     && masking.set().is_some()
                     && statement.kinds.contains(StatementKind::CopyTo)
@@ -209,6 +226,11 @@ pub fn decide(
                     // COPY output is not rows the agent can mask.
                     let why = "results are masked for this workload, and COPY ... TO output cannot be; use SELECT";
                     (Action::Deny, rule, why.into())
+                } else if verdict.action != Action::Deny
+                    && masking.set().is_some()
+                    && let Some(why) = walked_around()
+                {
+                    (Action::Deny, rule, why)
                 } else if verdict.action == Action::Deny {
                     (Action::Deny, rule, verdict.reason(statement))
                 } else {

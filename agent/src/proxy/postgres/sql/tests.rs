@@ -308,3 +308,83 @@ fn shapes_are_shared_except_where_literals_matter() {
     let f = analyzer.analyze_here("SELECT set_config('role', 'a', false)", Literals::Keep);
     assert_ne!(e[0].parsed.effects, f[0].parsed.effects);
 }
+
+/// (relation, column, how) of each exposure.
+fn exposures(sql: &str) -> Vec<(String, String, tree::Use)> {
+    analyze(sql, Literals::Keep)
+        .remove(0)
+        .parsed
+        .exposures
+        .iter()
+        .map(|e| {
+            (
+                e.relation.as_ref().map_or("*".into(), |n| n.name.clone()),
+                e.column.clone().unwrap_or("*".into()),
+                e.how,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn where_a_column_value_leaves_without_its_table_origin() {
+    use tree::Use as U;
+    let e = |r: &str, c: &str, u| (r.to_owned(), c.to_owned(), u);
+    // Plain output columns and filters keep or hide the value.
+    for sql in [
+        "SELECT email, c.name, * FROM customers c WHERE lower(email) LIKE 'a%' ORDER BY email",
+        "SELECT c.* FROM customers c JOIN orders o ON o.email = c.email GROUP BY c.id",
+        "SELECT id FROM customers WHERE id IN (SELECT id FROM customers WHERE upper(email) = 'X')",
+        "DELETE FROM customers WHERE email = 'x'",
+    ] {
+        assert_eq!(exposures(sql), [], "{sql}");
+    }
+    assert_eq!(
+        exposures("SELECT lower(email) FROM customers"),
+        [e("*", "email", U::Expression)]
+    );
+    assert_eq!(
+        exposures("SELECT c.email || '' FROM customers c"),
+        [e("customers", "email", U::Expression)]
+    );
+    assert_eq!(
+        exposures("SELECT email FROM customers UNION SELECT 'x'"),
+        [e("*", "email", U::SetOperation)]
+    );
+    assert_eq!(
+        exposures("SELECT * FROM customers INTERSECT SELECT * FROM customers"),
+        [e("*", "*", U::SetOperation)]
+    );
+    assert_eq!(
+        exposures("SELECT c FROM customers c"),
+        [e("customers", "*", U::WholeRow)]
+    );
+    assert_eq!(
+        exposures("SELECT row_to_json(c.*) FROM customers c"),
+        [e("customers", "*", U::Expression)]
+    );
+    assert_eq!(
+        exposures("SELECT x FROM (SELECT email AS x FROM customers) s"),
+        [e("*", "email", U::Nested)]
+    );
+    assert_eq!(
+        exposures("WITH w AS (SELECT email FROM customers) SELECT * FROM w"),
+        [e("*", "email", U::Nested)]
+    );
+    assert_eq!(
+        exposures("UPDATE customers SET name = 'x' RETURNING email"),
+        [e("*", "email", U::Returning)]
+    );
+    assert_eq!(
+        exposures("INSERT INTO notes SELECT id, email FROM customers"),
+        [e("*", "id", U::Write), e("*", "email", U::Write)]
+    );
+    assert_eq!(
+        exposures("SELECT email INTO copy FROM customers"),
+        [e("*", "email", U::Write)]
+    );
+    assert_eq!(
+        exposures("SELECT (SELECT email FROM customers LIMIT 1)"),
+        [e("*", "email", U::Expression)]
+    );
+}

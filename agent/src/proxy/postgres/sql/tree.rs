@@ -64,16 +64,81 @@ pub struct Parsed {
     pub too_large: bool,
     /// Its literals may be secrets (`CREATE ROLE … PASSWORD '…'`).
     pub holds_password: bool,
+    /// Uses of columns whose values would leave without a table origin,
+    /// so a table-column mask could not apply (see `Use`).
+    pub exposures: Vec<Exposure>,
     /// Its meaning depends on literal values (`set_config('role', …)`,
     /// `SET search_path = …`): it must not share a decision with a
     /// statement that differs only in literals.
     pub literal_sensitive: bool,
 }
 
+/// A column use a table-column mask cannot follow: the value leaves in an
+/// expression, a set operation, a subquery's output, a write, RETURNING
+/// or a whole row, where the server reports no table origin for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exposure {
+    /// The relation, where the statement says (an alias resolved); None:
+    /// any relation the statement names.
+    pub relation: Option<Name>,
+    /// None: every column (a whole row, a `*`).
+    pub column: Option<String>,
+    pub how: Use,
+}
+
+/// How the values a walk reaches are used.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Use {
+    /// The top-level SELECT's own output: a plain column keeps its table
+    /// origin (masked there).
+    #[default]
+    Output,
+    /// WHERE, JOIN ON, GROUP BY, ORDER BY, …: the value does not leave.
+    Filter,
+    Expression,
+    SetOperation,
+    /// A subquery's or CTE's output, used by the query around it.
+    Nested,
+    /// Written into a table (INSERT … SELECT, UPDATE … SET, SELECT INTO,
+    /// CREATE TABLE AS, a view).
+    Write,
+    Returning,
+    WholeRow,
+}
+
+impl Use {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Use::Output | Use::Filter | Use::Expression => "in an expression",
+            Use::SetOperation => "in a set operation (UNION, INTERSECT, EXCEPT)",
+            Use::Nested => "through a subquery or CTE",
+            Use::Write => "copied into a table",
+            Use::Returning => "in RETURNING",
+            Use::WholeRow => "in a whole-row reference",
+        }
+    }
+
+    /// What a use inside this one becomes: only the top level keeps plain
+    /// output columns plain.
+    fn inner(self, as_: Use) -> Use {
+        if self == Use::Output { as_ } else { self }
+    }
+}
+
+/// A column reference as written, with how it is used.
+struct ColumnUse {
+    /// The qualifier (`c` of `c.email`, `s.t` of `s.t.email`).
+    qualifier: Vec<String>,
+    /// None for `*`.
+    column: Option<String>,
+    how: Use,
+}
+
 /// Walks one statement (the `stmt` of a RawStmt, in serde form).
 pub fn walk(statement: &Lean) -> Parsed {
     let mut walker = Walker::default();
     walker.value(statement, false);
+    walker.resolve_exposures();
     let mut parsed = walker.parsed;
     parsed
         .relations
@@ -94,6 +159,11 @@ struct Walker {
     parsed: Parsed,
     /// CTE names visible where the walk is.
     ctes: Vec<String>,
+    /// How what the walk reaches now is used.
+    use_: Use,
+    columns: Vec<ColumnUse>,
+    /// Relation aliases of the statement (any scope).
+    aliases: Vec<(String, Name)>,
 }
 
 /// Statements whose `relation` is the row target (never a CTE reference).
@@ -136,6 +206,7 @@ impl Walker {
         let kinds = &mut self.parsed.kinds;
         match node {
             "RangeVar" => return self.range_var(fields, false),
+            "ColumnRef" => return self.column_ref(fields),
             "FuncCall" => self.func_call(fields),
             "SelectStmt" => {
                 // A bare VALUES list (`INSERT … VALUES`) reads nothing.
@@ -147,6 +218,7 @@ impl Walker {
                 }
                 if get(fields, "into_clause").is_some() {
                     kinds.insert(K::Create);
+                    self.use_ = Use::Write;
                 }
             }
             "InsertStmt" => kinds.insert(K::Insert),
@@ -297,9 +369,12 @@ impl Walker {
                 self.ctes
                     .extend(ctes.iter().map(|(name, _)| name.to_string()));
             }
+            let around = self.use_;
             for (name, query) in ctes {
                 if let Some(query) = query {
+                    self.use_ = around.inner(Use::Nested);
                     self.value(query, false);
+                    self.use_ = around;
                 }
                 if !recursive {
                     self.ctes.push(name.to_owned());
@@ -307,13 +382,124 @@ impl Walker {
             }
         }
         let dml = DML.contains(&node);
+        let around = self.use_;
         for (key, child) in fields {
             if *key == "with_clause" {
                 continue;
             }
+            self.use_ = field_use(node, key, around);
+            if node == "SelectStmt" && *key == "target_list" {
+                // A plain column of the output keeps its table origin; any
+                // other output is an expression.
+                for item in child.as_array().unwrap_or_default() {
+                    let plain = item
+                        .get("node")
+                        .and_then(|n| n.get("ResTarget"))
+                        .and_then(|t| t.get("val"))
+                        .and_then(|v| v.get("node"))
+                        .is_some_and(|v| v.get("ColumnRef").is_some());
+                    self.use_ = if plain {
+                        around
+                    } else {
+                        around.inner(Use::Expression)
+                    };
+                    self.value(item, false);
+                }
+                continue;
+            }
             self.value(child, dml && *key == "relation");
         }
+        self.use_ = around;
         self.ctes.truncate(outer);
+    }
+
+    fn column_ref(&mut self, fields: &Fields) {
+        if self.use_ == Use::Filter {
+            return;
+        }
+        let mut qualifier = Vec::new();
+        let mut column = None;
+        for part in get(fields, "fields")
+            .and_then(Lean::as_array)
+            .unwrap_or_default()
+        {
+            let part = part.get("node").unwrap_or(part);
+            match part.get("String") {
+                Some(string) => {
+                    let name = string.get("sval").and_then(Lean::as_str).unwrap_or("");
+                    if let Some(previous) = column.replace(name.to_owned()) {
+                        qualifier.push(previous);
+                    }
+                }
+                // `*`: every column of what the qualifier names.
+                None => {
+                    if let Some(previous) = column.take() {
+                        qualifier.push(previous);
+                    }
+                }
+            }
+        }
+        self.columns.push(ColumnUse {
+            qualifier,
+            column,
+            how: self.use_,
+        });
+    }
+
+    /// Column uses → exposures, now that every alias is known.
+    fn resolve_exposures(&mut self) {
+        let relations = |qualifier: &[String], aliases: &[(String, Name)]| -> Vec<Option<Name>> {
+            match qualifier {
+                [] => vec![None],
+                [single] => {
+                    let aliased: Vec<Option<Name>> = aliases
+                        .iter()
+                        .filter(|(alias, _)| alias == single)
+                        .map(|(_, name)| Some(name.clone()))
+                        .collect();
+                    if aliased.is_empty() {
+                        vec![Some(Name {
+                            schema: None,
+                            name: single.clone(),
+                        })]
+                    } else {
+                        aliased
+                    }
+                }
+                [.., schema, table] => vec![Some(Name {
+                    schema: Some(schema.clone()),
+                    name: table.clone(),
+                })],
+            }
+        };
+        let mut exposures = Vec::new();
+        for use_ in std::mem::take(&mut self.columns) {
+            // A bare name may be a whole row (`SELECT c FROM customers c`).
+            if use_.qualifier.is_empty()
+                && let Some(name) = &use_.column
+                && self.aliases.iter().any(|(alias, _)| alias == name)
+            {
+                for relation in relations(std::slice::from_ref(name), &self.aliases) {
+                    exposures.push(Exposure {
+                        relation,
+                        column: None,
+                        how: Use::WholeRow,
+                    });
+                }
+            }
+            if use_.how == Use::Output {
+                continue;
+            }
+            for relation in relations(&use_.qualifier, &self.aliases) {
+                exposures.push(Exposure {
+                    relation,
+                    column: use_.column.clone(),
+                    how: use_.how,
+                });
+            }
+        }
+        exposures.dedup();
+        self.parsed.exposures = exposures;
     }
 
     fn range_var(&mut self, map: &Fields, target: bool) {
@@ -325,10 +511,16 @@ impl Walker {
         if schema.is_empty() && !target && self.ctes.iter().any(|cte| cte == name) {
             return;
         }
-        self.parsed.relations.push(Name {
+        let relation = Name {
             schema: (!schema.is_empty()).then(|| schema.to_owned()),
             name: name.to_owned(),
-        });
+        };
+        let alias = get(map, "alias")
+            .and_then(|a| a.get("aliasname"))
+            .and_then(Lean::as_str)
+            .unwrap_or(name);
+        self.aliases.push((alias.to_owned(), relation.clone()));
+        self.parsed.relations.push(relation);
     }
 
     fn func_call(&mut self, map: &Fields) {
@@ -461,6 +653,38 @@ impl Walker {
 
     fn problem(&mut self, why: &str) {
         self.parsed.problem.get_or_insert_with(|| why.to_owned());
+    }
+}
+
+/// How the values under `key` of a `node` are used, inside a use of
+/// `around`.
+fn field_use(node: &str, key: &str, around: Use) -> Use {
+    let filter = matches!(
+        key,
+        "where_clause"
+            | "having_clause"
+            | "group_clause"
+            | "sort_clause"
+            | "window_clause"
+            | "distinct_clause"
+            | "limit_offset"
+            | "limit_count"
+            | "quals"
+            | "join_condition"
+            | "using_clause"
+            | "locking_clause"
+    );
+    if around == Use::Filter || filter {
+        return Use::Filter;
+    }
+    match (node, key) {
+        ("SelectStmt", "larg" | "rarg") => around.inner(Use::SetOperation),
+        ("SelectStmt", "from_clause") => around.inner(Use::Nested),
+        ("SelectStmt", "values_lists") => around.inner(Use::Expression),
+        (_, "returning_clause" | "returning_list") => Use::Returning,
+        ("InsertStmt", _) | ("UpdateStmt", _) | ("MergeStmt", _) => Use::Write,
+        ("CreateTableAsStmt" | "ViewStmt" | "RuleStmt" | "CopyStmt", _) => Use::Write,
+        _ => around,
     }
 }
 
