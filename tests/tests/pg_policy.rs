@@ -354,6 +354,36 @@ fn the_tools_people_run_are_understood() {
         pg.admin_sql("postgres", "SELECT last_value FROM s2").trim(),
         "6"
     );
+
+    // COPY over the extended protocol (tokio-postgres copy_in sends a Sync
+    // the server ignores while copying) completes as it does directly, and
+    // the connection goes on.
+    let out = cgroup.sh(&format!(
+        "exec timeout 30 {} {} {} notes 1000",
+        env!("CARGO_BIN_EXE_pg-copy-in"),
+        pg.addr.ip(),
+        pg.addr.port()
+    ));
+    assert_eq!(
+        stdout(&out).trim(),
+        "copied 1000 count 1001",
+        "{}\n{}",
+        stderr(&out),
+        agent.stderr()
+    );
+    // A COPY that fails before copying starts: both Syncs are answered.
+    let out = cgroup.sh(&format!(
+        "exec timeout 30 {} {} {} no_such_table 10",
+        env!("CARGO_BIN_EXE_pg-copy-in"),
+        pg.addr.ip(),
+        pg.addr.port()
+    ));
+    assert!(
+        stderr(&out).contains("no_such_table") && !out.status.success(),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
 }
 
 /// Every statement event of every session: (text, decision).

@@ -64,6 +64,9 @@ pub struct Requests<'s> {
     notices: tokio::sync::mpsc::UnboundedSender<BytesMut>,
     /// Woken by a cancel request for this session (psql's Ctrl-C).
     pub cancelled: Option<Arc<super::cancel::CancelSignal>>,
+    /// An Execute of `COPY … FROM STDIN` went upstream and the client has
+    /// not ended its data yet (CopyDone, CopyFail).
+    copying_in: bool,
 }
 
 /// What a client message asks of the relay.
@@ -132,6 +135,7 @@ impl<'s> Requests<'s> {
             cleared: None,
             notices,
             cancelled: None,
+            copying_in: false,
         };
         requests.masking = requests.compute_masking();
         requests
@@ -517,6 +521,11 @@ impl<'s> Requests<'s> {
                     p.described = true;
                     p.decided.clone()
                 });
+                self.copying_in = decided.as_ref().is_some_and(|d| {
+                    d.statements
+                        .first()
+                        .is_some_and(|s| s.kinds.contains(StatementKind::CopyFrom))
+                });
                 // Each execution is a statement of the record (an empty
                 // one runs nothing and records nothing).
                 let audit = match decided {
@@ -550,7 +559,9 @@ impl<'s> Requests<'s> {
                 }
                 self.expect(Expect::Close);
             }
+            b'S' if self.copying_in => self.expect(Expect::SyncInCopy),
             b'S' => self.expect(Expect::Sync),
+            b'c' | b'f' => self.copying_in = false,
             b'F' => {
                 // A fast-path function call names a function by OID: it
                 // cannot be read as a statement, so it follows `unparsed`.

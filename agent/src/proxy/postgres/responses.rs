@@ -54,6 +54,11 @@ pub enum Expect {
     },
     Close,
     Sync,
+    /// A Sync the client sent after the Execute of a `COPY … FROM STDIN`
+    /// and before its CopyDone (tokio-postgres and others do): the server
+    /// ignores it while in copy-in mode, and answers it as any Sync when
+    /// the COPY failed before that mode began.
+    SyncInCopy,
 }
 
 pub type Expected = Mutex<VecDeque<Expect>>;
@@ -95,6 +100,9 @@ pub struct Responses<'s> {
     /// After an error in an extended-protocol batch the server ignores
     /// everything up to the client's Sync: so does this side.
     skip_to_sync: bool,
+    /// The server is (or was, since the last ReadyForQuery) in copy-in
+    /// mode: the Syncs sent meanwhile get no answer.
+    copy_in: bool,
     /// The masking plan of the result now streaming.
     plan: Option<Arc<RowPlan>>,
     /// Plans of portals described while masking is on, by portal name.
@@ -121,6 +129,7 @@ impl<'s> Responses<'s> {
             expected,
             active: None,
             skip_to_sync: false,
+            copy_in: false,
             plan: None,
             portals: HashMap::new(),
             notices,
@@ -131,7 +140,13 @@ impl<'s> Responses<'s> {
     fn ensure_active(&mut self) {
         if self.active.is_none() {
             let mut expected = self.expected.lock().expect("not poisoned");
-            while let Some(next) = expected.pop_front() {
+            while let Some(mut next) = expected.pop_front() {
+                if let Expect::SyncInCopy = next {
+                    if self.copy_in && !self.skip_to_sync {
+                        continue;
+                    }
+                    next = Expect::Sync;
+                }
                 if self.skip_to_sync && !matches!(next, Expect::Sync) {
                     self.discard(next);
                     continue;
@@ -355,8 +370,16 @@ impl<'s> Responses<'s> {
                 }
                 Ok(Act::Forward)
             }
+            // CopyInResponse: the Syncs the client sends until CopyDone are
+            // ignored by the server.
+            b'G' => {
+                self.copy_in = true;
+                Ok(Act::Forward)
+            }
             b'Z' => {
-                let hide = match self.take_active().ok_or_else(out_of_step)? {
+                let active = self.take_active();
+                self.copy_in = false;
+                let hide = match active.ok_or_else(out_of_step)? {
                     Expect::Query {
                         audits, hide_ready, ..
                     } => {
