@@ -218,7 +218,12 @@ fn bypass_attempts_are_refused_and_nothing_changes() {
         attempt(
             "DO $$ BEGIN DELETE FROM notes; END $$",
             "deletes every note",
-            "no rule allows do",
+            "delete+do on public.notes",
+        ),
+        attempt(
+            "DO $$ BEGIN EXECUTE 'DELETE FROM ' || 'notes'; END $$",
+            "deletes every note",
+            "built at run time",
         ),
         Attempt {
             recorded: "SELECT 1+1+1+1".into(),

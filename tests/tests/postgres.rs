@@ -105,7 +105,7 @@ fn statements_are_decided_and_the_password_stays_with_the_agent() {
         ),
         (
             "DO $$ BEGIN DELETE FROM orders; END $$",
-            "no rule allows do",
+            "no rule allows delete+do on public.orders",
         ),
         (
             "INSERT INTO orders VALUES (1000, 'x', 1)",
@@ -490,6 +490,20 @@ fn as_user_gives_the_session_the_rules_role() {
         stderr(&out).contains("statement denied"),
         "{}",
         stderr(&out)
+    );
+    // A pool's DISCARD ALL is a reset: the agent sets the role again right
+    // after it, before the client's next statement.
+    let out = cgroup.sh(&format!(
+        "printf 'DISCARD ALL;\nSELECT current_user;\n' | psql -X -w -q -t -A -h {} -p {} -U x -d postgres",
+        pg.addr.ip(),
+        pg.addr.port()
+    ));
+    assert_eq!(
+        stdout(&out),
+        "reader\n",
+        "{}\n{}",
+        stderr(&out),
+        agent.stderr()
     );
 }
 

@@ -113,6 +113,11 @@ pub fn prepare() -> Result<()> {
         bail!("the benchmark attaches eBPF programs: run it as root");
     }
     crate::setup::run()?;
+    // An agent given in INTERLOCK_BIN is measured as it is (A/B runs
+    // against another build); otherwise this tree's, in release.
+    if std::env::var_os("INTERLOCK_BIN").is_some() {
+        return Ok(());
+    }
     exec(crate::cargo().args(["build", "--release", "--package", "interlock"]))?;
     let binary = workspace_root().join("target/release/interlock");
     // SAFETY: no other thread runs yet; the harness reads it when spawning.

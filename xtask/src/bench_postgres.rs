@@ -81,6 +81,7 @@ pub fn run(seconds: u32, stream_rows: u64) -> Result<()> {
         ),
     ];
     let mut tps = Vec::new();
+    let mut tps_simple = Vec::new();
     let mut latency = Vec::new();
     let mut stream = Vec::new();
     for (name, host, port, intercepted) in &paths {
@@ -103,6 +104,17 @@ pub fn run(seconds: u32, stream_rows: u64) -> Result<()> {
         };
         tps.push(value("tps = ")?);
         latency.push(value("latency average = ")?);
+        // The simple protocol sends each statement as text with its
+        // literal: every one is a new text to the agent (analyses shared
+        // by statement shape).
+        let out = run_where(*intercepted, &cmd.replace("-M extended", "-M simple"))?;
+        tps_simple.push(
+            out.lines()
+                .find_map(|l| l.strip_prefix("tps = "))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("no tps in pgbench output:\n{out}"))?,
+        );
 
         let sql = format!("SELECT repeat('x', 1000) FROM generate_series(1, {stream_rows})");
         let started = Instant::now();
@@ -155,6 +167,11 @@ pub fn run(seconds: u32, stream_rows: u64) -> Result<()> {
         true,
     );
     row("  latency average, ms", &latency, false);
+    row(
+        &format!("pgbench -S -M simple, 8 clients, {seconds} s: TPS"),
+        &tps_simple,
+        true,
+    );
     row(
         &format!("SELECT {stream_rows} rows of 1 KB, MB/s"),
         &stream,

@@ -5,7 +5,8 @@
 //! | `setup`   | installs what is missing (nightly rust-src, bpf-linker, the apt packages the tests use); idempotent |
 //! | `build`   | builds the agent with its kernel programs |
 //! | `lint`    | rustfmt and clippy, user space and the eBPF crate |
-//! | `test`    | setup, build, lint, unit tests, install check, privileged end-to-end tests |
+//! | `test`    | setup, build, lint, unit tests, fuzzing (60 s a target), install check, privileged end-to-end tests |
+//! | `fuzz`    | the fuzz targets in `fuzz/`, each for `--seconds` |
 //! | `demo`    | setup, build, then `interlock demo` (the quick start) |
 //! | `install` | the binary, the systemd unit and a default configuration |
 //! | `bench`   | `bench tcp` (direct, Interlock, socat), `bench postgres` (direct, PgBouncer, Interlock), with ratios |
@@ -48,6 +49,11 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         e2e_args: Vec<String>,
     },
+    /// Run each fuzz target (fuzz/) for a while.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+    },
     /// Run the agent end to end on its embedded demo configuration.
     Demo,
     /// Install the binary, systemd unit and default configuration.
@@ -68,6 +74,10 @@ fn main() -> Result<()> {
             lint()
         }
         Task::Test { e2e_args } => test(&e2e_args),
+        Task::Fuzz { seconds } => {
+            setup::run()?;
+            fuzz(seconds)
+        }
         Task::Demo => {
             setup::run()?;
             build(false)?;
@@ -77,6 +87,34 @@ fn main() -> Result<()> {
         Task::Bench(args) => bench::run(args),
         Task::BenchClient(args) => bench::load_client(args),
     }
+}
+
+/// The fuzz targets of `fuzz/` (libFuzzer through cargo-fuzz, nightly),
+/// each for `seconds`, from the committed seed corpus; what they find is
+/// left in `fuzz/artifacts/`. The kernel programs are not part of what is
+/// fuzzed, so their build is skipped.
+fn fuzz(seconds: u32) -> Result<()> {
+    const TARGETS: [&str; 2] = ["postgres_frames", "sql"];
+    for target in TARGETS {
+        let work = std::env::temp_dir().join(format!("interlock-fuzz-{target}"));
+        let _ = fs::remove_dir_all(&work);
+        fs::create_dir_all(&work)?;
+        exec(
+            Command::new("cargo")
+                .current_dir(workspace_root())
+                .args(["+nightly", "fuzz", "run", "--sanitizer", "none", target])
+                .arg(&work)
+                .arg(workspace_root().join("fuzz/corpus").join(target))
+                .args([
+                    "--",
+                    &format!("-max_total_time={seconds}"),
+                    "-rss_limit_mb=4096",
+                ])
+                .env("AYA_BUILD_SKIP", "1"),
+        )?;
+        let _ = fs::remove_dir_all(&work);
+    }
+    Ok(())
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -198,6 +236,7 @@ fn test(e2e_args: &[String]) -> Result<()> {
         "--exclude",
         "interlock-ebpf",
     ]))?;
+    fuzz(60)?;
     install_and_verify_unit()?;
     let binary = workspace_root().join("target/debug/interlock");
     if !fs::metadata(&binary).is_ok_and(|m| m.len() > 0) {

@@ -7,12 +7,16 @@ use crate::exec;
 
 /// Debian packages the end-to-end tests, the demo and the benchmark use as
 /// real servers and clients (and `socat`, the relay the benchmark compares
-/// against; OpenSSH's server and clients, `rsync` and `git` for SSH), and
+/// against; OpenSSH's server and clients, `rsync` and `git` for SSH;
+/// asyncpg, psycopg and SQLAlchemy as the PostgreSQL clients applications
+/// use), and
 /// what the build needs: `pg_query` compiles PostgreSQL's parser (C) and
 /// generates its bindings with libclang.
-const APT_PACKAGES: [&str; 17] = [
+const APT_PACKAGES: [&str; 19] = [
     "libclang-dev",
     "clang",
+    "python3-asyncpg",
+    "python3-sqlalchemy",
     "curl",
     "python3",
     "socat",
@@ -30,6 +34,7 @@ const APT_PACKAGES: [&str; 17] = [
     "git",
 ];
 const BPF_LINKER: &str = "bpf-linker@0.10.1";
+const CARGO_FUZZ: &str = "cargo-fuzz@0.13.2";
 /// The S3-compatible store the session tests ship to (a real one, built
 /// from crates.io: about 12 minutes on 2 cores, once).
 const GARAGE: &str = "garage@2.5.0";
@@ -38,7 +43,16 @@ pub fn run() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     apt_packages()?;
+    cargo_fuzz()?;
     garage()
+}
+
+/// libFuzzer's cargo front end, for the fuzz targets in `fuzz/`.
+fn cargo_fuzz() -> Result<()> {
+    if succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
+        return Ok(());
+    }
+    exec(crate::cargo().args(["install", CARGO_FUZZ, "--locked"]))
 }
 
 fn garage() -> Result<()> {

@@ -163,6 +163,13 @@ fn policy_examples_load_and_evaluate() {
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let known_hosts = files.path().join("known_hosts");
     std::fs::write(&known_hosts, "").unwrap();
+    let password = files.path().join("app-db");
+    std::fs::write(&password, "secret\n").unwrap();
+    std::fs::set_permissions(
+        &password,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
@@ -178,7 +185,8 @@ fn policy_examples_load_and_evaluate() {
             .replace(
                 "/etc/interlock/upstream_known_hosts",
                 known_hosts.to_str().unwrap(),
-            );
+            )
+            .replace("/etc/interlock/secrets/app-db", password.to_str().unwrap());
         let config =
             Config::from_text(&path.display().to_string(), &text).unwrap_or_else(|e| panic!("{e}"));
         assert!(

@@ -26,6 +26,9 @@ mod statements;
 mod upstream;
 mod wire;
 
+#[doc(hidden)]
+pub mod fuzz;
+
 pub use cancel::CancelKeys;
 pub use mask::{MaskKey, MaskSet};
 pub use names::SystemCatalog;
@@ -607,12 +610,7 @@ async fn session_names<U: Duplex>(
         .as_user
         .clone()
         .unwrap_or_else(|| session.credential.user.clone());
-    Ok(names::Names::new(
-        catalog,
-        path,
-        user,
-        session.as_user.is_some(),
-    ))
+    Ok(names::Names::new(catalog, path, user))
 }
 
 /// The table-qualified columns this session's masks name.

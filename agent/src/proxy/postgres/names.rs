@@ -61,9 +61,6 @@ pub struct Names {
     paths: Vec<Vec<String>>,
     /// The role `$user` stands for.
     user: String,
-    /// Whether the session's role was pinned with `SET ROLE` (as_user),
-    /// which `DISCARD ALL` would undo.
-    role_pinned: bool,
 }
 
 impl Names {
@@ -71,14 +68,12 @@ impl Names {
         catalog: std::sync::Arc<SystemCatalog>,
         default_path: Vec<String>,
         user: String,
-        role_pinned: bool,
     ) -> Self {
         Self {
             catalog,
             paths: vec![default_path.clone()],
             default_path,
             user,
-            role_pinned,
         }
     }
 
@@ -169,11 +164,9 @@ impl Names {
                 }
             })
             .collect();
-        let changes_role = parsed.effects.iter().any(|e| match e {
-            Effect::Role => true,
-            Effect::ResetRole => self.role_pinned,
-            _ => false,
-        });
+        // `DISCARD ALL` puts the login role back; the relay pins the role
+        // again right after it (`Requests::repin`).
+        let changes_role = parsed.effects.contains(&Effect::Role);
         let mut problem = parsed.problem.clone();
         if problem.is_none() && self.too_many_paths(&parsed.effects) {
             problem = Some(format!(
@@ -242,7 +235,6 @@ mod tests {
             Arc::new(catalog),
             path.iter().map(|s| s.to_string()).collect(),
             "app".into(),
-            true,
         )
     }
 
@@ -322,10 +314,11 @@ mod tests {
             "SELECT set_config('role', 'admin', false)",
             "select pg_catalog.set_config('ROLE', 'admin', true)",
             "RESET ROLE",
-            "DISCARD ALL",
         ] {
             assert!(resolve(&names, sql).changes_role, "{sql}");
         }
+        // Resets are resets: the relay pins the role again after DISCARD ALL.
         assert!(!resolve(&names, "RESET ALL").changes_role);
+        assert!(!resolve(&names, "DISCARD ALL").changes_role);
     }
 }

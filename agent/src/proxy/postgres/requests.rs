@@ -425,6 +425,9 @@ impl<'s> Requests<'s> {
                     masks: self.masks(),
                     hide_ready: false,
                 });
+                out.extend_from_slice(&frame.bytes);
+                self.repin(&decided, out);
+                return Ok(Step::Done);
             }
             b'P' => {
                 self.refresh();
@@ -433,6 +436,14 @@ impl<'s> Requests<'s> {
                 if let Some(denial) = &decided.denial {
                     self.record_denial(&decided)?;
                     return self.deny_batch(denial.clone()).map(|()| Step::Done);
+                }
+                if self.session.as_user.is_some() && resets_role(&decided) {
+                    return self
+                        .deny_batch(Denial {
+                            code: "42501",
+                            message: "DISCARD ALL would drop the role this session is pinned to; send it as a simple query (the agent then sets the role again)".into(),
+                        })
+                        .map(|()| Step::Done);
                 }
                 self.follow(&decided);
                 if !self.prepared.contains_key(name) && self.prepared.len() >= MAX_PREPARED {
@@ -644,6 +655,21 @@ impl<'s> Requests<'s> {
         }
     }
 
+    /// After a query that put the login role back (`DISCARD ALL`), the
+    /// session's pinned role is set again before anything else the client
+    /// sends reaches the server.
+    fn repin(&self, decided: &Decided, out: &mut BytesMut) {
+        let Some(role) = &self.session.as_user else {
+            return;
+        };
+        if !resets_role(decided) {
+            return;
+        }
+        let quoted = role.replace('"', "\"\"");
+        let _ = postgres_protocol::message::frontend::query(&format!("SET ROLE \"{quoted}\""), out);
+        self.expect(Expect::Repin);
+    }
+
     /// Drops the rest of the batch; the denial is raised at Flush or Sync.
     fn deny_batch(&mut self, denial: Denial) -> Result<(), WireError> {
         self.denied_batch = Some(DeniedBatch {
@@ -742,6 +768,14 @@ impl Requests<'_> {
         out.clear();
         Ok(())
     }
+}
+
+/// Whether a query puts the session's login role back.
+fn resets_role(decided: &Decided) -> bool {
+    decided
+        .analysed
+        .iter()
+        .any(|a| a.parsed.effects.contains(&super::sql::Effect::ResetRole))
 }
 
 /// A Describe of a portal, asked by the agent.

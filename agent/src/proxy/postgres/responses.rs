@@ -54,6 +54,10 @@ pub enum Expect {
     },
     Close,
     Sync,
+    /// The agent's own `SET ROLE` after a `DISCARD ALL` (which put the
+    /// login role back): nothing of its answer is the client's, and its
+    /// failure ends the session.
+    Repin,
     /// A Sync the client sent after the Execute of a `COPY … FROM STDIN`
     /// and before its CopyDone (tokio-postgres and others do): the server
     /// ignores it while in copy-in mode, and answers it as any Sync when
@@ -79,6 +83,8 @@ pub enum ResponseError {
     Malformed(String),
     #[error(transparent)]
     Record(#[from] crate::sessions::StoreError),
+    #[error("the session's role could not be set again after DISCARD ALL")]
+    Unpinned,
 }
 
 /// What to do with one response frame.
@@ -215,6 +221,17 @@ impl<'s> Responses<'s> {
     ) -> Result<Act, ResponseError> {
         let body = || frame.map_or(&[][..], |f| &f[5..]);
         let out_of_step = || ResponseError::OutOfStep(tag as char);
+        self.ensure_active();
+        if let Some(Expect::Repin) = self.active {
+            return match tag {
+                b'E' => Err(ResponseError::Unpinned),
+                b'Z' => {
+                    self.active = None;
+                    Ok(Act::Drop)
+                }
+                _ => Ok(Act::Drop),
+            };
+        }
         match tag {
             b'D' => {
                 let masked = match (&self.plan, frame) {

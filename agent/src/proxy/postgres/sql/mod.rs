@@ -12,6 +12,7 @@
 //! - statements above [`INLINE_BYTES`] are parsed on the analyser's own
 //!   threads, never on the async workers that serve other clients.
 mod lean;
+mod plpgsql;
 mod tree;
 
 use std::{

@@ -100,7 +100,12 @@ fn kinds_of_statements() {
             "MERGE INTO t USING s ON t.a = s.a WHEN MATCHED THEN DELETE",
             &[&[K::Merge]],
         ),
-        ("DO $$ BEGIN PERFORM 1; END $$", &[&[K::Do]]),
+        ("DO $$ BEGIN PERFORM 1; END $$", &[&[K::Select, K::Do]]),
+        (
+            // PL/pgSQL evaluates expressions as SELECTs.
+            "DO $$ DECLARE n int; BEGIN n := 1; IF n > 0 THEN DELETE FROM t; END IF; END $$",
+            &[&[K::Select, K::Delete, K::Do]],
+        ),
         ("CHECKPOINT", &[&[K::Other]]),
         ("", &[]),
         ("  ; -- nothing", &[]),
@@ -115,6 +120,35 @@ fn kinds_of_statements() {
             })
             .collect();
         assert_eq!(kinds(sql), expected, "{sql}");
+    }
+}
+
+#[test]
+fn do_blocks_are_what_their_bodies_do() {
+    let parsed = analyze(
+        "DO $$ DECLARE n int := lower('X'); BEGIN UPDATE s.t SET a = n; PERFORM nextval('q'); END $$",
+        Literals::Keep,
+    )
+    .remove(0)
+    .parsed;
+    assert!(parsed.problem.is_none(), "{:?}", parsed.problem);
+    assert_eq!(
+        parsed.relations,
+        [Name {
+            schema: Some("s".into()),
+            name: "t".into()
+        }]
+    );
+    let functions: Vec<&str> = parsed.functions.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(functions, ["lower", "nextval"]);
+    for sql in [
+        "DO $$ BEGIN EXECUTE 'DROP TABLE ' || 't'; END $$",
+        "DO $$ DECLARE r record; BEGIN FOR r IN EXECUTE 'SELECT 1' LOOP END LOOP; END $$",
+        "DO LANGUAGE plpython3u $$ plpy.execute('DROP TABLE t') $$",
+        "DO $$ BEGIN RAISE NOTICE '$interlock_do$'; END $$",
+    ] {
+        let parsed = analyze(sql, Literals::Keep).remove(0).parsed;
+        assert!(parsed.problem.is_some(), "{sql}");
     }
 }
 
@@ -232,6 +266,22 @@ fn functions_are_collected_and_set_config_followed() {
         Literals::Keep,
     );
     assert_eq!(empty[0].parsed.effects, [Effect::SearchPath(vec![])]);
+    // pg_dump's way of setting one setting by name.
+    let dump = analyze(
+        "SELECT set_config(name, 'view, foreign-table', false) FROM pg_settings WHERE name = 'restrict_nonsystem_relation_kind'",
+        Literals::Keep,
+    )
+    .remove(0);
+    assert!(dump.parsed.problem.is_none() && dump.parsed.effects.is_empty());
+    let sneaky = analyze(
+        "SELECT set_config(name, 'private', false) FROM pg_settings WHERE name = 'search_path'",
+        Literals::Keep,
+    )
+    .remove(0);
+    assert_eq!(
+        sneaky.parsed.effects,
+        [Effect::SearchPath(vec!["private".into()])]
+    );
     let computed = analyze("SELECT set_config(name, 'x', false) FROM t", Literals::Keep).remove(0);
     assert!(computed.parsed.problem.is_some());
     let set = analyze("SET search_path TO private, public", Literals::Keep).remove(0);

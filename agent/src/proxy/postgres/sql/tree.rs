@@ -136,7 +136,22 @@ struct ColumnUse {
 
 /// Walks one statement (the `stmt` of a RawStmt, in serde form).
 pub fn walk(statement: &Lean) -> Parsed {
-    let mut walker = Walker::default();
+    let mut parsed = walk_as(statement, Use::Output, 0);
+    if parsed.kinds == KindSet::default() {
+        parsed.kinds.insert(K::Other);
+    }
+    parsed
+}
+
+/// DO blocks nest at most this deep (a DO inside a DO's body).
+const MAX_DO_DEPTH: u32 = 2;
+
+fn walk_as(statement: &Lean, use_: Use, depth: u32) -> Parsed {
+    let mut walker = Walker {
+        use_,
+        depth,
+        ..Walker::default()
+    };
     walker.value(statement, false);
     walker.resolve_exposures();
     let mut parsed = walker.parsed;
@@ -148,9 +163,6 @@ pub fn walk(statement: &Lean) -> Parsed {
         .functions
         .sort_by(|a, b| (&a.schema, &a.name).cmp(&(&b.schema, &b.name)));
     parsed.functions.dedup();
-    if parsed.kinds == KindSet::default() {
-        parsed.kinds.insert(K::Other);
-    }
     parsed
 }
 
@@ -164,6 +176,10 @@ struct Walker {
     columns: Vec<ColumnUse>,
     /// Relation aliases of the statement (any scope).
     aliases: Vec<(String, Name)>,
+    /// The setting a `SELECT … FROM pg_settings WHERE name = '…'` reads.
+    settings_row: Option<String>,
+    /// How many DO bodies this walk is inside.
+    depth: u32,
 }
 
 /// Statements whose `relation` is the row target (never a CTE reference).
@@ -209,6 +225,7 @@ impl Walker {
             "ColumnRef" => return self.column_ref(fields),
             "FuncCall" => self.func_call(fields),
             "SelectStmt" => {
+                self.settings_row = settings_row(fields);
                 // A bare VALUES list (`INSERT … VALUES`) reads nothing.
                 let values_only = get(fields, "values_lists")
                     .and_then(Lean::as_array)
@@ -256,7 +273,10 @@ impl Walker {
             "VariableShowStmt" => kinds.insert(K::Show),
             "TransactionStmt" => kinds.insert(K::Transaction),
             "CallStmt" => kinds.insert(K::Call),
-            "DoStmt" => kinds.insert(K::Do),
+            "DoStmt" => {
+                kinds.insert(K::Do);
+                self.do_block(fields);
+            }
             "ExecuteStmt" => kinds.insert(K::Execute),
             "PrepareStmt" | "DeallocateStmt" => kinds.insert(K::Prepare),
             "ExplainStmt" => kinds.insert(K::Explain),
@@ -283,6 +303,9 @@ impl Walker {
                 }
             }
             "ConstraintsSetStmt" => kinds.insert(K::Set),
+            // A PL/pgSQL assignment (`n := …`) in a DO body: its value is
+            // evaluated as a SELECT, walked below.
+            "PlassignStmt" => {}
             "DropStmt" => {
                 kinds.insert(K::Drop);
                 if is_relation_type(int("remove_type")) {
@@ -499,7 +522,7 @@ impl Walker {
             }
         }
         exposures.dedup();
-        self.parsed.exposures = exposures;
+        self.parsed.exposures.extend(exposures);
     }
 
     fn range_var(&mut self, map: &Fields, target: bool) {
@@ -540,6 +563,75 @@ impl Walker {
             return;
         }
         self.parsed.functions.push(Name { schema, name });
+    }
+
+    /// A DO block: what its body does is what the statement does. What
+    /// it selects can reach the client only through messages (RAISE), so
+    /// every column it uses counts as used in an expression.
+    fn do_block(&mut self, fields: &Fields) {
+        self.parsed.literal_sensitive = true;
+        let mut body = None;
+        let mut language = "plpgsql".to_owned();
+        for item in get(fields, "args")
+            .and_then(Lean::as_array)
+            .unwrap_or_default()
+        {
+            let Some(option) = item.get("node").unwrap_or(item).get("DefElem") else {
+                continue;
+            };
+            let value = option
+                .get("arg")
+                .and_then(|a| a.get("node").unwrap_or(a).get("String"))
+                .map(|s| {
+                    s.get("sval")
+                        .and_then(Lean::as_str)
+                        .unwrap_or("")
+                        .to_owned()
+                });
+            match option.get("defname").and_then(Lean::as_str) {
+                Some("as") => body = value,
+                Some("language") => language = value.unwrap_or_default().to_ascii_lowercase(),
+                _ => {}
+            }
+        }
+        if language != "plpgsql" {
+            return self.problem("a DO block in a language other than plpgsql cannot be analysed");
+        }
+        if self.depth >= MAX_DO_DEPTH {
+            return self.problem("DO blocks nested this deep cannot be analysed");
+        }
+        let pieces = match super::plpgsql::sql_of(&body.unwrap_or_default()) {
+            Ok(pieces) => pieces,
+            Err(why) => return self.problem(&format!("the DO block cannot be checked: {why}")),
+        };
+        for (sql, mode) in pieces {
+            let tree = match pg_query::parse(&sql, mode) {
+                Ok(tree) => tree,
+                Err(error) => {
+                    return self.problem(&format!("the DO block cannot be checked: {error}"));
+                }
+            };
+            for raw in &tree.protobuf.stmts {
+                let Some(stmt) = &raw.stmt else { continue };
+                let inner = walk_as(&Lean::of(stmt), Use::Expression, self.depth + 1);
+                self.merge(inner);
+            }
+        }
+    }
+
+    fn merge(&mut self, inner: Parsed) {
+        let parsed = &mut self.parsed;
+        for kind in inner.kinds.iter() {
+            parsed.kinds.insert(kind);
+        }
+        parsed.relations.extend(inner.relations);
+        parsed.functions.extend(inner.functions);
+        parsed.effects.extend(inner.effects);
+        parsed.exposures.extend(inner.exposures);
+        parsed.holds_password |= inner.holds_password;
+        if let Some(problem) = inner.problem {
+            self.problem(&problem);
+        }
     }
 
     /// `SET name …`, `RESET …`.
@@ -610,7 +702,14 @@ impl Walker {
             .into_iter()
             .flatten()
             .collect();
-        let setting = args.first().and_then(|v| constant_text(v));
+        // pg_dump's spelling: `SELECT set_config(name, '…', false) FROM
+        // pg_settings WHERE name = '…'` names the setting in its WHERE.
+        let setting = args.first().and_then(|v| {
+            constant_text(v).or_else(|| {
+                let column = column_name(v)?;
+                (column == "name").then(|| self.settings_row.clone())?
+            })
+        });
         let value = args.get(1).and_then(|v| constant_text(v));
         let (Some(setting), Some(value)) = (setting, value) else {
             self.problem(
@@ -716,6 +815,37 @@ fn strings(list: Option<&Lean>) -> Vec<String> {
             Some(string.get("sval")?.as_str()?.to_owned())
         })
         .collect()
+}
+
+/// The one row a SELECT reads when it is `FROM pg_settings WHERE name =
+/// 'literal'`: that setting's name.
+fn settings_row(select: &Fields) -> Option<String> {
+    let from = get(select, "from_clause")?.as_array()?;
+    let [relation] = from else {
+        return None;
+    };
+    let relation = relation.get("node")?.get("RangeVar")?;
+    let schema = relation.get("schemaname").and_then(Lean::as_str);
+    if relation.get("relname")?.as_str()? != "pg_settings"
+        || schema.is_some_and(|s| s != "pg_catalog")
+    {
+        return None;
+    }
+    let condition = get(select, "where_clause")?.get("node")?.get("AExpr")?;
+    let operator = strings(condition.get("name"));
+    if operator != ["="] || column_name(condition.get("lexpr")?)? != "name" {
+        return None;
+    }
+    constant_text(condition.get("rexpr")?)
+}
+
+/// The column a bare column reference names (`name`), or None.
+fn column_name(node: &Lean) -> Option<String> {
+    let reference = node.get("node").unwrap_or(node).get("ColumnRef")?;
+    match &strings(reference.get("fields"))[..] {
+        [column] => Some(column.clone()),
+        _ => None,
+    }
 }
 
 /// The text of a string constant node (`'public'`), or None.
