@@ -51,6 +51,12 @@ enum Bench {
         #[arg(long, default_value_t = 2_000)]
         ship_sessions: usize,
     },
+    /// Deciding a PostgreSQL statement on its own: parse, resolve,
+    /// evaluate, with and without analyses shared by shape.
+    Statements {
+        #[arg(long, default_value_t = 30_000)]
+        count: usize,
+    },
     /// SSH: direct vs `ssh -J` bastion vs Interlock (scp throughput,
     /// sequential connects).
     Ssh {
@@ -98,6 +104,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
             stream_rows,
         } => crate::bench_postgres::run(seconds, stream_rows),
         Bench::Ssh { mib, connects } => crate::bench_ssh::run(mib, connects),
+        Bench::Statements { count } => {
+            prepare()?;
+            let binary = std::env::var_os("INTERLOCK_BIN").expect("set by prepare");
+            let out = Command::new(binary)
+                .args(["bench-statements", "--count", &count.to_string()])
+                .output()?;
+            if !out.status.success() {
+                bail!("bench-statements: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            println!("Deciding a PostgreSQL statement, {count} statements with new literals each:");
+            for (key, what) in [
+                ("analyse_us", "parse + walk, every statement"),
+                ("shared_us", "parse + walk, analyses shared by shape"),
+                ("decide_us", "shared analysis + names + policy"),
+            ] {
+                println!(
+                    "  {what:<44} {:>8.2} µs",
+                    report[key].as_f64().unwrap_or(f64::NAN)
+                );
+            }
+            Ok(())
+        }
         Bench::Sessions {
             statements,
             ship_sessions,

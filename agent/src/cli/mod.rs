@@ -70,6 +70,13 @@ enum Command {
     /// Measures the session store on its own (`cargo xtask bench sessions`).
     #[command(hide = true)]
     BenchStore(sessions::BenchStoreArgs),
+    /// Measures deciding a PostgreSQL statement on its own (`cargo xtask
+    /// bench statements`).
+    #[command(hide = true)]
+    BenchStatements {
+        #[arg(long, default_value_t = 30_000)]
+        count: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -208,6 +215,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Approvals(command) => approvals::approvals(command),
         Command::Grants(command) => approvals::grants(command),
         Command::BenchStore(args) => runtime()?.block_on(sessions::bench_store(args)),
+        Command::BenchStatements { count } => {
+            let report = crate::proxy::postgres::bench::run(count);
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Ca(CaCommand::Print(ConfigArg { config })) => {
             let state_dir = Config::load(&config)?.agent.state_dir;
             let pem = crate::tls::LocalCa::read_cert(&state_dir.join("ca")).with_context(|| {

@@ -15,6 +15,7 @@
 //! 6. Server → client (`responses.rs`): each response matched to its
 //!    request; rows masked as they stream (`mask.rs`), each statement
 //!    audited when it completes.
+pub mod bench;
 mod cancel;
 mod catalog;
 mod mask;
