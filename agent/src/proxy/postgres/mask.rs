@@ -23,7 +23,6 @@ pub enum MaskError {
 pub struct MaskKey([u8; 32]);
 
 impl MaskKey {
-    #[cfg(test)]
     pub fn new(bytes: [u8; 32]) -> Self {
         Self(bytes)
     }
