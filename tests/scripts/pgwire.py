@@ -11,6 +11,9 @@
     pgwire.py HOST PORT extended-tags SQL         the answer (or of the answer
                                                   to Parse/Bind/Execute/Sync),
                                                   then runs SELECT 41 + 1
+    SQL may be @bytes:N, @chain:N (1+1+…), @deep:N (((…))) to have the
+    script make a statement larger than a command line holds.
+
     pgwire.py HOST PORT beside-large BYTES        a statement of BYTES on one
                                                   connection; meanwhile, the
                                                   slowest of 20 SELECT 1 on
@@ -112,6 +115,11 @@ def main():
         # A statement of that many bytes (more than a command line holds).
         size = int(sql[len("@bytes:"):])
         sql = "SELECT '" + "y" * (size - 10) + "'"
+    elif sql.startswith("@chain:"):
+        sql = "SELECT " + "1+" * int(sql[len("@chain:"):]) + "1"
+    elif sql.startswith("@deep:"):
+        depth = int(sql[len("@deep:"):])
+        sql = "SELECT " + "(" * depth + "1" + ")" * depth
     conn = Conn(host, port)
     if mode == "execute-undescribed":
         batch = (

@@ -253,7 +253,9 @@ fn bypass_attempts_are_refused_and_nothing_changes() {
             "{short} leaked the secret"
         );
     }
-    // The size limit answers in PostgreSQL's own terms.
+    // The size limit answers in PostgreSQL's own terms; long, deep and huge
+    // statements are refused in the extended protocol too, and the
+    // session goes on.
     let out = pgwire(&cgroup.dir, pg.addr, "simple-tags", "@bytes:1100000");
     assert!(
         stdout(&out).contains("ERROR 54000"),
@@ -261,6 +263,19 @@ fn bypass_attempts_are_refused_and_nothing_changes() {
         stdout(&out),
         stderr(&out)
     );
+    for (statement, code) in [
+        ("@chain:200000", "42501"),
+        ("@deep:100000", "42501"),
+        ("@bytes:1100000", "54000"),
+    ] {
+        let out = pgwire(&cgroup.dir, pg.addr, "extended-tags", statement);
+        let printed = stdout(&out);
+        assert!(
+            printed.contains(&format!("ERROR {code}")) && printed.trim_end().ends_with("42"),
+            "{statement}: {printed}{}",
+            stderr(&out)
+        );
+    }
 
     // Nothing changed on the server.
     let check = |sql: &str| pg.admin_sql("postgres", sql).trim().to_owned();
