@@ -1,12 +1,14 @@
 //! What the fuzz targets (`fuzz/`) drive: every parser of PostgreSQL bytes
 //! that come from a workload or a server. None may panic, whatever the
 //! bytes.
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use bytes::BytesMut;
 
 use super::{
-    catalog, names,
+    catalog,
+    mask::MaskSet,
+    names,
     sql::{self, Literals},
     wire,
 };
@@ -14,29 +16,31 @@ use super::{
 /// Startup packets, frames, and the fields the proxy reads from them;
 /// RowDescriptions and DataRows through masking.
 pub fn frames(data: &[u8]) {
-    let masks: Vec<crate::policy::Mask> = [
-        r#"column = "email""#,
-        r#"column = "customers.card""#,
-        r#"pattern = "card_number""#,
-        r#"regex = "ORD-[0-9]+""#,
-    ]
-    .iter()
-    .map(|spec| {
-        toml::from_str::<crate::policy::MaskSpec>(spec)
-            .expect("a valid mask")
-            .compile()
-            .expect("a valid mask")
-    })
-    .collect();
-    let refs: Vec<&crate::policy::Mask> = masks.iter().collect();
-    let resolved = [(
-        crate::policy::ColumnName::parse("customers.card").expect("a valid name"),
-        vec![(16384, 2)],
-    )]
-    .into();
-    let set =
-        super::mask::MaskSet::compile(&refs, &resolved, Arc::new(super::MaskKey::new([7; 32])))
-            .ok();
+    // Made once: compiling masks per input would be most of the work.
+    static MASKS: LazyLock<Option<MaskSet>> = LazyLock::new(|| {
+        let masks: Vec<crate::policy::Mask> = [
+            r#"column = "email""#,
+            r#"column = "customers.card""#,
+            r#"pattern = "card_number""#,
+            r#"regex = "ORD-[0-9]+""#,
+        ]
+        .iter()
+        .map(|spec| {
+            toml::from_str::<crate::policy::MaskSpec>(spec)
+                .expect("a valid mask")
+                .compile()
+                .expect("a valid mask")
+        })
+        .collect();
+        let refs: Vec<&crate::policy::Mask> = masks.iter().collect();
+        let resolved = [(
+            crate::policy::ColumnName::parse("customers.card").expect("a valid name"),
+            vec![(16384, 2)],
+        )]
+        .into();
+        MaskSet::compile(&refs, &resolved, Arc::new(super::MaskKey::new([7; 32]))).ok()
+    });
+    let set = MASKS.as_ref();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("a runtime");
@@ -49,7 +53,7 @@ pub fn frames(data: &[u8]) {
         let mut buf = BytesMut::new();
         let mut plan = None;
         while let Ok(Some(frame)) = wire::read_frame(&mut reader, &mut buf).await {
-            if let Some(set) = &set {
+            if let Some(set) = set {
                 match frame.tag {
                     b'T' => plan = set.plan(frame.body()).ok(),
                     b'D' => {
