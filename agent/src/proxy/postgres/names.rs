@@ -106,7 +106,7 @@ impl Names {
     }
 
     /// Whether `effects` would take the session past [`MAX_PATHS`].
-    pub fn too_many_paths(&self, effects: &[Effect]) -> bool {
+    fn too_many_paths(&self, effects: &[Effect]) -> bool {
         let new = effects
             .iter()
             .filter(|e| matches!(e, Effect::SearchPath(p) if !self.paths.contains(p)))

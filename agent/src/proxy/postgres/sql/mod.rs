@@ -65,16 +65,10 @@ fn analyze_unguarded(sql: &str, literals: Literals) -> Vec<Analysed> {
     let statements = &result.protobuf.stmts;
     statements
         .iter()
-        .enumerate()
-        .map(|(i, raw)| {
+        .map(|raw| {
             let tree = raw.stmt.as_ref().map(lean::Lean::of).unwrap_or_default();
             let parsed = tree::walk(&tree);
-            let text = statement_text(
-                sql,
-                raw.stmt_location,
-                raw.stmt_len,
-                i + 1 == statements.len(),
-            );
+            let text = statement_text(sql, raw.stmt_location, raw.stmt_len);
             let text = audit_text(text, literals, parsed.holds_password);
             Analysed {
                 parsed: Arc::new(parsed),
@@ -97,12 +91,11 @@ fn parse_problem(error: &pg_query::Error) -> String {
 
 /// One statement's slice of the query text (PostgreSQL's locations are
 /// byte offsets; a length of 0 means "to the end").
-fn statement_text(sql: &str, location: i32, len: i32, last: bool) -> &str {
+fn statement_text(sql: &str, location: i32, len: i32) -> &str {
     let start = usize::try_from(location).unwrap_or(0).min(sql.len());
-    let end = if len <= 0 || last && start + len as usize > sql.len() {
-        sql.len()
-    } else {
-        start.saturating_add(len as usize).min(sql.len())
+    let end = match usize::try_from(len) {
+        Ok(len) if len > 0 => start.saturating_add(len).min(sql.len()),
+        _ => sql.len(),
     };
     sql.get(start..end).unwrap_or(sql).trim()
 }
