@@ -69,6 +69,7 @@ impl Agent {
         raise_fd_limit();
 
         let port = config.agent.listen_port;
+        let started_boot_ns = crate::intercept::boot_time_ns();
         let bound = proxy::bind(port).await.with_context(|| {
             format!("binding the agent's listeners on 127.0.0.1:{port} and [::1]:{port}")
         })?;
@@ -83,9 +84,9 @@ impl Agent {
                 listener_port: port,
                 _pad: 0,
                 listener_v6: std::net::Ipv6Addr::LOCALHOST.octets(),
-                bypass_mark: config.agent.bypass_mark,
                 enabled: 1,
             },
+            started_boot_ns,
         })
         .with_context(|| {
             format!(
@@ -147,10 +148,9 @@ impl Agent {
             _ => None,
         };
         let proxy_context = Arc::new(ProxyContext {
-            orig_dst: interceptor.clone(),
+            kernel: interceptor.clone(),
             resolver: Arc::new(WorkloadResolver::new(cgroups)),
             active: ArcSwap::from_pointee(active),
-            bypass_mark: config.agent.bypass_mark,
             connections: ConnRegistry::default(),
             tls: Some(Arc::new(local_ca)),
             mask_key: Arc::new(mask_key),
@@ -559,7 +559,6 @@ fn restart_needed(old: &Config, new: &Config) -> bool {
         || a.admins != b.admins
         || a.cgroup != b.cgroup
         || a.listen_port != b.listen_port
-        || a.bypass_mark != b.bypass_mark
         || a.bpffs_dir != b.bpffs_dir
         || a.redact_literals != b.redact_literals
         || a.max_statement_bytes != b.max_statement_bytes

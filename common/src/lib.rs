@@ -18,6 +18,9 @@ pub mod maps {
     /// LRU hash `PeerKey -> ConnRecord`, written by `sockops`, read (and
     /// deleted) by the agent on accept.
     pub const BY_PEER: &str = "INTERLOCK_BY_PEER";
+    /// LRU hash `socket cookie -> u8`: the agent's own upstream sockets,
+    /// registered by the agent between `socket()` and `connect()`.
+    pub const AGENT_SOCKETS: &str = "INTERLOCK_AGENT_SOCKETS";
 }
 
 /// Names of the programs, as the kernel object declares them.
@@ -33,7 +36,7 @@ pub mod programs {
 /// Version of the map layouts below. Maps are pinned under a directory
 /// named after it, so an agent whose layouts differ never reuses (and
 /// misreads) maps pinned by another; bump it with any layout change.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -49,6 +52,9 @@ pub const IPV4_MAPPED_PREFIX_BITS: u32 = 96;
 pub const CONN_TABLE_ENTRIES: u32 = 65_536;
 /// Protected `address:port` entries (exact addresses and CIDRs).
 pub const PROTECTED_ENTRIES: u32 = 16_384;
+/// The agent's upstream sockets between `socket()` and the end of
+/// `connect()`: one per connect in flight.
+pub const AGENT_SOCKET_ENTRIES: u32 = 4_096;
 
 /// Returns the IPv4-mapped IPv6 form of an IPv4 address in network order.
 pub const fn ipv4_mapped(octets: [u8; 4]) -> [u8; 16] {
@@ -80,7 +86,7 @@ pub struct TargetValue {
     pub flags: u32,
 }
 
-/// Where intercepted connections go and which sockets are exempt.
+/// Where intercepted connections go.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RedirectConfig {
@@ -91,10 +97,6 @@ pub struct RedirectConfig {
     pub _pad: u16,
     /// The agent's IPv6 listener address (network order).
     pub listener_v6: [u8; 16],
-    /// Sockets carrying this `SO_MARK` are never redirected: the agent's own
-    /// upstream connections. Setting a mark needs CAP_NET_ADMIN, so a
-    /// workload cannot use it to bypass interception.
-    pub bypass_mark: u32,
     /// Non-zero once the agent has written the configuration.
     pub enabled: u32,
 }
@@ -115,6 +117,10 @@ pub struct PeerKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnRecord {
+    /// Cookie of the client's socket: the agent admits an accepted
+    /// connection only if its peer is this very socket, so a record can
+    /// never be borrowed by another socket bound to the same address.
+    pub cookie: u64,
     /// Original destination address (IPv6 or IPv4-mapped), network order.
     pub orig_addr: [u8; 16],
     /// Original destination port, host order.
@@ -152,9 +158,9 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<TargetKey>(), 18);
         assert_eq!(size_of::<TargetValue>(), 4);
-        assert_eq!(size_of::<RedirectConfig>(), 32);
+        assert_eq!(size_of::<RedirectConfig>(), 28);
         assert_eq!(size_of::<PeerKey>(), 20);
-        assert_eq!(size_of::<ConnRecord>(), 72);
+        assert_eq!(size_of::<ConnRecord>(), 80);
     }
 
     #[test]

@@ -3,13 +3,18 @@
 //! The data path, in kernel order:
 //! 1. `connect4`/`connect6` (cgroup/connect*): a TCP connect to a protected
 //!    destination is recorded under the socket cookie and rewritten to the
-//!    agent's listener. Everything else is left alone.
+//!    agent's listener. Everything else is left alone, and so are the
+//!    agent's own upstream sockets, which the agent registers by cookie
+//!    (a map a workload cannot write, unlike a socket mark it can set).
 //! 2. `sockops` (TCP_CONNECT_CB): once the client's source port is known, the
 //!    record is copied under the client's `(address, port)`, the key the agent
-//!    sees as its peer on `accept`. The agent deletes it when read.
+//!    sees as its peer on `accept`. The agent deletes it when read, and
+//!    admits the connection only if its peer socket has the record's cookie.
 //! 3. `getpeername4`/`getpeername6`: the client sees the original destination
 //!    as its peer, not the agent's listener.
-//! 4. `sockops` (STATE_CB, TCP_CLOSE): the cookie record is dropped.
+//! 4. `sockops` (STATE_CB, TCP_CLOSE): the cookie record is dropped, and a
+//!    connect that never got through (refused, timed out, reset while
+//!    `SYN_SENT`) takes its peer record with it, so none outlives it.
 #![no_std]
 #![no_main]
 
@@ -19,7 +24,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, bpf_sock_addr, bpf_sock_ops,
+        BPF_TCP_CLOSE, BPF_TCP_SYN_SENT, bpf_sock_addr, bpf_sock_ops,
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
@@ -31,8 +36,9 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use interlock_common::{
-    AF_INET, AF_INET6, CONN_TABLE_ENTRIES, ConnRecord, PORT_PREFIX_BITS, PROTECTED_ENTRIES,
-    PeerKey, RedirectConfig, TargetKey, TargetValue, ipv4_mapped, is_ipv4_mapped,
+    AF_INET, AF_INET6, AGENT_SOCKET_ENTRIES, CONN_TABLE_ENTRIES, ConnRecord, PORT_PREFIX_BITS,
+    PROTECTED_ENTRIES, PeerKey, RedirectConfig, TargetKey, TargetValue, ipv4_mapped,
+    is_ipv4_mapped,
 };
 
 /// cgroup/sock_addr programs return 1 to let the syscall proceed. Interlock
@@ -52,6 +58,9 @@ static BY_COOKIE: LruHashMap<u64, ConnRecord> = LruHashMap::with_max_entries(CON
 #[map(name = "INTERLOCK_BY_PEER")]
 static BY_PEER: LruHashMap<PeerKey, ConnRecord> =
     LruHashMap::with_max_entries(CONN_TABLE_ENTRIES, 0);
+
+#[map(name = "INTERLOCK_AGENT_SOCKETS")]
+static AGENT_SOCKETS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(AGENT_SOCKET_ENTRIES, 0);
 
 // === connect ===
 
@@ -79,10 +88,6 @@ fn redirect(ctx: &SockAddrContext, v6: bool) {
     if config.enabled == 0 {
         return;
     }
-    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
-    if config.bypass_mark != 0 && !sk.is_null() && unsafe { (*sk).mark } == config.bypass_mark {
-        return;
-    }
 
     // user_port holds the port in network order in its low 16 bits.
     let port_be = unsafe { read_volatile(&(*sa).user_port) } as u16;
@@ -101,10 +106,15 @@ fn redirect(ctx: &SockAddrContext, v6: bool) {
     if PROTECTED.get(key).is_none() {
         return;
     }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if AGENT_SOCKETS.get_ptr(cookie).is_some() {
+        return;
+    }
 
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
     let record = ConnRecord {
+        cookie,
         orig_addr: addr,
         orig_port: u16::from_be(port_be),
         orig_family: if v6 { AF_INET6 } else { AF_INET },
@@ -116,7 +126,6 @@ fn redirect(ctx: &SockAddrContext, v6: bool) {
         connect_boot_ns: unsafe { bpf_ktime_get_boot_ns() },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // If the record cannot be stored the connection is still redirected: the
     // agent refuses connections it has no record for (fail closed).
     let _ = BY_COOKIE.insert(cookie, record, 0);
@@ -177,10 +186,7 @@ fn restore_peer(ctx: &SockAddrContext, v6: bool) {
 pub fn interlock_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => rekey_by_peer(&ctx),
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let _ = BY_COOKIE.remove(cookie);
-        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => forget(&ctx),
         _ => {}
     }
     1
@@ -192,26 +198,52 @@ fn rekey_by_peer(ctx: &SockOpsContext) {
     let Some(record) = BY_COOKIE.get_ptr(cookie) else {
         return;
     };
-    let ops = ctx.ops;
     // The source port is assigned by now (TCP_CONNECT_CB runs just before
     // the SYN), so the agent cannot accept before this entry exists.
+    let _ = BY_PEER.insert(peer_key(ctx), unsafe { *record }, 0);
+    // Ask for state callbacks so the cookie record goes when the socket does.
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+}
+
+/// A redirected socket is closing. Its cookie record goes; if it never got
+/// past `SYN_SENT` (the listener refused it, or it timed out: the agent was
+/// down) so does its peer record, which no accept will ever take. A record
+/// of an established connection stays for the agent, which may accept it
+/// after the client has already closed.
+#[inline(always)]
+fn forget(ctx: &SockOpsContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = BY_COOKIE.remove(cookie);
+    if ctx.arg(0) != BPF_TCP_SYN_SENT {
+        return;
+    }
+    let key = peer_key(ctx);
+    // Only this socket's own record: never one a later socket wrote.
+    if let Some(record) = BY_PEER.get_ptr(key)
+        && unsafe { (*record).cookie } == cookie
+    {
+        let _ = BY_PEER.remove(key);
+    }
+}
+
+// === helpers ===
+
+/// The socket's local `(address, port)`: the agent's peer on accept.
+#[inline(always)]
+fn peer_key(ctx: &SockOpsContext) -> PeerKey {
+    let ops = ctx.ops;
     let addr = if ctx.family() == AF_INET as u32 {
         ipv4_mapped(unsafe { read_volatile(&(*ops).local_ip4) }.to_ne_bytes())
     } else {
         local_ip6(ops)
     };
-    let key = PeerKey {
+    PeerKey {
         addr,
         // sock_ops keeps local_port in host order.
         port: unsafe { read_volatile(&(*ops).local_port) } as u16,
         _pad: [0; 2],
-    };
-    let _ = BY_PEER.insert(key, unsafe { *record }, 0);
-    // Ask for state callbacks so the cookie record goes when the socket does.
-    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    }
 }
-
-// === helpers ===
 
 // The verifier only accepts context accesses at constant offsets, so the
 // four words of an IPv6 address are read and written one by one, never in a

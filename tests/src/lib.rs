@@ -223,7 +223,7 @@ impl Agent {
         fs::rename(&staged, &self.config).unwrap();
     }
 
-    fn listen_port(&self) -> u16 {
+    pub fn listen_port(&self) -> u16 {
         let port_file = self.workdir.join("port");
         if let Ok(port) = fs::read_to_string(&port_file) {
             return port.trim().parse().unwrap();

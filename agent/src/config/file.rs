@@ -157,6 +157,7 @@ pub struct AgentSpec {
     pub cgroup: Option<Located<String>>,
     pub policy_dir: Option<PathBuf>,
     pub listen_port: Option<u16>,
+    /// No longer used; see `Settings`.
     pub bypass_mark: Option<u32>,
     pub bpffs_dir: Option<PathBuf>,
     #[serde(default, with = "humantime_serde")]

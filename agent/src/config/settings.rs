@@ -46,9 +46,6 @@ pub struct AgentSettings {
     /// default so that, while the agent is down, no unprivileged process can
     /// bind it and pose as the agent.
     pub listen_port: u16,
-    /// SO_MARK on the agent's upstream sockets, which the kernel programs
-    /// never redirect.
-    pub bypass_mark: u32,
     /// Where programs, links and maps are pinned in bpffs.
     pub bpffs_dir: PathBuf,
     /// How often host-name targets are resolved again.
@@ -64,7 +61,6 @@ pub struct AgentSettings {
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/interlock/interlock.toml";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/interlock/admin.sock";
 pub const DEFAULT_LISTEN_PORT: u16 = 955;
-pub const DEFAULT_BYPASS_MARK: u32 = 0x1d7c_0001;
 
 impl Default for AgentSettings {
     fn default() -> Self {
@@ -76,7 +72,6 @@ impl Default for AgentSettings {
             cgroup: CgroupSetting::Auto,
             policy_dir: None,
             listen_port: DEFAULT_LISTEN_PORT,
-            bypass_mark: DEFAULT_BYPASS_MARK,
             bpffs_dir: PathBuf::from("/sys/fs/bpf/interlock"),
             resolve_interval: Duration::from_secs(30),
             redact_literals: false,
@@ -130,14 +125,11 @@ impl AgentSettings {
             }
             settings.listen_port = port;
         }
-        if let Some(mark) = spec.bypass_mark {
-            if mark == 0 {
-                return Err(source.error_at(
-                    located.span(),
-                    "bypass_mark cannot be 0 (every socket has mark 0)",
-                ));
-            }
-            settings.bypass_mark = mark;
+        if spec.bypass_mark.is_some() {
+            // Kept readable so that an older configuration still starts.
+            tracing::warn!(
+                "[agent] bypass_mark is no longer used (a socket mark can be set by a workload with CAP_NET_RAW): the kernel programs recognise the agent's own sockets by their cookies; remove the line"
+            );
         }
         if let Some(dir) = &spec.bpffs_dir {
             settings.bpffs_dir = dir.clone();

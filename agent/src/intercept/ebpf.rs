@@ -28,6 +28,7 @@ use interlock_common::{
 };
 use serde::Serialize;
 
+use super::Unadmitted;
 use crate::addr::ClientAddr;
 
 /// The kernel object built from `ebpf-programs/` (empty in a stub build).
@@ -57,6 +58,8 @@ pub enum InterceptError {
     Link { path: PathBuf, cause: LinkError },
     #[error("map {name}: {cause}")]
     Map { name: &'static str, cause: MapError },
+    #[error("reading the agent's network namespace cookie (SO_NETNS_COOKIE, Linux 5.14+): {0}")]
+    Namespace(io::Error),
     #[error("the eBPF object has no map or program named {0}")]
     Missing(&'static str),
 }
@@ -65,7 +68,14 @@ pub struct AttachOptions {
     pub cgroup_dir: PathBuf,
     pub bpffs_dir: PathBuf,
     pub redirect: RedirectConfig,
+    /// `CLOCK_BOOTTIME` before the agent's listeners were bound: records of
+    /// earlier connects belong to no connection this agent will accept.
+    pub started_boot_ns: u64,
 }
+
+/// A record older than this at accept is not trusted (the agent accepts
+/// within milliseconds; only a stalled agent takes seconds).
+const MAX_RECORD_AGE_NS: u64 = 60 * 1_000_000_000;
 
 /// The attached programs and the agent's handles on their maps.
 pub struct Interceptor {
@@ -74,6 +84,9 @@ pub struct Interceptor {
     links: Mutex<Vec<PinnedLink>>,
     protected: Mutex<LpmTrie<MapData, TargetKey, TargetValue>>,
     by_peer: Mutex<HashMap<MapData, PeerKey, ConnRecord>>,
+    agent_sockets: Mutex<HashMap<MapData, u64, u8>>,
+    /// The agent's network namespace: the only one its listeners serve.
+    netns_cookie: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -98,11 +111,12 @@ fn maps_dir(bpffs_dir: &Path) -> PathBuf {
     maps_root(bpffs_dir).join(format!("v{MAP_LAYOUT_VERSION}"))
 }
 
-const MAP_NAMES: [&str; 4] = [
+const MAP_NAMES: [&str; 5] = [
     maps::PROTECTED,
     maps::CONFIG,
     maps::BY_COOKIE,
     maps::BY_PEER,
+    maps::AGENT_SOCKETS,
 ];
 
 impl Interceptor {
@@ -116,6 +130,7 @@ impl Interceptor {
             cgroup_dir,
             bpffs_dir,
             redirect,
+            started_boot_ns,
         } = options;
         let (links_dir, maps_dir) = (links_dir(&bpffs_dir), maps_dir(&bpffs_dir));
         for dir in [&links_dir, &maps_dir] {
@@ -145,8 +160,22 @@ impl Interceptor {
         config.set(0, redirect, 0).map_err(map_err(maps::CONFIG))?;
         let protected = LpmTrie::try_from(take(&mut ebpf, maps::PROTECTED)?)
             .map_err(map_err(maps::PROTECTED))?;
-        let by_peer =
+        let mut by_peer =
             HashMap::try_from(take(&mut ebpf, maps::BY_PEER)?).map_err(map_err(maps::BY_PEER))?;
+        let mut agent_sockets = HashMap::try_from(take(&mut ebpf, maps::AGENT_SOCKETS)?)
+            .map_err(map_err(maps::AGENT_SOCKETS))?;
+        // Pinned maps outlive an agent: what an earlier one left is
+        // accounted for by nobody now.
+        let stale = clear_stale(&mut by_peer, &mut agent_sockets, started_boot_ns);
+        if stale > 0 {
+            tracing::info!(
+                records = stale,
+                "cleared interception records of an earlier agent"
+            );
+        }
+        let netns_cookie = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|socket| super::netns_cookie(&socket))
+            .map_err(InterceptError::Namespace)?;
 
         let cgroup = fs::File::open(&cgroup_dir).map_err(|cause| InterceptError::Cgroup {
             path: cgroup_dir.clone(),
@@ -196,6 +225,8 @@ impl Interceptor {
             links: Mutex::new(links),
             protected: Mutex::new(protected),
             by_peer: Mutex::new(by_peer),
+            agent_sockets: Mutex::new(agent_sockets),
+            netns_cookie,
         })
     }
 
@@ -224,13 +255,45 @@ impl Interceptor {
         Ok(())
     }
 
-    /// Takes (reads and deletes) the kernel's record for an accepted client.
-    pub fn take_record(&self, client: ClientAddr) -> Option<ConnRecord> {
+    /// Takes (reads and deletes) the kernel's record for an accepted client,
+    /// and returns it only if it is the record of the client socket on the
+    /// other end, made in this network namespace, recently.
+    pub fn take_record(
+        &self,
+        client: ClientAddr,
+        listener: std::net::SocketAddr,
+    ) -> Result<ConnRecord, Unadmitted> {
         let key = client.peer_key();
-        let mut by_peer = self.by_peer.lock().expect("peer map");
-        let record = by_peer.get(&key, 0).ok()?;
-        let _ = by_peer.remove(&key);
-        Some(record)
+        let record = {
+            let mut by_peer = self.by_peer.lock().expect("peer map");
+            let record = by_peer.get(&key, 0).map_err(|_| Unadmitted::NoRecord)?;
+            // Taken whatever follows: a record that does not match the socket
+            // on this address now belongs to a socket that is gone.
+            let _ = by_peer.remove(&key);
+            record
+        };
+        let cookie = super::peer::client_cookie(client.0, listener)
+            .map_err(|error| Unadmitted::Lookup(error.to_string()))?
+            .ok_or(Unadmitted::ClientGone)?;
+        check_record(&record, cookie, self.netns_cookie, super::boot_time_ns())?;
+        Ok(record)
+    }
+
+    /// See [`super::Interception::exempt`].
+    pub fn exempt_socket(&self, cookie: u64) -> io::Result<()> {
+        self.agent_sockets
+            .lock()
+            .expect("agent sockets map")
+            .insert(cookie, 1, 0)
+            .map_err(|error| io::Error::other(error.to_string()))
+    }
+
+    pub fn release_socket(&self, cookie: u64) {
+        let _ = self
+            .agent_sockets
+            .lock()
+            .expect("agent sockets map")
+            .remove(&cookie);
     }
 
     pub fn status(&self) -> InterceptStatus {
@@ -256,6 +319,51 @@ impl Interceptor {
         }
         detach_pins(&self.bpffs_dir)
     }
+}
+
+/// Whether `record` is the record of the client socket with `cookie`, made
+/// in the agent's namespace no more than [`MAX_RECORD_AGE_NS`] ago.
+fn check_record(
+    record: &ConnRecord,
+    cookie: u64,
+    netns_cookie: u64,
+    now_boot_ns: u64,
+) -> Result<(), Unadmitted> {
+    if record.cookie != cookie {
+        return Err(Unadmitted::OtherSocket);
+    }
+    if record.netns_cookie != netns_cookie {
+        return Err(Unadmitted::OtherNamespace);
+    }
+    let age = now_boot_ns.saturating_sub(record.connect_boot_ns);
+    if age > MAX_RECORD_AGE_NS {
+        return Err(Unadmitted::Expired(age / 1_000_000_000));
+    }
+    Ok(())
+}
+
+/// Deletes peer records made before `started_boot_ns` and every exemption
+/// (the sockets it named belonged to an agent that is gone); returns how
+/// many there were.
+fn clear_stale(
+    by_peer: &mut HashMap<MapData, PeerKey, ConnRecord>,
+    agent_sockets: &mut HashMap<MapData, u64, u8>,
+    started_boot_ns: u64,
+) -> usize {
+    let stale: Vec<PeerKey> = by_peer
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, record)| record.connect_boot_ns < started_boot_ns)
+        .map(|(key, _)| key)
+        .collect();
+    let exemptions: Vec<u64> = agent_sockets.keys().filter_map(Result::ok).collect();
+    for key in &stale {
+        let _ = by_peer.remove(key);
+    }
+    for cookie in &exemptions {
+        let _ = agent_sockets.remove(cookie);
+    }
+    stale.len() + exemptions.len()
 }
 
 /// Releases a link pinned by an earlier agent, if any.
@@ -315,4 +423,43 @@ pub fn pinned_links(bpffs_dir: &Path) -> Vec<PathBuf> {
         .map(|p| links_dir(bpffs_dir).join(p))
         .filter(|p| p.exists())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(cookie: u64, netns_cookie: u64, connect_boot_ns: u64) -> ConnRecord {
+        ConnRecord {
+            cookie,
+            orig_addr: [0; 16],
+            orig_port: 5432,
+            orig_family: interlock_common::AF_INET,
+            tgid: 1,
+            uid: 0,
+            gid: 0,
+            cgroup_id: 1,
+            netns_cookie,
+            connect_boot_ns,
+            comm: [0; 16],
+        }
+    }
+
+    #[test]
+    fn a_record_admits_only_its_own_socket_in_its_namespace_while_fresh() {
+        let now = 100 * 1_000_000_000;
+        assert_eq!(check_record(&record(7, 1, now - 5), 7, 1, now), Ok(()));
+        assert_eq!(
+            check_record(&record(7, 1, now), 8, 1, now),
+            Err(Unadmitted::OtherSocket)
+        );
+        assert_eq!(
+            check_record(&record(7, 2, now), 7, 1, now),
+            Err(Unadmitted::OtherNamespace)
+        );
+        assert_eq!(
+            check_record(&record(7, 1, now - MAX_RECORD_AGE_NS - 1), 7, 1, now),
+            Err(Unadmitted::Expired(60))
+        );
+    }
 }

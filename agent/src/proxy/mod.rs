@@ -21,7 +21,7 @@ use tracing::{Instrument, info_span};
 use crate::{
     access::{AccessRecord, outcome},
     addr::{ClientAddr, ListenAddr},
-    intercept::OrigDst,
+    intercept::{Interception, Unadmitted},
     policy::{ActivePolicy, Protocol, RecordMode, Target, Verdict, evaluate},
     sessions::{Event, Recorder, StoreError, Summary},
     workload::{Workload, WorkloadResolver},
@@ -29,11 +29,11 @@ use crate::{
 
 /// Everything a connection needs, shared by all of them.
 pub struct ProxyContext {
-    pub orig_dst: Arc<dyn OrigDst>,
+    /// The kernel side: records of redirected connects, exemptions for the
+    /// agent's own upstream sockets.
+    pub kernel: Arc<dyn Interception>,
     pub resolver: Arc<WorkloadResolver>,
     pub active: ArcSwap<ActivePolicy>,
-    /// SO_MARK for upstream sockets, so the kernel programs let them pass.
-    pub bypass_mark: u32,
     pub connections: ConnRegistry,
     /// The local CA, for clients that ask for TLS (PostgreSQL SSLRequest).
     pub tls: Option<Arc<crate::tls::LocalCa>>,
@@ -158,14 +158,22 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
         let mut record = AccessRecord::new(session_id, client.0);
         let _live = context.connections.open(session_id, client);
 
-        let Some(intercepted) = context.orig_dst.take(client) else {
+        let listener = stream.local_addr();
+        let admitted = listener
+            .map_err(|error| Unadmitted::Lookup(error.to_string()))
+            .and_then(|listener| context.kernel.admit(client, listener));
+        let intercepted = match admitted {
+            Ok(intercepted) => intercepted,
             // Not redirected by our programs (a direct connection to the
-            // listener, or a record lost to an LRU eviction): fail closed.
-            record.reason = Some("no interception record for this client".into());
-            record.finish(outcome::REJECTED, None);
-            tracing::warn!("connection without an interception record; reset");
-            reset(stream);
-            return;
+            // listener, another socket's record, a record lost to an LRU
+            // eviction): fail closed.
+            Err(why) => {
+                record.reason = Some(why.to_string());
+                record.finish(outcome::REJECTED, None);
+                tracing::warn!(%why, "connection not admitted; reset");
+                reset(stream);
+                return;
+            }
         };
         record.orig_dst = Some(intercepted.orig_dst.0);
 
@@ -269,7 +277,7 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
                 tcp::forward(
                     stream,
                     intercepted.orig_dst,
-                    context.bypass_mark,
+                    &*context.kernel,
                     &mut record,
                     &recorder,
                 )
@@ -279,7 +287,7 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
                 tcp::forward(
                     stream,
                     intercepted.orig_dst,
-                    context.bypass_mark,
+                    &*context.kernel,
                     &mut record,
                     &recorder,
                 )

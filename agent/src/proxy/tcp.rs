@@ -1,5 +1,5 @@
-//! Opaque TCP: connect upstream (marked, so it is not redirected again) and
-//! copy bytes both ways, passing each half-close on.
+//! Opaque TCP: connect upstream (exempted, so it is not redirected again)
+//! and copy bytes both ways, passing each half-close on.
 use std::{io, sync::atomic::Ordering};
 
 use tokio::{
@@ -10,6 +10,7 @@ use tokio::{
 use crate::{
     access::{AccessRecord, outcome},
     addr::OrigDstAddr,
+    intercept::Interception,
     sessions::{Event, Recorder},
 };
 
@@ -21,11 +22,11 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub async fn forward(
     mut client: TcpStream,
     dst: OrigDstAddr,
-    mark: u32,
+    kernel: &dyn Interception,
     record: &mut AccessRecord,
     recorder: &Recorder,
 ) {
-    let mut upstream = match connect_marked(dst, mark).await {
+    let mut upstream = match connect_upstream(dst, kernel).await {
         Ok(upstream) => upstream,
         Err(error) => {
             tracing::warn!(%dst, %error, "upstream unreachable");
@@ -58,18 +59,36 @@ pub async fn forward(
     }
 }
 
-/// Opens the upstream connection with SO_MARK set before `connect()`, which
-/// is what the kernel programs check to leave it alone.
-pub async fn connect_marked(dst: OrigDstAddr, mark: u32) -> io::Result<TcpStream> {
+/// Opens the upstream connection. The socket's cookie is registered with
+/// the kernel programs between `socket()` and `connect()`, which is what
+/// lets it through un-redirected; nothing a workload can set does.
+pub async fn connect_upstream(
+    dst: OrigDstAddr,
+    kernel: &dyn Interception,
+) -> io::Result<TcpStream> {
     let socket = if dst.0.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
-    socket2::SockRef::from(&socket).set_mark(mark)?;
+    let cookie = crate::intercept::socket_cookie(&socket)?;
+    kernel.exempt(cookie)?;
+    // Released however the connect ends, even if this future is dropped.
+    let _exempt = Exempt { kernel, cookie };
     tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst.0))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer within 10 s"))?
+}
+
+struct Exempt<'a> {
+    kernel: &'a dyn Interception,
+    cookie: u64,
+}
+
+impl Drop for Exempt<'_> {
+    fn drop(&mut self) {
+        self.kernel.release(self.cookie);
+    }
 }
 
 /// Copies until EOF, then shuts the writer down (half-close), counting

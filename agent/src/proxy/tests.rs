@@ -53,14 +53,13 @@ async fn harness_deciding(upstream: SocketAddr, decision: &str, enforce: bool) -
     let approvals =
         crate::approvals::Approvals::open(store.db(), "test-host".into(), None).unwrap();
     let context = Arc::new(ProxyContext {
-        orig_dst: orig_dst.clone(),
+        kernel: orig_dst.clone(),
         resolver: Arc::new(WorkloadResolver::new(CgroupFs::new("/nonexistent".into()))),
         active: ArcSwap::from_pointee(ActivePolicy {
             policy,
             table,
             enforce,
         }),
-        bypass_mark: 0,
         connections: ConnRegistry::default(),
         tls: None,
         mask_key: Arc::new(crate::proxy::postgres::MaskKey::new([0; 32])),

@@ -378,7 +378,7 @@ async fn run<C: Duplex>(
         .chain(std::iter::once(("database", database.as_str())))
         .collect();
 
-    let upstream = super::tcp::connect_marked(dst, session.context.bypass_mark)
+    let upstream = super::tcp::connect_upstream(dst, &*session.context.kernel)
         .await
         .map_err(|e| {
             SessionError::upstream(
@@ -644,7 +644,7 @@ async fn relay_cancel(
         );
         return Ok(());
     }
-    let mut upstream = super::tcp::connect_marked(dst, session.context.bypass_mark)
+    let mut upstream = super::tcp::connect_upstream(dst, &*session.context.kernel)
         .await
         .map_err(|e| SessionError::upstream(format!("cancel: {e}"), None))?;
     let mut packet = Vec::with_capacity(16);

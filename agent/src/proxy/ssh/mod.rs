@@ -175,7 +175,7 @@ pub async fn serve(stream: TcpStream, session: Session, record: &mut AccessRecor
     let connect = tokio::spawn(
         upstream::connect(
             session.orig_dst,
-            session.context.bypass_mark,
+            session.context.kernel.clone(),
             session.host_name.clone(),
             settings,
         )

@@ -1,4 +1,4 @@
-//! The agent's own SSH connection to the target: a marked socket, the
+//! The agent's own SSH connection to the target: an exempted socket, the
 //! server's key checked against what the configuration names (never
 //! trusted on first use), then a login with the held credential.
 use std::{sync::Arc, time::Duration};
@@ -46,11 +46,11 @@ pub type Upstream = client::Handle<ServerCheck>;
 /// Connects, checks the server and logs in.
 pub async fn connect(
     dst: OrigDstAddr,
-    mark: u32,
+    kernel: Arc<dyn crate::intercept::Interception>,
     host: String,
     settings: Arc<SshUpstream>,
 ) -> Result<Upstream, UpstreamError> {
-    let stream = crate::proxy::tcp::connect_marked(dst, mark)
+    let stream = crate::proxy::tcp::connect_upstream(dst, &*kernel)
         .await
         .map_err(|cause| UpstreamError::Connect { dst, cause })?;
     let _ = stream.set_nodelay(true);
