@@ -98,7 +98,8 @@ impl Agent {
         let interceptor = Arc::new(interceptor);
         tracing::info!(cgroup = %cgroup_dir.display(), port, targets = active.policy.targets.len(), "interception attached");
 
-        let local_ca = open_state_dir(&config.agent.state_dir)
+        let local_ca = crate::keyfile::open_private_dir(&config.agent.state_dir)
+            .map_err(anyhow::Error::from)
             .and_then(|()| {
                 Ok(crate::tls::LocalCa::load_or_create(
                     &config.agent.state_dir.join("ca"),
@@ -521,25 +522,6 @@ impl State {
 }
 
 /// Creates `state_dir` (0700) when it does not exist yet.
-fn open_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-    }
-    let mode = std::fs::metadata(dir)?.permissions().mode();
-    if mode & 0o022 != 0 {
-        anyhow::bail!(
-            "{} is writable by group or others (mode {:04o}); make it 0700",
-            dir.display(),
-            mode & 0o7777
-        );
-    }
-    Ok(())
-}
-
 /// Each proxied connection holds two sockets; lift the soft limit to the
 /// hard one so bursts are bounded by the host, not by a default of 1024.
 fn raise_fd_limit() {

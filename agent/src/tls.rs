@@ -55,6 +55,7 @@ impl LocalCa {
         };
         let key_path = dir.join(CA_KEY);
         let key = if key_path.exists() {
+            crate::keyfile::check_private(&key_path, "0600").map_err(store)?;
             let pem = fs::read_to_string(&key_path).map_err(store)?;
             KeyPair::from_pem(&pem).map_err(|cause| TlsError::Key {
                 path: key_path.clone(),
