@@ -18,6 +18,10 @@ pub mod maps {
     /// LRU hash `PeerKey -> ConnRecord`, written by `sockops`, read (and
     /// deleted) by the agent on accept.
     pub const BY_PEER: &str = "INTERLOCK_BY_PEER";
+    /// LRU hash `PeerKey -> OrigDst`: where each redirected socket was
+    /// going, by its local `(address, port)`. `getpeername` on an MPTCP
+    /// socket finds it here (its cookie is not its TCP subflow's).
+    pub const ORIG_BY_LOCAL: &str = "INTERLOCK_ORIG_BY_LOCAL";
     /// LRU hash `socket cookie -> u8`: the agent's own upstream sockets,
     /// registered by the agent between `socket()` and `connect()`.
     pub const AGENT_SOCKETS: &str = "INTERLOCK_AGENT_SOCKETS";
@@ -112,6 +116,17 @@ pub struct PeerKey {
     pub _pad: [u8; 2],
 }
 
+/// Where a redirected connection was going.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    /// IPv6 or IPv4-mapped address, network order.
+    pub addr: [u8; 16],
+    /// Port, host order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
 /// What the kernel knew at `connect()`: where the connection was going and
 /// who asked. This is the workload's identity even if it exits at once.
 #[repr(C)]
@@ -147,6 +162,7 @@ mod pod {
     unsafe impl aya::Pod for super::RedirectConfig {}
     unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::ConnRecord {}
+    unsafe impl aya::Pod for super::OrigDst {}
 }
 
 #[cfg(test)]
@@ -161,6 +177,7 @@ mod tests {
         assert_eq!(size_of::<RedirectConfig>(), 28);
         assert_eq!(size_of::<PeerKey>(), 20);
         assert_eq!(size_of::<ConnRecord>(), 80);
+        assert_eq!(size_of::<OrigDst>(), 20);
     }
 
     #[test]

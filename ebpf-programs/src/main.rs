@@ -11,7 +11,8 @@
 //!    sees as its peer on `accept`. The agent deletes it when read, and
 //!    admits the connection only if its peer socket has the record's cookie.
 //! 3. `getpeername4`/`getpeername6`: the client sees the original destination
-//!    as its peer, not the agent's listener.
+//!    as its peer, not the agent's listener. An MPTCP socket is found by its
+//!    local address (only its TCP subflow went through `connect`).
 //! 4. `sockops` (STATE_CB, TCP_CLOSE): the cookie record is dropped, and a
 //!    connect that never got through (refused, timed out, reset while
 //!    `SYN_SENT`) takes its peer record with it, so none outlives it.
@@ -36,15 +37,16 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use interlock_common::{
-    AF_INET, AF_INET6, AGENT_SOCKET_ENTRIES, CONN_TABLE_ENTRIES, ConnRecord, PORT_PREFIX_BITS,
-    PROTECTED_ENTRIES, PeerKey, RedirectConfig, TargetKey, TargetValue, ipv4_mapped,
-    is_ipv4_mapped,
+    AF_INET, AF_INET6, AGENT_SOCKET_ENTRIES, CONN_TABLE_ENTRIES, ConnRecord, OrigDst,
+    PORT_PREFIX_BITS, PROTECTED_ENTRIES, PeerKey, RedirectConfig, TargetKey, TargetValue,
+    ipv4_mapped, is_ipv4_mapped,
 };
 
 /// cgroup/sock_addr programs return 1 to let the syscall proceed. Interlock
 /// never refuses a connect in the kernel: refusal is the agent's decision.
 const PROCEED: i32 = 1;
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_MPTCP: u32 = 262;
 
 #[map(name = "INTERLOCK_PROTECTED")]
 static PROTECTED: LpmTrie<TargetKey, TargetValue> = LpmTrie::with_max_entries(PROTECTED_ENTRIES, 0);
@@ -57,6 +59,10 @@ static BY_COOKIE: LruHashMap<u64, ConnRecord> = LruHashMap::with_max_entries(CON
 
 #[map(name = "INTERLOCK_BY_PEER")]
 static BY_PEER: LruHashMap<PeerKey, ConnRecord> =
+    LruHashMap::with_max_entries(CONN_TABLE_ENTRIES, 0);
+
+#[map(name = "INTERLOCK_ORIG_BY_LOCAL")]
+static ORIG_BY_LOCAL: LruHashMap<PeerKey, OrigDst> =
     LruHashMap::with_max_entries(CONN_TABLE_ENTRIES, 0);
 
 #[map(name = "INTERLOCK_AGENT_SOCKETS")]
@@ -161,23 +167,47 @@ pub fn interlock_getpeername6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn restore_peer(ctx: &SockAddrContext, v6: bool) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(record) = BY_COOKIE.get_ptr(cookie) else {
-        return;
+    let (addr, port) = match BY_COOKIE.get_ptr(cookie) {
+        Some(record) => unsafe { ((*record).orig_addr, (*record).orig_port) },
+        None => match mptcp_orig_dst(ctx, v6) {
+            Some(dst) => (dst.addr, dst.port),
+            None => return,
+        },
     };
-    let record = unsafe { *record };
     let sa = ctx.sock_addr;
     unsafe {
         if v6 {
-            write_ip6(sa, &record.orig_addr);
+            write_ip6(sa, &addr);
         } else {
-            let a = record.orig_addr;
             write_volatile(
                 &mut (*sa).user_ip4,
-                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+                u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]),
             );
         }
-        write_volatile(&mut (*sa).user_port, record.orig_port.to_be() as u32);
+        write_volatile(&mut (*sa).user_port, port.to_be() as u32);
     }
+}
+
+/// An MPTCP socket shares its local address with the TCP subflow that was
+/// redirected, and nothing else with it.
+#[inline(always)]
+fn mptcp_orig_dst(ctx: &SockAddrContext, v6: bool) -> Option<OrigDst> {
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() || unsafe { read_volatile(&(*sk).protocol) } != IPPROTO_MPTCP {
+        return None;
+    }
+    let addr = if v6 {
+        sock_src_ip6(sk)
+    } else {
+        ipv4_mapped(unsafe { read_volatile(&(*sk).src_ip4) }.to_ne_bytes())
+    };
+    let key = PeerKey {
+        addr,
+        // bpf_sock keeps src_port in host order.
+        port: unsafe { read_volatile(&(*sk).src_port) } as u16,
+        _pad: [0; 2],
+    };
+    ORIG_BY_LOCAL.get_ptr(key).map(|dst| unsafe { *dst })
 }
 
 // === sockops ===
@@ -200,7 +230,15 @@ fn rekey_by_peer(ctx: &SockOpsContext) {
     };
     // The source port is assigned by now (TCP_CONNECT_CB runs just before
     // the SYN), so the agent cannot accept before this entry exists.
-    let _ = BY_PEER.insert(peer_key(ctx), unsafe { *record }, 0);
+    let key = peer_key(ctx);
+    let record = unsafe { *record };
+    let _ = BY_PEER.insert(key, record, 0);
+    let dst = OrigDst {
+        addr: record.orig_addr,
+        port: record.orig_port,
+        _pad: [0; 2],
+    };
+    let _ = ORIG_BY_LOCAL.insert(key, dst, 0);
     // Ask for state callbacks so the cookie record goes when the socket does.
     let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
 }
@@ -214,10 +252,11 @@ fn rekey_by_peer(ctx: &SockOpsContext) {
 fn forget(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = BY_COOKIE.remove(cookie);
+    let key = peer_key(ctx);
+    let _ = ORIG_BY_LOCAL.remove(key);
     if ctx.arg(0) != BPF_TCP_SYN_SENT {
         return;
     }
-    let key = peer_key(ctx);
     // Only this socket's own record: never one a later socket wrote.
     if let Some(record) = BY_PEER.get_ptr(key)
         && unsafe { (*record).cookie } == cookie
@@ -283,6 +322,19 @@ fn local_ip6(ops: *mut bpf_sock_ops) -> [u8; 16] {
             read_volatile(&(*ops).local_ip6[1]),
             read_volatile(&(*ops).local_ip6[2]),
             read_volatile(&(*ops).local_ip6[3]),
+        ])
+    }
+}
+
+/// As [`local_ip6`], for a `bpf_sock`'s source address.
+#[inline(never)]
+fn sock_src_ip6(sk: *mut aya_ebpf::bindings::bpf_sock) -> [u8; 16] {
+    unsafe {
+        words_to_bytes([
+            read_volatile(&(*sk).src_ip6[0]),
+            read_volatile(&(*sk).src_ip6[1]),
+            read_volatile(&(*sk).src_ip6[2]),
+            read_volatile(&(*sk).src_ip6[3]),
         ])
     }
 }

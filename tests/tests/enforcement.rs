@@ -192,3 +192,46 @@ for mark in (0x1d7c0001, 1, 0xffffffff):
         assert_eq!(line["workload"]["uid"], 65534, "{line}");
     }
 }
+
+#[test]
+fn mptcp_clients_are_intercepted_and_see_the_original_destination() {
+    let server = Server::http("127.0.0.23:0", "served\n");
+    let cgroup = TestCgroup::new("mptcp");
+    let agent = Agent::start(
+        &cgroup,
+        "mptcp",
+        &format!(
+            "[[target]]\nname = \"svc\"\nprotocol = \"tcp\"\naddress = \"{}\"\n\n\
+             [[rule]]\nname = \"all\"\nworkloads = [\"*\"]\ntargets = [\"svc\"]\ndecision = \"allow\"\n",
+            server.addr
+        ),
+    );
+    let out = cgroup.sh(&format!(
+        "exec /usr/bin/python3 -c '
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+s.settimeout(5)
+try:
+    s.connect((\"{ip}\", {port}))
+    print(s.getpeername(), flush=True)
+    s.sendall(b\"GET / HTTP/1.0\\r\\n\\r\\n\")
+    print(repr(s.recv(200)), flush=True)
+except OSError as e:
+    print(type(e).__name__, e, flush=True)
+'",
+        ip = server.addr.ip(),
+        port = server.addr.port(),
+    ));
+    let printed = stdout(&out);
+    let expected = format!("('{}', {})", server.addr.ip(), server.addr.port());
+    assert_eq!(
+        printed.lines().next(),
+        Some(expected.as_str()),
+        "getpeername shows the original destination: {printed}{}",
+        stderr(&out)
+    );
+    assert!(printed.contains("served"), "{printed}");
+    let lines = agent.wait_access_lines(1);
+    assert_eq!(lines[0]["decision"], "allow");
+    assert_eq!(lines[0]["workload"]["comm"], "python3");
+}

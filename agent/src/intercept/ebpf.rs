@@ -111,11 +111,12 @@ fn maps_dir(bpffs_dir: &Path) -> PathBuf {
     maps_root(bpffs_dir).join(format!("v{MAP_LAYOUT_VERSION}"))
 }
 
-const MAP_NAMES: [&str; 5] = [
+const MAP_NAMES: [&str; 6] = [
     maps::PROTECTED,
     maps::CONFIG,
     maps::BY_COOKIE,
     maps::BY_PEER,
+    maps::ORIG_BY_LOCAL,
     maps::AGENT_SOCKETS,
 ];
 
