@@ -1004,6 +1004,26 @@ impl Sshd {
     }
 }
 
+/// An `ssh_config` for clients in a workload: it trusts the agent's host
+/// key (as `interlock ssh known-hosts` prints it) and has no key of its own.
+pub fn ssh_client_config(agent: &Agent) -> PathBuf {
+    let out = agent.cli(&["ssh", "known-hosts"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = &agent.workdir;
+    fs::write(dir.join("known_hosts"), stdout(&out)).unwrap();
+    let config = dir.join("ssh_config");
+    fs::write(
+        &config,
+        format!(
+            "Host *\n  GlobalKnownHostsFile {}\n  UserKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  \
+             BatchMode yes\n  IdentityFile /dev/null\n  LogLevel ERROR\n",
+            dir.join("known_hosts").display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
 impl Drop for Sshd {
     fn drop(&mut self) {
         let _ = self.child.kill();

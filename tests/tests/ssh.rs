@@ -145,17 +145,7 @@ fn ssh_with_real_clients_and_server() {
             .any(|l| l.starts_with(&format!("{APP} ssh-ed25519 "))),
         "{lines}"
     );
-    std::fs::write(dir.join("known_hosts"), &lines).unwrap();
-    let config = dir.join("ssh_config");
-    std::fs::write(
-        &config,
-        format!(
-            "Host *\n  GlobalKnownHostsFile {}\n  UserKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  \
-             BatchMode yes\n  IdentityFile /dev/null\n  LogLevel ERROR\n",
-            dir.join("known_hosts").display()
-        ),
-    )
-    .unwrap();
+    let config = ssh_client_config(&agent);
     let key_mode = std::fs::metadata(agent.workdir.join("state/ssh_host_ed25519.key"))
         .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
         .unwrap();

@@ -7,10 +7,11 @@ mod command;
 pub mod functions;
 mod mask;
 mod selector;
+pub mod shell;
 mod statement;
 mod targets;
 
-pub use command::{CommandLine, CommandPattern};
+pub use command::{CommandLine, CommandPattern, Match};
 pub use mask::{BuiltinPattern, ColumnName, Mask, MaskSelects, MaskSpec, Strategy, walked_around};
 pub use selector::{Pattern, WorkloadSelector};
 pub use statement::{Builtin, Exposure, FunctionRef, KindSet, StatementInfo, StatementKind};
@@ -107,9 +108,9 @@ impl SshRequests {
             || !self.forward.is_empty()
     }
 
-    /// Whether the rule is about this request; `allow` says how a command
-    /// line must match: all of it (allow) or any part (deny, approve).
-    fn covers(&self, request: &SshRequest, allow: bool) -> bool {
+    /// Whether the rule is about this request (not an exec: see
+    /// [`SshRequests::hits`] and [`SshRequests::covers_line`]).
+    fn covers(&self, request: &SshRequest) -> bool {
         match request {
             SshRequest::Forward { host, port } => self
                 .forward
@@ -118,18 +119,49 @@ impl SshRequests {
             _ if !self.is_scoped() => true,
             SshRequest::Shell => self.shell,
             SshRequest::Subsystem(name) => self.subsystems.iter().any(|s| s == name),
-            SshRequest::Exec(line) => {
-                let Some(patterns) = &self.commands else {
-                    return false;
-                };
-                let matches = |words: &Vec<String>| patterns.iter().any(|p| p.matches(words));
-                if allow {
-                    !line.compound && !line.commands.is_empty() && line.commands.iter().all(matches)
-                } else {
-                    line.commands.iter().any(matches)
-                }
-            }
+            SshRequest::Exec(line) => self.covers_line(line),
         }
+    }
+
+    /// For a deny or approve rule: the first command of the line it is
+    /// about, if any.
+    fn hits<'l>(&self, line: &'l CommandLine) -> Option<&'l shell::Command> {
+        if !self.is_scoped() {
+            return line.commands.first();
+        }
+        let patterns = self.commands.as_ref()?;
+        line.commands
+            .iter()
+            .find(|c| patterns.iter().any(|p| p.matches(c, Match::Any)))
+    }
+
+    /// For an allow rule: whether it vouches for everything the line runs.
+    /// A command is covered by a pattern, or by one that covers the wrapper
+    /// or shell running it, or needs none (a shell running a script, whose
+    /// commands are decided each); nothing of what cannot be known is.
+    fn covers_line(&self, line: &CommandLine) -> bool {
+        if !self.is_scoped() {
+            return true;
+        }
+        self.commands.is_some()
+            && line.unknown.is_empty()
+            && !line.commands.is_empty()
+            && (0..line.commands.len()).all(|i| self.covers_command(line, i))
+    }
+
+    fn covers_command(&self, line: &CommandLine, index: usize) -> bool {
+        line.commands[index].transparent || self.vouches(line, index)
+    }
+
+    fn vouches(&self, line: &CommandLine, index: usize) -> bool {
+        let Some(patterns) = &self.commands else {
+            return false;
+        };
+        let command = &line.commands[index];
+        patterns.iter().any(|p| p.matches(command, Match::Allow))
+            || command
+                .run_by
+                .is_some_and(|runner| self.vouches(line, runner))
     }
 }
 
@@ -396,10 +428,13 @@ pub fn evaluate_ssh(
     user: &str,
     request: &SshRequest,
 ) -> Verdict {
+    if let SshRequest::Exec(line) = request {
+        return evaluate_exec(policy, workload, target, user, line);
+    }
     for action in [Action::Deny, Action::Approve, Action::Allow] {
         if let Some(rule) = ssh_rules(policy, workload, target, user)
             .filter(|rule| rule.action == action)
-            .find(|rule| rule.ssh.covers(request, action == Action::Allow))
+            .find(|rule| rule.ssh.covers(request))
         {
             let verb = match action {
                 Action::Deny => "denies",
@@ -417,6 +452,69 @@ pub fn evaluate_ssh(
         action: Action::Deny,
         rule: None,
         reason: format!("no rule allows {request} for SSH user {user:?}"),
+    }
+}
+
+/// An exec request: a deny rule about any command of the line refuses it,
+/// then an approve rule about any command holds it, then an allow rule
+/// covering all of it lets it run. The reason names the part decided.
+fn evaluate_exec(
+    policy: &Policy,
+    workload: &Workload,
+    target: TargetId,
+    user: &str,
+    line: &CommandLine,
+) -> Verdict {
+    let rules = || ssh_rules(policy, workload, target, user);
+    for (action, verb) in [
+        (Action::Deny, "denies"),
+        (Action::Approve, "needs approval for"),
+    ] {
+        if let Some((rule, command)) = rules()
+            .filter(|rule| rule.action == action)
+            .find_map(|rule| rule.ssh.hits(line).map(|command| (rule, command)))
+        {
+            return Verdict {
+                action,
+                rule: Some(rule.name.clone()),
+                reason: format!("rule {:?} {verb} `{command}`", rule.name),
+            };
+        }
+    }
+    if let Some(rule) = rules()
+        .filter(|rule| rule.action == Action::Allow)
+        .find(|rule| rule.ssh.covers_line(line))
+    {
+        return Verdict {
+            action: Action::Allow,
+            rule: Some(rule.name.clone()),
+            reason: format!("rule {:?} allows this command", rule.name),
+        };
+    }
+    let allows = |index: usize| {
+        rules()
+            .filter(|rule| rule.action == Action::Allow)
+            .any(|rule| rule.ssh.covers_command(line, index))
+    };
+    let reason = if let Some(unknown) = line.unknown.first() {
+        format!(
+            "`{}` cannot be decided before it runs: {}",
+            unknown.text, unknown.why
+        )
+    } else if let Some(index) = (0..line.commands.len()).find(|i| !allows(*i)) {
+        format!(
+            "no rule allows `{}` for SSH user {user:?}",
+            line.commands[index]
+        )
+    } else if line.commands.is_empty() {
+        "the command line runs no command".to_owned()
+    } else {
+        format!("no single rule allows every command of this line for SSH user {user:?}")
+    };
+    Verdict {
+        action: Action::Deny,
+        rule: None,
+        reason,
     }
 }
 

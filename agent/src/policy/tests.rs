@@ -539,6 +539,34 @@ fn ssh_requests_follow_deny_approve_allow() {
         decided(exec("deploy", "journalctl -u app && sudo reboot")),
         (Action::Deny, Some("no-sudo".into()))
     );
+    // Commands inside shells and wrappers are decided each.
+    assert_eq!(
+        decided(exec(
+            "deploy",
+            "sh -c 'systemctl restart app-web && journalctl -u app'"
+        )),
+        (Action::Allow, Some("ci-may-restart".into()))
+    );
+    let hidden = exec("deploy", "bash -lc 'journalctl -u app; nohup rm -r -f /'");
+    assert_eq!(hidden.action, Action::Deny);
+    assert!(hidden.reason.contains("`rm -r -f /`"), "{}", hidden.reason);
+    assert_eq!(
+        decided(exec("deploy", "/usr/bin/sudo systemctl restart app")),
+        (Action::Deny, Some("no-sudo".into()))
+    );
+    let unknowable = exec("deploy", "eval systemctl restart app");
+    assert_eq!(decided(unknowable.clone()), (Action::Deny, None));
+    assert!(
+        unknowable.reason.contains("eval runs text"),
+        "{}",
+        unknowable.reason
+    );
+    let partly = exec("deploy", "systemctl restart app; reboot");
+    assert!(
+        partly.reason.contains("no rule allows `reboot`"),
+        "{}",
+        partly.reason
+    );
     let shell = evaluate_ssh(&policy, &ci, app, "deploy", &SshRequest::Shell);
     assert_eq!(
         decided(shell),

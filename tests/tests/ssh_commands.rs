@@ -1,0 +1,167 @@
+//! SSH command lines decided as the remote shell reads them: a deny rule on
+//! `rm` against every way a workload might hide it, with the real OpenSSH
+//! client and server, and the server's files checked after each attempt.
+use std::path::Path;
+
+use interlock_e2e::*;
+
+const HOST: &str = "127.0.0.72";
+
+fn policy(sshd: &Sshd, known_hosts: &Path) -> String {
+    format!(
+        r#"
+[[target]]
+name = "box"
+protocol = "ssh"
+address = "{HOST}:22"
+known_hosts = {known_hosts:?}
+[target.credential]
+user = "{SSH_USER}"
+private_key_file = {key:?}
+
+[[rule]]
+name = "may-look"
+workloads = ["*"]
+targets = ["box"]
+decision = "allow"
+commands = ["echo *", "ls *", "cat *", "true", "xargs echo *", "git-upload-pack *"]
+
+[[rule]]
+name = "never-rm"
+workloads = ["*"]
+targets = ["box"]
+decision = "deny"
+commands = ["rm *"]
+"#,
+        key = sshd.client_key(),
+    )
+}
+
+#[test]
+fn a_denied_command_is_refused_however_it_is_written() {
+    let sshd = Sshd::start("commands", &[HOST]);
+    let known_hosts = sshd.known_hosts(&[HOST]);
+    let cgroup = TestCgroup::new("sshcmd");
+    let agent = Agent::start(&cgroup, "sshcmd", &policy(&sshd, &known_hosts));
+    let config = ssh_client_config(&agent);
+    // What the workload wants gone, owned by the SSH user.
+    let keep = format!("/tmp/interlock-keep-{}", std::process::id());
+    std::fs::create_dir_all(format!("{keep}/sub")).unwrap();
+    std::fs::write(format!("{keep}/sub/file"), "still here\n").unwrap();
+    let out = std::process::Command::new("chown")
+        .args(["-R", SSH_USER, &keep])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let ssh = |line: &str| {
+        let quoted = line.replace('\'', r"'\''");
+        cgroup.sh(&format!(
+            "ssh -F {} {HOST} '{quoted}'; echo \"status=$?\"",
+            config.display()
+        ))
+    };
+
+    let k = &keep;
+    for line in [
+        format!("rm -rf {k}"),
+        format!("rm -r -f {k}"),
+        format!("rm -fr {k}"),
+        format!("rm --recursive --force {k}"),
+        format!("rm {k}/sub/file"),
+        format!("/bin/rm -rf {k}"),
+        format!("r''m -rf {k}"),
+        format!("\\rm -rf {k}"),
+        format!("sh -c 'rm -rf {k}'"),
+        format!("bash -lc \"rm -rf {k}\""),
+        format!("sh -c \"sh -c 'rm -rf {k}'\""),
+        format!("echo $(rm -rf {k})"),
+        format!("echo `rm -rf {k}`"),
+        format!("true; rm -rf {k}"),
+        format!("true && rm -rf {k}"),
+        format!("false || rm -rf {k}"),
+        format!("echo {k} | xargs rm -rf"),
+        format!("env X=1 rm -rf {k}"),
+        format!("sudo rm -rf {k}"),
+        format!("timeout 5 nice -n 1 nohup rm -rf {k}"),
+        format!("find {k} -exec rm -rf {{}} +"),
+        format!("(cd /tmp && rm -rf {k})"),
+        format!("for d in {k}; do rm -rf $d; done"),
+        format!("f() {{ rm -rf {k}; }}; f"),
+        // A command name only known when it runs may be `rm`.
+        format!("$(echo rm) -rf {k}"),
+        format!("$X -rf {k}"),
+    ] {
+        let out = ssh(&line);
+        assert_eq!(
+            stdout(&out),
+            "status=126\n",
+            "{line}: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        let said = stderr(&out);
+        assert!(
+            said.contains("never-rm") && said.contains("`") && said.contains("rm"),
+            "{line}: the refusal names the rule and the part: {said}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(format!("{k}/sub/file")).unwrap(),
+            "still here\n",
+            "{line} removed the file"
+        );
+    }
+
+    // What cannot be known before it runs is refused, saying why.
+    for (line, why) in [
+        (format!("eval 'rm -rf {k}'"), "eval runs text"),
+        (format!("sh -c \"$X\" ; echo {k}"), "built at run time"),
+        (format!("echo x > {k}/sub/file"), "writes to a file"),
+        ("bash".to_owned(), "reads its commands from its input"),
+    ] {
+        let out = ssh(&line);
+        assert_eq!(stdout(&out), "status=126\n", "{line}: {}", stderr(&out));
+        assert!(stderr(&out).contains(why), "{line}: {}", stderr(&out));
+    }
+    assert_eq!(
+        std::fs::read_to_string(format!("{k}/sub/file")).unwrap(),
+        "still here\n"
+    );
+
+    // Allowed commands still run, also through shells and pipes.
+    let out = ssh(&format!("ls {k}/sub && sh -c 'echo a; echo b' | cat"));
+    assert_eq!(stdout(&out), "file\na\nb\nstatus=0\n", "{}", stderr(&out));
+    let out = ssh(&format!("echo {k} | xargs echo seen"));
+    assert_eq!(
+        stdout(&out),
+        format!("seen {k}\nstatus=0\n"),
+        "{}",
+        stderr(&out)
+    );
+
+    // git clone: git-upload-pack with its quoted path.
+    let repo = format!("/tmp/interlock-sshcmd-repo-{}.git", std::process::id());
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "git init -q --bare {repo} && chown -R {SSH_USER} {repo}"
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let work = agent.workdir.join("clone");
+    let out = cgroup.sh(&format!(
+        "GIT_SSH_COMMAND='ssh -F {}' git clone -q ssh://{HOST}{repo} {} 2>&1",
+        config.display(),
+        work.display()
+    ));
+    assert!(
+        out.status.success(),
+        "git clone: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(work.join(".git").exists());
+
+    let _ = std::fs::remove_dir_all(&keep);
+    let _ = std::fs::remove_dir_all(&repo);
+}
