@@ -9,11 +9,12 @@ use crate::exec;
 /// real servers and clients (and `socat`, the relay the benchmark compares
 /// against; OpenSSH's server and clients, `rsync` and `git` for SSH;
 /// asyncpg, psycopg and SQLAlchemy as the PostgreSQL clients applications
-/// use), and
+/// use; `python3-venv` for Ansible's own environment), and
 /// what the build needs: `pg_query` compiles PostgreSQL's parser (C) and
 /// generates its bindings with libclang.
-const APT_PACKAGES: [&str; 19] = [
+const APT_PACKAGES: [&str; 20] = [
     "libclang-dev",
+    "python3-venv",
     "clang",
     "python3-asyncpg",
     "python3-sqlalchemy",
@@ -38,13 +39,27 @@ const CARGO_FUZZ: &str = "cargo-fuzz@0.13.2";
 /// The S3-compatible store the session tests ship to (a real one, built
 /// from crates.io: about 12 minutes on 2 cores, once).
 const GARAGE: &str = "garage@2.5.0";
+/// Ansible, as CI users install it (ansible-core from PyPI), in an
+/// environment of its own; the SSH tests run it through the agent.
+const ANSIBLE_VENV: &str = "/opt/interlock-test/ansible";
+const ANSIBLE_CORE: &str = "ansible-core>=2.17,<2.18";
 
 pub fn run() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     apt_packages()?;
+    ansible()?;
     cargo_fuzz()?;
     garage()
+}
+
+fn ansible() -> Result<()> {
+    let bin = format!("{ANSIBLE_VENV}/bin");
+    if succeeds(Command::new(format!("{bin}/ansible-playbook")).arg("--version")) {
+        return Ok(());
+    }
+    exec(Command::new("/usr/bin/python3").args(["-m", "venv", ANSIBLE_VENV]))?;
+    exec(Command::new(format!("{bin}/pip")).args(["install", "-q", ANSIBLE_CORE]))
 }
 
 /// libFuzzer's cargo front end, for the fuzz targets in `fuzz/`.
