@@ -165,3 +165,80 @@ fn a_denied_command_is_refused_however_it_is_written() {
     let _ = std::fs::remove_dir_all(&keep);
     let _ = std::fs::remove_dir_all(&repo);
 }
+
+#[test]
+fn scp_and_exec_over_one_multiplexed_connection() {
+    const MUX: &str = "127.0.0.74";
+    let sshd = Sshd::start("mux", &[MUX]);
+    let known_hosts = sshd.known_hosts(&[MUX]);
+    let cgroup = TestCgroup::new("sshmux");
+    let agent = Agent::start(
+        &cgroup,
+        "sshmux",
+        &policy(&sshd, &known_hosts).replace(HOST, MUX).replace(
+            "\"git-upload-pack *\"]",
+            "\"git-upload-pack *\"]\nsubsystems = [\"sftp\"]",
+        ),
+    );
+    let config = ssh_client_config(&agent);
+    let dir = agent.workdir.clone();
+    let control = dir.join("ctl");
+    let source = dir.join("payload");
+    std::fs::write(&source, "x".repeat(100_000)).unwrap();
+    let opts = format!(
+        "-F {} -o ControlPath={} -o ControlMaster=no",
+        config.display(),
+        control.display()
+    );
+    // The master: one SSH connection through the agent, kept open.
+    let out = cgroup.sh(&format!(
+        "ssh -F {} -o ControlMaster=yes -o ControlPath={} -o ControlPersist=300 -fN {MUX}",
+        config.display(),
+        control.display()
+    ));
+    assert!(out.status.success(), "master: {}", stderr(&out));
+
+    let remote = format!("/tmp/interlock-mux-{}", std::process::id());
+    let mut failures = Vec::new();
+    // 50 in a row, then 50 more five at a time: channels opening and
+    // closing beside each other on the one connection.
+    for i in 0..50 {
+        let out = cgroup.sh(&format!(
+            "scp -q {opts} {} {MUX}:{remote}-{i}; echo scp=$?; ssh {opts} {MUX} 'cat {remote}-{i}' | wc -c",
+            source.display()
+        ));
+        if !out.status.success() || !stdout(&out).contains("scp=0\n100000") {
+            failures.push(format!("run {i}: {}{}", stdout(&out), stderr(&out)));
+        }
+    }
+    for round in 0..10 {
+        let script: String = (0..5)
+            .map(|j| {
+                let i = 50 + round * 5 + j;
+                format!(
+                    "(scp -q {opts} {} {MUX}:{remote}-{i}; echo scp=$?; ssh {opts} {MUX} 'cat {remote}-{i}' | wc -c) > {d}/out-{i} 2>&1 &\n",
+                    source.display(),
+                    d = dir.display()
+                )
+            })
+            .collect();
+        let out = cgroup.sh(&format!("{script}wait"));
+        assert!(out.status.success());
+        for j in 0..5 {
+            let i = 50 + round * 5 + j;
+            let printed = std::fs::read_to_string(dir.join(format!("out-{i}"))).unwrap();
+            if !printed.contains("scp=0\n100000") {
+                failures.push(format!("run {i} (parallel): {printed}"));
+            }
+        }
+    }
+    let _ = cgroup.sh(&format!("ssh {opts} -O exit {MUX}"));
+    for i in 0..100 {
+        let _ = std::fs::remove_file(format!("{remote}-{i}"));
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 100 failed: {failures:#?}",
+        failures.len()
+    );
+}
