@@ -34,4 +34,19 @@ pub mod fuzzing {
     pub fn sql(data: &[u8]) {
         crate::proxy::postgres::fuzz::sql(data);
     }
+
+    /// SFTP packets both ways and command output through the masks.
+    pub fn ssh_channel(data: &[u8]) {
+        crate::proxy::ssh::fuzz::channel(data);
+    }
+
+    /// SSH command lines through the shell parser and rule patterns.
+    pub fn command_line(data: &[u8]) {
+        crate::proxy::ssh::fuzz::command_line(data);
+    }
+
+    /// A configuration file through the loader: errors, never a panic.
+    pub fn config(data: &[u8]) {
+        let _ = crate::config::Config::from_text("fuzz.toml", &String::from_utf8_lossy(data));
+    }
 }

@@ -6,7 +6,7 @@
 //! | `build`   | builds the agent with its kernel programs |
 //! | `lint`    | rustfmt and clippy, user space and the eBPF crate |
 //! | `test`    | setup, build, lint, unit tests, fuzzing (60 s a target), install check, privileged end-to-end tests |
-//! | `fuzz`    | the fuzz targets in `fuzz/`, each for `--seconds` |
+//! | `fuzz`    | the fuzz targets in `fuzz/` (or one: `fuzz TARGET`), each for `--secs` |
 //! | `demo`    | setup, build, then `interlock demo` (the quick start) |
 //! | `install` | the binary, the systemd unit and a default configuration |
 //! | `bench`   | `bench tcp` (direct, Interlock, socat), `bench postgres` (direct, PgBouncer, Interlock), with ratios |
@@ -49,9 +49,11 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         e2e_args: Vec<String>,
     },
-    /// Run each fuzz target (fuzz/) for a while.
+    /// Run each fuzz target (fuzz/), or one, for a while.
     Fuzz {
-        #[arg(long, default_value_t = 60)]
+        /// One of the targets in fuzz/fuzz_targets; all when left out.
+        target: Option<String>,
+        #[arg(long, visible_alias = "secs", default_value_t = 60)]
         seconds: u32,
     },
     /// Run the agent end to end on its embedded demo configuration.
@@ -74,9 +76,9 @@ fn main() -> Result<()> {
             lint()
         }
         Task::Test { e2e_args } => test(&e2e_args),
-        Task::Fuzz { seconds } => {
+        Task::Fuzz { target, seconds } => {
             setup::run()?;
-            fuzz(seconds)
+            fuzz(target.as_deref(), seconds)
         }
         Task::Demo => {
             setup::run()?;
@@ -93,9 +95,20 @@ fn main() -> Result<()> {
 /// each for `seconds`, from the committed seed corpus; what they find is
 /// left in `fuzz/artifacts/`. The kernel programs are not part of what is
 /// fuzzed, so their build is skipped.
-fn fuzz(seconds: u32) -> Result<()> {
-    const TARGETS: [&str; 2] = ["postgres_frames", "sql"];
-    for target in TARGETS {
+fn fuzz(only: Option<&str>, seconds: u32) -> Result<()> {
+    const TARGETS: [&str; 5] = [
+        "postgres_frames",
+        "sql",
+        "ssh_channel",
+        "command_line",
+        "config",
+    ];
+    if let Some(only) = only
+        && !TARGETS.contains(&only)
+    {
+        bail!("no fuzz target {only:?}; the targets are {TARGETS:?}");
+    }
+    for target in TARGETS.into_iter().filter(|t| only.is_none_or(|o| o == *t)) {
         let work = std::env::temp_dir().join(format!("interlock-fuzz-{target}"));
         let _ = fs::remove_dir_all(&work);
         fs::create_dir_all(&work)?;
@@ -236,7 +249,7 @@ fn test(e2e_args: &[String]) -> Result<()> {
         "--exclude",
         "interlock-ebpf",
     ]))?;
-    fuzz(60)?;
+    fuzz(None, 60)?;
     install_and_verify_unit()?;
     let binary = workspace_root().join("target/debug/interlock");
     if !fs::metadata(&binary).is_ok_and(|m| m.len() > 0) {

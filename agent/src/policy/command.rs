@@ -404,6 +404,14 @@ mod tests {
         ] {
             assert!(unknown(line).is_empty(), "{line}: {:?}", unknown(line));
         }
+        // Inputs fuzzing found to crash the parser: refused, no panic.
+        for line in [
+            "8888888888888888888888888<8888888888su -8888888888888888888888su - root",
+            "echo ~99999999999999999999999",
+            "echo ~+99999999999999999999999 ~-99999999999999999999999",
+        ] {
+            assert!(!unknown(line).is_empty(), "{line}");
+        }
         // Hostile shapes end in a refusal, not a deep recursion.
         let deep = format!("{}true{}", "(".repeat(5000), ")".repeat(5000));
         assert!(!unknown(&deep).is_empty());

@@ -72,6 +72,13 @@ impl CommandLine {
         reader.line
     }
 
+    /// A line that could not be read at all: nothing in it can be allowed.
+    pub fn unreadable(line: &str) -> Self {
+        let mut reader = Reader::default();
+        reader.unknown(line, "the shell parser failed on it");
+        reader.line
+    }
+
     /// The words of a rule's pattern, written as one simple command. Globs
     /// stay text: `*` in a pattern is the pattern's, not the shell's.
     pub fn pattern_words(text: &str) -> Result<Vec<Word>, String> {
@@ -176,14 +183,19 @@ impl Reader {
                 format!("more than {MAX_STRUCTURES} nested structures to follow"),
             );
         }
-        let mut parser = brush_parser::Parser::new(text.as_bytes(), &self.options);
-        match parser.parse_program() {
-            Ok(program) => {
+        if let Some(why) = parser_trap(text) {
+            return self.unknown(text, why);
+        }
+        let parsed =
+            guarded(|| brush_parser::Parser::new(text.as_bytes(), &self.options).parse_program());
+        match parsed {
+            Some(Ok(program)) => {
                 for list in &program.complete_commands {
                     self.list(list, run_by, depth);
                 }
             }
-            Err(error) => self.unknown(text, format!("the shell cannot parse it ({error})")),
+            Some(Err(error)) => self.unknown(text, format!("the shell cannot parse it ({error})")),
+            None => self.unknown(text, "the shell parser failed on it"),
         }
     }
 
@@ -566,6 +578,41 @@ impl Reader {
         });
         self.wrapped(inner, depth + 1);
     }
+}
+
+/// Runs the parser, which is not ours: a panic in it (a bug, found by
+/// fuzzing or by a workload) makes the line unknown, never ends the task.
+fn guarded<T>(parse: impl FnOnce() -> T) -> Option<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)).ok()
+}
+
+/// Inputs known to make brush-parser 0.4 panic (it unwraps the parse of a
+/// number): a file descriptor number before `<`/`>`, or a directory-stack
+/// index after `~`, too large for its type. Refused before parsing.
+fn parser_trap(text: &str) -> Option<&'static str> {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let start = i;
+        while i < bytes.len() && bytes[i].is_ascii_digit() {
+            i += 1;
+        }
+        let digits = i - start;
+        if digits > 0 {
+            let before = start.checked_sub(1).map(|b| bytes[b]);
+            let tilde = before == Some(b'~')
+                || (matches!(before, Some(b'+' | b'-')) && start >= 2 && bytes[start - 2] == b'~');
+            if digits >= 10 && matches!(bytes.get(i), Some(b'<' | b'>')) {
+                return Some("a file descriptor number too large");
+            }
+            if tilde && digits >= 19 {
+                return Some("a directory-stack index too large");
+            }
+        } else {
+            i += 1;
+        }
+    }
+    None
 }
 
 /// Counts what makes the parser recurse: brackets, substitutions and the

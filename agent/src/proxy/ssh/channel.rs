@@ -172,7 +172,9 @@ impl Relay {
                         .up
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
                     if let Some(sftp) = self.sftp.lock().expect("not poisoned").as_mut() {
-                        sftp.client_sent(&data, recorder);
+                        sftp.client_sent(&data, &mut |event| {
+                            let _ = recorder.append(event);
+                        });
                     } else if self.terminal.load(Ordering::Relaxed) && recorder.records_output() {
                         recorder.append(&Event::Input { data: &data })?;
                     }

@@ -4,7 +4,7 @@
 //! Version 3 (draft-ietf-secsh-filexfer-02), what OpenSSH speaks.
 use std::collections::HashMap;
 
-use crate::sessions::{Event, Recorder};
+use crate::sessions::Event;
 
 /// How much of a packet is kept to read its header (paths included).
 const HEAD: usize = 8 * 1024;
@@ -47,9 +47,10 @@ struct OpenFile {
 }
 
 impl SftpLog {
-    pub fn client_sent(&mut self, data: &[u8], recorder: &Recorder) {
+    /// Reads what the client sent; `record` gets the events it makes.
+    pub fn client_sent(&mut self, data: &[u8], record: &mut dyn FnMut(&Event<'_>)) {
         let mut frames = std::mem::take(&mut self.from_client);
-        frames.feed(data, |head, _| self.client_packet(head, recorder));
+        frames.feed(data, |head, _| self.client_packet(head, record));
         self.from_client = frames;
     }
 
@@ -59,12 +60,12 @@ impl SftpLog {
         self.from_server = frames;
     }
 
-    fn client_packet(&mut self, head: &[u8], recorder: &Recorder) {
+    fn client_packet(&mut self, head: &[u8], record: &mut dyn FnMut(&Event<'_>)) {
         let mut r = Reader(head);
         let Some(kind) = r.u8() else { return };
         let Some(id) = r.u32() else { return };
-        let event = |op: &str, path: &str, to: Option<&str>| {
-            let _ = recorder.append(&Event::Sftp {
+        let mut event = |op: &str, path: &str, to: Option<&str>| {
+            record(&Event::Sftp {
                 op,
                 path,
                 to,
@@ -104,7 +105,7 @@ impl SftpLog {
             CLOSE => {
                 let Some(handle) = r.bytes() else { return };
                 if let Some(file) = self.files.remove(handle) {
-                    let _ = recorder.append(&Event::Sftp {
+                    record(&Event::Sftp {
                         op: "close",
                         path: &file.path,
                         to: None,
