@@ -49,4 +49,28 @@ pub mod fuzzing {
     pub fn config(data: &[u8]) {
         let _ = crate::config::Config::from_text("fuzz.toml", &String::from_utf8_lossy(data));
     }
+
+    #[cfg(test)]
+    mod tests {
+        /// Every target's seed corpus goes through its entry point on
+        /// every test run.
+        #[test]
+        fn the_seed_corpus_passes() {
+            let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+            for (target, run) in [
+                ("postgres_frames", super::postgres_frames as fn(&[u8])),
+                ("sql", super::sql),
+                ("ssh_channel", super::ssh_channel),
+                ("command_line", super::command_line),
+                ("config", super::config),
+            ] {
+                let mut seen = 0;
+                for entry in std::fs::read_dir(corpus.join(target)).unwrap() {
+                    run(&std::fs::read(entry.unwrap().path()).unwrap());
+                    seen += 1;
+                }
+                assert!(seen > 0, "{target} has seeds");
+            }
+        }
+    }
 }
