@@ -18,20 +18,12 @@ use super::{
 pub fn frames(data: &[u8]) {
     // Made once: compiling masks per input would be most of the work.
     static MASKS: LazyLock<Option<MaskSet>> = LazyLock::new(|| {
-        let masks: Vec<crate::policy::Mask> = [
+        let masks = compile_masks(&[
             r#"column = "email""#,
             r#"column = "customers.card""#,
             r#"pattern = "card_number""#,
             r#"regex = "ORD-[0-9]+""#,
-        ]
-        .iter()
-        .map(|spec| {
-            toml::from_str::<crate::policy::MaskSpec>(spec)
-                .expect("a valid mask")
-                .compile()
-                .expect("a valid mask")
-        })
-        .collect();
+        ]);
         let refs: Vec<&crate::policy::Mask> = masks.iter().collect();
         let resolved = [(
             crate::policy::ColumnName::parse("customers.card").expect("a valid name"),
@@ -74,6 +66,19 @@ pub fn frames(data: &[u8]) {
             let _ = super::cancel::backend_key(&frame);
         }
     });
+}
+
+/// Masks as a policy file writes them (`column = "email"`).
+pub(crate) fn compile_masks(specs: &[&str]) -> Vec<crate::policy::Mask> {
+    specs
+        .iter()
+        .map(|spec| {
+            toml::from_str::<crate::policy::MaskSpec>(spec)
+                .expect("a valid mask")
+                .compile()
+                .expect("a valid mask")
+        })
+        .collect()
 }
 
 /// A statement text through analysis and name resolution.

@@ -9,15 +9,10 @@ use crate::proxy::postgres::{MaskKey, MaskSet};
 /// cut at the points the input chooses (its first byte is the cut length).
 pub fn channel(data: &[u8]) {
     static MASKS: LazyLock<Option<Arc<MaskSet>>> = LazyLock::new(|| {
-        let masks: Vec<crate::policy::Mask> = [r#"pattern = "api_key""#, r#"regex = "tok-[a-z]+""#]
-            .iter()
-            .map(|spec| {
-                toml::from_str::<crate::policy::MaskSpec>(spec)
-                    .expect("a valid mask")
-                    .compile()
-                    .expect("a valid mask")
-            })
-            .collect();
+        let masks = crate::proxy::postgres::fuzz::compile_masks(&[
+            r#"pattern = "api_key""#,
+            r#"regex = "tok-[a-z]+""#,
+        ]);
         let refs: Vec<&crate::policy::Mask> = masks.iter().collect();
         MaskSet::compile(&refs, &Default::default(), Arc::new(MaskKey::new([7; 32])))
             .ok()
