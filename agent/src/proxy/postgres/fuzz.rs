@@ -102,4 +102,3 @@ pub fn sql(data: &[u8]) {
         }
     }
 }
-
