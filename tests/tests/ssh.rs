@@ -55,6 +55,9 @@ commands = ["echo *", "true", "exit *", "printf *", "cat *", "sha256sum *",
             "sleep *"]
 shell = true
 subsystems = ["sftp"]
+# A column mask (PostgreSQL's) on a rule that covers SSH targets too: the
+# target's value mask must still apply to SSH output.
+mask = [{{ column = "customers.card" }}]
 
 [[rule]]
 name = "never-destroy"

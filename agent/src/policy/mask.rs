@@ -15,6 +15,14 @@ pub struct Mask {
     pub expressions_allowed: bool,
 }
 
+impl MaskSelects {
+    /// Whether it selects values by what they look like (a pattern or a
+    /// regular expression), which applies to any text, not by column.
+    pub fn is_free_text(&self) -> bool {
+        !matches!(self, MaskSelects::Column(_))
+    }
+}
+
 /// The first column mask `statement` would walk around, in words: a
 /// masked column used where the server reports no table origin for the
 /// value (an expression, a set operation, a whole row, a subquery's

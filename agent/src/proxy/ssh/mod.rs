@@ -198,19 +198,29 @@ pub async fn serve(stream: TcpStream, session: Session, record: &mut AccessRecor
     .boxed()
     .shared();
 
-    let masks = {
-        let list =
-            crate::policy::masks_for(&session.active.policy, &session.workload, session.target);
-        if list.is_empty() {
-            None
-        } else {
-            crate::proxy::postgres::MaskSet::compile(
-                &list,
-                &HashMap::new(),
-                session.context.mask_key.clone(),
-            )
-            .ok()
-            .map(Arc::new)
+    // Only masks of values apply to a byte stream; column masks (which a
+    // rule may also hold for PostgreSQL targets) are not SSH's.
+    let list: Vec<&crate::policy::Mask> =
+        crate::policy::masks_for(&session.active.policy, &session.workload, session.target)
+            .into_iter()
+            .filter(|mask| mask.selects.is_free_text())
+            .collect();
+    let masks = if list.is_empty() {
+        None
+    } else {
+        match crate::proxy::postgres::MaskSet::compile(
+            &list,
+            &HashMap::new(),
+            session.context.mask_key.clone(),
+        ) {
+            Ok(set) => Some(Arc::new(set)),
+            Err(error) => {
+                // Fail closed: never serve a session whose masks are off.
+                let why = format!("masks on columns not found: {}", error.0.join(", "));
+                tracing::error!(%why, "SSH masks cannot be compiled; session refused");
+                record.finish(outcome::ERROR, Some(why));
+                return;
+            }
         }
     };
     let config = session.context.ssh_server.clone();
