@@ -121,6 +121,8 @@ fn fuzz(only: Option<&str>, seconds: u32) -> Result<()> {
                 .args([
                     "--",
                     &format!("-max_total_time={seconds}"),
+                    // An input that takes this long is a finding (a hang).
+                    "-timeout=10",
                     "-rss_limit_mb=4096",
                 ])
                 .env("AYA_BUILD_SKIP", "1"),

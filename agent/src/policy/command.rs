@@ -412,6 +412,14 @@ mod tests {
         ] {
             assert!(!unknown(line).is_empty(), "{line}");
         }
+        // brush-parser backtracks exponentially over unbalanced parentheses
+        // after `((` (fuzzing found a 74-byte line that ran for minutes).
+        let slow = format!("(({}", "(".repeat(40));
+        let started = std::time::Instant::now();
+        assert!(!unknown(&slow).is_empty());
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // Here-documents by the dozen made the parser take 4 GB (fuzzing).
+        assert!(!unknown("cm<<\x0c\x0c\x0c\x0c\x0c<<<<<<<<<<<<<<<<<<<<<<<\x0c<<<<p ").is_empty());
         // Hostile shapes end in a refusal, not a deep recursion.
         let deep = format!("{}true{}", "(".repeat(5000), ")".repeat(5000));
         assert!(!unknown(&deep).is_empty());

@@ -22,6 +22,13 @@ const MAX_DEPTH: usize = 8;
 /// Grammar structures (brackets, substitutions, keywords) in one line: the
 /// parser recurses on them, so an adversarial line must not drive it deep.
 const MAX_STRUCTURES: usize = 256;
+/// Opening parentheses in one line: brush-parser 0.4 backtracks over
+/// unbalanced ones after `((` in time that doubles with each (16 take
+/// 8 ms, 40 take hours); 12 take half a millisecond.
+const MAX_PARENTHESES: usize = 12;
+/// Here-document operators (`<<`) in one line: brush-parser 0.4 took 4 GB
+/// for a 39-byte line with 30 of them (found by fuzzing).
+const MAX_HEREDOCS: usize = 4;
 
 /// A command line, as the commands it would run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -181,6 +188,20 @@ impl Reader {
             return self.unknown(
                 text,
                 format!("more than {MAX_STRUCTURES} nested structures to follow"),
+            );
+        }
+        if text.bytes().filter(|b| *b == b'(').count() > MAX_PARENTHESES {
+            return self.unknown(
+                text,
+                format!(
+                    "more than {MAX_PARENTHESES} parentheses (the parser's time doubles with each)"
+                ),
+            );
+        }
+        if text.matches("<<").count() > MAX_HEREDOCS {
+            return self.unknown(
+                text,
+                format!("more than {MAX_HEREDOCS} here-documents (`<<`)"),
             );
         }
         if let Some(why) = parser_trap(text) {
