@@ -565,7 +565,6 @@ impl Reader {
         };
         let name = base_name(name).to_owned();
         let args = command.words[1..].to_vec();
-        let text = command.to_string();
         let transparent = TRANSPARENT.contains(&name.as_str()) || SHELLS.contains(&name.as_str());
         match runs(&name, &args) {
             Runs::Nothing => {}
@@ -582,11 +581,17 @@ impl Reader {
                 self.line.commands[index].transparent = transparent;
                 self.script(&script, Some(index), depth + 1)
             }
-            Runs::Script(Word::Dynamic { .. }) => self.unknown(
-                &text,
-                format!("the script `{name}` runs is built at run time"),
-            ),
-            Runs::Unknown(why) => self.unknown(&text, why),
+            Runs::Script(Word::Dynamic { .. }) => {
+                let text = self.line.commands[index].to_string();
+                self.unknown(
+                    &text,
+                    format!("the script `{name}` runs is built at run time"),
+                )
+            }
+            Runs::Unknown(why) => {
+                let text = self.line.commands[index].to_string();
+                self.unknown(&text, why)
+            }
         }
     }
 
