@@ -1,8 +1,8 @@
 //! The access log: exactly one JSON line per intercepted connection.
 //!
-//! An [`AccessRecord`] is created on accept and written when it is dropped,
-//! so a connection that is denied, fails, or is cancelled at shutdown still
-//! yields its line. Lines go through `tracing` (target `access`) and
+//! An [`AccessRecord`] is created on accept and written once, when its
+//! connection ends (`conn::Conn` writes it, with the session record's end,
+//! however the connection ends: denied, failed, or cancelled at shutdown). Lines go through `tracing` (target `access`) and
 //! [`AccessLayer`] writes them as they are, one JSON object per line.
 use std::{
     io::Write,
@@ -42,22 +42,51 @@ pub struct AccessRecord {
     pub enforced: bool,
     pub rule: Option<String>,
     pub reason: Option<String>,
-    pub outcome: &'static str,
+    pub outcome: Outcome,
     pub error: Option<String>,
     pub bytes: Arc<ByteCounters>,
     /// Statement decisions, for protocols that decide statements.
-    pub statements: Option<Arc<crate::proxy::StatementCounts>>,
+    pub statements: Option<Arc<StatementCounts>>,
 }
 
-/// How the connection ended, for the `outcome` field.
-pub mod outcome {
-    pub const CLOSED: &str = "closed";
-    pub const DENIED: &str = "denied";
-    pub const REJECTED: &str = "rejected";
-    pub const UPSTREAM_ERROR: &str = "upstream_error";
-    pub const ERROR: &str = "error";
-    /// The record was dropped before the connection finished (shutdown).
-    pub const CANCELLED: &str = "cancelled";
+/// How a connection ended: the `outcome` of its access line and of its
+/// session record's end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Either side closed.
+    Closed,
+    /// Refused by policy (or by the person asked to approve it).
+    Denied,
+    /// Not admitted: not redirected by the agent's programs, another
+    /// socket's record, not a protected destination, or unrecordable.
+    Rejected,
+    /// The target could not be reached or failed the session.
+    UpstreamError,
+    /// The agent or the client failed the session.
+    Error,
+    /// It had not finished when the agent stopped.
+    Cancelled,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Denied => "denied",
+            Self::Rejected => "rejected",
+            Self::UpstreamError => "upstream_error",
+            Self::Error => "error",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Statement decisions of one session, for its access line.
+#[derive(Debug, Default, Serialize)]
+pub struct StatementCounts {
+    pub allowed: AtomicU64,
+    pub denied: AtomicU64,
 }
 
 impl AccessRecord {
@@ -74,14 +103,14 @@ impl AccessRecord {
             enforced: true,
             rule: None,
             reason: None,
-            outcome: outcome::CANCELLED,
+            outcome: Outcome::Cancelled,
             error: None,
             bytes: Arc::default(),
             statements: None,
         }
     }
 
-    pub fn finish(&mut self, outcome: &'static str, error: Option<String>) {
+    pub fn finish(&mut self, outcome: Outcome, error: Option<String>) {
         self.outcome = outcome;
         self.error = error;
     }
@@ -100,17 +129,19 @@ struct Line<'a> {
     enforced: bool,
     rule: Option<&'a str>,
     reason: Option<&'a str>,
-    outcome: &'a str,
+    outcome: Outcome,
     error: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    statements: Option<&'a crate::proxy::StatementCounts>,
+    statements: Option<&'a StatementCounts>,
     bytes_up: u64,
     bytes_down: u64,
     duration_ms: f64,
 }
 
-impl Drop for AccessRecord {
-    fn drop(&mut self) {
+impl AccessRecord {
+    /// Writes the connection's line (once: `conn::Conn` calls it as the
+    /// connection ends).
+    pub fn write(&self) {
         let line = Line {
             event: "connection",
             time: humantime::format_rfc3339_millis(self.time).to_string(),
@@ -153,7 +184,7 @@ pub struct StatementLine<'a> {
     pub decision: Action,
     pub enforced: bool,
     pub rule: Option<&'a str>,
-    pub outcome: crate::proxy::StatementOutcome,
+    pub outcome: crate::sessions::StatementOutcome,
     /// Rows returned or affected; `None` when it did not run.
     pub rows: Option<u64>,
     pub cells_masked: u64,

@@ -18,9 +18,10 @@ use crate::{
     addr::ListenAddr,
     admin::{self, Request, Response},
     config::{CgroupSetting, Config, Mode},
+    conn::{self, ConnRegistry},
     intercept::{AttachOptions, Interceptor, preflight},
     policy::{ActivePolicy, Policy, TargetAddress, TargetTable},
-    proxy::{self, ConnRegistry, ProxyContext},
+    proxy::{self, ProxyContext},
     workload::{CgroupFs, WorkloadResolver},
 };
 
@@ -112,14 +113,14 @@ impl Agent {
                 )
             })?;
         let mask_key_path = config.agent.state_dir.join("mask.key");
-        let mask_key = crate::proxy::postgres::MaskKey::load_or_create(&mask_key_path)
+        let mask_key = crate::masking::MaskKey::load_or_create(&mask_key_path)
             .with_context(|| format!("loading the masking key {}", mask_key_path.display()))?;
         let ssh_host_key = crate::proxy::ssh::load_or_create_host_key(&config.agent.state_dir)
             .context("loading the SSH host key")?;
         let store = crate::sessions::Store::open(
             &config.agent.state_dir.join("sessions"),
             &config.agent.state_dir.join("host.key"),
-            crate::sessions::source::host_name(),
+            crate::sessions::host_name(),
             config.sessions.max_store_bytes,
         )
         .context("opening the session store")?;
@@ -149,10 +150,14 @@ impl Agent {
             _ => None,
         };
         let proxy_context = Arc::new(ProxyContext {
-            kernel: interceptor.clone(),
-            resolver: Arc::new(WorkloadResolver::new(cgroups)),
-            active: ArcSwap::from_pointee(active),
-            connections: ConnRegistry::default(),
+            gate: conn::Gate {
+                kernel: interceptor.clone(),
+                resolver: Arc::new(WorkloadResolver::new(cgroups)),
+                active: ArcSwap::from_pointee(active),
+                connections: ConnRegistry::default(),
+                store: store.clone(),
+                approvals,
+            },
             tls: Some(Arc::new(local_ca)),
             mask_key: Arc::new(mask_key),
             literals: if config.agent.redact_literals {
@@ -160,8 +165,6 @@ impl Agent {
             } else {
                 crate::proxy::postgres::Literals::Keep
             },
-            store: store.clone(),
-            approvals,
             pg_cancels: Default::default(),
             pg: crate::proxy::postgres::Shared::new(
                 config.agent.max_statement_bytes,
@@ -261,10 +264,10 @@ impl Agent {
 
     /// Stops accepting, drains, and returns. Pins are left in place.
     pub async fn stop(self) {
-        self.state.proxy.approvals.abandon_all();
+        self.state.proxy.gate.approvals.abandon_all();
         let _ = self.shutdown.send(true);
         let _ = self.proxy.await;
-        if let Err(error) = self.state.proxy.store.flush() {
+        if let Err(error) = self.state.proxy.gate.store.flush() {
             tracing::error!(%error, "flushing the session store at exit");
         }
     }
@@ -283,7 +286,7 @@ impl Agent {
 
 impl State {
     async fn answer(&self, request: Request, peer: admin::Peer) -> Response {
-        let approvals = &self.proxy.approvals;
+        let approvals = &self.proxy.gate.approvals;
         let caller = crate::approvals::Caller::Local {
             uid: peer.uid,
             gid: peer.gid,
@@ -322,7 +325,7 @@ impl State {
                 json!({"detached": true})
             }),
             Request::SessionsList { filter } => {
-                let store = self.proxy.store.clone();
+                let store = self.proxy.gate.store.clone();
                 tokio::task::spawn_blocking(move || {
                     let mut list = store.summaries(filter.since_ms)?;
                     list.retain(|s| filter.matches(s));
@@ -332,7 +335,7 @@ impl State {
                 .unwrap_or_else(|e| Err(e.into()))
             }
             Request::SessionLog { id } => {
-                let store = self.proxy.store.clone();
+                let store = self.proxy.gate.store.clone();
                 tokio::task::spawn_blocking(move || {
                     let id = crate::sessions::parse_id(&id)?;
                     let lines: Vec<String> = store
@@ -384,7 +387,7 @@ impl State {
     /// the proxy, which refuses it: the swap fails closed, never open.
     fn apply(&self, active: ActivePolicy) -> anyhow::Result<()> {
         self.interceptor.set_targets(&active.table.kernel_keys())?;
-        self.proxy.active.store(Arc::new(active));
+        self.proxy.gate.active.store(Arc::new(active));
         Ok(())
     }
 
@@ -396,7 +399,7 @@ impl State {
 
     fn status(&self) -> serde_json::Value {
         let config = self.config.load();
-        let active = self.proxy.active.load();
+        let active = self.proxy.gate.active.load();
         let targets: Vec<_> = active
             .policy
             .targets
@@ -421,12 +424,12 @@ impl State {
             "intercept": self.interceptor.status(),
             "targets": targets,
             "rules": active.policy.rules.len(),
-            "accepted": self.proxy.connections.accepted(),
-            "connections": self.proxy.connections.snapshot(),
+            "accepted": self.proxy.gate.connections.accepted(),
+            "connections": self.proxy.gate.connections.snapshot(),
             "sessions": self.sessions_status(&config),
             "approvals": {
-                "pending": self.proxy.approvals.pending_count(),
-                "grants": self.proxy.approvals.grants(false).len(),
+                "pending": self.proxy.gate.approvals.pending_count(),
+                "grants": self.proxy.gate.approvals.grants(false).len(),
                 "webhook": config.approvals.webhook_url.as_ref().map(|u| u.as_str()),
                 "callback": config.approvals.callback_listen.map(|a| a.to_string()),
             },
@@ -434,7 +437,7 @@ impl State {
     }
 
     fn sessions_status(&self, config: &Config) -> serde_json::Value {
-        let store = &self.proxy.store;
+        let store = &self.proxy.gate.store;
         json!({
             "store": store.path(),
             "host": store.host,
@@ -512,7 +515,7 @@ impl State {
                 continue;
             }
             let active = activate(&config).await;
-            if active.table != self.proxy.active.load().table
+            if active.table != self.proxy.gate.active.load().table
                 && let Err(error) = self.apply(active)
             {
                 tracing::error!("updating resolved targets failed: {error:#}");

@@ -3,9 +3,6 @@
 //! `[agent] admins` may administer; anyone on the host may connect (0666)
 //! to answer approval requests, and each answer is checked against the
 //! rule's approvers.
-mod auth;
-
-pub use auth::caller_matches;
 
 use std::{
     io,
@@ -19,7 +16,7 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
-use crate::config::Principal;
+use crate::principal::{Principal, caller_matches};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]

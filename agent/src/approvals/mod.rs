@@ -265,7 +265,7 @@ impl Caller {
     fn is(&self, approver: &Approver) -> bool {
         match (self, approver) {
             (Caller::Local { uid, gid }, Approver::Local(principal)) => {
-                crate::admin::caller_matches(*uid, *gid, std::slice::from_ref(principal))
+                crate::principal::caller_matches(*uid, *gid, std::slice::from_ref(principal))
             }
             (Caller::Callback { name }, Approver::Callback(expected)) => {
                 expected == "*" || expected == name
@@ -824,18 +824,6 @@ fn log_grant(change: &'static str, grant: &GrantRecord) {
         time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         grant,
     });
-}
-
-/// How an approver is written in a rule: `user`, `uid:N`, `group:NAME`,
-/// `webhook:NAME`.
-impl Approver {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        match text.strip_prefix("webhook:") {
-            Some("") => Err("\"webhook:\" needs a name (or *)".into()),
-            Some(name) => Ok(Approver::Callback(name.to_owned())),
-            None => crate::config::parse_principal(text).map(Approver::Local),
-        }
-    }
 }
 
 #[cfg(test)]

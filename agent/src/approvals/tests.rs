@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::config::Principal;
+use crate::principal::Principal;
 
 const REQUESTER: u32 = 4242;
 const ALICE: u32 = 5001;

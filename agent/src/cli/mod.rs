@@ -3,6 +3,7 @@
 //! `grants …`. `anyhow` lives here, at the edge.
 mod approvals;
 mod sessions;
+mod source;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -362,7 +363,7 @@ fn policy_explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!(
             "{}",
-            json!({"target": args.target, "workload": workload, "matching_workloads": matching, "verdict": verdict, "mode": config.agent.mode})
+            json!({"target": args.target, "workload": workload, "matching_workloads": matching, "verdict": {"action": verdict.action, "rule": policy.rule_name(verdict.rule), "reason": verdict.reason}, "mode": config.agent.mode})
         );
     } else {
         println!("target:    {}", args.target);
@@ -386,18 +387,15 @@ fn policy_explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         println!(
             "decision:  {:?}{}",
             verdict.action,
-            verdict
-                .rule
-                .as_ref()
+            policy
+                .rule_name(verdict.rule)
                 .map(|r| format!(" by rule {r:?}"))
                 .unwrap_or_default()
         );
         println!("why:       {}", verdict.reason);
         if let Some(description) = verdict
             .rule
-            .as_ref()
-            .and_then(|name| policy.rules.iter().find(|r| &r.name == name))
-            .and_then(|r| r.description.as_ref())
+            .and_then(|id| policy.rule(id).description.as_ref())
         {
             println!("rule says: {description}");
         }

@@ -4,12 +4,12 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context as _;
 use clap::{Args, Subcommand, ValueEnum};
 
+use super::source::Source;
 use crate::{
     config::{Config, DEFAULT_CONFIG_PATH},
     sessions::{
         Bucket, ShipperSettings,
         fleet::{self, PullOptions},
-        source::Source,
         view::{self, Filter, SessionLog},
     },
 };

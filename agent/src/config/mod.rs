@@ -7,10 +7,7 @@
 mod file;
 mod settings;
 
-pub use settings::{
-    AgentSettings, CgroupSetting, DEFAULT_ADMIN_SOCKET, DEFAULT_CONFIG_PATH, Mode, Principal,
-    parse_principal,
-};
+pub use settings::{AgentSettings, CgroupSetting, DEFAULT_ADMIN_SOCKET, DEFAULT_CONFIG_PATH, Mode};
 
 use std::{
     collections::HashMap,

@@ -7,6 +7,7 @@ use super::{
     ConfigError,
     file::{AgentSpec, Located, SourceFile},
 };
+use crate::principal::Principal;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -24,14 +25,6 @@ pub enum CgroupSetting {
     Auto,
     /// A cgroup v2 directory (absolute path in the filesystem).
     Path(PathBuf),
-}
-
-/// An admin principal: a user name, a uid, or `group:NAME`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub enum Principal {
-    User(String),
-    Uid(u32),
-    Group(String),
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -103,7 +96,7 @@ impl AgentSettings {
         if let Some(admins) = &spec.admins {
             settings.admins = admins
                 .iter()
-                .map(|a| parse_principal(a.get_ref()).map_err(|m| source.error_at(a.span(), m)))
+                .map(|a| Principal::parse(a.get_ref()).map_err(|m| source.error_at(a.span(), m)))
                 .collect::<Result<_, _>>()?;
         }
         if let Some(cgroup) = &spec.cgroup {
@@ -154,25 +147,4 @@ impl AgentSettings {
         }
         Ok(settings)
     }
-}
-
-/// `name`, `uid:N` or `group:NAME`.
-pub fn parse_principal(text: &str) -> Result<Principal, String> {
-    if let Some(group) = text.strip_prefix("group:") {
-        return if group.is_empty() {
-            Err("\"group:\" needs a group name".into())
-        } else {
-            Ok(Principal::Group(group.to_owned()))
-        };
-    }
-    if let Some(uid) = text.strip_prefix("uid:") {
-        return uid
-            .parse()
-            .map(Principal::Uid)
-            .map_err(|_| format!("{uid:?} is not a uid"));
-    }
-    if text.is_empty() {
-        return Err("a user name cannot be empty".into());
-    }
-    Ok(Principal::User(text.to_owned()))
 }

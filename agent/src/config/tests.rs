@@ -1,4 +1,5 @@
 use super::*;
+use crate::principal::Principal;
 
 fn error_of(text: &str) -> (usize, usize, String) {
     match Config::from_text("bad.toml", text) {

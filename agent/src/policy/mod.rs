@@ -22,7 +22,7 @@ pub use targets::{
 
 use serde::Serialize;
 
-use crate::workload::Workload;
+use crate::{principal::Principal, workload::Workload};
 
 /// A loaded, validated policy: names are resolved to indices, so evaluation
 /// never looks anything up by string.
@@ -33,7 +33,29 @@ pub struct Policy {
     pub rules: Vec<Rule>,
 }
 
+/// A rule of one [`Policy`]: its index in `Policy::rules`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RuleId(pub usize);
+
 impl Policy {
+    pub fn rule(&self, id: RuleId) -> &Rule {
+        &self.rules[id.0]
+    }
+
+    pub fn target(&self, id: TargetId) -> &Target {
+        &self.targets[id.0]
+    }
+
+    /// The deciding rule's name, if a rule decided.
+    pub fn rule_name(&self, id: Option<RuleId>) -> Option<&str> {
+        id.map(|id| self.rule(id).name.as_str())
+    }
+
+    /// The rules with their ids.
+    fn rules_by_id(&self) -> impl Iterator<Item = (RuleId, &Rule)> {
+        self.rules.iter().enumerate().map(|(i, r)| (RuleId(i), r))
+    }
+
     /// The target of that name.
     pub fn target_id(&self, name: &str) -> Option<TargetId> {
         self.targets
@@ -205,18 +227,27 @@ pub struct ApprovalSpec {
 /// or a name a chat bot or ticket system gives in an HTTP callback.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum Approver {
-    Local(crate::config::Principal),
+    Local(Principal),
     /// `webhook:NAME`; `webhook:*` accepts any name the callback gives.
     Callback(String),
 }
 
+impl Approver {
+    /// How an approver is written in a rule: `user`, `uid:N`,
+    /// `group:NAME`, `webhook:NAME`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.strip_prefix("webhook:") {
+            Some("") => Err("\"webhook:\" needs a name (or *)".into()),
+            Some(name) => Ok(Approver::Callback(name.to_owned())),
+            None => Principal::parse(text).map(Approver::Local),
+        }
+    }
+}
+
 impl std::fmt::Display for Approver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use crate::config::Principal;
         match self {
-            Approver::Local(Principal::User(name)) => write!(f, "{name}"),
-            Approver::Local(Principal::Uid(uid)) => write!(f, "uid:{uid}"),
-            Approver::Local(Principal::Group(name)) => write!(f, "group:{name}"),
+            Approver::Local(principal) => principal.fmt(f),
             Approver::Callback(name) => write!(f, "webhook:{name}"),
         }
     }
@@ -300,14 +331,23 @@ impl Action {
             Action::Approve => "approve",
         }
     }
+
+    /// What a rule with this action does, in a reason's words.
+    pub fn verb(self) -> &'static str {
+        match self {
+            Action::Allow => "allows",
+            Action::Deny => "denies",
+            Action::Approve => "needs approval for",
+        }
+    }
 }
 
 /// The outcome of [`evaluate`]: a decision is not an error.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verdict {
     pub action: Action,
     /// The rule that decided; `None` for the default deny.
-    pub rule: Option<String>,
+    pub rule: Option<RuleId>,
     pub reason: String,
 }
 
@@ -330,26 +370,21 @@ impl Verdict {
 /// Deny and approve rules about particular statements do not decide the
 /// connection: [`evaluate_statement`] applies them to each statement.
 pub fn evaluate(policy: &Policy, workload: &Workload, target: TargetId) -> Verdict {
-    let target_name = &policy.targets[target.0].name;
+    let target_name = &policy.target(target).name;
     for action in [Action::Deny, Action::Approve, Action::Allow] {
-        if let Some(rule) = policy
-            .rules
-            .iter()
-            .filter(|rule| rule.action == action)
-            .filter(|rule| action == Action::Allow || !rule.is_statement_level())
-            .find(|rule| applies(policy, rule, workload, target))
+        if let Some((id, rule)) = policy
+            .rules_by_id()
+            .filter(|(_, rule)| rule.action == action)
+            .filter(|(_, rule)| action == Action::Allow || !rule.is_statement_level())
+            .find(|(_, rule)| applies(policy, rule, workload, target))
         {
-            let verb = match action {
-                Action::Deny => "denies",
-                Action::Approve => "asks approval for",
-                Action::Allow => "allows",
-            };
             return Verdict {
                 action,
-                rule: Some(rule.name.clone()),
+                rule: Some(id),
                 reason: format!(
-                    "rule {:?} {verb} this workload on target {target_name:?}",
-                    rule.name
+                    "rule {:?} {} this workload on target {target_name:?}",
+                    rule.name,
+                    action.verb()
                 ),
             };
         }
@@ -371,13 +406,13 @@ pub fn evaluate(policy: &Policy, workload: &Workload, target: TargetId) -> Verdi
 /// 5. Otherwise it is denied.
 ///
 /// This runs for every statement, so it allocates nothing: the verdict
-/// borrows the rule, and the reason is only written out on demand.
-pub fn evaluate_statement<'p>(
-    policy: &'p Policy,
+/// names the rule by id, and the reason is only written out on demand.
+pub fn evaluate_statement(
+    policy: &Policy,
     workload: &Workload,
     target: TargetId,
     statement: &StatementInfo,
-) -> StatementVerdict<'p> {
+) -> StatementVerdict {
     if statement.changes_role {
         return StatementVerdict {
             action: Action::Deny,
@@ -385,7 +420,7 @@ pub fn evaluate_statement<'p>(
         };
     }
     if !statement.parsed {
-        let waiver = policy.rules.iter().find(|rule| {
+        let waiver = policy.rules_by_id().find(|(_, rule)| {
             rule.action == Action::Allow
                 && rule.allow_unparsed
                 && applies(policy, rule, workload, target)
@@ -396,19 +431,18 @@ pub fn evaluate_statement<'p>(
             } else {
                 Action::Deny
             },
-            rule: waiver.map(|rule| rule.name.as_str()),
+            rule: waiver.map(|(id, _)| id),
         };
     }
     for action in [Action::Deny, Action::Approve, Action::Allow] {
-        if let Some(rule) = policy
-            .rules
-            .iter()
-            .filter(|rule| rule.action == action)
-            .find(|rule| applies(policy, rule, workload, target) && rule.covers(statement))
+        if let Some((id, _)) = policy
+            .rules_by_id()
+            .filter(|(_, rule)| rule.action == action)
+            .find(|(_, rule)| applies(policy, rule, workload, target) && rule.covers(statement))
         {
             return StatementVerdict {
                 action,
-                rule: Some(&rule.name),
+                rule: Some(id),
             };
         }
     }
@@ -432,19 +466,14 @@ pub fn evaluate_ssh(
         return evaluate_exec(policy, workload, target, user, line);
     }
     for action in [Action::Deny, Action::Approve, Action::Allow] {
-        if let Some(rule) = ssh_rules(policy, workload, target, user)
-            .filter(|rule| rule.action == action)
-            .find(|rule| rule.ssh.covers(request))
+        if let Some((id, rule)) = ssh_rules(policy, workload, target, user)
+            .filter(|(_, rule)| rule.action == action)
+            .find(|(_, rule)| rule.ssh.covers(request))
         {
-            let verb = match action {
-                Action::Deny => "denies",
-                Action::Approve => "needs approval for",
-                Action::Allow => "allows",
-            };
             return Verdict {
                 action,
-                rule: Some(rule.name.clone()),
-                reason: format!("rule {:?} {verb} {request}", rule.name),
+                rule: Some(id),
+                reason: format!("rule {:?} {} {request}", rule.name, action.verb()),
             };
         }
     }
@@ -466,35 +495,32 @@ fn evaluate_exec(
     line: &CommandLine,
 ) -> Verdict {
     let rules = || ssh_rules(policy, workload, target, user);
-    for (action, verb) in [
-        (Action::Deny, "denies"),
-        (Action::Approve, "needs approval for"),
-    ] {
-        if let Some((rule, command)) = rules()
-            .filter(|rule| rule.action == action)
-            .find_map(|rule| rule.ssh.hits(line).map(|command| (rule, command)))
+    for action in [Action::Deny, Action::Approve] {
+        if let Some((id, rule, command)) = rules()
+            .filter(|(_, rule)| rule.action == action)
+            .find_map(|(id, rule)| rule.ssh.hits(line).map(|command| (id, rule, command)))
         {
             return Verdict {
                 action,
-                rule: Some(rule.name.clone()),
-                reason: format!("rule {:?} {verb} `{command}`", rule.name),
+                rule: Some(id),
+                reason: format!("rule {:?} {} `{command}`", rule.name, action.verb()),
             };
         }
     }
-    if let Some(rule) = rules()
-        .filter(|rule| rule.action == Action::Allow)
-        .find(|rule| rule.ssh.covers_line(line))
+    if let Some((id, rule)) = rules()
+        .filter(|(_, rule)| rule.action == Action::Allow)
+        .find(|(_, rule)| rule.ssh.covers_line(line))
     {
         return Verdict {
             action: Action::Allow,
-            rule: Some(rule.name.clone()),
+            rule: Some(id),
             reason: format!("rule {:?} allows this command", rule.name),
         };
     }
     let allows = |index: usize| {
         rules()
-            .filter(|rule| rule.action == Action::Allow)
-            .any(|rule| rule.ssh.covers_command(line, index))
+            .filter(|(_, rule)| rule.action == Action::Allow)
+            .any(|(_, rule)| rule.ssh.covers_command(line, index))
     };
     let reason = if let Some(unknown) = line.unknown.first() {
         format!(
@@ -524,8 +550,8 @@ fn ssh_rules<'p>(
     workload: &'p Workload,
     target: TargetId,
     user: &'p str,
-) -> impl Iterator<Item = &'p Rule> {
-    policy.rules.iter().filter(move |rule| {
+) -> impl Iterator<Item = (RuleId, &'p Rule)> {
+    policy.rules_by_id().filter(move |(_, rule)| {
         applies(policy, rule, workload, target)
             && (rule.ssh.users.is_empty() || rule.ssh.users.iter().any(|u| u.matches(user)))
     })
@@ -543,43 +569,39 @@ pub fn ssh_env_allowed(
     name == "LANG"
         || name.starts_with("LC_")
         || ssh_rules(policy, workload, target, user)
-            .filter(|rule| rule.action == Action::Allow)
-            .any(|rule| rule.ssh.env.iter().any(|p| p.matches(name)))
+            .filter(|(_, rule)| rule.action == Action::Allow)
+            .any(|(_, rule)| rule.ssh.env.iter().any(|p| p.matches(name)))
 }
 
 /// Whether an SSH session may have a terminal: unless a rule for it says
 /// `pty = false`.
 pub fn ssh_pty_allowed(policy: &Policy, workload: &Workload, target: TargetId, user: &str) -> bool {
-    !ssh_rules(policy, workload, target, user).any(|rule| rule.ssh.pty == Some(false))
+    !ssh_rules(policy, workload, target, user).any(|(_, rule)| rule.ssh.pty == Some(false))
 }
 
 /// The decision on one statement; see [`evaluate_statement`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StatementVerdict<'p> {
+pub struct StatementVerdict {
     pub action: Action,
     /// The deciding rule; `None` for the default deny and for unparsed
-    /// statements.
-    pub rule: Option<&'p str>,
+    /// statements without a waiver.
+    pub rule: Option<RuleId>,
 }
 
-impl StatementVerdict<'_> {
+impl StatementVerdict {
     /// Why, in words, for the client's error and the log.
-    pub fn reason(&self, statement: &StatementInfo) -> String {
+    pub fn reason(&self, policy: &Policy, statement: &StatementInfo) -> String {
         let tables = tables_text(statement);
         if statement.changes_role {
             return "the session's role is pinned by the agent; it cannot be changed".into();
         }
-        match (self.rule, statement.parsed) {
+        match (policy.rule_name(self.rule), statement.parsed) {
             (_, false) => format!(
                 "the statement cannot be checked: {}",
                 statement.problem.as_deref().unwrap_or("it does not parse")
             ),
             (Some(rule), _) => {
-                let verb = match self.action {
-                    Action::Allow => "allows",
-                    Action::Deny => "denies",
-                    Action::Approve => "needs approval for",
-                };
+                let verb = self.action.verb();
                 format!("rule {rule:?} {verb} {} on {tables}", statement.kinds)
             }
             (None, _) => {
@@ -630,7 +652,8 @@ pub fn masks_for<'p>(policy: &'p Policy, workload: &Workload, target: TargetId) 
         .rules
         .iter()
         .filter(|rule| rule.action == Action::Allow && applies(policy, rule, workload, target));
-    policy.targets[target.0]
+    policy
+        .target(target)
         .masks
         .iter()
         .chain(rules.flat_map(|rule| rule.masks.iter()))

@@ -141,7 +141,11 @@ fn deny_first_then_allow_then_default_deny() {
     for (i, (w, target, action, rule)) in cases.into_iter().enumerate() {
         let verdict = evaluate(&policy, &w, target);
         assert_eq!(verdict.action, action, "case {i}: {verdict:?}");
-        assert_eq!(verdict.rule.as_deref(), rule, "case {i}: {verdict:?}");
+        assert_eq!(
+            policy.rule_name(verdict.rule),
+            rule,
+            "case {i}: {verdict:?}"
+        );
         assert!(
             verdict.reason.contains(&policy.targets[target.0].name),
             "case {i}: reason names the target"
@@ -362,11 +366,11 @@ fn statements_need_every_kind_and_table_allowed_and_any_deny_hits() {
     for (i, (info, action, rule)) in cases.into_iter().enumerate() {
         let verdict = evaluate_statement(&policy, &ci, db, &info);
         assert_eq!(
-            (verdict.action, verdict.rule),
+            (verdict.action, policy.rule_name(verdict.rule)),
             (action, rule),
             "case {i}: {verdict:?}"
         );
-        assert!(!verdict.reason(&info).is_empty());
+        assert!(!verdict.reason(&policy, &info).is_empty());
     }
     // An unparsed statement is denied... unless an allow rule waives that.
     let (waived, _dir) = sql_policy_from(
@@ -374,7 +378,7 @@ fn statements_need_every_kind_and_table_allowed_and_any_deny_hits() {
     );
     let verdict = evaluate_statement(&waived, &ci, db, &StatementInfo::default());
     assert_eq!(
-        (verdict.action, verdict.rule),
+        (verdict.action, waived.rule_name(verdict.rule)),
         (Action::Allow, Some("reads"))
     );
     let other = evaluate_statement(&waived, &Workload::default(), db, &StatementInfo::default());
@@ -385,7 +389,10 @@ fn statements_need_every_kind_and_table_allowed_and_any_deny_hits() {
     );
 
     // Statement-level denies do not refuse the connection; allows admit it.
-    assert_eq!(evaluate(&policy, &ci, db).rule.as_deref(), Some("reads"));
+    assert_eq!(
+        policy.rule_name(evaluate(&policy, &ci, db).rule),
+        Some("reads")
+    );
     assert!(!(evaluate(&policy, &Workload::default(), db).action == Action::Allow));
 }
 
@@ -417,17 +424,17 @@ grant = "30m"
     let db = TargetId(0);
     let delete = statement(&[K::Delete], &["public.events"]);
     assert_eq!(
-        evaluate_statement(&policy, &ci, db, &delete).rule,
+        policy.rule_name(evaluate_statement(&policy, &ci, db, &delete).rule),
         Some("no-deletes")
     );
     // An insert the allow rule covers now needs approval first.
     let insert = statement(&[K::Insert], &["public.events"]);
     let verdict = evaluate_statement(&policy, &ci, db, &insert);
     assert_eq!(
-        (verdict.action, verdict.rule),
+        (verdict.action, policy.rule_name(verdict.rule)),
         (Action::Approve, Some("event-deletes-need-approval"))
     );
-    assert!(verdict.reason(&insert).contains("needs approval"));
+    assert!(verdict.reason(&policy, &insert).contains("needs approval"));
     // Reads are untouched.
     let read = statement(&[K::Select], &["public.events"]);
     assert_eq!(
@@ -516,7 +523,7 @@ fn ssh_requests_follow_deny_approve_allow() {
         let line = CommandLine::parse(line);
         evaluate_ssh(&policy, &ci, app, user, &SshRequest::Exec(&line))
     };
-    let decided = |v: Verdict| (v.action, v.rule);
+    let decided = |v: Verdict| (v.action, policy.rule_name(v.rule).map(str::to_owned));
     assert_eq!(
         decided(exec("deploy", "systemctl restart app-web")),
         (Action::Allow, Some("ci-may-restart".into()))

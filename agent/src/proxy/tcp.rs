@@ -7,11 +7,18 @@ use tokio::{
     net::{TcpSocket, TcpStream},
 };
 
+use std::sync::Arc;
+
+use super::ProxyContext;
 use crate::{
-    access::{AccessRecord, outcome},
+    access::Outcome,
     addr::OrigDstAddr,
+    approvals::{NewRequest, Requester},
+    conn::{self, Admitted, Asked, Conn},
     intercept::Interception,
+    policy::{Action, ActivePolicy, Verdict},
     sessions::{Event, Recorder},
+    workload::Workload,
 };
 
 const COPY_BUFFER: usize = 16 * 1024;
@@ -19,29 +26,117 @@ const COPY_BUFFER: usize = 16 * 1024;
 /// unreachable rather than holding the client for the kernel's ~2 minutes.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-pub async fn forward(
+/// Serves an admitted TCP connection: held first when an `approve` rule
+/// caught it, then forwarded.
+pub async fn serve(context: &ProxyContext, admitted: Admitted) {
+    let Admitted {
+        mut conn,
+        stream,
+        orig_dst,
+        workload,
+        active,
+        target,
+        verdict,
+        recorder,
+    } = admitted;
+    if verdict.action == Action::Approve && active.enforce {
+        let target = &active.policy.target(target).name;
+        let asked = approve(
+            context, &stream, &recorder, &workload, &active, target, &verdict,
+        )
+        .await;
+        if let Err(refusal) = asked {
+            tracing::info!(%refusal, "connection refused");
+            conn.set_reason(refusal);
+            conn.end(Outcome::Denied, None);
+            super::reset(stream);
+            return;
+        }
+    }
+    let (outcome, error) = forward(stream, orig_dst, &*context.gate.kernel, &conn, &recorder).await;
+    conn.end(outcome, error);
+}
+
+/// A TCP connection an `approve` rule catches waits, before anything goes
+/// upstream, for its request's answer; `Err` says why it may not go on.
+/// A client that closes meanwhile withdraws the request.
+async fn approve(
+    context: &ProxyContext,
+    client: &TcpStream,
+    recorder: &Arc<Recorder>,
+    workload: &Workload,
+    active: &ActivePolicy,
+    target: &str,
+    verdict: &Verdict,
+) -> Result<(), String> {
+    let rule = verdict
+        .rule
+        .map(|id| active.policy.rule(id))
+        .ok_or("the approving rule is gone")?;
+    let spec = rule
+        .approval
+        .clone()
+        .ok_or("the rule asks approval of no one")?;
+    let requester = Requester::of(&active.policy, workload);
+    let approvals = &context.gate.approvals;
+    if approvals
+        .use_grant(recorder, &requester, target, &rule.name)
+        .map_err(|e| e.to_string())?
+    {
+        return Ok(());
+    }
+    let command = format!("connect to {target}");
+    let request = NewRequest {
+        requester,
+        target,
+        rule: &rule.name,
+        spec,
+        command: &command,
+    };
+    // Watch the client (peeking: its bytes are the target's) until it
+    // sends something; the end of its stream means it gave up.
+    let gave_up = async {
+        let mut byte = [0u8; 1];
+        match client.peek(&mut byte).await {
+            Ok(0) | Err(_) => "the client disconnected",
+            Ok(_) => std::future::pending().await,
+        }
+    };
+    match conn::ask(approvals, recorder, request, async |_| {}, gave_up).await {
+        Ok(Asked::Approved(_)) => Ok(()),
+        Ok(Asked::Refused(why)) => Err(why),
+        Ok(Asked::GaveUp { id, .. }) => {
+            Err(format!("the client left; approval request {id} withdrawn"))
+        }
+        Err(error) => Err(format!(
+            "approval needed, but the request cannot be recorded: {error}"
+        )),
+    }
+}
+
+/// Copies both ways until both sides have closed.
+async fn forward(
     mut client: TcpStream,
     dst: OrigDstAddr,
     kernel: &dyn Interception,
-    record: &mut AccessRecord,
+    conn: &Conn,
     recorder: &Recorder,
-) {
+) -> (Outcome, Option<String>) {
     let mut upstream = match connect_upstream(dst, kernel).await {
         Ok(upstream) => upstream,
         Err(error) => {
             tracing::warn!(%dst, %error, "upstream unreachable");
-            record.finish(
-                outcome::UPSTREAM_ERROR,
+            super::reset(client);
+            return (
+                Outcome::UpstreamError,
                 Some(format!("connecting to {dst}: {error}")),
             );
-            super::reset(client);
-            return;
         }
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
 
-    let bytes = record.bytes.clone();
+    let bytes = conn.bytes();
     let (mut client_read, mut client_write) = client.split();
     let (mut upstream_read, mut upstream_write) = upstream.split();
     let result = tokio::try_join!(
@@ -54,8 +149,8 @@ pub async fn forward(
         ),
     );
     match result {
-        Ok(_) => record.finish(outcome::CLOSED, None),
-        Err(error) => record.finish(outcome::ERROR, Some(error.to_string())),
+        Ok(_) => (Outcome::Closed, None),
+        Err(error) => (Outcome::Error, Some(error.to_string())),
     }
 }
 

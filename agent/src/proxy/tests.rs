@@ -8,12 +8,15 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
+use arc_swap::ArcSwap;
+
 use super::*;
 use crate::{
     addr::OrigDstAddr,
     config::Config,
     intercept::{Intercepted, OrigDstTable},
-    workload::{CgroupFs, KernelIdentity},
+    policy::ActivePolicy,
+    workload::{CgroupFs, KernelIdentity, WorkloadResolver},
 };
 
 struct Harness {
@@ -53,24 +56,26 @@ async fn harness_deciding(upstream: SocketAddr, decision: &str, enforce: bool) -
     let approvals =
         crate::approvals::Approvals::open(store.db(), "test-host".into(), None).unwrap();
     let context = Arc::new(ProxyContext {
-        kernel: orig_dst.clone(),
-        resolver: Arc::new(WorkloadResolver::new(CgroupFs::new("/nonexistent".into()))),
-        active: ArcSwap::from_pointee(ActivePolicy {
-            policy,
-            table,
-            enforce,
-        }),
-        connections: ConnRegistry::default(),
+        gate: crate::conn::Gate {
+            kernel: orig_dst.clone(),
+            resolver: Arc::new(WorkloadResolver::new(CgroupFs::new("/nonexistent".into()))),
+            active: ArcSwap::from_pointee(ActivePolicy {
+                policy,
+                table,
+                enforce,
+            }),
+            connections: crate::conn::ConnRegistry::default(),
+            store,
+            approvals: approvals.clone(),
+        },
         tls: None,
-        mask_key: Arc::new(crate::proxy::postgres::MaskKey::new([0; 32])),
+        mask_key: Arc::new(crate::masking::MaskKey::new([0; 32])),
         literals: Default::default(),
-        approvals: approvals.clone(),
         pg_cancels: Default::default(),
         pg: crate::proxy::postgres::Shared::new(1024 * 1024, Duration::from_secs(10)),
         ssh_server: super::ssh::server_config(russh::keys::PrivateKey::from(
             russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[7; 32]),
         )),
-        store,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let listen = listener.local_addr().unwrap();

@@ -129,7 +129,7 @@ async fn one_session(
         latencies.push(started.elapsed());
         recorder.append(&Event::Result {
             n,
-            outcome: crate::proxy::StatementOutcome::Ok,
+            outcome: crate::sessions::StatementOutcome::Ok,
             rows: Some(1),
             cells_masked: 0,
             duration_us: Some(150),

@@ -7,7 +7,6 @@ use serde::{Serialize, Serializer};
 
 use crate::{
     policy::{Action, KindSet, RecordMode},
-    proxy::StatementOutcome,
     workload::Workload,
 };
 
@@ -139,4 +138,17 @@ fn base64<S: Serializer>(data: &&[u8], serializer: S) -> Result<S::Ok, S::Error>
         data,
         &base64::engine::general_purpose::STANDARD,
     ))
+}
+
+/// How a statement ended, for the audit line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatementOutcome {
+    Ok,
+    /// The server reported an error.
+    Error,
+    /// An earlier statement of the same query or batch failed.
+    NotRun,
+    /// Denied by policy, or by a person asked to approve it: never sent.
+    Denied,
 }

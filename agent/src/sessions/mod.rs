@@ -7,11 +7,10 @@ mod event;
 pub mod fleet;
 pub mod format;
 pub mod ship;
-pub mod source;
 pub(crate) mod store;
 pub mod view;
 
-pub use event::Event;
+pub use event::{Event, StatementOutcome};
 pub use ship::{Bucket, ShipperSettings};
 pub use store::{Recorder, Store, StoreError, Summary, Ticket, now_us, parse_id};
 
@@ -31,4 +30,12 @@ impl Default for SessionSettings {
             retention: ship::DEFAULT_RETENTION,
         }
     }
+}
+
+/// The host name sessions are filed under.
+pub fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
 }

@@ -7,7 +7,8 @@ use std::collections::HashMap;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{mask::Origin, upstream::LoginError};
+use super::upstream::LoginError;
+use crate::masking::Origin;
 use crate::policy::ColumnName;
 
 /// Where a session's masked table columns are.

@@ -1,14 +1,14 @@
 //! What the fuzz targets (`fuzz/`) drive: every parser of PostgreSQL bytes
 //! that come from a workload or a server. None may panic, whatever the
 //! bytes.
+use super::rows::RowPlan;
+use crate::masking::MaskSet;
 use std::sync::{Arc, LazyLock};
 
 use bytes::BytesMut;
 
 use super::{
-    catalog,
-    mask::MaskSet,
-    names,
+    catalog, names,
     sql::{self, Literals},
     wire,
 };
@@ -30,7 +30,12 @@ pub fn frames(data: &[u8]) {
             vec![(16384, 2)],
         )]
         .into();
-        MaskSet::compile(&refs, &resolved, Arc::new(super::MaskKey::new([7; 32]))).ok()
+        MaskSet::compile(
+            &refs,
+            &resolved,
+            Arc::new(crate::masking::MaskKey::new([7; 32])),
+        )
+        .ok()
     });
     let set = MASKS.as_ref();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -47,10 +52,10 @@ pub fn frames(data: &[u8]) {
         while let Ok(Some(frame)) = wire::read_frame(&mut reader, &mut buf).await {
             if let Some(set) = set {
                 match frame.tag {
-                    b'T' => plan = set.plan(frame.body()).ok(),
+                    b'T' => plan = RowPlan::new(set, frame.body()).ok(),
                     b'D' => {
                         if let Some(plan) = &plan {
-                            let _ = set.mask_row(plan, &frame.bytes, &mut BytesMut::new());
+                            let _ = plan.mask_row(set, &frame.bytes, &mut BytesMut::new());
                         }
                     }
                     _ => {}

@@ -18,10 +18,10 @@
 pub mod bench;
 mod cancel;
 mod catalog;
-mod mask;
 mod names;
 mod requests;
 mod responses;
+mod rows;
 pub mod sql;
 mod statements;
 mod upstream;
@@ -31,12 +31,12 @@ mod wire;
 pub mod fuzz;
 
 pub use cancel::CancelKeys;
-pub use mask::{MaskKey, MaskSet};
 pub use names::SystemCatalog;
 pub use sql::{Analyzer, Literals};
-pub use statements::StatementOutcome;
 
-use std::sync::{Arc, atomic::AtomicU64};
+use std::sync::Arc;
+
+use crate::access::StatementCounts;
 
 use bytes::BytesMut;
 use tokio::{
@@ -47,8 +47,9 @@ use tokio_rustls::server::TlsStream;
 use tracing::Instrument;
 
 use crate::{
-    access::{AccessRecord, outcome},
+    access::{ByteCounters, Outcome},
     addr::OrigDstAddr,
+    conn::{Admitted, Conn},
     policy::{Credential, UpstreamTls},
     workload::Workload,
 };
@@ -100,30 +101,60 @@ impl Shared {
     }
 }
 
-/// Statement decisions of one session, for its access line.
-#[derive(Debug, Default, serde::Serialize)]
-pub struct StatementCounts {
-    pub allowed: AtomicU64,
-    pub denied: AtomicU64,
+/// Serves an admitted PostgreSQL connection until either side ends it.
+pub async fn serve(context: Arc<super::ProxyContext>, admitted: Admitted) {
+    let Admitted {
+        mut conn,
+        stream,
+        orig_dst,
+        workload,
+        active,
+        target,
+        verdict,
+        recorder,
+    } = admitted;
+    let policy = &active.policy;
+    let target = policy.target(target);
+    let Some(credential) = target.credential.clone() else {
+        conn.end(
+            Outcome::Error,
+            Some("postgres target without a credential".into()),
+        );
+        return super::reset(stream);
+    };
+    let session = Session {
+        // The role, when the admitting rule names one.
+        as_user: verdict.rule.and_then(|id| policy.rule(id).as_user.clone()),
+        session_id: recorder.id().to_string(),
+        upstream_tls: target.tls,
+        upstream_ca_file: target.tls_ca_file.clone(),
+        server_name: super::upstream_name(target, &orig_dst),
+        context,
+        target: target.name.clone(),
+        credential,
+        workload,
+        recorder,
+    };
+    let (outcome, error) = run_session(stream, orig_dst, session, &mut conn).await;
+    conn.end(outcome, error);
 }
 
-pub async fn serve(
+async fn run_session(
     client: TcpStream,
     dst: OrigDstAddr,
     session: Session,
-    record: &mut AccessRecord,
-) {
+    conn: &mut Conn,
+) -> (Outcome, Option<String>) {
     // Requests and replies are small and latency-bound: no Nagle delays.
     let _ = client.set_nodelay(true);
-    let counts = Arc::new(StatementCounts::default());
-    record.statements = Some(counts.clone());
+    let counts = conn.count_statements();
     // Half-open clients must not pile up: the startup has a deadline.
     let timeout = session.context.pg.startup_timeout;
     let negotiated = tokio::time::timeout(timeout, negotiate(client, dst, &session.context))
         .await
         .unwrap_or_else(|_| {
             Err(SessionError {
-                outcome: outcome::ERROR,
+                outcome: Outcome::Error,
                 message: format!(
                     "the client did not finish its startup within {}",
                     humantime::format_duration(timeout)
@@ -134,7 +165,7 @@ pub async fn serve(
     let ctx = Ctx {
         dst,
         session: &session,
-        record,
+        bytes: conn.bytes(),
         counts: &counts,
     };
     let result = match negotiated {
@@ -145,12 +176,12 @@ pub async fn serve(
         Err(error) => Err(error),
     };
     match result {
-        Ok(()) => record.finish(outcome::CLOSED, None),
+        Ok(()) => (Outcome::Closed, None),
         Err(SessionError {
             outcome, message, ..
         }) => {
             tracing::warn!(%message, "postgres session ended");
-            record.finish(outcome, Some(message));
+            (outcome, Some(message))
         }
     }
 }
@@ -170,7 +201,7 @@ pub async fn refuse(client: TcpStream, dst: OrigDstAddr, context: &super::ProxyC
 struct Ctx<'a> {
     dst: OrigDstAddr,
     session: &'a Session,
-    record: &'a AccessRecord,
+    bytes: &'a ByteCounters,
     counts: &'a StatementCounts,
 }
 
@@ -245,7 +276,7 @@ async fn negotiate(
                     .await
                     .map_err(|e| SessionError::protocol(e.into()))?;
                 let mut tls = ca.accept(tcp, dst.0.ip()).await.map_err(|e| SessionError {
-                    outcome: outcome::ERROR,
+                    outcome: Outcome::Error,
                     message: e.to_string(),
                     to_client: None,
                 })?;
@@ -297,7 +328,7 @@ async fn fatal<S: AsyncWrite + Unpin + ?Sized>(io: &mut S, code: &str, text: &st
 }
 
 struct SessionError {
-    outcome: &'static str,
+    outcome: Outcome,
     message: String,
     /// SQLSTATE and text for a FATAL ErrorResponse, when the client can
     /// still be told in its own protocol.
@@ -309,7 +340,7 @@ impl SessionError {
     /// SQLSTATE and text of the client's FATAL (none when it cannot be told).
     fn upstream(log: String, to_client: Option<(&'static str, String)>) -> Self {
         Self {
-            outcome: outcome::UPSTREAM_ERROR,
+            outcome: Outcome::UpstreamError,
             message: log,
             to_client,
         }
@@ -322,7 +353,7 @@ impl SessionError {
             _ => "08P01",
         };
         Self {
-            outcome: outcome::ERROR,
+            outcome: Outcome::Error,
             to_client: Some((code, message.clone())),
             message,
         }
@@ -354,7 +385,7 @@ async fn run<C: Duplex>(
     };
     if param("replication").is_some_and(|v| v != "false" && v != "0" && v != "off") {
         return Err(SessionError {
-            outcome: outcome::DENIED,
+            outcome: Outcome::Denied,
             message: "replication connections are not allowed".into(),
             to_client: Some((
                 "42501",
@@ -378,7 +409,7 @@ async fn run<C: Duplex>(
         .chain(std::iter::once(("database", database.as_str())))
         .collect();
 
-    let upstream = super::tcp::connect_upstream(dst, &*session.context.kernel)
+    let upstream = super::tcp::connect_upstream(dst, &*session.context.gate.kernel)
         .await
         .map_err(|e| {
             SessionError::upstream(
@@ -426,7 +457,7 @@ async fn relay<C: Duplex, U: Duplex>(
 ) -> Result<(), SessionError> {
     let Ctx {
         session,
-        record,
+        bytes,
         counts,
         ..
     } = ctx;
@@ -464,7 +495,7 @@ async fn relay<C: Duplex, U: Duplex>(
         .unwrap_or(&session.credential.user);
     tracing::info!(database = %database, %role, "postgres session started");
 
-    let policy = session.context.active.load_full();
+    let policy = session.context.gate.active.load_full();
     let columns = qualified_mask_columns(&policy, session);
     let resolved = catalog::resolve(&mut upstream, &columns)
         .await
@@ -524,21 +555,21 @@ async fn relay<C: Duplex, U: Duplex>(
         &mut client_read,
         &mut upstream_write,
         &mut requests,
-        &record.bytes.up,
+        &bytes.up,
         &client_failed,
     );
     let down = responses::relay_server(
         &mut upstream_read,
         &mut client_write,
         &mut responses,
-        &record.bytes.down,
+        &bytes.down,
         &client_failed,
     );
     let (up, down) = tokio::join!(up.in_current_span(), down);
     responses.finish();
     up.map_err(SessionError::protocol)?;
     down.map_err(|e| SessionError {
-        outcome: outcome::ERROR,
+        outcome: Outcome::Error,
         // The store failing mid-result: the client is told why (a FATAL
         // may come at any point of the protocol), not just cut off.
         to_client: matches!(e, responses::ResponseError::Record(_))
@@ -644,7 +675,7 @@ async fn relay_cancel(
         );
         return Ok(());
     }
-    let mut upstream = super::tcp::connect_upstream(dst, &*session.context.kernel)
+    let mut upstream = super::tcp::connect_upstream(dst, &*session.context.gate.kernel)
         .await
         .map_err(|e| SessionError::upstream(format!("cancel: {e}"), None))?;
     let mut packet = Vec::with_capacity(16);

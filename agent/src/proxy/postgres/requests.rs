@@ -18,17 +18,18 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::{
     Session, StatementCounts,
-    mask::MaskSet,
     names::Names,
     responses::{Expect, Expected},
     sql::{Analysed, Parsed},
-    statements::{Audit, Decided, DecisionCache, Denial, Masking, StatementOutcome, decide},
+    statements::{Audit, Decided, DecisionCache, Denial, Masking, decide},
     wire::{self, Frame, WireError},
 };
 use crate::{
-    approvals::{ApprovalError, Requester},
-    policy::{ActivePolicy, KindSet, StatementKind},
-    sessions::Ticket,
+    approvals::{ApprovalError, RequestRecord, Requester},
+    conn::{self, Asked},
+    masking::MaskSet,
+    policy::{ActivePolicy, KindSet, RuleId, StatementKind},
+    sessions::{StatementOutcome, Ticket},
 };
 
 /// Prepared statements tracked per session; a Parse beyond is refused
@@ -57,7 +58,8 @@ pub struct Requests<'s> {
     /// The latest statement recorded: what must be durable before the
     /// gathered messages go upstream.
     pending: Option<Ticket>,
-    /// The rule whose approval the message being replayed just got.
+    /// The rule whose approval the message being replayed just got (by
+    /// name: the replay is decided again, under the policy live then).
     cleared: Option<String>,
     /// NoticeResponses for the client, sent by the server side between
     /// two of its messages.
@@ -80,7 +82,25 @@ pub enum Step {
 /// A message held for approval under one rule.
 pub struct Hold {
     decided: Arc<Decided>,
-    rule: usize,
+    rule: RuleId,
+}
+
+/// How a client gives up on a held statement.
+#[derive(Debug)]
+enum GaveUp {
+    /// A cancel request for the session's key.
+    Cancelled,
+    /// The connection closed.
+    Left,
+}
+
+impl std::fmt::Display for GaveUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GaveUp::Cancelled => "the client cancelled the statement",
+            GaveUp::Left => "the client disconnected",
+        })
+    }
 }
 
 /// How a hold ended.
@@ -172,7 +192,7 @@ impl<'s> Requests<'s> {
 
     /// Follows a policy reload (a pointer comparison when there is none).
     fn refresh(&mut self) {
-        let current = self.session.context.active.load();
+        let current = self.session.context.gate.active.load();
         if !Arc::ptr_eq(&current, &self.policy) {
             self.policy = arc_swap::Guard::into_inner(current);
             self.masking = self.compute_masking();
@@ -236,13 +256,13 @@ impl<'s> Requests<'s> {
         let Some(rule) = decided.approval else {
             return Ok(None);
         };
-        let name = &decided.policy.policy.rules[rule].name;
+        let name = &decided.policy.policy.rule(rule).name;
         if self.cleared.take_if(|cleared| cleared == name).is_some() {
             return Ok(None);
         }
         let requester = Requester::of(&self.policy.policy, &self.session.workload);
         let session = self.session;
-        if session.context.approvals.use_grant(
+        if session.context.gate.approvals.use_grant(
             &session.recorder,
             &requester,
             &session.target,
@@ -271,7 +291,7 @@ impl<'s> Requests<'s> {
         buf: &mut BytesMut,
     ) -> Result<Answer, WireError> {
         use tokio::io::AsyncReadExt;
-        let rule = &hold.decided.policy.policy.rules[hold.rule];
+        let rule = hold.decided.policy.policy.rule(hold.rule);
         let Some(spec) = rule.approval.clone() else {
             return Ok(Answer::Refused(format!(
                 "rule {:?} asks approval of no one",
@@ -292,64 +312,67 @@ impl<'s> Requests<'s> {
             spec: spec.clone(),
             command: &command,
         };
-        let approvals = &self.session.context.approvals;
-        let mut held = match approvals.hold(&self.session.recorder, request).await {
-            Ok(held) => held,
-            Err(ApprovalError::Record(error)) => return Err(error.into()),
-            Err(error) => {
-                tracing::error!(%error, "cannot record an approval request");
-                return Ok(Answer::Refused(format!(
-                    "approval needed, but the request cannot be recorded: {error}"
-                )));
-            }
+        let approvals = &self.session.context.gate.approvals;
+        let waiting = async |record: &RequestRecord| {
+            let id = &record.id;
+            self.notice(&format!(
+                "rule {:?} needs approval for this statement; request {id} is waiting (up to {}) for {}. Approve with: interlock approvals approve {id}",
+                rule.name,
+                humantime::format_duration(spec.timeout),
+                record.approvers.join(", "),
+            ));
         };
-        let id = held.record().id.clone();
-        tracing::info!(%id, rule = %rule.name, "statement held for approval");
-        self.notice(&format!(
-            "rule {:?} needs approval for this statement; request {id} is waiting (up to {}) for {}. Approve with: interlock approvals approve {id}",
-            rule.name,
-            humantime::format_duration(spec.timeout),
-            held.record().approvers.join(", "),
-        ));
         let cancelled = self.cancelled.clone();
         // Marks the session as holding while the request waits (a cancel
         // then withdraws it instead of going to the server).
         let _holding = cancelled.as_ref().map(|signal| Holding::new(signal));
-        let cancel = async {
-            match &cancelled {
-                Some(signal) => signal.notify.notified().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(cancel);
-        let record = loop {
-            tokio::select! {
-                record = held.outcome() => break record?,
-                () = &mut cancel => {
-                    held.withdraw("the client cancelled the statement")?;
-                    tracing::info!(%id, "held statement cancelled by the client");
-                    return Ok(Answer::Refused(format!(
-                        "the client cancelled the statement; approval request {id} withdrawn"
-                    )));
+        // The client gives up by cancelling the statement or by leaving;
+        // meanwhile it is read (bounded) only to notice that it left.
+        let gave_up = async {
+            let cancel = async {
+                match &cancelled {
+                    Some(signal) => signal.notify.notified().await,
+                    None => std::future::pending().await,
                 }
-                read = reader.read_buf(buf), if buf.len() < MAX_WHILE_HELD => {
-                    if matches!(read, Ok(0) | Err(_)) {
-                        held.withdraw("the client disconnected")?;
-                        tracing::info!(%id, "client left while its statement was held");
-                        return Ok(Answer::Gone);
+            };
+            tokio::pin!(cancel);
+            loop {
+                tokio::select! {
+                    () = &mut cancel => return GaveUp::Cancelled,
+                    read = reader.read_buf(buf), if buf.len() < MAX_WHILE_HELD => {
+                        if matches!(read, Ok(0) | Err(_)) {
+                            return GaveUp::Left;
+                        }
                     }
                 }
             }
         };
-        let by = record.deciders();
-        if record.state == crate::approvals::RequestState::Approved {
-            tracing::info!(%id, by = ?by, "statement approved");
-            self.notice(&format!("request {id} approved by {}", by.join(", ")));
-            self.cleared = Some(rule.name.clone());
-            Ok(Answer::Cleared)
-        } else {
-            tracing::info!(%id, state = record.state.as_str(), "statement refused");
-            Ok(Answer::Refused(record.refusal()))
+        let recorder = &self.session.recorder;
+        match conn::ask(approvals, recorder, request, waiting, gave_up).await {
+            Ok(Asked::Approved(record)) => {
+                let by = record.deciders();
+                self.notice(&format!(
+                    "request {} approved by {}",
+                    record.id,
+                    by.join(", ")
+                ));
+                self.cleared = Some(rule.name.clone());
+                Ok(Answer::Cleared)
+            }
+            Ok(Asked::Refused(why)) => Ok(Answer::Refused(why)),
+            Ok(Asked::GaveUp {
+                why: GaveUp::Left, ..
+            }) => Ok(Answer::Gone),
+            Ok(Asked::GaveUp { id, why }) => Ok(Answer::Refused(format!(
+                "{why}; approval request {id} withdrawn"
+            ))),
+            Err(ApprovalError::Record(error)) => Err(error.into()),
+            Err(error) => {
+                tracing::error!(%error, "cannot record an approval request");
+                Ok(Answer::Refused(format!(
+                    "approval needed, but the request cannot be recorded: {error}"
+                )))
+            }
         }
     }
 

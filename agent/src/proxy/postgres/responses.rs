@@ -8,6 +8,7 @@
 //! need no masking are never buffered whole: a DataRow or CopyData passes
 //! through as its bytes arrive, and a read's worth of untouched frames goes
 //! out in one write.
+use crate::{masking::MaskSet, sessions::StatementOutcome};
 use std::{
     collections::{HashMap, VecDeque},
     sync::{Arc, Mutex, atomic::AtomicU64, atomic::Ordering},
@@ -18,8 +19,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{
     Session, StatementCounts,
-    mask::{MaskError, MaskSet, RowPlan},
-    statements::{Audit, StatementOutcome},
+    rows::{MaskError, RowPlan},
+    statements::Audit,
     wire::MAX_MESSAGE,
 };
 
@@ -243,7 +244,7 @@ impl<'s> Responses<'s> {
                             | Expect::Execute {
                                 masks: Some(masks), ..
                             },
-                        ) => masks.mask_row(plan, frame, out)?,
+                        ) => plan.mask_row(masks, frame, out)?,
                         _ => return Err(out_of_step()),
                     },
                     _ => None,
@@ -271,7 +272,7 @@ impl<'s> Responses<'s> {
                 } => {
                     self.plan = masks
                         .as_ref()
-                        .map(|m| m.plan(body()))
+                        .map(|m| RowPlan::new(m, body()))
                         .transpose()?
                         .map(Arc::new);
                     self.active = Some(Expect::Query {
@@ -288,7 +289,7 @@ impl<'s> Responses<'s> {
                     hidden,
                 } => {
                     if let Some(masks) = masks {
-                        let plan = Arc::new(masks.plan(body())?);
+                        let plan = Arc::new(RowPlan::new(&masks, body())?);
                         if self.portals.len() >= MAX_PORTALS {
                             self.portals.clear();
                         }

@@ -1,5 +1,7 @@
 //! Statements of a session: what policy decided for a query text (cached
 //! per session), and the audit line each statement gets once it has run.
+use crate::masking::MaskSet;
+use crate::sessions::StatementOutcome;
 use std::{
     collections::HashMap,
     sync::{Arc, atomic::Ordering},
@@ -8,13 +10,12 @@ use std::{
 
 use crate::{
     access::StatementLine,
-    policy::{Action, ActivePolicy, StatementInfo, StatementKind, evaluate_statement},
+    policy::{Action, ActivePolicy, RuleId, StatementInfo, StatementKind, evaluate_statement},
     sessions::{Event, StoreError, Ticket},
 };
 
 use super::{
     Session, StatementCounts,
-    mask::MaskSet,
     names::Names,
     sql::{self, Analysed},
 };
@@ -52,13 +53,13 @@ pub struct Decided {
     pub statements: Arc<[StatementInfo]>,
     /// Per statement: the action and the deciding rule (index in the
     /// policy's rules).
-    pub verdicts: Box<[(Action, Option<usize>)]>,
+    pub verdicts: Box<[(Action, Option<RuleId>)]>,
     /// Set when a statement is denied and enforcement is on: the SQLSTATE
     /// and message the client gets. None of the query runs.
     pub denial: Option<Denial>,
     /// Set when a statement needs approval (enforcement on, nothing
     /// denied): the asking rule. The whole query waits for one answer.
-    pub approval: Option<usize>,
+    pub approval: Option<RuleId>,
 }
 
 /// Why a query does not run, as the client is told.
@@ -72,7 +73,7 @@ pub struct Denial {
 impl Decided {
     pub fn rule_name(&self, index: usize) -> Option<&str> {
         let (_, rule) = self.verdicts.get(index)?;
-        rule.map(|r| self.policy.policy.rules[r].name.as_str())
+        self.policy.policy.rule_name(*rule)
     }
 }
 
@@ -186,7 +187,7 @@ pub fn decide(
     let statements: Arc<[StatementInfo]> = analysed.iter().map(|a| names.resolve(a)).collect();
     let target = policy.policy.target_id(&session.target);
     let mut denial = None;
-    let mut approval: Option<usize> = None;
+    let mut approval: Option<RuleId> = None;
     let mut verdicts = Vec::with_capacity(statements.len());
     for (statement, analysed) in statements.iter().zip(analysed.iter()) {
         let (action, rule, reason) = match (target, masking) {
@@ -199,9 +200,7 @@ pub fn decide(
             (Some(_), Masking::Unresolved(why)) => (Action::Deny, None, why.to_string()),
             (Some(id), _) => {
                 let verdict = evaluate_statement(&policy.policy, &session.workload, id, statement);
-                let rule = verdict
-                    .rule
-                    .and_then(|name| policy.policy.rules.iter().position(|r| r.name == name));
+                let rule = verdict.rule;
                 let walked_around = || {
                     let masks = crate::policy::masks_for(&policy.policy, &session.workload, id);
                     if masks.iter().all(|m| m.expressions_allowed) {
@@ -232,7 +231,11 @@ pub fn decide(
                 {
                     (Action::Deny, rule, why)
                 } else if verdict.action == Action::Deny {
-                    (Action::Deny, rule, verdict.reason(statement))
+                    (
+                        Action::Deny,
+                        rule,
+                        verdict.reason(&policy.policy, statement),
+                    )
                 } else {
                     (verdict.action, rule, String::new())
                 }
@@ -245,7 +248,7 @@ pub fn decide(
             && (policy.enforce || target.is_none() || too_large)
             && denial.is_none()
         {
-            let message = match rule.map(|r| &policy.policy.rules[r].name) {
+            let message = match policy.policy.rule_name(rule) {
                 Some(name) => format!("statement denied by rule {name:?}: {reason}"),
                 None => format!("statement denied: {reason}"),
             };
@@ -260,7 +263,8 @@ pub fn decide(
                         code: "42501",
                         message: format!(
                             "statements of this query need approval under rules {:?} and {:?}; send them one at a time",
-                            policy.policy.rules[first].name, policy.policy.rules[asking].name
+                            policy.policy.rule(first).name,
+                            policy.policy.rule(asking).name
                         ),
                     });
                 }
@@ -291,19 +295,6 @@ pub struct Audit {
     time: SystemTime,
     pub rows: u64,
     pub masked: u64,
-}
-
-/// How a statement ended, for the audit line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StatementOutcome {
-    Ok,
-    /// The server reported an error.
-    Error,
-    /// An earlier statement of the same query or batch failed.
-    NotRun,
-    /// Denied by policy, or by a person asked to approve it: never sent.
-    Denied,
 }
 
 impl Audit {

@@ -2,8 +2,8 @@
 //! the server's channel in order; what the server sends comes back masked
 //! and recorded, with its exit status, EOF and close.
 use std::{
-    sync::Arc,
     sync::atomic::{AtomicBool, Ordering},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
 
@@ -14,11 +14,13 @@ use russh::{
 };
 use tokio::sync::mpsc;
 
-use super::{Connection, RequestRecord, mask::StreamMask, sftp::SftpLog};
+use super::{Connection, Decision, RequestRecord, sftp::SftpLog};
 use crate::{
-    access::ByteCounters,
-    approvals::{NewRequest, RequestState, Requester},
-    policy::{Action, Verdict},
+    access::{ByteCounters, Outcome},
+    approvals::{ApprovalError, NewRequest, RequestRecord as Request, Requester},
+    conn::{self, Asked},
+    masking::{MaskSet, StreamMask},
+    policy::Action,
     sessions::{Event, StoreError},
 };
 
@@ -39,7 +41,7 @@ pub enum Op {
     /// A decided exec, shell or subsystem.
     Start {
         start: Start,
-        verdict: Verdict,
+        decision: Decision,
     },
 }
 
@@ -91,6 +93,33 @@ const MASK_IDLE: Duration = Duration::from_millis(20);
 /// failed about once in fifty runs.
 const EOF_HOLD: Duration = Duration::from_millis(250);
 
+/// Why a request does not run: refused (the session goes on), or its
+/// record failed (the session ends).
+enum Stop {
+    Refused(String),
+    Unrecordable(String),
+}
+
+impl Stop {
+    fn into_message(self) -> String {
+        match self {
+            Stop::Refused(why) | Stop::Unrecordable(why) => why,
+        }
+    }
+}
+
+impl From<StoreError> for Stop {
+    fn from(error: StoreError) -> Self {
+        Stop::Unrecordable(format!("the session cannot be recorded: {error}"))
+    }
+}
+
+/// A relay's own state: a panic holding it loses nothing another
+/// connection needs, so a poisoned lock is used as it is.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// What both directions of a channel know.
 pub struct Relay {
     connection: Arc<Connection>,
@@ -100,11 +129,11 @@ pub struct Relay {
     user: String,
     /// Set once the server was asked to start the command.
     started: AtomicBool,
-    /// Set when the command's output is masked (exec and shell; never a
-    /// subsystem's binary protocol).
-    masked: AtomicBool,
+    /// The masks on the command's output (exec and shell; never a
+    /// subsystem's binary protocol), as the policy that let it start says.
+    masks: Mutex<Option<Arc<MaskSet>>>,
     terminal: AtomicBool,
-    sftp: std::sync::Mutex<Option<SftpLog>>,
+    sftp: Mutex<Option<SftpLog>>,
 }
 
 impl Relay {
@@ -120,9 +149,9 @@ impl Relay {
             handle,
             user,
             started: AtomicBool::new(false),
-            masked: AtomicBool::new(false),
+            masks: Mutex::new(None),
             terminal: AtomicBool::new(false),
-            sftp: std::sync::Mutex::new(None),
+            sftp: Mutex::new(None),
         }
     }
 
@@ -143,11 +172,11 @@ impl Relay {
             eof_held: false,
         };
         tokio::select! {
-            result = self.up(ops, &to_server) => {
-                if let Err(error) = result {
-                    tracing::warn!(%error, "channel ended");
-                }
-            }
+            result = self.up(ops, &to_server) => match result {
+                Ok(()) => {}
+                Err(RelayError::Store(error)) => self.end_session(Stop::from(error).into_message()).await,
+                Err(error) => tracing::warn!(%error, "channel ended"),
+            },
             () = down.run(from_server) => {}
         }
         let _ = to_server.close().await;
@@ -159,7 +188,7 @@ impl Relay {
         mut ops: mpsc::Receiver<Op>,
         to_server: &ChannelWriteHalf<client::Msg>,
     ) -> Result<(), RelayError> {
-        let recorder = &self.connection.session.recorder;
+        let recorder = &self.connection.recorder;
         while let Some(op) = ops.recv().await {
             match op {
                 Op::Data(data) => {
@@ -171,7 +200,12 @@ impl Relay {
                         .bytes
                         .up
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    if let Some(sftp) = self.sftp.lock().expect("not poisoned").as_mut() {
+                    if let Some(sftp) = self
+                        .sftp
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .as_mut()
+                    {
                         sftp.client_sent(&data, &mut |event| {
                             let _ = recorder.append(event);
                         });
@@ -220,22 +254,31 @@ impl Relay {
                         .await?;
                 }
                 Op::Signal(signal) => to_server.signal(signal).await?,
-                Op::Start { start, verdict } => {
+                Op::Start { start, decision } => {
                     if self.started.load(Ordering::Relaxed) {
                         continue;
                     }
-                    if let Err(refusal) = self.admit(&start, &verdict).await {
-                        self.refuse(&refusal).await;
-                        return Ok(());
-                    }
+                    let masks = match self.admit(&start, &decision).await.and_then(|()| {
+                        self.connection
+                            .masks(&decision.active)
+                            .map_err(Stop::Refused)
+                    }) {
+                        Ok(masks) => masks,
+                        Err(Stop::Refused(refusal)) => {
+                            self.refuse(&refusal).await;
+                            return Ok(());
+                        }
+                        Err(Stop::Unrecordable(error)) => {
+                            self.end_session(error).await;
+                            return Ok(());
+                        }
+                    };
                     match &start {
                         Start::Subsystem(name) if name == "sftp" => {
-                            *self.sftp.lock().expect("not poisoned") = Some(SftpLog::default());
+                            *lock(&self.sftp) = Some(SftpLog::default());
                         }
                         Start::Subsystem(_) => {}
-                        _ => self
-                            .masked
-                            .store(self.connection.masks.is_some(), Ordering::Relaxed),
+                        _ => *lock(&self.masks) = masks,
                     }
                     self.started.store(true, Ordering::Relaxed);
                     match &start {
@@ -254,10 +297,8 @@ impl Relay {
 
     /// Records the request and applies its decision: `Err` says why it
     /// may not run.
-    async fn admit(&self, start: &Start, verdict: &Verdict) -> Result<(), String> {
-        let session = &self.connection.session;
-        let enforced = session.active.enforce;
-        let recorder = &session.recorder;
+    async fn admit(&self, start: &Start, decision: &Decision) -> Result<(), Stop> {
+        let recorder = &self.connection.recorder;
         let request = RequestRecord {
             channel: self.id.into(),
             request: start.request(),
@@ -265,38 +306,36 @@ impl Relay {
         };
         let ticket = self
             .connection
-            .record_request(&self.user, request, verdict)
-            .map_err(|e| format!("the session cannot be recorded: {e}"))?;
+            .record_request(&self.user, request, decision)?;
         // Nothing goes upstream before its record is on disk.
-        recorder
-            .durable(ticket)
-            .await
-            .map_err(|e| format!("the session cannot be recorded: {e}"))?;
+        recorder.durable(ticket).await?;
+        let verdict = &decision.verdict;
         match verdict.action {
-            Action::Deny if enforced => Err(verdict.reason.clone()),
-            Action::Approve if enforced => self.approval(start, verdict).await,
+            Action::Deny if decision.enforced() => Err(Stop::Refused(verdict.reason.clone())),
+            Action::Approve if decision.enforced() => self.approval(start, decision).await,
             _ => Ok(()),
         }
     }
 
-    /// Holds the request until a person answers.
-    async fn approval(&self, start: &Start, verdict: &Verdict) -> Result<(), String> {
-        let session = &self.connection.session;
-        let policy = &session.active.policy;
-        let rule = verdict
+    /// Holds the request until a person answers. The client waits with
+    /// the request's id on its stderr; if it leaves, the relay ends and
+    /// the request is withdrawn with it.
+    async fn approval(&self, start: &Start, decision: &Decision) -> Result<(), Stop> {
+        let connection = &self.connection;
+        let policy = &decision.active.policy;
+        let rule = decision
+            .verdict
             .rule
-            .as_deref()
-            .and_then(|name| policy.rules.iter().find(|r| r.name == name))
-            .ok_or("the approving rule is gone")?;
-        let spec = rule.approval.clone().ok_or("the rule asks no one")?;
-        let requester = Requester::of(policy, &session.workload);
-        let approvals = &session.context.approvals;
-        let target = self.connection.target_name();
-        let store_error = |e: StoreError| e.to_string();
-        if approvals
-            .use_grant(&session.recorder, &requester, target, &rule.name)
-            .map_err(store_error)?
-        {
+            .map(|id| policy.rule(id))
+            .ok_or_else(|| Stop::Refused("the approving rule is gone".into()))?;
+        let spec = rule
+            .approval
+            .clone()
+            .ok_or_else(|| Stop::Refused("the rule asks no one".into()))?;
+        let requester = Requester::of(policy, &connection.workload);
+        let approvals = &connection.context.gate.approvals;
+        let target = &connection.target;
+        if approvals.use_grant(&connection.recorder, &requester, target, &rule.name)? {
             return Ok(());
         }
         let command = match start {
@@ -318,23 +357,43 @@ impl Relay {
             spec,
             command: &command,
         };
-        let mut held = approvals
-            .hold(&session.recorder, request)
-            .await
-            .map_err(|e| format!("approval needed, but the request cannot be recorded: {e}"))?;
-        let id = held.record().id.clone();
-        self.notice(&format!(
-            "approval request {id} sent to {approvers}; waiting up to {timeout} \
-             (interlock approvals approve {id})"
-        ))
-        .await;
-        let record = held.outcome().await.map_err(store_error)?;
-        if record.state == RequestState::Approved {
-            self.notice(&format!("request {id} approved")).await;
-            Ok(())
-        } else {
-            Err(record.refusal())
+        let waiting = async |record: &Request| {
+            let id = &record.id;
+            self.notice(&format!(
+                "approval request {id} sent to {approvers}; waiting up to {timeout} \
+                 (interlock approvals approve {id})"
+            ))
+            .await;
+        };
+        let gave_up = std::future::pending::<&str>();
+        match conn::ask(approvals, &connection.recorder, request, waiting, gave_up).await {
+            Ok(Asked::Approved(record)) => {
+                self.notice(&format!("request {} approved", record.id))
+                    .await;
+                Ok(())
+            }
+            Ok(Asked::Refused(why)) => Err(Stop::Refused(why)),
+            Ok(Asked::GaveUp { id, why }) => {
+                Err(Stop::Refused(format!("{why}; request {id} withdrawn")))
+            }
+            Err(ApprovalError::Record(error)) => Err(error.into()),
+            Err(error) => Err(Stop::Refused(format!(
+                "approval needed, but the request cannot be recorded: {error}"
+            ))),
         }
+    }
+
+    /// The session's record failed: the client is told why (stderr, exit
+    /// 126), and the whole connection ends, as every protocol's does when
+    /// its record fails.
+    async fn end_session(&self, why: String) {
+        tracing::error!(%why, "session ended: it cannot be recorded");
+        self.connection.fail(Outcome::Error, why.clone());
+        self.refuse(&why).await;
+        let _ = self
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, why, String::new())
+            .await;
     }
 
     /// A line from the agent on the client's stderr.
@@ -361,7 +420,6 @@ impl Relay {
 
     fn record_exit(&self, status: Option<u32>, signal: Option<&str>) -> Result<(), StoreError> {
         self.connection
-            .session
             .recorder
             .append(&Event::Exit {
                 channel: self.id.into(),
@@ -477,15 +535,22 @@ impl Down<'_> {
         let relay = self.relay;
         // An SFTP channel's packets become events; its bytes are not
         // terminal output.
-        let sftp = match relay.sftp.lock().expect("not poisoned").as_mut() {
+        let sftp = match relay
+            .sftp
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+        {
             Some(sftp) => {
                 sftp.server_sent(&data);
                 true
             }
             None => false,
         };
-        if self.mask.is_none() && relay.masked.load(Ordering::Relaxed) {
-            self.mask = relay.connection.masks.clone().map(StreamMask::new);
+        if self.mask.is_none()
+            && let Some(masks) = lock(&relay.masks).clone()
+        {
+            self.mask = Some(StreamMask::new(masks));
         }
         match self.mask.as_mut() {
             Some(mask) => {
@@ -512,7 +577,7 @@ impl Down<'_> {
             return;
         }
         let relay = self.relay;
-        let recorder = &relay.connection.session.recorder;
+        let recorder = &relay.connection.recorder;
         if terminal && recorder.records_output() {
             let _ = recorder.append(&Event::Output { data: &data });
         }

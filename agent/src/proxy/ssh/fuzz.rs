@@ -2,8 +2,8 @@
 //! workload or a server sends through an allowed channel. None may panic.
 use std::sync::{Arc, LazyLock};
 
-use super::{mask::StreamMask, sftp::SftpLog};
-use crate::proxy::postgres::{MaskKey, MaskSet};
+use super::sftp::SftpLog;
+use crate::masking::{MaskKey, MaskSet, StreamMask};
 
 /// SFTP packets both ways, and command output through the stream mask,
 /// cut at the points the input chooses (its first byte is the cut length).

@@ -20,13 +20,16 @@ mod channel;
 #[doc(hidden)]
 pub mod fuzz;
 mod host_key;
-mod mask;
 mod sftp;
 mod upstream;
 
 pub use host_key::{known_hosts_lines, load_or_create_host_key};
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, PoisonError, Weak},
+    time::Duration,
+};
 
 use futures::{FutureExt, future::BoxFuture, future::Shared};
 use russh::{
@@ -37,8 +40,9 @@ use tokio::{net::TcpStream, sync::mpsc};
 use tracing::Instrument;
 
 use crate::{
-    access::{AccessRecord, outcome},
-    addr::OrigDstAddr,
+    access::Outcome,
+    conn::Admitted,
+    masking::MaskSet,
     policy::{
         Action, ActivePolicy, CommandLine, SshRequest, TargetId, Verdict, evaluate_ssh,
         ssh_env_allowed, ssh_pty_allowed,
@@ -86,36 +90,94 @@ pub(crate) fn preferred(ciphers: &'static [cipher::Name]) -> russh::Preferred {
     }
 }
 
-/// One SSH connection, admitted by the connection-level policy.
-pub struct Session {
-    pub context: Arc<ProxyContext>,
-    pub active: Arc<ActivePolicy>,
-    pub target: TargetId,
-    pub workload: Arc<Workload>,
-    pub recorder: Arc<Recorder>,
-    pub orig_dst: OrigDstAddr,
-    /// The name the server's key is looked up by (target host name, or
-    /// the address).
-    pub host_name: String,
-}
-
 type UpstreamFuture = Shared<BoxFuture<'static, Result<Arc<upstream::Upstream>, String>>>;
 
 /// What every channel of a connection shares.
 pub(crate) struct Connection {
-    pub session: Session,
+    pub context: Arc<ProxyContext>,
+    /// The target's name: requests are decided under the policy live when
+    /// they come (a reload reaches running sessions), by this name.
+    pub target: String,
+    pub workload: Arc<Workload>,
+    pub recorder: Arc<Recorder>,
     /// The upstream connection, started as the client connects, so both
     /// handshakes happen at once.
     upstream: UpstreamFuture,
-    /// Why upstream failed, for the access line.
-    pub upstream_error: std::sync::Mutex<Option<String>>,
+    /// Why the connection failed (upstream, or its record), for its end.
+    pub failure: std::sync::Mutex<Option<(Outcome, String)>>,
     pub bytes: Arc<crate::access::ByteCounters>,
-    pub masks: Option<Arc<crate::proxy::postgres::MaskSet>>,
+    /// The masks of the policy that decided the last request, by policy.
+    masks: std::sync::Mutex<(Weak<ActivePolicy>, Option<Arc<MaskSet>>)>,
+}
+
+/// A request's decision, with the policy it was made under.
+pub(crate) struct Decision {
+    pub verdict: Verdict,
+    pub active: Arc<ActivePolicy>,
+}
+
+impl Decision {
+    pub fn enforced(&self) -> bool {
+        self.active.enforce
+    }
+
+    fn rule_name(&self) -> Option<&str> {
+        self.active.policy.rule_name(self.verdict.rule)
+    }
 }
 
 impl Connection {
-    pub fn target_name(&self) -> &str {
-        &self.session.active.policy.targets[self.session.target.0].name
+    /// The live policy, and the target in it (gone if a reload removed it).
+    fn policy(&self) -> (Arc<ActivePolicy>, Option<TargetId>) {
+        let active = self.context.gate.active.load_full();
+        let target = active.policy.target_id(&self.target);
+        (active, target)
+    }
+
+    /// Decides `request` under the live policy.
+    fn decide(&self, user: &str, request: &SshRequest) -> Decision {
+        let (active, target) = self.policy();
+        let verdict = match target {
+            Some(target) => evaluate_ssh(&active.policy, &self.workload, target, user, request),
+            None => never(&format!(
+                "target {:?} is no longer in the policy",
+                self.target
+            )),
+        };
+        Decision { verdict, active }
+    }
+
+    /// What the agent never passes on, whatever the policy.
+    fn refused(&self, reason: &str) -> Decision {
+        Decision {
+            verdict: never(reason),
+            active: self.context.gate.active.load_full(),
+        }
+    }
+
+    /// The free-text masks `decision`'s policy puts on this workload's
+    /// output (compiled once per policy).
+    pub fn masks(&self, active: &Arc<ActivePolicy>) -> Result<Option<Arc<MaskSet>>, String> {
+        let mut cached = self.masks.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(current) = cached.0.upgrade()
+            && Arc::ptr_eq(&current, active)
+        {
+            return Ok(cached.1.clone());
+        }
+        let target = active
+            .policy
+            .target_id(&self.target)
+            .ok_or_else(|| format!("target {:?} is no longer in the policy", self.target))?;
+        let masks = compile_masks(&active.policy, &self.workload, target, &self.context)?;
+        *cached = (Arc::downgrade(active), masks.clone());
+        Ok(masks)
+    }
+
+    /// Ends the connection because its record failed: nothing more may
+    /// pass unrecorded.
+    pub fn fail(&self, outcome: Outcome, why: String) {
+        let mut failure = self.failure.lock().unwrap_or_else(PoisonError::into_inner);
+        failure.get_or_insert((outcome, why));
     }
 
     /// Records a request and its decision: a session event (the ticket
@@ -125,30 +187,51 @@ impl Connection {
         &self,
         user: &str,
         request: RequestRecord<'_>,
-        verdict: &Verdict,
+        decision: &Decision,
     ) -> Result<crate::sessions::Ticket, crate::sessions::StoreError> {
-        let enforced = self.session.active.enforce;
+        let verdict = &decision.verdict;
+        let enforced = decision.enforced();
         let event = Event::SshRequest {
             channel: request.channel,
             request: request.request,
             command: request.command,
             decision: verdict.action,
             enforced,
-            rule: verdict.rule.as_deref(),
+            rule: decision.rule_name(),
             reason: &verdict.reason,
         };
-        let recorder = &self.session.recorder;
+        let recorder = &self.recorder;
         let ticket = recorder.append(&event)?;
         recorder.count_statement(verdict.action == Action::Deny && enforced);
         crate::access::write_line(&RequestLine {
             event: "ssh_request",
             session: recorder.id().to_string(),
-            target: self.target_name(),
+            target: &self.target,
             user,
             request: &event,
         });
         Ok(ticket)
     }
+}
+
+/// Only masks of values apply to a byte stream; column masks (which a rule
+/// may also hold for PostgreSQL targets) are not SSH's.
+fn compile_masks(
+    policy: &crate::policy::Policy,
+    workload: &Workload,
+    target: TargetId,
+    context: &ProxyContext,
+) -> Result<Option<Arc<MaskSet>>, String> {
+    let list: Vec<&crate::policy::Mask> = crate::policy::masks_for(policy, workload, target)
+        .into_iter()
+        .filter(|mask| mask.selects.is_free_text())
+        .collect();
+    if list.is_empty() {
+        return Ok(None);
+    }
+    MaskSet::compile(&list, &HashMap::new(), context.mask_key.clone())
+        .map(|set| Some(Arc::new(set)))
+        .map_err(|error| format!("masks on columns not found: {}", error.0.join(", ")))
 }
 
 /// What a request was, for [`Connection::record_request`].
@@ -170,25 +253,58 @@ struct RequestLine<'a> {
     request: &'a Event<'a>,
 }
 
-pub async fn serve(stream: TcpStream, session: Session, record: &mut AccessRecord) {
-    let target = &session.active.policy.targets[session.target.0];
-    let Some(settings) = target.ssh.clone() else {
-        record.finish(
-            outcome::ERROR,
+pub async fn serve(context: Arc<ProxyContext>, admitted: Admitted) {
+    let Admitted {
+        mut conn,
+        stream,
+        orig_dst,
+        workload,
+        active,
+        target,
+        recorder,
+        ..
+    } = admitted;
+    let target = active.policy.target(target);
+    let (outcome, error) = match target.ssh.clone() {
+        None => (
+            Outcome::Error,
             Some("ssh target without a credential".into()),
-        );
-        return;
+        ),
+        Some(settings) => {
+            let host_name = super::upstream_name(target, &orig_dst);
+            let connect =
+                upstream::connect(orig_dst, context.gate.kernel.clone(), host_name, settings);
+            let connection = Arc::new(Connection {
+                target: target.name.clone(),
+                upstream: start_upstream(connect),
+                context,
+                workload,
+                recorder,
+                failure: Default::default(),
+                bytes: conn.bytes().clone(),
+                masks: std::sync::Mutex::new((Weak::new(), None)),
+            });
+            match connection.masks(&active) {
+                // Fail closed: never serve a session whose masks are off.
+                Err(why) => {
+                    tracing::error!(%why, "SSH masks cannot be compiled; session refused");
+                    (Outcome::Error, Some(why))
+                }
+                Ok(_) => run(connection, stream).await,
+            }
+        }
     };
-    let connect = tokio::spawn(
-        upstream::connect(
-            session.orig_dst,
-            session.context.kernel.clone(),
-            session.host_name.clone(),
-            settings,
-        )
-        .in_current_span(),
-    );
-    let upstream: UpstreamFuture = async move {
+    conn.end(outcome, error);
+}
+
+/// Starts the upstream handshake now, shared by every channel.
+fn start_upstream(
+    connect: impl std::future::Future<Output = Result<upstream::Upstream, upstream::UpstreamError>>
+    + Send
+    + 'static,
+) -> UpstreamFuture {
+    let connect = tokio::spawn(connect.in_current_span());
+    async move {
         match connect.await {
             Ok(Ok(handle)) => Ok(Arc::new(handle)),
             Ok(Err(error)) => Err(error.to_string()),
@@ -196,41 +312,12 @@ pub async fn serve(stream: TcpStream, session: Session, record: &mut AccessRecor
         }
     }
     .boxed()
-    .shared();
+    .shared()
+}
 
-    // Only masks of values apply to a byte stream; column masks (which a
-    // rule may also hold for PostgreSQL targets) are not SSH's.
-    let list: Vec<&crate::policy::Mask> =
-        crate::policy::masks_for(&session.active.policy, &session.workload, session.target)
-            .into_iter()
-            .filter(|mask| mask.selects.is_free_text())
-            .collect();
-    let masks = if list.is_empty() {
-        None
-    } else {
-        match crate::proxy::postgres::MaskSet::compile(
-            &list,
-            &HashMap::new(),
-            session.context.mask_key.clone(),
-        ) {
-            Ok(set) => Some(Arc::new(set)),
-            Err(error) => {
-                // Fail closed: never serve a session whose masks are off.
-                let why = format!("masks on columns not found: {}", error.0.join(", "));
-                tracing::error!(%why, "SSH masks cannot be compiled; session refused");
-                record.finish(outcome::ERROR, Some(why));
-                return;
-            }
-        }
-    };
-    let config = session.context.ssh_server.clone();
-    let connection = Arc::new(Connection {
-        session,
-        upstream,
-        upstream_error: Default::default(),
-        bytes: record.bytes.clone(),
-        masks,
-    });
+/// Serves the client until it leaves; how the connection ended.
+async fn run(connection: Arc<Connection>, stream: TcpStream) -> (Outcome, Option<String>) {
+    let config = connection.context.ssh_server.clone();
     let relays = Arc::new(std::sync::Mutex::new(tokio::task::JoinSet::new()));
     let handler = ClientHandler {
         connection: connection.clone(),
@@ -245,7 +332,7 @@ pub async fn serve(stream: TcpStream, session: Session, record: &mut AccessRecor
     // The client is gone: give channels a moment to pass on what the
     // server still sends (exit statuses), then end them (a request held
     // for approval is withdrawn when its relay ends).
-    let mut relays = std::mem::take(&mut *relays.lock().expect("not poisoned"));
+    let mut relays = std::mem::take(&mut *relays.lock().unwrap_or_else(PoisonError::into_inner));
     if tokio::time::timeout(Duration::from_secs(1), async {
         while relays.join_next().await.is_some() {}
     })
@@ -255,20 +342,18 @@ pub async fn serve(stream: TcpStream, session: Session, record: &mut AccessRecor
         relays.abort_all();
         while relays.join_next().await.is_some() {}
     }
-    let upstream_error = connection
-        .upstream_error
+    let failure = connection
+        .failure
         .lock()
-        .expect("not poisoned")
+        .unwrap_or_else(PoisonError::into_inner)
         .take();
-    match (result, upstream_error) {
-        (_, Some(error)) => record.finish(outcome::UPSTREAM_ERROR, Some(error)),
-        (Ok(()), None) => record.finish(outcome::CLOSED, None),
-        (Err(error), None) => match error {
-            SshError::Ssh(russh::Error::Disconnect) | SshError::Ssh(russh::Error::IO(_)) => {
-                record.finish(outcome::CLOSED, None)
-            }
-            other => record.finish(outcome::ERROR, Some(other.to_string())),
-        },
+    match (result, failure) {
+        (_, Some((outcome, error))) => (outcome, Some(error)),
+        (Ok(()), None) => (Outcome::Closed, None),
+        (Err(SshError::Ssh(russh::Error::Disconnect | russh::Error::IO(_))), None) => {
+            (Outcome::Closed, None)
+        }
+        (Err(other), None) => (Outcome::Error, Some(other.to_string())),
     }
 }
 
@@ -294,7 +379,6 @@ impl ClientHandler {
     fn login(&mut self, user: &str, method: &str) -> Result<Auth, SshError> {
         if self.user.is_empty() {
             self.connection
-                .session
                 .recorder
                 .append(&Event::SshLogin { user, method })?;
         }
@@ -302,13 +386,15 @@ impl ClientHandler {
         Ok(Auth::Accept)
     }
 
-    fn decide(&self, request: &SshRequest) -> Verdict {
-        let s = &self.connection.session;
-        evaluate_ssh(&s.active.policy, &s.workload, s.target, &self.user, request)
+    fn decide(&self, request: &SshRequest) -> Decision {
+        self.connection.decide(&self.user, request)
     }
 
-    fn enforced(&self) -> bool {
-        self.connection.session.active.enforce
+    /// A per-channel setting the live policy allows (`pty`, `env`); none
+    /// once the target is gone from the policy.
+    fn allows(&self, setting: impl Fn(&crate::policy::Policy, TargetId) -> bool) -> bool {
+        let (active, target) = self.connection.policy();
+        !active.enforce || target.is_some_and(|target| setting(&active.policy, target))
     }
 
     /// Queues an op for a channel's relay (waiting while it is busy: that
@@ -324,14 +410,14 @@ impl ClientHandler {
         &self,
         channel: ChannelId,
         start: channel::Start,
-        verdict: Verdict,
+        decision: Decision,
         session: &mut ServerSession,
     ) -> Result<(), SshError> {
         // The client hears "success" whatever the decision: a denied
         // command then tells why on stderr and exits 126, as a shell does
         // for a command it may not run.
         session.channel_success(channel)?;
-        self.send(channel, channel::Op::Start { start, verdict })
+        self.send(channel, channel::Op::Start { start, decision })
             .await;
         Ok(())
     }
@@ -399,7 +485,7 @@ impl server::Handler for ClientHandler {
                 // for a connection it cannot make: the user reads it in
                 // their terminal, not as a bare "open failed".
                 tracing::warn!(%error, "upstream unavailable");
-                *self.connection.upstream_error.lock().expect("not poisoned") = Some(error.clone());
+                self.connection.fail(Outcome::UpstreamError, error.clone());
                 reply.accept().await;
                 let handle = session.handle();
                 tokio::spawn(async move {
@@ -423,7 +509,7 @@ impl server::Handler for ClientHandler {
         );
         self.relays
             .lock()
-            .expect("not poisoned")
+            .unwrap_or_else(PoisonError::into_inner)
             .spawn(relay.run(upstream, to_client, rx).in_current_span());
         Ok(())
     }
@@ -439,8 +525,7 @@ impl server::Handler for ClientHandler {
         _session: &mut ServerSession,
     ) -> Result<(), Self::Error> {
         let port16 = u16::try_from(port).unwrap_or(0);
-        let verdict = self.decide(&SshRequest::Forward { host, port: port16 });
-        let s = &self.connection.session;
+        let decision = self.decide(&SshRequest::Forward { host, port: port16 });
         let request = RequestRecord {
             channel: channel.id().into(),
             request: "forward",
@@ -448,15 +533,16 @@ impl server::Handler for ClientHandler {
         };
         let ticket = self
             .connection
-            .record_request(&self.user, request, &verdict)?;
-        if verdict.action != Action::Allow && self.enforced() {
+            .record_request(&self.user, request, &decision)?;
+        let verdict = &decision.verdict;
+        if verdict.action != Action::Allow && decision.enforced() {
             tracing::info!(host, port, reason = %verdict.reason, "port forwarding refused");
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
             return Ok(());
         }
-        s.recorder.durable(ticket).await?;
+        self.connection.recorder.durable(ticket).await?;
         let opened = match self.connection.upstream.clone().await {
             Ok(upstream) => upstream
                 .channel_open_direct_tcpip(host, port, "127.0.0.1", 0)
@@ -477,7 +563,7 @@ impl server::Handler for ClientHandler {
         let bytes = self.connection.bytes.clone();
         self.relays
             .lock()
-            .expect("not poisoned")
+            .unwrap_or_else(PoisonError::into_inner)
             .spawn(channel::forward(channel, upstream, bytes).in_current_span());
         Ok(())
     }
@@ -526,9 +612,9 @@ impl server::Handler for ClientHandler {
         modes: &[(Pty, u32)],
         session: &mut ServerSession,
     ) -> Result<(), Self::Error> {
-        let s = &self.connection.session;
-        let allowed = ssh_pty_allowed(&s.active.policy, &s.workload, s.target, &self.user)
-            || !self.enforced();
+        let workload = &self.connection.workload;
+        let allowed =
+            self.allows(|policy, target| ssh_pty_allowed(policy, workload, target, &self.user));
         if !allowed {
             session.channel_failure(channel)?;
             return Ok(());
@@ -578,8 +664,9 @@ impl server::Handler for ClientHandler {
         value: &str,
         session: &mut ServerSession,
     ) -> Result<(), Self::Error> {
-        let s = &self.connection.session;
-        if ssh_env_allowed(&s.active.policy, &s.workload, s.target, &self.user, name) {
+        let workload = &self.connection.workload;
+        if self.allows(|policy, target| ssh_env_allowed(policy, workload, target, &self.user, name))
+        {
             session.channel_success(channel)?;
             self.send(channel, channel::Op::Env(name.to_owned(), value.to_owned()))
                 .await;
@@ -606,8 +693,8 @@ impl server::Handler for ClientHandler {
                 .await
                 .unwrap_or_else(|_| CommandLine::unreadable(&command))
         };
-        let verdict = self.decide(&SshRequest::Exec(&line));
-        self.start(channel, channel::Start::Exec(command), verdict, session)
+        let decision = self.decide(&SshRequest::Exec(&line));
+        self.start(channel, channel::Start::Exec(command), decision, session)
             .await
     }
 
@@ -616,8 +703,8 @@ impl server::Handler for ClientHandler {
         channel: ChannelId,
         session: &mut ServerSession,
     ) -> Result<(), Self::Error> {
-        let verdict = self.decide(&SshRequest::Shell);
-        self.start(channel, channel::Start::Shell, verdict, session)
+        let decision = self.decide(&SshRequest::Shell);
+        self.start(channel, channel::Start::Shell, decision, session)
             .await
     }
 
@@ -627,11 +714,11 @@ impl server::Handler for ClientHandler {
         name: &str,
         session: &mut ServerSession,
     ) -> Result<(), Self::Error> {
-        let verdict = self.decide(&SshRequest::Subsystem(name));
+        let decision = self.decide(&SshRequest::Subsystem(name));
         self.start(
             channel,
             channel::Start::Subsystem(name.to_owned()),
-            verdict,
+            decision,
             session,
         )
         .await
@@ -672,11 +759,11 @@ impl server::Handler for ClientHandler {
             request: "agent-forwarding",
             command: None,
         };
-        self.connection.record_request(
-            &self.user,
-            request,
-            &never("agent forwarding is never passed on"),
-        )?;
+        let decision = self
+            .connection
+            .refused("agent forwarding is never passed on");
+        self.connection
+            .record_request(&self.user, request, &decision)?;
         Ok(false)
     }
 
@@ -692,11 +779,11 @@ impl server::Handler for ClientHandler {
             request: "remote-forward",
             command: Some(&format!("{address}:{port}")),
         };
-        self.connection.record_request(
-            &self.user,
-            request,
-            &never("remote port forwarding is not passed on"),
-        )?;
+        let decision = self
+            .connection
+            .refused("remote port forwarding is not passed on");
+        self.connection
+            .record_request(&self.user, request, &decision)?;
         Ok(false)
     }
 }

@@ -8,11 +8,13 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{
-    Bucket, ShipperSettings, Store, Summary,
-    view::{Filter, SessionLog},
+use crate::{
+    admin::{self, Request},
+    sessions::{
+        Bucket, ShipperSettings, Store, Summary, host_name,
+        view::{Filter, SessionLog},
+    },
 };
-use crate::admin::{self, Request};
 
 pub enum Source {
     Agent(PathBuf),
@@ -103,7 +105,7 @@ impl Source {
                 })
             }
             Self::Store(store) => {
-                let id = super::store::parse_id(id)?;
+                let id = crate::sessions::parse_id(id)?;
                 Ok(SessionLog {
                     lines: store.lines(&id)?,
                 })
@@ -114,7 +116,7 @@ impl Source {
                 Ok(SessionLog::parse(&std::fs::read(&path)?))
             }
             Self::Bucket(bucket) => {
-                let wanted = super::store::parse_id(id)?;
+                let wanted = crate::sessions::parse_id(id)?;
                 let entry = bucket
                     .list_sessions(None)
                     .await?
@@ -127,14 +129,6 @@ impl Source {
             }
         }
     }
-}
-
-/// The host name sessions are filed under.
-pub fn host_name() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".into())
 }
 
 /// Session files of a pulled directory: `host=H/date=D/ID.jsonl`.

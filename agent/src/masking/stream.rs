@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::proxy::postgres::MaskSet;
+use super::MaskSet;
 
 /// The most held back per stream: a longer run goes out masked as it is.
 const MAX_HELD: usize = 512;
@@ -94,7 +94,7 @@ mod tests {
         let set = MaskSet::compile(
             &refs,
             &Default::default(),
-            Arc::new(crate::proxy::postgres::MaskKey::new([0; 32])),
+            Arc::new(super::super::MaskKey::new([0; 32])),
         )
         .unwrap();
         StreamMask::new(Arc::new(set))

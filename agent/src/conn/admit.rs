@@ -1,0 +1,283 @@
+//! Admission: from an accepted socket to a connection its protocol may
+//! serve, or a refusal saying why. Every step fails closed.
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpStream;
+
+use super::{Conn, ConnRegistry};
+use crate::{
+    access::Outcome,
+    addr::{ClientAddr, OrigDstAddr},
+    intercept::{Interception, Unadmitted},
+    policy::{ActivePolicy, Protocol, RecordMode, Target, TargetId, Verdict, evaluate},
+    sessions::{Event, Recorder, Store, StoreError, Summary},
+    workload::{Workload, WorkloadResolver},
+};
+
+/// What admission reads, shared by every connection.
+pub struct Gate {
+    /// The kernel side: records of redirected connects, exemptions for the
+    /// agent's own upstream sockets.
+    pub kernel: Arc<dyn Interception>,
+    pub resolver: Arc<WorkloadResolver>,
+    /// The live policy; a reload swaps it, and every protocol reads it
+    /// again at each request.
+    pub active: ArcSwap<ActivePolicy>,
+    pub connections: ConnRegistry,
+    /// Where sessions are recorded.
+    pub store: Arc<Store>,
+    /// Commands held for a person's approval, and standing grants.
+    pub approvals: Arc<crate::approvals::Approvals>,
+}
+
+/// A connection its target's protocol serves next.
+pub struct Admitted {
+    pub conn: Conn,
+    pub stream: TcpStream,
+    pub orig_dst: OrigDstAddr,
+    pub workload: Arc<Workload>,
+    /// The policy that admitted it.
+    pub active: Arc<ActivePolicy>,
+    pub target: TargetId,
+    pub verdict: Verdict,
+    /// The session's record: its start and the decision are durable.
+    pub recorder: Arc<Recorder>,
+}
+
+impl Admitted {
+    pub fn target(&self) -> &Target {
+        self.active.policy.target(self.target)
+    }
+}
+
+/// A connection that goes no further; its end is already set.
+pub struct Refused {
+    pub conn: Conn,
+    pub stream: TcpStream,
+    pub why: Refusal,
+    /// The target's protocol and the address the client asked for, when
+    /// found (to refuse in the protocol's words).
+    pub target: Option<(Protocol, OrigDstAddr)>,
+}
+
+/// Why a connection was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// Not redirected by the agent's programs, or not by this socket.
+    #[error(transparent)]
+    Unadmitted(#[from] Unadmitted),
+    #[error("workload resolution failed: {0}")]
+    Unresolved(String),
+    /// The kernel redirected it, but the policy no longer protects the
+    /// destination (a reload raced the connect).
+    #[error("{0} is not a protected destination")]
+    Unprotected(OrigDstAddr),
+    /// Nothing reaches a target unrecorded.
+    #[error("{0}")]
+    Unrecordable(#[from] StoreError),
+    /// The connection-level decision.
+    #[error("{0}")]
+    Denied(String),
+}
+
+impl Refusal {
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::Unadmitted(_) | Self::Unprotected(_) | Self::Unrecordable(_) => Outcome::Rejected,
+            Self::Unresolved(_) => Outcome::Error,
+            Self::Denied(_) => Outcome::Denied,
+        }
+    }
+}
+
+/// Admits `stream`: its kernel record, the workload behind it, its
+/// target, the connection-level decision, and the session's start on
+/// disk before any byte goes upstream.
+pub async fn admit(
+    gate: &Gate,
+    stream: TcpStream,
+    client: ClientAddr,
+    mut conn: Conn,
+) -> Result<Admitted, Box<Refused>> {
+    let refuse = |mut conn: Conn, stream, why: Refusal, target| {
+        let error = match &why {
+            Refusal::Unresolved(_) | Refusal::Unrecordable(_) => Some(why.to_string()),
+            _ => None,
+        };
+        if !matches!(why, Refusal::Unresolved(_)) {
+            conn.set_reason(why.to_string());
+        }
+        conn.end(why.outcome(), error);
+        Box::new(Refused {
+            conn,
+            stream,
+            why,
+            target,
+        })
+    };
+
+    let admitted = stream
+        .local_addr()
+        .map_err(|error| Unadmitted::Lookup(error.to_string()))
+        .and_then(|listener| gate.kernel.admit(client, listener));
+    let intercepted = match admitted {
+        Ok(intercepted) => intercepted,
+        Err(why) => {
+            tracing::warn!(%why, "connection not admitted; reset");
+            return Err(refuse(conn, stream, why.into(), None));
+        }
+    };
+    let orig_dst = intercepted.orig_dst;
+    conn.access_mut().orig_dst = Some(orig_dst.0);
+
+    let resolver = gate.resolver.clone();
+    let kernel = intercepted.kernel;
+    let workload = match tokio::task::spawn_blocking(move || resolver.resolve(&kernel)).await {
+        Ok(workload) => Arc::new(workload),
+        Err(error) => {
+            let why = Refusal::Unresolved(error.to_string());
+            return Err(refuse(conn, stream, why, None));
+        }
+    };
+    conn.access_mut().workload = Some(workload.clone());
+    let span = tracing::Span::current();
+    span.record("pid", workload.pid);
+    if let Some(exe) = &workload.exe {
+        span.record("exe", exe.as_str());
+    }
+
+    let active = gate.active.load_full();
+    let Some(target_id) = active.table.lookup(orig_dst.0) else {
+        return Err(refuse(conn, stream, Refusal::Unprotected(orig_dst), None));
+    };
+    let target = active.policy.target(target_id);
+    conn.access_mut().target = Some(target.name.clone());
+    span.record("target", target.name.as_str());
+    gate.connections
+        .identify(conn.access.session_id, &target.name, workload.pid);
+
+    let verdict = evaluate(&active.policy, &workload, target_id);
+    let access = conn.access_mut();
+    access.decision = Some(verdict.action);
+    access.enforced = active.enforce;
+    access.rule = verdict
+        .rule
+        .map(|rule| active.policy.rule(rule).name.clone());
+    access.reason = Some(verdict.reason.clone());
+
+    let begin = Begin {
+        session_id: conn.access.session_id,
+        client,
+        orig_dst,
+        workload: &workload,
+        active: &active,
+        target,
+        verdict: &verdict,
+    };
+    let recorder = match begin_session(&gate.store, begin).await {
+        Ok(recorder) => Arc::new(recorder),
+        Err(error) => {
+            tracing::error!(%error, "session refused: it cannot be recorded");
+            let reached = Some((target.protocol, orig_dst));
+            return Err(refuse(conn, stream, error.into(), reached));
+        }
+    };
+    conn.recorder = Some(recorder.clone());
+    if verdict.denied() && active.enforce {
+        tracing::info!(reason = %verdict.reason, "denied");
+        conn.end(Outcome::Denied, None);
+        return Err(Box::new(Refused {
+            conn,
+            stream,
+            why: Refusal::Denied(verdict.reason),
+            target: Some((target.protocol, orig_dst)),
+        }));
+    }
+    Ok(Admitted {
+        conn,
+        stream,
+        orig_dst,
+        workload,
+        active,
+        target: target_id,
+        verdict,
+        recorder,
+    })
+}
+
+/// What a session's record starts with.
+struct Begin<'a> {
+    session_id: ulid::Ulid,
+    client: ClientAddr,
+    orig_dst: OrigDstAddr,
+    workload: &'a Workload,
+    active: &'a ActivePolicy,
+    target: &'a Target,
+    verdict: &'a Verdict,
+}
+
+/// Opens the session's record and waits until its start is durable.
+async fn begin_session(store: &Arc<Store>, begin: Begin<'_>) -> Result<Recorder, StoreError> {
+    let Begin {
+        session_id,
+        client,
+        orig_dst,
+        workload,
+        active,
+        target,
+        verdict,
+    } = begin;
+    store.admit()?;
+    let workloads = crate::policy::matching_workloads(&active.policy, workload);
+    let rule = verdict
+        .rule
+        .map(|rule| active.policy.rule(rule).name.as_str());
+    let id = session_id.to_string();
+    let protocol = target.protocol.as_str();
+    let summary = Summary {
+        id: id.clone(),
+        host: store.host.clone(),
+        start_us: crate::sessions::now_us(),
+        protocol: protocol.into(),
+        target: target.name.clone(),
+        orig_dst: orig_dst.0.to_string(),
+        workloads: workloads.iter().map(|w| (*w).to_owned()).collect(),
+        uid: workload.uid,
+        user: workload.user.clone(),
+        unit: workload.unit.clone(),
+        exe: workload.exe.clone(),
+        pid: workload.pid,
+        decision: verdict.action.as_str().into(),
+        rule: rule.map(str::to_owned),
+        outcome: "live".into(),
+        ..Summary::default()
+    };
+    let start = Event::SessionStart {
+        schema: crate::sessions::format::SCHEMA_VERSION,
+        session_id: &id,
+        host: &store.host,
+        protocol,
+        target: &target.name,
+        client: client.0,
+        orig_dst: orig_dst.0,
+        workload,
+        workloads: &workloads,
+        record: target.record,
+    };
+    let connection = Event::Connection {
+        decision: verdict.action,
+        enforced: active.enforce,
+        rule,
+        reason: &verdict.reason,
+    };
+    let (recorder, ticket) = store.begin(
+        session_id,
+        summary,
+        &start,
+        &connection,
+        target.record == RecordMode::Full,
+    )?;
+    recorder.durable(ticket).await?;
+    Ok(recorder)
+}
