@@ -242,3 +242,79 @@ fn scp_and_exec_over_one_multiplexed_connection() {
         failures.len()
     );
 }
+
+/// A reload reaches an SSH connection that is already open: each new
+/// request on it is decided under the policy live when it comes, both
+/// ways (a command allowed before is refused after, and the reverse), and
+/// a mask added by the reload covers the next command's output.
+#[test]
+fn a_reload_reaches_a_running_ssh_connection() {
+    const RELOAD: &str = "127.0.0.75";
+    let sshd = Sshd::start("reload", &[RELOAD]);
+    let known_hosts = sshd.known_hosts(&[RELOAD]);
+    let cgroup = TestCgroup::new("sshreload");
+    let before = policy(&sshd, &known_hosts).replace(HOST, RELOAD);
+    let agent = Agent::start(&cgroup, "sshreload", &before);
+    let config = ssh_client_config(&agent);
+    let control = agent.workdir.join("ctl");
+    let out = cgroup.sh(&format!(
+        "ssh -F {} -o ControlMaster=yes -o ControlPath={} -o ControlPersist=300 -fN {RELOAD}",
+        config.display(),
+        control.display()
+    ));
+    assert!(out.status.success(), "master: {}", stderr(&out));
+    let ssh = |line: &str| {
+        let out = cgroup.sh(&format!(
+            "ssh -F {} -o ControlPath={} -o ControlMaster=no {RELOAD} '{line}'; echo \"status=$?\"",
+            config.display(),
+            control.display()
+        ));
+        (stdout(&out), stderr(&out))
+    };
+    let secret = "AKIAIOSFODNN7EXAMPLE";
+    let (out, _) = ssh(&format!("echo {secret}"));
+    assert!(out.contains(&format!("{secret}\nstatus=0")), "{out}");
+    let (out, err) = ssh("id -un");
+    assert!(out.contains("status=126"), "not allowed yet: {out}{err}");
+
+    // `echo` leaves the allow rule, `id` joins it, API keys get masked.
+    let after = before
+        .replace("commands = [\"echo *\", ", "commands = [\"id *\", ")
+        .replace(
+            "decision = \"allow\"\n",
+            "decision = \"allow\"\nmask = [{ pattern = \"api_key\" }]\n",
+        );
+    assert_ne!(after, before);
+    agent.write_policy(&after);
+    let reload = agent.cli(&["reload"]);
+    assert!(reload.status.success(), "{}", stderr(&reload));
+
+    let (out, err) = ssh("echo still-allowed");
+    assert!(
+        out.contains("status=126"),
+        "echo is no longer allowed: {out}"
+    );
+    assert!(!out.contains("still-allowed"), "{out}");
+    assert!(err.contains("no rule allows"), "{err}");
+    let (out, err) = ssh("id -un");
+    assert!(out.contains(&format!("{SSH_USER}\nstatus=0")), "{out}{err}");
+    let (out, _) = ssh(&format!("ls /nonexistent-{secret} 2>&1"));
+    assert!(
+        out.contains("/nonexistent-****"),
+        "masked after the reload: {out}"
+    );
+    assert!(!out.contains(secret), "{out}");
+
+    // All of it on the one connection the client opened first.
+    let _ = cgroup.sh(&format!(
+        "ssh -F {} -o ControlPath={} -O exit {RELOAD}",
+        config.display(),
+        control.display()
+    ));
+    let connections = agent.wait_access_lines(1);
+    let admitted = connections
+        .iter()
+        .filter(|line| line["target"] == "box")
+        .count();
+    assert_eq!(admitted, 1, "one SSH connection: {connections:#?}");
+}
