@@ -9,8 +9,10 @@ use std::{
     net::IpAddr,
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, OnceLock},
 };
+
+use parking_lot::Mutex;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -95,7 +97,7 @@ impl LocalCa {
 
     /// A server configuration whose certificate names `name`.
     fn config_for(&self, name: &str) -> Result<Arc<ServerConfig>, TlsError> {
-        if let Some(config) = self.configs.lock().expect("tls configs").get(name) {
+        if let Some(config) = self.configs.lock().get(name) {
             return Ok(config.clone());
         }
         let issue = |cause| TlsError::Issue {
@@ -115,7 +117,7 @@ impl LocalCa {
                 .with_no_client_auth()
                 .with_single_cert(chain, key)?;
         let config = Arc::new(config);
-        let mut configs = self.configs.lock().expect("tls configs");
+        let mut configs = self.configs.lock();
         if configs.len() > 1024 {
             configs.clear();
         }
@@ -214,7 +216,7 @@ pub fn upstream_config(
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let key = (mode, ca_file.map(Path::to_owned));
     let cache = CLIENT_CONFIGS.get_or_init(Mutex::default);
-    if let Some(config) = cache.lock().expect("client configs").get(&key) {
+    if let Some(config) = cache.lock().get(&key) {
         return Ok(config.clone());
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -244,10 +246,7 @@ pub fn upstream_config(
         }
     };
     let config = Arc::new(config);
-    cache
-        .lock()
-        .expect("client configs")
-        .insert(key, config.clone());
+    cache.lock().insert(key, config.clone());
     Ok(config)
 }
 

@@ -14,9 +14,11 @@ mod notify;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
+
+use parking_lot::Mutex;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -378,7 +380,7 @@ impl Approvals {
     fn grant_for(&self, requester: &Requester, target: &str, rule: &str) -> Option<String> {
         let key = requester.grant_key();
         let now = now_ms();
-        let state = self.state.lock().expect("not poisoned");
+        let state = self.state.lock();
         state
             .grants
             .iter()
@@ -444,7 +446,7 @@ impl Approvals {
             notifier.send(&record);
         }
         let (wake, wait) = oneshot::channel();
-        self.state.lock().expect("not poisoned").pending.insert(
+        self.state.lock().pending.insert(
             id.clone(),
             Pending {
                 record: record.clone(),
@@ -474,7 +476,7 @@ impl Approvals {
             return Err(ApprovalError::NoReason);
         }
         let who = caller.name();
-        let mut state = self.state.lock().expect("not poisoned");
+        let mut state = self.state.lock();
         let id = find_pending(&state.pending, id)?;
         let pending = state.pending.get_mut(&id).expect("found");
         if let Caller::Local { uid, .. } = caller
@@ -526,7 +528,7 @@ impl Approvals {
 
     /// Ends a pending request; `None` if it already ended.
     fn resolve(&self, id: &str, outcome: RequestState) -> Option<RequestRecord> {
-        let mut state = self.state.lock().expect("not poisoned");
+        let mut state = self.state.lock();
         self.resolve_locked(&mut state, id, outcome)
     }
 
@@ -594,7 +596,7 @@ impl Approvals {
     /// Ends every pending request as abandoned: the agent is stopping, and
     /// each held client is told so before its connection goes.
     pub fn abandon_all(&self) {
-        let mut state = self.state.lock().expect("not poisoned");
+        let mut state = self.state.lock();
         let ids: Vec<String> = state.pending.keys().cloned().collect();
         for id in ids {
             self.resolve_locked(&mut state, &id, RequestState::Abandoned);
@@ -602,12 +604,12 @@ impl Approvals {
     }
 
     pub fn pending_count(&self) -> usize {
-        self.state.lock().expect("not poisoned").pending.len()
+        self.state.lock().pending.len()
     }
 
     /// Pending requests `caller` may answer (all of them for an admin).
     pub fn pending(&self, caller: &Caller, admin: bool) -> Vec<RequestRecord> {
-        let state = self.state.lock().expect("not poisoned");
+        let state = self.state.lock();
         let mut list: Vec<RequestRecord> = state
             .pending
             .values()
@@ -629,7 +631,7 @@ impl Approvals {
     /// Active grants, or every grant on record with `all`.
     pub fn grants(&self, all: bool) -> Vec<GrantRecord> {
         let now = now_ms();
-        let state = self.state.lock().expect("not poisoned");
+        let state = self.state.lock();
         state
             .grants
             .iter()
@@ -649,7 +651,7 @@ impl Approvals {
     ) -> Result<GrantRecord, ApprovalError> {
         let now = now_ms();
         let who = caller.name();
-        let mut state = self.state.lock().expect("not poisoned");
+        let mut state = self.state.lock();
         let mut matching = state
             .grants
             .iter_mut()

@@ -2,12 +2,11 @@
 //! the connection ends, however it ends.
 use std::{
     collections::HashMap,
-    sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::atomic::{AtomicU64, Ordering},
     time::Instant,
 };
+
+use parking_lot::Mutex;
 
 use serde::Serialize;
 
@@ -43,7 +42,7 @@ pub struct LiveGuard<'a> {
 impl ConnRegistry {
     pub fn open(&self, id: ulid::Ulid, client: ClientAddr) -> LiveGuard<'_> {
         self.accepted.fetch_add(1, Ordering::Relaxed);
-        self.live.lock().expect("registry").insert(
+        self.live.lock().insert(
             id,
             Entry {
                 client,
@@ -56,7 +55,7 @@ impl ConnRegistry {
     }
 
     pub fn identify(&self, id: ulid::Ulid, target: &str, pid: u32) {
-        if let Some(entry) = self.live.lock().expect("registry").get_mut(&id) {
+        if let Some(entry) = self.live.lock().get_mut(&id) {
             entry.target = Some(target.to_owned());
             entry.pid = Some(pid);
         }
@@ -70,7 +69,6 @@ impl ConnRegistry {
         let mut list: Vec<LiveConnection> = self
             .live
             .lock()
-            .expect("registry")
             .iter()
             .map(|(id, e)| LiveConnection {
                 session_id: id.to_string(),
@@ -87,10 +85,6 @@ impl ConnRegistry {
 
 impl Drop for LiveGuard<'_> {
     fn drop(&mut self) {
-        self.registry
-            .live
-            .lock()
-            .expect("registry")
-            .remove(&self.id);
+        self.registry.live.lock().remove(&self.id);
     }
 }

@@ -8,8 +8,9 @@ use std::{
     collections::HashSet,
     fs, io,
     path::{Path, PathBuf},
-    sync::Mutex,
 };
+
+use parking_lot::Mutex;
 
 use aya::{
     EbpfLoader,
@@ -238,7 +239,7 @@ impl Interceptor {
             name: maps::PROTECTED,
             cause,
         };
-        let mut trie = self.protected.lock().expect("protected map");
+        let mut trie = self.protected.lock();
         let wanted: HashSet<(u32, [u8; 2], [u8; 16])> =
             keys.iter().map(|(p, k)| (*p, k.port, k.addr)).collect();
         for (prefix, key) in keys {
@@ -266,7 +267,7 @@ impl Interceptor {
     ) -> Result<ConnRecord, Unadmitted> {
         let key = client.peer_key();
         let record = {
-            let mut by_peer = self.by_peer.lock().expect("peer map");
+            let mut by_peer = self.by_peer.lock();
             let record = by_peer.get(&key, 0).map_err(|_| Unadmitted::NoRecord)?;
             // Taken whatever follows: a record that does not match the socket
             // on this address now belongs to a socket that is gone.
@@ -284,21 +285,16 @@ impl Interceptor {
     pub fn exempt_socket(&self, cookie: u64) -> io::Result<()> {
         self.agent_sockets
             .lock()
-            .expect("agent sockets map")
             .insert(cookie, 1, 0)
             .map_err(|error| io::Error::other(error.to_string()))
     }
 
     pub fn release_socket(&self, cookie: u64) {
-        let _ = self
-            .agent_sockets
-            .lock()
-            .expect("agent sockets map")
-            .remove(&cookie);
+        let _ = self.agent_sockets.lock().remove(&cookie);
     }
 
     pub fn status(&self) -> InterceptStatus {
-        let protected_entries = self.protected.lock().expect("protected map").keys().count();
+        let protected_entries = self.protected.lock().keys().count();
         InterceptStatus {
             cgroup: self.cgroup_dir.clone(),
             bpffs_dir: self.bpffs_dir.clone(),
@@ -314,7 +310,7 @@ impl Interceptor {
     /// Detaches everything: unpins links (the kernel detaches them once the
     /// last reference goes) and removes the map pins.
     pub fn detach(&self) -> io::Result<()> {
-        let links = std::mem::take(&mut *self.links.lock().expect("links"));
+        let links = std::mem::take(&mut *self.links.lock());
         for link in links {
             drop(link.unpin()?);
         }

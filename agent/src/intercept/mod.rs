@@ -140,7 +140,7 @@ pub fn boot_time_ns() -> u64 {
 }
 
 #[cfg(test)]
-use std::{collections::HashMap, sync::Mutex};
+use {parking_lot::Mutex, std::collections::HashMap};
 
 /// An in-memory [`Interception`] for tests without a kernel.
 #[cfg(test)]
@@ -150,18 +150,14 @@ pub struct OrigDstTable(Mutex<HashMap<ClientAddr, Intercepted>>);
 #[cfg(test)]
 impl OrigDstTable {
     pub fn insert(&self, client: ClientAddr, intercepted: Intercepted) {
-        self.0.lock().expect("table").insert(client, intercepted);
+        self.0.lock().insert(client, intercepted);
     }
 }
 
 #[cfg(test)]
 impl Interception for OrigDstTable {
     fn admit(&self, client: ClientAddr, _: SocketAddr) -> Result<Intercepted, Unadmitted> {
-        self.0
-            .lock()
-            .expect("table")
-            .remove(&client)
-            .ok_or(Unadmitted::NoRecord)
+        self.0.lock().remove(&client).ok_or(Unadmitted::NoRecord)
     }
 
     fn exempt(&self, _: u64) -> io::Result<()> {

@@ -21,12 +21,14 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::{
-        Arc, Condvar, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
+
+use parking_lot::{Condvar, Mutex};
 
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
@@ -242,7 +244,7 @@ impl Store {
             .name("store-commit".into())
             .spawn(move || commit_loop(db, dir, events, commit))
             .expect("spawn the store commit thread");
-        *store.commit_thread.lock().expect("not poisoned") = Some(thread);
+        *store.commit_thread.lock() = Some(thread);
         Ok(store)
     }
 
@@ -263,7 +265,7 @@ impl Store {
     /// Whether a new session may start: refused when the store is over
     /// its quota or the disk refuses writes, so nothing recorded is lost.
     pub fn admit(&self) -> Result<(), StoreError> {
-        if let Some(error) = self.commit.last_error.lock().expect("not poisoned").clone() {
+        if let Some(error) = self.commit.last_error.lock().clone() {
             return Err(StoreError::Flush(error));
         }
         let free = self.commit.free_bytes.load(Ordering::Relaxed);
@@ -312,7 +314,7 @@ impl Store {
             finished: AtomicBool::new(false),
         };
         recorder.put_summary()?;
-        self.live.lock().expect("not poisoned").insert(
+        self.live.lock().insert(
             id,
             Parts {
                 part: 0,
@@ -388,7 +390,7 @@ impl Store {
     }
 
     fn request_commit(&self) {
-        *self.commit.wanted.lock().expect("not poisoned") = true;
+        *self.commit.wanted.lock() = true;
         self.commit.wake.notify_one();
     }
 
@@ -431,7 +433,6 @@ impl Store {
     pub fn parts_due(&self, interval: Duration) -> Vec<(ulid::Ulid, Parts)> {
         self.live
             .lock()
-            .expect("not poisoned")
             .iter()
             .filter(|(_, parts)| parts.since.elapsed() >= interval)
             .map(|(id, parts)| (*id, *parts))
@@ -440,7 +441,7 @@ impl Store {
 
     /// Notes a part shipped (if the session still runs).
     pub fn part_shipped(&self, id: &ulid::Ulid, part: u32, next_seq: u64) {
-        if let Some(parts) = self.live.lock().expect("not poisoned").get_mut(id) {
+        if let Some(parts) = self.live.lock().get_mut(id) {
             *parts = Parts {
                 part,
                 next_seq,
@@ -503,7 +504,7 @@ impl Drop for Store {
     fn drop(&mut self) {
         self.commit.stop.store(true, Ordering::SeqCst);
         self.request_commit();
-        if let Some(thread) = self.commit_thread.lock().expect("not poisoned").take() {
+        if let Some(thread) = self.commit_thread.lock().take() {
             let _ = thread.join();
         }
     }
@@ -521,28 +522,24 @@ fn commit_loop(db: sled::Db, dir: PathBuf, events: sled::Tree, commit: Arc<Commi
     let mut measured = std::time::Instant::now();
     loop {
         {
-            let mut wanted = commit.wanted.lock().expect("not poisoned");
+            let mut wanted = commit.wanted.lock();
             if !*wanted {
-                wanted = commit
-                    .wake
-                    .wait_timeout(wanted, FLUSH_INTERVAL)
-                    .expect("not poisoned")
-                    .0;
+                commit.wake.wait_for(&mut wanted, FLUSH_INTERVAL);
             }
             *wanted = false;
         }
         let stop = commit.stop.load(Ordering::SeqCst);
         let target = commit.written.load(Ordering::SeqCst);
         if target != commit.committed.borrow().generation {
-            let dirty = std::mem::take(&mut *commit.dirty.lock().expect("not poisoned"));
+            let dirty = std::mem::take(&mut *commit.dirty.lock());
             let written = dirty.iter().try_for_each(|chain| {
-                let mut chain = chain.lock().expect("not poisoned");
+                let mut chain = chain.lock();
                 chain.listed = false;
                 chain.write(&events)
             });
             match written.and_then(|()| db.flush().map(drop)) {
                 Ok(_) => {
-                    commit.last_error.lock().expect("not poisoned").take();
+                    commit.last_error.lock().take();
                     commit.committed.send_replace(Committed {
                         generation: target,
                         failed: false,
@@ -550,7 +547,7 @@ fn commit_loop(db: sled::Db, dir: PathBuf, events: sled::Tree, commit: Arc<Commi
                 }
                 Err(error) => {
                     tracing::error!(%error, "session store flush failed");
-                    *commit.last_error.lock().expect("not poisoned") = Some(error.to_string());
+                    *commit.last_error.lock() = Some(error.to_string());
                     commit.committed.send_modify(|c| c.failed = true);
                 }
             }
@@ -664,7 +661,7 @@ impl Recorder {
     /// returned ticket (or a later one) returns.
     pub fn append(&self, event: &Event<'_>) -> Result<Ticket, StoreError> {
         let bytes = {
-            let mut chain = self.chain.lock().expect("not poisoned");
+            let mut chain = self.chain.lock();
             let bytes = chain.push(event)?;
             if chain.pending.len() >= CHUNK_LIMIT {
                 // Output streaming in: written now, so a session holds at
@@ -672,16 +669,11 @@ impl Recorder {
                 chain.write(&self.store.events)?;
             } else if !chain.listed {
                 chain.listed = true;
-                self.store
-                    .commit
-                    .dirty
-                    .lock()
-                    .expect("not poisoned")
-                    .push(self.chain.clone());
+                self.store.commit.dirty.lock().push(self.chain.clone());
             }
             bytes
         };
-        self.summary.lock().expect("not poisoned").bytes += bytes;
+        self.summary.lock().bytes += bytes;
         Ok(Ticket(
             self.store.commit.written.fetch_add(1, Ordering::SeqCst) + 1,
         ))
@@ -698,7 +690,7 @@ impl Recorder {
         // the workers); the commit thread then only has to flush. A write
         // after the ticket was taken needs a later ticket.
         let ticket = {
-            let mut chain = self.chain.lock().expect("not poisoned");
+            let mut chain = self.chain.lock();
             if chain.pending.is_empty() {
                 ticket
             } else {
@@ -718,14 +710,14 @@ impl Recorder {
         if state.generation >= ticket.0 {
             return Ok(());
         }
-        let error = commit.last_error.lock().expect("not poisoned").clone();
+        let error = commit.last_error.lock().clone();
         Err(StoreError::Flush(
             error.unwrap_or_else(|| "the store is closed".into()),
         ))
     }
 
     fn put_summary(&self) -> Result<(), StoreError> {
-        let summary = self.summary.lock().expect("not poisoned");
+        let summary = self.summary.lock();
         self.store
             .sessions
             .insert(id_key(&self.id), serde_json::to_vec(&*summary)?)?;
@@ -733,7 +725,7 @@ impl Recorder {
     }
 
     pub fn count_statement(&self, denied: bool) {
-        let mut summary = self.summary.lock().expect("not poisoned");
+        let mut summary = self.summary.lock();
         summary.statements += 1;
         summary.denied += u64::from(denied);
     }
@@ -757,10 +749,10 @@ impl Recorder {
         bytes_down: u64,
     ) -> Result<(), StoreError> {
         let (statements, denied) = {
-            let summary = self.summary.lock().expect("not poisoned");
+            let summary = self.summary.lock();
             (summary.statements, summary.denied)
         };
-        let mut chain = self.chain.lock().expect("not poisoned");
+        let mut chain = self.chain.lock();
         let bytes = chain.push(&Event::SessionEnd {
             outcome,
             error,
@@ -772,7 +764,7 @@ impl Recorder {
         chain.write(&self.store.events)?;
         self.store.seal(&self.id, &chain)?;
         {
-            let mut summary = self.summary.lock().expect("not poisoned");
+            let mut summary = self.summary.lock();
             summary.bytes += bytes;
             summary.outcome = outcome.to_owned();
             summary.end_us = Some(now_us());
@@ -783,11 +775,7 @@ impl Recorder {
         self.store
             .outbox
             .insert(id_key(&self.id), serde_json::to_vec(&Outbox::default())?)?;
-        self.store
-            .live
-            .lock()
-            .expect("not poisoned")
-            .remove(&self.id);
+        self.store.live.lock().remove(&self.id);
         self.store.commit.written.fetch_add(1, Ordering::SeqCst);
         self.store.request_commit();
         self.store.ship_wake.notify_one();

@@ -5,8 +5,9 @@ use std::{
     fs,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::Mutex,
 };
+
+use parking_lot::Mutex;
 
 /// The cgroup v2 hierarchy of this host.
 #[derive(Debug)]
@@ -62,11 +63,11 @@ impl CgroupFs {
         {
             return Some(hint.to_owned());
         }
-        if let Some(path) = self.by_id.lock().expect("cgroup cache").get(&id) {
+        if let Some(path) = self.by_id.lock().get(&id) {
             return Some(path.clone());
         }
         let path = self.walk_for(id)?;
-        let mut cache = self.by_id.lock().expect("cgroup cache");
+        let mut cache = self.by_id.lock();
         if cache.len() > 4096 {
             cache.clear();
         }

@@ -5,8 +5,10 @@ use std::{
     fs::File,
     io::{self, Read},
     os::unix::fs::MetadataExt,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, OnceLock},
 };
+
+use parking_lot::Mutex;
 
 use sha2::{Digest, Sha256};
 
@@ -41,7 +43,7 @@ impl ExeDigests {
             size: meta.size(),
         };
         let cell = {
-            let mut cache = self.cache.lock().expect("digest cache");
+            let mut cache = self.cache.lock();
             if cache.len() >= MAX_CACHED && !cache.contains_key(&version) {
                 cache.clear();
             }
@@ -60,7 +62,7 @@ impl ExeDigests {
         });
         if let Some(error) = failure {
             // Do not cache a failed read.
-            self.cache.lock().expect("digest cache").remove(&version);
+            self.cache.lock().remove(&version);
             return Err(error);
         }
         Ok(hex.clone())

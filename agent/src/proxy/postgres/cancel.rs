@@ -5,10 +5,12 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
 };
+
+use parking_lot::Mutex;
 
 use tokio::sync::Notify;
 
@@ -28,10 +30,7 @@ impl CancelKeys {
     /// Registers a session's key for as long as the guard lives.
     pub fn register(&self, pid: i32, key: i32) -> CancelGuard<'_> {
         let signal = Arc::new(CancelSignal::default());
-        self.0
-            .lock()
-            .expect("not poisoned")
-            .insert((pid, key), signal.clone());
+        self.0.lock().insert((pid, key), signal.clone());
         CancelGuard {
             keys: self,
             id: (pid, key),
@@ -44,7 +43,7 @@ impl CancelKeys {
     /// cancel the refusal the session sends instead). A cancel that comes
     /// while nothing is held wakes nothing later.
     pub fn cancel(&self, pid: i32, key: i32) -> bool {
-        match self.0.lock().expect("not poisoned").get(&(pid, key)) {
+        match self.0.lock().get(&(pid, key)) {
             Some(signal) if signal.holding.load(Ordering::SeqCst) => {
                 signal.notify.notify_waiters();
                 true
@@ -62,7 +61,7 @@ pub struct CancelGuard<'a> {
 
 impl Drop for CancelGuard<'_> {
     fn drop(&mut self) {
-        self.keys.0.lock().expect("not poisoned").remove(&self.id);
+        self.keys.0.lock().remove(&self.id);
     }
 }
 

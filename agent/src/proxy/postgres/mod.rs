@@ -80,7 +80,7 @@ pub struct Shared {
     /// Statement analyses by shape, and the threads large ones parse on.
     pub analyzer: Arc<Analyzer>,
     /// What `pg_catalog` holds, per target (read by its first session).
-    pub catalogs: std::sync::Mutex<std::collections::HashMap<String, Arc<SystemCatalog>>>,
+    pub catalogs: parking_lot::Mutex<std::collections::HashMap<String, Arc<SystemCatalog>>>,
     /// Larger statements are refused (SQLSTATE 54000) without parsing.
     pub max_statement_bytes: usize,
     /// A client that has not finished its startup by then is dropped.
@@ -590,7 +590,6 @@ async fn session_names<U: Duplex>(
         .pg
         .catalogs
         .lock()
-        .unwrap_or_else(|p| p.into_inner())
         .get(&session.target)
         .cloned();
     let catalog = match known {
@@ -621,7 +620,6 @@ async fn session_names<U: Duplex>(
                 .pg
                 .catalogs
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
                 .insert(session.target.clone(), catalog.clone());
             catalog
         }

@@ -9,9 +9,11 @@
 //! through as its bytes arrive, and a read's worth of untouched frames goes
 //! out in one write.
 use crate::{masking::MaskSet, sessions::StatementOutcome};
+
+use parking_lot::Mutex;
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex, atomic::AtomicU64, atomic::Ordering},
+    sync::{Arc, atomic::AtomicU64, atomic::Ordering},
 };
 
 use bytes::{Buf, BytesMut};
@@ -146,7 +148,7 @@ impl<'s> Responses<'s> {
     /// Makes the next expected entry the active one, if none is.
     fn ensure_active(&mut self) {
         if self.active.is_none() {
-            let mut expected = self.expected.lock().expect("not poisoned");
+            let mut expected = self.expected.lock();
             while let Some(mut next) = expected.pop_front() {
                 if let Expect::SyncInCopy = next {
                     if self.copy_in && !self.skip_to_sync {
@@ -422,12 +424,7 @@ impl<'s> Responses<'s> {
         if let Some(active) = self.active.take() {
             self.discard(active);
         }
-        let rest: Vec<Expect> = self
-            .expected
-            .lock()
-            .expect("not poisoned")
-            .drain(..)
-            .collect();
+        let rest: Vec<Expect> = self.expected.lock().drain(..).collect();
         for entry in rest {
             self.discard(entry);
         }

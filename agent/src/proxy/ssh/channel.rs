@@ -1,9 +1,10 @@
 //! One session channel: the client's requests, already decided, go to
 //! the server's channel in order; what the server sends comes back masked
 //! and recorded, with its exit status, EOF and close.
+use parking_lot::Mutex;
 use std::{
+    sync::Arc,
     sync::atomic::{AtomicBool, Ordering},
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
 
@@ -114,12 +115,6 @@ impl From<StoreError> for Stop {
     }
 }
 
-/// A relay's own state: a panic holding it loses nothing another
-/// connection needs, so a poisoned lock is used as it is.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// What both directions of a channel know.
 pub struct Relay {
     connection: Arc<Connection>,
@@ -200,12 +195,7 @@ impl Relay {
                         .bytes
                         .up
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    if let Some(sftp) = self
-                        .sftp
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .as_mut()
-                    {
+                    if let Some(sftp) = self.sftp.lock().as_mut() {
                         sftp.client_sent(&data, &mut |event| {
                             let _ = recorder.append(event);
                         });
@@ -275,10 +265,10 @@ impl Relay {
                     };
                     match &start {
                         Start::Subsystem(name) if name == "sftp" => {
-                            *lock(&self.sftp) = Some(SftpLog::default());
+                            *self.sftp.lock() = Some(SftpLog::default());
                         }
                         Start::Subsystem(_) => {}
-                        _ => *lock(&self.masks) = masks,
+                        _ => *self.masks.lock() = masks,
                     }
                     self.started.store(true, Ordering::Relaxed);
                     match &start {
@@ -535,12 +525,7 @@ impl Down<'_> {
         let relay = self.relay;
         // An SFTP channel's packets become events; its bytes are not
         // terminal output.
-        let sftp = match relay
-            .sftp
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_mut()
-        {
+        let sftp = match relay.sftp.lock().as_mut() {
             Some(sftp) => {
                 sftp.server_sent(&data);
                 true
@@ -548,7 +533,7 @@ impl Down<'_> {
             None => false,
         };
         if self.mask.is_none()
-            && let Some(masks) = lock(&relay.masks).clone()
+            && let Some(masks) = relay.masks.lock().clone()
         {
             self.mask = Some(StreamMask::new(masks));
         }

@@ -27,7 +27,7 @@ pub use host_key::{known_hosts_lines, load_or_create_host_key};
 
 use std::{
     collections::HashMap,
-    sync::{Arc, PoisonError, Weak},
+    sync::{Arc, Weak},
     time::Duration,
 };
 
@@ -104,10 +104,10 @@ pub(crate) struct Connection {
     /// handshakes happen at once.
     upstream: UpstreamFuture,
     /// Why the connection failed (upstream, or its record), for its end.
-    pub failure: std::sync::Mutex<Option<(Outcome, String)>>,
+    pub failure: parking_lot::Mutex<Option<(Outcome, String)>>,
     pub bytes: Arc<crate::access::ByteCounters>,
     /// The masks of the policy that decided the last request, by policy.
-    masks: std::sync::Mutex<(Weak<ActivePolicy>, Option<Arc<MaskSet>>)>,
+    masks: parking_lot::Mutex<(Weak<ActivePolicy>, Option<Arc<MaskSet>>)>,
 }
 
 /// A request's decision, with the policy it was made under.
@@ -158,7 +158,7 @@ impl Connection {
     /// The free-text masks `decision`'s policy puts on this workload's
     /// output (compiled once per policy).
     pub fn masks(&self, active: &Arc<ActivePolicy>) -> Result<Option<Arc<MaskSet>>, String> {
-        let mut cached = self.masks.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut cached = self.masks.lock();
         if let Some(current) = cached.0.upgrade()
             && Arc::ptr_eq(&current, active)
         {
@@ -176,7 +176,7 @@ impl Connection {
     /// Ends the connection because its record failed: nothing more may
     /// pass unrecorded.
     pub fn fail(&self, outcome: Outcome, why: String) {
-        let mut failure = self.failure.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut failure = self.failure.lock();
         failure.get_or_insert((outcome, why));
     }
 
@@ -282,7 +282,7 @@ pub async fn serve(context: Arc<ProxyContext>, admitted: Admitted) {
                 recorder,
                 failure: Default::default(),
                 bytes: conn.bytes().clone(),
-                masks: std::sync::Mutex::new((Weak::new(), None)),
+                masks: parking_lot::Mutex::new((Weak::new(), None)),
             });
             match connection.masks(&active) {
                 // Fail closed: never serve a session whose masks are off.
@@ -318,7 +318,7 @@ fn start_upstream(
 /// Serves the client until it leaves; how the connection ended.
 async fn run(connection: Arc<Connection>, stream: TcpStream) -> (Outcome, Option<String>) {
     let config = connection.context.ssh_server.clone();
-    let relays = Arc::new(std::sync::Mutex::new(tokio::task::JoinSet::new()));
+    let relays = Arc::new(parking_lot::Mutex::new(tokio::task::JoinSet::new()));
     let handler = ClientHandler {
         connection: connection.clone(),
         user: String::new(),
@@ -332,7 +332,7 @@ async fn run(connection: Arc<Connection>, stream: TcpStream) -> (Outcome, Option
     // The client is gone: give channels a moment to pass on what the
     // server still sends (exit statuses), then end them (a request held
     // for approval is withdrawn when its relay ends).
-    let mut relays = std::mem::take(&mut *relays.lock().unwrap_or_else(PoisonError::into_inner));
+    let mut relays = std::mem::take(&mut *relays.lock());
     if tokio::time::timeout(Duration::from_secs(1), async {
         while relays.join_next().await.is_some() {}
     })
@@ -342,11 +342,7 @@ async fn run(connection: Arc<Connection>, stream: TcpStream) -> (Outcome, Option
         relays.abort_all();
         while relays.join_next().await.is_some() {}
     }
-    let failure = connection
-        .failure
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .take();
+    let failure = connection.failure.lock().take();
     match (result, failure) {
         (_, Some((outcome, error))) => (outcome, Some(error)),
         (Ok(()), None) => (Outcome::Closed, None),
@@ -372,7 +368,7 @@ struct ClientHandler {
     /// The SSH user the client asked for.
     user: String,
     channels: HashMap<ChannelId, mpsc::Sender<channel::Op>>,
-    relays: Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
+    relays: Arc<parking_lot::Mutex<tokio::task::JoinSet<()>>>,
 }
 
 impl ClientHandler {
@@ -509,7 +505,6 @@ impl server::Handler for ClientHandler {
         );
         self.relays
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
             .spawn(relay.run(upstream, to_client, rx).in_current_span());
         Ok(())
     }
@@ -563,7 +558,6 @@ impl server::Handler for ClientHandler {
         let bytes = self.connection.bytes.clone();
         self.relays
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
             .spawn(channel::forward(channel, upstream, bytes).in_current_span());
         Ok(())
     }

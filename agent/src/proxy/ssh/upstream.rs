@@ -73,17 +73,13 @@ pub async fn connect(
         host: host.clone(),
         port: dst.0.port(),
         check: settings.host_key.clone(),
-        mismatch: Arc::new(std::sync::Mutex::new(None)),
+        mismatch: Arc::new(parking_lot::Mutex::new(None)),
     };
     let mismatch = checker.mismatch.clone();
     let mut handle = match client::connect_stream(config, stream, checker).await {
         Ok(handle) => handle,
         Err(error) => {
-            return Err(mismatch
-                .lock()
-                .expect("not poisoned")
-                .take()
-                .unwrap_or(error));
+            return Err(mismatch.lock().take().unwrap_or(error));
         }
     };
     let user = settings.user.clone();
@@ -134,7 +130,7 @@ pub struct ServerCheck {
     check: HostKeyCheck,
     /// Why the key was refused, to report it rather than russh's generic
     /// error.
-    mismatch: Arc<std::sync::Mutex<Option<UpstreamError>>>,
+    mismatch: Arc<parking_lot::Mutex<Option<UpstreamError>>>,
 }
 
 impl client::Handler for ServerCheck {
@@ -174,7 +170,7 @@ impl client::Handler for ServerCheck {
             expected,
         };
         tracing::error!(%error, "upstream host key refused");
-        *self.mismatch.lock().expect("not poisoned") = Some(error);
+        *self.mismatch.lock() = Some(error);
         Ok(false)
     }
 

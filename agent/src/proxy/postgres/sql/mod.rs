@@ -15,10 +15,9 @@ mod lean;
 mod plpgsql;
 mod tree;
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-};
+use std::{collections::HashMap, sync::Arc};
+
+use parking_lot::Mutex;
 
 pub use tree::{Effect, Name, Parsed};
 
@@ -208,9 +207,8 @@ impl Analyzer {
         analysed
     }
 
-    fn shapes(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Parsed>>> {
-        // A panic while holding it left a map of complete entries.
-        self.by_shape.lock().unwrap_or_else(|p| p.into_inner())
+    fn shapes(&self) -> parking_lot::MutexGuard<'_, HashMap<u64, Arc<Parsed>>> {
+        self.by_shape.lock()
     }
 }
 
@@ -218,8 +216,9 @@ mod pool {
     //! A few threads of their own for large statements: a multi-megabyte
     //! statement takes seconds to parse, which must not stall the async
     //! workers. Bounded: a full queue makes senders wait.
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
+    use parking_lot::Mutex;
     use tokio::sync::{mpsc, oneshot};
 
     type Job = Box<dyn FnOnce() + Send>;
@@ -244,7 +243,7 @@ mod pool {
                     .stack_size(STACK_BYTES)
                     .spawn(move || {
                         loop {
-                            let job = rx.lock().unwrap_or_else(|p| p.into_inner()).blocking_recv();
+                            let job = rx.lock().blocking_recv();
                             match job {
                                 Some(job) => job(),
                                 None => break,
