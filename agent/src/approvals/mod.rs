@@ -24,22 +24,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::{
-    policy::{ApprovalSpec, Approver, GrantSpec, Policy, Secret},
+    policy::{ApprovalSpec, Approver, GrantSpec, Policy},
     sessions::{Event, Recorder, StoreError},
     workload::Workload,
 };
 
 pub use notify::Notifier;
-
-/// `[approvals]`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ApprovalSettings {
-    pub webhook_url: Option<url::Url>,
-    pub webhook_ca_file: Option<std::path::PathBuf>,
-    pub callback_listen: Option<std::net::SocketAddr>,
-    /// The callback's bearer token and the HMAC key of payloads.
-    pub token: Option<Arc<Secret>>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApprovalError {

@@ -12,7 +12,8 @@ use serde::Serialize;
 use sha2::Sha256;
 use tokio::sync::mpsc;
 
-use super::{ApprovalSettings, RequestRecord, RequestState};
+use super::{RequestRecord, RequestState};
+use crate::config::ApprovalSettings;
 use crate::policy::Secret;
 
 /// Tries per payload, and the first wait between them (doubling).

@@ -7,7 +7,9 @@
 mod file;
 mod settings;
 
-pub use settings::{AgentSettings, CgroupSetting, DEFAULT_ADMIN_SOCKET, DEFAULT_CONFIG_PATH, Mode};
+pub use settings::{
+    AgentSettings, ApprovalSettings, CgroupSetting, DEFAULT_ADMIN_SOCKET, DEFAULT_CONFIG_PATH, Mode,
+};
 
 use std::{
     collections::HashMap,
@@ -43,7 +45,7 @@ pub struct Config {
     pub sessions: crate::sessions::SessionSettings,
     /// Where ended sessions are shipped; none keeps them local.
     pub shipper: Option<crate::sessions::ShipperSettings>,
-    pub approvals: crate::approvals::ApprovalSettings,
+    pub approvals: ApprovalSettings,
     pub policy: Policy,
     /// Every file read, main file first: what a reload watches.
     pub sources: Vec<PathBuf>,
@@ -150,8 +152,8 @@ fn session_settings(
 fn approval_settings(
     spec: Option<&Located<file::ApprovalsSpec>>,
     source: &SourceFile,
-) -> Result<crate::approvals::ApprovalSettings, ConfigError> {
-    let mut settings = crate::approvals::ApprovalSettings::default();
+) -> Result<ApprovalSettings, ConfigError> {
+    let mut settings = ApprovalSettings::default();
     let Some(located) = spec else {
         return Ok(settings);
     };
@@ -226,6 +228,16 @@ fn read_credential(
     })
 }
 
+thread_local! {
+    /// The uid that must own secret files: root, whom the agent runs as.
+    /// Unit tests run unprivileged: theirs is the user running them.
+    static SECRET_OWNER: u32 = if cfg!(test) {
+        nix::unistd::geteuid().as_raw()
+    } else {
+        0
+    };
+}
+
 /// Reads a secret from a file. It must be a regular file owned by root and
 /// readable by its owner only (0600 or stricter); the secret itself is never
 /// put in an error or a log.
@@ -244,7 +256,7 @@ fn read_secret_file(
             format!("{field} {} is not a regular file", path.display()),
         ));
     }
-    if meta.mode() & 0o077 != 0 || meta.uid() != 0 {
+    if meta.mode() & 0o077 != 0 || meta.uid() != SECRET_OWNER.with(|owner| *owner) {
         return Err(source.error_at(
             at,
             format!(
@@ -504,6 +516,19 @@ fn build_policy(files: &[(SourceFile, FileSpec)]) -> Result<Policy, ConfigError>
                 &[rule.mask.as_ref().and_then(|m| m.first()).map(|m| m.span())],
                 &[Protocol::Postgres, Protocol::Ssh],
                 "mask applies to postgres and ssh targets",
+            )?;
+            // A column mask cannot apply to an SSH target's output: on a
+            // rule naming one, it would be dropped there, so it is refused.
+            let column_mask = rule
+                .mask
+                .iter()
+                .flatten()
+                .zip(&masks)
+                .find_map(|(spec, mask)| (!mask.selects.is_free_text()).then(|| spec.span()));
+            for_protocols(
+                &[column_mask],
+                &[Protocol::Postgres],
+                "a column mask applies to postgres targets (SSH output has no columns: mask it by pattern or regex)",
             )?;
             for_protocols(
                 &[

@@ -148,3 +148,13 @@ impl AgentSettings {
         Ok(settings)
     }
 }
+
+/// `[approvals]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApprovalSettings {
+    pub webhook_url: Option<url::Url>,
+    pub webhook_ca_file: Option<std::path::PathBuf>,
+    pub callback_listen: Option<std::net::SocketAddr>,
+    /// The callback's bearer token and the HMAC key of payloads.
+    pub token: Option<std::sync::Arc<crate::policy::Secret>>,
+}
