@@ -1,5 +1,6 @@
 use super::*;
-use crate::principal::Principal;
+use crate::{policy::GrantSpec, principal::Principal};
+use policy::DEFAULT_APPROVAL_TIMEOUT;
 
 fn error_of(text: &str) -> (usize, usize, String) {
     match Config::from_text("bad.toml", text) {

@@ -100,70 +100,26 @@ pub async fn admit(
     client: ClientAddr,
     mut conn: Conn,
 ) -> Result<Admitted, Box<Refused>> {
-    let refuse = |mut conn: Conn, stream, why: Refusal, target| {
-        let error = match &why {
-            Refusal::Unresolved(_) | Refusal::Unrecordable(_) => Some(why.to_string()),
-            _ => None,
-        };
-        if !matches!(why, Refusal::Unresolved(_)) {
-            conn.set_reason(why.to_string());
-        }
-        conn.end(why.outcome(), error);
-        Box::new(Refused {
-            conn,
-            stream,
-            why,
-            target,
-        })
+    let (orig_dst, workload) = match identify(gate, &stream, client, &mut conn).await {
+        Ok(found) => found,
+        Err(why) => return Err(refused(conn, stream, why, None)),
     };
-
-    let admitted = stream
-        .local_addr()
-        .map_err(|error| Unadmitted::Lookup(error.to_string()))
-        .and_then(|listener| gate.kernel.admit(client, listener));
-    let intercepted = match admitted {
-        Ok(intercepted) => intercepted,
-        Err(why) => {
-            tracing::warn!(%why, "connection not admitted; reset");
-            return Err(refuse(conn, stream, why.into(), None));
-        }
-    };
-    let orig_dst = intercepted.orig_dst;
-    conn.access_mut().orig_dst = Some(orig_dst.0);
-
-    let resolver = gate.resolver.clone();
-    let kernel = intercepted.kernel;
-    let workload = match tokio::task::spawn_blocking(move || resolver.resolve(&kernel)).await {
-        Ok(workload) => Arc::new(workload),
-        Err(error) => {
-            let why = Refusal::Unresolved(error.to_string());
-            return Err(refuse(conn, stream, why, None));
-        }
-    };
-    conn.access_mut().workload = Some(workload.clone());
-    let span = tracing::Span::current();
-    span.record("pid", workload.pid);
-    if let Some(exe) = &workload.exe {
-        span.record("exe", exe.as_str());
-    }
-
     let active = gate.active.load_full();
     let Some(target_id) = active.table.lookup(orig_dst.0) else {
-        return Err(refuse(conn, stream, Refusal::Unprotected(orig_dst), None));
+        return Err(refused(conn, stream, Refusal::Unprotected(orig_dst), None));
     };
     let target = active.policy.target(target_id);
-    conn.access_mut().target = Some(target.name.clone());
-    span.record("target", target.name.as_str());
+    let reached = Some((target.protocol, orig_dst));
+    tracing::Span::current().record("target", target.name.as_str());
     gate.connections
         .identify(conn.access.session_id, &target.name, workload.pid);
 
     let verdict = evaluate(&active.policy, &workload, target_id);
     let access = conn.access_mut();
+    access.target = Some(target.name.clone());
     access.decision = Some(verdict.action);
     access.enforced = active.enforce;
-    access.rule = verdict
-        .rule
-        .map(|rule| active.policy.rule(rule).name.clone());
+    access.rule = active.policy.rule_name(verdict.rule).map(str::to_owned);
     access.reason = Some(verdict.reason.clone());
 
     let begin = Begin {
@@ -179,20 +135,18 @@ pub async fn admit(
         Ok(recorder) => Arc::new(recorder),
         Err(error) => {
             tracing::error!(%error, "session refused: it cannot be recorded");
-            let reached = Some((target.protocol, orig_dst));
-            return Err(refuse(conn, stream, error.into(), reached));
+            return Err(refused(conn, stream, error.into(), reached));
         }
     };
     conn.recorder = Some(recorder.clone());
     if verdict.denied() && active.enforce {
         tracing::info!(reason = %verdict.reason, "denied");
-        conn.end(Outcome::Denied, None);
-        return Err(Box::new(Refused {
+        return Err(refused(
             conn,
             stream,
-            why: Refusal::Denied(verdict.reason),
-            target: Some((target.protocol, orig_dst)),
-        }));
+            Refusal::Denied(verdict.reason),
+            reached,
+        ));
     }
     Ok(Admitted {
         conn,
@@ -203,6 +157,60 @@ pub async fn admit(
         target: target_id,
         verdict,
         recorder,
+    })
+}
+
+/// Where the client was going (its kernel record, bound to its socket)
+/// and who it is.
+async fn identify(
+    gate: &Gate,
+    stream: &TcpStream,
+    client: ClientAddr,
+    conn: &mut Conn,
+) -> Result<(OrigDstAddr, Arc<Workload>), Refusal> {
+    let intercepted = stream
+        .local_addr()
+        .map_err(|error| Unadmitted::Lookup(error.to_string()))
+        .and_then(|listener| gate.kernel.admit(client, listener))
+        .inspect_err(|why| tracing::warn!(%why, "connection not admitted; reset"))?;
+    conn.access_mut().orig_dst = Some(intercepted.orig_dst.0);
+    let resolver = gate.resolver.clone();
+    let kernel = intercepted.kernel;
+    let workload = tokio::task::spawn_blocking(move || resolver.resolve(&kernel))
+        .await
+        .map(Arc::new)
+        .map_err(|error| Refusal::Unresolved(error.to_string()))?;
+    conn.access_mut().workload = Some(workload.clone());
+    let span = tracing::Span::current();
+    span.record("pid", workload.pid);
+    if let Some(exe) = &workload.exe {
+        span.record("exe", exe.as_str());
+    }
+    Ok((intercepted.orig_dst, workload))
+}
+
+/// Ends `conn` as `why` says and hands it back with its socket.
+fn refused(
+    mut conn: Conn,
+    stream: TcpStream,
+    why: Refusal,
+    target: Option<(Protocol, OrigDstAddr)>,
+) -> Box<Refused> {
+    let error = match &why {
+        Refusal::Unresolved(_) | Refusal::Unrecordable(_) => Some(why.to_string()),
+        _ => None,
+    };
+    match &why {
+        // The decision's reason is already the access line's.
+        Refusal::Unresolved(_) | Refusal::Denied(_) => {}
+        _ => conn.set_reason(why.to_string()),
+    }
+    conn.end(why.outcome(), error);
+    Box::new(Refused {
+        conn,
+        stream,
+        why,
+        target,
     })
 }
 

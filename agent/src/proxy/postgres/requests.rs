@@ -85,6 +85,34 @@ pub struct Hold {
     rule: RuleId,
 }
 
+/// Resolves when the client gives up on a held statement: it cancels it,
+/// or leaves. Meanwhile it is read (into `buf`, bounded) only to notice
+/// that it left.
+async fn gave_up<R: AsyncRead + Unpin>(
+    cancelled: Option<&super::cancel::CancelSignal>,
+    reader: &mut R,
+    buf: &mut BytesMut,
+) -> GaveUp {
+    use tokio::io::AsyncReadExt;
+    let cancel = async {
+        match cancelled {
+            Some(signal) => signal.notify.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(cancel);
+    loop {
+        tokio::select! {
+            () = &mut cancel => return GaveUp::Cancelled,
+            read = reader.read_buf(buf), if buf.len() < MAX_WHILE_HELD => {
+                if matches!(read, Ok(0) | Err(_)) {
+                    return GaveUp::Left;
+                }
+            }
+        }
+    }
+}
+
 /// How a client gives up on a held statement.
 #[derive(Debug)]
 enum GaveUp {
@@ -290,7 +318,6 @@ impl<'s> Requests<'s> {
         reader: &mut R,
         buf: &mut BytesMut,
     ) -> Result<Answer, WireError> {
-        use tokio::io::AsyncReadExt;
         let rule = hold.decided.policy.policy.rule(hold.rule);
         let Some(spec) = rule.approval.clone() else {
             return Ok(Answer::Refused(format!(
@@ -326,27 +353,7 @@ impl<'s> Requests<'s> {
         // Marks the session as holding while the request waits (a cancel
         // then withdraws it instead of going to the server).
         let _holding = cancelled.as_ref().map(|signal| Holding::new(signal));
-        // The client gives up by cancelling the statement or by leaving;
-        // meanwhile it is read (bounded) only to notice that it left.
-        let gave_up = async {
-            let cancel = async {
-                match &cancelled {
-                    Some(signal) => signal.notify.notified().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::pin!(cancel);
-            loop {
-                tokio::select! {
-                    () = &mut cancel => return GaveUp::Cancelled,
-                    read = reader.read_buf(buf), if buf.len() < MAX_WHILE_HELD => {
-                        if matches!(read, Ok(0) | Err(_)) {
-                            return GaveUp::Left;
-                        }
-                    }
-                }
-            }
-        };
+        let gave_up = gave_up(cancelled.as_deref(), reader, buf);
         let recorder = &self.session.recorder;
         match conn::ask(approvals, recorder, request, waiting, gave_up).await {
             Ok(Asked::Approved(record)) => {
