@@ -3,7 +3,7 @@
 //! demo can run a whole agent in-process).
 use std::{
     net::{IpAddr, ToSocketAddrs},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -54,21 +54,7 @@ impl Agent {
     /// serving. `config_path` is what reloads read again (None for a
     /// configuration that came from memory).
     pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Self> {
-        preflight::check_kernel()?;
-        preflight::check_capabilities()?;
-        let cgroups = CgroupFs::discover();
-        let cgroup_dir = match &config.agent.cgroup {
-            CgroupSetting::Auto => cgroups
-                .as_ref()
-                .map(|c| c.root().to_owned())
-                .ok_or(preflight::PreflightError::NoCgroup2)?,
-            CgroupSetting::Path(path) => path.clone(),
-        };
-        preflight::check_cgroup(cgroups.as_ref(), &cgroup_dir)?;
-        let cgroups = cgroups.expect("checked above");
-        preflight::ensure_bpffs()?;
-        raise_fd_limit();
-
+        let (cgroups, cgroup_dir) = preflight(&config)?;
         let port = config.agent.listen_port;
         let started_boot_ns = crate::intercept::boot_time_ns();
         let bound = proxy::bind(port).await.with_context(|| {
@@ -77,101 +63,25 @@ impl Agent {
         let (listeners, listen): (Vec<_>, Vec<_>) = bound.into_iter().unzip();
 
         let active = activate(&config).await;
-        let interceptor = Interceptor::attach(AttachOptions {
-            cgroup_dir: cgroup_dir.clone(),
-            bpffs_dir: config.agent.bpffs_dir.clone(),
-            redirect: RedirectConfig {
-                listener_v4: [127, 0, 0, 1],
-                listener_port: port,
-                _pad: 0,
-                listener_v6: std::net::Ipv6Addr::LOCALHOST.octets(),
-                enabled: 1,
-            },
-            started_boot_ns,
-        })
-        .with_context(|| {
-            format!(
-                "attaching the eBPF programs to cgroup {}",
-                cgroup_dir.display()
-            )
-        })?;
-        interceptor.set_targets(&active.table.kernel_keys())?;
-        let interceptor = Arc::new(interceptor);
-        tracing::info!(cgroup = %cgroup_dir.display(), port, targets = active.policy.targets.len(), "interception attached");
-
-        let local_ca = crate::keyfile::open_private_dir(&config.agent.state_dir)
-            .map_err(anyhow::Error::from)
-            .and_then(|()| {
-                Ok(crate::tls::LocalCa::load_or_create(
-                    &config.agent.state_dir.join("ca"),
-                )?)
-            })
-            .with_context(|| {
-                format!(
-                    "preparing the state directory {}",
-                    config.agent.state_dir.display()
-                )
-            })?;
-        let mask_key_path = config.agent.state_dir.join("mask.key");
-        let mask_key = crate::masking::MaskKey::load_or_create(&mask_key_path)
-            .with_context(|| format!("loading the masking key {}", mask_key_path.display()))?;
-        let ssh_host_key = crate::proxy::ssh::load_or_create_host_key(&config.agent.state_dir)
-            .context("loading the SSH host key")?;
-        let store = crate::sessions::Store::open(
-            &config.agent.state_dir.join("sessions"),
-            &config.agent.state_dir.join("host.key"),
-            crate::sessions::host_name(),
-            config.sessions.max_store_bytes,
-        )
-        .context("opening the session store")?;
+        let interceptor = attach(&config, &cgroup_dir, started_boot_ns, &active)?;
+        let files = StateFiles::open(&config)?;
         let bucket = config
             .shipper
             .as_ref()
             .map(crate::sessions::Bucket::open)
             .transpose()
             .context("[shipper]")?;
-        let notifier = crate::approvals::Notifier::start(&config.approvals)
-            .map_err(anyhow::Error::msg)
-            .context("[approvals] webhook")?;
-        let approvals = crate::approvals::Approvals::open(store.db(), store.host.clone(), notifier)
-            .context("opening the approval records")?;
-        let callback = match (config.approvals.callback_listen, &config.approvals.token) {
-            (Some(addr), Some(token)) => {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding the approvals callback on {addr}"))?;
-                tracing::info!(%addr, "approvals callback listening");
-                Some(tokio::spawn(crate::approvals::callback::serve(
-                    listener,
-                    approvals.clone(),
-                    token.clone(),
-                )))
-            }
-            _ => None,
+        let (approvals, callback) = start_approvals(&config, &files.store).await?;
+        let store = files.store.clone();
+        let gate = conn::Gate {
+            kernel: interceptor.clone(),
+            resolver: Arc::new(WorkloadResolver::new(cgroups)),
+            active: ArcSwap::from_pointee(active),
+            connections: ConnRegistry::default(),
+            store: store.clone(),
+            approvals,
         };
-        let proxy_context = Arc::new(ProxyContext {
-            gate: conn::Gate {
-                kernel: interceptor.clone(),
-                resolver: Arc::new(WorkloadResolver::new(cgroups)),
-                active: ArcSwap::from_pointee(active),
-                connections: ConnRegistry::default(),
-                store: store.clone(),
-                approvals,
-            },
-            tls: Some(Arc::new(local_ca)),
-            mask_key: Arc::new(mask_key),
-            literals: if config.agent.redact_literals {
-                crate::proxy::postgres::Literals::Redact
-            } else {
-                crate::proxy::postgres::Literals::Keep
-            },
-            pg_cancels: Default::default(),
-            pg: crate::proxy::postgres::Shared::new(
-                config.agent.max_statement_bytes,
-                config.agent.startup_timeout,
-            ),
-            ssh_server: crate::proxy::ssh::server_config(ssh_host_key),
-        });
+        let proxy_context = Arc::new(files.proxy_context(gate, &config));
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let admin_socket = config.agent.admin_socket.clone();
@@ -522,6 +432,141 @@ impl State {
             }
         }
     }
+}
+
+/// The pre-flight checks; the cgroup tree and the cgroup to attach to.
+fn preflight(config: &Config) -> anyhow::Result<(CgroupFs, PathBuf)> {
+    preflight::check_kernel()?;
+    preflight::check_capabilities()?;
+    let cgroups = CgroupFs::discover();
+    let cgroup_dir = match &config.agent.cgroup {
+        CgroupSetting::Auto => cgroups
+            .as_ref()
+            .map(|c| c.root().to_owned())
+            .ok_or(preflight::PreflightError::NoCgroup2)?,
+        CgroupSetting::Path(path) => path.clone(),
+    };
+    preflight::check_cgroup(cgroups.as_ref(), &cgroup_dir)?;
+    let cgroups = cgroups.expect("checked above");
+    preflight::ensure_bpffs()?;
+    raise_fd_limit();
+    Ok((cgroups, cgroup_dir))
+}
+
+/// Attaches the kernel programs to `cgroup_dir`, redirecting the policy's
+/// protected destinations to the agent's port.
+fn attach(
+    config: &Config,
+    cgroup_dir: &Path,
+    started_boot_ns: u64,
+    active: &ActivePolicy,
+) -> anyhow::Result<Arc<Interceptor>> {
+    let port = config.agent.listen_port;
+    let interceptor = Interceptor::attach(AttachOptions {
+        cgroup_dir: cgroup_dir.to_owned(),
+        bpffs_dir: config.agent.bpffs_dir.clone(),
+        redirect: RedirectConfig {
+            listener_v4: [127, 0, 0, 1],
+            listener_port: port,
+            _pad: 0,
+            listener_v6: std::net::Ipv6Addr::LOCALHOST.octets(),
+            enabled: 1,
+        },
+        started_boot_ns,
+    })
+    .with_context(|| {
+        format!(
+            "attaching the eBPF programs to cgroup {}",
+            cgroup_dir.display()
+        )
+    })?;
+    interceptor.set_targets(&active.table.kernel_keys())?;
+    tracing::info!(cgroup = %cgroup_dir.display(), port, targets = active.policy.targets.len(), "interception attached");
+    Ok(Arc::new(interceptor))
+}
+
+/// What the agent keeps in its state directory (0700): its local CA, the
+/// masking key, its SSH host key and the session store.
+struct StateFiles {
+    local_ca: crate::tls::LocalCa,
+    mask_key: crate::masking::MaskKey,
+    ssh_host_key: russh::keys::PrivateKey,
+    store: Arc<crate::sessions::Store>,
+}
+
+impl StateFiles {
+    fn open(config: &Config) -> anyhow::Result<Self> {
+        let state_dir = &config.agent.state_dir;
+        let local_ca = crate::keyfile::open_private_dir(state_dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| Ok(crate::tls::LocalCa::load_or_create(&state_dir.join("ca"))?))
+            .with_context(|| format!("preparing the state directory {}", state_dir.display()))?;
+        let mask_key_path = state_dir.join("mask.key");
+        let mask_key = crate::masking::MaskKey::load_or_create(&mask_key_path)
+            .with_context(|| format!("loading the masking key {}", mask_key_path.display()))?;
+        let ssh_host_key = crate::proxy::ssh::load_or_create_host_key(state_dir)
+            .context("loading the SSH host key")?;
+        let store = crate::sessions::Store::open(
+            &state_dir.join("sessions"),
+            &state_dir.join("host.key"),
+            crate::sessions::host_name(),
+            config.sessions.max_store_bytes,
+        )
+        .context("opening the session store")?;
+        Ok(Self {
+            local_ca,
+            mask_key,
+            ssh_host_key,
+            store,
+        })
+    }
+
+    fn proxy_context(self, gate: conn::Gate, config: &Config) -> ProxyContext {
+        ProxyContext {
+            gate,
+            tls: Some(Arc::new(self.local_ca)),
+            mask_key: Arc::new(self.mask_key),
+            literals: if config.agent.redact_literals {
+                crate::proxy::postgres::Literals::Redact
+            } else {
+                crate::proxy::postgres::Literals::Keep
+            },
+            pg_cancels: Default::default(),
+            pg: crate::proxy::postgres::Shared::new(
+                config.agent.max_statement_bytes,
+                config.agent.startup_timeout,
+            ),
+            ssh_server: crate::proxy::ssh::server_config(self.ssh_host_key),
+        }
+    }
+}
+
+/// The approval records (in the session store's database), their
+/// webhook, and the HTTP callback when one is configured.
+async fn start_approvals(
+    config: &Config,
+    store: &crate::sessions::Store,
+) -> anyhow::Result<(Arc<crate::approvals::Approvals>, Option<JoinHandle<()>>)> {
+    let notifier = crate::approvals::Notifier::start(&config.approvals)
+        .map_err(anyhow::Error::msg)
+        .context("[approvals] webhook")?;
+    let approvals = crate::approvals::Approvals::open(store.db(), store.host.clone(), notifier)
+        .context("opening the approval records")?;
+    let callback = match (config.approvals.callback_listen, &config.approvals.token) {
+        (Some(addr), Some(token)) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the approvals callback on {addr}"))?;
+            tracing::info!(%addr, "approvals callback listening");
+            Some(tokio::spawn(crate::approvals::callback::serve(
+                listener,
+                approvals.clone(),
+                token.clone(),
+            )))
+        }
+        _ => None,
+    };
+    Ok((approvals, callback))
 }
 
 /// Creates `state_dir` (0700) when it does not exist yet.

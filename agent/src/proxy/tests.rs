@@ -43,40 +43,10 @@ async fn harness_deciding(upstream: SocketAddr, decision: &str, enforce: bool) -
          [[rule]]\nname = \"r\"\nworkloads = [\"me\"]\ntargets = [\"up\"]\ndecision = \"{decision}\"\n",
     );
     let policy = Config::from_text("t.toml", &text).unwrap().policy;
-    let table = crate::daemon::resolve_table(&policy);
     let orig_dst = Arc::new(OrigDstTable::default());
     let state = tempfile::tempdir().unwrap();
-    let store = crate::sessions::Store::open(
-        &state.path().join("sessions"),
-        &state.path().join("host.key"),
-        "test-host".into(),
-        u64::MAX,
-    )
-    .unwrap();
-    let approvals =
-        crate::approvals::Approvals::open(store.db(), "test-host".into(), None).unwrap();
-    let context = Arc::new(ProxyContext {
-        gate: crate::conn::Gate {
-            kernel: orig_dst.clone(),
-            resolver: Arc::new(WorkloadResolver::new(CgroupFs::new("/nonexistent".into()))),
-            active: ArcSwap::from_pointee(ActivePolicy {
-                policy,
-                table,
-                enforce,
-            }),
-            connections: crate::conn::ConnRegistry::default(),
-            store,
-            approvals: approvals.clone(),
-        },
-        tls: None,
-        mask_key: Arc::new(crate::masking::MaskKey::new([0; 32])),
-        literals: Default::default(),
-        pg_cancels: Default::default(),
-        pg: crate::proxy::postgres::Shared::new(1024 * 1024, Duration::from_secs(10)),
-        ssh_server: super::ssh::server_config(russh::keys::PrivateKey::from(
-            russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[7; 32]),
-        )),
-    });
+    let context = context(policy, enforce, state.path(), orig_dst.clone());
+    let approvals = context.gate.approvals.clone();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let listen = listener.local_addr().unwrap();
     let (shutdown, rx) = watch::channel(false);
@@ -88,6 +58,47 @@ async fn harness_deciding(upstream: SocketAddr, decision: &str, enforce: bool) -
         shutdown,
         approvals,
     }
+}
+
+/// What connections share, over a store in `state` and a kernel stand-in.
+pub(crate) fn context(
+    policy: crate::policy::Policy,
+    enforce: bool,
+    state: &std::path::Path,
+    kernel: Arc<OrigDstTable>,
+) -> Arc<ProxyContext> {
+    let table = crate::daemon::resolve_table(&policy);
+    let store = crate::sessions::Store::open(
+        &state.join("sessions"),
+        &state.join("host.key"),
+        "test-host".into(),
+        u64::MAX,
+    )
+    .unwrap();
+    let approvals =
+        crate::approvals::Approvals::open(store.db(), "test-host".into(), None).unwrap();
+    Arc::new(ProxyContext {
+        gate: crate::conn::Gate {
+            kernel,
+            resolver: Arc::new(WorkloadResolver::new(CgroupFs::new("/nonexistent".into()))),
+            active: ArcSwap::from_pointee(ActivePolicy {
+                policy,
+                table,
+                enforce,
+            }),
+            connections: crate::conn::ConnRegistry::default(),
+            store,
+            approvals,
+        },
+        tls: None,
+        mask_key: Arc::new(crate::masking::MaskKey::new([0; 32])),
+        literals: Default::default(),
+        pg_cancels: Default::default(),
+        pg: crate::proxy::postgres::Shared::new(1024 * 1024, Duration::from_secs(10)),
+        ssh_server: super::ssh::server_config(russh::keys::PrivateKey::from(
+            russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[7; 32]),
+        )),
+    })
 }
 
 /// Connects to the proxy and registers what the kernel would have recorded.

@@ -29,6 +29,8 @@ mod wire;
 
 #[doc(hidden)]
 pub mod fuzz;
+#[cfg(test)]
+mod tests;
 
 pub use cancel::CancelKeys;
 pub use names::SystemCatalog;

@@ -141,6 +141,12 @@ enum Answer {
     Gone,
 }
 
+/// Passes a client message on as it came.
+fn forward(frame: &Frame, out: &mut BytesMut) -> Step {
+    out.extend_from_slice(&frame.bytes);
+    Step::Done
+}
+
 /// Bytes a held client may send meanwhile (it is not read beyond this).
 const MAX_WHILE_HELD: usize = 1024 * 1024;
 
@@ -419,236 +425,279 @@ impl<'s> Requests<'s> {
     }
 
     /// Handles one client message: what goes upstream is added to `out`.
-    fn on_frame(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<Step, WireError> {
-        if let Some(batch) = &mut self.denied_batch {
-            // The rest of a batch whose Parse or Bind was denied is dropped;
-            // the denial is raised at the client's next Flush or Sync.
-            if matches!(frame.tag, b'H' | b'S') && !batch.raised {
-                batch.raised = true;
-                let denial = batch.denial.clone();
-                self.raise_denial(&denial, out, true);
-            }
-            if frame.tag == b'S' {
-                self.denied_batch = None;
-                self.expect(Expect::Sync);
-                out.extend_from_slice(&frame.bytes);
-            }
-            return Ok(Step::Done);
+    pub(super) fn on_frame(
+        &mut self,
+        frame: &Frame,
+        out: &mut BytesMut,
+    ) -> Result<Step, WireError> {
+        if self.denied_batch.is_some() {
+            return Ok(self.in_denied_batch(frame, out));
         }
         match frame.tag {
-            b'Q' => {
-                self.refresh();
-                let sql = wire::query_text(frame.body())?;
-                let decided = self.decide(sql);
-                if let Some(denial) = &decided.denial {
-                    self.record_denial(&decided)?;
-                    self.raise_denial(denial, out, false);
-                    return Ok(Step::Done);
-                }
-                if let Some(hold) = self.gate(&decided)? {
-                    return Ok(Step::Hold(hold));
-                }
-                self.follow(&decided);
-                let audits = self.record(&decided)?;
-                self.expect(Expect::Query {
-                    audits,
-                    masks: self.masks(),
-                    hide_ready: false,
-                });
-                out.extend_from_slice(&frame.bytes);
-                self.repin(&decided, out);
-                return Ok(Step::Done);
+            b'Q' => self.on_query(frame, out),
+            b'P' => self.on_parse(frame, out),
+            b'B' => self.on_bind(frame, out),
+            b'D' => self.on_describe(frame, out),
+            b'E' => self.on_execute(frame, out),
+            b'C' => self.on_close(frame, out),
+            b'F' => self.on_function_call(frame, out),
+            b'S' if self.copying_in => {
+                self.expect(Expect::SyncInCopy);
+                Ok(forward(frame, out))
             }
-            b'P' => {
-                self.refresh();
-                let (name, sql) = wire::parse_fields(frame.body())?;
-                let decided = self.decide(sql);
-                if let Some(denial) = &decided.denial {
-                    self.record_denial(&decided)?;
-                    return self.deny_batch(denial.clone()).map(|()| Step::Done);
-                }
-                if self.session.as_user.is_some() && resets_role(&decided) {
-                    return self
-                        .deny_batch(Denial {
-                            code: "42501",
-                            message: "DISCARD ALL would drop the role this session is pinned to; send it as a simple query (the agent then sets the role again)".into(),
-                        })
-                        .map(|()| Step::Done);
-                }
-                self.follow(&decided);
-                if !self.prepared.contains_key(name) && self.prepared.len() >= MAX_PREPARED {
-                    return self
-                        .deny_batch(Denial {
-                            code: "42501",
-                            message: format!(
-                                "more than {MAX_PREPARED} prepared statements in one session; close some first"
-                            ),
-                        })
-                        .map(|()| Step::Done);
-                }
-                self.prepared.insert(name.to_owned(), decided);
-                self.expect(Expect::Parse);
+            b'S' => {
+                self.expect(Expect::Sync);
+                Ok(forward(frame, out))
             }
-            b'B' => {
-                self.refresh();
-                let (portal, statement) = wire::bind_names(frame.body())?;
-                let mut decided = self.prepared.get(statement).cloned();
-                // Prepared under an older policy or search path: decided
-                // again now.
-                if let Some(stale) = &decided
-                    && (!Arc::ptr_eq(&stale.policy, &self.policy)
-                        || stale.generation != self.generation)
-                {
-                    let fresh = Arc::new(decide(
-                        self.session,
-                        &self.policy,
-                        stale.analysed.clone(),
-                        &self.names,
-                        self.generation,
-                        &self.masking,
-                    ));
-                    self.prepared.insert(statement.to_owned(), fresh.clone());
-                    decided = Some(fresh);
-                }
-                if let Some(decided) = decided.as_ref().filter(|d| d.denial.is_some()) {
-                    self.record_denial(decided)?;
-                    let denial = decided.denial.clone().expect("filtered");
-                    return self.deny_batch(denial).map(|()| Step::Done);
-                }
-                self.portals.insert(
-                    portal.to_owned(),
-                    Portal {
-                        decided,
-                        described: false,
-                    },
-                );
-                self.expect(Expect::Bind {
-                    portal: portal.to_owned(),
-                });
+            b'c' | b'f' => {
+                self.copying_in = false;
+                Ok(forward(frame, out))
             }
-            b'D' => {
-                let (kind, name) = wire::target_name(frame.body(), "Describe")?;
-                if kind == b'P' {
-                    if let Some(portal) = self.portals.get_mut(name) {
-                        portal.described = true;
-                    }
-                    self.expect(Expect::DescribePortal {
-                        portal: name.to_owned(),
-                        masks: self.masks(),
-                        hidden: false,
-                    });
-                } else {
-                    self.expect(Expect::DescribeStatement);
-                }
-            }
-            b'E' => {
-                let portal_name = wire::execute_portal(frame.body())?;
-                // Each execution of a statement that needs approval waits
-                // for its own (prepared statements are not approved once
-                // for all their executions).
-                let held = self
-                    .portals
-                    .get(portal_name)
-                    .and_then(|p| p.decided.clone());
-                if let Some(decided) = held
-                    && let Some(hold) = self.gate(&decided)?
-                {
-                    return Ok(Step::Hold(hold));
-                }
-                let masks = self.masks();
-                let portal = self.portals.get_mut(portal_name);
-                let described = portal.as_ref().is_some_and(|p| p.described);
-                let decided = portal.and_then(|p| {
-                    p.described = true;
-                    p.decided.clone()
-                });
-                self.copying_in = decided.as_ref().is_some_and(|d| {
-                    d.statements
-                        .first()
-                        .is_some_and(|s| s.kinds.contains(StatementKind::CopyFrom))
-                });
-                // Each execution is a statement of the record (an empty
-                // one runs nothing and records nothing).
-                let audit = match decided {
-                    Some(decided) if !decided.statements.is_empty() => {
-                        Some(self.record_one(&decided, 0)?)
-                    }
-                    _ => None,
-                };
-                // Rows are masked by their columns: when the client did not
-                // describe the portal, the agent asks for itself.
-                if masks.is_some() && !described {
-                    describe_portal(portal_name, out);
-                    self.expect(Expect::DescribePortal {
-                        portal: portal_name.to_owned(),
-                        masks: masks.clone(),
-                        hidden: true,
-                    });
-                }
-                self.expect(Expect::Execute {
-                    portal: portal_name.to_owned(),
-                    audit,
-                    masks,
-                });
-            }
-            b'C' => {
-                let (kind, name) = wire::target_name(frame.body(), "Close")?;
-                if kind == b'P' {
-                    self.portals.remove(name);
-                } else {
-                    self.prepared.remove(name);
-                }
-                self.expect(Expect::Close);
-            }
-            b'S' if self.copying_in => self.expect(Expect::SyncInCopy),
-            b'S' => self.expect(Expect::Sync),
-            b'c' | b'f' => self.copying_in = false,
-            b'F' => {
-                // A fast-path function call names a function by OID: it
-                // cannot be read as a statement, so it follows `unparsed`.
-                self.refresh();
-                let call: Arc<[Analysed]> = Arc::new([Analysed {
-                    parsed: Arc::new(Parsed {
-                        kinds: KindSet::from_iter([StatementKind::Call]),
-                        problem: Some("a fast-path call names its function by number".into()),
-                        unparsed: true,
-                        ..Parsed::default()
-                    }),
-                    text: "fast-path function call".into(),
-                }]);
-                let decided = Arc::new(decide(
-                    self.session,
-                    &self.policy,
-                    call,
-                    &self.names,
-                    self.generation,
-                    &self.masking,
-                ));
-                let denial = decided.denial.clone().or_else(|| {
-                    self.masks().map(|_| Denial {
-                        code: "42501",
-                        message: "results are masked for this workload, and a fast-path call's result cannot be".into(),
-                    })
-                });
-                if let Some(denial) = denial {
-                    self.record_denial(&decided)?;
-                    self.raise_denial(&denial, out, false);
-                    return Ok(Step::Done);
-                }
-                if let Some(hold) = self.gate(&decided)? {
-                    return Ok(Step::Hold(hold));
-                }
-                let audits = self.record(&decided)?;
-                self.expect(Expect::Query {
-                    audits,
-                    masks: None,
-                    hide_ready: false,
-                });
-            }
-            _ => {}
+            _ => Ok(forward(frame, out)),
         }
+    }
+
+    /// The rest of a batch whose Parse or Bind was denied is dropped; the
+    /// denial is raised at the client's next Flush or Sync.
+    fn in_denied_batch(&mut self, frame: &Frame, out: &mut BytesMut) -> Step {
+        let batch = self.denied_batch.as_mut().expect("in a denied batch");
+        if matches!(frame.tag, b'H' | b'S') && !batch.raised {
+            batch.raised = true;
+            let denial = batch.denial.clone();
+            self.raise_denial(&denial, out, true);
+        }
+        if frame.tag == b'S' {
+            self.denied_batch = None;
+            self.expect(Expect::Sync);
+            out.extend_from_slice(&frame.bytes);
+        }
+        Step::Done
+    }
+
+    /// A simple query: decided, held, or forwarded with its audits.
+    fn on_query(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<Step, WireError> {
+        self.refresh();
+        let sql = wire::query_text(frame.body())?;
+        let decided = self.decide(sql);
+        if let Some(denial) = &decided.denial {
+            self.record_denial(&decided)?;
+            self.raise_denial(denial, out, false);
+            return Ok(Step::Done);
+        }
+        if let Some(hold) = self.gate(&decided)? {
+            return Ok(Step::Hold(hold));
+        }
+        self.follow(&decided);
+        let audits = self.record(&decided)?;
+        self.expect(Expect::Query {
+            audits,
+            masks: self.masks(),
+            hide_ready: false,
+        });
         out.extend_from_slice(&frame.bytes);
+        self.repin(&decided, out);
         Ok(Step::Done)
+    }
+
+    /// Parse: decided now, raised at the batch's Sync if denied.
+    fn on_parse(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<Step, WireError> {
+        self.refresh();
+        let (name, sql) = wire::parse_fields(frame.body())?;
+        let decided = self.decide(sql);
+        if let Some(denial) = &decided.denial {
+            self.record_denial(&decided)?;
+            return self.deny_batch(denial.clone()).map(|()| Step::Done);
+        }
+        if self.session.as_user.is_some() && resets_role(&decided) {
+            return self
+                .deny_batch(Denial {
+                    code: "42501",
+                    message: "DISCARD ALL would drop the role this session is pinned to; send it as a simple query (the agent then sets the role again)".into(),
+                })
+                .map(|()| Step::Done);
+        }
+        self.follow(&decided);
+        if !self.prepared.contains_key(name) && self.prepared.len() >= MAX_PREPARED {
+            return self
+                .deny_batch(Denial {
+                    code: "42501",
+                    message: format!(
+                        "more than {MAX_PREPARED} prepared statements in one session; close some first"
+                    ),
+                })
+                .map(|()| Step::Done);
+        }
+        self.prepared.insert(name.to_owned(), decided);
+        self.expect(Expect::Parse);
+        Ok(forward(frame, out))
+    }
+
+    /// Bind: the prepared statement's decision, made again if the policy
+    /// or the search path changed since it was prepared.
+    fn on_bind(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<Step, WireError> {
+        self.refresh();
+        let (portal, statement) = wire::bind_names(frame.body())?;
+        let mut decided = self.prepared.get(statement).cloned();
+        // Prepared under an older policy or search path: decided
+        // again now.
+        if let Some(stale) = &decided
+            && (!Arc::ptr_eq(&stale.policy, &self.policy) || stale.generation != self.generation)
+        {
+            let fresh = Arc::new(decide(
+                self.session,
+                &self.policy,
+                stale.analysed.clone(),
+                &self.names,
+                self.generation,
+                &self.masking,
+            ));
+            self.prepared.insert(statement.to_owned(), fresh.clone());
+            decided = Some(fresh);
+        }
+        if let Some(decided) = decided.as_ref().filter(|d| d.denial.is_some()) {
+            self.record_denial(decided)?;
+            let denial = decided.denial.clone().expect("filtered");
+            return self.deny_batch(denial).map(|()| Step::Done);
+        }
+        self.portals.insert(
+            portal.to_owned(),
+            Portal {
+                decided,
+                described: false,
+            },
+        );
+        self.expect(Expect::Bind {
+            portal: portal.to_owned(),
+        });
+        Ok(forward(frame, out))
+    }
+
+    /// Describe: a portal's row description is masked like its rows.
+    fn on_describe(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<Step, WireError> {
+        let (kind, name) = wire::target_name(frame.body(), "Describe")?;
+        if kind == b'P' {
+            if let Some(portal) = self.portals.get_mut(name) {
+                portal.described = true;
+            }
+            self.expect(Expect::DescribePortal {
+                portal: name.to_owned(),
+                masks: self.masks(),
+                hidden: false,
+            });
+        } else {
+            self.expect(Expect::DescribeStatement);
+        }
+        Ok(forward(frame, out))
+    }
+
+    /// Execute: held if it needs approval, else recorded and forwarded
+    /// (with a Describe of the agent's own when rows must be masked).
+    fn on_execute(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<Step, WireError> {
+        let portal_name = wire::execute_portal(frame.body())?;
+        // Each execution of a statement that needs approval waits
+        // for its own (prepared statements are not approved once
+        // for all their executions).
+        let held = self
+            .portals
+            .get(portal_name)
+            .and_then(|p| p.decided.clone());
+        if let Some(decided) = held
+            && let Some(hold) = self.gate(&decided)?
+        {
+            return Ok(Step::Hold(hold));
+        }
+        let masks = self.masks();
+        let portal = self.portals.get_mut(portal_name);
+        let described = portal.as_ref().is_some_and(|p| p.described);
+        let decided = portal.and_then(|p| {
+            p.described = true;
+            p.decided.clone()
+        });
+        self.copying_in = decided.as_ref().is_some_and(|d| {
+            d.statements
+                .first()
+                .is_some_and(|s| s.kinds.contains(StatementKind::CopyFrom))
+        });
+        // Each execution is a statement of the record (an empty
+        // one runs nothing and records nothing).
+        let audit = match decided {
+            Some(decided) if !decided.statements.is_empty() => Some(self.record_one(&decided, 0)?),
+            _ => None,
+        };
+        // Rows are masked by their columns: when the client did not
+        // describe the portal, the agent asks for itself.
+        if masks.is_some() && !described {
+            describe_portal(portal_name, out);
+            self.expect(Expect::DescribePortal {
+                portal: portal_name.to_owned(),
+                masks: masks.clone(),
+                hidden: true,
+            });
+        }
+        self.expect(Expect::Execute {
+            portal: portal_name.to_owned(),
+            audit,
+            masks,
+        });
+        Ok(forward(frame, out))
+    }
+
+    /// Close: the statement or portal is forgotten.
+    fn on_close(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<Step, WireError> {
+        let (kind, name) = wire::target_name(frame.body(), "Close")?;
+        if kind == b'P' {
+            self.portals.remove(name);
+        } else {
+            self.prepared.remove(name);
+        }
+        self.expect(Expect::Close);
+        Ok(forward(frame, out))
+    }
+
+    /// A fast-path function call names a function by OID: it cannot be
+    /// read as a statement, so it follows `unparsed`.
+    fn on_function_call(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<Step, WireError> {
+        self.refresh();
+        let call: Arc<[Analysed]> = Arc::new([Analysed {
+            parsed: Arc::new(Parsed {
+                kinds: KindSet::from_iter([StatementKind::Call]),
+                problem: Some("a fast-path call names its function by number".into()),
+                unparsed: true,
+                ..Parsed::default()
+            }),
+            text: "fast-path function call".into(),
+        }]);
+        let decided = Arc::new(decide(
+            self.session,
+            &self.policy,
+            call,
+            &self.names,
+            self.generation,
+            &self.masking,
+        ));
+        let denial = decided.denial.clone().or_else(|| {
+            self.masks().map(|_| Denial {
+                code: "42501",
+                message:
+                    "results are masked for this workload, and a fast-path call's result cannot be"
+                        .into(),
+            })
+        });
+        if let Some(denial) = denial {
+            self.record_denial(&decided)?;
+            self.raise_denial(&denial, out, false);
+            return Ok(Step::Done);
+        }
+        if let Some(hold) = self.gate(&decided)? {
+            return Ok(Step::Hold(hold));
+        }
+        let audits = self.record(&decided)?;
+        self.expect(Expect::Query {
+            audits,
+            masks: None,
+            hide_ready: false,
+        });
+        Ok(forward(frame, out))
     }
 
     /// The decision on a query text (analysed by `prepare`).

@@ -70,6 +70,9 @@ pub enum Expect {
 
 pub type Expected = Mutex<VecDeque<Expect>>;
 
+/// A server message that answers nothing asked; `on_frame` names it.
+const OUT_OF_STEP: ResponseError = ResponseError::OutOfStep('?');
+
 #[derive(Debug, thiserror::Error)]
 pub enum ResponseError {
     #[error("i/o: {0}")]
@@ -91,7 +94,8 @@ pub enum ResponseError {
 }
 
 /// What to do with one response frame.
-enum Act {
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Act {
     Forward,
     /// The agent's own question's answer: not sent on.
     Drop,
@@ -216,14 +220,13 @@ impl<'s> Responses<'s> {
     /// Handles one frame: `frame` is the whole frame, or `None` for a
     /// streamed one (see [`Self::streams`]). Masked rows are appended to
     /// `out`.
-    fn on_frame(
+    pub(super) fn on_frame(
         &mut self,
         tag: u8,
         frame: Option<&[u8]>,
         out: &mut BytesMut,
     ) -> Result<Act, ResponseError> {
-        let body = || frame.map_or(&[][..], |f| &f[5..]);
-        let out_of_step = || ResponseError::OutOfStep(tag as char);
+        let body = frame.map_or(&[][..], |f| &f[5..]);
         self.ensure_active();
         if let Some(Expect::Repin) = self.active {
             return match tag {
@@ -236,187 +239,214 @@ impl<'s> Responses<'s> {
             };
         }
         match tag {
-            b'D' => {
-                let masked = match (&self.plan, frame) {
-                    (Some(plan), Some(frame)) => match self.active.as_ref() {
-                        Some(
-                            Expect::Query {
-                                masks: Some(masks), ..
-                            }
-                            | Expect::Execute {
-                                masks: Some(masks), ..
-                            },
-                        ) => plan.mask_row(masks, frame, out)?,
-                        _ => return Err(out_of_step()),
-                    },
-                    _ => None,
-                };
-                let audit = match self.active.as_mut() {
-                    Some(Expect::Query { audits, .. }) => audits.front_mut(),
-                    Some(Expect::Execute { audit, .. }) => audit.as_mut(),
-                    _ => return Err(out_of_step()),
-                };
-                if let Some(audit) = audit {
-                    audit.rows += 1;
-                    audit.masked += u64::from(masked.unwrap_or(0));
-                }
-                Ok(if masked.is_some() {
-                    Act::Replaced
-                } else {
-                    Act::Forward
-                })
-            }
-            b'T' => match self.take_active().ok_or_else(out_of_step)? {
-                Expect::Query {
-                    audits,
-                    masks,
-                    hide_ready,
-                } => {
-                    self.plan = masks
-                        .as_ref()
-                        .map(|m| RowPlan::new(m, body()))
-                        .transpose()?
-                        .map(Arc::new);
-                    self.active = Some(Expect::Query {
-                        audits,
-                        masks,
-                        hide_ready,
-                    });
-                    Ok(Act::Forward)
-                }
-                Expect::DescribeStatement => Ok(Act::Forward),
-                Expect::DescribePortal {
-                    portal,
-                    masks,
-                    hidden,
-                } => {
-                    if let Some(masks) = masks {
-                        let plan = Arc::new(RowPlan::new(&masks, body())?);
-                        if self.portals.len() >= MAX_PORTALS {
-                            self.portals.clear();
-                        }
-                        self.portals.insert(portal, plan);
-                    }
-                    Ok(if hidden { Act::Drop } else { Act::Forward })
-                }
-                _ => Err(out_of_step()),
-            },
-            b'n' => match self.take_active().ok_or_else(out_of_step)? {
-                Expect::DescribeStatement => Ok(Act::Forward),
-                Expect::DescribePortal { portal, hidden, .. } => {
-                    self.portals.remove(&portal);
-                    Ok(if hidden { Act::Drop } else { Act::Forward })
-                }
-                _ => Err(out_of_step()),
-            },
-            b'C' | b'I' => {
-                let tag_text = (tag == b'C').then(|| body().strip_suffix(&[0]).unwrap_or(body()));
-                self.ensure_active();
-                match &mut self.active {
-                    Some(Expect::Query { audits, .. }) => {
-                        if let Some(audit) = audits.pop_front() {
-                            audit.finish(self.session, self.counts, StatementOutcome::Ok, tag_text);
-                        }
-                        self.plan = None;
-                    }
-                    Some(Expect::Execute { .. }) => {
-                        if let Some(Expect::Execute {
-                            audit: Some(audit), ..
-                        }) = self.take_active()
-                        {
-                            audit.finish(self.session, self.counts, StatementOutcome::Ok, tag_text);
-                        }
-                    }
-                    _ => return Err(out_of_step()),
-                }
-                Ok(Act::Forward)
-            }
-            b's' => match self.take_active().ok_or_else(out_of_step)? {
+            b'D' => self.on_data_row(frame, out),
+            b'T' => self.on_row_description(body),
+            b'n' => self.on_no_data(),
+            b'C' | b'I' => self.on_complete(tag, body),
+            b's' => match self.take_active().ok_or(OUT_OF_STEP)? {
                 Expect::Execute { audit, .. } => {
                     if let Some(audit) = audit {
                         audit.finish(self.session, self.counts, StatementOutcome::Ok, None);
                     }
                     Ok(Act::Forward)
                 }
-                _ => Err(out_of_step()),
+                _ => Err(OUT_OF_STEP),
             },
             b'1' | b'2' | b'3' => {
-                match (tag, self.take_active().ok_or_else(out_of_step)?) {
+                match (tag, self.take_active().ok_or(OUT_OF_STEP)?) {
                     (b'1', Expect::Parse) | (b'3', Expect::Close) => {}
                     (b'2', Expect::Bind { portal }) => {
                         self.portals.remove(&portal);
                     }
-                    _ => return Err(out_of_step()),
+                    _ => return Err(OUT_OF_STEP),
                 }
                 Ok(Act::Forward)
             }
             // ParameterDescription: RowDescription or NoData follows.
-            b't' => {
-                self.ensure_active();
-                match &self.active {
-                    Some(Expect::DescribeStatement) => Ok(Act::Forward),
-                    _ => Err(out_of_step()),
-                }
-            }
-            b'E' => {
-                self.ensure_active();
-                match &mut self.active {
-                    // The failing statement of a simple query; the rest of
-                    // it does not run. ReadyForQuery follows.
-                    Some(Expect::Query { audits, .. }) => {
-                        let mut audits = std::mem::take(audits);
-                        if let Some(failed) = audits.pop_front() {
-                            failed.finish(self.session, self.counts, StatementOutcome::Error, None);
-                        }
-                        for audit in audits {
-                            audit.finish(self.session, self.counts, StatementOutcome::NotRun, None);
-                        }
-                        self.plan = None;
-                    }
-                    // A failing commit at Sync: ReadyForQuery follows.
-                    Some(Expect::Sync) => {}
-                    // Extended protocol: the server now skips to Sync.
-                    Some(_) => {
-                        if let Some(Expect::Execute {
-                            audit: Some(audit), ..
-                        }) = self.take_active()
-                        {
-                            audit.finish(self.session, self.counts, StatementOutcome::Error, None);
-                        }
-                        self.skip_to_sync = true;
-                    }
-                    // Not an answer (a FATAL at server shutdown): passed on.
-                    None => {}
-                }
-                Ok(Act::Forward)
-            }
+            b't' => match &self.active {
+                Some(Expect::DescribeStatement) => Ok(Act::Forward),
+                _ => Err(OUT_OF_STEP),
+            },
+            b'E' => Ok(self.on_error()),
             // CopyInResponse: the Syncs the client sends until CopyDone are
             // ignored by the server.
             b'G' => {
                 self.copy_in = true;
                 Ok(Act::Forward)
             }
-            b'Z' => {
-                let active = self.take_active();
-                self.copy_in = false;
-                let hide = match active.ok_or_else(out_of_step)? {
-                    Expect::Query {
-                        audits, hide_ready, ..
-                    } => {
-                        for audit in audits {
-                            audit.finish(self.session, self.counts, StatementOutcome::NotRun, None);
-                        }
-                        hide_ready
-                    }
-                    Expect::Sync => false,
-                    _ => return Err(out_of_step()),
-                };
-                Ok(if hide { Act::Drop } else { Act::Forward })
-            }
+            b'Z' => self.on_ready(),
             // Notices, notifications, parameter changes, COPY and
             // function-call responses belong to whatever is running.
             _ => Ok(Act::Forward),
         }
+        .map_err(|error| match error {
+            ResponseError::OutOfStep(_) => ResponseError::OutOfStep(tag as char),
+            other => other,
+        })
+    }
+
+    /// DataRow: masked by the result's plan, counted in its audit.
+    fn on_data_row(
+        &mut self,
+        frame: Option<&[u8]>,
+        out: &mut BytesMut,
+    ) -> Result<Act, ResponseError> {
+        let masked = match (&self.plan, frame) {
+            (Some(plan), Some(frame)) => match self.active.as_ref() {
+                Some(
+                    Expect::Query {
+                        masks: Some(masks), ..
+                    }
+                    | Expect::Execute {
+                        masks: Some(masks), ..
+                    },
+                ) => plan.mask_row(masks, frame, out)?,
+                _ => return Err(OUT_OF_STEP),
+            },
+            _ => None,
+        };
+        let audit = match self.active.as_mut() {
+            Some(Expect::Query { audits, .. }) => audits.front_mut(),
+            Some(Expect::Execute { audit, .. }) => audit.as_mut(),
+            _ => return Err(OUT_OF_STEP),
+        };
+        if let Some(audit) = audit {
+            audit.rows += 1;
+            audit.masked += u64::from(masked.unwrap_or(0));
+        }
+        Ok(if masked.is_some() {
+            Act::Replaced
+        } else {
+            Act::Forward
+        })
+    }
+
+    /// RowDescription: the plan that masks the rows that follow (a
+    /// query's now, a portal's for its Execute).
+    fn on_row_description(&mut self, body: &[u8]) -> Result<Act, ResponseError> {
+        match self.take_active().ok_or(OUT_OF_STEP)? {
+            Expect::Query {
+                audits,
+                masks,
+                hide_ready,
+            } => {
+                self.plan = masks
+                    .as_ref()
+                    .map(|m| RowPlan::new(m, body))
+                    .transpose()?
+                    .map(Arc::new);
+                self.active = Some(Expect::Query {
+                    audits,
+                    masks,
+                    hide_ready,
+                });
+                Ok(Act::Forward)
+            }
+            Expect::DescribeStatement => Ok(Act::Forward),
+            Expect::DescribePortal {
+                portal,
+                masks,
+                hidden,
+            } => {
+                if let Some(masks) = masks {
+                    let plan = Arc::new(RowPlan::new(&masks, body)?);
+                    if self.portals.len() >= MAX_PORTALS {
+                        self.portals.clear();
+                    }
+                    self.portals.insert(portal, plan);
+                }
+                Ok(if hidden { Act::Drop } else { Act::Forward })
+            }
+            _ => Err(OUT_OF_STEP),
+        }
+    }
+
+    /// NoData: the statement or portal returns no rows.
+    fn on_no_data(&mut self) -> Result<Act, ResponseError> {
+        match self.take_active().ok_or(OUT_OF_STEP)? {
+            Expect::DescribeStatement => Ok(Act::Forward),
+            Expect::DescribePortal { portal, hidden, .. } => {
+                self.portals.remove(&portal);
+                Ok(if hidden { Act::Drop } else { Act::Forward })
+            }
+            _ => Err(OUT_OF_STEP),
+        }
+    }
+
+    /// CommandComplete or EmptyQueryResponse: the statement ran.
+    fn on_complete(&mut self, tag: u8, body: &[u8]) -> Result<Act, ResponseError> {
+        let tag_text = (tag == b'C').then(|| body.strip_suffix(&[0]).unwrap_or(body));
+        match &mut self.active {
+            Some(Expect::Query { audits, .. }) => {
+                if let Some(audit) = audits.pop_front() {
+                    audit.finish(self.session, self.counts, StatementOutcome::Ok, tag_text);
+                }
+                self.plan = None;
+            }
+            Some(Expect::Execute { .. }) => {
+                if let Some(Expect::Execute {
+                    audit: Some(audit), ..
+                }) = self.take_active()
+                {
+                    audit.finish(self.session, self.counts, StatementOutcome::Ok, tag_text);
+                }
+            }
+            _ => return Err(OUT_OF_STEP),
+        }
+        Ok(Act::Forward)
+    }
+
+    /// ErrorResponse: the statement failed, and what was to follow it in
+    /// its query or batch does not run.
+    fn on_error(&mut self) -> Act {
+        match &mut self.active {
+            // The failing statement of a simple query; the rest of
+            // it does not run. ReadyForQuery follows.
+            Some(Expect::Query { audits, .. }) => {
+                let mut audits = std::mem::take(audits);
+                if let Some(failed) = audits.pop_front() {
+                    failed.finish(self.session, self.counts, StatementOutcome::Error, None);
+                }
+                for audit in audits {
+                    audit.finish(self.session, self.counts, StatementOutcome::NotRun, None);
+                }
+                self.plan = None;
+            }
+            // A failing commit at Sync: ReadyForQuery follows.
+            Some(Expect::Sync) => {}
+            // Extended protocol: the server now skips to Sync.
+            Some(_) => {
+                if let Some(Expect::Execute {
+                    audit: Some(audit), ..
+                }) = self.take_active()
+                {
+                    audit.finish(self.session, self.counts, StatementOutcome::Error, None);
+                }
+                self.skip_to_sync = true;
+            }
+            // Not an answer (a FATAL at server shutdown): passed on.
+            None => {}
+        }
+        Act::Forward
+    }
+
+    /// ReadyForQuery: the query or batch is over.
+    fn on_ready(&mut self) -> Result<Act, ResponseError> {
+        let active = self.take_active();
+        self.copy_in = false;
+        let hide = match active.ok_or(OUT_OF_STEP)? {
+            Expect::Query {
+                audits, hide_ready, ..
+            } => {
+                for audit in audits {
+                    audit.finish(self.session, self.counts, StatementOutcome::NotRun, None);
+                }
+                hide_ready
+            }
+            Expect::Sync => false,
+            _ => return Err(OUT_OF_STEP),
+        };
+        Ok(if hide { Act::Drop } else { Act::Forward })
     }
 
     /// Statements still waiting when the session ends did not complete.
