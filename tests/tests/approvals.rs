@@ -299,37 +299,71 @@ fn callback(port: u16, id: &str, body: &str, token: &str, sign_with: &str) -> (u
     (code.parse().unwrap_or(0), body.to_owned())
 }
 
-#[test]
-fn held_statements_wait_for_a_person() {
-    let pg = Postgres::start("approvals", "127.0.0.60");
+/// One agent, PostgreSQL server, webhook receiver and callback of a test's
+/// own.
+struct Setup {
+    pg: Postgres,
+    _cgroup: TestCgroup,
+    job: PathBuf,
+    dir: PathBuf,
+    webhook: Webhook,
+    callback_port: u16,
+    agent: Agent,
+}
+
+fn setup(name: &str, ip: &str) -> Setup {
+    let pg = Postgres::start(name, ip);
     pg.admin_sql("postgres", SETUP);
     let secret = pg.password_file("app-secret-5");
-    let mut cgroup = TestCgroup::new("approvals");
+    let mut cgroup = TestCgroup::new(name);
     let (job, _) = cgroup.child("ci-job.service");
-    let dir = std::env::temp_dir().join(format!("interlock-approvals-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("interlock-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let webhook_port = free_port();
     let callback_port = free_port();
     // The first notification fails: it must arrive anyway, retried.
     let webhook = Webhook::start(&dir, webhook_port, 1);
-    let mut agent = Agent::start(
+    let agent = Agent::start(
         &cgroup,
-        "approvals",
+        name,
         &policy(&pg, &secret, webhook_port, callback_port, &dir),
     );
+    Setup {
+        pg,
+        _cgroup: cgroup,
+        job,
+        dir,
+        webhook,
+        callback_port,
+        agent,
+    }
+}
 
+/// A held DELETE waits for a person: the requester cannot approve itself,
+/// a stranger or root cannot approve at all, the on-call uid can; a
+/// denial and a timeout reach the client; each step is in the session,
+/// the access log and the webhook.
+#[test]
+fn approvers_approve_deny_and_time_out() {
+    let Setup {
+        pg,
+        job,
+        webhook,
+        agent,
+        ..
+    } = &setup("approvals", "127.0.0.60");
     // 1. A DELETE waits; the requester cannot approve itself, a stranger
     //    cannot approve at all, the on-call uid can.
     let client = psql(
-        &job,
-        &pg,
+        job,
+        pg,
         &[
             "DELETE FROM orders WHERE id = 1",
             "SELECT count(*) FROM orders",
         ],
     );
-    let request = wait_request(&agent, "DELETE FROM orders WHERE id = 1");
+    let request = wait_request(agent, "DELETE FROM orders WHERE id = 1");
     let id = request["id"].as_str().unwrap().to_owned();
     assert_eq!(request["rule"], "deletes-need-oncall");
     assert_eq!(request["target"], "prod-db");
@@ -348,14 +382,14 @@ fn held_statements_wait_for_a_person() {
     );
 
     // Anyone may list, but only sees what they may answer.
-    let out = cli_as(&agent, STRANGER, &["approvals", "list"]);
+    let out = cli_as(agent, STRANGER, &["approvals", "list"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         stdout(&out).contains("no pending requests"),
         "{}",
         stdout(&out)
     );
-    let out = cli_as(&agent, ONCALL, &["approvals", "list"]);
+    let out = cli_as(agent, ONCALL, &["approvals", "list"]);
     let listed = stdout(&out);
     assert!(
         listed.contains(&id) && listed.contains("DELETE FROM orders WHERE id = 1"),
@@ -366,14 +400,14 @@ fn held_statements_wait_for_a_person() {
         "{listed}"
     );
 
-    let out = cli_as(&agent, REQUESTER, &["approvals", "approve", &id]);
+    let out = cli_as(agent, REQUESTER, &["approvals", "approve", &id]);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("cannot answer for its own workload"),
         "{}",
         stderr(&out)
     );
-    let out = cli_as(&agent, STRANGER, &["approvals", "approve", &id]);
+    let out = cli_as(agent, STRANGER, &["approvals", "approve", &id]);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("is not an approver"),
@@ -387,10 +421,10 @@ fn held_statements_wait_for_a_person() {
         "{}",
         stderr(&out)
     );
-    assert_eq!(state_of(&agent, &id), "pending");
+    assert_eq!(state_of(agent, &id), "pending");
 
     let out = cli_as(
-        &agent,
+        agent,
         ONCALL,
         &["approvals", "approve", &id, "--reason", "ticket OPS-1"],
     );
@@ -411,22 +445,22 @@ fn held_statements_wait_for_a_person() {
 
     // 2. Denied: the client gets 42501 naming who and why; the session goes on.
     let client = psql(
-        &job,
-        &pg,
+        job,
+        pg,
         &[
             "DELETE FROM orders WHERE id = 2",
             "SELECT count(*) FROM orders",
         ],
     );
-    let denied_id = wait_request(&agent, "id = 2")["id"]
+    let denied_id = wait_request(agent, "id = 2")["id"]
         .as_str()
         .unwrap()
         .to_owned();
-    let out = cli_as(&agent, ONCALL, &["approvals", "deny", &denied_id]);
+    let out = cli_as(agent, ONCALL, &["approvals", "deny", &denied_id]);
     assert!(!out.status.success(), "a denial needs a reason");
     // Denied by a member of an approving group.
     let out = cli_as_ids(
-        &agent,
+        agent,
         GROUP_MEMBER,
         USERS_GID,
         &[
@@ -454,8 +488,8 @@ fn held_statements_wait_for_a_person() {
 
     // 3. Timed out after the rule's 2 s.
     let client = psql(
-        &job,
-        &pg,
+        job,
+        pg,
         &["UPDATE orders SET total = 0 WHERE id = 3", "SELECT 1"],
     );
     let (_, out, err) = finish(client);
@@ -470,126 +504,10 @@ fn held_statements_wait_for_a_person() {
         "30"
     );
 
-    // 4. While one session waits, another runs SELECTs at full speed:
-    //    measured against the same run with nothing held, and printed.
-    let reads_tps = || {
-        let reads = sh_in(
-            &job,
-            &format!(
-                "printf 'SELECT count(*) FROM orders;\\n' > {dir}/select.sql; \
-                 exec pgbench -n -T 3 -c 1 -f {dir}/select.sql -h {} -p {} -U someone postgres",
-                pg.addr.ip(),
-                pg.addr.port(),
-                dir = dir.display(),
-            ),
-        );
-        assert!(reads.status.success(), "{}", stderr(&reads));
-        let report = stdout(&reads);
-        report
-            .lines()
-            .find_map(|l| l.strip_prefix("tps = "))
-            .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("{report}"))
-    };
-    let alone = reads_tps();
-    let waiting = psql(&job, &pg, &["DELETE FROM orders WHERE id = 4"]);
-    let waiting_id = wait_request(&agent, "id = 4")["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let beside = reads_tps();
-    println!(
-        "SELECT sessions through the agent: {alone:.0} TPS alone, {beside:.0} TPS while a DELETE waits for approval ({:.2}x)",
-        beside / alone
-    );
-    assert_eq!(
-        state_of(&agent, &waiting_id),
-        "pending",
-        "it waited all along"
-    );
-
-    // 5. Ctrl-C in psql (a cancel request) withdraws a held statement; so
-    //    does a client that leaves while it waits.
-    let cancelled = psql(&job, &pg, &["DELETE FROM orders WHERE id = 6"]);
-    let cancelled_id = wait_request(&agent, "id = 6")["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    // SAFETY: signalling a child of ours (sh exec'd setpriv exec'd psql).
-    unsafe { libc::kill(cancelled.id() as i32, libc::SIGINT) };
-    let (_, _, err) = finish(cancelled);
-    assert!(err.contains("the client cancelled the statement"), "{err}");
-    assert_eq!(state_of(&agent, &cancelled_id), "withdrawn");
-    assert_eq!(
-        pg.admin_sql("postgres", "SELECT count(*) FROM orders WHERE id = 6")
-            .trim(),
-        "1"
-    );
-
-    // SAFETY: signalling a child of ours.
-    unsafe { libc::kill(waiting.id() as i32, libc::SIGKILL) };
-    let _ = finish(waiting);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while state_of(&agent, &waiting_id) != "withdrawn" {
-        assert!(
-            Instant::now() < deadline,
-            "not withdrawn: {:?}",
-            history(&agent)
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
-
-    // 6. A chat bot approves through the callback; the rule grants 30 minutes.
-    let client = psql(&job, &pg, &["INSERT INTO events (what) VALUES ($$first$$)"]);
-    let grant_request = wait_request(&agent, "first")["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let approve = r#"{"decision":"approve","approver":"chatops","reason":"OPS-2"}"#;
-    let (code, body) = callback(callback_port, &grant_request, approve, "wrong-token", TOKEN);
-    assert_eq!(code, 401, "{body}");
-    let (code, body) = callback(callback_port, &grant_request, approve, TOKEN, "wrong-key");
-    assert_eq!(code, 401, "unsigned answers are refused: {body}");
-    let stranger = r#"{"decision":"approve","approver":"mallory"}"#;
-    let (code, body) = callback(callback_port, &grant_request, stranger, TOKEN, TOKEN);
-    assert_eq!(code, 403, "{body}");
-    let (code, body) = callback(callback_port, &grant_request, approve, TOKEN, TOKEN);
-    assert_eq!(code, 200, "{body}");
-    let answered: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(answered["state"], "approved");
-    let grant = answered["grant_id"].as_str().unwrap().to_owned();
-    let (code, _, err) = finish(client);
-    assert_eq!(code, 0, "{err}");
-
-    // The next INSERT of the same workload goes through without asking.
-    let client = psql(
-        &job,
-        &pg,
-        &["INSERT INTO events (what) VALUES ($$second$$)"],
-    );
-    let (code, _, err) = finish(client);
-    assert_eq!(code, 0, "{err}");
-    assert!(!err.contains("waiting"), "a grant lets it through: {err}");
-    let out = agent.cli(&["grants", "list", "--json"]);
-    let grants: Value = serde_json::from_str(&stdout(&out)).unwrap();
-    assert_eq!(grants.as_array().unwrap().len(), 1, "{grants}");
-    assert_eq!(grants[0]["id"], grant.as_str());
-    assert_eq!(grants[0]["rule"], "event-writes-for-30m");
-
-    let out = agent.cli(&["status"]);
-    assert!(
-        stdout(&out).contains("approvals: 0 pending, 1 active grants"),
-        "{}",
-        stdout(&out)
-    );
-
-    // 7. Webhook: every request and outcome, signed, retried past a 503.
     for (event, request) in [
         ("approval.pending", &id),
         ("approval.approved", &id),
         ("approval.denied", &denied_id),
-        ("approval.withdrawn", &waiting_id),
-        ("approval.approved", &grant_request),
     ] {
         let delivered = webhook.wait_for(event, request);
         assert_eq!(delivered["signature_ok"], true, "{delivered}");
@@ -632,22 +550,171 @@ fn held_statements_wait_for_a_person() {
     assert!(verify.status.success(), "{}", stderr(&verify));
     let lines = agent.all_lines();
     let approval_lines: Vec<&Value> = lines.iter().filter(|l| l["event"] == "approval").collect();
-    for state in ["pending", "approved", "denied", "timed_out", "withdrawn"] {
+    for state in ["pending", "approved", "denied", "timed_out"] {
         assert!(
             approval_lines.iter().any(|l| l["state"] == state),
             "no {state} line: {approval_lines:?}"
         );
     }
+}
+
+/// While one session waits, others run at full speed; a cancel (psql's
+/// Ctrl-C) or a client that leaves withdraws its request.
+#[test]
+fn a_held_statement_slows_no_one_and_its_client_can_withdraw_it() {
+    let Setup {
+        pg,
+        job,
+        dir,
+        webhook,
+        agent,
+        ..
+    } = &setup("approvals-wait", "127.0.0.64");
+    // 4. While one session waits, another runs SELECTs at full speed:
+    //    measured against the same run with nothing held, and printed.
+    let reads_tps = || {
+        let reads = sh_in(
+            job,
+            &format!(
+                "printf 'SELECT count(*) FROM orders;\\n' > {dir}/select.sql; \
+                 exec pgbench -n -T 3 -c 1 -f {dir}/select.sql -h {} -p {} -U someone postgres",
+                pg.addr.ip(),
+                pg.addr.port(),
+                dir = dir.display(),
+            ),
+        );
+        assert!(reads.status.success(), "{}", stderr(&reads));
+        let report = stdout(&reads);
+        report
+            .lines()
+            .find_map(|l| l.strip_prefix("tps = "))
+            .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{report}"))
+    };
+    let alone = reads_tps();
+    let waiting = psql(job, pg, &["DELETE FROM orders WHERE id = 4"]);
+    let waiting_id = wait_request(agent, "id = 4")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let beside = reads_tps();
+    println!(
+        "SELECT sessions through the agent: {alone:.0} TPS alone, {beside:.0} TPS while a DELETE waits for approval ({:.2}x)",
+        beside / alone
+    );
+    assert_eq!(
+        state_of(agent, &waiting_id),
+        "pending",
+        "it waited all along"
+    );
+
+    // 5. Ctrl-C in psql (a cancel request) withdraws a held statement; so
+    //    does a client that leaves while it waits.
+    let cancelled = psql(job, pg, &["DELETE FROM orders WHERE id = 6"]);
+    let cancelled_id = wait_request(agent, "id = 6")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // SAFETY: signalling a child of ours (sh exec'd setpriv exec'd psql).
+    unsafe { libc::kill(cancelled.id() as i32, libc::SIGINT) };
+    let (_, _, err) = finish(cancelled);
+    assert!(err.contains("the client cancelled the statement"), "{err}");
+    assert_eq!(state_of(agent, &cancelled_id), "withdrawn");
+    assert_eq!(
+        pg.admin_sql("postgres", "SELECT count(*) FROM orders WHERE id = 6")
+            .trim(),
+        "1"
+    );
+
+    // SAFETY: signalling a child of ours.
+    unsafe { libc::kill(waiting.id() as i32, libc::SIGKILL) };
+    let _ = finish(waiting);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state_of(agent, &waiting_id) != "withdrawn" {
+        assert!(
+            Instant::now() < deadline,
+            "not withdrawn: {:?}",
+            history(agent)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+
+    webhook.wait_for("approval.withdrawn", &waiting_id);
+    let lines = agent.all_lines();
     assert!(
         lines
+            .iter()
+            .any(|l| l["event"] == "approval" && l["state"] == "withdrawn"),
+        "{lines:?}"
+    );
+}
+
+/// A chat bot approves through the signed callback; the rule's grant lets
+/// the workload's next statements through, survives a restart (a request
+/// held when the agent died is abandoned), and ends when revoked.
+#[test]
+fn a_callback_grant_outlives_a_restart_until_revoked() {
+    let Setup {
+        pg,
+        job,
+        webhook,
+        callback_port,
+        agent,
+        ..
+    } = &mut setup("approvals-grant", "127.0.0.65");
+    let callback_port = *callback_port;
+    // 6. A chat bot approves through the callback; the rule grants 30 minutes.
+    let client = psql(job, pg, &["INSERT INTO events (what) VALUES ($$first$$)"]);
+    let grant_request = wait_request(agent, "first")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let approve = r#"{"decision":"approve","approver":"chatops","reason":"OPS-2"}"#;
+    let (code, body) = callback(callback_port, &grant_request, approve, "wrong-token", TOKEN);
+    assert_eq!(code, 401, "{body}");
+    let (code, body) = callback(callback_port, &grant_request, approve, TOKEN, "wrong-key");
+    assert_eq!(code, 401, "unsigned answers are refused: {body}");
+    let stranger = r#"{"decision":"approve","approver":"mallory"}"#;
+    let (code, body) = callback(callback_port, &grant_request, stranger, TOKEN, TOKEN);
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = callback(callback_port, &grant_request, approve, TOKEN, TOKEN);
+    assert_eq!(code, 200, "{body}");
+    let answered: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answered["state"], "approved");
+    let grant = answered["grant_id"].as_str().unwrap().to_owned();
+    let (code, _, err) = finish(client);
+    assert_eq!(code, 0, "{err}");
+
+    // The next INSERT of the same workload goes through without asking.
+    let client = psql(job, pg, &["INSERT INTO events (what) VALUES ($$second$$)"]);
+    let (code, _, err) = finish(client);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("waiting"), "a grant lets it through: {err}");
+    let out = agent.cli(&["grants", "list", "--json"]);
+    let grants: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(grants.as_array().unwrap().len(), 1, "{grants}");
+    assert_eq!(grants[0]["id"], grant.as_str());
+    assert_eq!(grants[0]["rule"], "event-writes-for-30m");
+
+    let out = agent.cli(&["status"]);
+    assert!(
+        stdout(&out).contains("approvals: 0 pending, 1 active grants"),
+        "{}",
+        stdout(&out)
+    );
+
+    webhook.wait_for("approval.approved", &grant_request);
+    assert!(
+        agent
+            .all_lines()
             .iter()
             .any(|l| l["event"] == "grant" && l["change"] == "granted")
     );
 
     // 9. Restart: a request held when the agent dies is abandoned; the
     //    grant survives, and stops after `grants revoke`.
-    let held = psql(&job, &pg, &["DELETE FROM orders WHERE id = 5"]);
-    let lost = wait_request(&agent, "id = 5")["id"]
+    let held = psql(job, pg, &["DELETE FROM orders WHERE id = 5"]);
+    let lost = wait_request(agent, "id = 5")["id"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -655,25 +722,25 @@ fn held_statements_wait_for_a_person() {
     let (code, _, err) = finish(held);
     assert_ne!(code, 0, "the held client was disconnected: {err}");
     agent.spawn();
-    assert_eq!(state_of(&agent, &lost), "abandoned");
+    assert_eq!(state_of(agent, &lost), "abandoned");
     let out = agent.cli(&["grants", "list"]);
     assert!(stdout(&out).contains(&grant), "{}", stdout(&out));
-    let out = cli_as(&agent, STRANGER, &["grants", "revoke", &grant]);
+    let out = cli_as(agent, STRANGER, &["grants", "revoke", &grant]);
     assert!(!out.status.success(), "a stranger cannot revoke");
     // Revoked by an approver named by user name.
     let out = cli_as(
-        &agent,
+        agent,
         DAEMON,
         &["grants", "revoke", &grant, "--reason", "done"],
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    let client = psql(&job, &pg, &["INSERT INTO events (what) VALUES ($$third$$)"]);
-    let asked = wait_request(&agent, "third")["id"]
+    let client = psql(job, pg, &["INSERT INTO events (what) VALUES ($$third$$)"]);
+    let asked = wait_request(agent, "third")["id"]
         .as_str()
         .unwrap()
         .to_owned();
     assert_eq!(
-        state_of(&agent, &asked),
+        state_of(agent, &asked),
         "pending",
         "asked again after the revoke"
     );

@@ -318,3 +318,82 @@ fn a_reload_reaches_a_running_ssh_connection() {
         .count();
     assert_eq!(admitted, 1, "one SSH connection: {connections:#?}");
 }
+
+/// The session's record fails mid-way (a full disk under the store): the
+/// SSH client is told why on stderr and disconnected, output stops, the
+/// agent stays up and refuses new sessions until there is room.
+#[test]
+fn a_record_that_fails_ends_the_ssh_session() {
+    const DISK: &str = "127.0.0.76";
+    // The agent's state_dir on a 3 MiB tmpfs: a real ENOSPC.
+    let state = std::env::temp_dir().join(format!(
+        "interlock-e2e-sshdisk-{}/state",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&state).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs"])
+        .arg(&state)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(state.clone());
+    let sshd = Sshd::start("disk", &[DISK]);
+    let known_hosts = sshd.known_hosts(&[DISK]);
+    let cgroup = TestCgroup::new("sshdisk");
+    let full = policy(&sshd, &known_hosts).replace(HOST, DISK).replace(
+        "[target.credential]",
+        "record = \"full\"\n[target.credential]",
+    );
+    let agent = Agent::start(&cgroup, "sshdisk", &full);
+    let config = ssh_client_config(&agent);
+
+    // Output without end, every byte of it recorded: the disk fills.
+    let out = cgroup.sh(&format!(
+        "{{ timeout 60 ssh -F {} {DISK} 'cat /dev/zero'; echo \"status=$?\" >&2; }} | wc -c",
+        config.display()
+    ));
+    let (printed, err) = (stdout(&out), stderr(&out));
+    assert!(
+        err.contains("the session cannot be recorded"),
+        "the client is told why: {printed}{err}\n{}",
+        agent.stderr()
+    );
+    assert!(
+        !err.contains("status=124"),
+        "it ended, not timed out: {err}"
+    );
+    let received: u64 = printed.lines().next().unwrap().trim().parse().unwrap();
+    assert!(
+        received < 8 << 20,
+        "output stopped with the record: {received} bytes"
+    );
+
+    // The agent is up; a new session is refused, not served unrecorded.
+    assert!(agent.cli(&["status"]).status.success());
+    let out = cgroup.sh(&format!(
+        "ssh -F {} {DISK} 'echo unrecorded'; echo \"status=$?\"",
+        config.display()
+    ));
+    assert!(!stdout(&out).contains("unrecorded"), "{}", stdout(&out));
+    let ended = agent
+        .access_lines()
+        .into_iter()
+        .find(|line| line["outcome"] == "error")
+        .unwrap_or_else(|| panic!("{:?}", agent.access_lines()));
+    assert!(
+        ended["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot be recorded")),
+        "{ended}"
+    );
+}

@@ -10,26 +10,28 @@
 //! it outlives the process: requests still pending at start belonged to
 //! connections that died with the old process, and are marked `abandoned`.
 pub mod callback;
+mod held;
 mod notify;
+mod records;
+
+pub use held::Held;
+pub use notify::Notifier;
+pub use records::{Answer, Caller, GrantRecord, RequestRecord, RequestState, Requester};
 
 use std::{
     collections::HashMap,
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use parking_lot::Mutex;
-
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::{
-    policy::{ApprovalSpec, Approver, GrantSpec, Policy},
+    policy::{ApprovalSpec, Approver, GrantSpec},
     sessions::{Event, Recorder, StoreError},
-    workload::Workload,
 };
-
-pub use notify::Notifier;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApprovalError {
@@ -62,209 +64,6 @@ pub enum ApprovalError {
     /// The session cannot record the request: the session must end.
     #[error(transparent)]
     Record(#[from] StoreError),
-}
-
-/// Where a request stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RequestState {
-    Pending,
-    Approved,
-    Denied,
-    TimedOut,
-    /// The client went away while it waited.
-    Withdrawn,
-    /// The agent stopped while it waited.
-    Abandoned,
-}
-
-impl RequestState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RequestState::Pending => "pending",
-            RequestState::Approved => "approved",
-            RequestState::Denied => "denied",
-            RequestState::TimedOut => "timed_out",
-            RequestState::Withdrawn => "withdrawn",
-            RequestState::Abandoned => "abandoned",
-        }
-    }
-}
-
-/// Who asked: what an approver needs to judge the request.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Requester {
-    pub uid: u32,
-    pub user: Option<String>,
-    pub pid: u32,
-    pub unit: Option<String>,
-    pub cgroup: Option<String>,
-    pub exe: Option<String>,
-    /// The policy's workloads it matched.
-    pub workloads: Vec<String>,
-}
-
-impl Requester {
-    /// The caller, and the policy's workloads it matches.
-    pub fn of(policy: &Policy, workload: &Workload) -> Self {
-        Self {
-            uid: workload.uid,
-            user: workload.user.clone(),
-            pid: workload.pid,
-            unit: workload.unit.clone(),
-            cgroup: workload.cgroup.clone(),
-            exe: workload.exe.clone(),
-            workloads: crate::policy::matching_workloads(policy, workload)
-                .into_iter()
-                .map(str::to_owned)
-                .collect(),
-        }
-    }
-
-    /// What "the same workload" means for a grant: the same uid in the same
-    /// cgroup (a CI job's scope, a service's unit).
-    fn grant_key(&self) -> String {
-        format!("{}@{}", self.uid, self.cgroup.as_deref().unwrap_or("-"))
-    }
-
-    fn describe(&self) -> String {
-        let who = match &self.user {
-            Some(user) => format!("{user} (uid {})", self.uid),
-            None => format!("uid {}", self.uid),
-        };
-        let place = self
-            .unit
-            .as_deref()
-            .or(self.cgroup.as_deref())
-            .unwrap_or("-");
-        let exe = self.exe.as_deref().unwrap_or("?");
-        format!("{who} in {place}, {exe} (pid {})", self.pid)
-    }
-}
-
-/// One answer to a request.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Answer {
-    pub by: String,
-    pub approve: bool,
-    pub reason: Option<String>,
-    pub at_ms: u64,
-}
-
-/// A request, as stored, listed and sent to the webhook.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RequestRecord {
-    pub id: String,
-    pub session_id: String,
-    pub host: String,
-    pub state: RequestState,
-    pub target: String,
-    pub rule: String,
-    /// The exact command held.
-    pub command: String,
-    pub requester: Requester,
-    pub approvers: Vec<String>,
-    pub min_approvals: u32,
-    /// `once` or the grant's duration.
-    pub grant: String,
-    pub created_ms: u64,
-    pub expires_ms: u64,
-    #[serde(default)]
-    pub answers: Vec<Answer>,
-    pub decided_ms: Option<u64>,
-    /// The grant an approval created, when the rule grants a duration.
-    pub grant_id: Option<String>,
-}
-
-impl RequestRecord {
-    /// Who said yes (or no, for a denial).
-    pub fn deciders(&self) -> Vec<String> {
-        let approve = self.state != RequestState::Denied;
-        self.answers
-            .iter()
-            .filter(|a| a.approve == approve)
-            .map(|a| a.by.clone())
-            .collect()
-    }
-
-    /// Why it did not go through, for the client's error.
-    pub fn refusal(&self) -> String {
-        let denial = self.answers.iter().find(|a| !a.approve);
-        match (self.state, denial) {
-            (RequestState::Denied, Some(answer)) => format!(
-                "approval request {} was denied by {}: {}",
-                self.id,
-                answer.by,
-                answer.reason.as_deref().unwrap_or("no reason given")
-            ),
-            (RequestState::TimedOut, _) => format!(
-                "approval request {} timed out after {} with {} of {} approvals",
-                self.id,
-                humantime::format_duration(Duration::from_secs(
-                    (self.expires_ms - self.created_ms) / 1000
-                )),
-                self.answers.iter().filter(|a| a.approve).count(),
-                self.min_approvals
-            ),
-            (state, _) => format!("approval request {} is {}", self.id, state.as_str()),
-        }
-    }
-}
-
-/// A standing permission an approval created.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct GrantRecord {
-    pub id: String,
-    pub rule: String,
-    pub target: String,
-    pub requester: Requester,
-    pub workload_key: String,
-    pub request_id: String,
-    pub approved_by: Vec<String>,
-    /// The rule's approvers when granted: who may revoke it besides admins.
-    pub approvers: Vec<String>,
-    pub created_ms: u64,
-    pub expires_ms: u64,
-    pub revoked: Option<Answer>,
-}
-
-impl GrantRecord {
-    fn active(&self, now: u64) -> bool {
-        self.revoked.is_none() && now < self.expires_ms
-    }
-}
-
-/// Who is answering.
-#[derive(Clone, Debug)]
-pub enum Caller {
-    /// A process on the host, from SO_PEERCRED.
-    Local { uid: u32, gid: u32 },
-    /// A name an authenticated HTTP callback gives.
-    Callback { name: String },
-}
-
-impl Caller {
-    fn name(&self) -> String {
-        match self {
-            Caller::Local { uid, .. } => crate::workload::user_name(*uid).map_or_else(
-                || format!("uid:{uid}"),
-                |name| format!("{name} (uid {uid})"),
-            ),
-            Caller::Callback { name } => format!("webhook:{name}"),
-        }
-    }
-
-    fn is(&self, approver: &Approver) -> bool {
-        match (self, approver) {
-            (Caller::Local { uid, gid }, Approver::Local(principal)) => {
-                crate::principal::caller_matches(*uid, *gid, std::slice::from_ref(principal))
-            }
-            (Caller::Callback { name }, Approver::Callback(expected)) => {
-                expected == "*" || expected == name
-            }
-            _ => false,
-        }
-    }
 }
 
 struct Pending {
@@ -689,100 +488,6 @@ fn find_pending(pending: &HashMap<String, Pending>, given: &str) -> Result<Strin
         (Some(_), Some(_)) => Err(ApprovalError::Ambiguous(given.to_owned())),
         _ => Err(ApprovalError::NotFound(given.to_owned())),
     }
-}
-
-/// A held command's wait. Dropping it before it ends withdraws the
-/// request (as [`Held::withdraw`] does, with a reason).
-pub struct Held {
-    approvals: Arc<Approvals>,
-    recorder: Arc<Recorder>,
-    record: RequestRecord,
-    wait: Option<oneshot::Receiver<RequestRecord>>,
-    deadline: Instant,
-}
-
-impl Held {
-    pub fn record(&self) -> &RequestRecord {
-        &self.record
-    }
-
-    /// Waits for the outcome (approved, denied, or timed out) and records
-    /// it in the session.
-    pub async fn outcome(&mut self) -> Result<RequestRecord, StoreError> {
-        let Some(wait) = self.wait.as_mut() else {
-            return Ok(self.record.clone());
-        };
-        let deadline = tokio::time::Instant::from_std(self.deadline);
-        let outcome = match tokio::time::timeout_at(deadline, &mut *wait).await {
-            Ok(Ok(record)) => record,
-            // Timed out; an answer racing the deadline still wins.
-            _ => match self
-                .approvals
-                .resolve(&self.record.id, RequestState::TimedOut)
-            {
-                Some(record) => record,
-                None => wait.try_recv().unwrap_or_else(|_| self.record.clone()),
-            },
-        };
-        self.wait = None;
-        self.record = outcome.clone();
-        record_outcome(&self.recorder, &outcome, None)?;
-        Ok(outcome)
-    }
-
-    /// Withdraws the request (the client cancelled or went away), and
-    /// records why in the session.
-    pub fn withdraw(mut self, why: &str) -> Result<RequestRecord, StoreError> {
-        self.wait = None;
-        let record = self
-            .approvals
-            .resolve(&self.record.id, RequestState::Withdrawn)
-            .unwrap_or_else(|| RequestRecord {
-                state: RequestState::Withdrawn,
-                ..self.record.clone()
-            });
-        record_outcome(&self.recorder, &record, Some(why))?;
-        Ok(record)
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        if self.wait.is_some()
-            && let Some(record) = self
-                .approvals
-                .resolve(&self.record.id, RequestState::Withdrawn)
-        {
-            let _ = record_outcome(&self.recorder, &record, Some("the wait was dropped"));
-        }
-    }
-}
-
-/// A request's end as an event of its session; `reason` when the client
-/// ended it, else the answers' last reason.
-fn record_outcome(
-    recorder: &Recorder,
-    record: &RequestRecord,
-    reason: Option<&str>,
-) -> Result<(), StoreError> {
-    let by = match record.state {
-        RequestState::Withdrawn => Vec::new(),
-        _ => record.deciders(),
-    };
-    recorder.append(&Event::ApprovalDecided {
-        id: &record.id,
-        outcome: record.state.as_str(),
-        by: &by,
-        reason: reason.or_else(|| {
-            record
-                .answers
-                .iter()
-                .rev()
-                .find_map(|a| a.reason.as_deref())
-        }),
-        grant: record.grant_id.as_deref(),
-    })?;
-    Ok(())
 }
 
 /// A request's line in the access log.

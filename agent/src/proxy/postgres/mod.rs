@@ -450,20 +450,25 @@ async fn run<C: Duplex>(
 }
 
 /// Logs in upstream, greets the client, then relays both ways.
-async fn relay<C: Duplex, U: Duplex>(
-    client: &mut C,
-    mut upstream: U,
+/// What the upstream connection knows once it is ready for the client.
+struct Prepared {
+    /// The server's messages after authentication (parameters, backend
+    /// key), passed on to the client.
+    after_auth: Vec<wire::Frame>,
+    policy: Arc<crate::policy::ActivePolicy>,
+    resolved: catalog::Resolved,
+    names: names::Names,
+}
+
+/// Logs in upstream with the held credential, takes the rule's role, and
+/// reads what names and masked columns resolve to.
+async fn prepare<U: Duplex>(
+    upstream: &mut U,
+    session: &Session,
     forwarded: &[(&str, &str)],
     database: &str,
-    ctx: Ctx<'_>,
-) -> Result<(), SessionError> {
-    let Ctx {
-        session,
-        bytes,
-        counts,
-        ..
-    } = ctx;
-    let after_auth = upstream::login(&mut upstream, &session.credential, forwarded)
+) -> Result<Prepared, SessionError> {
+    let after_auth = upstream::login(upstream, &session.credential, forwarded)
         .await
         .map_err(|e| {
             SessionError::upstream(
@@ -478,7 +483,7 @@ async fn relay<C: Duplex, U: Duplex>(
             )
         })?;
     if let Some(role) = &session.as_user {
-        upstream::set_role(&mut upstream, role).await.map_err(|e| {
+        upstream::set_role(upstream, role).await.map_err(|e| {
             SessionError::upstream(
                 format!("SET ROLE {role:?}: {e}"),
                 Some((
@@ -499,22 +504,20 @@ async fn relay<C: Duplex, U: Duplex>(
 
     let policy = session.context.gate.active.load_full();
     let columns = qualified_mask_columns(&policy, session);
-    let resolved = catalog::resolve(&mut upstream, &columns)
-        .await
-        .map_err(|e| {
-            SessionError::upstream(
-                format!("looking up masked columns: {e}"),
-                Some((
-                    "08006",
-                    format!(
-                        "cannot look up the masked columns on target {:?}: {e}",
-                        session.target
-                    ),
-                )),
-            )
-        })?;
+    let resolved = catalog::resolve(upstream, &columns).await.map_err(|e| {
+        SessionError::upstream(
+            format!("looking up masked columns: {e}"),
+            Some((
+                "08006",
+                format!(
+                    "cannot look up the masked columns on target {:?}: {e}",
+                    session.target
+                ),
+            )),
+        )
+    })?;
 
-    let names = session_names(&mut upstream, session).await.map_err(|e| {
+    let names = session_names(upstream, session).await.map_err(|e| {
         SessionError::upstream(
             format!("reading the search path and pg_catalog: {e}"),
             Some((
@@ -526,6 +529,34 @@ async fn relay<C: Duplex, U: Duplex>(
             )),
         )
     })?;
+
+    Ok(Prepared {
+        after_auth,
+        policy,
+        resolved,
+        names,
+    })
+}
+
+async fn relay<C: Duplex, U: Duplex>(
+    client: &mut C,
+    mut upstream: U,
+    forwarded: &[(&str, &str)],
+    database: &str,
+    ctx: Ctx<'_>,
+) -> Result<(), SessionError> {
+    let Ctx {
+        session,
+        bytes,
+        counts,
+        ..
+    } = ctx;
+    let Prepared {
+        after_auth,
+        policy,
+        resolved,
+        names,
+    } = prepare(&mut upstream, session, forwarded, database).await?;
 
     let mut greeting = BytesMut::new();
     wire::authentication_ok(&mut greeting);

@@ -128,6 +128,8 @@ pub struct Relay {
     /// subsystem's binary protocol), as the policy that let it start says.
     masks: Mutex<Option<Arc<MaskSet>>>,
     terminal: AtomicBool,
+    /// Set once the session's record failed: no more output goes out.
+    unrecorded: AtomicBool,
     sftp: Mutex<Option<SftpLog>>,
 }
 
@@ -146,6 +148,7 @@ impl Relay {
             started: AtomicBool::new(false),
             masks: Mutex::new(None),
             terminal: AtomicBool::new(false),
+            unrecorded: AtomicBool::new(false),
             sftp: Mutex::new(None),
         }
     }
@@ -186,24 +189,7 @@ impl Relay {
         let recorder = &self.connection.recorder;
         while let Some(op) = ops.recv().await {
             match op {
-                Op::Data(data) => {
-                    if !self.started.load(Ordering::Relaxed) {
-                        // Input before a command is allowed goes nowhere.
-                        continue;
-                    }
-                    self.connection
-                        .bytes
-                        .up
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    if let Some(sftp) = self.sftp.lock().as_mut() {
-                        sftp.client_sent(&data, &mut |event| {
-                            let _ = recorder.append(event);
-                        });
-                    } else if self.terminal.load(Ordering::Relaxed) && recorder.records_output() {
-                        recorder.append(&Event::Input { data: &data })?;
-                    }
-                    to_server.data_bytes(data).await?;
-                }
+                Op::Data(data) => self.input(data, to_server).await?,
                 Op::Eof => to_server.eof().await?,
                 Op::Close => to_server.close().await?,
                 Op::Pty(pty) => {
@@ -245,44 +231,90 @@ impl Relay {
                 }
                 Op::Signal(signal) => to_server.signal(signal).await?,
                 Op::Start { start, decision } => {
-                    if self.started.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    let masks = match self.admit(&start, &decision).await.and_then(|()| {
-                        self.connection
-                            .masks(&decision.active)
-                            .map_err(Stop::Refused)
-                    }) {
-                        Ok(masks) => masks,
-                        Err(Stop::Refused(refusal)) => {
-                            self.refuse(&refusal).await;
-                            return Ok(());
-                        }
-                        Err(Stop::Unrecordable(error)) => {
-                            self.end_session(error).await;
-                            return Ok(());
-                        }
-                    };
-                    match &start {
-                        Start::Subsystem(name) if name == "sftp" => {
-                            *self.sftp.lock() = Some(SftpLog::default());
-                        }
-                        Start::Subsystem(_) => {}
-                        _ => *self.masks.lock() = masks,
-                    }
-                    self.started.store(true, Ordering::Relaxed);
-                    match &start {
-                        Start::Exec(command) => to_server.exec(true, command.as_bytes()).await?,
-                        Start::Shell => to_server.request_shell(true).await?,
-                        Start::Subsystem(name) => {
-                            to_server.request_subsystem(true, name.as_str()).await?
-                        }
+                    if !self.start(start, decision, to_server).await? {
+                        return Ok(());
                     }
                 }
             }
         }
         // The client is gone.
         Ok(())
+    }
+
+    /// The client's input: recorded (SFTP requests as events, a terminal's
+    /// keystrokes with `record = "full"`), then sent on.
+    async fn input(
+        &self,
+        data: Bytes,
+        to_server: &ChannelWriteHalf<client::Msg>,
+    ) -> Result<(), RelayError> {
+        if !self.started.load(Ordering::Relaxed) {
+            // Input before a command is allowed goes nowhere.
+            return Ok(());
+        }
+        let recorder = &self.connection.recorder;
+        self.connection
+            .bytes
+            .up
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        if let Some(sftp) = self.sftp.lock().as_mut() {
+            let mut failed = None;
+            sftp.client_sent(&data, &mut |event| {
+                if let Err(error) = recorder.append(event) {
+                    failed.get_or_insert(error);
+                }
+            });
+            if let Some(error) = failed {
+                return Err(error.into());
+            }
+        } else if self.terminal.load(Ordering::Relaxed) && recorder.records_output() {
+            recorder.append(&Event::Input { data: &data })?;
+        }
+        to_server.data_bytes(data).await?;
+        Ok(())
+    }
+
+    /// A decided exec, shell or subsystem: recorded, held or refused, then
+    /// started upstream. `false`: the channel is over (refused).
+    async fn start(
+        &self,
+        start: Start,
+        decision: Decision,
+        to_server: &ChannelWriteHalf<client::Msg>,
+    ) -> Result<bool, RelayError> {
+        if self.started.load(Ordering::Relaxed) {
+            return Ok(true);
+        }
+        let admitted = self.admit(&start, &decision).await.and_then(|()| {
+            self.connection
+                .masks(&decision.active)
+                .map_err(Stop::Refused)
+        });
+        let masks = match admitted {
+            Ok(masks) => masks,
+            Err(Stop::Refused(refusal)) => {
+                self.refuse(&refusal).await;
+                return Ok(false);
+            }
+            Err(Stop::Unrecordable(error)) => {
+                self.end_session(error).await;
+                return Ok(false);
+            }
+        };
+        match &start {
+            Start::Subsystem(name) if name == "sftp" => {
+                *self.sftp.lock() = Some(SftpLog::default());
+            }
+            Start::Subsystem(_) => {}
+            _ => *self.masks.lock() = masks,
+        }
+        self.started.store(true, Ordering::Relaxed);
+        match &start {
+            Start::Exec(command) => to_server.exec(true, command.as_bytes()).await?,
+            Start::Shell => to_server.request_shell(true).await?,
+            Start::Subsystem(name) => to_server.request_subsystem(true, name.as_str()).await?,
+        }
+        Ok(true)
     }
 
     /// Records the request and applies its decision: `Err` says why it
@@ -562,9 +594,18 @@ impl Down<'_> {
             return;
         }
         let relay = self.relay;
+        if relay.unrecorded.load(Ordering::Relaxed) {
+            return;
+        }
         let recorder = &relay.connection.recorder;
-        if terminal && recorder.records_output() {
-            let _ = recorder.append(&Event::Output { data: &data });
+        if terminal
+            && recorder.records_output()
+            && let Err(error) = recorder.append(&Event::Output { data: &data })
+        {
+            // Nothing passes on unrecorded: the session ends here.
+            relay.unrecorded.store(true, Ordering::Relaxed);
+            relay.end_session(Stop::from(error).into_message()).await;
+            return;
         }
         relay
             .connection

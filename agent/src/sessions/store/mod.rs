@@ -34,9 +34,15 @@ use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
+mod commit;
+mod recorder;
+
+use commit::{Chain, Committed, Committer, MIN_FREE_BYTES, commit_loop, free_space};
+pub use recorder::Recorder;
+
 use super::{
     event::Event,
-    format::{Seal, chain_start, encode_event, line_hash},
+    format::{Seal, chain_start, line_hash},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -101,36 +107,6 @@ pub struct Outbox {
     pub next_ms: u64,
     pub last_error: Option<String>,
 }
-
-#[derive(Clone, Copy, Debug, Default)]
-struct Committed {
-    generation: u64,
-    failed: bool,
-}
-
-/// The group-commit state shared by recorders and the commit thread.
-struct Committer {
-    /// Generation of the latest append.
-    written: AtomicU64,
-    wanted: Mutex<bool>,
-    wake: Condvar,
-    committed: watch::Sender<Committed>,
-    last_error: Mutex<Option<String>>,
-    /// sled's size on disk and the free space of its filesystem,
-    /// refreshed by the commit thread.
-    used_bytes: AtomicU64,
-    free_bytes: AtomicU64,
-    stop: AtomicBool,
-    /// Sessions with pending lines.
-    dirty: Mutex<Vec<Arc<Mutex<Chain>>>>,
-}
-
-/// A session's pending chunk is written by the appender itself, without
-/// waiting for the commit thread's next round, once it holds this much.
-const CHUNK_LIMIT: usize = 1 << 20;
-
-/// Flushed at least this often when something is pending.
-const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
 pub struct Store {
     path: PathBuf,
@@ -217,6 +193,7 @@ impl Store {
             wake: Condvar::new(),
             committed: watch::channel(Committed::default()).0,
             last_error: Mutex::new(None),
+            failing: AtomicBool::new(false),
             used_bytes: AtomicU64::new(db.size_on_disk().unwrap_or(0)),
             free_bytes: AtomicU64::new(free_space(dir).unwrap_or(u64::MAX)),
             stop: AtomicBool::new(false),
@@ -510,285 +487,9 @@ impl Drop for Store {
     }
 }
 
-/// New sessions are refused when the store's filesystem has less free.
-const MIN_FREE_BYTES: u64 = 256 * 1024;
-
-fn free_space(dir: &Path) -> Option<u64> {
-    let stat = nix::sys::statvfs::statvfs(dir).ok()?;
-    Some(stat.blocks_available() as u64 * stat.fragment_size() as u64)
-}
-
-fn commit_loop(db: sled::Db, dir: PathBuf, events: sled::Tree, commit: Arc<Committer>) {
-    let mut measured = std::time::Instant::now();
-    loop {
-        {
-            let mut wanted = commit.wanted.lock();
-            if !*wanted {
-                commit.wake.wait_for(&mut wanted, FLUSH_INTERVAL);
-            }
-            *wanted = false;
-        }
-        let stop = commit.stop.load(Ordering::SeqCst);
-        let target = commit.written.load(Ordering::SeqCst);
-        if target != commit.committed.borrow().generation {
-            let dirty = std::mem::take(&mut *commit.dirty.lock());
-            let written = dirty.iter().try_for_each(|chain| {
-                let mut chain = chain.lock();
-                chain.listed = false;
-                chain.write(&events)
-            });
-            match written.and_then(|()| db.flush().map(drop)) {
-                Ok(_) => {
-                    commit.last_error.lock().take();
-                    commit.committed.send_replace(Committed {
-                        generation: target,
-                        failed: false,
-                    });
-                }
-                Err(error) => {
-                    tracing::error!(%error, "session store flush failed");
-                    *commit.last_error.lock() = Some(error.to_string());
-                    commit.committed.send_modify(|c| c.failed = true);
-                }
-            }
-        }
-        if measured.elapsed() >= Duration::from_millis(500) || stop {
-            measured = std::time::Instant::now();
-            if let Ok(size) = db.size_on_disk() {
-                commit.used_bytes.store(size, Ordering::Relaxed);
-            }
-            if let Some(free) = free_space(&dir) {
-                commit.free_bytes.store(free, Ordering::Relaxed);
-            }
-        }
-        if stop {
-            return;
-        }
-    }
-}
-
 /// A point in the store's history: durable once committed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Ticket(u64);
-
-/// A session's hash chain and the lines not yet written to sled.
-struct Chain {
-    id: [u8; 16],
-    next_seq: u64,
-    prev: [u8; 32],
-    /// Event lines from `pending_first` on, `\n`-separated.
-    pending: Vec<u8>,
-    pending_first: u64,
-    /// On the commit thread's dirty list.
-    listed: bool,
-}
-
-impl Chain {
-    fn new(id: &ulid::Ulid, next_seq: u64, prev: [u8; 32]) -> Self {
-        Self {
-            id: id_key(id),
-            next_seq,
-            prev,
-            pending: Vec::with_capacity(1024),
-            pending_first: next_seq,
-            listed: false,
-        }
-    }
-
-    /// Encodes the next event into the pending chunk; returns its length.
-    fn push(&mut self, event: &Event<'_>) -> Result<u64, StoreError> {
-        if self.pending.is_empty() {
-            self.pending_first = self.next_seq;
-        } else {
-            self.pending.push(b'\n');
-        }
-        let start = self.pending.len();
-        self.prev = encode_event(
-            &mut self.pending,
-            &self.prev,
-            self.next_seq,
-            now_us(),
-            event,
-        )?;
-        self.next_seq += 1;
-        Ok((self.pending.len() - start) as u64)
-    }
-
-    /// Writes the pending chunk to sled, keyed by its first seq.
-    fn write(&mut self, events: &sled::Tree) -> Result<(), sled::Error> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let mut key = [0u8; 24];
-        key[..16].copy_from_slice(&self.id);
-        key[16..].copy_from_slice(&self.pending_first.to_be_bytes());
-        events.insert(key, self.pending.as_slice())?;
-        self.pending.clear();
-        if self.pending.capacity() > CHUNK_LIMIT {
-            self.pending = Vec::with_capacity(1024);
-        }
-        Ok(())
-    }
-}
-
-/// Records one session. Shared by the directions of a connection.
-pub struct Recorder {
-    store: Arc<Store>,
-    id: ulid::Ulid,
-    record_output: bool,
-    chain: Arc<Mutex<Chain>>,
-    summary: Mutex<Summary>,
-    statements: AtomicU64,
-    finished: AtomicBool,
-}
-
-impl Recorder {
-    pub fn id(&self) -> ulid::Ulid {
-        self.id
-    }
-
-    /// Whether the server's output is recorded (`record = "full"`).
-    pub fn records_output(&self) -> bool {
-        self.record_output
-    }
-
-    /// The next statement number.
-    pub fn next_statement(&self) -> u64 {
-        self.statements.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    /// Appends an event; it is durable once [`Recorder::durable`] of the
-    /// returned ticket (or a later one) returns.
-    pub fn append(&self, event: &Event<'_>) -> Result<Ticket, StoreError> {
-        let bytes = {
-            let mut chain = self.chain.lock();
-            let bytes = chain.push(event)?;
-            if chain.pending.len() >= CHUNK_LIMIT {
-                // Output streaming in: written now, so a session holds at
-                // most this much in memory whatever it records.
-                chain.write(&self.store.events)?;
-            } else if !chain.listed {
-                chain.listed = true;
-                self.store.commit.dirty.lock().push(self.chain.clone());
-            }
-            bytes
-        };
-        self.summary.lock().bytes += bytes;
-        Ok(Ticket(
-            self.store.commit.written.fetch_add(1, Ordering::SeqCst) + 1,
-        ))
-    }
-
-    /// Waits until everything appended up to `ticket` is on disk.
-    pub async fn durable(&self, ticket: Ticket) -> Result<(), StoreError> {
-        let commit = &self.store.commit;
-        let mut committed = commit.committed.subscribe();
-        if committed.borrow().generation >= ticket.0 {
-            return Ok(());
-        }
-        // The session writes its own chunk (sled inserts run in parallel on
-        // the workers); the commit thread then only has to flush. A write
-        // after the ticket was taken needs a later ticket.
-        let ticket = {
-            let mut chain = self.chain.lock();
-            if chain.pending.is_empty() {
-                ticket
-            } else {
-                chain.write(&self.store.events)?;
-                Ticket(commit.written.fetch_add(1, Ordering::SeqCst) + 1)
-            }
-        };
-        self.store.request_commit();
-        let state = committed
-            .wait_for(|c| c.generation >= ticket.0 || c.failed)
-            .await
-            .map(|c| *c)
-            .unwrap_or(Committed {
-                generation: 0,
-                failed: true,
-            });
-        if state.generation >= ticket.0 {
-            return Ok(());
-        }
-        let error = commit.last_error.lock().clone();
-        Err(StoreError::Flush(
-            error.unwrap_or_else(|| "the store is closed".into()),
-        ))
-    }
-
-    fn put_summary(&self) -> Result<(), StoreError> {
-        let summary = self.summary.lock();
-        self.store
-            .sessions
-            .insert(id_key(&self.id), serde_json::to_vec(&*summary)?)?;
-        Ok(())
-    }
-
-    pub fn count_statement(&self, denied: bool) {
-        let mut summary = self.summary.lock();
-        summary.statements += 1;
-        summary.denied += u64::from(denied);
-    }
-
-    /// Ends the session: its `session_end` event, the seal, the summary,
-    /// and a place in the outbox. Later calls do nothing.
-    pub fn finish(&self, outcome: &str, error: Option<&str>, bytes_up: u64, bytes_down: u64) {
-        if self.finished.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        if let Err(error) = self.try_finish(outcome, error, bytes_up, bytes_down) {
-            tracing::error!(%error, session = %self.id, "cannot end the session's record; it is sealed at the next start");
-        }
-    }
-
-    fn try_finish(
-        &self,
-        outcome: &str,
-        error: Option<&str>,
-        bytes_up: u64,
-        bytes_down: u64,
-    ) -> Result<(), StoreError> {
-        let (statements, denied) = {
-            let summary = self.summary.lock();
-            (summary.statements, summary.denied)
-        };
-        let mut chain = self.chain.lock();
-        let bytes = chain.push(&Event::SessionEnd {
-            outcome,
-            error,
-            bytes_up,
-            bytes_down,
-            statements,
-            denied,
-        })?;
-        chain.write(&self.store.events)?;
-        self.store.seal(&self.id, &chain)?;
-        {
-            let mut summary = self.summary.lock();
-            summary.bytes += bytes;
-            summary.outcome = outcome.to_owned();
-            summary.end_us = Some(now_us());
-            summary.events = chain.next_seq;
-        }
-        drop(chain);
-        self.put_summary()?;
-        self.store
-            .outbox
-            .insert(id_key(&self.id), serde_json::to_vec(&Outbox::default())?)?;
-        self.store.live.lock().remove(&self.id);
-        self.store.commit.written.fetch_add(1, Ordering::SeqCst);
-        self.store.request_commit();
-        self.store.ship_wake.notify_one();
-        Ok(())
-    }
-}
-
-impl Drop for Recorder {
-    fn drop(&mut self) {
-        // A connection task cancelled at shutdown still ends its record.
-        self.finish("cancelled", None, 0, 0);
-    }
-}
 
 #[cfg(test)]
 pub(crate) mod tests {

@@ -1,0 +1,213 @@
+//! What approvals are made of: requests and where they stand, who asked,
+//! who answered, grants, and who may answer.
+use serde::{Deserialize, Serialize};
+
+use std::time::Duration;
+
+use crate::{
+    policy::{Approver, Policy},
+    workload::Workload,
+};
+
+/// Where a request stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestState {
+    Pending,
+    Approved,
+    Denied,
+    TimedOut,
+    /// The client went away while it waited.
+    Withdrawn,
+    /// The agent stopped while it waited.
+    Abandoned,
+}
+
+impl RequestState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestState::Pending => "pending",
+            RequestState::Approved => "approved",
+            RequestState::Denied => "denied",
+            RequestState::TimedOut => "timed_out",
+            RequestState::Withdrawn => "withdrawn",
+            RequestState::Abandoned => "abandoned",
+        }
+    }
+}
+
+/// Who asked: what an approver needs to judge the request.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Requester {
+    pub uid: u32,
+    pub user: Option<String>,
+    pub pid: u32,
+    pub unit: Option<String>,
+    pub cgroup: Option<String>,
+    pub exe: Option<String>,
+    /// The policy's workloads it matched.
+    pub workloads: Vec<String>,
+}
+
+impl Requester {
+    /// The caller, and the policy's workloads it matches.
+    pub fn of(policy: &Policy, workload: &Workload) -> Self {
+        Self {
+            uid: workload.uid,
+            user: workload.user.clone(),
+            pid: workload.pid,
+            unit: workload.unit.clone(),
+            cgroup: workload.cgroup.clone(),
+            exe: workload.exe.clone(),
+            workloads: crate::policy::matching_workloads(policy, workload)
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        }
+    }
+
+    /// What "the same workload" means for a grant: the same uid in the same
+    /// cgroup (a CI job's scope, a service's unit).
+    pub(super) fn grant_key(&self) -> String {
+        format!("{}@{}", self.uid, self.cgroup.as_deref().unwrap_or("-"))
+    }
+
+    pub(super) fn describe(&self) -> String {
+        let who = match &self.user {
+            Some(user) => format!("{user} (uid {})", self.uid),
+            None => format!("uid {}", self.uid),
+        };
+        let place = self
+            .unit
+            .as_deref()
+            .or(self.cgroup.as_deref())
+            .unwrap_or("-");
+        let exe = self.exe.as_deref().unwrap_or("?");
+        format!("{who} in {place}, {exe} (pid {})", self.pid)
+    }
+}
+
+/// One answer to a request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Answer {
+    pub by: String,
+    pub approve: bool,
+    pub reason: Option<String>,
+    pub at_ms: u64,
+}
+
+/// A request, as stored, listed and sent to the webhook.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RequestRecord {
+    pub id: String,
+    pub session_id: String,
+    pub host: String,
+    pub state: RequestState,
+    pub target: String,
+    pub rule: String,
+    /// The exact command held.
+    pub command: String,
+    pub requester: Requester,
+    pub approvers: Vec<String>,
+    pub min_approvals: u32,
+    /// `once` or the grant's duration.
+    pub grant: String,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    #[serde(default)]
+    pub answers: Vec<Answer>,
+    pub decided_ms: Option<u64>,
+    /// The grant an approval created, when the rule grants a duration.
+    pub grant_id: Option<String>,
+}
+
+impl RequestRecord {
+    /// Who said yes (or no, for a denial).
+    pub fn deciders(&self) -> Vec<String> {
+        let approve = self.state != RequestState::Denied;
+        self.answers
+            .iter()
+            .filter(|a| a.approve == approve)
+            .map(|a| a.by.clone())
+            .collect()
+    }
+
+    /// Why it did not go through, for the client's error.
+    pub fn refusal(&self) -> String {
+        let denial = self.answers.iter().find(|a| !a.approve);
+        match (self.state, denial) {
+            (RequestState::Denied, Some(answer)) => format!(
+                "approval request {} was denied by {}: {}",
+                self.id,
+                answer.by,
+                answer.reason.as_deref().unwrap_or("no reason given")
+            ),
+            (RequestState::TimedOut, _) => format!(
+                "approval request {} timed out after {} with {} of {} approvals",
+                self.id,
+                humantime::format_duration(Duration::from_secs(
+                    (self.expires_ms - self.created_ms) / 1000
+                )),
+                self.answers.iter().filter(|a| a.approve).count(),
+                self.min_approvals
+            ),
+            (state, _) => format!("approval request {} is {}", self.id, state.as_str()),
+        }
+    }
+}
+
+/// A standing permission an approval created.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GrantRecord {
+    pub id: String,
+    pub rule: String,
+    pub target: String,
+    pub requester: Requester,
+    pub workload_key: String,
+    pub request_id: String,
+    pub approved_by: Vec<String>,
+    /// The rule's approvers when granted: who may revoke it besides admins.
+    pub approvers: Vec<String>,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    pub revoked: Option<Answer>,
+}
+
+impl GrantRecord {
+    pub(super) fn active(&self, now: u64) -> bool {
+        self.revoked.is_none() && now < self.expires_ms
+    }
+}
+
+/// Who is answering.
+#[derive(Clone, Debug)]
+pub enum Caller {
+    /// A process on the host, from SO_PEERCRED.
+    Local { uid: u32, gid: u32 },
+    /// A name an authenticated HTTP callback gives.
+    Callback { name: String },
+}
+
+impl Caller {
+    pub(super) fn name(&self) -> String {
+        match self {
+            Caller::Local { uid, .. } => crate::workload::user_name(*uid).map_or_else(
+                || format!("uid:{uid}"),
+                |name| format!("{name} (uid {uid})"),
+            ),
+            Caller::Callback { name } => format!("webhook:{name}"),
+        }
+    }
+
+    pub(super) fn is(&self, approver: &Approver) -> bool {
+        match (self, approver) {
+            (Caller::Local { uid, gid }, Approver::Local(principal)) => {
+                crate::principal::caller_matches(*uid, *gid, std::slice::from_ref(principal))
+            }
+            (Caller::Callback { name }, Approver::Callback(expected)) => {
+                expected == "*" || expected == name
+            }
+            _ => false,
+        }
+    }
+}

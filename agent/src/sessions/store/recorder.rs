@@ -1,0 +1,181 @@
+//! A session's recorder: appends its events (in memory, durable at the
+//! next group commit, or awaited), counts its statements, ends it.
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicU64, Ordering},
+};
+
+use parking_lot::Mutex;
+
+use super::{
+    Outbox, Store, StoreError, Summary, Ticket,
+    commit::{CHUNK_LIMIT, Chain, Committed},
+    id_key, now_us,
+};
+use crate::sessions::event::Event;
+
+/// Records one session. Shared by the directions of a connection.
+pub struct Recorder {
+    pub(super) store: Arc<Store>,
+    pub(super) id: ulid::Ulid,
+    pub(super) record_output: bool,
+    pub(super) chain: Arc<Mutex<Chain>>,
+    pub(super) summary: Mutex<Summary>,
+    pub(super) statements: AtomicU64,
+    pub(super) finished: AtomicBool,
+}
+
+impl Recorder {
+    pub fn id(&self) -> ulid::Ulid {
+        self.id
+    }
+
+    /// Whether the server's output is recorded (`record = "full"`).
+    pub fn records_output(&self) -> bool {
+        self.record_output
+    }
+
+    /// The next statement number.
+    pub fn next_statement(&self) -> u64 {
+        self.statements.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Appends an event; it is durable once [`Recorder::durable`] of the
+    /// returned ticket (or a later one) returns.
+    pub fn append(&self, event: &Event<'_>) -> Result<Ticket, StoreError> {
+        let commit = &self.store.commit;
+        if commit.failing.load(Ordering::Relaxed) {
+            let error = commit.last_error.lock().clone();
+            return Err(StoreError::Flush(
+                error.unwrap_or_else(|| "the last flush failed".into()),
+            ));
+        }
+        let bytes = {
+            let mut chain = self.chain.lock();
+            let bytes = chain.push(event)?;
+            if chain.pending.len() >= CHUNK_LIMIT {
+                // Output streaming in: written now, so a session holds at
+                // most this much in memory whatever it records.
+                chain.write(&self.store.events)?;
+            } else if !chain.listed {
+                chain.listed = true;
+                self.store.commit.dirty.lock().push(self.chain.clone());
+            }
+            bytes
+        };
+        self.summary.lock().bytes += bytes;
+        Ok(Ticket(
+            self.store.commit.written.fetch_add(1, Ordering::SeqCst) + 1,
+        ))
+    }
+
+    /// Waits until everything appended up to `ticket` is on disk.
+    pub async fn durable(&self, ticket: Ticket) -> Result<(), StoreError> {
+        let commit = &self.store.commit;
+        let mut committed = commit.committed.subscribe();
+        if committed.borrow().generation >= ticket.0 {
+            return Ok(());
+        }
+        // The session writes its own chunk (sled inserts run in parallel on
+        // the workers); the commit thread then only has to flush. A write
+        // after the ticket was taken needs a later ticket.
+        let ticket = {
+            let mut chain = self.chain.lock();
+            if chain.pending.is_empty() {
+                ticket
+            } else {
+                chain.write(&self.store.events)?;
+                Ticket(commit.written.fetch_add(1, Ordering::SeqCst) + 1)
+            }
+        };
+        self.store.request_commit();
+        let state = committed
+            .wait_for(|c| c.generation >= ticket.0 || c.failed)
+            .await
+            .map(|c| *c)
+            .unwrap_or(Committed {
+                generation: 0,
+                failed: true,
+            });
+        if state.generation >= ticket.0 {
+            return Ok(());
+        }
+        let error = commit.last_error.lock().clone();
+        Err(StoreError::Flush(
+            error.unwrap_or_else(|| "the store is closed".into()),
+        ))
+    }
+
+    pub(super) fn put_summary(&self) -> Result<(), StoreError> {
+        let summary = self.summary.lock();
+        self.store
+            .sessions
+            .insert(id_key(&self.id), serde_json::to_vec(&*summary)?)?;
+        Ok(())
+    }
+
+    pub fn count_statement(&self, denied: bool) {
+        let mut summary = self.summary.lock();
+        summary.statements += 1;
+        summary.denied += u64::from(denied);
+    }
+
+    /// Ends the session: its `session_end` event, the seal, the summary,
+    /// and a place in the outbox. Later calls do nothing.
+    pub fn finish(&self, outcome: &str, error: Option<&str>, bytes_up: u64, bytes_down: u64) {
+        if self.finished.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Err(error) = self.try_finish(outcome, error, bytes_up, bytes_down) {
+            tracing::error!(%error, session = %self.id, "cannot end the session's record; it is sealed at the next start");
+        }
+    }
+
+    fn try_finish(
+        &self,
+        outcome: &str,
+        error: Option<&str>,
+        bytes_up: u64,
+        bytes_down: u64,
+    ) -> Result<(), StoreError> {
+        let (statements, denied) = {
+            let summary = self.summary.lock();
+            (summary.statements, summary.denied)
+        };
+        let mut chain = self.chain.lock();
+        let bytes = chain.push(&Event::SessionEnd {
+            outcome,
+            error,
+            bytes_up,
+            bytes_down,
+            statements,
+            denied,
+        })?;
+        chain.write(&self.store.events)?;
+        self.store.seal(&self.id, &chain)?;
+        {
+            let mut summary = self.summary.lock();
+            summary.bytes += bytes;
+            summary.outcome = outcome.to_owned();
+            summary.end_us = Some(now_us());
+            summary.events = chain.next_seq;
+        }
+        drop(chain);
+        self.put_summary()?;
+        self.store
+            .outbox
+            .insert(id_key(&self.id), serde_json::to_vec(&Outbox::default())?)?;
+        self.store.live.lock().remove(&self.id);
+        self.store.commit.written.fetch_add(1, Ordering::SeqCst);
+        self.store.request_commit();
+        self.store.ship_wake.notify_one();
+        Ok(())
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        // A connection task cancelled at shutdown still ends its record.
+        self.finish("cancelled", None, 0, 0);
+    }
+}
