@@ -507,57 +507,12 @@ where
                 "the server closed the connection inside a message".into(),
             ));
         }
-        // buf[..passed] has been written (or dropped); buf[..pos] handled.
-        let mut pos = 0;
-        let mut passed = 0;
-        let mut pending = 0;
         out.clear();
-        loop {
-            if streaming > 0 {
-                let take = streaming.min(buf.len() - pos);
-                pos += take;
-                streaming -= take;
-                if streaming > 0 {
-                    break;
-                }
-                continue;
-            }
-            let Some(header) = buf.get(pos..pos + 5) else {
-                break;
-            };
-            let tag = header[0];
-            let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-            let total = usize::try_from(len)
-                .ok()
-                .filter(|l| (4..=MAX_MESSAGE).contains(l))
-                .ok_or_else(|| ResponseError::Malformed(format!("message length {len}")))?
-                + 1;
-            if responses.streams(tag)? {
-                responses.on_frame(tag, None, &mut out)?;
-                streaming = total;
-                continue;
-            }
-            let Some(frame) = buf.get(pos..pos + total) else {
-                // Room for the whole frame is made once the handled bytes
-                // are gone (reserving now could grow the buffer instead).
-                pending = total;
-                break;
-            };
-            if tag == b'D' {
-                // A masked row may be rewritten: what precedes it goes first.
-                out.extend_from_slice(&buf[passed..pos]);
-                passed = pos;
-            }
-            match responses.on_frame(tag, Some(frame), &mut out)? {
-                Act::Forward => {}
-                Act::Replaced => passed = pos + total,
-                Act::Drop => {
-                    out.extend_from_slice(&buf[passed..pos]);
-                    passed = pos + total;
-                }
-            }
-            pos += total;
-        }
+        let Handled {
+            pos,
+            passed,
+            pending,
+        } = handle_frames(responses, &buf, &mut out, &mut streaming)?;
         let sent = if out.is_empty() {
             &buf[passed..pos]
         } else {
@@ -574,4 +529,77 @@ where
         buf.advance(pos);
         buf.reserve(pending.saturating_sub(buf.len()));
     }
+}
+
+/// How far [`handle_frames`] went in the read buffer: `buf[..passed]` is
+/// passed on as it came (or was dropped), `buf[..pos]` handled; `pending`
+/// is the length of a frame not yet whole.
+struct Handled {
+    pos: usize,
+    passed: usize,
+    pending: usize,
+}
+
+/// Handles the whole frames in `buf` (and the start of a streamed one),
+/// masked rows and the agent's own answers' replacements going to `out`.
+fn handle_frames(
+    responses: &mut Responses<'_>,
+    buf: &[u8],
+    out: &mut BytesMut,
+    streaming: &mut usize,
+) -> Result<Handled, ResponseError> {
+    let mut pos = 0;
+    let mut passed = 0;
+    let mut pending = 0;
+    loop {
+        if *streaming > 0 {
+            let take = (*streaming).min(buf.len() - pos);
+            pos += take;
+            *streaming -= take;
+            if *streaming > 0 {
+                break;
+            }
+            continue;
+        }
+        let Some(header) = buf.get(pos..pos + 5) else {
+            break;
+        };
+        let tag = header[0];
+        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+        let total = usize::try_from(len)
+            .ok()
+            .filter(|l| (4..=MAX_MESSAGE).contains(l))
+            .ok_or_else(|| ResponseError::Malformed(format!("message length {len}")))?
+            + 1;
+        if responses.streams(tag)? {
+            responses.on_frame(tag, None, out)?;
+            *streaming = total;
+            continue;
+        }
+        let Some(frame) = buf.get(pos..pos + total) else {
+            // Room for the whole frame is made once the handled bytes
+            // are gone (reserving now could grow the buffer instead).
+            pending = total;
+            break;
+        };
+        if tag == b'D' {
+            // A masked row may be rewritten: what precedes it goes first.
+            out.extend_from_slice(&buf[passed..pos]);
+            passed = pos;
+        }
+        match responses.on_frame(tag, Some(frame), out)? {
+            Act::Forward => {}
+            Act::Replaced => passed = pos + total,
+            Act::Drop => {
+                out.extend_from_slice(&buf[passed..pos]);
+                passed = pos + total;
+            }
+        }
+        pos += total;
+    }
+    Ok(Handled {
+        pos,
+        passed,
+        pending,
+    })
 }

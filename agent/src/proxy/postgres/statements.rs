@@ -10,7 +10,10 @@ use std::{
 
 use crate::{
     access::StatementLine,
-    policy::{Action, ActivePolicy, RuleId, StatementInfo, StatementKind, evaluate_statement},
+    policy::{
+        Action, ActivePolicy, Policy, RuleId, StatementInfo, StatementKind, TargetId,
+        evaluate_statement,
+    },
     sessions::{Event, StoreError, Ticket},
 };
 
@@ -198,48 +201,7 @@ pub fn decide(
                 "the target is no longer in the policy".into(),
             ),
             (Some(_), Masking::Unresolved(why)) => (Action::Deny, None, why.to_string()),
-            (Some(id), _) => {
-                let verdict = evaluate_statement(&policy.policy, &session.workload, id, statement);
-                let rule = verdict.rule;
-                let walked_around = || {
-                    let masks = crate::policy::masks_for(&policy.policy, &session.workload, id);
-                    if masks.iter().all(|m| m.expressions_allowed) {
-                        return None;
-                    }
-                    let view = masking.set().and_then(|set| {
-                        set.views
-                            .iter()
-                            .find(|(view, _)| statement.tables.contains(view))
-                    });
-                    if let Some((view, column)) = view {
-                        return Some(format!(
-                            "{view} is a view that reads the masked column {column}, and its columns cannot be masked as that column; select from the table"
-                        ));
-                    }
-                    crate::policy::walked_around(&masks, statement)
-                };
-                if verdict.action != Action::Deny
-                    && masking.set().is_some()
-                    && statement.kinds.contains(StatementKind::CopyTo)
-                {
-                    // COPY output is not rows the agent can mask.
-                    let why = "results are masked for this workload, and COPY ... TO output cannot be; use SELECT";
-                    (Action::Deny, rule, why.into())
-                } else if verdict.action != Action::Deny
-                    && masking.set().is_some()
-                    && let Some(why) = walked_around()
-                {
-                    (Action::Deny, rule, why)
-                } else if verdict.action == Action::Deny {
-                    (
-                        Action::Deny,
-                        rule,
-                        verdict.reason(&policy.policy, statement),
-                    )
-                } else {
-                    (verdict.action, rule, String::new())
-                }
-            }
+            (Some(id), _) => decide_one(session, &policy.policy, id, statement, masking),
         };
         // A statement over the size limit is refused even in audit mode:
         // it is never parsed, so it is never checked.
@@ -281,6 +243,55 @@ pub fn decide(
         verdicts: verdicts.into(),
         approval: approval.filter(|_| denial.is_none()),
         denial,
+    }
+}
+
+/// One statement's decision under the policy, with what masking adds: a
+/// statement that would read masked values in a way masks cannot follow
+/// is denied.
+fn decide_one(
+    session: &Session,
+    policy: &Policy,
+    id: TargetId,
+    statement: &StatementInfo,
+    masking: &Masking,
+) -> (Action, Option<RuleId>, String) {
+    let verdict = evaluate_statement(policy, &session.workload, id, statement);
+    let rule = verdict.rule;
+    let walked_around = || {
+        let masks = crate::policy::masks_for(policy, &session.workload, id);
+        if masks.iter().all(|m| m.expressions_allowed) {
+            return None;
+        }
+        let view = masking.set().and_then(|set| {
+            set.views
+                .iter()
+                .find(|(view, _)| statement.tables.contains(view))
+        });
+        if let Some((view, column)) = view {
+            return Some(format!(
+                "{view} is a view that reads the masked column {column}, and its columns cannot be masked as that column; select from the table"
+            ));
+        }
+        crate::policy::walked_around(&masks, statement)
+    };
+    if verdict.action != Action::Deny
+        && masking.set().is_some()
+        && statement.kinds.contains(StatementKind::CopyTo)
+    {
+        // COPY output is not rows the agent can mask.
+        let why =
+            "results are masked for this workload, and COPY ... TO output cannot be; use SELECT";
+        (Action::Deny, rule, why.into())
+    } else if verdict.action != Action::Deny
+        && masking.set().is_some()
+        && let Some(why) = walked_around()
+    {
+        (Action::Deny, rule, why)
+    } else if verdict.action == Action::Deny {
+        (Action::Deny, rule, verdict.reason(policy, statement))
+    } else {
+        (verdict.action, rule, String::new())
     }
 }
 
