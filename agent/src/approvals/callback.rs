@@ -106,71 +106,82 @@ async fn handle(
             let id = id.to_owned();
             let timestamp = header("x-interlock-timestamp").and_then(|t| t.parse::<u64>().ok());
             let signature = header("x-interlock-signature");
-            let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(_) => {
-                    return reply(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "the body is larger than 64 KiB or was cut off",
-                    );
-                }
-            };
-            let now = super::now_ms() / 1000;
-            let signed = match (
-                timestamp,
-                signature.as_deref().and_then(|s| s.strip_prefix("sha256=")),
-            ) {
-                (Some(ts), Some(sig)) => {
-                    ts.abs_diff(now) <= MAX_SKEW_S && super::notify::verify(token, ts, &body, sig)
-                }
-                _ => false,
-            };
-            if !signed {
-                return reply(
-                    StatusCode::UNAUTHORIZED,
-                    "the answer must be signed: x-interlock-timestamp (unix seconds, within 5 minutes) and x-interlock-signature: sha256=<HMAC-SHA256 of \"{timestamp}.{body}\">",
-                );
-            }
-            let answer: AnswerBody = match serde_json::from_slice(&body) {
-                Ok(answer) => answer,
-                Err(error) => {
-                    return reply(StatusCode::BAD_REQUEST, &format!("bad answer: {error}"));
-                }
-            };
-            if answer.approver.is_empty() {
-                return reply(StatusCode::BAD_REQUEST, "approver cannot be empty");
-            }
-            let caller = Caller::Callback {
-                name: answer.approver,
-            };
-            match approvals.answer(
-                &id,
-                &caller,
-                answer.decision == Decision::Approve,
-                answer.reason,
-            ) {
-                Ok(record) => json(StatusCode::OK, &record),
-                Err(error) => {
-                    let status = match error {
-                        ApprovalError::NotFound(_) | ApprovalError::Ambiguous(_) => {
-                            StatusCode::NOT_FOUND
-                        }
-                        ApprovalError::NotApprover { .. } | ApprovalError::OwnRequest { .. } => {
-                            StatusCode::FORBIDDEN
-                        }
-                        ApprovalError::Again(_) => StatusCode::CONFLICT,
-                        ApprovalError::NoReason => StatusCode::BAD_REQUEST,
-                        _ => StatusCode::INTERNAL_SERVER_ERROR,
-                    };
-                    tracing::warn!(%error, "callback answer refused");
-                    reply(status, &error.to_string())
-                }
-            }
+            post_answer(request, &id, timestamp, signature, approvals, token).await
         }
         _ => reply(
             StatusCode::NOT_FOUND,
             "use GET /v1/approvals or POST /v1/approvals/{id}",
         ),
+    }
+}
+
+/// `POST /v1/approvals/{id}`: a signed answer from a chat bot or ticket
+/// system.
+async fn post_answer(
+    request: Request<Incoming>,
+    id: &str,
+    timestamp: Option<u64>,
+    signature: Option<String>,
+    approvals: &Approvals,
+    token: &Secret,
+) -> Response<Full<Bytes>> {
+    let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return reply(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "the body is larger than 64 KiB or was cut off",
+            );
+        }
+    };
+    let now = super::now_ms() / 1000;
+    let signed = match (
+        timestamp,
+        signature.as_deref().and_then(|s| s.strip_prefix("sha256=")),
+    ) {
+        (Some(ts), Some(sig)) => {
+            ts.abs_diff(now) <= MAX_SKEW_S && super::notify::verify(token, ts, &body, sig)
+        }
+        _ => false,
+    };
+    if !signed {
+        return reply(
+            StatusCode::UNAUTHORIZED,
+            "the answer must be signed: x-interlock-timestamp (unix seconds, within 5 minutes) and x-interlock-signature: sha256=<HMAC-SHA256 of \"{timestamp}.{body}\">",
+        );
+    }
+    let answer: AnswerBody = match serde_json::from_slice(&body) {
+        Ok(answer) => answer,
+        Err(error) => {
+            return reply(StatusCode::BAD_REQUEST, &format!("bad answer: {error}"));
+        }
+    };
+    if answer.approver.is_empty() {
+        return reply(StatusCode::BAD_REQUEST, "approver cannot be empty");
+    }
+    let caller = Caller::Callback {
+        name: answer.approver,
+    };
+    match approvals.answer(
+        id,
+        &caller,
+        answer.decision == Decision::Approve,
+        answer.reason,
+    ) {
+        Ok(record) => json(StatusCode::OK, &record),
+        Err(error) => {
+            let status = match error {
+                ApprovalError::NotFound(_) | ApprovalError::Ambiguous(_) => StatusCode::NOT_FOUND,
+                ApprovalError::NotApprover { .. } | ApprovalError::OwnRequest { .. } => {
+                    StatusCode::FORBIDDEN
+                }
+                ApprovalError::Again(_) => StatusCode::CONFLICT,
+                ApprovalError::NoReason => StatusCode::BAD_REQUEST,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            tracing::warn!(%error, "callback answer refused");
+            reply(status, &error.to_string())
+        }
     }
 }
 

@@ -429,10 +429,22 @@ fn ssh_upstream(
     target: &Located<file::TargetSpec>,
     credential: &Located<file::CredentialSpec>,
 ) -> Result<crate::policy::SshUpstream, ConfigError> {
-    use crate::policy::{HostKeyCheck, SshAuth};
-    let spec = target.get_ref();
+    Ok(crate::policy::SshUpstream {
+        user: credential.get_ref().user.clone(),
+        auth: ssh_auth(source, credential)?,
+        host_key: ssh_host_key(source, target)?,
+    })
+}
+
+/// How the agent logs in to an SSH server: a key (with its certificate),
+/// or a password.
+fn ssh_auth(
+    source: &SourceFile,
+    credential: &Located<file::CredentialSpec>,
+) -> Result<crate::policy::SshAuth, ConfigError> {
+    use crate::policy::SshAuth;
     let cred = credential.get_ref();
-    let auth = match (&cred.private_key_file, &cred.password_file) {
+    Ok(match (&cred.private_key_file, &cred.password_file) {
         (Some(key_file), None) => {
             let text = read_secret_file(
                 source,
@@ -487,8 +499,18 @@ fn ssh_upstream(
                 "an ssh credential has one of private_key_file or password_file",
             ));
         }
-    };
-    let host_key = match (&spec.known_hosts, &spec.host_key_fingerprint) {
+    })
+}
+
+/// How the SSH server's key is checked: a known_hosts file, or a pinned
+/// fingerprint.
+fn ssh_host_key(
+    source: &SourceFile,
+    target: &Located<file::TargetSpec>,
+) -> Result<crate::policy::HostKeyCheck, ConfigError> {
+    use crate::policy::HostKeyCheck;
+    let spec = target.get_ref();
+    Ok(match (&spec.known_hosts, &spec.host_key_fingerprint) {
         (Some(file), None) => {
             std::fs::metadata(file.get_ref()).map_err(|e| {
                 source.error_at(
@@ -514,11 +536,6 @@ fn ssh_upstream(
                 "an ssh target names the server's key: known_hosts (a file) or host_key_fingerprint (\"SHA256:...\"), one of them",
             ));
         }
-    };
-    Ok(crate::policy::SshUpstream {
-        user: cred.user.clone(),
-        auth,
-        host_key,
     })
 }
 

@@ -179,46 +179,7 @@ impl Interceptor {
             .and_then(|socket| super::netns_cookie(&socket))
             .map_err(InterceptError::Namespace)?;
 
-        let cgroup = fs::File::open(&cgroup_dir).map_err(|cause| InterceptError::Cgroup {
-            path: cgroup_dir.clone(),
-            cause,
-        })?;
-        let mut links = Vec::new();
-        for name in programs::ALL {
-            let program = ebpf
-                .program_mut(name)
-                .ok_or(InterceptError::Missing(name))?;
-            let prog_err = |cause| InterceptError::Program { name, cause };
-            let link_err = |cause| InterceptError::Link {
-                path: links_dir.join(name),
-                cause,
-            };
-            // The two program types share no trait for load/attach/take_link.
-            // Links are created with BPF_LINK_CREATE, which always stacks
-            // cgroup programs (`Single` is the mode aya accepts for it).
-            macro_rules! attach_as {
-                ($program_type:ty) => {{
-                    let prog: &mut $program_type = program.try_into().map_err(prog_err)?;
-                    prog.load().map_err(prog_err)?;
-                    let id = prog
-                        .attach(&cgroup, CgroupAttachMode::Single)
-                        .map_err(prog_err)?;
-                    FdLink::try_from(prog.take_link(id).map_err(prog_err)?).map_err(link_err)?
-                }};
-            }
-            let link = if name == programs::SOCKOPS {
-                attach_as!(SockOps)
-            } else {
-                attach_as!(CgroupSockAddr)
-            };
-            // The new link is live; only now release the previous agent's.
-            let pin = links_dir.join(name);
-            release_pinned_link(&pin)?;
-            links.push(
-                link.pin(&pin)
-                    .map_err(|cause| InterceptError::Pin { path: pin, cause })?,
-            );
-        }
+        let links = attach_programs(&mut ebpf, &cgroup_dir, &links_dir)?;
 
         remove_stale_map_layouts(&bpffs_dir);
         Ok(Self {
@@ -361,6 +322,57 @@ fn clear_stale(
         let _ = agent_sockets.remove(cookie);
     }
     stale.len() + exemptions.len()
+}
+
+/// Attaches every program to the cgroup and pins its link, releasing the
+/// previous agent's link of the same program only once the new one is
+/// live (no moment without interception).
+fn attach_programs(
+    ebpf: &mut aya::Ebpf,
+    cgroup_dir: &Path,
+    links_dir: &Path,
+) -> Result<Vec<PinnedLink>, InterceptError> {
+    let cgroup = fs::File::open(cgroup_dir).map_err(|cause| InterceptError::Cgroup {
+        path: cgroup_dir.to_owned(),
+        cause,
+    })?;
+    let mut links = Vec::new();
+    for name in programs::ALL {
+        let program = ebpf
+            .program_mut(name)
+            .ok_or(InterceptError::Missing(name))?;
+        let prog_err = |cause| InterceptError::Program { name, cause };
+        let link_err = |cause| InterceptError::Link {
+            path: links_dir.join(name),
+            cause,
+        };
+        // The two program types share no trait for load/attach/take_link.
+        // Links are created with BPF_LINK_CREATE, which always stacks
+        // cgroup programs (`Single` is the mode aya accepts for it).
+        macro_rules! attach_as {
+            ($program_type:ty) => {{
+                let prog: &mut $program_type = program.try_into().map_err(prog_err)?;
+                prog.load().map_err(prog_err)?;
+                let id = prog
+                    .attach(&cgroup, CgroupAttachMode::Single)
+                    .map_err(prog_err)?;
+                FdLink::try_from(prog.take_link(id).map_err(prog_err)?).map_err(link_err)?
+            }};
+        }
+        let link = if name == programs::SOCKOPS {
+            attach_as!(SockOps)
+        } else {
+            attach_as!(CgroupSockAddr)
+        };
+        // The new link is live; only now release the previous agent's.
+        let pin = links_dir.join(name);
+        release_pinned_link(&pin)?;
+        links.push(
+            link.pin(&pin)
+                .map_err(|cause| InterceptError::Pin { path: pin, cause })?,
+        );
+    }
+    Ok(links)
 }
 
 /// Releases a link pinned by an earlier agent, if any.

@@ -125,7 +125,6 @@ pub async fn login<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     frontend::startup_message(with_user, &mut out).map_err(WireError::Io)?;
     upstream.write_all(&out).await.map_err(WireError::Io)?;
 
-    let password = credential.password.expose().as_bytes();
     let mut scram: Option<ScramSha256> = None;
     let mut buf = BytesMut::new();
     let mut after_auth = Vec::new();
@@ -137,65 +136,9 @@ pub async fn login<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         out.clear();
         match frame.tag {
             b'R' => {
-                let (code, data) = body
-                    .split_at_checked(4)
-                    .ok_or(LoginError::Unexpected('R'))?;
-                match i32::from_be_bytes(code.try_into().expect("4 bytes")) {
-                    AUTH_OK => continue,
-                    AUTH_CLEARTEXT => {
-                        frontend::password_message(password, &mut out).map_err(WireError::Io)?
-                    }
-                    AUTH_MD5 => {
-                        let salt: [u8; 4] = data
-                            .get(..4)
-                            .and_then(|s| s.try_into().ok())
-                            .ok_or(LoginError::Unexpected('R'))?;
-                        let hash = md5_hash(credential.user.as_bytes(), password, salt);
-                        frontend::password_message(hash.as_bytes(), &mut out)
-                            .map_err(WireError::Io)?;
-                    }
-                    AUTH_SASL => {
-                        let offered = data
-                            .split(|b| *b == 0)
-                            .any(|m| m == SCRAM_SHA_256.as_bytes());
-                        if !offered {
-                            return Err(LoginError::Unsupported(format!(
-                                "SASL mechanisms {:?}",
-                                String::from_utf8_lossy(data)
-                            )));
-                        }
-                        let exchange = ScramSha256::new(password, ChannelBinding::unsupported());
-                        frontend::sasl_initial_response(
-                            SCRAM_SHA_256,
-                            exchange.message(),
-                            &mut out,
-                        )
-                        .map_err(WireError::Io)?;
-                        scram = Some(exchange);
-                    }
-                    AUTH_SASL_CONTINUE => {
-                        let exchange = scram.as_mut().ok_or(LoginError::Unexpected('R'))?;
-                        exchange.update(data).map_err(LoginError::Scram)?;
-                        frontend::sasl_response(exchange.message(), &mut out)
-                            .map_err(WireError::Io)?;
-                    }
-                    AUTH_SASL_FINAL => {
-                        // Verifies the server's signature: a server that does
-                        // not know the password cannot complete the login.
-                        scram
-                            .as_mut()
-                            .ok_or(LoginError::Unexpected('R'))?
-                            .finish(data)
-                            .map_err(LoginError::Scram)?;
-                        continue;
-                    }
-                    other => {
-                        return Err(LoginError::Unsupported(format!(
-                            "authentication method {other}"
-                        )));
-                    }
+                if answer(body, credential, &mut scram, &mut out)? {
+                    upstream.write_all(&out).await.map_err(WireError::Io)?;
                 }
-                upstream.write_all(&out).await.map_err(WireError::Io)?;
             }
             b'E' => {
                 let (code, message) = error_fields(body);
@@ -209,4 +152,67 @@ pub async fn login<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
             other => return Err(LoginError::Unexpected(other as char)),
         }
     }
+}
+
+/// Answers one authentication request of the server into `out`; `false`
+/// when there is nothing to send (login succeeded, or the server's SCRAM
+/// signature checked out).
+fn answer(
+    request: &[u8],
+    credential: &Credential,
+    scram: &mut Option<ScramSha256>,
+    out: &mut BytesMut,
+) -> Result<bool, LoginError> {
+    let password = credential.password.expose().as_bytes();
+    let (code, data) = request
+        .split_at_checked(4)
+        .ok_or(LoginError::Unexpected('R'))?;
+    match i32::from_be_bytes(code.try_into().expect("4 bytes")) {
+        AUTH_OK => return Ok(false),
+        AUTH_CLEARTEXT => frontend::password_message(password, out).map_err(WireError::Io)?,
+        AUTH_MD5 => {
+            let salt: [u8; 4] = data
+                .get(..4)
+                .and_then(|s| s.try_into().ok())
+                .ok_or(LoginError::Unexpected('R'))?;
+            let hash = md5_hash(credential.user.as_bytes(), password, salt);
+            frontend::password_message(hash.as_bytes(), out).map_err(WireError::Io)?;
+        }
+        AUTH_SASL => {
+            let offered = data
+                .split(|b| *b == 0)
+                .any(|m| m == SCRAM_SHA_256.as_bytes());
+            if !offered {
+                return Err(LoginError::Unsupported(format!(
+                    "SASL mechanisms {:?}",
+                    String::from_utf8_lossy(data)
+                )));
+            }
+            let exchange = ScramSha256::new(password, ChannelBinding::unsupported());
+            frontend::sasl_initial_response(SCRAM_SHA_256, exchange.message(), out)
+                .map_err(WireError::Io)?;
+            *scram = Some(exchange);
+        }
+        AUTH_SASL_CONTINUE => {
+            let exchange = scram.as_mut().ok_or(LoginError::Unexpected('R'))?;
+            exchange.update(data).map_err(LoginError::Scram)?;
+            frontend::sasl_response(exchange.message(), out).map_err(WireError::Io)?;
+        }
+        AUTH_SASL_FINAL => {
+            // Verifies the server's signature: a server that does
+            // not know the password cannot complete the login.
+            scram
+                .as_mut()
+                .ok_or(LoginError::Unexpected('R'))?
+                .finish(data)
+                .map_err(LoginError::Scram)?;
+            return Ok(false);
+        }
+        other => {
+            return Err(LoginError::Unsupported(format!(
+                "authentication method {other}"
+            )));
+        }
+    }
+    Ok(true)
 }
