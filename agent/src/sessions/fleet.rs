@@ -89,33 +89,7 @@ pub async fn pull(bucket: &Bucket, options: &PullOptions) -> anyhow::Result<Pull
     while let Some((entry, bytes)) = downloads.next().await {
         bar.inc(1);
         let id = entry.id.to_string();
-        let result = (|| -> Result<Option<(Summary, bool, u64)>, String> {
-            let key = keys[&entry.host].as_ref().map_err(Clone::clone)?;
-            let bytes = bytes.map_err(|e| e.to_string())?;
-            let text = zstd::decode_all(&*bytes).map_err(|e| format!("not zstd: {e}"))?;
-            let log = SessionLog::parse(&text);
-            let verified = log.verify(Some(key)).map_err(|e| e.to_string())?;
-            if verified.session_id != id || verified.host != entry.host {
-                return Err(format!(
-                    "stored as {}/{id} but sealed as {}/{}",
-                    entry.host, verified.host, verified.session_id
-                ));
-            }
-            let summary = log.summary();
-            if !options.filter.matches(&summary) {
-                return Ok(None);
-            }
-            let dir = options
-                .to
-                .join(format!("host={}/date={}", entry.host, entry.date));
-            let path = dir.join(format!("{id}.jsonl"));
-            if std::fs::read(&path).is_ok_and(|old| old == text) {
-                return Ok(Some((summary, false, 0)));
-            }
-            write_atomically(&dir, &path, &text)
-                .map_err(|e| format!("writing {}: {e}", path.display()))?;
-            Ok(Some((summary, true, bytes.len() as u64)))
-        })();
+        let result = store_one(&entry, bytes, &keys, options);
         match result {
             Ok(Some((summary, written, bytes))) => {
                 if written {
@@ -136,6 +110,42 @@ pub async fn pull(bucket: &Bucket, options: &PullOptions) -> anyhow::Result<Pull
     bar.finish_and_clear();
     write_index(&options.to, &summaries)?;
     Ok(report)
+}
+
+/// One downloaded session: verified against its host's pinned key and
+/// written under `options.to` if it matches the filter. `Ok(None)`: it
+/// does not; `(summary, written, bytes)` otherwise.
+fn store_one(
+    entry: &ObjectEntry,
+    bytes: Result<bytes::Bytes, impl std::fmt::Display>,
+    keys: &HashMap<String, Result<String, String>>,
+    options: &PullOptions,
+) -> Result<Option<(Summary, bool, u64)>, String> {
+    let id = entry.id.to_string();
+    let key = keys[&entry.host].as_ref().map_err(Clone::clone)?;
+    let bytes = bytes.map_err(|e| e.to_string())?;
+    let text = zstd::decode_all(&*bytes).map_err(|e| format!("not zstd: {e}"))?;
+    let log = SessionLog::parse(&text);
+    let verified = log.verify(Some(key)).map_err(|e| e.to_string())?;
+    if verified.session_id != id || verified.host != entry.host {
+        return Err(format!(
+            "stored as {}/{id} but sealed as {}/{}",
+            entry.host, verified.host, verified.session_id
+        ));
+    }
+    let summary = log.summary();
+    if !options.filter.matches(&summary) {
+        return Ok(None);
+    }
+    let dir = options
+        .to
+        .join(format!("host={}/date={}", entry.host, entry.date));
+    let path = dir.join(format!("{id}.jsonl"));
+    if std::fs::read(&path).is_ok_and(|old| old == text) {
+        return Ok(Some((summary, false, 0)));
+    }
+    write_atomically(&dir, &path, &text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(Some((summary, true, bytes.len() as u64)))
 }
 
 /// The pinned key of `host`, pinning `published` the first time.

@@ -184,6 +184,76 @@ pub fn verify<'a>(
     lines: impl IntoIterator<Item = &'a [u8]>,
     trusted_key: Option<&str>,
 ) -> Result<Verified, VerifyError> {
+    let Walked {
+        session_id,
+        head,
+        events,
+        seal,
+    } = walk_chain(lines)?;
+    let expected_seq = events;
+    let prev = head;
+    let session_id = session_id.ok_or(VerifyError::Empty)?;
+    let Some(seal) = seal else {
+        return Err(VerifyError::Unsealed {
+            last: expected_seq.saturating_sub(1),
+        });
+    };
+    if seal.session_id != session_id {
+        return Err(VerifyError::WrongSession {
+            sealed: seal.session_id,
+            events: session_id,
+        });
+    }
+    if seal.events != expected_seq {
+        return Err(VerifyError::Truncated {
+            sealed: seal.events,
+            found: expected_seq,
+        });
+    }
+    if seal.head != hex::encode(prev) {
+        return Err(VerifyError::HeadMismatch {
+            last: expected_seq.saturating_sub(1),
+        });
+    }
+    let key = decode_key(&seal.public_key).ok_or(VerifyError::BadSignature)?;
+    let signature = hex::decode(&seal.signature)
+        .ok()
+        .and_then(|s| Signature::from_slice(&s).ok())
+        .ok_or(VerifyError::BadSignature)?;
+    key.verify(
+        &seal_message(&seal.session_id, seal.events, &seal.head),
+        &signature,
+    )
+    .map_err(|_| VerifyError::BadSignature)?;
+    if let Some(trusted) = trusted_key
+        && !trusted.eq_ignore_ascii_case(&seal.public_key)
+    {
+        return Err(VerifyError::WrongKey {
+            host: seal.host,
+            found: seal.public_key,
+            expected: trusted.to_owned(),
+        });
+    }
+    Ok(Verified {
+        session_id,
+        host: seal.host,
+        events: seal.events,
+        public_key: seal.public_key,
+    })
+}
+
+/// What the events of a log chain to, and the seal after them.
+struct Walked {
+    session_id: Option<String>,
+    /// The last event's hash.
+    head: [u8; 32],
+    events: u64,
+    seal: Option<Seal>,
+}
+
+/// Follows the hash chain line by line: sequence numbers in order, each
+/// line's hash over the one before.
+fn walk_chain<'a>(lines: impl IntoIterator<Item = &'a [u8]>) -> Result<Walked, VerifyError> {
     #[derive(Deserialize)]
     struct Head<'a> {
         seq: Option<u64>,
@@ -248,53 +318,11 @@ pub fn verify<'a>(
         prev = stated.expect("checked");
         expected_seq += 1;
     }
-    let session_id = session_id.ok_or(VerifyError::Empty)?;
-    let Some(seal) = seal else {
-        return Err(VerifyError::Unsealed {
-            last: expected_seq.saturating_sub(1),
-        });
-    };
-    if seal.session_id != session_id {
-        return Err(VerifyError::WrongSession {
-            sealed: seal.session_id,
-            events: session_id,
-        });
-    }
-    if seal.events != expected_seq {
-        return Err(VerifyError::Truncated {
-            sealed: seal.events,
-            found: expected_seq,
-        });
-    }
-    if seal.head != hex::encode(prev) {
-        return Err(VerifyError::HeadMismatch {
-            last: expected_seq.saturating_sub(1),
-        });
-    }
-    let key = decode_key(&seal.public_key).ok_or(VerifyError::BadSignature)?;
-    let signature = hex::decode(&seal.signature)
-        .ok()
-        .and_then(|s| Signature::from_slice(&s).ok())
-        .ok_or(VerifyError::BadSignature)?;
-    key.verify(
-        &seal_message(&seal.session_id, seal.events, &seal.head),
-        &signature,
-    )
-    .map_err(|_| VerifyError::BadSignature)?;
-    if let Some(trusted) = trusted_key
-        && !trusted.eq_ignore_ascii_case(&seal.public_key)
-    {
-        return Err(VerifyError::WrongKey {
-            host: seal.host,
-            found: seal.public_key,
-            expected: trusted.to_owned(),
-        });
-    }
-    Ok(Verified {
+    Ok(Walked {
         session_id,
-        host: seal.host,
-        events: seal.events,
-        public_key: seal.public_key,
+        head: prev,
+        events: expected_seq,
+        seal,
     })
 }
 

@@ -267,63 +267,15 @@ pub fn describe(event: &Value, start_us: u64) -> String {
             event["decision"].as_str().unwrap_or("?"),
             rule(event)
         ),
-        "result" => {
-            let mut text = format!(
-                "#{} {}",
-                event["n"],
-                event["outcome"].as_str().unwrap_or("?")
-            );
-            if let Some(rows) = event["rows"].as_u64() {
-                text += &format!(", {rows} row{}", if rows == 1 { "" } else { "s" });
-            }
-            if let Some(masked) = event["cells_masked"].as_u64().filter(|m| *m > 0) {
-                text += &format!(", {masked} masked");
-            }
-            if let Some(us) = event["duration_us"].as_u64() {
-                text += &format!(", {:.3} ms", us as f64 / 1000.0);
-            }
-            text
-        }
+        "result" => result_text(event),
         "approval_requested" => format!(
             "held for approval: request {} by rule {:?}, waiting up to {}s for {}",
             event["id"].as_str().unwrap_or("?"),
             event["rule"].as_str().unwrap_or("?"),
             event["timeout_s"],
-            event["approvers"]
-                .as_array()
-                .map(|a| a
-                    .iter()
-                    .filter_map(|v| v.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "))
-                .unwrap_or_default(),
+            joined(&event["approvers"]),
         ),
-        "approval_decided" => {
-            let by = event["by"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                })
-                .unwrap_or_default();
-            let mut text = format!(
-                "request {} {}",
-                event["id"].as_str().unwrap_or("?"),
-                event["outcome"].as_str().unwrap_or("?")
-            );
-            if !by.is_empty() {
-                text += &format!(" by {by}");
-            }
-            if let Some(reason) = event["reason"].as_str() {
-                text += &format!(": {reason}");
-            }
-            if let Some(grant) = event["grant"].as_str() {
-                text += &format!(" (grant {grant})");
-            }
-            text
-        }
+        "approval_decided" => decided_text(event),
         "grant_used" => format!(
             "let through by grant {} (rule {:?})",
             event["grant"].as_str().unwrap_or("?"),
@@ -351,21 +303,7 @@ pub fn describe(event: &Value, start_us: u64) -> String {
             Some(signal) => format!("exit by signal {signal}"),
             None => format!("exit status {}", event["status"]),
         },
-        "sftp" => {
-            let mut text = format!(
-                "sftp {} {}",
-                event["op"].as_str().unwrap_or("?"),
-                event["path"].as_str().unwrap_or("?")
-            );
-            if let Some(to) = event["to"].as_str() {
-                text += &format!(" → {to}");
-            }
-            if let (Some(read), Some(written)) = (event["read"].as_u64(), event["written"].as_u64())
-            {
-                text += &format!(" ({read} bytes read, {written} written)");
-            }
-            text
-        }
+        "sftp" => sftp_text(event),
         "session_end" => format!(
             "end: {}{}, {} statements ({} denied), {} bytes up, {} bytes down",
             event["outcome"].as_str().unwrap_or("?"),
@@ -381,6 +319,73 @@ pub fn describe(event: &Value, start_us: u64) -> String {
         other => format!("{other}: {event}"),
     };
     format!("[{:>10.3}s] {:>5}  {what}", at as f64 / 1e6, seq)
+}
+
+/// A statement's result: outcome, rows, masked cells, time.
+fn result_text(event: &Value) -> String {
+    let mut text = format!(
+        "#{} {}",
+        event["n"],
+        event["outcome"].as_str().unwrap_or("?")
+    );
+    if let Some(rows) = event["rows"].as_u64() {
+        text += &format!(", {rows} row{}", if rows == 1 { "" } else { "s" });
+    }
+    if let Some(masked) = event["cells_masked"].as_u64().filter(|m| *m > 0) {
+        text += &format!(", {masked} masked");
+    }
+    if let Some(us) = event["duration_us"].as_u64() {
+        text += &format!(", {:.3} ms", us as f64 / 1000.0);
+    }
+    text
+}
+
+/// An approval request's outcome, who decided and why.
+fn decided_text(event: &Value) -> String {
+    let by = joined(&event["by"]);
+    let mut text = format!(
+        "request {} {}",
+        event["id"].as_str().unwrap_or("?"),
+        event["outcome"].as_str().unwrap_or("?")
+    );
+    if !by.is_empty() {
+        text += &format!(" by {by}");
+    }
+    if let Some(reason) = event["reason"].as_str() {
+        text += &format!(": {reason}");
+    }
+    if let Some(grant) = event["grant"].as_str() {
+        text += &format!(" (grant {grant})");
+    }
+    text
+}
+
+/// An SFTP operation and what it moved.
+fn sftp_text(event: &Value) -> String {
+    let mut text = format!(
+        "sftp {} {}",
+        event["op"].as_str().unwrap_or("?"),
+        event["path"].as_str().unwrap_or("?")
+    );
+    if let Some(to) = event["to"].as_str() {
+        text += &format!(" → {to}");
+    }
+    if let (Some(read), Some(written)) = (event["read"].as_u64(), event["written"].as_u64()) {
+        text += &format!(" ({read} bytes read, {written} written)");
+    }
+    text
+}
+
+/// The strings of a JSON array, comma-separated.
+fn joined(list: &Value) -> String {
+    list.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
 }
 
 fn output_bytes(event: &Value) -> Vec<u8> {

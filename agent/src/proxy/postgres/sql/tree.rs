@@ -224,20 +224,7 @@ impl Walker {
             "RangeVar" => return self.range_var(fields, false),
             "ColumnRef" => return self.column_ref(fields),
             "FuncCall" => self.func_call(fields),
-            "SelectStmt" => {
-                self.settings_row = settings_row(fields);
-                // A bare VALUES list (`INSERT … VALUES`) reads nothing.
-                let values_only = get(fields, "values_lists")
-                    .and_then(Lean::as_array)
-                    .is_some_and(|v| !v.is_empty());
-                if !values_only {
-                    kinds.insert(K::Select);
-                }
-                if get(fields, "into_clause").is_some() {
-                    kinds.insert(K::Create);
-                    self.use_ = Use::Write;
-                }
-            }
+            "SelectStmt" => self.select_stmt(fields),
             "InsertStmt" => kinds.insert(K::Insert),
             "UpdateStmt" => kinds.insert(K::Update),
             "DeleteStmt" => kinds.insert(K::Delete),
@@ -252,23 +239,7 @@ impl Walker {
                 K::CopyTo
             }),
             "TruncateStmt" => kinds.insert(K::Truncate),
-            "GrantStmt" | "GrantRoleStmt" => {
-                kinds.insert(if flag("is_grant") {
-                    K::Grant
-                } else {
-                    K::Revoke
-                });
-                if node == "GrantStmt"
-                    && int("targtype") == GrantTargetType::AclTargetAllInSchema as i32
-                {
-                    for schema in strings(get(fields, "objects")) {
-                        self.parsed.relations.push(Name {
-                            schema: Some(schema),
-                            name: "*".into(),
-                        });
-                    }
-                }
-            }
+            "GrantStmt" | "GrantRoleStmt" => self.grant(node, fields),
             "VariableSetStmt" => self.variable_set(fields),
             "VariableShowStmt" => kinds.insert(K::Show),
             "TransactionStmt" => kinds.insert(K::Transaction),
@@ -306,29 +277,8 @@ impl Walker {
             // A PL/pgSQL assignment (`n := …`) in a DO body: its value is
             // evaluated as a SELECT, walked below.
             "PlassignStmt" => {}
-            "DropStmt" => {
-                kinds.insert(K::Drop);
-                if is_relation_type(int("remove_type")) {
-                    for object in get(fields, "objects")
-                        .and_then(Lean::as_array)
-                        .into_iter()
-                        .flatten()
-                    {
-                        self.name_list(object, false);
-                    }
-                }
-            }
-            "CommentStmt" | "SecLabelStmt" => {
-                kinds.insert(K::Alter);
-                let objtype = int("objtype");
-                if let Some(object) = get(fields, "object") {
-                    if is_relation_type(objtype) {
-                        self.name_list(object, false);
-                    } else if objtype == ObjectType::ObjectColumn as i32 {
-                        self.name_list(object, true);
-                    }
-                }
-            }
+            "DropStmt" => self.drop_stmt(fields),
+            "CommentStmt" | "SecLabelStmt" => self.comment(fields),
             "AlterSystemStmt"
             | "CheckPointStmt"
             | "LoadStmt"
@@ -348,26 +298,82 @@ impl Walker {
                     K::Alter
                 });
             }
-            other
-                if other.starts_with("Create")
-                    || matches!(
-                        other,
-                        "DefineStmt" | "ViewStmt" | "IndexStmt" | "RuleStmt" | "CompositeTypeStmt"
-                    ) =>
-            {
-                kinds.insert(K::Create)
+            other => {
+                if let Some(kind) = kind_by_name(other) {
+                    kinds.insert(kind);
+                }
             }
-            other
-                if other.starts_with("Alter")
-                    || matches!(other, "RenameStmt" | "ReassignOwnedStmt") =>
-            {
-                kinds.insert(K::Alter)
-            }
-            other if other.starts_with("Drop") => kinds.insert(K::Drop),
-            other if other.ends_with("Stmt") => kinds.insert(K::Other),
-            _ => {}
         }
         self.children(node, fields);
+    }
+
+    /// SELECT (a bare VALUES list reads nothing); SELECT INTO creates.
+    fn select_stmt(&mut self, fields: &Fields) {
+        let kinds = &mut self.parsed.kinds;
+        self.settings_row = settings_row(fields);
+        // A bare VALUES list (`INSERT … VALUES`) reads nothing.
+        let values_only = get(fields, "values_lists")
+            .and_then(Lean::as_array)
+            .is_some_and(|v| !v.is_empty());
+        if !values_only {
+            kinds.insert(K::Select);
+        }
+        if get(fields, "into_clause").is_some() {
+            kinds.insert(K::Create);
+            self.use_ = Use::Write;
+        }
+    }
+
+    /// GRANT and REVOKE, of privileges or roles; `ON ALL TABLES IN SCHEMA`
+    /// is about every relation of those schemas.
+    fn grant(&mut self, node: &str, fields: &Fields) {
+        let flag = |name: &str| get(fields, name).and_then(Lean::as_bool).unwrap_or(false);
+        let int = |name: &str| get(fields, name).and_then(Lean::as_i64).unwrap_or(0) as i32;
+        let kinds = &mut self.parsed.kinds;
+        kinds.insert(if flag("is_grant") {
+            K::Grant
+        } else {
+            K::Revoke
+        });
+        if node == "GrantStmt" && int("targtype") == GrantTargetType::AclTargetAllInSchema as i32 {
+            for schema in strings(get(fields, "objects")) {
+                self.parsed.relations.push(Name {
+                    schema: Some(schema),
+                    name: "*".into(),
+                });
+            }
+        }
+    }
+
+    /// DROP, with the relations it names.
+    fn drop_stmt(&mut self, fields: &Fields) {
+        let int = |name: &str| get(fields, name).and_then(Lean::as_i64).unwrap_or(0) as i32;
+        let kinds = &mut self.parsed.kinds;
+        kinds.insert(K::Drop);
+        if is_relation_type(int("remove_type")) {
+            for object in get(fields, "objects")
+                .and_then(Lean::as_array)
+                .into_iter()
+                .flatten()
+            {
+                self.name_list(object, false);
+            }
+        }
+    }
+
+    /// COMMENT ON and SECURITY LABEL: they alter what they name.
+    fn comment(&mut self, fields: &Fields) {
+        let int = |name: &str| get(fields, name).and_then(Lean::as_i64).unwrap_or(0) as i32;
+        let kinds = &mut self.parsed.kinds;
+        kinds.insert(K::Alter);
+        let objtype = int("objtype");
+        if let Some(object) = get(fields, "object") {
+            if is_relation_type(objtype) {
+                self.name_list(object, false);
+            } else if objtype == ObjectType::ObjectColumn as i32 {
+                self.name_list(object, true);
+            }
+        }
     }
 
     /// The children of a node, with the CTE names of its WITH clause in
@@ -790,6 +796,27 @@ fn field_use(node: &str, key: &str, around: Use) -> Use {
 /// Node type names are CamelCase; field names are snake_case.
 fn is_node_type(key: &str) -> bool {
     key.starts_with(|c: char| c.is_ascii_uppercase())
+}
+
+/// The kind of a statement no arm of [`Walker::node`] names, by its node
+/// type's name; `None` for nodes that are not statements.
+fn kind_by_name(node: &str) -> Option<K> {
+    if node.starts_with("Create")
+        || matches!(
+            node,
+            "DefineStmt" | "ViewStmt" | "IndexStmt" | "RuleStmt" | "CompositeTypeStmt"
+        )
+    {
+        Some(K::Create)
+    } else if node.starts_with("Alter") || matches!(node, "RenameStmt" | "ReassignOwnedStmt") {
+        Some(K::Alter)
+    } else if node.starts_with("Drop") {
+        Some(K::Drop)
+    } else if node.ends_with("Stmt") {
+        Some(K::Other)
+    } else {
+        None
+    }
 }
 
 fn is_relation_type(objtype: i32) -> bool {
