@@ -116,8 +116,25 @@ fn all_events(agent: &Agent) -> Vec<Value> {
         .collect()
 }
 
-#[test]
-fn ssh_with_real_clients_and_server() {
+/// The tests of this file share the servers' addresses: one at a time,
+/// each with its own server and agent (a failed one does not stop the
+/// others).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// An upstream sshd on APP and IMPOSTOR, and an agent in a workload cgroup.
+struct Setup {
+    _serial: std::sync::MutexGuard<'static, ()>,
+    sshd: Sshd,
+    _cgroup: TestCgroup,
+    job: std::path::PathBuf,
+    agent: Agent,
+    config: std::path::PathBuf,
+}
+
+fn setup(name: &str) -> Setup {
+    let serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     require_root();
     for tool in ["ssh", "scp", "sftp", "rsync", "git"] {
         assert!(
@@ -131,13 +148,34 @@ fn ssh_with_real_clients_and_server() {
             "{tool} is missing (`cargo xtask setup` installs it)"
         );
     }
-    let sshd = Sshd::start("e2e", &[APP, IMPOSTOR]);
+    let sshd = Sshd::start(name, &[APP, IMPOSTOR]);
     let upstream_known_hosts = sshd.known_hosts(&[APP, IMPOSTOR]);
-    let mut cgroup = TestCgroup::new("ssh");
+    let mut cgroup = TestCgroup::new(name);
     let (job, _) = cgroup.child("ci-job.service");
-    let agent = Agent::start(&cgroup, "ssh", &policy(&sshd, &upstream_known_hosts));
-    let dir = agent.workdir.clone();
+    let agent = Agent::start(&cgroup, name, &policy(&sshd, &upstream_known_hosts));
+    let config = ssh_client_config(&agent);
+    Setup {
+        _serial: serial,
+        sshd,
+        _cgroup: cgroup,
+        job,
+        agent,
+        config,
+    }
+}
 
+/// Commands, their exit statuses, refusals (nothing runs upstream), masked
+/// output and an interactive shell; each in the session record, and the
+/// shell replayed.
+#[test]
+fn commands_statuses_refusals_masks_and_a_shell() {
+    let Setup {
+        sshd,
+        job,
+        agent,
+        config,
+        ..
+    } = &setup("ssh");
     // The host-level trust: what `interlock ssh known-hosts` prints.
     let out = agent.cli(&["ssh", "known-hosts"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -148,14 +186,13 @@ fn ssh_with_real_clients_and_server() {
             .any(|l| l.starts_with(&format!("{APP} ssh-ed25519 "))),
         "{lines}"
     );
-    let config = ssh_client_config(&agent);
     let key_mode = std::fs::metadata(agent.workdir.join("state/ssh_host_ed25519.key"))
         .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
         .unwrap();
     assert_eq!(key_mode, 0o600, "the host key file is private");
 
     // A command, with no key of the client's own.
-    let out = client(&job, &config, &format!("$SSH {SSH_USER}@{APP} 'echo ok'"));
+    let out = client(job, config, &format!("$SSH {SSH_USER}@{APP} 'echo ok'"));
     assert_eq!(
         stdout(&out),
         "ok\n",
@@ -167,8 +204,8 @@ fn ssh_with_real_clients_and_server() {
 
     // Exit statuses pass through exactly.
     let out = client(
-        &job,
-        &config,
+        job,
+        config,
         &format!("$SSH {APP} 'exit 3'; echo \"status=$?\""),
     );
     assert_eq!(stdout(&out), "status=3\n", "{}", stderr(&out));
@@ -176,8 +213,8 @@ fn ssh_with_real_clients_and_server() {
     // Denied: a message on stderr, status 126, and nothing ran upstream.
     let marker = format!("/tmp/interlock-ssh-denied-{}", std::process::id());
     let out = client(
-        &job,
-        &config,
+        job,
+        config,
         &format!("$SSH {APP} 'touch {marker}'; echo \"status=$?\""),
     );
     assert_eq!(stdout(&out), "status=126\n", "{}", stderr(&out));
@@ -185,14 +222,14 @@ fn ssh_with_real_clients_and_server() {
     assert!(!Path::new(&marker).exists(), "the denied command ran");
     // An allowed command cannot smuggle another one.
     let out = client(
-        &job,
-        &config,
+        job,
+        config,
         &format!("$SSH {APP} 'echo hi; touch {marker}'; echo \"status=$?\""),
     );
     assert_eq!(stdout(&out), "status=126\n", "{}", stderr(&out));
     let out = client(
-        &job,
-        &config,
+        job,
+        config,
         &format!("$SSH {APP} 'echo $(id)'; echo \"status=$?\""),
     );
     assert_eq!(stdout(&out), "status=126\n", "{}", stderr(&out));
@@ -201,16 +238,16 @@ fn ssh_with_real_clients_and_server() {
     // Output is masked, even split across packets (printf writes it whole,
     // the masks' look-behind is unit-tested with every split).
     let out = client(
-        &job,
-        &config,
+        job,
+        config,
         &format!("$SSH {APP} 'printf \"key=AKIAABCDEFGHIJKLMNOP end\\n\"'"),
     );
     assert_eq!(stdout(&out), "key=**** end\n", "{}", stderr(&out));
 
     // An interactive shell through a pty, driven by a script.
     let out = client(
-        &job,
-        &config,
+        job,
+        config,
         &format!(
             "(sleep 1; printf 'echo hello-from-$((6*7))\\n'; sleep 1; printf 'exit 5\\n') | $SSH -tt {APP}; echo \"status=$?\""
         ),
@@ -219,6 +256,69 @@ fn ssh_with_real_clients_and_server() {
     assert!(text.contains("hello-from-42"), "{text}\n{}", stderr(&out));
     assert!(text.ends_with("status=5\n"), "{text}");
 
+    // The record: commands, decisions, exit statuses.
+    thread::sleep(Duration::from_millis(500));
+    let all = all_events(agent);
+    let requests: Vec<&Value> = all.iter().filter(|e| e["kind"] == "ssh_request").collect();
+    assert!(
+        requests
+            .iter()
+            .any(|e| e["command"] == "echo ok" && e["decision"] == "allow"),
+        "{requests:?}"
+    );
+    assert!(
+        requests.iter().any(|e| e["command"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("touch"))
+            && e["decision"] == "deny"
+            && e["rule"] == "never-destroy"),
+        "{requests:?}"
+    );
+    assert!(all.iter().any(|e| e["kind"] == "exit" && e["status"] == 3));
+    assert!(
+        all.iter()
+            .any(|e| e["kind"] == "exit" && e["status"] == 126)
+    );
+    assert!(all.iter().any(|e| e["kind"] == "ssh_login"));
+
+    // The shell session replays and exports to asciicast.
+    let shell = sessions(agent)
+        .into_iter()
+        .find(|s| {
+            events(agent, s["id"].as_str().unwrap())
+                .iter()
+                .any(|e| e["kind"] == "ssh_request" && e["request"] == "shell")
+        })
+        .expect("the shell session");
+    let shell_id = shell["id"].as_str().unwrap();
+    let out = agent.cli(&["sessions", "replay", shell_id, "--speed", "0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("hello-from-42"), "{}", stdout(&out));
+    let out = agent.cli(&["sessions", "export", shell_id, "--format", "asciicast"]);
+    let cast = stdout(&out);
+    let header: Value = serde_json::from_str(cast.lines().next().unwrap()).unwrap();
+    assert_eq!(header["version"], 2);
+    assert!(cast.contains("hello-from-42"));
+    let out = agent.cli(&["sessions", "verify", shell_id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Access lines: one per connection, and one per request.
+    let lines = agent.all_lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["event"] == "ssh_request" && l["decision"] == "deny")
+    );
+}
+
+/// scp and sftp (100 MB each way), rsync and git, byte for byte; SFTP
+/// operations in the record.
+#[test]
+fn file_transfers_byte_for_byte() {
+    let Setup {
+        job, agent, config, ..
+    } = &setup("ssh-files");
+    let dir = agent.workdir.clone();
     // scp and sftp, 100 MB each way, byte for byte.
     let big = dir.join("big.bin");
     let status = Command::new("head")
@@ -231,8 +331,8 @@ fn ssh_with_real_clients_and_server() {
     let remote = format!("/tmp/interlock-ssh-big-{}", std::process::id());
     let d = dir.display();
     let out = client(
-        &job,
-        &config,
+        job,
+        config,
         &format!(
             "scp -q -F {c} {b} {APP}:{remote} && scp -q -F {c} {APP}:{remote} {d}/back.bin",
             c = config.display(),
@@ -252,8 +352,8 @@ fn ssh_with_real_clients_and_server() {
     )
     .unwrap();
     let out = client(
-        &job,
-        &config,
+        job,
+        config,
         &format!("sftp -q -F {} -b {d}/sftp.batch {APP}", config.display()),
     );
     assert!(
@@ -276,8 +376,8 @@ fn ssh_with_real_clients_and_server() {
     std::fs::write(tree.join("sub/b.txt"), "beta\n").unwrap();
     let dest = format!("/tmp/interlock-ssh-rsync-{}", std::process::id());
     let out = client(
-        &job,
-        &config,
+        job,
+        config,
         &format!("rsync -a -e \"$SSH\" {}/ {APP}:{dest}/", tree.display()),
     );
     assert!(out.status.success(), "rsync: {}", stderr(&out));
@@ -297,8 +397,8 @@ fn ssh_with_real_clients_and_server() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let out = client(
-        &job,
-        &config,
+        job,
+        config,
         &format!(
             "cd {d} && git clone -q ssh://{APP}{repo} work 2>&1 && cd work \
              && git -c user.name=ci -c user.email=ci@example.com commit -q --allow-empty -m first \
@@ -313,10 +413,39 @@ fn ssh_with_real_clients_and_server() {
     );
     assert!(stdout(&out).contains("refs/heads/main"), "{}", stdout(&out));
 
+    thread::sleep(Duration::from_millis(500));
+    let all = all_events(agent);
+    assert!(
+        all.iter().any(|e| e["kind"] == "sftp"
+            && e["op"] == "open-write"
+            && e["path"] == format!("{remote}.sftp")),
+        "no sftp open-write event"
+    );
+    assert!(
+        all.iter()
+            .any(|e| e["kind"] == "sftp" && e["op"] == "rename")
+    );
+    assert!(
+        all.iter()
+            .any(|e| e["kind"] == "sftp" && e["op"] == "close" && e["written"] == 100_000_000)
+    );
+    let _ = std::fs::remove_file(&remote);
+    let _ = std::fs::remove_dir_all(&dest);
+    let _ = std::fs::remove_dir_all(&repo);
+}
+
+/// Port forwarding is refused unless a rule names the destination; a
+/// server with the wrong key is refused; an exec an approve rule holds
+/// runs once the on-call approves it.
+#[test]
+fn forwarding_host_keys_and_a_held_exec() {
+    let Setup {
+        job, agent, config, ..
+    } = &setup("ssh-held");
     // Port forwarding is refused by default.
     let out = client(
-        &job,
-        &config,
+        job,
+        config,
         &format!("$SSH -W 127.0.0.1:22 {APP} </dev/null; echo \"status=$?\""),
     );
     assert!(
@@ -334,8 +463,8 @@ fn ssh_with_real_clients_and_server() {
     // A server whose key is not the one configured is refused, and the
     // user reads why in their terminal.
     let out = client(
-        &job,
-        &config,
+        job,
+        config,
         &format!("$SSH {IMPOSTOR} 'echo ok'; echo \"status=$?\""),
     );
     assert_eq!(stdout(&out), "status=255\n", "{}", stderr(&out));
@@ -386,85 +515,16 @@ fn ssh_with_real_clients_and_server() {
     assert!(!stdout(&out).trim().is_empty(), "uname printed nothing");
     assert!(stderr(&out).contains(&id), "{}", stderr(&out));
 
-    // The record: commands, decisions, exit statuses, terminal I/O, SFTP.
     thread::sleep(Duration::from_millis(500));
-    let all = all_events(&agent);
-    let requests: Vec<&Value> = all.iter().filter(|e| e["kind"] == "ssh_request").collect();
+    let all = all_events(agent);
     assert!(
-        requests
-            .iter()
-            .any(|e| e["command"] == "echo ok" && e["decision"] == "allow"),
-        "{requests:?}"
-    );
-    assert!(
-        requests.iter().any(|e| e["command"]
-            .as_str()
-            .is_some_and(|c| c.starts_with("touch"))
-            && e["decision"] == "deny"
-            && e["rule"] == "never-destroy"),
-        "{requests:?}"
-    );
-    assert!(all.iter().any(|e| e["kind"] == "exit" && e["status"] == 3));
-    assert!(
-        requests
-            .iter()
-            .any(|e| e["request"] == "forward" && e["decision"] == "deny"),
-        "{requests:?}"
-    );
-    assert!(
-        all.iter()
-            .any(|e| e["kind"] == "exit" && e["status"] == 126)
-    );
-    assert!(all.iter().any(|e| e["kind"] == "ssh_login"));
-    assert!(
-        all.iter().any(|e| e["kind"] == "sftp"
-            && e["op"] == "open-write"
-            && e["path"] == format!("{remote}.sftp")),
-        "no sftp open-write event"
-    );
-    assert!(
-        all.iter()
-            .any(|e| e["kind"] == "sftp" && e["op"] == "rename")
-    );
-    assert!(
-        all.iter()
-            .any(|e| e["kind"] == "sftp" && e["op"] == "close" && e["written"] == 100_000_000)
+        all.iter().any(|e| e["kind"] == "ssh_request"
+            && e["request"] == "forward"
+            && e["decision"] == "deny"),
+        "{all:?}"
     );
     assert!(
         all.iter()
             .any(|e| e["kind"] == "approval_decided" && e["outcome"] == "approved")
     );
-
-    // The shell session replays and exports to asciicast.
-    let shell = sessions(&agent)
-        .into_iter()
-        .find(|s| {
-            events(&agent, s["id"].as_str().unwrap())
-                .iter()
-                .any(|e| e["kind"] == "ssh_request" && e["request"] == "shell")
-        })
-        .expect("the shell session");
-    let shell_id = shell["id"].as_str().unwrap();
-    let out = agent.cli(&["sessions", "replay", shell_id, "--speed", "0"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("hello-from-42"), "{}", stdout(&out));
-    let out = agent.cli(&["sessions", "export", shell_id, "--format", "asciicast"]);
-    let cast = stdout(&out);
-    let header: Value = serde_json::from_str(cast.lines().next().unwrap()).unwrap();
-    assert_eq!(header["version"], 2);
-    assert!(cast.contains("hello-from-42"));
-    let out = agent.cli(&["sessions", "verify", shell_id]);
-    assert!(out.status.success(), "{}", stderr(&out));
-
-    // Access lines: one per connection, and one per request.
-    let lines = agent.all_lines();
-    assert!(
-        lines
-            .iter()
-            .any(|l| l["event"] == "ssh_request" && l["decision"] == "deny")
-    );
-    let _ = std::fs::remove_file(&remote);
-    let _ = std::fs::remove_dir_all(&dest);
-    let _ = std::fs::remove_dir_all(&repo);
-    drop(sshd);
 }
