@@ -527,6 +527,34 @@ pub(crate) fn run_ok(cmd: &mut Command) {
     );
 }
 
+/// A 3 MiB tmpfs mounted where the agent started as `agent_name` keeps its
+/// state (`Agent::start` leaves the mount in place): a disk that really
+/// fills up. Unmounted on drop.
+pub struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    pub fn for_agent(agent_name: &str) -> Self {
+        let state = std::env::temp_dir().join(format!(
+            "interlock-e2e-{agent_name}-{}/state",
+            std::process::id()
+        ));
+        fs::create_dir_all(&state).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs"])
+            .arg(&state)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount tmpfs");
+        Self(state)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 mod garage;
 mod postgres;
 mod sshd;

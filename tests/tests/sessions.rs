@@ -667,27 +667,7 @@ fn a_long_session_ships_in_parts_while_it_runs() {
 #[test]
 fn a_full_disk_ends_sessions_cleanly_and_refuses_new_ones() {
     // The agent's state_dir on a 3 MiB tmpfs: a real ENOSPC.
-    let state = std::env::temp_dir().join(format!(
-        "interlock-e2e-sess-disk-{}/state",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&state).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs"])
-        .arg(&state)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount tmpfs");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(state.clone());
+    let _disk = SmallDisk::for_agent("sess-disk");
     let (pg, _cgroup, job, agent) = start("disk", "127.0.0.55", "");
     pg.admin_sql(
         "postgres",

@@ -326,27 +326,7 @@ fn a_reload_reaches_a_running_ssh_connection() {
 fn a_record_that_fails_ends_the_ssh_session() {
     const DISK: &str = "127.0.0.76";
     // The agent's state_dir on a 3 MiB tmpfs: a real ENOSPC.
-    let state = std::env::temp_dir().join(format!(
-        "interlock-e2e-sshdisk-{}/state",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&state).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs"])
-        .arg(&state)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount tmpfs");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(state.clone());
+    let _disk = SmallDisk::for_agent("sshdisk");
     let sshd = Sshd::start("disk", &[DISK]);
     let known_hosts = sshd.known_hosts(&[DISK]);
     let cgroup = TestCgroup::new("sshdisk");
