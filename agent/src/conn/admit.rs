@@ -11,7 +11,7 @@ use crate::{
     addr::{ClientAddr, OrigDstAddr},
     intercept::{Interception, Unadmitted},
     policy::{ActivePolicy, Protocol, RecordMode, Target, TargetId, Verdict, evaluate},
-    sessions::{Event, Recorder, Store, StoreError, Summary},
+    sessions::{Event, Recorder, Store, StoreError, Summary, Ticket},
     workload::{Workload, WorkloadResolver},
 };
 
@@ -41,13 +41,29 @@ pub struct Admitted {
     pub active: Arc<ActivePolicy>,
     pub target: TargetId,
     pub verdict: Verdict,
-    /// The session's record: its start and the decision are durable.
+    /// The session's record: its start and the decision are appended,
+    /// durable once `started` is (see [`Admitted::durable`]).
     pub recorder: Arc<Recorder>,
+    pub started: Ticket,
 }
 
 impl Admitted {
     pub fn target(&self) -> &Target {
         self.active.policy.target(self.target)
+    }
+
+    /// Waits until the session's start is on disk: before anything of the
+    /// connection goes upstream. Opaque TCP overlaps this wait with its
+    /// upstream connect instead (a SYN carries nothing of the client's).
+    pub async fn durable(self) -> Result<Self, Box<Refused>> {
+        match self.recorder.durable(self.started).await {
+            Ok(()) => Ok(self),
+            Err(error) => {
+                tracing::error!(%error, "session refused: it cannot be recorded");
+                let reached = Some((self.target().protocol, self.orig_dst));
+                Err(refused(self.conn, self.stream, error.into(), reached))
+            }
+        }
     }
 }
 
@@ -92,8 +108,9 @@ impl Refusal {
 }
 
 /// Admits `stream`: its kernel record, the workload behind it, its
-/// target, the connection-level decision, and the session's start on
-/// disk before any byte goes upstream.
+/// target, the connection-level decision, and the session's start
+/// appended to its record (durable before any byte goes upstream: see
+/// [`Admitted::durable`]; a denial waits for it here).
 pub async fn admit(
     gate: &Gate,
     stream: TcpStream,
@@ -131,8 +148,8 @@ pub async fn admit(
         target,
         verdict: &verdict,
     };
-    let recorder = match begin_session(&gate.store, begin).await {
-        Ok(recorder) => Arc::new(recorder),
+    let (recorder, started) = match begin_session(&gate.store, begin) {
+        Ok((recorder, started)) => (Arc::new(recorder), started),
         Err(error) => {
             tracing::error!(%error, "session refused: it cannot be recorded");
             return Err(refused(conn, stream, error.into(), reached));
@@ -141,6 +158,10 @@ pub async fn admit(
     conn.recorder = Some(recorder.clone());
     if verdict.denied() && active.enforce {
         tracing::info!(reason = %verdict.reason, "denied");
+        // The decision is on record before the client hears of it.
+        if let Err(error) = recorder.durable(started).await {
+            tracing::error!(%error, "the denial cannot be recorded");
+        }
         return Err(refused(
             conn,
             stream,
@@ -157,6 +178,7 @@ pub async fn admit(
         target: target_id,
         verdict,
         recorder,
+        started,
     })
 }
 
@@ -225,8 +247,9 @@ struct Begin<'a> {
     verdict: &'a Verdict,
 }
 
-/// Opens the session's record and waits until its start is durable.
-async fn begin_session(store: &Arc<Store>, begin: Begin<'_>) -> Result<Recorder, StoreError> {
+/// Opens the session's record: its start and the connection's decision,
+/// durable once the returned ticket is.
+fn begin_session(store: &Arc<Store>, begin: Begin<'_>) -> Result<(Recorder, Ticket), StoreError> {
     let Begin {
         session_id,
         client,
@@ -286,6 +309,5 @@ async fn begin_session(store: &Arc<Store>, begin: Begin<'_>) -> Result<Recorder,
         &connection,
         target.record == RecordMode::Full,
     )?;
-    recorder.durable(ticket).await?;
-    Ok(recorder)
+    Ok((recorder, ticket))
 }

@@ -148,10 +148,22 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
             Ok(admitted) => admitted,
             Err(refused) => return refuse(&context, *refused).await,
         };
-        match admitted.target().protocol {
+        let protocol = admitted.target().protocol;
+        match protocol {
             Protocol::Tcp => tcp::serve(&context, admitted).await,
-            Protocol::Ssh => ssh::serve(context.clone(), admitted).await,
-            Protocol::Postgres => postgres::serve(context.clone(), admitted).await,
+            Protocol::Ssh | Protocol::Postgres => {
+                // They start talking upstream at once (handshake, login):
+                // the session's start is on disk first.
+                let admitted = match admitted.durable().await {
+                    Ok(admitted) => admitted,
+                    Err(refused) => return refuse(&context, *refused).await,
+                };
+                if protocol == Protocol::Ssh {
+                    ssh::serve(context.clone(), admitted).await
+                } else {
+                    postgres::serve(context.clone(), admitted).await
+                }
+            }
         }
     }
     .instrument(span)

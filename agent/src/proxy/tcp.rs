@@ -21,7 +21,10 @@ use crate::{
     workload::Workload,
 };
 
+/// The copy buffer starts small (request/response traffic) and doubles
+/// while reads fill it, up to the maximum (bulk streams).
 const COPY_BUFFER: usize = 16 * 1024;
+const MAX_COPY_BUFFER: usize = 256 * 1024;
 /// An upstream that does not answer a SYN in this long is reported as
 /// unreachable rather than holding the client for the kernel's ~2 minutes.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -38,6 +41,7 @@ pub async fn serve(context: &ProxyContext, admitted: Admitted) {
         target,
         verdict,
         recorder,
+        started,
     } = admitted;
     if verdict.action == Action::Approve && active.enforce {
         let target = &active.policy.target(target).name;
@@ -53,7 +57,31 @@ pub async fn serve(context: &ProxyContext, admitted: Admitted) {
             return;
         }
     }
-    let (outcome, error) = forward(stream, orig_dst, &*context.gate.kernel, &conn, &recorder).await;
+    // The session's start goes to disk while the upstream handshake runs;
+    // no byte of the client's goes upstream before both are done.
+    let kernel = &*context.gate.kernel;
+    let (upstream, durable) = tokio::join!(
+        connect_upstream(orig_dst, kernel),
+        recorder.durable(started)
+    );
+    if let Err(error) = durable {
+        tracing::error!(%error, "session refused: it cannot be recorded");
+        conn.set_reason(error.to_string());
+        conn.end(Outcome::Rejected, Some(error.to_string()));
+        super::reset(stream);
+        return;
+    }
+    let upstream = match upstream {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            tracing::warn!(%orig_dst, %error, "upstream unreachable");
+            let error = format!("connecting to {orig_dst}: {error}");
+            conn.end(Outcome::UpstreamError, Some(error));
+            super::reset(stream);
+            return;
+        }
+    };
+    let (outcome, error) = forward(stream, upstream, &conn, &recorder).await;
     conn.end(outcome, error);
 }
 
@@ -117,22 +145,10 @@ async fn approve(
 /// Copies both ways until both sides have closed.
 async fn forward(
     mut client: TcpStream,
-    dst: OrigDstAddr,
-    kernel: &dyn Interception,
+    mut upstream: TcpStream,
     conn: &Conn,
     recorder: &Recorder,
 ) -> (Outcome, Option<String>) {
-    let mut upstream = match connect_upstream(dst, kernel).await {
-        Ok(upstream) => upstream,
-        Err(error) => {
-            tracing::warn!(%dst, %error, "upstream unreachable");
-            super::reset(client);
-            return (
-                Outcome::UpstreamError,
-                Some(format!("connecting to {dst}: {error}")),
-            );
-        }
-    };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
 
@@ -203,6 +219,11 @@ where
         let n = reader.read(&mut buf).await?;
         if n == 0 {
             return writer.shutdown().await;
+        }
+        // A read that fills the buffer is a stream, not a request: fewer,
+        // larger reads then (bounded per direction).
+        if n == buf.len() && buf.len() < MAX_COPY_BUFFER {
+            buf.resize(buf.len() * 2, 0);
         }
         if let Some(recorder) = recorder {
             recorder

@@ -114,6 +114,7 @@ pub async fn serve(context: Arc<super::ProxyContext>, admitted: Admitted) {
         target,
         verdict,
         recorder,
+        ..
     } = admitted;
     let policy = &active.policy;
     let target = policy.target(target);
