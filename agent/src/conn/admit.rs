@@ -132,7 +132,7 @@ pub async fn admit(
         .identify(conn.access.session_id, &target.name, workload.pid);
 
     let verdict = evaluate(&active.policy, &workload, target_id);
-    let access = conn.access_mut();
+    let access = &mut conn.access;
     access.target = Some(target.name.clone());
     access.decision = Some(verdict.action);
     access.enforced = active.enforce;
@@ -195,14 +195,14 @@ async fn identify(
         .map_err(|error| Unadmitted::Lookup(error.to_string()))
         .and_then(|listener| gate.kernel.admit(client, listener))
         .inspect_err(|why| tracing::warn!(%why, "connection not admitted; reset"))?;
-    conn.access_mut().orig_dst = Some(intercepted.orig_dst.0);
+    conn.access.orig_dst = Some(intercepted.orig_dst.0);
     let resolver = gate.resolver.clone();
     let kernel = intercepted.kernel;
     let workload = tokio::task::spawn_blocking(move || resolver.resolve(&kernel))
         .await
         .map(Arc::new)
         .map_err(|error| Refusal::Unresolved(error.to_string()))?;
-    conn.access_mut().workload = Some(workload.clone());
+    conn.access.workload = Some(workload.clone());
     let span = tracing::Span::current();
     span.record("pid", workload.pid);
     if let Some(exe) = &workload.exe {
@@ -218,16 +218,7 @@ fn refused(
     why: Refusal,
     target: Option<(Protocol, OrigDstAddr)>,
 ) -> Box<Refused> {
-    let error = match &why {
-        Refusal::Unresolved(_) | Refusal::Unrecordable(_) => Some(why.to_string()),
-        _ => None,
-    };
-    match &why {
-        // The decision's reason is already the access line's.
-        Refusal::Unresolved(_) | Refusal::Denied(_) => {}
-        _ => conn.set_reason(why.to_string()),
-    }
-    conn.end(why.outcome(), error);
+    conn.refuse(&why);
     Box::new(Refused {
         conn,
         stream,

@@ -52,6 +52,21 @@ impl Conn {
         self.access.reason = Some(reason);
     }
 
+    /// Ends it as refused for `why`: the outcome, and the reason or error
+    /// its access line gives.
+    pub fn refuse(&mut self, why: &Refusal) {
+        let error = match why {
+            Refusal::Unresolved(_) | Refusal::Unrecordable(_) => Some(why.to_string()),
+            _ => None,
+        };
+        match why {
+            // The decision's reason is already the access line's.
+            Refusal::Unresolved(_) | Refusal::Denied(_) => {}
+            _ => self.set_reason(why.to_string()),
+        }
+        self.end(why.outcome(), error);
+    }
+
     /// Bytes each way, counted by the protocol's copy loops.
     pub fn bytes(&self) -> &Arc<ByteCounters> {
         &self.access.bytes
@@ -64,10 +79,6 @@ impl Conn {
             .statements
             .get_or_insert_with(Default::default)
             .clone()
-    }
-
-    fn access_mut(&mut self) -> &mut AccessRecord {
-        &mut self.access
     }
 }
 

@@ -14,7 +14,7 @@ use crate::{
     access::Outcome,
     addr::OrigDstAddr,
     approvals::{NewRequest, Requester},
-    conn::{self, Admitted, Asked, Conn},
+    conn::{self, Admitted, Asked, Conn, Refusal},
     intercept::Interception,
     policy::{Action, ActivePolicy, Verdict},
     sessions::{Event, Recorder},
@@ -66,8 +66,7 @@ pub async fn serve(context: &ProxyContext, admitted: Admitted) {
     );
     if let Err(error) = durable {
         tracing::error!(%error, "session refused: it cannot be recorded");
-        conn.set_reason(error.to_string());
-        conn.end(Outcome::Rejected, Some(error.to_string()));
+        conn.refuse(&Refusal::Unrecordable(error));
         super::reset(stream);
         return;
     }
