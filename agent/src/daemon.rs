@@ -532,10 +532,7 @@ impl StateFiles {
                 crate::proxy::postgres::Literals::Keep
             },
             pg_cancels: Default::default(),
-            pg: crate::proxy::postgres::Shared::new(
-                config.agent.max_statement_bytes,
-                config.agent.startup_timeout,
-            ),
+            pg: crate::proxy::postgres::Shared::new(&config.agent),
             ssh_server: crate::proxy::ssh::server_config(self.ssh_host_key),
         }
     }
@@ -591,6 +588,7 @@ fn restart_needed(old: &Config, new: &Config) -> bool {
         || a.listen_port != b.listen_port
         || a.bpffs_dir != b.bpffs_dir
         || a.redact_literals != b.redact_literals
+        || a.access_log_statements != b.access_log_statements
         || a.max_statement_bytes != b.max_statement_bytes
         || a.startup_timeout != b.startup_timeout
         || old.sessions != new.sessions

@@ -176,6 +176,11 @@ impl Agent {
     /// holds targets, workloads and rules), starts the agent and waits
     /// until its admin socket answers.
     pub fn start(cgroup: &TestCgroup, name: &str, policy: &str) -> Self {
+        Self::start_with(cgroup, name, "", policy)
+    }
+
+    /// [`Agent::start`] with more `[agent]` settings (lines of TOML).
+    pub fn start_with(cgroup: &TestCgroup, name: &str, settings: &str, policy: &str) -> Self {
         let workdir =
             std::env::temp_dir().join(format!("interlock-e2e-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&workdir);
@@ -194,6 +199,7 @@ impl Agent {
             stdout: Arc::default(),
             stderr: Arc::default(),
         };
+        fs::write(agent.workdir.join("settings"), settings).unwrap();
         agent.write_policy(policy);
         agent.spawn();
         agent
@@ -202,8 +208,9 @@ impl Agent {
     /// Rewrites the configuration file with a new policy (same `[agent]`).
     pub fn write_policy(&self, policy: &str) {
         let port = self.listen_port();
+        let settings = fs::read_to_string(self.workdir.join("settings")).unwrap_or_default();
         let text = format!(
-            "[agent]\nmode = \"enforce\"\ncgroup = {:?}\nlisten_port = {port}\nbpffs_dir = {:?}\nadmin_socket = {:?}\nstate_dir = {:?}\n\n{policy}",
+            "[agent]\nmode = \"enforce\"\ncgroup = {:?}\nlisten_port = {port}\nbpffs_dir = {:?}\nadmin_socket = {:?}\nstate_dir = {:?}\n{settings}\n\n{policy}",
             self.cgroup_dir.display().to_string(),
             self.bpffs_dir.display().to_string(),
             self.admin_socket().display().to_string(),

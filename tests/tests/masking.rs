@@ -54,7 +54,13 @@ fn start(name: &str, ip: &str) -> (Postgres, TestCgroup, std::path::PathBuf, Age
     let secret = pg.password_file("mask-secret");
     let mut cgroup = TestCgroup::new(&format!("pg-{name}"));
     let (job, _) = cgroup.child("job.service");
-    let agent = Agent::start(&cgroup, &format!("pg-{name}"), &policy(&pg, &secret));
+    // Statement lines are checked below: on, as a SIEM feed would have them.
+    let agent = Agent::start_with(
+        &cgroup,
+        &format!("pg-{name}"),
+        "access_log_statements = true",
+        &policy(&pg, &secret),
+    );
     (pg, cgroup, job, agent)
 }
 

@@ -182,6 +182,9 @@ fn statements_are_decided_and_the_password_stays_with_the_agent() {
         .filter_map(|l| l["statements"]["denied"].as_u64())
         .sum();
     assert!(denied_statements >= 9, "{lines:#?}");
+    // Statements are in the session record; the access log has none of
+    // them unless `access_log_statements` asks (tests/masking.rs does).
+    assert_eq!(agent.statement_lines().len(), 0);
     assert!(
         !agent.stderr().contains("app-secret-1"),
         "the secret never reaches a log"

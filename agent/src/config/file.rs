@@ -163,6 +163,7 @@ pub struct AgentSpec {
     #[serde(default, with = "humantime_serde")]
     pub resolve_interval: Option<std::time::Duration>,
     pub redact_literals: Option<bool>,
+    pub access_log_statements: Option<bool>,
     pub max_statement_bytes: Option<Located<usize>>,
     #[serde(default, with = "humantime_serde")]
     pub startup_timeout: Option<std::time::Duration>,

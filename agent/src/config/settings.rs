@@ -45,6 +45,9 @@ pub struct AgentSettings {
     pub resolve_interval: Duration,
     /// Whether statement audit lines replace literal values with `?`.
     pub redact_literals: bool,
+    /// Whether the access log also gets one line per PostgreSQL statement
+    /// (for a SIEM fed from it); the session record always has them.
+    pub access_log_statements: bool,
     /// PostgreSQL statements above this size are refused unparsed.
     pub max_statement_bytes: usize,
     /// How long a client has to finish the protocol's startup.
@@ -68,6 +71,7 @@ impl Default for AgentSettings {
             bpffs_dir: PathBuf::from("/sys/fs/bpf/interlock"),
             resolve_interval: Duration::from_secs(30),
             redact_literals: false,
+            access_log_statements: false,
             max_statement_bytes: 1024 * 1024,
             startup_timeout: Duration::from_secs(10),
         }
@@ -129,6 +133,9 @@ impl AgentSettings {
         }
         if let Some(redact) = spec.redact_literals {
             settings.redact_literals = redact;
+        }
+        if let Some(lines) = spec.access_log_statements {
+            settings.access_log_statements = lines;
         }
         if let Some(bytes) = &spec.max_statement_bytes {
             if !(1024..=64 * 1024 * 1024).contains(bytes.get_ref()) {

@@ -258,6 +258,27 @@ impl StatementInfo {
     pub fn writes(&self) -> bool {
         self.kinds.iter().any(StatementKind::writes)
     }
+
+    /// Whether it cannot change the target: parsed, only `select`, `show`,
+    /// `set` and `transaction` statements (nested ones included), and only
+    /// functions that need no rule (built-ins the server marks immutable
+    /// or stable, less those with side effects). Such a statement may go
+    /// upstream before its record is durable; its answer may not reach the
+    /// client before (docs/SESSIONS.md, "When a record is durable").
+    pub fn reads_only(&self) -> bool {
+        use StatementKind as K;
+        let reading: KindSet = [K::Select, K::Show, K::Set, K::Transaction]
+            .into_iter()
+            .collect();
+        self.parsed
+            && !self.changes_role
+            && self.kinds != KindSet::default()
+            && self.kinds.is_subset(reading)
+            && self
+                .functions
+                .iter()
+                .all(super::functions::allowed_by_default)
+    }
 }
 
 #[cfg(test)]

@@ -94,7 +94,7 @@ pub(crate) fn context(
         mask_key: Arc::new(crate::masking::MaskKey::new([0; 32])),
         literals: Default::default(),
         pg_cancels: Default::default(),
-        pg: crate::proxy::postgres::Shared::new(1024 * 1024, Duration::from_secs(10)),
+        pg: crate::proxy::postgres::Shared::new(&Default::default()),
         ssh_server: super::ssh::server_config(russh::keys::PrivateKey::from(
             russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&[7; 32]),
         )),

@@ -12,7 +12,7 @@ pub mod view;
 
 pub use event::{Event, StatementOutcome};
 pub use ship::{Bucket, ShipperSettings};
-pub use store::{Recorder, Store, StoreError, Summary, Ticket, now_us, parse_id};
+pub use store::{Recorder, Store, StoreError, Summary, Ticket, TicketMark, now_us, parse_id};
 
 /// `[sessions]`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]

@@ -73,8 +73,11 @@ pub struct Session {
     pub credential: Credential,
     pub workload: Arc<Workload>,
     /// The session's record: every statement is in it, durably, before it
-    /// is sent upstream.
+    /// is sent upstream, or (one that cannot change the target) before its
+    /// answer reaches the client.
     pub recorder: Arc<crate::sessions::Recorder>,
+    /// What must be durable before the next answer goes to the client.
+    pub answers: crate::sessions::TicketMark,
 }
 
 /// What PostgreSQL sessions share.
@@ -87,18 +90,21 @@ pub struct Shared {
     pub max_statement_bytes: usize,
     /// A client that has not finished its startup by then is dropped.
     pub startup_timeout: std::time::Duration,
+    /// Each statement also gets an access-log line.
+    pub statement_lines: bool,
 }
 
 impl Shared {
-    pub fn new(max_statement_bytes: usize, startup_timeout: std::time::Duration) -> Self {
+    pub fn new(settings: &crate::config::AgentSettings) -> Self {
         let threads = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
             .min(2);
         Self {
             analyzer: Arc::new(Analyzer::new(threads)),
             catalogs: Default::default(),
-            max_statement_bytes,
-            startup_timeout,
+            max_statement_bytes: settings.max_statement_bytes,
+            startup_timeout: settings.startup_timeout,
+            statement_lines: settings.access_log_statements,
         }
     }
 }
@@ -137,6 +143,7 @@ pub async fn serve(context: Arc<super::ProxyContext>, admitted: Admitted) {
         credential,
         workload,
         recorder,
+        answers: Default::default(),
     };
     let (outcome, error) = run_session(stream, orig_dst, session, &mut conn).await;
     conn.end(outcome, error);

@@ -55,9 +55,12 @@ pub struct Requests<'s> {
     prepared: HashMap<String, Arc<Decided>>,
     portals: HashMap<String, Portal>,
     denied_batch: Option<DeniedBatch>,
-    /// The latest statement recorded: what must be durable before the
-    /// gathered messages go upstream.
+    /// The latest statement recorded that may change the target: what
+    /// must be durable before the gathered messages go upstream.
     pending: Option<Ticket>,
+    /// The latest statement recorded that cannot: its record is flushed
+    /// while it runs, and its answer waits for it (`Session::answers`).
+    pending_read: Option<Ticket>,
     /// The rule whose approval the message being replayed just got (by
     /// name: the replay is decided again, under the policy live then).
     cleared: Option<String>,
@@ -186,6 +189,7 @@ impl<'s> Requests<'s> {
             portals: HashMap::new(),
             denied_batch: None,
             pending: None,
+            pending_read: None,
             cleared: None,
             notices,
             cancelled: None,
@@ -261,7 +265,11 @@ impl<'s> Requests<'s> {
 
     fn record_one(&mut self, decided: &Arc<Decided>, index: usize) -> Result<Audit, WireError> {
         let (audit, ticket) = Audit::record(self.session, decided, index)?;
-        self.pending = Some(ticket);
+        if decided.reads_only {
+            self.pending_read = Some(ticket);
+        } else {
+            self.pending = Some(ticket);
+        }
         Ok(audit)
     }
 
@@ -834,14 +842,24 @@ where
 }
 
 impl Requests<'_> {
-    /// Sends what was gathered, once its statements are on disk.
+    /// Sends what was gathered: once the records of statements that may
+    /// change the target are on disk; the others' are made durable while
+    /// they run, and their answers wait for that.
     async fn flush<W: AsyncWrite + Unpin>(
         &mut self,
         writer: &mut W,
         out: &mut BytesMut,
     ) -> Result<(), WireError> {
+        let recorder = &self.session.recorder;
+        let read = self.pending_read.take();
         if let Some(ticket) = self.pending.take() {
-            self.session.recorder.durable(ticket).await?;
+            recorder
+                .durable(ticket.max(read.unwrap_or_default()))
+                .await?;
+        } else if let Some(ticket) = read {
+            // Raised before anything goes upstream: no answer to it can
+            // reach the server side first.
+            self.session.answers.raise(recorder.commit_soon(ticket)?);
         }
         writer.write_all(out).await?;
         out.clear();

@@ -149,6 +149,13 @@ impl<'s> Responses<'s> {
         }
     }
 
+    /// Waits until the statements sent upstream so far are on disk: the
+    /// client sees no answer to a statement before its record is durable.
+    async fn released(&self) -> Result<(), ResponseError> {
+        let session = self.session;
+        Ok(session.recorder.durable(session.answers.get()).await?)
+    }
+
     /// Makes the next expected entry the active one, if none is.
     fn ensure_active(&mut self) {
         if self.active.is_none() {
@@ -489,6 +496,7 @@ where
                 biased;
                 read = reader.read_buf(&mut buf) => read?,
                 Some(notice) = responses.notices.recv() => {
+                    responses.released().await?;
                     writer.write_all(&notice).await?;
                     continue;
                 }
@@ -524,6 +532,7 @@ where
         if recorder.records_output() && !sent.is_empty() {
             recorder.append(&crate::sessions::Event::Output { data: sent })?;
         }
+        responses.released().await?;
         writer.write_all(sent).await?;
         bytes_down.fetch_add(pos as u64, Ordering::Relaxed);
         buf.advance(pos);

@@ -63,6 +63,10 @@ pub struct Decided {
     /// Set when a statement needs approval (enforcement on, nothing
     /// denied): the asking rule. The whole query waits for one answer.
     pub approval: Option<RuleId>,
+    /// No statement of it can change the target
+    /// ([`StatementInfo::reads_only`]): it may go upstream while its
+    /// record is being made durable.
+    pub reads_only: bool,
 }
 
 /// Why a query does not run, as the client is told.
@@ -239,6 +243,7 @@ pub fn decide(
         policy: policy.clone(),
         generation,
         analysed,
+        reads_only: statements.iter().all(StatementInfo::reads_only),
         statements,
         verdicts: verdicts.into(),
         approval: approval.filter(|_| denial.is_none()),
@@ -377,6 +382,9 @@ impl Audit {
             duration_us: ran.then_some(duration.as_micros() as u64),
         }) {
             tracing::error!(%error, "cannot record a statement's result");
+        }
+        if !session.context.pg.statement_lines {
+            return;
         }
         StatementLine {
             event: "statement",

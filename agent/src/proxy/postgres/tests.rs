@@ -45,6 +45,7 @@ fn session(rules: &str, state: &std::path::Path) -> Session {
         },
         workload: Arc::new(Workload::default()),
         recorder: Arc::new(recorder),
+        answers: Default::default(),
         context,
     }
 }

@@ -491,6 +491,22 @@ impl Drop for Store {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Ticket(u64);
 
+/// The latest of the tickets raised into it, shared by the two directions
+/// of a connection: what must be durable before the next answer goes to
+/// the client.
+#[derive(Debug, Default)]
+pub struct TicketMark(std::sync::atomic::AtomicU64);
+
+impl TicketMark {
+    pub fn raise(&self, ticket: Ticket) {
+        self.0.fetch_max(ticket.0, Ordering::SeqCst);
+    }
+
+    pub fn get(&self) -> Ticket {
+        Ticket(self.0.load(Ordering::SeqCst))
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

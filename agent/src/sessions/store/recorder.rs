@@ -69,16 +69,16 @@ impl Recorder {
         ))
     }
 
-    /// Waits until everything appended up to `ticket` is on disk.
-    pub async fn durable(&self, ticket: Ticket) -> Result<(), StoreError> {
+    /// Starts making everything appended up to `ticket` durable without
+    /// waiting: the session's pending chunk is written now (sled inserts
+    /// run in parallel on the workers, so the commit thread only has to
+    /// flush) and a group commit is asked for. Returns the ticket to wait
+    /// for (a later one when the chunk had to be written).
+    pub fn commit_soon(&self, ticket: Ticket) -> Result<Ticket, StoreError> {
         let commit = &self.store.commit;
-        let mut committed = commit.committed.subscribe();
-        if committed.borrow().generation >= ticket.0 {
-            return Ok(());
+        if commit.committed.borrow().generation >= ticket.0 {
+            return Ok(ticket);
         }
-        // The session writes its own chunk (sled inserts run in parallel on
-        // the workers); the commit thread then only has to flush. A write
-        // after the ticket was taken needs a later ticket.
         let ticket = {
             let mut chain = self.chain.lock();
             if chain.pending.is_empty() {
@@ -89,7 +89,19 @@ impl Recorder {
             }
         };
         self.store.request_commit();
-        let state = committed
+        Ok(ticket)
+    }
+
+    /// Waits until everything appended up to `ticket` is on disk.
+    pub async fn durable(&self, ticket: Ticket) -> Result<(), StoreError> {
+        let commit = &self.store.commit;
+        if commit.committed.borrow().generation >= ticket.0 {
+            return Ok(());
+        }
+        let ticket = self.commit_soon(ticket)?;
+        let state = commit
+            .committed
+            .subscribe()
             .wait_for(|c| c.generation >= ticket.0 || c.failed)
             .await
             .map(|c| *c)
