@@ -67,6 +67,12 @@ enum Bench {
         #[arg(long, default_value_t = 1000)]
         connects: usize,
     },
+    /// The durability promise under crashes: tests/durability.rs with
+    /// `kill -9` of the release agent, many rounds in a row.
+    Durability {
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+    },
     /// Opaque TCP: direct vs Interlock vs socat.
     Tcp {
         /// Connections in the `connect` scenario.
@@ -131,6 +137,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
             statements,
             ship_sessions,
         } => crate::bench_sessions::run(statements, ship_sessions),
+        Bench::Durability { rounds } => {
+            prepare()?;
+            exec(
+                crate::cargo()
+                    .args(["test", "--package", "interlock-e2e", "--test", "durability"])
+                    .args(["--", "--test-threads", "1", "--nocapture"])
+                    .env("INTERLOCK_CRASH_ROUNDS", rounds.to_string()),
+            )
+        }
     }
 }
 

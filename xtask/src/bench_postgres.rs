@@ -1,5 +1,5 @@
-//! `cargo xtask bench postgres`: pgbench select-only (8 clients) and a
-//! ~1 GB streaming SELECT, direct vs PgBouncer in session pooling (the
+//! `cargo xtask bench postgres`: pgbench select-only and TPC-B-like (8
+//! clients) and a ~1 GB streaming SELECT, direct vs PgBouncer in session pooling (the
 //! PostgreSQL proxy a user would reach for) vs Interlock with statement
 //! policy on, without and with masking, in one run against one real
 //! PostgreSQL 15.
@@ -35,7 +35,7 @@ pub fn run(seconds: u32, stream_rows: u64) -> Result<()> {
     }
     pg.admin_sql(
         "postgres",
-        "GRANT SELECT ON ALL TABLES IN SCHEMA public TO app",
+        "GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO app",
     );
 
     let secret = pg.password_file(PASSWORD);
@@ -44,7 +44,7 @@ pub fn run(seconds: u32, stream_rows: u64) -> Result<()> {
             "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddress = \"{}\"\ntls = \"disable\"\n\
              [target.credential]\nuser = \"app\"\npassword_file = {:?}\n\
              [[rule]]\nname = \"bench-reads\"\nworkloads = [\"*\"]\ntargets = [\"db\"]\ndecision = \"allow\"\n\
-             statements = [\"select\", \"set\", \"show\", \"transaction\"]\ntables = [\"public.*\", \"pg_catalog.*\"]\n{masks}",
+             statements = [\"select\", \"set\", \"show\", \"transaction\", \"insert\", \"update\"]\ntables = [\"public.*\", \"pg_catalog.*\"]\n{masks}",
             pg.addr,
             secret.display().to_string()
         )
@@ -82,6 +82,7 @@ pub fn run(seconds: u32, stream_rows: u64) -> Result<()> {
     ];
     let mut tps = Vec::new();
     let mut tps_simple = Vec::new();
+    let mut tps_writes = Vec::new();
     let mut latency = Vec::new();
     let mut stream = Vec::new();
     for (name, host, port, intercepted) in &paths {
@@ -109,6 +110,16 @@ pub fn run(seconds: u32, stream_rows: u64) -> Result<()> {
         // by statement shape).
         let out = run_where(*intercepted, &cmd.replace("-M extended", "-M simple"))?;
         tps_simple.push(
+            out.lines()
+                .find_map(|l| l.strip_prefix("tps = "))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("no tps in pgbench output:\n{out}"))?,
+        );
+        // TPC-B-like: three UPDATEs, a SELECT and an INSERT in a
+        // transaction; every write durable before it goes upstream.
+        let out = run_where(*intercepted, &cmd.replace(" -S ", " "))?;
+        tps_writes.push(
             out.lines()
                 .find_map(|l| l.strip_prefix("tps = "))
                 .and_then(|v| v.split_whitespace().next())
@@ -170,6 +181,11 @@ pub fn run(seconds: u32, stream_rows: u64) -> Result<()> {
     row(
         &format!("pgbench -S -M simple, 8 clients, {seconds} s: TPS"),
         &tps_simple,
+        true,
+    );
+    row(
+        &format!("pgbench TPC-B-like -M extended, 8 clients, {seconds} s: TPS"),
+        &tps_writes,
         true,
     );
     row(
