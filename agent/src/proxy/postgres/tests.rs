@@ -268,3 +268,42 @@ fn server_messages_that_answer_nothing_are_errors() {
     let notice = frame(b'N', &cstr(&["SNOTICE", "Mhello", ""]));
     assert_eq!(pipe.server(&notice).unwrap().0, Act::Forward);
 }
+
+#[test]
+fn statements_that_cannot_change_the_target_are_told_apart() {
+    let mut catalog = SystemCatalog::default();
+    for (name, volatile) in [("lower", false), ("count", false), ("nextval", true)] {
+        catalog.functions.insert(name.into(), volatile);
+    }
+    let names = Names::new(Arc::new(catalog), vec!["public".into()], "app".into());
+    let reads_only = |sql: &str| {
+        super::sql::analyze(sql, Default::default())
+            .iter()
+            .all(|a| names.resolve(a).reads_only())
+    };
+    for sql in [
+        "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+        "SELECT lower(name), count(*) FROM t GROUP BY 1",
+        "BEGIN",
+        "SET search_path = public",
+        "SHOW work_mem",
+        "COMMIT",
+    ] {
+        assert!(reads_only(sql), "{sql}");
+    }
+    for sql in [
+        "INSERT INTO t VALUES (1)",
+        "UPDATE pgbench_accounts SET abalance = 1 WHERE aid = 1",
+        "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+        "SELECT * INTO copy FROM t",
+        "SELECT nextval('s')",
+        "SELECT my_function()",
+        "SELECT pg_catalog.pg_terminate_backend(1)",
+        "SET ROLE admin",
+        "EXPLAIN ANALYZE DELETE FROM t",
+        "DO $$ BEGIN END $$",
+        "not sql at all",
+    ] {
+        assert!(!reads_only(sql), "{sql}");
+    }
+}
