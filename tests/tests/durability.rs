@@ -15,7 +15,7 @@
 //! default; `cargo xtask bench durability` runs 20), each time after a
 //! different delay.
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     io::{BufRead, BufReader},
     net::TcpListener,
     sync::{Arc, Mutex},
@@ -42,31 +42,41 @@ fn crash_delay(round: usize) -> Duration {
     Duration::from_millis(500 + spread)
 }
 
-/// Every event of every recorded session (the agent running).
-fn recorded_events(agent: &Agent) -> Vec<Value> {
-    let out = agent.cli(&["sessions", "list", "--json"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let mut events = Vec::new();
-    for line in stdout(&out).lines() {
-        let Ok(session) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        let id = session["id"].as_str().unwrap_or_default();
-        let shown = agent.cli(&["sessions", "show", id, "--json"]);
-        assert!(shown.status.success(), "{}", stderr(&shown));
-        let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
-        events.extend(shown["events"].as_array().cloned().unwrap_or_default());
-    }
-    events
-}
+/// The events of every recorded session, kept across rounds: a session
+/// of an earlier round has ended and is not read again.
+#[derive(Default)]
+struct Recorded(HashMap<String, Vec<Value>>);
 
-/// The recorded statements' texts.
-fn recorded_statements(agent: &Agent) -> HashSet<String> {
-    recorded_events(agent)
-        .into_iter()
-        .filter(|e| e["kind"] == "statement")
-        .filter_map(|e| e["text"].as_str().map(str::to_owned))
-        .collect()
+impl Recorded {
+    /// Every event of every recorded session (the agent running).
+    fn events(&mut self, agent: &Agent) -> Vec<Value> {
+        let out = agent.cli(&["sessions", "list", "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        for line in stdout(&out).lines() {
+            let Ok(session) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            let id = session["id"].as_str().unwrap_or_default().to_owned();
+            if self.0.contains_key(&id) {
+                continue;
+            }
+            let shown = agent.cli(&["sessions", "show", &id, "--json"]);
+            assert!(shown.status.success(), "{}", stderr(&shown));
+            let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+            let events = shown["events"].as_array().cloned().unwrap_or_default();
+            self.0.insert(id, events);
+        }
+        self.0.values().flatten().cloned().collect()
+    }
+
+    /// The recorded statements' texts.
+    fn statements(&mut self, agent: &Agent) -> HashSet<String> {
+        self.events(agent)
+            .into_iter()
+            .filter(|e| e["kind"] == "statement")
+            .filter_map(|e| e["text"].as_str().map(str::to_owned))
+            .collect()
+    }
 }
 
 fn pg_policy(pg: &Postgres, secret: &std::path::Path) -> String {
@@ -129,6 +139,7 @@ fn postgres_writes_reach_the_server_only_once_recorded() {
     let mut cgroup = TestCgroup::new("crash-writes");
     let (job, _) = cgroup.child("job.service");
     let mut agent = Agent::start(&cgroup, "crash-writes", &pg_policy(&pg, &secret));
+    let mut records = Recorded::default();
     for round in 0..rounds() {
         let first = round * 1_000_000;
         let client = format!(
@@ -140,7 +151,7 @@ fn postgres_writes_reach_the_server_only_once_recorded() {
             pg.addr.port()
         );
         let out = crash_while(&mut agent, &job, client, crash_delay(round));
-        let recorded = recorded_statements(&agent);
+        let recorded = records.statements(&agent);
         let rows = pg.admin_sql(
             "postgres",
             &format!("SELECT n FROM marks WHERE n > {first} ORDER BY n"),
@@ -182,6 +193,7 @@ fn postgres_answers_reach_the_client_only_once_recorded() {
     let mut cgroup = TestCgroup::new("crash-reads");
     let (job, _) = cgroup.child("job.service");
     let mut agent = Agent::start(&cgroup, "crash-reads", &pg_policy(&pg, &secret));
+    let mut records = Recorded::default();
     let answers =
         std::env::temp_dir().join(format!("interlock-crash-reads-{}", std::process::id()));
     for round in 0..rounds() {
@@ -196,7 +208,7 @@ fn postgres_answers_reach_the_client_only_once_recorded() {
             answers.display()
         );
         crash_while(&mut agent, &job, client, crash_delay(round));
-        let recorded = recorded_statements(&agent);
+        let recorded = records.statements(&agent);
         let seen = std::fs::read_to_string(&answers).unwrap();
         let seen: Vec<&str> = seen.lines().filter(|l| !l.is_empty()).collect();
         assert!(
@@ -252,6 +264,7 @@ fn tcp_bytes_go_upstream_only_once_the_session_is_recorded() {
          [[rule]]\nname = \"svc\"\nworkloads = [\"*\"]\ntargets = [\"svc\"]\ndecision = \"allow\"\n"
     );
     let mut agent = Agent::start(&cgroup, "crash-tcp", &policy);
+    let mut records = Recorded::default();
     // Connects again and again, each connection sending its own port;
     // stops once the agent is gone (connections refused).
     let program = format!(
@@ -278,7 +291,8 @@ fn tcp_bytes_go_upstream_only_once_the_session_is_recorded() {
         markers.lock().unwrap().clear();
         let client = format!("exec /usr/bin/python3 {}", path.display());
         crash_while(&mut agent, &job, client, crash_delay(round));
-        let recorded: HashSet<String> = recorded_events(&agent)
+        let recorded: HashSet<String> = records
+            .events(&agent)
             .into_iter()
             .filter(|e| e["kind"] == "session_start")
             .filter_map(|e| {

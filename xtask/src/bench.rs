@@ -67,6 +67,14 @@ enum Bench {
         #[arg(long, default_value_t = 1000)]
         connects: usize,
     },
+    /// One small durable write on the state directory's disk, by each way
+    /// of making it durable (fdatasync, fsync, O_DSYNC, sync_file_range).
+    Disk {
+        #[arg(long, default_value = "/var/lib/interlock")]
+        dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 2000)]
+        writes: usize,
+    },
     /// The durability promise under crashes: tests/durability.rs with
     /// `kill -9` of the release agent, many rounds in a row.
     Durability {
@@ -137,6 +145,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             statements,
             ship_sessions,
         } => crate::bench_sessions::run(statements, ship_sessions),
+        Bench::Disk { dir, writes } => crate::bench_disk::run(&dir, writes),
         Bench::Durability { rounds } => {
             prepare()?;
             exec(

@@ -20,6 +20,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_disk;
 mod bench_postgres;
 mod bench_sessions;
 mod bench_ssh;
