@@ -104,6 +104,23 @@ tables = ["public.marks"]
     )
 }
 
+/// A server with an empty `marks` table, and the agent in front of it
+/// for the workload cgroup's `job.service`.
+fn marks_db(name: &str, ip: &str) -> (Postgres, TestCgroup, std::path::PathBuf, Agent) {
+    let pg = Postgres::start(name, ip);
+    pg.admin_sql(
+        "postgres",
+        "CREATE ROLE app LOGIN PASSWORD 'crash-secret';
+         CREATE TABLE marks (n int PRIMARY KEY);
+         GRANT SELECT, INSERT ON marks TO app;",
+    );
+    let secret = pg.password_file("crash-secret");
+    let mut cgroup = TestCgroup::new(name);
+    let (job, _) = cgroup.child("job.service");
+    let agent = Agent::start(&cgroup, name, &pg_policy(&pg, &secret));
+    (pg, cgroup, job, agent)
+}
+
 /// Runs `client` (a shell script) in the job's cgroup, crashes the agent
 /// after `delay`, waits for the client to notice, restarts the agent.
 fn crash_while(
@@ -128,17 +145,7 @@ fn crash_while(
 
 #[test]
 fn postgres_writes_reach_the_server_only_once_recorded() {
-    let pg = Postgres::start("crash-writes", "127.0.0.77");
-    pg.admin_sql(
-        "postgres",
-        "CREATE ROLE app LOGIN PASSWORD 'crash-secret';
-         CREATE TABLE marks (n int PRIMARY KEY);
-         GRANT SELECT, INSERT ON marks TO app;",
-    );
-    let secret = pg.password_file("crash-secret");
-    let mut cgroup = TestCgroup::new("crash-writes");
-    let (job, _) = cgroup.child("job.service");
-    let mut agent = Agent::start(&cgroup, "crash-writes", &pg_policy(&pg, &secret));
+    let (pg, _cgroup, job, mut agent) = marks_db("crash-writes", "127.0.0.77");
     let mut records = Recorded::default();
     for round in 0..rounds() {
         let first = round * 1_000_000;
@@ -182,17 +189,7 @@ fn postgres_writes_reach_the_server_only_once_recorded() {
 
 #[test]
 fn postgres_answers_reach_the_client_only_once_recorded() {
-    let pg = Postgres::start("crash-reads", "127.0.0.78");
-    pg.admin_sql(
-        "postgres",
-        "CREATE ROLE app LOGIN PASSWORD 'crash-secret';
-         CREATE TABLE marks (n int PRIMARY KEY);
-         GRANT SELECT, INSERT ON marks TO app;",
-    );
-    let secret = pg.password_file("crash-secret");
-    let mut cgroup = TestCgroup::new("crash-reads");
-    let (job, _) = cgroup.child("job.service");
-    let mut agent = Agent::start(&cgroup, "crash-reads", &pg_policy(&pg, &secret));
+    let (pg, _cgroup, job, mut agent) = marks_db("crash-reads", "127.0.0.78");
     let mut records = Recorded::default();
     let answers =
         std::env::temp_dir().join(format!("interlock-crash-reads-{}", std::process::id()));
