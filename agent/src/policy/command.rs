@@ -420,6 +420,10 @@ mod tests {
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
         // Here-documents by the dozen made the parser take 4 GB (fuzzing).
         assert!(!unknown("cm<<\x0c\x0c\x0c\x0c\x0c<<<<<<<<<<<<<<<<<<<<<<<\x0c<<<<p ").is_empty());
+        // One here-document whose tag is a carriage return took it past
+        // 4 GB (fuzzing: `<<\r;  /x\xf9;  `).
+        assert!(!unknown("<<\r;  /x\u{fffd};  ").is_empty());
+        assert!(!unknown("cat <<\x0bEOF; ls").is_empty());
         // Hostile shapes end in a refusal, not a deep recursion.
         let deep = format!("{}true{}", "(".repeat(5000), ")".repeat(5000));
         assert!(!unknown(&deep).is_empty());

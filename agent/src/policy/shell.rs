@@ -204,6 +204,14 @@ impl Reader {
                 format!("more than {MAX_HEREDOCS} here-documents (`<<`)"),
             );
         }
+        if text.contains("<<") && text.bytes().any(|b| b < 0x20 && b != b'\t' && b != b'\n') {
+            // brush-parser 0.4 reads a tag starting with one as empty and
+            // took over 4 GB on a 12-byte line (found by fuzzing).
+            return self.unknown(
+                text,
+                "a here-document (`<<`) in a line with control characters",
+            );
+        }
         if let Some(why) = parser_trap(text) {
             return self.unknown(text, why);
         }
