@@ -18,6 +18,7 @@ use anyhow::Result;
 const RECORD: usize = 512;
 
 pub fn run(dir: &Path, writes: usize) -> Result<()> {
+    anyhow::ensure!(writes > 0, "--writes must be at least 1");
     std::fs::create_dir_all(dir)?;
     let path = dir.join("interlock-disk-probe");
     let result = probe(&path, writes);
