@@ -1,9 +1,19 @@
 //! Opaque TCP: connect upstream (exempted, so it is not redirected again)
 //! and copy bytes both ways, passing each half-close on.
-use std::{io, sync::atomic::Ordering};
+use std::{
+    io,
+    net::Shutdown,
+    os::fd::AsRawFd,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
+use nix::{
+    fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice},
+    unistd::pipe2,
+};
+use socket2::SockRef;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest},
     net::{TcpSocket, TcpStream},
 };
 
@@ -141,7 +151,9 @@ async fn approve(
     }
 }
 
-/// Copies both ways until both sides have closed.
+/// Copies both ways until both sides have closed: in the kernel with
+/// `splice(2)` where nothing of the bytes is recorded, through the
+/// agent's memory where the server's output is (`record = "full"`).
 async fn forward(
     mut client: TcpStream,
     mut upstream: TcpStream,
@@ -152,20 +164,92 @@ async fn forward(
     let _ = upstream.set_nodelay(true);
 
     let bytes = conn.bytes();
-    let (mut client_read, mut client_write) = client.split();
-    let (mut upstream_read, mut upstream_write) = upstream.split();
-    let result = tokio::try_join!(
-        copy_half(&mut client_read, &mut upstream_write, &bytes.up, None),
-        copy_half(
-            &mut upstream_read,
-            &mut client_write,
-            &bytes.down,
-            recorder.records_output().then_some(recorder),
-        ),
-    );
+    let result = if recorder.records_output() {
+        let (client_read, mut client_write) = client.split();
+        let (mut upstream_read, upstream_write) = upstream.split();
+        tokio::try_join!(
+            splice_or_copy(client_read.as_ref(), upstream_write.as_ref(), &bytes.up),
+            copy_half(
+                &mut upstream_read,
+                &mut client_write,
+                &bytes.down,
+                Some(recorder)
+            ),
+        )
+        .map(drop)
+    } else {
+        tokio::try_join!(
+            splice_or_copy(&client, &upstream, &bytes.up),
+            splice_or_copy(&upstream, &client, &bytes.down),
+        )
+        .map(drop)
+    };
     match result {
         Ok(_) => (Outcome::Closed, None),
         Err(error) => (Outcome::Error, Some(error.to_string())),
+    }
+}
+
+/// A pipe between two sockets holds this much at most (the kernel's
+/// default, 64 KiB, when the pipe size limit refuses it).
+const PIPE_SIZE: usize = 1 << 20;
+
+/// Moves bytes from `from` to `to` until EOF, then half-closes `to`. The
+/// bytes go socket → pipe → socket with `splice(2)`: the kernel moves
+/// their pages and they never reach user space (no copy, no buffer in the
+/// agent). Without a pipe (the descriptor limit) the agent copies them.
+async fn splice_or_copy(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
+    let (pipe_out, pipe_in) = match pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
+        Ok(pipe) => pipe,
+        Err(error) => {
+            tracing::debug!(%error, "no pipe for splice; copying");
+            return copy_shared(from, to, counter).await;
+        }
+    };
+    let _ = fcntl(
+        pipe_in.as_raw_fd(),
+        FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32),
+    );
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    loop {
+        // The pipe is empty here, so `EAGAIN` means the socket is.
+        let n = from
+            .async_io(Interest::READABLE, || {
+                Ok(splice(from, None, &pipe_in, None, PIPE_SIZE, flags)?)
+            })
+            .await?;
+        if n == 0 {
+            return SockRef::from(to).shutdown(Shutdown::Write);
+        }
+        let mut left = n;
+        while left > 0 {
+            left -= to
+                .async_io(Interest::WRITABLE, || {
+                    Ok(splice(&pipe_out, None, to, None, left, flags)?)
+                })
+                .await?;
+        }
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// [`splice_or_copy`] without a pipe: through a buffer of the agent's.
+async fn copy_shared(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
+    let mut buf = vec![0u8; COPY_BUFFER];
+    loop {
+        let n = from
+            .async_io(Interest::READABLE, || from.try_read(&mut buf))
+            .await?;
+        if n == 0 {
+            return SockRef::from(to).shutdown(Shutdown::Write);
+        }
+        let mut sent = 0;
+        while sent < n {
+            sent += to
+                .async_io(Interest::WRITABLE, || to.try_write(&buf[sent..n]))
+                .await?;
+        }
+        counter.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
@@ -203,10 +287,10 @@ impl Drop for Exempt<'_> {
 
 /// Copies until EOF, then shuts the writer down (half-close), counting
 /// bytes and, with `record = "full"`, recording them.
-pub(super) async fn copy_half<R, W>(
+async fn copy_half<R, W>(
     reader: &mut R,
     writer: &mut W,
-    counter: &std::sync::atomic::AtomicU64,
+    counter: &AtomicU64,
     recorder: Option<&Recorder>,
 ) -> io::Result<()>
 where

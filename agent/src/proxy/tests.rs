@@ -155,6 +155,33 @@ async fn allowed_connection_is_forwarded_with_half_close() {
 }
 
 #[tokio::test]
+async fn a_large_stream_passes_intact_both_ways() {
+    // More than a pipe holds, in both directions, ending in a half-close.
+    let upstream = echo_server().await;
+    let h = harness(upstream, true).await;
+    let sent: Vec<u8> = (0..6 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let client = connect(&h, upstream).await;
+    let (mut read, mut write) = client.into_split();
+    let writer = tokio::spawn({
+        let sent = sent.clone();
+        async move {
+            write.write_all(&sent).await.unwrap();
+            write.shutdown().await.unwrap();
+        }
+    });
+    let mut reply = Vec::new();
+    read.read_to_end(&mut reply).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(reply.len(), sent.len() + 7);
+    assert!(reply.starts_with(b"hi\n") && reply.ends_with(b"bye\n"));
+    assert!(
+        reply[3..reply.len() - 4] == sent[..],
+        "the stream changed on the way"
+    );
+    let _ = h.shutdown.send(true);
+}
+
+#[tokio::test]
 async fn denied_connection_is_reset() {
     let upstream = echo_server().await;
     let h = harness(upstream, false).await;
