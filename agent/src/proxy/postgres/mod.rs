@@ -606,7 +606,23 @@ async fn relay<C: Duplex, U: Duplex>(
         &bytes.down,
         &client_failed,
     );
-    let (up, down) = tokio::join!(up.in_current_span(), down);
+    // A result the store fails to record ends the session: the client's
+    // side stops waiting for a client that is waiting for that result.
+    let down_failed = tokio::sync::Notify::new();
+    let down = async {
+        let result = down.await;
+        if result.is_err() {
+            down_failed.notify_one();
+        }
+        result
+    };
+    let up = async {
+        tokio::select! {
+            result = up.in_current_span() => result,
+            () = down_failed.notified() => Ok(()),
+        }
+    };
+    let (up, down) = tokio::join!(up, down);
     responses.finish();
     up.map_err(SessionError::protocol)?;
     down.map_err(|e| SessionError {
