@@ -606,8 +606,8 @@ async fn relay<C: Duplex, U: Duplex>(
         &bytes.down,
         &client_failed,
     );
-    // A result the store fails to record ends the session: the client's
-    // side stops waiting for a client that is waiting for that result.
+    // A result that cannot be recorded ends the session: the client's
+    // side then stops waiting for a client that waits for that result.
     let down_failed = tokio::sync::Notify::new();
     let down = async {
         let result = down.await;

@@ -89,9 +89,17 @@ pub enum ResponseError {
     Malformed(String),
     #[error(transparent)]
     Record(#[from] crate::sessions::StoreError),
+    /// The store failed while the client had part of a message: it cannot
+    /// be told in its protocol, only cut off.
+    #[error("{0} (inside a message to the client)")]
+    RecordInsideMessage(crate::sessions::StoreError),
     #[error("the session's role could not be set again after DISCARD ALL")]
     Unpinned,
 }
+
+/// Frames that may stream (unmasked rows, COPY data) pass as their bytes
+/// arrive only when bigger than this (a read's size).
+const STREAM_FROM: usize = 64 * 1024;
 
 /// What to do with one response frame.
 #[derive(Debug, PartialEq, Eq)]
@@ -485,6 +493,8 @@ where
     let mut out = BytesMut::new();
     // Bytes of a streamed frame still to pass.
     let mut streaming = 0usize;
+    // The client has part of a message.
+    let mut sent_inside_message = false;
     loop {
         if buf.capacity() - buf.len() < READ_SIZE / 4 {
             buf.reserve(READ_SIZE);
@@ -529,11 +539,20 @@ where
         };
         // What the client saw (masked), with `record = "full"`.
         let recorder = &responses.session.recorder;
+        let inside_message = |error: ResponseError| match error {
+            ResponseError::Record(error) if sent_inside_message => {
+                ResponseError::RecordInsideMessage(error)
+            }
+            error => error,
+        };
         if recorder.records_output() && !sent.is_empty() {
-            recorder.append(&crate::sessions::Event::Output { data: sent })?;
+            recorder
+                .append(&crate::sessions::Event::Output { data: sent })
+                .map_err(|e| inside_message(e.into()))?;
         }
-        responses.released().await?;
+        responses.released().await.map_err(inside_message)?;
         writer.write_all(sent).await?;
+        sent_inside_message = streaming > 0;
         bytes_down.fetch_add(pos as u64, Ordering::Relaxed);
         buf.advance(pos);
         buf.reserve(pending.saturating_sub(buf.len()));
@@ -581,8 +600,20 @@ fn handle_frames(
             .ok_or_else(|| ResponseError::Malformed(format!("message length {len}")))?
             + 1;
         if responses.streams(tag)? {
+            // A frame bigger than a read passes as its bytes arrive; a
+            // smaller one once whole (not copied), so that what the client
+            // has ends on a message boundary unless a frame is that big.
+            let whole = buf.len() - pos >= total;
+            if !whole && total <= STREAM_FROM {
+                pending = total;
+                break;
+            }
             responses.on_frame(tag, None, out)?;
-            *streaming = total;
+            if whole {
+                pos += total;
+            } else {
+                *streaming = total;
+            }
             continue;
         }
         let Some(frame) = buf.get(pos..pos + total) else {

@@ -234,7 +234,10 @@ pub(super) fn commit_loop(
         // After the waiters are released: they needed the log, not sled.
         if (state.indexed_at.elapsed() >= INDEX_INTERVAL && !state.unindexed.is_empty()) || stop {
             if let Err(error) = state.index() {
-                commit.fail(&error);
+                // The log still holds it all: tried again in a second; the
+                // store fails only once the log is full as well.
+                tracing::warn!(%error, "cannot move the commit log into sled yet");
+                state.indexed_at = Instant::now();
             }
         }
         if measured.elapsed() >= Duration::from_millis(500) || stop {

@@ -186,16 +186,19 @@ impl Store {
         Ok(store)
     }
 
-    /// Opens the store without touching what is in it (the CLI reading a
-    /// stopped agent's sessions: sealing them, and replaying the commit
-    /// log's last records, is the agent's job).
+    /// Opens the store as the agent left it (the CLI reading a stopped
+    /// agent's sessions): the commit log's records are put back into sled,
+    /// as the agent's next start does again (replaying twice changes
+    /// nothing), but sessions are not sealed: that is the agent's job.
     pub fn open_as_is(
         dir: &Path,
         key_path: &Path,
         host: String,
         max_bytes: u64,
     ) -> Result<Arc<Self>, StoreError> {
-        Ok(Self::open_with_log(dir, key_path, host, max_bytes)?.0)
+        let (store, replayed) = Self::open_with_log(dir, key_path, host, max_bytes)?;
+        store.replay(replayed)?;
+        Ok(store)
     }
 
     fn open_with_log(
