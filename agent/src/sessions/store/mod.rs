@@ -12,11 +12,12 @@
 //!
 //! Durability is group commit. A recorder appends an event by encoding its
 //! line into the session's pending chunk, in memory, without waiting. The
-//! `store-commit` thread writes every session's pending chunk to sled (one
-//! insert per session, however many events it holds: sled inserts are the
-//! expensive part) and makes one flush cover them all. A caller that must
-//! not go on before its events are on disk waits for [`Recorder::durable`];
-//! whatever else is pending is written and flushed every 100 ms.
+//! `store-commit` thread writes every session's pending chunk into the
+//! commit log (`log.rs`) and makes one `fdatasync` cover them all; the
+//! chunks reach sled later, off the waiters' path (`commit.rs`). A caller
+//! that must not go on before its events are on disk waits for
+//! [`Recorder::durable`]; whatever else is pending is committed every
+//! 100 ms.
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -131,6 +132,9 @@ pub struct Store {
     pub ship_wake: Notify,
     /// Sessions still running, and how far they were shipped in parts.
     live: Mutex<HashMap<ulid::Ulid, Parts>>,
+    /// Sessions whose last lines may be in the commit log only, not yet
+    /// in sled: readers take them from the chain.
+    logged: Mutex<HashMap<ulid::Ulid, std::sync::Weak<Mutex<Chain>>>>,
 }
 
 /// A running session's parts: `part` shipped so far, covering events
@@ -256,6 +260,7 @@ impl Store {
             max_bytes,
             ship_wake: Notify::new(),
             live: Mutex::new(HashMap::new()),
+            logged: Mutex::new(HashMap::new()),
         });
         let events = store.events.clone();
         let dir = dir.to_owned();
@@ -369,6 +374,9 @@ impl Store {
             self.sessions.insert(id_key(&id), summary.as_slice())?;
             log.push(log::Kind::Summary, &id_key(&id), 0, &summary);
         }
+        self.logged
+            .lock()
+            .insert(id, Arc::downgrade(&recorder.chain));
         self.live.lock().insert(
             id,
             Parts {
@@ -530,6 +538,14 @@ impl Store {
             key[16..].copy_from_slice(&seq.to_be_bytes());
             key
         };
+        // Locked first: the commit thread moves its logged lines into sled
+        // under this lock, so they are read from one place or the other.
+        let chain = self
+            .logged
+            .lock()
+            .get(id)
+            .and_then(std::sync::Weak::upgrade);
+        let chain = chain.as_ref().map(|chain| chain.lock());
         // The chunk holding `from` starts at or before it.
         let start: sled::IVec = match self.events.range(key(0)..=key(from)).next_back() {
             Some(entry) => entry?.0,
@@ -549,11 +565,23 @@ impl Store {
                 }
             }
         }
+        if let Some(chain) = chain
+            && !chain.unindexed.is_empty()
+        {
+            for (i, line) in chain.unindexed.split(|b| *b == b'\n').enumerate() {
+                let seq = chain.unindexed_first + i as u64;
+                if seq >= from.max(next) {
+                    lines.push(line.to_vec());
+                    next = seq + 1;
+                }
+            }
+        }
         Ok((lines, next))
     }
 
     /// Removes a session entirely (pruning after shipping).
     pub fn remove(&self, id: &ulid::Ulid) -> Result<(), StoreError> {
+        self.logged.lock().remove(id);
         let key = id_key(id);
         let mut batch = sled::Batch::default();
         for event in self.events.scan_prefix(key).keys() {
@@ -749,6 +777,20 @@ pub(crate) mod tests {
         assert_eq!(store.summary(&ended).unwrap().outcome, "interrupted");
         assert_eq!(store.lines(&ended).unwrap().len(), 4);
         assert!(store.outbox.contains_key(id_key(&ended)).unwrap());
+    }
+
+    #[tokio::test]
+    async fn logged_lines_are_read_before_they_reach_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (recorder, _) = begin(&store);
+        let ticket = recorder.append(&Event::Output { data: b"x" }).unwrap();
+        recorder.durable(ticket).await.unwrap();
+        // Durable in the log; sled gets it within a second.
+        let (lines, next) = store.lines_from(&recorder.id, 0).unwrap();
+        assert_eq!((lines.len(), next), (3, 3));
+        let (lines, next) = store.lines_from(&recorder.id, 2).unwrap();
+        assert_eq!((lines.len(), next), (1, 3));
     }
 
     #[tokio::test]

@@ -165,6 +165,7 @@ impl Recorder {
             .outbox
             .insert(id_key(&self.id), serde_json::to_vec(&Outbox::default())?)?;
         self.store.live.lock().remove(&self.id);
+        self.store.logged.lock().remove(&self.id);
         self.store.commit.written.fetch_add(1, Ordering::SeqCst);
         self.store.request_commit();
         self.store.ship_wake.notify_one();
