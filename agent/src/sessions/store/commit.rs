@@ -232,13 +232,13 @@ pub(super) fn commit_loop(
             state.commit(target);
         }
         // After the waiters are released: they needed the log, not sled.
-        if (state.indexed_at.elapsed() >= INDEX_INTERVAL && !state.unindexed.is_empty()) || stop {
-            if let Err(error) = state.index() {
-                // The log still holds it all: tried again in a second; the
-                // store fails only once the log is full as well.
-                tracing::warn!(%error, "cannot move the commit log into sled yet");
-                state.indexed_at = Instant::now();
-            }
+        if ((state.indexed_at.elapsed() >= INDEX_INTERVAL && !state.unindexed.is_empty()) || stop)
+            && let Err(error) = state.index()
+        {
+            // The log still holds it all: tried again in a second; the
+            // store fails only once the log is full as well.
+            tracing::warn!(%error, "cannot move the commit log into sled yet");
+            state.indexed_at = Instant::now();
         }
         if measured.elapsed() >= Duration::from_millis(500) || stop {
             measured = Instant::now();
