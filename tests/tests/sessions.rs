@@ -708,13 +708,15 @@ fn a_full_disk_ends_sessions_cleanly_and_refuses_new_ones() {
     let out = psql(&job, &pg, "SELECT 1");
     assert!(!out.status.success());
     assert!(disk_full(&stderr(&out)), "{}", stderr(&out));
-    // Every session that ran is on record with its statement. One that
+    // Every session that ran is on record with its statement. The one
+    // that met the full disk is too, unless it was refused as it started
+    // (its start could not be recorded, so nothing of it ran). One that
     // ended as the disk filled may not have its end written: it stays
     // `live` until the next start seals it as interrupted. Those that
     // ended are sealed and verify.
-    let sessions = wait_sessions(&agent, ok + 1);
+    let sessions = wait_sessions(&agent, ok);
     let all = list(&agent, &[]);
-    assert_eq!(all.len(), ok + 1, "{all:?}");
+    assert!(all.len() == ok + 1 || all.len() == ok, "{ok} ran: {all:?}");
     assert!(!sessions.is_empty(), "{all:?}");
     for session in &all[..ok] {
         let id = session["id"].as_str().unwrap();

@@ -200,6 +200,10 @@ impl Approvals {
             grant: &record.grant,
         })?;
         recorder.durable(ticket).await?;
+        // The request itself (sled, flushed about once a second on its
+        // own) is on disk too before the client is told to wait: a
+        // restart then finds it and ends it as abandoned.
+        self.requests.flush_async().await?;
         Ok(held)
     }
 
@@ -358,6 +362,10 @@ impl Approvals {
                 }
             }
             Err(error) => tracing::error!(%error, "cannot serialise an approval request"),
+        }
+        // The outcome and its grant are on disk before anyone acts on them.
+        if let Err(error) = self.requests.flush() {
+            tracing::error!(%error, "cannot flush an approval request's outcome");
         }
         log_request(record);
         if let Some(notifier) = &self.notifier {

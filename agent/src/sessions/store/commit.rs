@@ -1,19 +1,26 @@
-//! Group commit: the `store-commit` thread writes every session's pending
-//! chunk to sled, one insert per session, and makes one flush cover them
-//! all; recorders that must wait for durability watch its generation.
+//! Group commit: the `store-commit` thread moves every session's pending
+//! chunk into the commit log (`log.rs`: one write for them all), makes
+//! one `fdatasync` of it cover them all, and releases the recorders
+//! waiting for that generation. The chunks go into sled (the index the
+//! rest of the agent reads) after that, off the waiters' path: about
+//! once a second, before sled is flushed and the log starts over.
 use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::watch;
 
-use super::{StoreError, id_key, now_us};
+use super::{
+    StoreError, id_key,
+    log::{CommitLog, Kind},
+    now_us,
+};
 use crate::sessions::{event::Event, format::encode_event};
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -30,7 +37,7 @@ pub(super) struct Committer {
     pub(super) wake: Condvar,
     pub(super) committed: watch::Sender<Committed>,
     pub(super) last_error: Mutex<Option<String>>,
-    /// Set while the last flush failed: appends fail at once, so nothing
+    /// Set while the last commit failed: appends fail at once, so nothing
     /// passes on as if recorded while the store cannot write.
     pub(super) failing: AtomicBool,
     /// sled's size on disk and the free space of its filesystem,
@@ -40,14 +47,45 @@ pub(super) struct Committer {
     pub(super) stop: AtomicBool,
     /// Sessions with pending lines.
     pub(super) dirty: Mutex<Vec<Arc<Mutex<Chain>>>>,
+    /// Records gathered for the commit log. Locked after a chain, never
+    /// before one.
+    pub(super) log: Mutex<CommitLog>,
 }
 
-/// A session's pending chunk is written by the appender itself, without
-/// waiting for the commit thread's next round, once it holds this much.
+impl Committer {
+    /// The store cannot write: appends fail at once, and every waiter is
+    /// told, until a later commit succeeds.
+    fn fail(&self, error: &StoreError) {
+        tracing::error!(%error, "session store commit failed");
+        *self.last_error.lock() = Some(error.to_string());
+        self.failing.store(true, Ordering::SeqCst);
+        self.committed.send_modify(|c| c.failed = true);
+    }
+
+    fn succeed(&self, generation: u64) {
+        self.last_error.lock().take();
+        self.failing.store(false, Ordering::SeqCst);
+        self.committed.send_replace(Committed {
+            generation,
+            failed: false,
+        });
+    }
+}
+
+/// A session's pending chunk is committed at once, without waiting for
+/// the commit thread's next round, once it holds this much.
 pub(super) const CHUNK_LIMIT: usize = 1 << 20;
 
-/// Flushed at least this often when something is pending.
+/// Committed at least this often when something is pending.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Logged chunks go into sled, sled is flushed and the log starts over
+/// this often (and whenever the log is full).
+const INDEX_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Free space kept for sled beyond what it is given: one of its 512 KiB
+/// segments.
+const SLED_HEADROOM: u64 = 512 << 10;
 
 /// New sessions are refused when the store's filesystem has less free.
 pub(super) const MIN_FREE_BYTES: u64 = 256 * 1024;
@@ -57,8 +95,129 @@ pub(super) fn free_space(dir: &Path) -> Option<u64> {
     Some(stat.blocks_available() as u64 * stat.fragment_size() as u64)
 }
 
-pub(super) fn commit_loop(db: sled::Db, dir: PathBuf, events: sled::Tree, commit: Arc<Committer>) {
-    let mut measured = std::time::Instant::now();
+fn io_error(error: std::io::Error) -> StoreError {
+    StoreError::Flush(error.to_string())
+}
+
+/// The commit thread's own state.
+struct Committing {
+    db: sled::Db,
+    events: sled::Tree,
+    commit: Arc<Committer>,
+    /// The log's file, for `fdatasync`.
+    log_file: std::fs::File,
+    /// Sessions with logged chunks not yet in sled, and their bytes.
+    unindexed: Vec<Arc<Mutex<Chain>>>,
+    unindexed_bytes: u64,
+    indexed_at: Instant,
+    dir: PathBuf,
+}
+
+impl Committing {
+    /// One group commit: every pending chunk into the log, one sync.
+    fn commit(&mut self, target: u64) {
+        let dirty = std::mem::take(&mut *self.commit.dirty.lock());
+        for chain in dirty {
+            let mut locked = chain.lock();
+            locked.listed = false;
+            if locked.pending.is_empty() {
+                continue;
+            }
+            let first = locked.pending_first;
+            self.commit
+                .log
+                .lock()
+                .push(Kind::Chunk, &locked.id, first, &locked.pending);
+            if locked.unindexed.is_empty() {
+                locked.unindexed_first = first;
+                self.unindexed.push(chain.clone());
+            } else {
+                locked.unindexed.push(b'\n');
+            }
+            let locked = &mut *locked;
+            self.unindexed_bytes += locked.pending.len() as u64 + 1;
+            locked.unindexed.extend_from_slice(&locked.pending);
+            locked.pending.clear();
+        }
+        let result = self.write_log().and_then(|()| {
+            // Without holding the log: sessions may start meanwhile.
+            self.log_file.sync_data().map_err(io_error)
+        });
+        match result {
+            Ok(()) => self.commit.succeed(target),
+            Err(error) => self.commit.fail(&error),
+        }
+    }
+
+    /// Writes the gathered records; when they do not fit, sled is brought
+    /// up to date and flushed instead and the log starts over.
+    fn write_log(&mut self) -> Result<(), StoreError> {
+        {
+            let mut log = self.commit.log.lock();
+            if log.fits() {
+                return log.write().map_err(io_error);
+            }
+        }
+        self.index()?;
+        let mut log = self.commit.log.lock();
+        if !log.fits() {
+            // More than the whole log in one round: it is all in sled,
+            // which `index` flushed.
+            log.drop_batch();
+        }
+        log.write().map_err(io_error)
+    }
+
+    /// Every logged chunk into sled, sled flushed, the log started over.
+    /// The log stays locked across the flush: a session starting
+    /// meanwhile puts its summary in sled and the log under that lock, so
+    /// it is either flushed or kept for the new epoch.
+    fn index(&mut self) -> Result<(), StoreError> {
+        // sled must never meet a full disk: it spins for ever in `insert`
+        // when it cannot start a new segment. The store fails first.
+        let needed = self.unindexed_bytes + SLED_HEADROOM;
+        if let Some(free) = free_space(&self.dir)
+            && free < needed
+        {
+            return Err(StoreError::Flush(format!(
+                "No space left on device ({free} bytes free, {needed} needed to move the commit log into sled)"
+            )));
+        }
+        // A session whose chunks fail to go in stays listed: the log is
+        // not started over while it holds something sled does not.
+        while let Some(chain) = self.unindexed.last() {
+            chain.lock().index(&self.events)?;
+            self.unindexed.pop();
+        }
+        self.unindexed_bytes = 0;
+        let mut log = self.commit.log.lock();
+        self.db.flush()?;
+        log.restart().map_err(io_error)?;
+        self.indexed_at = Instant::now();
+        Ok(())
+    }
+}
+
+pub(super) fn commit_loop(
+    db: sled::Db,
+    dir: PathBuf,
+    events: sled::Tree,
+    commit: Arc<Committer>,
+    log_file: std::fs::File,
+) {
+    let mut measured = Instant::now();
+    // Preallocated: on the disk from the start, as part of the store.
+    let log_size = log_file.metadata().map_or(0, |m| m.len());
+    let mut state = Committing {
+        db,
+        events,
+        commit: commit.clone(),
+        log_file,
+        unindexed: Vec::new(),
+        unindexed_bytes: 0,
+        indexed_at: Instant::now(),
+        dir: dir.clone(),
+    };
     loop {
         {
             let mut wanted = commit.wanted.lock();
@@ -70,33 +229,21 @@ pub(super) fn commit_loop(db: sled::Db, dir: PathBuf, events: sled::Tree, commit
         let stop = commit.stop.load(Ordering::SeqCst);
         let target = commit.written.load(Ordering::SeqCst);
         if target != commit.committed.borrow().generation {
-            let dirty = std::mem::take(&mut *commit.dirty.lock());
-            let written = dirty.iter().try_for_each(|chain| {
-                let mut chain = chain.lock();
-                chain.listed = false;
-                chain.write(&events)
-            });
-            match written.and_then(|()| db.flush().map(drop)) {
-                Ok(_) => {
-                    commit.last_error.lock().take();
-                    commit.failing.store(false, Ordering::SeqCst);
-                    commit.committed.send_replace(Committed {
-                        generation: target,
-                        failed: false,
-                    });
-                }
-                Err(error) => {
-                    tracing::error!(%error, "session store flush failed");
-                    *commit.last_error.lock() = Some(error.to_string());
-                    commit.failing.store(true, Ordering::SeqCst);
-                    commit.committed.send_modify(|c| c.failed = true);
-                }
-            }
+            state.commit(target);
+        }
+        // After the waiters are released: they needed the log, not sled.
+        if ((state.indexed_at.elapsed() >= INDEX_INTERVAL && !state.unindexed.is_empty()) || stop)
+            && let Err(error) = state.index()
+        {
+            // The log still holds it all: tried again in a second; the
+            // store fails only once the log is full as well.
+            tracing::warn!(%error, "cannot move the commit log into sled yet");
+            state.indexed_at = Instant::now();
         }
         if measured.elapsed() >= Duration::from_millis(500) || stop {
-            measured = std::time::Instant::now();
-            if let Ok(size) = db.size_on_disk() {
-                commit.used_bytes.store(size, Ordering::Relaxed);
+            measured = Instant::now();
+            if let Ok(size) = state.db.size_on_disk() {
+                commit.used_bytes.store(size + log_size, Ordering::Relaxed);
             }
             if let Some(free) = free_space(&dir) {
                 commit.free_bytes.store(free, Ordering::Relaxed);
@@ -118,6 +265,10 @@ pub(super) struct Chain {
     pub(super) pending_first: u64,
     /// On the commit thread's dirty list.
     pub(super) listed: bool,
+    /// Lines in the commit log, not yet in sled: the chunks of several
+    /// commits joined, to go in as one (from `unindexed_first` on).
+    pub(super) unindexed: Vec<u8>,
+    pub(super) unindexed_first: u64,
 }
 
 impl Chain {
@@ -129,6 +280,8 @@ impl Chain {
             pending: Vec::with_capacity(1024),
             pending_first: next_seq,
             listed: false,
+            unindexed: Vec::new(),
+            unindexed_first: next_seq,
         }
     }
 
@@ -151,19 +304,40 @@ impl Chain {
         Ok((self.pending.len() - start) as u64)
     }
 
-    /// Writes the pending chunk to sled, keyed by its first seq.
+    /// Puts the logged lines into sled, as one chunk. (After a crash the
+    /// log's own chunks are replayed instead: the first has this chunk's
+    /// key and replaces it, the others follow it.)
+    pub(super) fn index(&mut self, events: &sled::Tree) -> Result<(), sled::Error> {
+        if self.unindexed.is_empty() {
+            return Ok(());
+        }
+        events.insert(self.key(self.unindexed_first), self.unindexed.as_slice())?;
+        self.unindexed.clear();
+        if self.unindexed.capacity() > CHUNK_LIMIT {
+            self.unindexed = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Writes the pending chunk to sled (after the logged ones), keyed by
+    /// its first seq; durable at sled's next flush.
     pub(super) fn write(&mut self, events: &sled::Tree) -> Result<(), sled::Error> {
+        self.index(events)?;
         if self.pending.is_empty() {
             return Ok(());
         }
-        let mut key = [0u8; 24];
-        key[..16].copy_from_slice(&self.id);
-        key[16..].copy_from_slice(&self.pending_first.to_be_bytes());
-        events.insert(key, self.pending.as_slice())?;
+        events.insert(self.key(self.pending_first), self.pending.as_slice())?;
         self.pending.clear();
         if self.pending.capacity() > CHUNK_LIMIT {
             self.pending = Vec::with_capacity(1024);
         }
         Ok(())
+    }
+
+    fn key(&self, first: u64) -> [u8; 24] {
+        let mut key = [0u8; 24];
+        key[..16].copy_from_slice(&self.id);
+        key[16..].copy_from_slice(&first.to_be_bytes());
+        key
     }
 }

@@ -12,11 +12,12 @@
 //!
 //! Durability is group commit. A recorder appends an event by encoding its
 //! line into the session's pending chunk, in memory, without waiting. The
-//! `store-commit` thread writes every session's pending chunk to sled (one
-//! insert per session, however many events it holds: sled inserts are the
-//! expensive part) and makes one flush cover them all. A caller that must
-//! not go on before its events are on disk waits for [`Recorder::durable`];
-//! whatever else is pending is written and flushed every 100 ms.
+//! `store-commit` thread writes every session's pending chunk into the
+//! commit log (`log.rs`) and makes one `fdatasync` cover them all; the
+//! chunks reach sled later, off the waiters' path (`commit.rs`). A caller
+//! that must not go on before its events are on disk waits for
+//! [`Recorder::durable`]; whatever else is pending is committed every
+//! 100 ms.
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -35,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
 mod commit;
+mod log;
 mod recorder;
 
 use commit::{Chain, Committed, Committer, MIN_FREE_BYTES, commit_loop, free_space};
@@ -51,6 +53,11 @@ pub enum StoreError {
     Open { path: PathBuf, cause: sled::Error },
     #[error("session store: {0}")]
     Sled(#[from] sled::Error),
+    #[error("session store commit log {}: {cause}", path.display())]
+    Log {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
     #[error("session store cannot write to disk: {0}")]
     Flush(String),
     #[error(
@@ -125,6 +132,9 @@ pub struct Store {
     pub ship_wake: Notify,
     /// Sessions still running, and how far they were shipped in parts.
     live: Mutex<HashMap<ulid::Ulid, Parts>>,
+    /// Sessions whose last lines may be in the commit log only, not yet
+    /// in sled: readers take them from the chain.
+    logged: Mutex<HashMap<ulid::Ulid, std::sync::Weak<Mutex<Chain>>>>,
 }
 
 /// A running session's parts: `part` shipped so far, covering events
@@ -135,6 +145,9 @@ pub struct Parts {
     pub next_seq: u64,
     pub since: std::time::Instant,
 }
+
+/// The commit log, in the store's directory beside sled's files.
+const LOG_FILE: &str = "commit.log";
 
 pub fn now_us() -> u64 {
     SystemTime::now()
@@ -161,19 +174,43 @@ impl Store {
         host: String,
         max_bytes: u64,
     ) -> Result<Arc<Self>, StoreError> {
-        let store = Self::open_as_is(dir, key_path, host, max_bytes)?;
+        let (store, replayed) = Self::open_with_log(dir, key_path, host, max_bytes)?;
+        store.replay(replayed)?;
         store.recover()?;
+        // Everything the log held is in sled, flushed, now.
+        store
+            .commit
+            .log
+            .lock()
+            .restart()
+            .map_err(|cause| StoreError::Log {
+                path: dir.join(LOG_FILE),
+                cause,
+            })?;
         Ok(store)
     }
 
-    /// Opens the store without touching what is in it (the CLI reading a
-    /// stopped agent's sessions: sealing them is the agent's job).
+    /// Opens the store as the agent left it (the CLI reading a stopped
+    /// agent's sessions): the commit log's records are put back into sled,
+    /// as the agent's next start does again (replaying twice changes
+    /// nothing), but sessions are not sealed: that is the agent's job.
     pub fn open_as_is(
         dir: &Path,
         key_path: &Path,
         host: String,
         max_bytes: u64,
     ) -> Result<Arc<Self>, StoreError> {
+        let (store, replayed) = Self::open_with_log(dir, key_path, host, max_bytes)?;
+        store.replay(replayed)?;
+        Ok(store)
+    }
+
+    fn open_with_log(
+        dir: &Path,
+        key_path: &Path,
+        host: String,
+        max_bytes: u64,
+    ) -> Result<(Arc<Self>, Vec<log::Replayed>), StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(16 * 1024 * 1024)
@@ -187,6 +224,14 @@ impl Store {
             path: key_path.to_owned(),
             cause,
         })?;
+        let log_path = dir.join(LOG_FILE);
+        let log_error = |cause| StoreError::Log {
+            path: log_path.clone(),
+            cause,
+        };
+        let room = free_space(dir).unwrap_or(u64::MAX).min(max_bytes);
+        let (log, replayed) = log::CommitLog::open(&log_path, room).map_err(log_error)?;
+        let log_file = log.sync_handle().map_err(log_error)?;
         let commit = Arc::new(Committer {
             written: AtomicU64::new(0),
             wanted: Mutex::new(false),
@@ -198,6 +243,7 @@ impl Store {
             free_bytes: AtomicU64::new(free_space(dir).unwrap_or(u64::MAX)),
             stop: AtomicBool::new(false),
             dirty: Mutex::new(Vec::new()),
+            log: Mutex::new(log),
         });
         let store = Arc::new(Self {
             path: dir.to_owned(),
@@ -214,15 +260,45 @@ impl Store {
             max_bytes,
             ship_wake: Notify::new(),
             live: Mutex::new(HashMap::new()),
+            logged: Mutex::new(HashMap::new()),
         });
         let events = store.events.clone();
         let dir = dir.to_owned();
         let thread = std::thread::Builder::new()
             .name("store-commit".into())
-            .spawn(move || commit_loop(db, dir, events, commit))
+            .spawn(move || commit_loop(db, dir, events, commit, log_file))
             .expect("spawn the store commit thread");
         *store.commit_thread.lock() = Some(thread);
-        Ok(store)
+        Ok((store, replayed))
+    }
+
+    /// Puts the commit log's records back into sled: what was durable when
+    /// the agent stopped, whether or not sled had flushed it.
+    fn replay(&self, records: Vec<log::Replayed>) -> Result<(), StoreError> {
+        let count = records.len();
+        for record in records {
+            match record.kind {
+                log::Kind::Chunk => {
+                    let mut key = [0u8; 24];
+                    key[..16].copy_from_slice(&record.id);
+                    key[16..].copy_from_slice(&record.first_seq.to_be_bytes());
+                    self.events.insert(key, record.payload)?;
+                }
+                // A later summary (the session's end) may be in sled
+                // already: the one of its start never replaces it.
+                log::Kind::Summary => {
+                    let _ = self.sessions.compare_and_swap(
+                        record.id,
+                        None as Option<&[u8]>,
+                        Some(record.payload),
+                    )?;
+                }
+            }
+        }
+        if count > 0 {
+            tracing::info!(records = count, "replayed the session store's commit log");
+        }
+        Ok(())
     }
 
     /// The database, for other records kept beside the sessions (approval
@@ -290,7 +366,17 @@ impl Store {
             statements: AtomicU64::new(0),
             finished: AtomicBool::new(false),
         };
-        recorder.put_summary()?;
+        {
+            // In sled and in the log under one lock (see `commit::index`):
+            // the session is found after a crash with its first events.
+            let mut log = self.commit.log.lock();
+            let summary = serde_json::to_vec(&*recorder.summary.lock())?;
+            self.sessions.insert(id_key(&id), summary.as_slice())?;
+            log.push(log::Kind::Summary, &id_key(&id), 0, &summary);
+        }
+        self.logged
+            .lock()
+            .insert(id, Arc::downgrade(&recorder.chain));
         self.live.lock().insert(
             id,
             Parts {
@@ -363,6 +449,18 @@ impl Store {
             &chain.prev,
         );
         self.seals.insert(id_key(id), serde_json::to_vec(&seal)?)?;
+        Ok(())
+    }
+
+    /// Fails while the last commit failed: nothing is written, in the log
+    /// or in sled, while the store cannot write.
+    fn writable(&self) -> Result<(), StoreError> {
+        if self.commit.failing.load(Ordering::Relaxed) {
+            let error = self.commit.last_error.lock().clone();
+            return Err(StoreError::Flush(
+                error.unwrap_or_else(|| "the last commit failed".into()),
+            ));
+        }
         Ok(())
     }
 
@@ -440,6 +538,14 @@ impl Store {
             key[16..].copy_from_slice(&seq.to_be_bytes());
             key
         };
+        // Locked first: the commit thread moves its logged lines into sled
+        // under this lock, so they are read from one place or the other.
+        let chain = self
+            .logged
+            .lock()
+            .get(id)
+            .and_then(std::sync::Weak::upgrade);
+        let chain = chain.as_ref().map(|chain| chain.lock());
         // The chunk holding `from` starts at or before it.
         let start: sled::IVec = match self.events.range(key(0)..=key(from)).next_back() {
             Some(entry) => entry?.0,
@@ -459,11 +565,23 @@ impl Store {
                 }
             }
         }
+        if let Some(chain) = chain
+            && !chain.unindexed.is_empty()
+        {
+            for (i, line) in chain.unindexed.split(|b| *b == b'\n').enumerate() {
+                let seq = chain.unindexed_first + i as u64;
+                if seq >= from.max(next) {
+                    lines.push(line.to_vec());
+                    next = seq + 1;
+                }
+            }
+        }
         Ok((lines, next))
     }
 
     /// Removes a session entirely (pruning after shipping).
     pub fn remove(&self, id: &ulid::Ulid) -> Result<(), StoreError> {
+        self.logged.lock().remove(id);
         let key = id_key(id);
         let mut batch = sled::Batch::default();
         for event in self.events.scan_prefix(key).keys() {
@@ -624,26 +742,88 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn what_the_commit_log_made_durable_is_recovered_without_sled() {
+        let crashed = tempfile::tempdir().unwrap();
+        let (live, ended) = {
+            let store = open(crashed.path());
+            let (live, _) = begin(&store);
+            let ticket = live.append(&Event::Output { data: b"durable" }).unwrap();
+            live.durable(ticket).await.unwrap();
+            let (ended, ticket) = begin(&store);
+            ended.durable(ticket).await.unwrap();
+            ended.finish("closed", None, 1, 2);
+            let later = live.append(&Event::Output { data: b"durable" }).unwrap();
+            live.durable(later).await.unwrap();
+            // Made durable by the log alone: the log is copied beside a
+            // fresh host key, as if sled had never flushed.
+            let copy = crashed.path().join("copy");
+            std::fs::create_dir_all(copy.join("sessions")).unwrap();
+            std::fs::copy(
+                crashed.path().join("sessions").join(LOG_FILE),
+                copy.join("sessions").join(LOG_FILE),
+            )
+            .unwrap();
+            live.finished.store(true, Ordering::SeqCst);
+            (live.id, ended.id)
+        };
+        let store = open(&crashed.path().join("copy"));
+        let summary = store.summary(&live).unwrap();
+        assert_eq!(summary.outcome, "interrupted");
+        let lines = store.lines(&live).unwrap();
+        // start, connection, two outputs, the interrupted end, the seal
+        assert_eq!(lines.len(), 6, "{lines:?}");
+        // The other's end went to sled only, which never flushed: it is
+        // found with what the log kept, and sealed as interrupted.
+        assert_eq!(store.summary(&ended).unwrap().outcome, "interrupted");
+        assert_eq!(store.lines(&ended).unwrap().len(), 4);
+        assert!(store.outbox.contains_key(id_key(&ended)).unwrap());
+    }
+
+    #[tokio::test]
+    async fn logged_lines_are_read_before_they_reach_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (recorder, _) = begin(&store);
+        let ticket = recorder.append(&Event::Output { data: b"x" }).unwrap();
+        recorder.durable(ticket).await.unwrap();
+        // Durable in the log; sled gets it within a second.
+        let (lines, next) = store.lines_from(&recorder.id, 0).unwrap();
+        assert_eq!((lines.len(), next), (3, 3));
+        let (lines, next) = store.lines_from(&recorder.id, 2).unwrap();
+        assert_eq!((lines.len(), next), (1, 3));
+    }
+
+    #[tokio::test]
     async fn events_written_in_chunks_read_back_in_order_from_any_seq() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let (recorder, ticket) = begin(&store);
         recorder.durable(ticket).await.unwrap();
-        // Chunks of 1, 3 and 2 events (a durable wait writes one).
-        for chunk in [1, 3, 2] {
-            let mut last = None;
-            for _ in 0..chunk {
-                last = Some(recorder.append(&Event::Output { data: b"x" }).unwrap());
-            }
-            recorder.durable(last.unwrap()).await.unwrap();
-        }
-        assert_eq!(
+        // What was logged reaches sled as one chunk, within a second:
+        // seqs 0..3, then 3..8.
+        let chunks = || {
             store
                 .events
                 .scan_prefix(recorder.id.0.to_be_bytes())
-                .count(),
-            4
-        );
+                .count()
+        };
+        let wait_chunks = async |n| {
+            let waited = std::time::Instant::now();
+            while chunks() < n && waited.elapsed() < Duration::from_secs(3) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(chunks(), n);
+        };
+        for (batch, indexed) in [(vec![1], 1), (vec![3, 2], 2)] {
+            for events in batch {
+                let mut last = None;
+                for _ in 0..events {
+                    last = Some(recorder.append(&Event::Output { data: b"x" }).unwrap());
+                }
+                recorder.durable(last.unwrap()).await.unwrap();
+            }
+            wait_chunks(indexed).await;
+        }
         let seqs = |from| {
             let (lines, next) = store.lines_from(&recorder.id, from).unwrap();
             let seqs: Vec<u64> = lines

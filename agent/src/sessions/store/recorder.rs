@@ -43,23 +43,18 @@ impl Recorder {
     /// Appends an event; it is durable once [`Recorder::durable`] of the
     /// returned ticket (or a later one) returns.
     pub fn append(&self, event: &Event<'_>) -> Result<Ticket, StoreError> {
-        let commit = &self.store.commit;
-        if commit.failing.load(Ordering::Relaxed) {
-            let error = commit.last_error.lock().clone();
-            return Err(StoreError::Flush(
-                error.unwrap_or_else(|| "the last flush failed".into()),
-            ));
-        }
+        self.store.writable()?;
         let bytes = {
             let mut chain = self.chain.lock();
             let bytes = chain.push(event)?;
-            if chain.pending.len() >= CHUNK_LIMIT {
-                // Output streaming in: written now, so a session holds at
-                // most this much in memory whatever it records.
-                chain.write(&self.store.events)?;
-            } else if !chain.listed {
+            if !chain.listed {
                 chain.listed = true;
                 self.store.commit.dirty.lock().push(self.chain.clone());
+            }
+            if chain.pending.len() >= CHUNK_LIMIT {
+                // Output streaming in: committed now, so a session holds
+                // about this much in memory at most, whatever it records.
+                self.store.request_commit();
             }
             bytes
         };
@@ -70,25 +65,12 @@ impl Recorder {
     }
 
     /// Starts making everything appended up to `ticket` durable without
-    /// waiting: the session's pending chunk is written now (sled inserts
-    /// run in parallel on the workers, so the commit thread only has to
-    /// flush) and a group commit is asked for. Returns the ticket to wait
-    /// for (a later one when the chunk had to be written).
+    /// waiting: a group commit is asked for. Returns the ticket to wait
+    /// for.
     pub fn commit_soon(&self, ticket: Ticket) -> Result<Ticket, StoreError> {
-        let commit = &self.store.commit;
-        if commit.committed.borrow().generation >= ticket.0 {
-            return Ok(ticket);
+        if self.store.commit.committed.borrow().generation < ticket.0 {
+            self.store.request_commit();
         }
-        let ticket = {
-            let mut chain = self.chain.lock();
-            if chain.pending.is_empty() {
-                ticket
-            } else {
-                chain.write(&self.store.events)?;
-                Ticket(commit.written.fetch_add(1, Ordering::SeqCst) + 1)
-            }
-        };
-        self.store.request_commit();
         Ok(ticket)
     }
 
@@ -150,6 +132,7 @@ impl Recorder {
         bytes_up: u64,
         bytes_down: u64,
     ) -> Result<(), StoreError> {
+        self.store.writable()?;
         let (statements, denied) = {
             let summary = self.summary.lock();
             (summary.statements, summary.denied)
@@ -163,6 +146,10 @@ impl Recorder {
             statements,
             denied,
         })?;
+        // Into sled, after its logged chunks, before the outbox entry
+        // that lets the shipper read it. Durable at sled's next flush
+        // (within a second); a crash before that seals the session as
+        // interrupted at the next start, from what the log kept.
         chain.write(&self.store.events)?;
         self.store.seal(&self.id, &chain)?;
         {
@@ -178,6 +165,7 @@ impl Recorder {
             .outbox
             .insert(id_key(&self.id), serde_json::to_vec(&Outbox::default())?)?;
         self.store.live.lock().remove(&self.id);
+        self.store.logged.lock().remove(&self.id);
         self.store.commit.written.fetch_add(1, Ordering::SeqCst);
         self.store.request_commit();
         self.store.ship_wake.notify_one();
