@@ -13,7 +13,7 @@ use nix::{
 };
 use socket2::SockRef;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest},
+    io::Interest,
     net::{TcpSocket, TcpStream},
 };
 
@@ -155,8 +155,8 @@ async fn approve(
 /// `splice(2)` where nothing of the bytes is recorded, through the
 /// agent's memory where the server's output is (`record = "full"`).
 async fn forward(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
+    client: TcpStream,
+    upstream: TcpStream,
     conn: &Conn,
     recorder: &Recorder,
 ) -> (Outcome, Option<String>) {
@@ -164,26 +164,14 @@ async fn forward(
     let _ = upstream.set_nodelay(true);
 
     let bytes = conn.bytes();
-    let result = if recorder.records_output() {
-        let (client_read, mut client_write) = client.split();
-        let (mut upstream_read, upstream_write) = upstream.split();
-        tokio::try_join!(
-            splice_or_copy(client_read.as_ref(), upstream_write.as_ref(), &bytes.up),
-            copy_half(
-                &mut upstream_read,
-                &mut client_write,
-                &bytes.down,
-                Some(recorder)
-            ),
-        )
-        .map(drop)
-    } else {
-        tokio::try_join!(
-            splice_or_copy(&client, &upstream, &bytes.up),
-            splice_or_copy(&upstream, &client, &bytes.down),
-        )
-        .map(drop)
+    let down = async {
+        if recorder.records_output() {
+            copy(&upstream, &client, &bytes.down, Some(recorder)).await
+        } else {
+            splice_or_copy(&upstream, &client, &bytes.down).await
+        }
     };
+    let result = tokio::try_join!(splice_or_copy(&client, &upstream, &bytes.up), down);
     match result {
         Ok(_) => (Outcome::Closed, None),
         Err(error) => (Outcome::Error, Some(error.to_string())),
@@ -203,7 +191,7 @@ async fn splice_or_copy(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -
         Ok(pipe) => pipe,
         Err(error) => {
             tracing::debug!(%error, "no pipe for splice; copying");
-            return copy_shared(from, to, counter).await;
+            return copy(from, to, counter, None).await;
         }
     };
     let _ = fcntl(
@@ -227,26 +215,6 @@ async fn splice_or_copy(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -
                 .async_io(Interest::WRITABLE, || {
                     Ok(splice(&pipe_out, None, to, None, left, flags)?)
                 })
-                .await?;
-        }
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-    }
-}
-
-/// [`splice_or_copy`] without a pipe: through a buffer of the agent's.
-async fn copy_shared(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
-    let mut buf = vec![0u8; COPY_BUFFER];
-    loop {
-        let n = from
-            .async_io(Interest::READABLE, || from.try_read(&mut buf))
-            .await?;
-        if n == 0 {
-            return SockRef::from(to).shutdown(Shutdown::Write);
-        }
-        let mut sent = 0;
-        while sent < n {
-            sent += to
-                .async_io(Interest::WRITABLE, || to.try_write(&buf[sent..n]))
                 .await?;
         }
         counter.fetch_add(n as u64, Ordering::Relaxed);
@@ -285,35 +253,38 @@ impl Drop for Exempt<'_> {
     }
 }
 
-/// Copies until EOF, then shuts the writer down (half-close), counting
-/// bytes and, with `record = "full"`, recording them.
-async fn copy_half<R, W>(
-    reader: &mut R,
-    writer: &mut W,
+/// Copies until EOF through a buffer of the agent's, then half-closes
+/// `to`, counting bytes and, with `record = "full"`, recording them.
+async fn copy(
+    from: &TcpStream,
+    to: &TcpStream,
     counter: &AtomicU64,
     recorder: Option<&Recorder>,
-) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+) -> io::Result<()> {
     let mut buf = vec![0u8; COPY_BUFFER];
     loop {
-        let n = reader.read(&mut buf).await?;
+        let n = from
+            .async_io(Interest::READABLE, || from.try_read(&mut buf))
+            .await?;
         if n == 0 {
-            return writer.shutdown().await;
-        }
-        // A read that fills the buffer is a stream, not a request: fewer,
-        // larger reads then (bounded per direction).
-        if n == buf.len() && buf.len() < MAX_COPY_BUFFER {
-            buf.resize(buf.len() * 2, 0);
+            return SockRef::from(to).shutdown(Shutdown::Write);
         }
         if let Some(recorder) = recorder {
             recorder
                 .append(&Event::Output { data: &buf[..n] })
                 .map_err(io::Error::other)?;
         }
-        writer.write_all(&buf[..n]).await?;
+        let mut sent = 0;
+        while sent < n {
+            sent += to
+                .async_io(Interest::WRITABLE, || to.try_write(&buf[sent..n]))
+                .await?;
+        }
         counter.fetch_add(n as u64, Ordering::Relaxed);
+        // A read that fills the buffer is a stream, not a request: fewer,
+        // larger reads then (bounded per direction).
+        if n == buf.len() && buf.len() < MAX_COPY_BUFFER {
+            buf.resize(buf.len() * 2, 0);
+        }
     }
 }

@@ -859,7 +859,8 @@ impl Requests<'_> {
         } else if let Some(ticket) = read {
             // Raised before anything goes upstream: no answer to it can
             // reach the server side first.
-            self.session.answers.raise(recorder.commit_soon(ticket)?);
+            recorder.commit_soon(ticket);
+            self.session.answers.raise(ticket);
         }
         writer.write_all(out).await?;
         out.clear();

@@ -17,7 +17,7 @@ use parking_lot::{Condvar, Mutex};
 use tokio::sync::watch;
 
 use super::{
-    StoreError, id_key,
+    StoreError, event_key, id_key,
     log::{CommitLog, Kind},
     now_us,
 };
@@ -216,7 +216,7 @@ pub(super) fn commit_loop(
         unindexed: Vec::new(),
         unindexed_bytes: 0,
         indexed_at: Instant::now(),
-        dir: dir.clone(),
+        dir,
     };
     loop {
         {
@@ -245,7 +245,7 @@ pub(super) fn commit_loop(
             if let Ok(size) = state.db.size_on_disk() {
                 commit.used_bytes.store(size + log_size, Ordering::Relaxed);
             }
-            if let Some(free) = free_space(&dir) {
+            if let Some(free) = free_space(&state.dir) {
                 commit.free_bytes.store(free, Ordering::Relaxed);
             }
         }
@@ -335,9 +335,6 @@ impl Chain {
     }
 
     fn key(&self, first: u64) -> [u8; 24] {
-        let mut key = [0u8; 24];
-        key[..16].copy_from_slice(&self.id);
-        key[16..].copy_from_slice(&first.to_be_bytes());
-        key
+        event_key(&self.id, first)
     }
 }

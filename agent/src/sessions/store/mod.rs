@@ -155,6 +155,14 @@ pub fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
+/// The `events` key of the chunk whose first line is `first`.
+fn event_key(id: &[u8; 16], first: u64) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    key[..16].copy_from_slice(id);
+    key[16..].copy_from_slice(&first.to_be_bytes());
+    key
+}
+
 fn id_key(id: &ulid::Ulid) -> [u8; 16] {
     id.0.to_be_bytes()
 }
@@ -279,10 +287,8 @@ impl Store {
         for record in records {
             match record.kind {
                 log::Kind::Chunk => {
-                    let mut key = [0u8; 24];
-                    key[..16].copy_from_slice(&record.id);
-                    key[16..].copy_from_slice(&record.first_seq.to_be_bytes());
-                    self.events.insert(key, record.payload)?;
+                    self.events
+                        .insert(event_key(&record.id, record.first_seq), record.payload)?;
                 }
                 // A later summary (the session's end) may be in sled
                 // already: the one of its start never replaces it.
@@ -532,12 +538,8 @@ impl Store {
         id: &ulid::Ulid,
         from: u64,
     ) -> Result<(Vec<Vec<u8>>, u64), StoreError> {
-        let key = |seq: u64| {
-            let mut key = [0u8; 24];
-            key[..16].copy_from_slice(&id_key(id));
-            key[16..].copy_from_slice(&seq.to_be_bytes());
-            key
-        };
+        let id_key = id_key(id);
+        let key = |seq: u64| event_key(&id_key, seq);
         // Locked first: the commit thread moves its logged lines into sled
         // under this lock, so they are read from one place or the other.
         let chain = self
@@ -570,7 +572,7 @@ impl Store {
         {
             for (i, line) in chain.unindexed.split(|b| *b == b'\n').enumerate() {
                 let seq = chain.unindexed_first + i as u64;
-                if seq >= from.max(next) {
+                if seq >= next {
                     lines.push(line.to_vec());
                     next = seq + 1;
                 }

@@ -65,13 +65,11 @@ impl Recorder {
     }
 
     /// Starts making everything appended up to `ticket` durable without
-    /// waiting: a group commit is asked for. Returns the ticket to wait
-    /// for.
-    pub fn commit_soon(&self, ticket: Ticket) -> Result<Ticket, StoreError> {
+    /// waiting: a group commit is asked for.
+    pub fn commit_soon(&self, ticket: Ticket) {
         if self.store.commit.committed.borrow().generation < ticket.0 {
             self.store.request_commit();
         }
-        Ok(ticket)
     }
 
     /// Waits until everything appended up to `ticket` is on disk.
@@ -80,7 +78,7 @@ impl Recorder {
         if commit.committed.borrow().generation >= ticket.0 {
             return Ok(());
         }
-        let ticket = self.commit_soon(ticket)?;
+        self.store.request_commit();
         let state = commit
             .committed
             .subscribe()
