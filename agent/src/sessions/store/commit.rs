@@ -80,8 +80,12 @@ pub(super) const CHUNK_LIMIT: usize = 1 << 20;
 const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Logged chunks go into sled, sled is flushed and the log starts over
-/// this often (and whenever the log is full).
+/// this often, or once this much is logged (and whenever the log is
+/// full). Until then the logged lines are held in memory twice over: by
+/// their sessions, to go into sled, and by sled, to be flushed. The
+/// bytes bound that memory however fast sessions record.
 const INDEX_INTERVAL: Duration = Duration::from_secs(1);
+const INDEX_BYTES: u64 = 4 << 20;
 
 /// Free space kept for sled beyond what it is given: one of its 512 KiB
 /// segments.
@@ -123,21 +127,17 @@ impl Committing {
             if locked.pending.is_empty() {
                 continue;
             }
-            let first = locked.pending_first;
-            self.commit
-                .log
-                .lock()
-                .push(Kind::Chunk, &locked.id, first, &locked.pending);
+            self.commit.log.lock().push(
+                Kind::Chunk,
+                &locked.id,
+                locked.pending_first,
+                &locked.pending,
+            );
             if locked.unindexed.is_empty() {
-                locked.unindexed_first = first;
                 self.unindexed.push(chain.clone());
-            } else {
-                locked.unindexed.push(b'\n');
             }
-            let locked = &mut *locked;
             self.unindexed_bytes += locked.pending.len() as u64 + 1;
-            locked.unindexed.extend_from_slice(&locked.pending);
-            locked.pending.clear();
+            locked.log_pending();
         }
         let result = self.write_log().and_then(|()| {
             // Without holding the log: sessions may start meanwhile.
@@ -232,7 +232,9 @@ pub(super) fn commit_loop(
             state.commit(target);
         }
         // After the waiters are released: they needed the log, not sled.
-        if ((state.indexed_at.elapsed() >= INDEX_INTERVAL && !state.unindexed.is_empty()) || stop)
+        let due = state.unindexed_bytes >= INDEX_BYTES
+            || (state.indexed_at.elapsed() >= INDEX_INTERVAL && !state.unindexed.is_empty());
+        if (due || stop)
             && let Err(error) = state.index()
         {
             // The log still holds it all: tried again in a second; the
@@ -266,10 +268,22 @@ pub(super) struct Chain {
     /// On the commit thread's dirty list.
     pub(super) listed: bool,
     /// Lines in the commit log, not yet in sled: the chunks of several
-    /// commits joined, to go in as one (from `unindexed_first` on).
+    /// commits joined into pieces of about `PIECE_BYTES`, each to go in as
+    /// one value.
     pub(super) unindexed: Vec<u8>,
-    pub(super) unindexed_first: u64,
+    /// Where each piece starts in `unindexed`, and its first seq.
+    pub(super) piece_starts: Vec<(usize, u64)>,
 }
+
+/// Logged chunks are joined into sled values of about this size, chosen
+/// by measurement (docs/BENCHMARKS.md): sled holds the leaves it has not
+/// flushed in memory, values and all, so bigger values cost memory
+/// (64 sessions recording flat out: a 1 MiB value per session and second
+/// peaked at 140 MB, 4 KiB pieces at 100–130 MB, 1 KiB at 55–70 MB), and
+/// it rewrites a leaf (up to 16 values) bigger than a quarter of its
+/// 512 KiB segment as a file of its own at every change. Smaller pieces
+/// mean more inserts for the commit thread.
+const PIECE_BYTES: usize = 1 << 10;
 
 impl Chain {
     pub(super) fn new(id: &ulid::Ulid, next_seq: u64, prev: [u8; 32]) -> Self {
@@ -281,8 +295,47 @@ impl Chain {
             pending_first: next_seq,
             listed: false,
             unindexed: Vec::new(),
-            unindexed_first: next_seq,
+            piece_starts: Vec::new(),
         }
+    }
+
+    /// Moves the pending chunk (just logged) to the unindexed lines: onto
+    /// the last piece, or as a new one when that is full. A piece starts
+    /// where a logged chunk does, so the chunks a crash replays line up
+    /// with the pieces: each replayed chunk replaces or follows one.
+    fn log_pending(&mut self) {
+        let last_start = self.piece_starts.last().map(|&(start, _)| start);
+        match last_start {
+            Some(start) if self.unindexed.len() - start < PIECE_BYTES => {
+                self.unindexed.push(b'\n');
+            }
+            _ => self
+                .piece_starts
+                .push((self.unindexed.len(), self.pending_first)),
+        }
+        self.unindexed.extend_from_slice(&self.pending);
+        self.pending.clear();
+    }
+
+    /// The unindexed pieces: each one's first seq and its lines.
+    fn pieces(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        let starts = &self.piece_starts;
+        starts.iter().enumerate().map(|(i, &(start, first))| {
+            let end = starts
+                .get(i + 1)
+                .map_or(self.unindexed.len(), |&(next, _)| next);
+            (first, &self.unindexed[start..end])
+        })
+    }
+
+    /// The unindexed lines, each with its seq.
+    pub(super) fn unindexed_lines(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.pieces().flat_map(|(first, piece)| {
+            piece
+                .split(|b| *b == b'\n')
+                .enumerate()
+                .map(move |(n, line)| (first + n as u64, line))
+        })
     }
 
     /// Encodes the next event into the pending chunk; returns its length.
@@ -304,14 +357,14 @@ impl Chain {
         Ok((self.pending.len() - start) as u64)
     }
 
-    /// Puts the logged lines into sled, as one chunk. (After a crash the
-    /// log's own chunks are replayed instead: the first has this chunk's
-    /// key and replaces it, the others follow it.)
+    /// Puts the logged lines into sled, a value per piece. (After a crash
+    /// the log's own chunks are replayed instead: each piece's first has
+    /// the piece's key and replaces it, the others follow it.)
     pub(super) fn index(&mut self, events: &sled::Tree) -> Result<(), sled::Error> {
-        if self.unindexed.is_empty() {
-            return Ok(());
+        for (first, piece) in self.pieces() {
+            events.insert(event_key(&self.id, first), piece)?;
         }
-        events.insert(self.key(self.unindexed_first), self.unindexed.as_slice())?;
+        self.piece_starts.clear();
         self.unindexed.clear();
         if self.unindexed.capacity() > CHUNK_LIMIT {
             self.unindexed = Vec::new();

@@ -221,7 +221,7 @@ impl Store {
     ) -> Result<(Arc<Self>, Vec<log::Replayed>), StoreError> {
         let db = sled::Config::new()
             .path(dir)
-            .cache_capacity(16 * 1024 * 1024)
+            .cache_capacity(4 * 1024 * 1024)
             .flush_every_ms(None)
             .open()
             .map_err(|cause| StoreError::Open {
@@ -567,11 +567,8 @@ impl Store {
                 }
             }
         }
-        if let Some(chain) = chain
-            && !chain.unindexed.is_empty()
-        {
-            for (i, line) in chain.unindexed.split(|b| *b == b'\n').enumerate() {
-                let seq = chain.unindexed_first + i as u64;
+        if let Some(chain) = chain {
+            for (seq, line) in chain.unindexed_lines() {
                 if seq >= next {
                     lines.push(line.to_vec());
                     next = seq + 1;
@@ -842,6 +839,56 @@ pub(crate) mod tests {
         assert_eq!(seqs(4), ((4..8).collect(), 8), "from inside a chunk");
         assert_eq!(seqs(3), ((3..8).collect(), 8), "from a chunk's start");
         assert_eq!(seqs(8), (vec![], 8));
+    }
+
+    #[tokio::test]
+    async fn logged_lines_go_into_sled_as_small_pieces_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (recorder, ticket) = begin(&store);
+        recorder.durable(ticket).await.unwrap();
+        // 40 commits of ~300 bytes: several pieces.
+        for _ in 0..40 {
+            let ticket = recorder
+                .append(&Event::Output { data: &[b'x'; 200] })
+                .unwrap();
+            recorder.durable(ticket).await.unwrap();
+        }
+        let seqs = || {
+            let (lines, next) = store.lines_from(&recorder.id, 0).unwrap();
+            let seqs: Vec<u64> = lines
+                .iter()
+                .map(|l| {
+                    serde_json::from_slice::<serde_json::Value>(l).unwrap()["seq"]
+                        .as_u64()
+                        .unwrap()
+                })
+                .collect();
+            (seqs, next)
+        };
+        let all = ((0..42).collect::<Vec<u64>>(), 42);
+        assert_eq!(seqs(), all, "read from the log's pieces");
+        let waited = std::time::Instant::now();
+        while store
+            .events
+            .scan_prefix(recorder.id.0.to_be_bytes())
+            .count()
+            < 2
+            && waited.elapsed() < Duration::from_secs(3)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let values: Vec<_> = store
+            .events
+            .scan_prefix(recorder.id.0.to_be_bytes())
+            .values()
+            .map(Result::unwrap)
+            .collect();
+        assert!(values.len() > 2, "{} values", values.len());
+        // A piece is closed once it holds `PIECE_BYTES`: one chunk more
+        // at most.
+        assert!(values.iter().all(|v| v.len() < 2 * 1024), "{values:?}");
+        assert_eq!(seqs(), all, "read from sled");
     }
 
     #[test]
