@@ -711,13 +711,13 @@ fn a_full_disk_ends_sessions_cleanly_and_refuses_new_ones() {
     // Every session that ran is on record with its statement. The one
     // that met the full disk is too, unless it was refused as it started
     // (its start could not be recorded, so nothing of it ran). One that
-    // ended as the disk filled may not have its end written: it stays
-    // `live` until the next start seals it as interrupted. Those that
-    // ended are sealed and verify.
-    let sessions = wait_sessions(&agent, ok);
+    // ended as the disk filled may not have its end written (sled is not
+    // given what the disk has no room for): it stays `live` until the
+    // next start seals it as interrupted. Those that ended are sealed and
+    // verify.
+    wait_sessions(&agent, ok);
     let all = list(&agent, &[]);
     assert!(all.len() == ok + 1 || all.len() == ok, "{ok} ran: {all:?}");
-    assert!(!sessions.is_empty(), "{all:?}");
     for session in &all[..ok] {
         let id = session["id"].as_str().unwrap();
         let shown = stdout(&agent.cli(&["sessions", "show", id, "--json"]));

@@ -79,13 +79,19 @@ pub(super) const CHUNK_LIMIT: usize = 1 << 20;
 /// Committed at least this often when something is pending.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Logged chunks go into sled, sled is flushed and the log starts over
-/// this often, or once this much is logged (and whenever the log is
-/// full). Until then the logged lines are held in memory twice over: by
-/// their sessions, to go into sled, and by sled, to be flushed. The
-/// bytes bound that memory however fast sessions record.
+/// The log's halves swap, and the indexer puts the full one into sled,
+/// this often, or once this much is logged (or when the half is full).
+/// Until sled is flushed the logged lines are held in memory twice over:
+/// by their sessions, to go into sled, and by sled; the bytes bound that
+/// memory however fast sessions record.
 const INDEX_INTERVAL: Duration = Duration::from_secs(1);
-const INDEX_BYTES: u64 = 4 << 20;
+const INDEX_BYTES: u64 = 1 << 20;
+
+/// How long a commit that finds the active half full waits for the
+/// indexer to free the other one, before it fails.
+const FULL_WAIT: Duration = Duration::from_secs(2);
+/// How long the store's stop waits for the indexer.
+const STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// Free space kept for sled beyond what it is given: one of its 512 KiB
 /// segments.
@@ -108,13 +114,40 @@ struct Committing {
     db: sled::Db,
     events: sled::Tree,
     commit: Arc<Committer>,
+    indexer: Arc<Indexer>,
     /// The log's file, for `fdatasync`.
     log_file: std::fs::File,
-    /// Sessions with logged chunks not yet in sled, and their bytes.
+    /// Sessions with chunks in the active half of the log, and their
+    /// bytes.
     unindexed: Vec<Arc<Mutex<Chain>>>,
     unindexed_bytes: u64,
-    indexed_at: Instant,
+    handed_at: Instant,
     dir: PathBuf,
+}
+
+/// A full half of the log for the indexer: its sessions and their pieces.
+struct Job {
+    half: usize,
+    pieces: Vec<(Arc<Mutex<Chain>>, Arc<Pieces>)>,
+    bytes: u64,
+}
+
+/// The hand-over between the commit thread and the indexer.
+#[derive(Default)]
+struct Indexer {
+    slot: Mutex<Slot>,
+    /// Wakes the indexer: a job, or stop.
+    wake: Condvar,
+    /// Wakes the commit thread: a half was started over.
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct Slot {
+    job: Option<Job>,
+    stop: bool,
+    /// Why the last job could not go into sled, while it cannot.
+    failure: Option<String>,
 }
 
 impl Committing {
@@ -149,8 +182,9 @@ impl Committing {
         }
     }
 
-    /// Writes the gathered records; when they do not fit, sled is brought
-    /// up to date and flushed instead and the log starts over.
+    /// Writes the gathered records. When the active half is full, the
+    /// writes move to the other half (once the indexer has started it
+    /// over); when they fill more than a half, they go into sled here.
     fn write_log(&mut self) -> Result<(), StoreError> {
         {
             let mut log = self.commit.log.lock();
@@ -158,33 +192,95 @@ impl Committing {
                 return log.write().map_err(io_error);
             }
         }
-        self.index()?;
-        let mut log = self.commit.log.lock();
-        if !log.fits() {
-            // More than the whole log in one round: it is all in sled,
-            // which `index` flushed.
-            log.drop_batch();
+        self.wait_for_indexer(FULL_WAIT)?;
+        self.hand_over();
+        {
+            let mut log = self.commit.log.lock();
+            if log.fits() {
+                return log.write().map_err(io_error);
+            }
         }
-        log.write().map_err(io_error)
+        // More than a half in one round: the indexer was given all of its
+        // chunks; once they are in sled, the records are dropped.
+        self.wait_for_indexer(FULL_WAIT)?;
+        self.index_here()
     }
 
-    /// Every logged chunk into sled, sled flushed, the log started over.
-    /// The log stays locked across the flush: a session starting
-    /// meanwhile puts its summary in sled and the log under that lock, so
-    /// it is either flushed or kept for the new epoch.
-    fn index(&mut self) -> Result<(), StoreError> {
-        // sled must never meet a full disk: it spins for ever in `insert`
-        // when it cannot start a new segment. The store fails first.
-        let needed = self.unindexed_bytes + SLED_HEADROOM;
-        if let Some(free) = free_space(&self.dir)
-            && free < needed
-        {
-            return Err(StoreError::Flush(format!(
-                "No space left on device ({free} bytes free, {needed} needed to move the commit log into sled)"
-            )));
+    /// Waits until the other half is free (the indexer has started it
+    /// over), at most `wait`; fails at once when the indexer cannot put
+    /// it into sled (a full disk).
+    fn wait_for_indexer(&self, wait: Duration) -> Result<(), StoreError> {
+        let full = |why: String| {
+            StoreError::Flush(format!(
+                "the commit log is full and sled cannot take its records: {why}"
+            ))
+        };
+        let deadline = Instant::now() + wait;
+        let mut slot = self.indexer.slot.lock();
+        loop {
+            if self.commit.log.lock().other_is_free() {
+                return Ok(());
+            }
+            if let Some(failure) = &slot.failure {
+                return Err(full(failure.clone()));
+            }
+            if self
+                .indexer
+                .done
+                .wait_until(&mut slot, deadline)
+                .timed_out()
+            {
+                // Busy: most likely sled, stuck on a disk that filled
+                // under it. Said as such when it has.
+                return Err(full(match check_room(&self.dir, 0) {
+                    Err(StoreError::Flush(why)) => why,
+                    _ => "it is still busy".into(),
+                }));
+            }
         }
-        // A session whose chunks fail to go in stays listed: the log is
-        // not started over while it holds something sled does not.
+    }
+
+    /// Moves the writes to the other half, if it is free, and gives the
+    /// indexer what the full one holds.
+    fn hand_over(&mut self) {
+        let half = match self.commit.log.lock().swap() {
+            Ok(Some(half)) => half,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(%error, "cannot start the commit log's other half");
+                return;
+            }
+        };
+        let pieces = std::mem::take(&mut self.unindexed)
+            .into_iter()
+            .map(|chain| {
+                let pieces = {
+                    let mut locked = chain.lock();
+                    let pieces = Arc::new(std::mem::take(&mut locked.unindexed));
+                    locked.indexing = Some(pieces.clone());
+                    pieces
+                };
+                (chain, pieces)
+            })
+            .collect();
+        let job = Job {
+            half,
+            pieces,
+            bytes: std::mem::take(&mut self.unindexed_bytes),
+        };
+        self.indexer.slot.lock().job = Some(job);
+        self.indexer.wake.notify_one();
+        self.handed_at = Instant::now();
+    }
+
+    /// Everything in the active half into sled, on this thread, sled
+    /// flushed and the gathered records dropped: for a round bigger than
+    /// a half, and at stop. The log stays locked across the flush: a
+    /// session starting meanwhile puts its summary in sled and the log
+    /// under that lock, so it is either flushed or kept.
+    fn index_here(&mut self) -> Result<(), StoreError> {
+        check_room(&self.dir, self.unindexed_bytes)?;
+        // A session whose chunks fail to go in stays listed.
         while let Some(chain) = self.unindexed.last() {
             chain.lock().index(&self.events)?;
             self.unindexed.pop();
@@ -192,9 +288,88 @@ impl Committing {
         self.unindexed_bytes = 0;
         let mut log = self.commit.log.lock();
         self.db.flush()?;
-        log.restart().map_err(io_error)?;
-        self.indexed_at = Instant::now();
-        Ok(())
+        log.drop_batch();
+        log.restart_active().map_err(io_error)
+    }
+}
+
+/// sled must never meet a full disk: it spins for ever in `insert` when
+/// it cannot start a new segment. The store fails first.
+pub(super) fn check_room(dir: &Path, bytes: u64) -> Result<(), StoreError> {
+    let needed = bytes + SLED_HEADROOM;
+    match free_space(dir) {
+        Some(free) if free < needed => Err(StoreError::Flush(format!(
+            "No space left on device ({free} bytes free, {needed} needed to move the commit log into sled)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The `store-index` thread: puts each full half's pieces into sled,
+/// flushes sled, and starts the half over. On failure (a full disk) it
+/// tries again every second; the log keeps everything meanwhile, and the
+/// store fails only when the other half is full as well.
+fn index_loop(
+    db: sled::Db,
+    events: sled::Tree,
+    dir: PathBuf,
+    commit: Arc<Committer>,
+    indexer: Arc<Indexer>,
+) {
+    loop {
+        let job = {
+            let mut slot = indexer.slot.lock();
+            loop {
+                if let Some(job) = slot.job.take() {
+                    break job;
+                }
+                if slot.stop {
+                    return;
+                }
+                indexer.wake.wait(&mut slot);
+            }
+        };
+        let index = || -> Result<(), StoreError> {
+            check_room(&dir, job.bytes)?;
+            for (chain, pieces) in &job.pieces {
+                let id = chain.lock().id;
+                for (first, piece) in pieces.iter() {
+                    events.insert(event_key(&id, first), piece)?;
+                }
+            }
+            db.flush()?;
+            // In sled and flushed: readers find the lines there from now
+            // on, and the half may start over.
+            for (chain, pieces) in &job.pieces {
+                let mut locked = chain.lock();
+                if locked
+                    .indexing
+                    .as_ref()
+                    .is_some_and(|p| Arc::ptr_eq(p, pieces))
+                {
+                    locked.indexing = None;
+                }
+            }
+            commit.log.lock().restart(job.half).map_err(io_error)
+        };
+        while let Err(error) = index() {
+            tracing::warn!(%error, "cannot move the commit log into sled yet");
+            let mut slot = indexer.slot.lock();
+            slot.failure = Some(match error {
+                StoreError::Flush(why) => why,
+                other => other.to_string(),
+            });
+            // A commit waiting for this half fails now, not at its deadline.
+            indexer.done.notify_all();
+            if slot.stop {
+                return;
+            }
+            indexer.wake.wait_for(&mut slot, Duration::from_secs(1));
+        }
+        indexer.slot.lock().failure = None;
+        // The slot was locked by the waiter while it looked: the wake-up
+        // cannot fall between its look and its wait.
+        indexer.done.notify_all();
     }
 }
 
@@ -208,14 +383,29 @@ pub(super) fn commit_loop(
     let mut measured = Instant::now();
     // Preallocated: on the disk from the start, as part of the store.
     let log_size = log_file.metadata().map_or(0, |m| m.len());
+    let indexer = Arc::new(Indexer::default());
+    let index_thread = {
+        let (db, events, dir, commit, indexer) = (
+            db.clone(),
+            events.clone(),
+            dir.clone(),
+            commit.clone(),
+            indexer.clone(),
+        );
+        std::thread::Builder::new()
+            .name("store-index".into())
+            .spawn(move || index_loop(db, events, dir, commit, indexer))
+            .expect("spawn the store index thread")
+    };
     let mut state = Committing {
         db,
         events,
         commit: commit.clone(),
+        indexer: indexer.clone(),
         log_file,
         unindexed: Vec::new(),
         unindexed_bytes: 0,
-        indexed_at: Instant::now(),
+        handed_at: Instant::now(),
         dir,
     };
     loop {
@@ -233,14 +423,9 @@ pub(super) fn commit_loop(
         }
         // After the waiters are released: they needed the log, not sled.
         let due = state.unindexed_bytes >= INDEX_BYTES
-            || (state.indexed_at.elapsed() >= INDEX_INTERVAL && !state.unindexed.is_empty());
-        if (due || stop)
-            && let Err(error) = state.index()
-        {
-            // The log still holds it all: tried again in a second; the
-            // store fails only once the log is full as well.
-            tracing::warn!(%error, "cannot move the commit log into sled yet");
-            state.indexed_at = Instant::now();
+            || (state.handed_at.elapsed() >= INDEX_INTERVAL && !state.unindexed.is_empty());
+        if due && !stop {
+            state.hand_over();
         }
         if measured.elapsed() >= Duration::from_millis(500) || stop {
             measured = Instant::now();
@@ -252,6 +437,17 @@ pub(super) fn commit_loop(
             }
         }
         if stop {
+            // What the indexer holds, then the rest, into sled; what does
+            // not make it stays in the log, replayed at the next start.
+            let finished = state
+                .wait_for_indexer(STOP_WAIT)
+                .and_then(|()| state.index_here());
+            if let Err(error) = finished {
+                tracing::warn!(%error, "the commit log is left to be replayed at the next start");
+            }
+            indexer.slot.lock().stop = true;
+            indexer.wake.notify_one();
+            let _ = index_thread.join();
             return;
         }
     }
@@ -267,12 +463,10 @@ pub(super) struct Chain {
     pub(super) pending_first: u64,
     /// On the commit thread's dirty list.
     pub(super) listed: bool,
-    /// Lines in the commit log, not yet in sled: the chunks of several
-    /// commits joined into pieces of about `PIECE_BYTES`, each to go in as
-    /// one value.
-    pub(super) unindexed: Vec<u8>,
-    /// Where each piece starts in `unindexed`, and its first seq.
-    pub(super) piece_starts: Vec<(usize, u64)>,
+    /// Lines in the active half of the commit log.
+    pub(super) unindexed: Pieces,
+    /// Lines in the half the indexer is putting into sled.
+    pub(super) indexing: Option<Arc<Pieces>>,
 }
 
 /// Logged chunks are joined into sled values of about this size, chosen
@@ -282,8 +476,56 @@ pub(super) struct Chain {
 /// peaked at 140 MB, 4 KiB pieces at 100–130 MB, 1 KiB at 55–70 MB), and
 /// it rewrites a leaf (up to 16 values) bigger than a quarter of its
 /// 512 KiB segment as a file of its own at every change. Smaller pieces
-/// mean more inserts for the commit thread.
+/// mean more inserts.
 const PIECE_BYTES: usize = 1 << 10;
+
+/// A session's logged lines, joined into pieces that each go into sled as
+/// one value. A piece starts where a logged chunk does, so the chunks a
+/// crash replays line up with the pieces: each replayed chunk replaces
+/// or follows one.
+#[derive(Default)]
+pub(super) struct Pieces {
+    lines: Vec<u8>,
+    /// Where each piece starts in `lines`, and its first seq.
+    starts: Vec<(usize, u64)>,
+}
+
+impl Pieces {
+    pub(super) fn is_empty(&self) -> bool {
+        self.starts.is_empty()
+    }
+
+    /// Adds a logged chunk: onto the last piece, or as a new one when
+    /// that is full.
+    fn push(&mut self, first: u64, chunk: &[u8]) {
+        match self.starts.last() {
+            Some(&(start, _)) if self.lines.len() - start < PIECE_BYTES => self.lines.push(b'\n'),
+            _ => self.starts.push((self.lines.len(), first)),
+        }
+        self.lines.extend_from_slice(chunk);
+    }
+
+    /// Each piece's first seq and its lines.
+    fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.starts.iter().enumerate().map(|(i, &(start, first))| {
+            let end = self
+                .starts
+                .get(i + 1)
+                .map_or(self.lines.len(), |&(next, _)| next);
+            (first, &self.lines[start..end])
+        })
+    }
+
+    /// Each line, with its seq.
+    pub(super) fn lines(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.iter().flat_map(|(first, piece)| {
+            piece
+                .split(|b| *b == b'\n')
+                .enumerate()
+                .map(move |(n, line)| (first + n as u64, line))
+        })
+    }
+}
 
 impl Chain {
     pub(super) fn new(id: &ulid::Ulid, next_seq: u64, prev: [u8; 32]) -> Self {
@@ -294,48 +536,21 @@ impl Chain {
             pending: Vec::with_capacity(1024),
             pending_first: next_seq,
             listed: false,
-            unindexed: Vec::new(),
-            piece_starts: Vec::new(),
+            unindexed: Pieces::default(),
+            indexing: None,
         }
     }
 
-    /// Moves the pending chunk (just logged) to the unindexed lines: onto
-    /// the last piece, or as a new one when that is full. A piece starts
-    /// where a logged chunk does, so the chunks a crash replays line up
-    /// with the pieces: each replayed chunk replaces or follows one.
+    /// Bytes of the session not yet in sled.
+    pub(super) fn unwritten_bytes(&self) -> u64 {
+        let indexing = self.indexing.as_ref().map_or(0, |p| p.lines.len());
+        (self.pending.len() + self.unindexed.lines.len() + indexing) as u64
+    }
+
+    /// Moves the pending chunk, just logged, to the unindexed lines.
     fn log_pending(&mut self) {
-        let last_start = self.piece_starts.last().map(|&(start, _)| start);
-        match last_start {
-            Some(start) if self.unindexed.len() - start < PIECE_BYTES => {
-                self.unindexed.push(b'\n');
-            }
-            _ => self
-                .piece_starts
-                .push((self.unindexed.len(), self.pending_first)),
-        }
-        self.unindexed.extend_from_slice(&self.pending);
+        self.unindexed.push(self.pending_first, &self.pending);
         self.pending.clear();
-    }
-
-    /// The unindexed pieces: each one's first seq and its lines.
-    fn pieces(&self) -> impl Iterator<Item = (u64, &[u8])> {
-        let starts = &self.piece_starts;
-        starts.iter().enumerate().map(|(i, &(start, first))| {
-            let end = starts
-                .get(i + 1)
-                .map_or(self.unindexed.len(), |&(next, _)| next);
-            (first, &self.unindexed[start..end])
-        })
-    }
-
-    /// The unindexed lines, each with its seq.
-    pub(super) fn unindexed_lines(&self) -> impl Iterator<Item = (u64, &[u8])> {
-        self.pieces().flat_map(|(first, piece)| {
-            piece
-                .split(|b| *b == b'\n')
-                .enumerate()
-                .map(move |(n, line)| (first + n as u64, line))
-        })
     }
 
     /// Encodes the next event into the pending chunk; returns its length.
@@ -357,24 +572,26 @@ impl Chain {
         Ok((self.pending.len() - start) as u64)
     }
 
-    /// Puts the logged lines into sled, a value per piece. (After a crash
-    /// the log's own chunks are replayed instead: each piece's first has
-    /// the piece's key and replaces it, the others follow it.)
+    /// Puts the active half's lines into sled, a value per piece. (Those
+    /// of the half being indexed are the indexer's.)
     pub(super) fn index(&mut self, events: &sled::Tree) -> Result<(), sled::Error> {
-        for (first, piece) in self.pieces() {
+        for (first, piece) in self.unindexed.iter() {
             events.insert(event_key(&self.id, first), piece)?;
         }
-        self.piece_starts.clear();
-        self.unindexed.clear();
-        if self.unindexed.capacity() > CHUNK_LIMIT {
-            self.unindexed = Vec::new();
-        }
+        self.unindexed = Pieces::default();
         Ok(())
     }
 
-    /// Writes the pending chunk to sled (after the logged ones), keyed by
-    /// its first seq; durable at sled's next flush.
+    /// Writes everything of the session not yet in sled there (the
+    /// indexer's pieces too: the same keys and values it puts in), the
+    /// pending chunk last; durable at sled's next flush. Readers of an
+    /// ended session find it all in sled.
     pub(super) fn write(&mut self, events: &sled::Tree) -> Result<(), sled::Error> {
+        if let Some(pieces) = &self.indexing {
+            for (first, piece) in pieces.iter() {
+                events.insert(event_key(&self.id, first), piece)?;
+            }
+        }
         self.index(events)?;
         if self.pending.is_empty() {
             return Ok(());

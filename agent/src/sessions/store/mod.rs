@@ -147,7 +147,7 @@ pub struct Parts {
 }
 
 /// The commit log, in the store's directory beside sled's files.
-const LOG_FILE: &str = "commit.log";
+const LOG_FILE: &str = "commit.v2.log";
 
 pub fn now_us() -> u64 {
     SystemTime::now()
@@ -190,7 +190,7 @@ impl Store {
             .commit
             .log
             .lock()
-            .restart()
+            .restart_both()
             .map_err(|cause| StoreError::Log {
                 path: dir.join(LOG_FILE),
                 cause,
@@ -540,8 +540,8 @@ impl Store {
     ) -> Result<(Vec<Vec<u8>>, u64), StoreError> {
         let id_key = id_key(id);
         let key = |seq: u64| event_key(&id_key, seq);
-        // Locked first: the commit thread moves its logged lines into sled
-        // under this lock, so they are read from one place or the other.
+        // Locked first: lines leave the chain's memory only once in sled,
+        // so each is read from one place or the other.
         let chain = self
             .logged
             .lock()
@@ -554,27 +554,30 @@ impl Store {
             None => key(from).as_slice().into(),
         };
         let end: sled::IVec = key(u64::MAX).as_slice().into();
-        let mut lines = Vec::new();
-        let mut next = from;
+        // By seq: the lines in memory may come before those in sled (a
+        // half the indexer could not put in yet, then a session's end
+        // written to sled directly) as well as after them.
+        let mut by_seq = std::collections::BTreeMap::new();
         for entry in self.events.range(start..=end) {
             let (chunk_key, chunk) = entry?;
             let first = u64::from_be_bytes(chunk_key[16..24].try_into().expect("24-byte key"));
             for (i, line) in chunk.split(|b| *b == b'\n').enumerate() {
                 let seq = first + i as u64;
                 if seq >= from {
-                    lines.push(line.to_vec());
-                    next = seq + 1;
+                    by_seq.insert(seq, line.to_vec());
                 }
             }
         }
         if let Some(chain) = chain {
-            for (seq, line) in chain.unindexed_lines() {
-                if seq >= next {
-                    lines.push(line.to_vec());
-                    next = seq + 1;
+            let indexing = chain.indexing.iter().flat_map(|pieces| pieces.lines());
+            for (seq, line) in indexing.chain(chain.unindexed.lines()) {
+                if seq >= from {
+                    by_seq.entry(seq).or_insert_with(|| line.to_vec());
                 }
             }
         }
+        let next = by_seq.last_key_value().map_or(from, |(seq, _)| seq + 1);
+        let lines = by_seq.into_values().collect();
         Ok((lines, next))
     }
 
@@ -889,6 +892,61 @@ pub(crate) mod tests {
         // at most.
         assert!(values.iter().all(|v| v.len() < 2 * 1024), "{values:?}");
         assert_eq!(seqs(), all, "read from sled");
+    }
+
+    #[tokio::test]
+    async fn a_small_log_swaps_halves_and_overflows_into_sled_losing_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        // A 1 MiB quota: a 256 KiB log, halves of 128 KiB.
+        let open_small = || {
+            Store::open(
+                &dir.path().join("sessions"),
+                &dir.path().join("host.key"),
+                "host-a".into(),
+                1 << 20,
+            )
+            .unwrap()
+        };
+        let store = open_small();
+        let (recorder, ticket) = begin(&store);
+        recorder.durable(ticket).await.unwrap();
+        let output = [b'x'; 200];
+        // Small commits: the halves swap several times.
+        for _ in 0..2_000 {
+            let ticket = recorder.append(&Event::Output { data: &output }).unwrap();
+            recorder.durable(ticket).await.unwrap();
+        }
+        // One commit bigger than a half.
+        let mut last = None;
+        for _ in 0..1_000 {
+            last = Some(recorder.append(&Event::Output { data: &output }).unwrap());
+        }
+        recorder.durable(last.unwrap()).await.unwrap();
+        let id = recorder.id;
+        let expected: Vec<u64> = (0..3_002).collect();
+        let seqs = |store: &Store| -> Vec<u64> {
+            let (lines, _) = store.lines_from(&id, 0).unwrap();
+            lines
+                .iter()
+                .map(|l| {
+                    serde_json::from_slice::<serde_json::Value>(l).unwrap()["seq"]
+                        .as_u64()
+                        .unwrap()
+                })
+                .collect()
+        };
+        assert!(seqs(&store) == expected, "every line, in order");
+        // A crash: the recorder never ends the session.
+        recorder.finished.store(true, Ordering::SeqCst);
+        drop(recorder);
+        drop(store);
+        let store = open_small();
+        let mut expected = expected;
+        expected.push(3_002);
+        assert!(
+            seqs(&store) == expected,
+            "nothing lost, and the interrupted end added"
+        );
     }
 
     #[test]

@@ -144,6 +144,8 @@ impl Recorder {
             statements,
             denied,
         })?;
+        // sled must not meet a full disk (see `commit::check_room`).
+        super::commit::check_room(&self.store.path, chain.unwritten_bytes())?;
         // Into sled, after its logged chunks, before the outbox entry
         // that lets the shipper read it. Durable at sled's next flush
         // (within a second); a crash before that seals the session as
