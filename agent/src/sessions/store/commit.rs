@@ -1,9 +1,11 @@
 //! Group commit: the `store-commit` thread moves every session's pending
-//! chunk into the commit log (`log.rs`: one write for them all), makes
-//! one `fdatasync` of it cover them all, and releases the recorders
-//! waiting for that generation. The chunks go into sled (the index the
-//! rest of the agent reads) after that, off the waiters' path: about
-//! once a second, before sled is flushed and the log starts over.
+//! chunk into the active half of the commit log (`log.rs`: one write for
+//! them all), makes one `fdatasync` of it cover them all, and releases
+//! the recorders waiting for that generation. The chunks go into sled
+//! (the index the rest of the agent reads) off the waiters' path: when
+//! the halves swap, the `store-index` thread puts the full half into
+//! sled, flushes sled and starts the half over, while commits go on in
+//! the other.
 use std::{
     path::{Path, PathBuf},
     sync::{
