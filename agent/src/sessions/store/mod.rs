@@ -658,6 +658,20 @@ pub(crate) mod tests {
             .unwrap()
     }
 
+    /// The seqs of a session's lines from `from` on, and the next seq.
+    fn seqs(store: &Store, id: &ulid::Ulid, from: u64) -> (Vec<u64>, u64) {
+        let (lines, next) = store.lines_from(id, from).unwrap();
+        let seqs = lines
+            .iter()
+            .map(|l| {
+                serde_json::from_slice::<serde_json::Value>(l).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        (seqs, next)
+    }
+
     fn verify(store: &Store, id: &ulid::Ulid) -> Result<format::Verified, format::VerifyError> {
         let lines = store.lines(id).unwrap();
         format::verify(lines.iter().map(|l| l.as_ref()), None)
@@ -826,18 +840,7 @@ pub(crate) mod tests {
             }
             wait_chunks(indexed).await;
         }
-        let seqs = |from| {
-            let (lines, next) = store.lines_from(&recorder.id, from).unwrap();
-            let seqs: Vec<u64> = lines
-                .iter()
-                .map(|l| {
-                    serde_json::from_slice::<serde_json::Value>(l).unwrap()["seq"]
-                        .as_u64()
-                        .unwrap()
-                })
-                .collect();
-            (seqs, next)
-        };
+        let seqs = |from| seqs(&store, &recorder.id, from);
         assert_eq!(seqs(0), ((0..8).collect(), 8));
         assert_eq!(seqs(4), ((4..8).collect(), 8), "from inside a chunk");
         assert_eq!(seqs(3), ((3..8).collect(), 8), "from a chunk's start");
@@ -857,18 +860,7 @@ pub(crate) mod tests {
                 .unwrap();
             recorder.durable(ticket).await.unwrap();
         }
-        let seqs = || {
-            let (lines, next) = store.lines_from(&recorder.id, 0).unwrap();
-            let seqs: Vec<u64> = lines
-                .iter()
-                .map(|l| {
-                    serde_json::from_slice::<serde_json::Value>(l).unwrap()["seq"]
-                        .as_u64()
-                        .unwrap()
-                })
-                .collect();
-            (seqs, next)
-        };
+        let seqs = || seqs(&store, &recorder.id, 0);
         let all = ((0..42).collect::<Vec<u64>>(), 42);
         assert_eq!(seqs(), all, "read from the log's pieces");
         let waited = std::time::Instant::now();
@@ -924,17 +916,7 @@ pub(crate) mod tests {
         recorder.durable(last.unwrap()).await.unwrap();
         let id = recorder.id;
         let expected: Vec<u64> = (0..3_002).collect();
-        let seqs = |store: &Store| -> Vec<u64> {
-            let (lines, _) = store.lines_from(&id, 0).unwrap();
-            lines
-                .iter()
-                .map(|l| {
-                    serde_json::from_slice::<serde_json::Value>(l).unwrap()["seq"]
-                        .as_u64()
-                        .unwrap()
-                })
-                .collect()
-        };
+        let seqs = |store: &Store| seqs(store, &id, 0).0;
         assert!(seqs(&store) == expected, "every line, in order");
         // A crash: the recorder never ends the session.
         recorder.finished.store(true, Ordering::SeqCst);
