@@ -147,6 +147,8 @@ struct Indexer {
 #[derive(Default)]
 struct Slot {
     job: Option<Job>,
+    /// From a hand-over until its half is started over.
+    busy: bool,
     stop: bool,
     /// Why the last job could not go into sled, while it cannot.
     failure: Option<String>,
@@ -270,7 +272,11 @@ impl Committing {
             pieces,
             bytes: std::mem::take(&mut self.unindexed_bytes),
         };
-        self.indexer.slot.lock().job = Some(job);
+        {
+            let mut slot = self.indexer.slot.lock();
+            slot.job = Some(job);
+            slot.busy = true;
+        }
         self.indexer.wake.notify_one();
         self.handed_at = Instant::now();
     }
@@ -368,7 +374,11 @@ fn index_loop(
             }
             indexer.wake.wait_for(&mut slot, Duration::from_secs(1));
         }
-        indexer.slot.lock().failure = None;
+        {
+            let mut slot = indexer.slot.lock();
+            slot.failure = None;
+            slot.busy = false;
+        }
         // The slot was locked by the waiter while it looked: the wake-up
         // cannot fall between its look and its wait.
         indexer.done.notify_all();
@@ -441,9 +451,15 @@ pub(super) fn commit_loop(
         if stop {
             // What the indexer holds, then the rest, into sled; what does
             // not make it stays in the log, replayed at the next start.
-            let finished = state
-                .wait_for_indexer(STOP_WAIT)
-                .and_then(|()| state.index_here());
+            // (A half left full by a crash, in a store opened as it was
+            // left, has no job: it is replayed at the agent's next start.)
+            let busy = indexer.slot.lock().busy;
+            let finished = if busy {
+                state.wait_for_indexer(STOP_WAIT)
+            } else {
+                Ok(())
+            }
+            .and_then(|()| state.index_here());
             if let Err(error) = finished {
                 tracing::warn!(%error, "the commit log is left to be replayed at the next start");
             }
