@@ -140,24 +140,30 @@ impl Drop for TestCgroup {
     }
 }
 
-/// A free TCP port on loopback (bound and released).
-/// A port free right now and never handed out before in this process:
-/// tests run in parallel threads, and the kernel may offer a port it just
-/// gave one test to another before the first has bound it.
+/// A TCP port free on loopback right now and never handed out before in
+/// this process (tests run in parallel threads). It is taken below the
+/// kernel's ephemeral range (32768 and up): a port found free there can
+/// be taken by any outgoing connection before the server it is for binds
+/// it.
 pub fn free_port() -> u16 {
     static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut given = GIVEN.lock().unwrap();
-        if !given.contains(&port) {
+    let seed = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+    let mut given = GIVEN.lock().unwrap();
+    for n in 0.. {
+        let port = 20_000 + ((seed.wrapping_add(n * 7_919)) % 12_000) as u16;
+        let ipv6_free = match TcpListener::bind(("::1", port)) {
+            Ok(_) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::AddrNotAvailable,
+        };
+        if !given.contains(&port) && ipv6_free && TcpListener::bind(("127.0.0.1", port)).is_ok() {
             given.push(port);
             return port;
         }
     }
+    unreachable!()
 }
 
 /// The real agent, run as `interlock run --config` inside a test cgroup.
