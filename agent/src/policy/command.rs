@@ -379,6 +379,19 @@ mod tests {
     }
 
     #[test]
+    fn plain_here_documents_are_read() {
+        for line in [
+            "cat >/dev/null <<EOF\nhello\nEOF",
+            "cat <<'EOF' | wc -l\n$HOME\nEOF",
+            "cat <<-EOF >/dev/null\n\thello\n\tEOF\nls",
+            "cat <<<word",
+        ] {
+            assert!(unknown(line).is_empty(), "{line:?}: {:?}", unknown(line));
+        }
+        assert!(commands("cat <<-EOF >/dev/null\n\thello\n\tEOF\nls").contains(&"ls".to_owned()));
+    }
+
+    #[test]
     fn what_cannot_be_known_is_said() {
         for line in [
             "eval \"$CMD\"",
@@ -424,6 +437,21 @@ mod tests {
         // 4 GB (fuzzing: `<<\r;  /x\xf9;  `).
         assert!(!unknown("<<\r;  /x\u{fffd};  ").is_empty());
         assert!(!unknown("cat <<\x0bEOF; ls").is_empty());
+        // Odd here-documents took it past 4 GB in a few bytes (fuzzing):
+        // an empty tag, one in a substitution, an escaped `<`.
+        for line in [
+            "sh -c<\u{fffd}Z<$( -c<< <<2ls)c<\u{fffd}Z<$( -c<< <#",
+            "$(<< <<x)$(",
+            "<<x$(( |$((",
+            "<<-$( <<-\\${",
+            "\\<<<''\t",
+            "x$(\nx\n<<x\n)\nx\n",
+            "cat <<EOF",
+            "cat <<EOF\nno end",
+            "cat <<EOF\n$(id)\nEOF",
+        ] {
+            assert!(!unknown(line).is_empty(), "{line:?}");
+        }
         // Hostile shapes end in a refusal, not a deep recursion.
         let deep = format!("{}true{}", "(".repeat(5000), ")".repeat(5000));
         assert!(!unknown(&deep).is_empty());

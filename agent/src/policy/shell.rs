@@ -212,6 +212,9 @@ impl Reader {
                 "a here-document (`<<`) in a line with control characters",
             );
         }
+        if let Some(why) = odd_here_document(text) {
+            return self.unknown(text, why);
+        }
         if let Some(why) = parser_trap(text) {
             return self.unknown(text, why);
         }
@@ -647,6 +650,98 @@ fn parser_trap(text: &str) -> Option<&'static str> {
         }
     }
     None
+}
+
+/// Here-documents are read only in their plain form: `<<TAG` or
+/// `<<-TAG` (the tag a word of letters, digits and `_`, quoted or not),
+/// its lines, and the tag on a line of its own, in a line with no
+/// substitution. brush-parser 0.4 grows without bound on the other forms
+/// (an empty or unterminated tag, one inside `$(…)`, `\<<<''`: 11-byte
+/// lines took over 4 GB, found by fuzzing), and the shell refuses most of
+/// them anyway. Matched on the bytes, quotes not read apart: a `<<` inside
+/// a quoted word is refused too.
+fn odd_here_document(text: &str) -> Option<&'static str> {
+    let bytes = text.as_bytes();
+    let substitutes = ["$(", "${", "`"].iter().any(|s| text.contains(s));
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'<' {
+            i += 1;
+            continue;
+        }
+        let run = bytes[i..].iter().take_while(|b| **b == b'<').count();
+        let escaped = i > 0 && bytes[i - 1] == b'\\';
+        let at = i;
+        i += run;
+        match run {
+            1 => continue,
+            3 if !escaped => continue, // a here-string
+            2 if !escaped && !substitutes => {}
+            _ => {
+                return Some(
+                    "a here-document in a form the agent does not read (only `<<TAG`, its lines, then TAG, with no substitution in the line)",
+                );
+            }
+        }
+        let (tag, strip, after) = match here_document_tag(&text[at + 2..]) {
+            Some(found) => found,
+            None => return Some("a here-document whose tag is not a plain word"),
+        };
+        let rest = &text[at + 2 + after..];
+        let body = rest.split_once('\n').map(|(_, body)| body).unwrap_or("");
+        let ends = body.lines().any(|line| {
+            let line = if strip {
+                line.trim_start_matches('\t')
+            } else {
+                line
+            };
+            line == tag
+        });
+        if !ends {
+            return Some("a here-document with no line ending it");
+        }
+        i = at + 2 + after;
+    }
+    None
+}
+
+/// The tag after `<<`: (tag, whether `-` strips tabs, bytes read), if it
+/// is a plain word followed by a blank, an operator or the line's end.
+fn here_document_tag(after: &str) -> Option<(&str, bool, usize)> {
+    let bytes = after.as_bytes();
+    let strip = bytes.first() == Some(&b'-');
+    let mut i = usize::from(strip);
+    while matches!(bytes.get(i), Some(b' ' | b'\t')) {
+        i += 1;
+    }
+    let quote = match bytes.get(i) {
+        Some(q @ (b'\'' | b'"')) => {
+            i += 1;
+            Some(*q)
+        }
+        _ => None,
+    };
+    let start = i;
+    while bytes
+        .get(i)
+        .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_')
+    {
+        i += 1;
+    }
+    if i == start {
+        return None;
+    }
+    let tag = &after[start..i];
+    if let Some(quote) = quote {
+        if bytes.get(i) != Some(&quote) {
+            return None;
+        }
+        i += 1;
+    }
+    match bytes.get(i) {
+        None | Some(b' ' | b'\t' | b'\n' | b';' | b'>' | b'|' | b'&') => Some((tag, strip, i)),
+        Some(_) => None,
+    }
 }
 
 /// Counts what makes the parser recurse: brackets, substitutions and the
