@@ -45,7 +45,16 @@ const CA_KEY: &str = "ca.key";
 /// The host's local CA and the server configurations it has issued.
 pub struct LocalCa {
     issuer: Issuer<'static, KeyPair>,
-    configs: Mutex<HashMap<String, Arc<ServerConfig>>>,
+    configs: Mutex<HashMap<(String, Alpn), Arc<ServerConfig>>>,
+}
+
+/// The application protocols a handshake offers (ALPN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Alpn {
+    /// None: PostgreSQL's SSLRequest upgrade.
+    None,
+    /// HTTP/2, then HTTP/1.1.
+    Http,
 }
 
 impl LocalCa {
@@ -95,9 +104,11 @@ impl LocalCa {
         fs::read_to_string(dir.join(CA_CERT))
     }
 
-    /// A server configuration whose certificate names `name`.
-    fn config_for(&self, name: &str) -> Result<Arc<ServerConfig>, TlsError> {
-        if let Some(config) = self.configs.lock().get(name) {
+    /// A server configuration whose certificate names `name` (a DNS name,
+    /// or an IP address, which goes in an IP SAN).
+    fn config_for(&self, name: &str, alpn: Alpn) -> Result<Arc<ServerConfig>, TlsError> {
+        let cache_key = (name.to_owned(), alpn);
+        if let Some(config) = self.configs.lock().get(&cache_key) {
             return Ok(config.clone());
         }
         let issue = |cause| TlsError::Issue {
@@ -107,21 +118,26 @@ impl LocalCa {
         let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(issue)?;
         params.distinguished_name.push(DnType::CommonName, name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        // Python 3.13's default context refuses a leaf without it.
+        params.use_authority_key_identifier_extension = true;
         let key = KeyPair::generate().map_err(issue)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(issue)?;
         let chain = vec![CertificateDer::from(cert.der().to_vec())];
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let config =
+        let mut config =
             ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()?
                 .with_no_client_auth()
                 .with_single_cert(chain, key)?;
+        if alpn == Alpn::Http {
+            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        }
         let config = Arc::new(config);
         let mut configs = self.configs.lock();
         if configs.len() > 1024 {
             configs.clear();
         }
-        configs.insert(name.to_owned(), config.clone());
+        configs.insert(cache_key, config.clone());
         Ok(config)
     }
 
@@ -132,6 +148,7 @@ impl LocalCa {
         &self,
         tcp: TcpStream,
         fallback: IpAddr,
+        alpn: Alpn,
     ) -> Result<TlsStream<TcpStream>, TlsError> {
         let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
             .await
@@ -140,7 +157,7 @@ impl LocalCa {
             .client_hello()
             .server_name()
             .map_or_else(|| fallback.to_string(), str::to_owned);
-        let config = self.config_for(&name)?;
+        let config = self.config_for(&name, alpn)?;
         start.into_stream(config).await.map_err(TlsError::Handshake)
     }
 }
@@ -193,8 +210,8 @@ mod tests {
             pem,
             "created once, then reused"
         );
-        assert!(first.config_for("orders-db.internal").is_ok());
-        assert!(first.config_for("10.1.2.3").is_ok());
+        assert!(first.config_for("orders-db.internal", Alpn::None).is_ok());
+        assert!(first.config_for("10.1.2.3", Alpn::Http).is_ok());
     }
 }
 

@@ -569,9 +569,11 @@ impl Drop for SmallDisk {
 }
 
 mod garage;
+mod nginx;
 mod postgres;
 mod sshd;
 
 pub use garage::Garage;
+pub use nginx::{HELD_TOKEN, Nginx};
 pub use postgres::Postgres;
 pub use sshd::{SSH_USER, Sshd, ssh_client_config};

@@ -9,10 +9,11 @@ use crate::exec;
 /// real servers and clients (and `socat`, the relay the benchmark compares
 /// against; OpenSSH's server and clients, `rsync` and `git` for SSH;
 /// asyncpg, psycopg and SQLAlchemy as the PostgreSQL clients applications
-/// use; `python3-venv` for Ansible's own environment), and
+/// use; `python3-venv` for Ansible's own environment; nginx as a real HTTPS
+/// server behind an HTTP target), and
 /// what the build needs: `pg_query` compiles PostgreSQL's parser (C) and
 /// generates its bindings with libclang.
-const APT_PACKAGES: [&str; 20] = [
+const APT_PACKAGES: [&str; 21] = [
     "libclang-dev",
     "python3-venv",
     "clang",
@@ -33,6 +34,7 @@ const APT_PACKAGES: [&str; 20] = [
     "openssh-client",
     "rsync",
     "git",
+    "nginx",
 ];
 const BPF_LINKER: &str = "bpf-linker@0.10.1";
 const CARGO_FUZZ: &str = "cargo-fuzz@0.13.2";

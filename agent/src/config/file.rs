@@ -191,8 +191,15 @@ pub struct TargetSpec {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialSpec {
-    pub user: String,
+    /// The user name (postgres, ssh; with `password_file`, HTTP basic).
+    pub user: Option<String>,
     pub password_file: Option<Located<PathBuf>>,
+    /// HTTP targets: a token sent as `Authorization: Bearer …`.
+    pub bearer_token_file: Option<Located<PathBuf>>,
+    /// HTTP targets: a header of the target's own naming (`X-Api-Key`),
+    /// whose value is in `value_file`.
+    pub header: Option<Located<String>>,
+    pub value_file: Option<Located<PathBuf>>,
     /// SSH targets: an OpenSSH private key (unencrypted; root 0600).
     pub private_key_file: Option<Located<PathBuf>>,
     /// SSH targets: an OpenSSH certificate for that key.
@@ -325,6 +332,12 @@ pub struct RuleSpec {
     pub env: Option<Located<Vec<String>>>,
     /// SSH targets: `false` refuses terminals.
     pub pty: Option<Located<bool>>,
+    /// HTTP targets: request methods, e.g. `["GET", "HEAD"]`.
+    pub methods: Option<Located<Vec<String>>>,
+    /// HTTP targets: globs on the normalised path, e.g. `"/api/v1/**"`.
+    pub paths: Option<Located<Vec<String>>>,
+    /// HTTP targets: globs on the host the client named.
+    pub hosts: Option<Located<Vec<String>>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

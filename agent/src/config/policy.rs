@@ -75,7 +75,7 @@ fn build_target(
         .map_err(|message| source.error_at(target.get_ref().address.span(), message))?;
     let protocol = *target.get_ref().protocol.get_ref();
     let spec = target.get_ref();
-    let (credential, ssh) = target_credential(source, target, &name, protocol)?;
+    let held = target_credential(source, target, &name, protocol)?;
     let host_key_fields = [
         spec.known_hosts.as_ref().map(|k| k.span()),
         spec.host_key_fingerprint.as_ref().map(|k| k.span()),
@@ -108,13 +108,22 @@ fn build_target(
         ));
     }
     if let (Some(tls), Protocol::Tcp | Protocol::Ssh) = (&spec.tls, protocol) {
-        return Err(source.error_at(tls.span(), "tls applies to protocol = \"postgres\""));
+        return Err(source.error_at(
+            tls.span(),
+            "tls applies to protocol = \"postgres\" or \"http\"",
+        ));
+    }
+    if let (Some(mask), Protocol::Http) = (spec.mask.as_ref().and_then(|m| m.first()), protocol) {
+        return Err(source.error_at(
+            mask.span(),
+            "mask does not apply to http targets yet (their bodies pass as they are)",
+        ));
     }
     Ok(Target {
         name,
         protocol,
         address,
-        credential,
+        credential: held.postgres,
         tls: spec
             .tls
             .as_ref()
@@ -122,16 +131,19 @@ fn build_target(
         tls_ca_file: spec.tls_ca_file.clone(),
         masks,
         record: spec.record.unwrap_or_default(),
-        ssh,
+        ssh: held.ssh,
+        http: held.http,
     })
 }
 
-/// What the agent holds for a target: a PostgreSQL credential, or how it
-/// logs in to an SSH server.
-type HeldCredential = (
-    Option<crate::policy::Credential>,
-    Option<std::sync::Arc<crate::policy::SshUpstream>>,
-);
+/// What the agent holds for a target: a PostgreSQL credential, how it
+/// logs in to an SSH server, or what it adds to HTTP requests.
+#[derive(Default)]
+struct HeldCredential {
+    postgres: Option<crate::policy::Credential>,
+    ssh: Option<std::sync::Arc<crate::policy::SshUpstream>>,
+    http: Option<std::sync::Arc<crate::policy::HttpCredential>>,
+}
 
 /// A target's credential: a password for PostgreSQL, a key, certificate
 /// or password (and the server's key) for SSH, none for TCP.
@@ -143,15 +155,22 @@ fn target_credential(
 ) -> Result<HeldCredential, ConfigError> {
     let spec = target.get_ref();
     Ok(match (&spec.credential, protocol) {
-        (Some(credential), Protocol::Postgres) => {
-            (Some(read_credential(source, credential)?), None)
-        }
-        (Some(credential), Protocol::Ssh) => (
-            None,
-            Some(std::sync::Arc::new(ssh_upstream(
+        (Some(credential), Protocol::Postgres) => HeldCredential {
+            postgres: Some(read_credential(source, credential)?),
+            ..Default::default()
+        },
+        (Some(credential), Protocol::Ssh) => HeldCredential {
+            ssh: Some(std::sync::Arc::new(ssh_upstream(
                 source, target, credential,
             )?)),
-        ),
+            ..Default::default()
+        },
+        (Some(credential), Protocol::Http) => HeldCredential {
+            http: Some(std::sync::Arc::new(http_credential(source, credential)?)),
+            ..Default::default()
+        },
+        // An HTTP target without one passes the client's own on.
+        (None, Protocol::Http) => HeldCredential::default(),
         (None, Protocol::Postgres | Protocol::Ssh) => {
             return Err(source.error_at(
                 target.span(),
@@ -169,11 +188,52 @@ fn target_credential(
         (Some(credential), Protocol::Tcp) => {
             return Err(source.error_at(
                 credential.span(),
-                "a credential applies to protocol = \"postgres\" or \"ssh\"",
+                "a credential applies to protocol = \"postgres\", \"ssh\" or \"http\"",
             ));
         }
-        (None, Protocol::Tcp) => (None, None),
+        (None, Protocol::Tcp) => HeldCredential::default(),
     })
+}
+
+/// An HTTP target's credential: exactly one of a bearer token, a user and
+/// password (basic), or a header and its value.
+fn http_credential(
+    source: &SourceFile,
+    located: &Located<file::CredentialSpec>,
+) -> Result<crate::policy::HttpCredential, ConfigError> {
+    use crate::policy::HttpCredential;
+    let spec = located.get_ref();
+    let invalid = |message: String| source.error_at(located.span(), message);
+    let secret = |file: &Located<std::path::PathBuf>, field| {
+        read_secret_file(source, file.get_ref(), file.span(), field)
+    };
+    let credential = match (
+        &spec.bearer_token_file,
+        (&spec.user, &spec.password_file),
+        (&spec.header, &spec.value_file),
+    ) {
+        (Some(token), (None, None), (None, None)) => {
+            HttpCredential::bearer(secret(token, "bearer_token_file")?.expose())
+        }
+        (None, (Some(user), Some(password)), (None, None)) => {
+            HttpCredential::basic(user, secret(password, "password_file")?.expose())
+        }
+        (None, (None, None), (Some(name), Some(value))) => {
+            let header = http::HeaderName::from_bytes(name.get_ref().as_bytes()).map_err(|_| {
+                source.error_at(
+                    name.span(),
+                    format!("{:?} is not a header name", name.get_ref()),
+                )
+            })?;
+            HttpCredential::header(header, secret(value, "value_file")?.expose())
+        }
+        _ => {
+            return Err(invalid(
+                "an http credential is one of: bearer_token_file; user and password_file (basic); header and value_file".into(),
+            ));
+        }
+    };
+    credential.map_err(|why| invalid(format!("the credential cannot be sent: {why}")))
 }
 
 /// One `[[rule]]`, named `name`.
@@ -228,6 +288,7 @@ fn build_rule(
     let masks = rule_masks(source, rule)?;
     check_protocols(source, rule, targets.as_deref(), policy, &masks)?;
     let ssh = ssh_requests(source, rule)?;
+    let http = http_requests(source, rule)?;
     let approval = approval_spec(source, located)?;
     Ok(Rule {
         name,
@@ -246,6 +307,57 @@ fn build_rule(
         ),
         approval,
         ssh,
+        http,
+    })
+}
+
+/// The HTTP fields of a rule.
+fn http_requests(
+    source: &SourceFile,
+    rule: &file::RuleSpec,
+) -> Result<crate::policy::HttpRequests, ConfigError> {
+    let globs = |field: &str, list: &Option<Located<Vec<String>>>, lower: bool| {
+        list.as_ref().map_or(Ok(Vec::new()), |l| {
+            l.get_ref()
+                .iter()
+                .map(|g| {
+                    let text = if lower {
+                        g.to_ascii_lowercase()
+                    } else {
+                        g.clone()
+                    };
+                    Pattern::new(&text).map_err(|e| {
+                        source.error_at(l.span(), format!("{field}: bad pattern {g:?}: {e}"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+    };
+    let methods = rule.methods.as_ref().map_or(Ok(Vec::new()), |list| {
+        list.get_ref()
+            .iter()
+            .map(|m| {
+                if !m.is_empty() && m.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-') {
+                    Ok(m.to_ascii_uppercase())
+                } else {
+                    Err(source.error_at(list.span(), format!("methods: {m:?} is not a method")))
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    let paths = globs("paths", &rule.paths, false)?;
+    if let Some(list) = &rule.paths
+        && let Some(bad) = list.get_ref().iter().find(|p| !p.starts_with('/'))
+    {
+        return Err(source.error_at(
+            list.span(),
+            format!("paths: {bad:?} must start with / (paths are matched whole)"),
+        ));
+    }
+    Ok(crate::policy::HttpRequests {
+        methods,
+        paths,
+        hosts: globs("hosts", &rule.hosts, true)?,
     })
 }
 
@@ -344,6 +456,15 @@ fn check_protocols(
         &[Protocol::Ssh],
         "commands, shell, subsystems, forward, users, env and pty apply to ssh targets",
     )?;
+    for_protocols(
+        &[
+            rule.methods.as_ref().map(|c| c.span()),
+            rule.paths.as_ref().map(|c| c.span()),
+            rule.hosts.as_ref().map(|c| c.span()),
+        ],
+        &[Protocol::Http],
+        "methods, paths and hosts apply to http targets",
+    )?;
     Ok(())
 }
 
@@ -429,8 +550,11 @@ fn ssh_upstream(
     target: &Located<file::TargetSpec>,
     credential: &Located<file::CredentialSpec>,
 ) -> Result<crate::policy::SshUpstream, ConfigError> {
+    let Some(user) = credential.get_ref().user.clone() else {
+        return Err(source.error_at(credential.span(), "an ssh credential needs user"));
+    };
     Ok(crate::policy::SshUpstream {
-        user: credential.get_ref().user.clone(),
+        user,
         auth: ssh_auth(source, credential)?,
         host_key: ssh_host_key(source, target)?,
     })

@@ -17,8 +17,11 @@ pub(super) fn read_credential(
         return Err(source.error_at(spec.span(), "a postgres credential needs password_file"));
     };
     let (path, at) = (file.get_ref(), file.span());
+    let Some(user) = spec.get_ref().user.clone() else {
+        return Err(source.error_at(spec.span(), "a postgres credential needs user"));
+    };
     Ok(Credential {
-        user: spec.get_ref().user.clone(),
+        user,
         password: read_secret_file(source, path, at, "password_file")?,
     })
 }

@@ -5,6 +5,7 @@
 //! atomically on reload.
 mod command;
 pub mod functions;
+mod http;
 mod mask;
 mod selector;
 pub mod shell;
@@ -12,12 +13,13 @@ mod statement;
 mod targets;
 
 pub use command::{CommandLine, CommandPattern, Match};
+pub use http::{HttpRequest, HttpRequests};
 pub use mask::{BuiltinPattern, ColumnName, Mask, MaskSelects, MaskSpec, Strategy, walked_around};
 pub use selector::{Pattern, WorkloadSelector};
 pub use statement::{Builtin, Exposure, FunctionRef, KindSet, StatementInfo, StatementKind};
 pub use targets::{
-    Credential, HostKeyCheck, Protocol, RecordMode, Secret, SshAuth, SshUpstream, Target,
-    TargetAddress, TargetId, TargetTable, UpstreamTls,
+    Credential, HostKeyCheck, HttpCredential, Protocol, RecordMode, Secret, SshAuth, SshUpstream,
+    Target, TargetAddress, TargetId, TargetTable, UpstreamTls,
 };
 
 use serde::Serialize;
@@ -100,6 +102,8 @@ pub struct Rule {
     pub approval: Option<std::sync::Arc<ApprovalSpec>>,
     /// SSH targets: which requests the rule is about.
     pub ssh: SshRequests,
+    /// HTTP targets: which requests the rule is about.
+    pub http: HttpRequests,
 }
 
 /// The SSH fields of a rule. A rule with none of `commands`, `shell`,
@@ -281,6 +285,7 @@ impl Rule {
             || !self.functions.is_empty()
             || self.ssh.is_scoped()
             || !self.ssh.users.is_empty()
+            || self.http.is_scoped()
     }
 
     /// An allow covers a statement when every kind in it, every table it
@@ -541,6 +546,35 @@ fn evaluate_exec(
         action: Action::Deny,
         rule: None,
         reason,
+    }
+}
+
+/// Decides one HTTP request on an allowed connection, in the order of
+/// [`evaluate`]: the first deny rule about it, then approve, then allow,
+/// else denied.
+pub fn evaluate_http(
+    policy: &Policy,
+    workload: &Workload,
+    target: TargetId,
+    request: &HttpRequest,
+) -> Verdict {
+    for action in [Action::Deny, Action::Approve, Action::Allow] {
+        if let Some((id, rule)) = policy
+            .rules_by_id()
+            .filter(|(_, rule)| rule.action == action)
+            .find(|(_, rule)| applies(policy, rule, workload, target) && rule.http.covers(request))
+        {
+            return Verdict {
+                action,
+                rule: Some(id),
+                reason: format!("rule {:?} {} {request}", rule.name, action.verb()),
+            };
+        }
+    }
+    Verdict {
+        action: Action::Deny,
+        rule: None,
+        reason: format!("no rule allows {request}"),
     }
 }
 

@@ -23,6 +23,9 @@ pub enum Protocol {
     Postgres,
     /// SSH: every channel request decided, the key held by the agent.
     Ssh,
+    /// HTTP/1.1 and HTTP/2: every request decided, the token held by the
+    /// agent.
+    Http,
 }
 
 impl Protocol {
@@ -31,6 +34,7 @@ impl Protocol {
             Protocol::Tcp => "tcp",
             Protocol::Postgres => "postgres",
             Protocol::Ssh => "ssh",
+            Protocol::Http => "http",
         }
     }
 }
@@ -66,6 +70,46 @@ pub struct Target {
     pub record: RecordMode,
     /// SSH targets: how the agent logs in and checks the server.
     pub ssh: Option<std::sync::Arc<SshUpstream>>,
+    /// HTTP targets: what the agent adds to every request.
+    pub http: Option<std::sync::Arc<HttpCredential>>,
+}
+
+/// The credential an HTTP target's requests carry (never the client's).
+/// Values are marked sensitive: HTTP/2 never indexes them.
+pub enum HttpCredential {
+    /// `Authorization: Bearer …`, `Authorization: Basic …`, or a header of
+    /// the target's naming (`X-Api-Key: …`).
+    Header {
+        name: http::HeaderName,
+        value: http::HeaderValue,
+    },
+}
+
+impl HttpCredential {
+    pub fn header(name: http::HeaderName, value: &str) -> Result<Self, String> {
+        let mut value = http::HeaderValue::from_str(value)
+            .map_err(|_| "the value is not a valid header value".to_owned())?;
+        value.set_sensitive(true);
+        Ok(Self::Header { name, value })
+    }
+
+    pub fn bearer(token: &str) -> Result<Self, String> {
+        Self::header(http::header::AUTHORIZATION, &format!("Bearer {token}"))
+    }
+
+    pub fn basic(user: &str, password: &str) -> Result<Self, String> {
+        use base64::Engine;
+        let pair = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        Self::header(http::header::AUTHORIZATION, &format!("Basic {pair}"))
+    }
+}
+
+impl fmt::Debug for HttpCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HttpCredential::Header { name, .. } => write!(f, "Header({name}: ****)"),
+        }
+    }
 }
 
 /// The upstream side of an SSH target.
@@ -308,6 +352,7 @@ mod tests {
             masks: Vec::new(),
             record: RecordMode::Commands,
             ssh: None,
+            http: None,
         }
     }
 

@@ -1,5 +1,6 @@
 //! The proxy: accept a redirected connection, have the `conn` stage admit
 //! it, then hand it to its target's protocol.
+mod http;
 pub mod postgres;
 pub mod ssh;
 mod tcp;
@@ -24,7 +25,8 @@ pub struct ProxyContext {
     /// What admission reads: the kernel side, the workload resolver, the
     /// live policy, the session store, approvals.
     pub gate: conn::Gate,
-    /// The local CA, for clients that ask for TLS (PostgreSQL SSLRequest).
+    /// The local CA, for clients that ask for TLS (PostgreSQL SSLRequest,
+    /// HTTPS).
     pub tls: Option<Arc<crate::tls::LocalCa>>,
     /// The key of the `hash` mask strategy.
     pub mask_key: Arc<crate::masking::MaskKey>,
@@ -151,6 +153,9 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
         let protocol = admitted.target().protocol;
         match protocol {
             Protocol::Tcp => tcp::serve(&context, admitted).await,
+            // Each request's record is made durable before it goes up, and
+            // the session's start with it.
+            Protocol::Http => http::serve(context.clone(), admitted).await,
             Protocol::Ssh | Protocol::Postgres => {
                 // They start talking upstream at once (handshake, login):
                 // the session's start is on disk first.

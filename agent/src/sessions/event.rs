@@ -123,6 +123,30 @@ pub enum Event<'a> {
         read: Option<u64>,
         written: Option<u64>,
     },
+    /// HTTP: a request and its decision; recorded before anything of it
+    /// goes upstream.
+    HttpRequest {
+        /// Request number in the session, from 1.
+        n: u64,
+        method: &'a str,
+        /// The path as the client sent it, and its query.
+        path: &'a str,
+        query: Option<&'a str>,
+        host: &'a str,
+        decision: Action,
+        enforced: bool,
+        rule: Option<&'a str>,
+        reason: &'a str,
+    },
+    /// HTTP: how request `n` ended: the server's status (none when it never
+    /// answered), the response body's bytes as they reached the client.
+    HttpResponse {
+        n: u64,
+        status: Option<u16>,
+        bytes: u64,
+        duration_us: u64,
+        error: Option<&'a str>,
+    },
     SessionEnd {
         outcome: &'a str,
         error: Option<&'a str>,

@@ -298,6 +298,32 @@ pub fn describe(event: &Value, start_us: u64) -> String {
             event["decision"].as_str().unwrap_or("?"),
             rule(event)
         ),
+        "http_request" => format!(
+            "#{} {} {}{} (host {}) [{}{}]",
+            event["n"],
+            event["method"].as_str().unwrap_or("?"),
+            event["path"].as_str().unwrap_or("?"),
+            event["query"]
+                .as_str()
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default(),
+            event["host"].as_str().unwrap_or("?"),
+            event["decision"].as_str().unwrap_or("?"),
+            rule(event)
+        ),
+        "http_response" => format!(
+            "#{} {}, {} bytes in {:.1} ms{}",
+            event["n"],
+            event["status"]
+                .as_u64()
+                .map_or_else(|| "no answer".to_owned(), |s| format!("status {s}")),
+            event["bytes"],
+            event["duration_us"].as_f64().unwrap_or(0.0) / 1000.0,
+            event["error"]
+                .as_str()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default(),
+        ),
         "terminal" => format!("terminal {}x{}", event["cols"], event["rows"]),
         "exit" => match event["signal"].as_str() {
             Some(signal) => format!("exit by signal {signal}"),

@@ -87,6 +87,7 @@ pub fn run(count: usize) -> Report {
             masks: Vec::new(),
             approval: None,
             ssh: SshRequests::default(),
+            http: Default::default(),
         }],
         ..Policy::default()
     };

@@ -285,11 +285,14 @@ async fn negotiate(
                 tcp.write_all(b"S")
                     .await
                     .map_err(|e| SessionError::protocol(e.into()))?;
-                let mut tls = ca.accept(tcp, dst.0.ip()).await.map_err(|e| SessionError {
-                    outcome: Outcome::Error,
-                    message: e.to_string(),
-                    to_client: None,
-                })?;
+                let mut tls = ca
+                    .accept(tcp, dst.0.ip(), crate::tls::Alpn::None)
+                    .await
+                    .map_err(|e| SessionError {
+                        outcome: Outcome::Error,
+                        message: e.to_string(),
+                        to_client: None,
+                    })?;
                 return match next_startup(&mut tls).await? {
                     Some(Startup::Params(params)) => Ok(Negotiated::Tls(Box::new(tls), params)),
                     Some(Startup::Cancel { pid, key }) => Ok(Negotiated::Cancel { pid, key }),

@@ -1,0 +1,647 @@
+//! HTTP: the agent is the server the client meant to reach (over TLS with
+//! a certificate from the local CA when the client speaks TLS; HTTP/2 or
+//! HTTP/1.1 by ALPN) and a client of the real one. Every request is read in
+//! one spelling, decided under the live policy and recorded before anything
+//! of it goes upstream; the held credential replaces the client's.
+//!
+//! ```text
+//! client ──h2/h1──▶ hyper server (one per connection); for each request:
+//!                     read method, path, host (non-canonical: 400)
+//!                     decide → record, durable → deny: 403 JSON
+//!                                               approve: held for a person
+//!                                               allow: forward
+//!                   ──h1──▶ server (a few pooled connections per client
+//!                           connection, TLS verified as the target says)
+//!                   ◀── response streamed back as it comes; its status and
+//!                       bytes recorded when it ends
+//! ```
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version, header};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper::{body::Incoming, client::conn::http1::SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+
+use super::ProxyContext;
+use crate::{
+    access::{ByteCounters, Outcome},
+    addr::OrigDstAddr,
+    approvals::{ApprovalError, NewRequest, Requester},
+    conn::{self, Admitted, Asked},
+    policy::{Action, ActivePolicy, HttpCredential, HttpRequest, UpstreamTls, Verdict},
+    sessions::{Event, Recorder},
+    workload::Workload,
+};
+
+type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// Idle upstream connections kept per client connection.
+const IDLE_UPSTREAMS: usize = 4;
+
+/// Headers of one hop, never passed on (RFC 9110 §7.6.1), and the
+/// client's credentials for a proxy.
+const HOP_HEADERS: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+pub async fn serve(context: Arc<ProxyContext>, admitted: Admitted) {
+    let Admitted {
+        mut conn,
+        stream,
+        orig_dst,
+        workload,
+        active,
+        target,
+        recorder,
+        ..
+    } = admitted;
+    let target = active.policy.target(target);
+    let upstream = match Upstream::new(&context, target, orig_dst) {
+        Ok(upstream) => upstream,
+        Err(why) => {
+            super::reset(stream);
+            return conn.end(Outcome::Error, Some(why));
+        }
+    };
+    let connection = Arc::new(Connection {
+        target: target.name.clone(),
+        credential: target.http.clone(),
+        context: context.clone(),
+        workload,
+        recorder,
+        bytes: conn.bytes().clone(),
+        upstream,
+        requests: AtomicU64::new(0),
+        failure: parking_lot::Mutex::new(None),
+    });
+    let served = if speaks_tls(&stream).await {
+        match &context.tls {
+            None => Err("the client asked for TLS and the agent has no CA".to_owned()),
+            Some(ca) => match ca
+                .accept(stream, orig_dst.0.ip(), crate::tls::Alpn::Http)
+                .await
+            {
+                Ok(tls) => serve_connection(tls, connection.clone()).await,
+                Err(error) => Err(error.to_string()),
+            },
+        }
+    } else {
+        serve_connection(stream, connection.clone()).await
+    };
+    let failure = connection.failure.lock().take();
+    match (failure, served) {
+        (Some(why), _) => conn.end(Outcome::Error, Some(why)),
+        (None, Ok(())) => conn.end(Outcome::Closed, None),
+        (None, Err(why)) => conn.end(Outcome::Error, Some(why)),
+    }
+}
+
+/// Whether the client's first byte opens a TLS handshake (a record of
+/// type 22); anything else is read as plain HTTP.
+async fn speaks_tls(stream: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(stream.peek(&mut first).await, Ok(1) if first[0] == 0x16)
+}
+
+/// Serves the client's requests, HTTP/2 or HTTP/1.1, until it leaves.
+async fn serve_connection<S>(io: S, connection: Arc<Connection>) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let service = hyper::service::service_fn(move |request| {
+        let connection = connection.clone();
+        async move { Ok::<_, Infallible>(connection.handle(request).await) }
+    });
+    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(io), service)
+        .await
+        .map_err(|error| error.to_string())
+}
+
+/// What every request of a client connection shares.
+struct Connection {
+    context: Arc<ProxyContext>,
+    /// Requests are decided under the policy live when they come, by
+    /// this target name.
+    target: String,
+    credential: Option<Arc<HttpCredential>>,
+    workload: Arc<Workload>,
+    recorder: Arc<Recorder>,
+    bytes: Arc<ByteCounters>,
+    upstream: Upstream,
+    requests: AtomicU64,
+    /// Why the session cannot go on (its record failed).
+    failure: parking_lot::Mutex<Option<String>>,
+}
+
+/// A request's decision, with the policy it was made under.
+struct Decision {
+    verdict: Verdict,
+    active: Arc<ActivePolicy>,
+}
+
+impl Decision {
+    fn rule_name(&self) -> Option<&str> {
+        self.active.policy.rule_name(self.verdict.rule)
+    }
+}
+
+impl Connection {
+    async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        if let Some(why) = self.failure.lock().clone() {
+            return unavailable(&why);
+        }
+        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        let host = request_host(&request);
+        let method = request.method().as_str();
+        let (path, query) = (request.uri().path(), request.uri().query());
+        let active = self.context.gate.active.load_full();
+        let (decision, read) = match HttpRequest::read(method, path, &host) {
+            Err(unreadable) => (
+                Decision {
+                    verdict: refused(unreadable.to_string()),
+                    active,
+                },
+                false,
+            ),
+            Ok(read) => (self.decide(&read, active), true),
+        };
+        let event = Event::HttpRequest {
+            n,
+            method,
+            path,
+            query,
+            host: &host,
+            decision: decision.verdict.action,
+            enforced: decision.active.enforce || !read,
+            rule: decision.rule_name(),
+            reason: &decision.verdict.reason,
+        };
+        let denied = decision.verdict.action == Action::Deny && (decision.active.enforce || !read);
+        // Nothing goes upstream before its record is on disk.
+        let recorded = match self.recorder.append(&event) {
+            Ok(ticket) => self.recorder.durable(ticket).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = recorded {
+            return self.fail(format!("the session cannot be recorded: {error}"));
+        }
+        self.recorder.count_statement(denied);
+        if !read {
+            return refusal(StatusCode::BAD_REQUEST, &decision, &self.recorder);
+        }
+        if denied {
+            return refusal(StatusCode::FORBIDDEN, &decision, &self.recorder);
+        }
+        if decision.verdict.action == Action::Approve && decision.active.enforce {
+            let command = format!("{} {} (host {host})", request.method(), path);
+            if let Err(response) = self.approval(&decision, &command).await {
+                return response;
+            }
+        }
+        if request.headers().contains_key(header::UPGRADE) {
+            return json(
+                StatusCode::NOT_IMPLEMENTED,
+                &serde_json::json!({
+                    "error": "interlock: protocol upgrades (WebSocket, SPDY) are not relayed yet",
+                    "session": self.recorder.id().to_string(),
+                }),
+            );
+        }
+        self.forward(n, request).await
+    }
+
+    /// Decides a readable request under `active`.
+    fn decide(&self, request: &HttpRequest, active: Arc<ActivePolicy>) -> Decision {
+        let verdict = match active.policy.target_id(&self.target) {
+            Some(target) => {
+                crate::policy::evaluate_http(&active.policy, &self.workload, target, request)
+            }
+            None => refused(format!(
+                "target {:?} is no longer in the policy",
+                self.target
+            )),
+        };
+        Decision { verdict, active }
+    }
+
+    /// Holds the request until a person answers; the client just waits.
+    /// If it leaves, its connection ends and the request is withdrawn.
+    async fn approval(&self, decision: &Decision, command: &str) -> Result<(), Response<Body>> {
+        let policy = &decision.active.policy;
+        let forbidden = |why: String| {
+            let refused = Decision {
+                verdict: refused(why),
+                active: decision.active.clone(),
+            };
+            refusal(StatusCode::FORBIDDEN, &refused, &self.recorder)
+        };
+        let Some(rule) = decision.verdict.rule.map(|id| policy.rule(id)) else {
+            return Err(forbidden("the approving rule is gone".into()));
+        };
+        let Some(spec) = rule.approval.clone() else {
+            return Err(forbidden("the rule asks no one".into()));
+        };
+        let requester = Requester::of(policy, &self.workload);
+        let approvals = &self.context.gate.approvals;
+        match approvals.use_grant(&self.recorder, &requester, &self.target, &rule.name) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(error) => return Err(self.fail(format!("the session cannot be recorded: {error}"))),
+        }
+        let request = NewRequest {
+            requester,
+            target: &self.target,
+            rule: &rule.name,
+            spec,
+            command,
+        };
+        let waiting = async |_: &crate::approvals::RequestRecord| {};
+        let gave_up = std::future::pending::<&str>();
+        match conn::ask(approvals, &self.recorder, request, waiting, gave_up).await {
+            Ok(Asked::Approved(_)) => Ok(()),
+            Ok(Asked::Refused(why)) => Err(forbidden(why)),
+            Ok(Asked::GaveUp { id, why }) => {
+                Err(forbidden(format!("{why}; request {id} withdrawn")))
+            }
+            Err(ApprovalError::Record(error)) => {
+                Err(self.fail(format!("the session cannot be recorded: {error}")))
+            }
+            Err(error) => Err(forbidden(format!(
+                "approval needed, but the request cannot be recorded: {error}"
+            ))),
+        }
+    }
+
+    /// Sends an allowed request upstream, with the held credential, and
+    /// streams the answer back.
+    async fn forward(self: &Arc<Self>, n: u64, request: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let (mut parts, body) = request.into_parts();
+        // HTTP/2's :authority is HTTP/1.1's Host.
+        if !parts.headers.contains_key(header::HOST)
+            && let Some(authority) = parts.uri.authority()
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            parts.headers.insert(header::HOST, host);
+        }
+        drop_hop_headers(&mut parts.headers);
+        if let Some(HttpCredential::Header { name, value }) = self.credential.as_deref() {
+            parts.headers.remove(header::AUTHORIZATION);
+            parts.headers.insert(name.clone(), value.clone());
+        }
+        parts.uri = match parts.uri.path_and_query() {
+            Some(origin) => origin.as_str().parse().unwrap_or_default(),
+            None => http::Uri::from_static("/"),
+        };
+        parts.version = Version::HTTP_11;
+        let body = Uploaded {
+            inner: body,
+            bytes: self.bytes.clone(),
+        };
+        let answer = match self.upstream.sender().await {
+            Ok(mut sender) => {
+                let sent = sender.send_request(Request::from_parts(parts, body)).await;
+                self.upstream.give_back(sender);
+                sent.map_err(|e| format!("the server failed the request: {e}"))
+            }
+            Err(why) => Err(why),
+        };
+        match answer {
+            Ok(response) => {
+                let (mut parts, body) = response.into_parts();
+                drop_hop_headers(&mut parts.headers);
+                let body = Downloaded {
+                    inner: body,
+                    n,
+                    status: parts.status.as_u16(),
+                    started,
+                    bytes: 0,
+                    ended: false,
+                    error: None,
+                    connection: self.clone(),
+                };
+                Response::from_parts(parts, body.boxed_unsync())
+            }
+            Err(why) => {
+                tracing::warn!(%why, "request failed upstream");
+                self.record_response(n, None, 0, started, Some(&why));
+                json(
+                    StatusCode::BAD_GATEWAY,
+                    &serde_json::json!({
+                        "error": format!("interlock: {why}"),
+                        "session": self.recorder.id().to_string(),
+                    }),
+                )
+            }
+        }
+    }
+
+    fn record_response(
+        &self,
+        n: u64,
+        status: Option<u16>,
+        bytes: u64,
+        started: Instant,
+        error: Option<&str>,
+    ) {
+        let event = Event::HttpResponse {
+            n,
+            status,
+            bytes,
+            duration_us: started.elapsed().as_micros() as u64,
+            error,
+        };
+        if let Err(error) = self.recorder.append(&event) {
+            self.failure
+                .lock()
+                .get_or_insert(format!("the session cannot be recorded: {error}"));
+        }
+    }
+
+    /// Ends the session because its record failed: this request and every
+    /// later one get 503.
+    fn fail(&self, why: String) -> Response<Body> {
+        tracing::error!(%why, "session ended: it cannot be recorded");
+        self.failure.lock().get_or_insert(why.clone());
+        unavailable(&why)
+    }
+}
+
+/// The host the client named: HTTP/2's authority, else the Host header.
+fn request_host(request: &Request<Incoming>) -> String {
+    if let Some(authority) = request.uri().authority() {
+        return authority.as_str().to_owned();
+    }
+    request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn drop_hop_headers(headers: &mut HeaderMap) {
+    // Headers the Connection header names are of this hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in HOP_HEADERS.iter().chain(&named) {
+        headers.remove(name);
+    }
+}
+
+fn refused(reason: String) -> Verdict {
+    Verdict {
+        action: Action::Deny,
+        rule: None,
+        reason,
+    }
+}
+
+/// A refused request's answer: which rule, and why, as JSON.
+fn refusal(status: StatusCode, decision: &Decision, recorder: &Recorder) -> Response<Body> {
+    json(
+        status,
+        &serde_json::json!({
+            "error": "interlock: request refused",
+            "rule": decision.rule_name(),
+            "reason": decision.verdict.reason,
+            "session": recorder.id().to_string(),
+        }),
+    )
+}
+
+fn unavailable(why: &str) -> Response<Body> {
+    let mut response = json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &serde_json::json!({ "error": format!("interlock: {why}") }),
+    );
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+    let body = Full::new(Bytes::from(body.to_string()))
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The upstream side: connections to the original destination, made as
+/// the target says (TLS verified against its CAs, or plain).
+struct Upstream {
+    orig_dst: OrigDstAddr,
+    kernel: Arc<dyn crate::intercept::Interception>,
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+    idle: Arc<parking_lot::Mutex<Vec<SendRequest<Uploaded>>>>,
+}
+
+impl Upstream {
+    fn new(
+        context: &ProxyContext,
+        target: &crate::policy::Target,
+        orig_dst: OrigDstAddr,
+    ) -> Result<Self, String> {
+        let tls = match target.tls {
+            UpstreamTls::Disable => None,
+            mode => {
+                let config = crate::tls::upstream_config(mode, target.tls_ca_file.as_deref())
+                    .map_err(|e| e.to_string())?;
+                let name = super::upstream_name(target, &orig_dst);
+                let name = rustls::pki_types::ServerName::try_from(name.clone())
+                    .map_err(|_| format!("{name:?} is not a server name"))?;
+                Some((tokio_rustls::TlsConnector::from(config), name))
+            }
+        };
+        Ok(Self {
+            orig_dst,
+            kernel: context.gate.kernel.clone(),
+            tls,
+            idle: Arc::default(),
+        })
+    }
+
+    /// An idle connection ready for a request, or a new one.
+    async fn sender(&self) -> Result<SendRequest<Uploaded>, String> {
+        while let Some(sender) = self.idle.lock().pop() {
+            if sender.is_ready() {
+                return Ok(sender);
+            }
+        }
+        let dst = self.orig_dst;
+        let tcp = super::tcp::connect_upstream(dst, &*self.kernel)
+            .await
+            .map_err(|e| format!("connecting to {}: {e}", dst.0))?;
+        let _ = tcp.set_nodelay(true);
+        match &self.tls {
+            None => handshake(tcp).await,
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| format!("TLS to {}: {e}", dst.0))?;
+                handshake(tls).await
+            }
+        }
+    }
+
+    /// Keeps a connection for the next request once its answer has been
+    /// read to the end.
+    fn give_back(&self, mut sender: SendRequest<Uploaded>) {
+        let idle = self.idle.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                let mut idle = idle.lock();
+                if idle.len() < IDLE_UPSTREAMS {
+                    idle.push(sender);
+                }
+            }
+        });
+    }
+}
+
+async fn handshake<S>(io: S) -> Result<SendRequest<Uploaded>, String>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("HTTP to the server: {e}"))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "upstream HTTP connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// The client's request body on its way up, counted.
+struct Uploaded {
+    inner: Incoming,
+    bytes: Arc<ByteCounters>,
+}
+
+impl HttpBody for Uploaded {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes
+                .up
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The server's response body on its way down, counted; how it ended is
+/// recorded when it is dropped (read to its end, or the client left).
+struct Downloaded {
+    inner: Incoming,
+    n: u64,
+    status: u16,
+    started: Instant,
+    bytes: u64,
+    ended: bool,
+    error: Option<String>,
+    connection: Arc<Connection>,
+}
+
+impl HttpBody for Downloaded {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    self.bytes += len;
+                    self.connection.bytes.down.fetch_add(len, Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(Some(Err(error))) => self.error = Some(error.to_string()),
+            Poll::Ready(None) => self.ended = true,
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Downloaded {
+    fn drop(&mut self) {
+        let ended = self.ended || self.inner.is_end_stream();
+        let error = match (&self.error, ended) {
+            (Some(error), _) => Some(error.as_str()),
+            (None, true) => None,
+            (None, false) => Some("the client stopped reading before the end"),
+        };
+        self.connection
+            .record_response(self.n, Some(self.status), self.bytes, self.started, error);
+    }
+}

@@ -1,0 +1,121 @@
+//! A throwaway nginx (Debian's) serving HTTPS with a certificate from a CA
+//! of the test's own, and accepting only one bearer token: the one the
+//! agent holds, never the client.
+use super::*;
+
+pub struct Nginx {
+    pub dir: PathBuf,
+    pub port: u16,
+    child: Child,
+}
+
+/// The token nginx accepts; written to a 0600 file for the agent.
+pub const HELD_TOKEN: &str = "held-token-7c1e";
+
+impl Nginx {
+    pub fn start(name: &str) -> Self {
+        require_root();
+        assert!(
+            Path::new("/usr/sbin/nginx").exists(),
+            "nginx is missing (`cargo xtask setup` installs it)"
+        );
+        let dir =
+            std::env::temp_dir().join(format!("interlock-nginx-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let d = dir.display();
+        // A CA, and a server certificate for api.test and 127.0.0.1.
+        run_ok(Command::new("sh").arg("-c").arg(format!(
+            "cd {d} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+               -subj '/CN=test upstream CA' -keyout ca.key -out ca.pem 2>/dev/null \
+             && openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj '/CN=api.test' \
+               -keyout server.key -out server.csr 2>/dev/null \
+             && printf 'subjectAltName=DNS:api.test,IP:127.0.0.1\\n' > san.ext \
+             && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+               -extfile san.ext -out server.pem 2>/dev/null"
+        )));
+        let token_file = dir.join("token");
+        fs::write(&token_file, HELD_TOKEN).unwrap();
+        fs::set_permissions(&token_file, fs::Permissions::from_mode(0o600)).unwrap();
+        // 100 MB to stream.
+        fs::create_dir_all(dir.join("www")).unwrap();
+        let big = fs::File::create(dir.join("www/big")).unwrap();
+        big.set_len(100 << 20).unwrap();
+        let port = free_port();
+        fs::write(
+            dir.join("nginx.conf"),
+            format!(
+                r#"daemon off;
+master_process off;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{}}
+http {{
+    log_format seen '$request_method $request_uri $http_authorization';
+    access_log {d}/access.log seen;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {d}/server.pem;
+        ssl_certificate_key {d}/server.key;
+        default_type application/json;
+        if ($http_authorization != "Bearer {HELD_TOKEN}") {{
+            return 401 '{{"error": "unauthorized"}}\n';
+        }}
+        location /big {{
+            root {d}/www;
+        }}
+        location / {{
+            return 200 '{{"method": "$request_method", "uri": "$request_uri", "host": "$host"}}\n';
+        }}
+    }}
+}}
+"#
+            ),
+        )
+        .unwrap();
+        let child = Command::new("/usr/sbin/nginx")
+            .args(["-c", &format!("{d}/nginx.conf"), "-p", &d.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nginx");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not start: {}",
+                fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        Self { dir, port, child }
+    }
+
+    /// The requests nginx received: `METHOD URI AUTHORIZATION`, one a line.
+    pub fn seen(&self) -> Vec<String> {
+        fs::read_to_string(self.dir.join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn ca(&self) -> String {
+        self.dir.join("ca.pem").display().to_string()
+    }
+
+    pub fn token_file(&self) -> String {
+        self.dir.join("token").display().to_string()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

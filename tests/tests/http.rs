@@ -1,0 +1,350 @@
+//! HTTP targets with real parts: `curl` in a job's cgroup, with a token of
+//! its own that must never count, reaches a real nginx over HTTPS (HTTP/2
+//! and HTTP/1.1) through the agent, which holds the token nginx accepts.
+//! Every request is decided by method, path and host; what a workload
+//! would try to get around a path rule (dot segments, encoded dots and
+//! slashes, doubled slashes, needless escapes, a lower-case method) is
+//! refused before it reaches nginx, whose own log is the proof.
+use std::{
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use interlock_e2e::*;
+use serde_json::Value;
+
+const ONCALL: u32 = 5001;
+
+fn policy(nginx: &Nginx) -> String {
+    format!(
+        r#"
+[[target]]
+name = "api"
+protocol = "http"
+address = "127.0.0.1:{port}"
+tls_ca_file = {ca:?}
+[target.credential]
+bearer_token_file = {token:?}
+
+[[workload]]
+name = "ci-jobs"
+unit = "ci-job.service"
+
+[[rule]]
+name = "ci-reads-the-api"
+workloads = ["ci-jobs"]
+targets = ["api"]
+decision = "allow"
+methods = ["GET", "HEAD"]
+paths = ["/api/v1/**", "/big"]
+
+[[rule]]
+name = "no-deletes"
+workloads = ["ci-jobs"]
+targets = ["api"]
+decision = "deny"
+methods = ["DELETE"]
+
+[[rule]]
+name = "deploys-need-oncall"
+workloads = ["ci-jobs"]
+targets = ["api"]
+decision = "approve"
+methods = ["POST"]
+paths = ["/api/v1/deploy"]
+approvers = ["uid:{ONCALL}"]
+timeout = "2m"
+"#,
+        port = nginx.port,
+        ca = nginx.ca(),
+        token = nginx.token_file(),
+    )
+}
+
+/// The client's own token: nginx must never see it.
+const CLIENT_TOKEN: &str = "client-token-should-not-pass";
+
+/// `curl` in the job's cgroup with the client's token, trusting the
+/// agent's CA; `extra` goes before the URL. Prints the body, then
+/// `status version` on the last line.
+fn curl_command(agent: &Agent, extra: &str, url: &str) -> String {
+    format!(
+        "exec curl -sS --max-time 60 --cacert {ca} -H 'Authorization: Bearer {CLIENT_TOKEN}' \
+         -w '\\n%{{http_code}} %{{http_version}}\\n' {extra} '{url}'",
+        ca = agent.workdir.join("state/ca/ca.pem").display(),
+    )
+}
+
+struct Answer {
+    status: u16,
+    version: String,
+    body: String,
+    all: String,
+}
+
+fn answer(out: &Output) -> Answer {
+    let text = stdout(out);
+    let (body, last) = text
+        .trim_end()
+        .rsplit_once('\n')
+        .unwrap_or(("", text.trim()));
+    let mut last = last.split_whitespace();
+    Answer {
+        status: last.next().and_then(|s| s.parse().ok()).unwrap_or(0),
+        version: last.next().unwrap_or("").to_owned(),
+        body: body.to_owned(),
+        all: format!("{text}{}", stderr(out)),
+    }
+}
+
+fn curl(job: &std::path::Path, agent: &Agent, extra: &str, url: &str) -> Answer {
+    answer(&sh_in(job, &curl_command(agent, extra, url)))
+}
+
+fn json(answer: &Answer) -> Value {
+    serde_json::from_str(&answer.body).unwrap_or_else(|e| panic!("{e}: not JSON: {:?}", answer.all))
+}
+
+#[test]
+fn http_requests_are_decided_one_by_one_with_the_held_token() {
+    require_root();
+    let name = "http-requests";
+    let nginx = Nginx::start(name);
+    let mut cgroup = TestCgroup::new(name);
+    let (job, _) = cgroup.child("ci-job.service");
+    let agent = Agent::start(&cgroup, name, &policy(&nginx));
+    let base = format!("https://127.0.0.1:{}", nginx.port);
+
+    // Allowed, over HTTP/2 (curl's choice by ALPN) and HTTP/1.1: nginx
+    // answers, having seen the held token only.
+    let got = curl(&job, &agent, "", &format!("{base}/api/v1/items"));
+    assert_eq!(
+        (got.status, got.version.as_str()),
+        (200, "2"),
+        "{}",
+        got.all
+    );
+    assert_eq!(json(&got)["uri"], "/api/v1/items");
+    let got = curl(
+        &job,
+        &agent,
+        "--http1.1",
+        &format!("{base}/api/v1/items?page=2"),
+    );
+    assert_eq!(
+        (got.status, got.version.as_str()),
+        (200, "1.1"),
+        "{}",
+        got.all
+    );
+    assert_eq!(json(&got)["uri"], "/api/v1/items?page=2");
+    assert!(
+        !got.all.contains(HELD_TOKEN),
+        "the held token reached the client"
+    );
+    // A client speaking plain HTTP to the HTTPS target: the agent's hop up
+    // is TLS all the same.
+    let got = curl(
+        &job,
+        &agent,
+        "",
+        &format!("http://127.0.0.1:{}/api/v1/plain", nginx.port),
+    );
+    assert_eq!(got.status, 200, "{}", got.all);
+    // The name the client used is the certificate's (SNI) and the Host.
+    let got = curl(
+        &job,
+        &agent,
+        &format!("--resolve api.test:{0}:127.0.0.1", nginx.port),
+        &format!("https://api.test:{}/api/v1/named", nginx.port),
+    );
+    assert_eq!(got.status, 200, "{}", got.all);
+    assert_eq!(json(&got)["host"], "api.test");
+
+    // Denied: by the deny rule, and by no rule; 403 naming the rule.
+    let got = curl(&job, &agent, "-X DELETE", &format!("{base}/api/v1/items/3"));
+    assert_eq!(got.status, 403, "{}", got.all);
+    assert_eq!(json(&got)["rule"], "no-deletes");
+    let got = curl(&job, &agent, "", &format!("{base}/admin/users"));
+    assert_eq!(got.status, 403, "{}", got.all);
+    assert_eq!(json(&got)["rule"], Value::Null);
+    assert!(
+        json(&got)["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no rule allows GET /admin/users"),
+        "{}",
+        got.body
+    );
+
+    // Other spellings of a path the allow rule does not cover: each would
+    // reach /admin on a server that normalises; each is refused (400).
+    for (extra, path) in [
+        ("--path-as-is", "/api/v1/../../admin/users"),
+        ("--path-as-is", "/api/v1/./../../admin"),
+        ("", "/api/v1/%2e%2e/%2e%2e/admin"),
+        ("", "/api/v1/%2E%2E/%2E%2E/admin"),
+        ("", "/api/v1%2F..%2F..%2Fadmin"),
+        ("--path-as-is", "/api/v1//../admin"),
+        ("", "/api/v1/..;/..;/admin"),
+        ("", "/%61pi/v1/items"),
+        ("", "/api/v1/items%5C..%5Cadmin"),
+    ] {
+        let got = curl(&job, &agent, extra, &format!("{base}{path}"));
+        assert_eq!(got.status, 400, "{path}: {}", got.all);
+    }
+    // Methods are case-sensitive on some servers and not on others.
+    let got = curl(&job, &agent, "-X delete", &format!("{base}/api/v1/items/3"));
+    assert_eq!(got.status, 400, "{}", got.all);
+
+    // A 100 MB download streams through.
+    let got = curl(
+        &job,
+        &agent,
+        "-o /dev/null -w '%{size_download}\\n'",
+        &format!("{base}/big"),
+    );
+    assert!(got.all.contains("104857600"), "{}", got.all);
+
+    // nginx saw the allowed requests only, each with the held token.
+    let seen = nginx.seen();
+    assert_eq!(seen.len(), 5, "{seen:#?}");
+    for line in &seen {
+        assert!(line.ends_with(&format!("Bearer {HELD_TOKEN}")), "{line}");
+        assert!(
+            !line.contains("admin") && !line.contains("DELETE"),
+            "{line}"
+        );
+    }
+
+    // Recorded: one event per request, its decision, and how it ended.
+    let events = http_events(&agent);
+    let requests: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "http_request")
+        .collect();
+    assert_eq!(requests.len(), 17, "{requests:#?}");
+    let denied = requests
+        .iter()
+        .find(|e| e["method"] == "DELETE" && e["path"] == "/api/v1/items/3")
+        .unwrap();
+    assert_eq!(
+        (&denied["decision"], &denied["rule"]),
+        (&Value::from("deny"), &Value::from("no-deletes"))
+    );
+    let big = events
+        .iter()
+        .find(|e| e["kind"] == "http_response" && e["bytes"] == 104857600)
+        .expect("the download's response is recorded with its bytes");
+    assert_eq!(big["status"], 200);
+    for event in &events {
+        assert!(!event.to_string().contains(HELD_TOKEN), "{event}");
+    }
+}
+
+/// Every HTTP event of every session of the agent, in order.
+fn http_events(agent: &Agent) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut events = Vec::new();
+    while events.is_empty() && Instant::now() < deadline {
+        let out = agent.cli(&["sessions", "list", "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        for session in stdout(&out).lines().filter(|l| !l.trim().is_empty()) {
+            let session: Value = serde_json::from_str(session).unwrap();
+            let id = session["id"].as_str().unwrap();
+            let shown = agent.cli(&["sessions", "show", id, "--json"]);
+            let shown: Value = serde_json::from_str(&stdout(&shown)).unwrap();
+            events.extend(shown["events"].as_array().unwrap().iter().cloned());
+        }
+        events.retain(|e| e["kind"].as_str().is_some_and(|k| k.starts_with("http_")));
+        if events.is_empty() {
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+    events
+}
+
+fn spawn_curl(job: &std::path::Path, agent: &Agent, extra: &str, url: &str) -> Child {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs || exit 99\n{}",
+            job.display(),
+            curl_command(agent, extra, url)
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn pending_id(agent: &Agent, command: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = agent.cli(&["approvals", "list", "--json"]);
+        let list: Value = serde_json::from_str(&stdout(&out)).unwrap_or(Value::Null);
+        if let Some(request) = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["command"].as_str().is_some_and(|c| c.contains(command)))
+        {
+            return request["id"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no request for {command}: {}",
+            agent.stderr()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn oncall(agent: &Agent, args: &[&str]) {
+    let out = Command::new("setpriv")
+        .args([
+            format!("--reuid={ONCALL}"),
+            format!("--regid={ONCALL}"),
+            "--clear-groups".into(),
+        ])
+        .arg(interlock_bin())
+        .args(args)
+        .arg("--config")
+        .arg(&agent.config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// A POST an approve rule holds: the client waits; approved, it reaches
+/// nginx; denied, it gets 403 and nginx never sees it.
+#[test]
+fn a_held_http_request_waits_for_a_person() {
+    require_root();
+    let name = "http-approval";
+    let nginx = Nginx::start(name);
+    let mut cgroup = TestCgroup::new(name);
+    let (job, _) = cgroup.child("ci-job.service");
+    let agent = Agent::start(&cgroup, name, &policy(&nginx));
+    let url = format!("https://127.0.0.1:{}/api/v1/deploy", nginx.port);
+
+    let held = spawn_curl(&job, &agent, "-X POST -d '{\"v\":1}'", &url);
+    let id = pending_id(&agent, "POST /api/v1/deploy");
+    assert!(nginx.seen().is_empty(), "nothing reached nginx while held");
+    oncall(&agent, &["approvals", "approve", &id]);
+    let got = answer(&held.wait_with_output().unwrap());
+    assert_eq!(got.status, 200, "{}", got.all);
+    assert_eq!(json(&got)["method"], "POST");
+    assert_eq!(nginx.seen().len(), 1);
+
+    let held = spawn_curl(&job, &agent, "-X POST -d '{\"v\":2}'", &url);
+    let id = pending_id(&agent, "POST /api/v1/deploy");
+    oncall(&agent, &["approvals", "deny", &id, "--reason", "not today"]);
+    let got = answer(&held.wait_with_output().unwrap());
+    assert_eq!(got.status, 403, "{}", got.all);
+    assert!(got.body.contains("not today"), "{}", got.body);
+    assert_eq!(nginx.seen().len(), 1, "the denied POST never reached nginx");
+}
