@@ -48,6 +48,11 @@ pub mod fuzzing {
         crate::proxy::ssh::fuzz::command_line(data);
     }
 
+    /// An HTTP request's method, path and host as policy reads them.
+    pub fn http_request(data: &[u8]) {
+        crate::policy::fuzz_http_request(data);
+    }
+
     /// A configuration file through the loader: errors, never a panic.
     pub fn config(data: &[u8]) {
         let _ = crate::config::Config::from_text("fuzz.toml", &String::from_utf8_lossy(data));
@@ -65,6 +70,7 @@ pub mod fuzzing {
                 ("sql", super::sql),
                 ("ssh_channel", super::ssh_channel),
                 ("command_line", super::command_line),
+                ("http_request", super::http_request),
                 ("config", super::config),
             ] {
                 let mut seen = 0;

@@ -348,3 +348,71 @@ fn a_held_http_request_waits_for_a_person() {
     assert!(got.body.contains("not today"), "{}", got.body);
     assert_eq!(nginx.seen().len(), 1, "the denied POST never reached nginx");
 }
+
+/// Takes the CA out of the host's trust store however the test ends.
+struct Installed<'a>(&'a Agent);
+
+impl Drop for Installed<'_> {
+    fn drop(&mut self) {
+        let out = self.0.cli(&["ca", "uninstall"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+}
+
+/// After `interlock ca install`, clients that read the host's trust store
+/// need nothing (curl, Python's urllib); those with bundles of their own
+/// (Python requests, Node) need the variables `interlock ca env` prints.
+/// None has a token: the agent's is the one nginx sees.
+#[test]
+fn clients_trust_the_agent_once_its_ca_is_installed() {
+    require_root();
+    let name = "http-trust";
+    let nginx = Nginx::start(name);
+    let mut cgroup = TestCgroup::new(name);
+    let (job, _) = cgroup.child("ci-job.service");
+    let agent = Agent::start(&cgroup, name, &policy(&nginx));
+    let out = agent.cli(&["ca", "install"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let _installed = Installed(&agent);
+    let env = agent.cli(&["ca", "env"]);
+    assert!(env.status.success(), "{}", stderr(&env));
+    let exports: String = stdout(&env)
+        .lines()
+        .map(|line| format!("export {line}\n"))
+        .collect();
+    let url = format!("https://127.0.0.1:{}/api/v1/items", nginx.port);
+    for (client, script) in [
+        (
+            "curl",
+            format!("curl -sS -o /dev/null -w '%{{http_code}}' {url}"),
+        ),
+        (
+            "urllib",
+            format!(
+                "/usr/bin/python3 -c 'import urllib.request; print(urllib.request.urlopen(\"{url}\").status)'"
+            ),
+        ),
+        (
+            "requests",
+            format!(
+                "{exports}/usr/bin/python3 -c 'import requests; print(requests.get(\"{url}\").status_code)'"
+            ),
+        ),
+        (
+            "node fetch",
+            format!("{exports}node -e 'fetch(\"{url}\").then(r => console.log(r.status))'"),
+        ),
+    ] {
+        let out = sh_in(&job, &script);
+        assert_eq!(
+            stdout(&out).trim(),
+            "200",
+            "{client}: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+    }
+    let seen = nginx.seen();
+    assert_eq!(seen.len(), 4, "{seen:#?}");
+    assert!(seen.iter().all(|l| l.ends_with(HELD_TOKEN)), "{seen:#?}");
+}

@@ -97,11 +97,12 @@ fn main() -> Result<()> {
 /// left in `fuzz/artifacts/`. The kernel programs are not part of what is
 /// fuzzed, so their build is skipped.
 fn fuzz(only: Option<&str>, seconds: u32) -> Result<()> {
-    const TARGETS: [&str; 5] = [
+    const TARGETS: [&str; 6] = [
         "postgres_frames",
         "sql",
         "ssh_channel",
         "command_line",
+        "http_request",
         "config",
     ];
     if let Some(only) = only

@@ -10,10 +10,11 @@ use crate::exec;
 /// against; OpenSSH's server and clients, `rsync` and `git` for SSH;
 /// asyncpg, psycopg and SQLAlchemy as the PostgreSQL clients applications
 /// use; `python3-venv` for Ansible's own environment; nginx as a real HTTPS
-/// server behind an HTTP target), and
+/// server behind an HTTP target, and Python `requests` as a client with a
+/// CA bundle of its own), and
 /// what the build needs: `pg_query` compiles PostgreSQL's parser (C) and
 /// generates its bindings with libclang.
-const APT_PACKAGES: [&str; 21] = [
+const APT_PACKAGES: [&str; 22] = [
     "libclang-dev",
     "python3-venv",
     "clang",
@@ -35,6 +36,7 @@ const APT_PACKAGES: [&str; 21] = [
     "rsync",
     "git",
     "nginx",
+    "python3-requests",
 ];
 const BPF_LINKER: &str = "bpf-linker@0.10.1";
 const CARGO_FUZZ: &str = "cargo-fuzz@0.13.2";

@@ -2,6 +2,7 @@
 //! `reload`, `detach`, `demo`, `sessions …`, `fleet pull`, `approvals …`,
 //! `grants …`. `anyhow` lives here, at the edge.
 mod approvals;
+mod ca;
 mod sessions;
 mod source;
 
@@ -84,6 +85,14 @@ enum Command {
 enum CaCommand {
     /// Print the CA certificate (PEM), to add to the host's trust store.
     Print(ConfigArg),
+    /// Add the CA to the host's trust store (Debian/Ubuntu, RHEL), which
+    /// curl, Go, Python's ssl and OpenSSL-based clients read. As root.
+    Install(ConfigArg),
+    /// Take the CA out of the host's trust store.
+    Uninstall(ConfigArg),
+    /// Print SSL_CERT_FILE, REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE and
+    /// NODE_EXTRA_CA_CERTS for runtimes with bundles of their own.
+    Env(ConfigArg),
 }
 
 #[derive(Subcommand)]
@@ -230,6 +239,18 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 )
             })?;
             print!("{pem}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca(CaCommand::Install(ConfigArg { config })) => {
+            ca::install(&Config::load(&config)?.agent.state_dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca(CaCommand::Uninstall(_)) => {
+            ca::uninstall()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca(CaCommand::Env(ConfigArg { config })) => {
+            ca::env(&Config::load(&config)?.agent.state_dir);
             Ok(ExitCode::SUCCESS)
         }
         Command::Ssh(SshCommand::KnownHosts(ConfigArg { config })) => {

@@ -172,6 +172,8 @@ fn policy_examples_load_and_evaluate() {
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .unwrap();
+    let ca = files.path().join("internal-ca.pem");
+    std::fs::write(&ca, "").unwrap();
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
@@ -188,7 +190,12 @@ fn policy_examples_load_and_evaluate() {
                 "/etc/interlock/upstream_known_hosts",
                 known_hosts.to_str().unwrap(),
             )
-            .replace("/etc/interlock/secrets/app-db", password.to_str().unwrap());
+            .replace("/etc/interlock/secrets/app-db", password.to_str().unwrap())
+            .replace(
+                "/etc/interlock/secrets/orders-api-token",
+                password.to_str().unwrap(),
+            )
+            .replace("/etc/interlock/internal-ca.pem", ca.to_str().unwrap());
         let config =
             Config::from_text(&path.display().to_string(), &text).unwrap_or_else(|e| panic!("{e}"));
         assert!(
@@ -424,4 +431,87 @@ fn masks_that_cannot_apply_to_a_target_are_refused_at_load() {
         &policy("[\"db\"]", "{ column = \"customers.email\" }"),
     )
     .unwrap();
+}
+
+#[test]
+fn http_targets_hold_one_credential_and_rules_read_requests() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let token = token.display().to_string();
+    let target = |credential: &str| {
+        format!(
+            "[[target]]\nname = \"api\"\nprotocol = \"http\"\naddress = \"10.0.0.1:443\"\n{credential}"
+        )
+    };
+    let loaded = Config::from_text(
+        "ok.toml",
+        &target(&format!(
+            "[target.credential]\nbearer_token_file = {token:?}\n"
+        )),
+    )
+    .unwrap();
+    let held = loaded.policy.targets[0].http.as_ref().unwrap();
+    assert!(!format!("{held:?}").contains("t0ken"), "never printed");
+    let crate::policy::HttpCredential::Header { name, value } = &**held;
+    assert_eq!(
+        (name.as_str(), value.to_str().unwrap()),
+        ("authorization", "Bearer t0ken")
+    );
+    assert!(value.is_sensitive());
+    let basic = Config::from_text(
+        "ok.toml",
+        &target(&format!(
+            "[target.credential]\nuser = \"ci\"\npassword_file = {token:?}\n"
+        )),
+    )
+    .unwrap();
+    let crate::policy::HttpCredential::Header { value, .. } =
+        &**basic.policy.targets[0].http.as_ref().unwrap();
+    assert_eq!(value.to_str().unwrap(), "Basic Y2k6dDBrZW4=");
+    let header = Config::from_text(
+        "ok.toml",
+        &target(&format!(
+            "[target.credential]\nheader = \"X-Api-Key\"\nvalue_file = {token:?}\n"
+        )),
+    )
+    .unwrap();
+    let crate::policy::HttpCredential::Header { name, .. } =
+        &**header.policy.targets[0].http.as_ref().unwrap();
+    assert_eq!(name.as_str(), "x-api-key");
+    // Two at once, or half of one, is refused where it is written.
+    let (line, _, message) = error_of(&target(&format!(
+        "[target.credential]\nbearer_token_file = {token:?}\nheader = \"X\"\nvalue_file = {token:?}\n"
+    )));
+    assert_eq!(line, 5, "{message}");
+    assert!(message.contains("one of"), "{message}");
+    let (_, _, message) = error_of(&target("[target.credential]\nuser = \"ci\"\n"));
+    assert!(message.contains("one of"), "{message}");
+    assert!(Config::from_text("ok.toml", &target("tls = \"disable\"\n")).is_ok());
+
+    let rule = |fields: &str| {
+        format!(
+            "{}[[rule]]\nname = \"r\"\nworkloads = [\"*\"]\ntargets = [\"api\"]\ndecision = \"allow\"\n{fields}",
+            target("")
+        )
+    };
+    let loaded = Config::from_text(
+        "ok.toml",
+        &rule("methods = [\"get\"]\npaths = [\"/api/**\"]\nhosts = [\"API.example.com\"]\n"),
+    )
+    .unwrap();
+    let http = &loaded.policy.rules[0].http;
+    assert_eq!(http.methods, ["GET"]);
+    assert!(http.hosts[0].matches("api.example.com"));
+    let (line, _, message) = error_of(&rule("paths = [\"api/**\"]\n"));
+    assert_eq!(line, 10, "{message}");
+    assert!(message.contains("must start with /"), "{message}");
+    let (_, _, message) = error_of(&rule("methods = [\"GET /\"]\n"));
+    assert!(message.contains("is not a method"), "{message}");
+    let (_, _, message) = error_of(
+        "[[target]]\nname = \"t\"\nprotocol = \"tcp\"\naddress = \"10.0.0.1:1\"\n[[rule]]\nname = \"r\"\nworkloads = [\"*\"]\ntargets = [\"t\"]\ndecision = \"allow\"\npaths = [\"/x\"]\n",
+    );
+    assert!(message.contains("apply to http targets"), "{message}");
 }

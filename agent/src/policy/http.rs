@@ -8,8 +8,9 @@
 //! has one reading: no `.` or `..` segment, no empty segment, no encoded
 //! `/`, `\` or `.`, no `;` parameters, upper-case escapes only, and no
 //! escape of a character that needs none. The method must be written in
-//! upper case (servers differ on `get`); the host is the `Host` header or
-//! the URL's authority, without its port, in lower case.
+//! upper case (servers differ on `get`); the host is the URL's authority
+//! or else the one `Host` header, without its port, in lower case, and
+//! must be there (without it a server picks its default host).
 use super::Pattern;
 
 /// The HTTP fields of a rule. A rule with none of them is about every
@@ -97,7 +98,9 @@ fn host_name(host: &str) -> Result<String, Unreadable> {
         }
     };
     let fine = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':');
-    if !name.bytes().all(fine) {
+    // No host at all: the server would pick its default, which a rule
+    // about hosts cannot know.
+    if name.is_empty() || !name.bytes().all(fine) {
         return Err(bad());
     }
     Ok(name.trim_end_matches('.').to_ascii_lowercase())
@@ -163,6 +166,34 @@ pub fn canonical_path(path: &str) -> Result<String, &'static str> {
     String::from_utf8(decoded).map_err(|_| "escapes that are not UTF-8")
 }
 
+/// For the fuzz target: a method, a path and a host, one a line. What is
+/// read must have the one reading the module promises.
+#[doc(hidden)]
+pub fn fuzz(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut lines = text.splitn(3, '\n');
+    let (method, path, host) = (
+        lines.next().unwrap_or(""),
+        lines.next().unwrap_or(""),
+        lines.next().unwrap_or(""),
+    );
+    let Ok(read) = HttpRequest::read(method, path, host) else {
+        return;
+    };
+    let path = &read.path;
+    assert!(path.starts_with('/'), "{path:?}");
+    assert!(!path.contains("//"), "{path:?}");
+    assert!(!path.split('/').any(|s| s == "." || s == ".."), "{path:?}");
+    assert!(!path.contains(['\\', ';', '\0']), "{path:?}");
+    assert!(!read.host.contains(['/', ' ', '@']), "{:?}", read.host);
+    let rule = HttpRequests {
+        methods: vec!["GET".into()],
+        paths: vec![Pattern::new("/api/**").expect("a pattern")],
+        hosts: vec![Pattern::new("*.internal").expect("a pattern")],
+    };
+    let _ = rule.covers(&read);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +256,8 @@ mod tests {
         assert!(read("get", "x").is_err());
         assert!(read("Delete", "x").is_err());
         assert!(read("", "x").is_err());
+        assert!(read("GET", "").is_err());
+        assert!(read("GET", ":443").is_err());
         assert!(read("GET", "x:y").is_err());
         assert!(read("GET", "a b").is_err());
         assert!(read("GET", "a@b").is_err());

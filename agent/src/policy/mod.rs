@@ -13,6 +13,8 @@ mod statement;
 mod targets;
 
 pub use command::{CommandLine, CommandPattern, Match};
+#[doc(hidden)]
+pub use http::fuzz as fuzz_http_request;
 pub use http::{HttpRequest, HttpRequests};
 pub use mask::{BuiltinPattern, ColumnName, Mask, MaskSelects, MaskSpec, Strategy, walked_around};
 pub use selector::{Pattern, WorkloadSelector};

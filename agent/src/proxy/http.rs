@@ -300,9 +300,10 @@ impl Connection {
     async fn forward(self: &Arc<Self>, n: u64, request: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let (mut parts, body) = request.into_parts();
-        // HTTP/2's :authority is HTTP/1.1's Host.
-        if !parts.headers.contains_key(header::HOST)
-            && let Some(authority) = parts.uri.authority()
+        // The authority (HTTP/2's, or an absolute URL's) is the host the
+        // request was decided for: it replaces any Host header, as a
+        // server reading the URL would ignore that header (RFC 9112 §3.2.2).
+        if let Some(authority) = parts.uri.authority()
             && let Ok(host) = HeaderValue::from_str(authority.as_str())
         {
             parts.headers.insert(header::HOST, host);
@@ -390,17 +391,19 @@ impl Connection {
     }
 }
 
-/// The host the client named: HTTP/2's authority, else the Host header.
+/// The host the client named: the URL's authority (HTTP/2's, or an
+/// absolute URL's), else the Host header. Two Host headers have no one
+/// reading: none is returned, and the request is refused.
 fn request_host(request: &Request<Incoming>) -> String {
     if let Some(authority) = request.uri().authority() {
         return authority.as_str().to_owned();
     }
-    request
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or_default()
-        .to_owned()
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(host), None) => host.to_str().unwrap_or(" ").to_owned(),
+        (None, _) => String::new(),
+        (Some(_), Some(_)) => " (two Host headers)".to_owned(),
+    }
 }
 
 fn drop_hop_headers(headers: &mut HeaderMap) {
