@@ -66,6 +66,11 @@ http {{
         location /big {{
             root {d}/www;
         }}
+        # An endpoint that echoes the credential it got, body and header.
+        location /api/v1/echo {{
+            add_header X-Seen-Authorization $http_authorization;
+            return 200 '{{"authorization": "$http_authorization"}}\n';
+        }}
         location / {{
             return 200 '{{"method": "$request_method", "uri": "$request_uri", "host": "$host"}}\n';
         }}
@@ -101,6 +106,13 @@ http {{
             .lines()
             .map(str::to_owned)
             .collect()
+    }
+
+    /// A sparse file of `bytes` served at `/big<suffix>`.
+    pub fn file(&self, suffix: &str, bytes: u64) -> String {
+        let file = fs::File::create(self.dir.join(format!("www/big{suffix}"))).unwrap();
+        file.set_len(bytes).unwrap();
+        format!("/big{suffix}")
     }
 
     pub fn ca(&self) -> String {

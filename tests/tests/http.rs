@@ -40,6 +40,13 @@ methods = ["GET", "HEAD"]
 paths = ["/api/v1/**", "/big"]
 
 [[rule]]
+name = "echo-takes-any-method"
+workloads = ["ci-jobs"]
+targets = ["api"]
+decision = "allow"
+paths = ["/api/v1/echo"]
+
+[[rule]]
 name = "no-deletes"
 workloads = ["ci-jobs"]
 targets = ["api"]
@@ -162,6 +169,21 @@ fn http_requests_are_decided_one_by_one_with_the_held_token() {
     assert_eq!(got.status, 200, "{}", got.all);
     assert_eq!(json(&got)["host"], "api.test");
 
+    // An endpoint that echoes what it got: the held token comes back
+    // blanked out, in the body and in a header.
+    let got = curl(&job, &agent, "-i", &format!("{base}/api/v1/echo"));
+    assert_eq!(got.status, 200, "{}", got.all);
+    assert!(!got.all.contains(HELD_TOKEN), "{}", got.all);
+    assert!(
+        got.all
+            .contains(&format!("Bearer {}", "*".repeat(HELD_TOKEN.len()))),
+        "{}",
+        got.all
+    );
+    // TRACE would echo the request as nginx got it: never relayed.
+    let got = curl(&job, &agent, "-X TRACE", &format!("{base}/api/v1/echo"));
+    assert_eq!(got.status, 501, "{}", got.all);
+
     // Denied: by the deny rule, and by no rule; 403 naming the rule.
     let got = curl(&job, &agent, "-X DELETE", &format!("{base}/api/v1/items/3"));
     assert_eq!(got.status, 403, "{}", got.all);
@@ -209,7 +231,7 @@ fn http_requests_are_decided_one_by_one_with_the_held_token() {
 
     // nginx saw the allowed requests only, each with the held token.
     let seen = nginx.seen();
-    assert_eq!(seen.len(), 5, "{seen:#?}");
+    assert_eq!(seen.len(), 6, "{seen:#?}");
     for line in &seen {
         assert!(line.ends_with(&format!("Bearer {HELD_TOKEN}")), "{line}");
         assert!(
@@ -224,7 +246,7 @@ fn http_requests_are_decided_one_by_one_with_the_held_token() {
         .iter()
         .filter(|e| e["kind"] == "http_request")
         .collect();
-    assert_eq!(requests.len(), 17, "{requests:#?}");
+    assert_eq!(requests.len(), 19, "{requests:#?}");
     let denied = requests
         .iter()
         .find(|e| e["method"] == "DELETE" && e["path"] == "/api/v1/items/3")

@@ -67,6 +67,16 @@ enum Bench {
         #[arg(long, default_value_t = 1000)]
         connects: usize,
     },
+    /// HTTP: direct vs an nginx reverse proxy vs Interlock (keep-alive
+    /// HTTPS requests/s and latency; MB/s of a 1 GiB download).
+    Http {
+        /// Seconds per wrk run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// MiB downloaded.
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+    },
     /// One small durable write on the state directory's disk, by each way
     /// of making it durable (fdatasync, fsync, O_DSYNC, sync_file_range).
     Disk {
@@ -118,6 +128,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             stream_rows,
         } => crate::bench_postgres::run(seconds, stream_rows),
         Bench::Ssh { mib, connects } => crate::bench_ssh::run(mib, connects),
+        Bench::Http { seconds, mib } => crate::bench_http::run(seconds, mib),
         Bench::Statements { count } => {
             prepare()?;
             let binary = std::env::var_os("INTERLOCK_BIN").expect("set by prepare");

@@ -21,6 +21,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_disk;
+mod bench_http;
 mod bench_postgres;
 mod bench_sessions;
 mod bench_ssh;

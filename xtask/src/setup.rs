@@ -11,10 +11,10 @@ use crate::exec;
 /// asyncpg, psycopg and SQLAlchemy as the PostgreSQL clients applications
 /// use; `python3-venv` for Ansible's own environment; nginx as a real HTTPS
 /// server behind an HTTP target, and Python `requests` as a client with a
-/// CA bundle of its own), and
+/// CA bundle of its own; `wrk` for `bench http`), and
 /// what the build needs: `pg_query` compiles PostgreSQL's parser (C) and
 /// generates its bindings with libclang.
-const APT_PACKAGES: [&str; 22] = [
+const APT_PACKAGES: [&str; 23] = [
     "libclang-dev",
     "python3-venv",
     "clang",
@@ -37,6 +37,7 @@ const APT_PACKAGES: [&str; 22] = [
     "git",
     "nginx",
     "python3-requests",
+    "wrk",
 ];
 const BPF_LINKER: &str = "bpf-linker@0.10.1";
 const CARGO_FUZZ: &str = "cargo-fuzz@0.13.2";

@@ -455,7 +455,12 @@ fn http_targets_hold_one_credential_and_rules_read_requests() {
     .unwrap();
     let held = loaded.policy.targets[0].http.as_ref().unwrap();
     assert!(!format!("{held:?}").contains("t0ken"), "never printed");
-    let crate::policy::HttpCredential::Header { name, value } = &**held;
+    let crate::policy::HttpCredential::Header {
+        name,
+        value,
+        secret,
+    } = &**held;
+    assert_eq!(&secret[..], b"t0ken");
     assert_eq!(
         (name.as_str(), value.to_str().unwrap()),
         ("authorization", "Bearer t0ken")

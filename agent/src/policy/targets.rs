@@ -82,25 +82,42 @@ pub enum HttpCredential {
     Header {
         name: http::HeaderName,
         value: http::HeaderValue,
+        /// The secret part of the value (the token, the encoded user and
+        /// password): a response that echoes it gets it blanked out.
+        secret: std::sync::Arc<[u8]>,
     },
 }
 
 impl HttpCredential {
-    pub fn header(name: http::HeaderName, value: &str) -> Result<Self, String> {
+    /// `value` is sent; `secret`, a part of it, is what must never come
+    /// back to the client.
+    fn with_secret(name: http::HeaderName, value: &str, secret: &str) -> Result<Self, String> {
         let mut value = http::HeaderValue::from_str(value)
             .map_err(|_| "the value is not a valid header value".to_owned())?;
         value.set_sensitive(true);
-        Ok(Self::Header { name, value })
+        Ok(Self::Header {
+            name,
+            value,
+            secret: secret.as_bytes().into(),
+        })
+    }
+
+    pub fn header(name: http::HeaderName, value: &str) -> Result<Self, String> {
+        Self::with_secret(name, value, value)
     }
 
     pub fn bearer(token: &str) -> Result<Self, String> {
-        Self::header(http::header::AUTHORIZATION, &format!("Bearer {token}"))
+        Self::with_secret(
+            http::header::AUTHORIZATION,
+            &format!("Bearer {token}"),
+            token,
+        )
     }
 
     pub fn basic(user: &str, password: &str) -> Result<Self, String> {
         use base64::Engine;
         let pair = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-        Self::header(http::header::AUTHORIZATION, &format!("Basic {pair}"))
+        Self::with_secret(http::header::AUTHORIZATION, &format!("Basic {pair}"), &pair)
     }
 }
 

@@ -221,11 +221,11 @@ impl Connection {
                 return response;
             }
         }
-        if request.headers().contains_key(header::UPGRADE) {
+        if let Some(why) = never_relayed(&request) {
             return json(
                 StatusCode::NOT_IMPLEMENTED,
                 &serde_json::json!({
-                    "error": "interlock: protocol upgrades (WebSocket, SPDY) are not relayed yet",
+                    "error": format!("interlock: {why}"),
                     "session": self.recorder.id().to_string(),
                 }),
             );
@@ -309,7 +309,7 @@ impl Connection {
             parts.headers.insert(header::HOST, host);
         }
         drop_hop_headers(&mut parts.headers);
-        if let Some(HttpCredential::Header { name, value }) = self.credential.as_deref() {
+        if let Some(HttpCredential::Header { name, value, .. }) = self.credential.as_deref() {
             parts.headers.remove(header::AUTHORIZATION);
             parts.headers.insert(name.clone(), value.clone());
         }
@@ -334,6 +334,11 @@ impl Connection {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 drop_hop_headers(&mut parts.headers);
+                let scrub = self.credential.as_deref().and_then(|held| {
+                    let HttpCredential::Header { secret, .. } = held;
+                    scrub_headers(&mut parts.headers, secret);
+                    Scrub::new(secret.clone())
+                });
                 let body = Downloaded {
                     inner: body,
                     n,
@@ -342,6 +347,8 @@ impl Connection {
                     bytes: 0,
                     ended: false,
                     error: None,
+                    scrub,
+                    pending: None,
                     connection: self.clone(),
                 };
                 Response::from_parts(parts, body.boxed_unsync())
@@ -389,6 +396,20 @@ impl Connection {
         self.failure.lock().get_or_insert(why.clone());
         unavailable(&why)
     }
+}
+
+/// What the agent does not pass on, whatever the policy: TRACE, whose
+/// answer echoes the request as the server got it (the held credential
+/// with it); CONNECT and upgrades, which it does not relay yet.
+fn never_relayed(request: &Request<Incoming>) -> Option<&'static str> {
+    if request.method() == http::Method::TRACE {
+        return Some("TRACE is never relayed (its answer would echo the held credential)");
+    }
+    if request.method() == http::Method::CONNECT || request.headers().contains_key(header::UPGRADE)
+    {
+        return Some("CONNECT and protocol upgrades (WebSocket, SPDY) are not relayed yet");
+    }
+    None
 }
 
 /// The host the client named: the URL's authority (HTTP/2's, or an
@@ -590,8 +611,9 @@ impl HttpBody for Uploaded {
     }
 }
 
-/// The server's response body on its way down, counted; how it ended is
-/// recorded when it is dropped (read to its end, or the client left).
+/// The server's response body on its way down: the held credential
+/// blanked out wherever it is echoed, counted; how it ended is recorded
+/// when it is dropped (read to its end, or the client left).
 struct Downloaded {
     inner: Incoming,
     n: u64,
@@ -600,7 +622,19 @@ struct Downloaded {
     bytes: u64,
     ended: bool,
     error: Option<String>,
+    scrub: Option<Scrub>,
+    /// A frame held back while the scrub's tail goes first.
+    pending: Option<Frame<Bytes>>,
     connection: Arc<Connection>,
+}
+
+impl Downloaded {
+    fn count(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let len = data.len() as u64;
+        self.bytes += len;
+        self.connection.bytes.down.fetch_add(len, Ordering::Relaxed);
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
 }
 
 impl HttpBody for Downloaded {
@@ -611,28 +645,134 @@ impl HttpBody for Downloaded {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let len = data.len() as u64;
-                    self.bytes += len;
-                    self.connection.bytes.down.fetch_add(len, Ordering::Relaxed);
+        if let Some(frame) = self.pending.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => {
+                    let data = match &mut self.scrub {
+                        Some(scrub) => scrub.push(data),
+                        None => data,
+                    };
+                    self.count(data)
+                }
+                // Trailers: whatever the scrub holds back goes first.
+                Err(frame) => match self.scrub.as_mut().map(Scrub::finish) {
+                    Some(tail) if !tail.is_empty() => {
+                        self.pending = Some(frame);
+                        self.count(tail)
+                    }
+                    _ => Poll::Ready(Some(Ok(frame))),
+                },
+            },
+            Poll::Ready(Some(Err(error))) => {
+                self.error = Some(error.to_string());
+                Poll::Ready(Some(Err(error)))
+            }
+            Poll::Ready(None) => {
+                self.ended = true;
+                match self.scrub.as_mut().map(Scrub::finish) {
+                    Some(tail) if !tail.is_empty() => self.count(tail),
+                    _ => Poll::Ready(None),
                 }
             }
-            Poll::Ready(Some(Err(error))) => self.error = Some(error.to_string()),
-            Poll::Ready(None) => self.ended = true,
-            Poll::Pending => {}
+            Poll::Pending => Poll::Pending,
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.pending.is_none()
+            && (self.ended
+                || (self.inner.is_end_stream() && self.scrub.as_ref().is_none_or(Scrub::is_empty)))
     }
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Blanks out a secret wherever it appears in a stream of chunks, keeping
+/// lengths (so `Content-Length` stays true): a chunk's end that could be
+/// the start of the secret is held back until the next one shows whether
+/// it is. A chunk with neither passes as it is, without a copy.
+struct Scrub {
+    secret: Arc<[u8]>,
+    tail: Vec<u8>,
+}
+
+/// Shorter secrets are not looked for: they would blank out ordinary text.
+const SCRUB_MIN_LEN: usize = 8;
+
+impl Scrub {
+    fn new(secret: Arc<[u8]>) -> Option<Self> {
+        (secret.len() >= SCRUB_MIN_LEN).then(|| Self {
+            secret,
+            tail: Vec::new(),
+        })
+    }
+
+    fn push(&mut self, chunk: Bytes) -> Bytes {
+        let mut data = if self.tail.is_empty() {
+            chunk
+        } else {
+            let mut joined = std::mem::take(&mut self.tail);
+            joined.extend_from_slice(&chunk);
+            Bytes::from(joined)
+        };
+        let finder = memchr::memmem::Finder::new(&self.secret[..]);
+        if finder.find(&data).is_some() {
+            let mut blanked = data.to_vec();
+            for at in finder.find_iter(&data) {
+                blanked[at..at + self.secret.len()].fill(b'*');
+            }
+            data = Bytes::from(blanked);
+        }
+        let hold = self.overlap(&data);
+        if hold > 0 {
+            self.tail.extend_from_slice(&data[data.len() - hold..]);
+            data.truncate(data.len() - hold);
+        }
+        data
+    }
+
+    /// The longest end of `data` that is a start of the secret.
+    fn overlap(&self, data: &[u8]) -> usize {
+        let longest = (self.secret.len() - 1).min(data.len());
+        (1..=longest)
+            .rev()
+            .find(|&k| data[data.len() - k..] == self.secret[..k])
+            .unwrap_or(0)
+    }
+
+    fn finish(&mut self) -> Bytes {
+        Bytes::from(std::mem::take(&mut self.tail))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tail.is_empty()
+    }
+}
+
+/// The same for response headers.
+fn scrub_headers(headers: &mut HeaderMap, secret: &[u8]) {
+    if secret.len() < SCRUB_MIN_LEN {
+        return;
+    }
+    let finder = memchr::memmem::Finder::new(secret);
+    for value in headers.values_mut() {
+        if finder.find(value.as_bytes()).is_some() {
+            let mut blanked = value.as_bytes().to_vec();
+            for at in finder.find_iter(value.as_bytes()) {
+                blanked[at..at + secret.len()].fill(b'*');
+            }
+            if let Ok(new) = HeaderValue::from_bytes(&blanked) {
+                *value = new;
+            }
+        }
     }
 }
 
@@ -646,5 +786,45 @@ impl Drop for Downloaded {
         };
         self.connection
             .record_response(self.n, Some(self.status), self.bytes, self.started, error);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The secret cut at every point across two chunks, and twice in one.
+    #[test]
+    fn an_echoed_secret_is_blanked_out_wherever_chunks_cut_it() {
+        let secret: Arc<[u8]> = b"tok-123456".as_slice().into();
+        let text = br#"{"auth": "Bearer tok-123456", "again": "tok-123456tok-12"}"#;
+        let want = br#"{"auth": "Bearer **********", "again": "**********tok-12"}"#;
+        for cut in 0..=text.len() {
+            let mut scrub = Scrub::new(secret.clone()).unwrap();
+            let mut out = Vec::new();
+            out.extend_from_slice(&scrub.push(Bytes::copy_from_slice(&text[..cut])));
+            out.extend_from_slice(&scrub.push(Bytes::copy_from_slice(&text[cut..])));
+            out.extend_from_slice(&scrub.finish());
+            assert_eq!(out, want, "cut at {cut}");
+        }
+        // Byte by byte.
+        let mut scrub = Scrub::new(secret.clone()).unwrap();
+        let mut out = Vec::new();
+        for byte in text {
+            out.extend_from_slice(&scrub.push(Bytes::copy_from_slice(&[*byte])));
+        }
+        out.extend_from_slice(&scrub.finish());
+        assert_eq!(out, want);
+        // A chunk without the secret passes without a copy.
+        let mut scrub = Scrub::new(secret.clone()).unwrap();
+        let plain = Bytes::from_static(b"nothing here");
+        let passed = scrub.push(plain.clone());
+        assert_eq!(passed.as_ptr(), plain.as_ptr());
+        assert!(Scrub::new(b"short".as_slice().into()).is_none());
+
+        let mut headers = HeaderMap::new();
+        headers.insert("x-echo", HeaderValue::from_static("Bearer tok-123456"));
+        scrub_headers(&mut headers, &secret);
+        assert_eq!(headers["x-echo"], "Bearer **********");
     }
 }
