@@ -48,9 +48,11 @@ pub mod fuzzing {
         crate::proxy::ssh::fuzz::command_line(data);
     }
 
-    /// An HTTP request's method, path and host as policy reads them.
+    /// An HTTP request's method, path and host as policy reads them, and
+    /// a response body through the scrub of the held credential.
     pub fn http_request(data: &[u8]) {
         crate::policy::fuzz_http_request(data);
+        crate::proxy::http::fuzz_scrub(data);
     }
 
     /// A configuration file through the loader: errors, never a panic.

@@ -115,6 +115,9 @@ pub fn canonical_path(path: &str) -> Result<String, &'static str> {
     let Some(rest) = path.strip_prefix('/') else {
         return Err("it does not start with /");
     };
+    if !path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("a character that must be escaped");
+    }
     if path.contains('\\') {
         return Err("a backslash");
     }
@@ -234,6 +237,9 @@ mod tests {
             "/a%zz",
             "/a%00",
             "/a%FF",
+            "/a b",
+            "/a\0b",
+            "/caf\u{e9}",
         ] {
             assert!(
                 canonical_path(path).is_err(),

@@ -789,6 +789,27 @@ impl Drop for Downloaded {
     }
 }
 
+/// For the fuzz target: a server's body cut where the input says, through
+/// the scrub, must come out as the whole body blanked at once would.
+#[doc(hidden)]
+pub fn fuzz_scrub(data: &[u8]) {
+    let Some((&cut, body)) = data.split_first() else {
+        return;
+    };
+    let secret: Arc<[u8]> = b"tok-1234tok".as_slice().into();
+    let mut scrub = Scrub::new(secret.clone()).expect("long enough");
+    let mut out = Vec::with_capacity(body.len());
+    for chunk in body.chunks(usize::from(cut).max(1)) {
+        out.extend_from_slice(&scrub.push(Bytes::copy_from_slice(chunk)));
+    }
+    out.extend_from_slice(&scrub.finish());
+    let mut whole = Scrub::new(secret).expect("long enough");
+    let mut want = whole.push(Bytes::copy_from_slice(body)).to_vec();
+    want.extend_from_slice(&whole.finish());
+    assert_eq!(out, want);
+    assert!(memchr::memmem::find(&out, b"tok-1234tok").is_none());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! The proxy: accept a redirected connection, have the `conn` stage admit
 //! it, then hand it to its target's protocol.
-mod http;
+#[doc(hidden)]
+pub mod http;
 pub mod postgres;
 pub mod ssh;
 mod tcp;
