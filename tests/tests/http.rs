@@ -216,6 +216,25 @@ fn http_requests_are_decided_one_by_one_with_the_held_token() {
         let got = curl(&job, &agent, extra, &format!("{base}{path}"));
         assert_eq!(got.status, 400, "{path}: {}", got.all);
     }
+    // A request must name one host: two Host headers, or none, are 400.
+    for head in [
+        "GET /api/v1/items HTTP/1.1\\r\\nHost: api.test\\r\\nHost: admin.test\\r\\n",
+        "GET /api/v1/items HTTP/1.0\\r\\n",
+    ] {
+        let status = raw_request(&job, &agent, nginx.port, head);
+        assert!(status.contains(" 400 Bad Request"), "{head}: {status}");
+    }
+    // An absolute URL names the host decided, and it is the one sent.
+    let status = raw_request(
+        &job,
+        &agent,
+        nginx.port,
+        &format!(
+            "GET https://api.test:{}/api/v1/absolute HTTP/1.1\\r\\nHost: admin.test\\r\\n",
+            nginx.port
+        ),
+    );
+    assert!(status.contains("\"host\": \"api.test\""), "{status}");
     // Methods are case-sensitive on some servers and not on others.
     let got = curl(&job, &agent, "-X delete", &format!("{base}/api/v1/items/3"));
     assert_eq!(got.status, 400, "{}", got.all);
@@ -231,7 +250,7 @@ fn http_requests_are_decided_one_by_one_with_the_held_token() {
 
     // nginx saw the allowed requests only, each with the held token.
     let seen = nginx.seen();
-    assert_eq!(seen.len(), 6, "{seen:#?}");
+    assert_eq!(seen.len(), 7, "{seen:#?}");
     for line in &seen {
         assert!(line.ends_with(&format!("Bearer {HELD_TOKEN}")), "{line}");
         assert!(
@@ -246,7 +265,7 @@ fn http_requests_are_decided_one_by_one_with_the_held_token() {
         .iter()
         .filter(|e| e["kind"] == "http_request")
         .collect();
-    assert_eq!(requests.len(), 19, "{requests:#?}");
+    assert_eq!(requests.len(), 22, "{requests:#?}");
     let denied = requests
         .iter()
         .find(|e| e["method"] == "DELETE" && e["path"] == "/api/v1/items/3")
@@ -263,6 +282,31 @@ fn http_requests_are_decided_one_by_one_with_the_held_token() {
     for event in &events {
         assert!(!event.to_string().contains(HELD_TOKEN), "{event}");
     }
+}
+
+/// Sends a request head (lines joined by `\\r\\n`, as Python reads them)
+/// over TLS from the job's cgroup, as written: what curl would not send.
+/// Returns the answer's status line and body.
+fn raw_request(job: &std::path::Path, agent: &Agent, port: u16, head: &str) -> String {
+    let out = sh_in(
+        job,
+        &format!(
+            "exec /usr/bin/python3 -c '
+import socket, ssl
+context = ssl.create_default_context(cafile=\"{ca}\")
+with socket.create_connection((\"127.0.0.1\", {port})) as raw:
+    with context.wrap_socket(raw, server_hostname=\"api.test\") as tls:
+        tls.sendall(b\"{head}Connection: close\\r\\n\\r\\n\")
+        answer = b\"\"
+        while chunk := tls.recv(65536):
+            answer += chunk
+lines = answer.decode().split(\"\\r\\n\")
+print(lines[0], lines[-1])
+'",
+            ca = agent.workdir.join("state/ca/ca.pem").display(),
+        ),
+    );
+    format!("{}{}", stdout(&out), stderr(&out))
 }
 
 /// Every HTTP event of every session of the agent, in order.
