@@ -61,7 +61,7 @@ pub fn run(seconds: u32, mib: u64) -> Result<()> {
         ))?;
         let report = WrkReport::parse(&wrk).with_context(|| format!("{name}: wrk said:\n{wrk}"))?;
         let speed = run(&format!(
-            "curl -sS --fail --cacert {ca} {header} -o /dev/null -w '%{{speed_download}}' {url}{download}"
+            "curl -sS --fail --http1.1 --cacert {ca} {header} -o /dev/null -w '%{{speed_download}}' {url}{download}"
         ))?;
         let mbps = speed.trim().parse::<f64>().unwrap_or(f64::NAN) / 1e6;
         if name == "direct" {

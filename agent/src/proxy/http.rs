@@ -200,23 +200,40 @@ impl Connection {
             reason: &decision.verdict.reason,
         };
         let denied = decision.verdict.action == Action::Deny && (decision.active.enforce || !read);
-        // Nothing goes upstream before its record is on disk.
-        let recorded = match self.recorder.append(&event) {
-            Ok(ticket) => self.recorder.durable(ticket).await,
-            Err(error) => Err(error),
+        let held = decision.verdict.action == Action::Approve && decision.active.enforce;
+        let ticket = match self.recorder.append(&event) {
+            Ok(ticket) => ticket,
+            Err(error) => return self.fail(format!("the session cannot be recorded: {error}")),
         };
-        if let Err(error) = recorded {
+        self.recorder.count_statement(denied);
+        // A request that passes straight on and cannot change anything (a
+        // safe method: GET, HEAD, OPTIONS) goes up while its record is
+        // flushed, and its answer waits for the record; every other one
+        // goes up only once its record is on disk (docs/SESSIONS.md).
+        if read
+            && !denied
+            && !held
+            && request.method().is_safe()
+            && never_relayed(&request).is_none()
+        {
+            let (recorded, response) =
+                tokio::join!(self.recorder.durable(ticket), self.forward(n, request));
+            return match recorded {
+                Ok(()) => response,
+                Err(error) => self.fail(format!("the session cannot be recorded: {error}")),
+            };
+        }
+        if let Err(error) = self.recorder.durable(ticket).await {
             return self.fail(format!("the session cannot be recorded: {error}"));
         }
-        self.recorder.count_statement(denied);
         if !read {
             return refusal(StatusCode::BAD_REQUEST, &decision, &self.recorder);
         }
         if denied {
             return refusal(StatusCode::FORBIDDEN, &decision, &self.recorder);
         }
-        if decision.verdict.action == Action::Approve && decision.active.enforce {
-            let command = format!("{} {} (host {host})", request.method(), path);
+        if held {
+            let command = format!("{} {} (host {host})", request.method(), request.uri().path());
             if let Err(response) = self.approval(&decision, &command).await {
                 return response;
             }
@@ -701,6 +718,7 @@ impl HttpBody for Downloaded {
 /// it is. A chunk with neither passes as it is, without a copy.
 struct Scrub {
     secret: Arc<[u8]>,
+    finder: memchr::memmem::Finder<'static>,
     tail: Vec<u8>,
 }
 
@@ -710,6 +728,7 @@ const SCRUB_MIN_LEN: usize = 8;
 impl Scrub {
     fn new(secret: Arc<[u8]>) -> Option<Self> {
         (secret.len() >= SCRUB_MIN_LEN).then(|| Self {
+            finder: memchr::memmem::Finder::new(&secret[..]).into_owned(),
             secret,
             tail: Vec::new(),
         })
@@ -723,10 +742,9 @@ impl Scrub {
             joined.extend_from_slice(&chunk);
             Bytes::from(joined)
         };
-        let finder = memchr::memmem::Finder::new(&self.secret[..]);
-        if finder.find(&data).is_some() {
+        if self.finder.find(&data).is_some() {
             let mut blanked = data.to_vec();
-            for at in finder.find_iter(&data) {
+            for at in self.finder.find_iter(&data) {
                 blanked[at..at + self.secret.len()].fill(b'*');
             }
             data = Bytes::from(blanked);
