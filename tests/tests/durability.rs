@@ -9,7 +9,10 @@
 //!   `psql` printed has its `SELECT` in a record;
 //! - an opaque TCP connection sends no byte upstream before its session's
 //!   start is on disk: every marker the server received came from a client
-//!   port that a recorded `session_start` names.
+//!   port that a recorded `session_start` names;
+//! - an HTTP POST reaches nginx only once recorded, and a GET's answer
+//!   reaches the client only once recorded: every POST in nginx's log and
+//!   every answer curl printed has its `http_request`.
 //!
 //! Each test crashes the agent `INTERLOCK_CRASH_ROUNDS` times (2 by
 //! default; `cargo xtask bench durability` runs 20), each time after a
@@ -315,4 +318,82 @@ fn tcp_bytes_go_upstream_only_once_the_session_is_recorded() {
         );
     }
     let _ = std::fs::remove_file(&path);
+}
+
+/// HTTP: a POST reaches nginx only once its request is on disk; a GET may
+/// go up while its record is flushed, but its answer reaches the client
+/// only once the record is on disk.
+#[test]
+fn http_requests_reach_the_server_and_answers_the_client_only_once_recorded() {
+    let nginx = Nginx::start("crash-http");
+    let mut cgroup = TestCgroup::new("crash-http");
+    let (job, _) = cgroup.child("job.service");
+    let policy = format!(
+        "[[target]]\nname = \"api\"\nprotocol = \"http\"\naddress = \"127.0.0.1:{port}\"\ntls_ca_file = {ca:?}\n\
+         [target.credential]\nbearer_token_file = {token:?}\n\n\
+         [[rule]]\nname = \"api\"\nworkloads = [\"*\"]\ntargets = [\"api\"]\ndecision = \"allow\"\n\
+         methods = [\"GET\", \"POST\"]\npaths = [\"/api/v1/**\"]\n",
+        port = nginx.port,
+        ca = nginx.ca(),
+        token = nginx.token_file(),
+    );
+    let mut agent = Agent::start(&cgroup, "crash-http", &policy);
+    let mut records = Recorded::default();
+    let answers = std::env::temp_dir().join(format!("interlock-crash-http-{}", std::process::id()));
+    for round in 0..rounds() {
+        let _ = std::fs::remove_file(&answers);
+        let curl = format!(
+            "curl -sS --fail --max-time 5 --cacert {}",
+            agent.workdir.join("state/ca/ca.pem").display()
+        );
+        let base = format!("https://127.0.0.1:{}/api/v1", nginx.port);
+        let client = format!(
+            "i={first}; while true; do \
+               {curl} -X POST -o /dev/null {base}/write/$i || exit 1; \
+               {curl} {base}/read/$i >> {answers} || exit 1; \
+               i=$((i+1)); done",
+            first = round * 1_000_000,
+            answers = answers.display(),
+        );
+        crash_while(&mut agent, &job, client, crash_delay(round));
+        let recorded: HashSet<String> = records
+            .events(&agent)
+            .into_iter()
+            .filter(|e| e["kind"] == "http_request")
+            .filter_map(|e| e["path"].as_str().map(str::to_owned))
+            .collect();
+        let writes: Vec<String> = nginx
+            .seen()
+            .iter()
+            .filter(|l| l.starts_with("POST "))
+            .filter_map(|l| l.split(' ').nth(1).map(str::to_owned))
+            .collect();
+        let reads: Vec<String> = std::fs::read_to_string(&answers)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| v["uri"].as_str().map(str::to_owned))
+            .collect();
+        assert!(
+            writes.len() >= 5 && !reads.is_empty(),
+            "round {round}: only {} writes and {} answers before the crash",
+            writes.len(),
+            reads.len()
+        );
+        let missing: Vec<&String> = writes
+            .iter()
+            .chain(&reads)
+            .filter(|p| !recorded.contains(*p))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "round {round}: requests that reached nginx, or answers the client got, without a record: {missing:?}"
+        );
+        eprintln!(
+            "round {round}: {} writes reached nginx and {} answers the client, all recorded",
+            writes.len(),
+            reads.len()
+        );
+    }
+    let _ = std::fs::remove_file(&answers);
 }

@@ -233,7 +233,11 @@ impl Connection {
             return refusal(StatusCode::FORBIDDEN, &decision, &self.recorder);
         }
         if held {
-            let command = format!("{} {} (host {host})", request.method(), request.uri().path());
+            let command = format!(
+                "{} {} (host {host})",
+                request.method(),
+                request.uri().path()
+            );
             if let Err(response) = self.approval(&decision, &command).await {
                 return response;
             }
