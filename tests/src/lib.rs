@@ -574,6 +574,6 @@ mod postgres;
 mod sshd;
 
 pub use garage::Garage;
-pub use nginx::{HELD_TOKEN, Nginx};
+pub use nginx::{HELD_TOKEN, Nginx, upstream_certificates};
 pub use postgres::Postgres;
 pub use sshd::{SSH_USER, Sshd, ssh_client_config};

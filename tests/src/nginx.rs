@@ -24,19 +24,7 @@ impl Nginx {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let d = dir.display();
-        // A CA, and a server certificate for api.test and 127.0.0.1.
-        run_ok(Command::new("sh").arg("-c").arg(format!(
-            "cd {d} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-               -subj '/CN=test upstream CA' -keyout ca.key -out ca.pem 2>/dev/null \
-             && openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj '/CN=api.test' \
-               -keyout server.key -out server.csr 2>/dev/null \
-             && printf 'subjectAltName=DNS:api.test,IP:127.0.0.1\\n' > san.ext \
-             && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
-               -extfile san.ext -out server.pem 2>/dev/null"
-        )));
-        let token_file = dir.join("token");
-        fs::write(&token_file, HELD_TOKEN).unwrap();
-        fs::set_permissions(&token_file, fs::Permissions::from_mode(0o600)).unwrap();
+        upstream_certificates(&dir);
         // 100 MB to stream.
         fs::create_dir_all(dir.join("www")).unwrap();
         let big = fs::File::create(dir.join("www/big")).unwrap();
@@ -122,6 +110,25 @@ http {{
     pub fn token_file(&self) -> String {
         self.dir.join("token").display().to_string()
     }
+}
+
+/// In `dir`: a CA of the test's own (`ca.pem`), a server certificate for
+/// api.test and 127.0.0.1 (`server.pem`, `server.key`), and the token the
+/// server accepts in a 0600 file (`token`).
+pub fn upstream_certificates(dir: &Path) {
+    let d = dir.display();
+    run_ok(Command::new("sh").arg("-c").arg(format!(
+        "cd {d} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+           -subj '/CN=test upstream CA' -keyout ca.key -out ca.pem 2>/dev/null \
+         && openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj '/CN=api.test' \
+           -keyout server.key -out server.csr 2>/dev/null \
+         && printf 'subjectAltName=DNS:api.test,IP:127.0.0.1\\n' > san.ext \
+         && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+           -extfile san.ext -out server.pem 2>/dev/null"
+    )));
+    let token_file = dir.join("token");
+    fs::write(&token_file, HELD_TOKEN).unwrap();
+    fs::set_permissions(&token_file, fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 impl Drop for Nginx {

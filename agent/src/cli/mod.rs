@@ -57,6 +57,9 @@ enum Command {
     /// The SSH host key clients see.
     #[command(subcommand)]
     Ssh(SshCommand),
+    /// Kubernetes targets: a kubeconfig for jobs.
+    #[command(subcommand)]
+    Kube(KubeCommand),
     /// Recorded sessions: list, show, replay, export, verify.
     #[command(subcommand)]
     Sessions(sessions::SessionsCommand),
@@ -93,6 +96,23 @@ enum CaCommand {
     /// Print SSL_CERT_FILE, REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE and
     /// NODE_EXTRA_CA_CERTS for runtimes with bundles of their own.
     Env(ConfigArg),
+}
+
+#[derive(Subcommand)]
+enum KubeCommand {
+    /// Print a kubeconfig for a kubernetes target: the cluster's own
+    /// server address (so the kernel redirect applies), the agent's CA,
+    /// and no credential (the agent holds it).
+    Config {
+        /// The target's name.
+        #[arg(long)]
+        target: String,
+        /// The context's default namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 #[derive(Subcommand)]
@@ -251,6 +271,18 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Ca(CaCommand::Env(ConfigArg { config })) => {
             ca::env(&Config::load(&config)?.agent.state_dir);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Kube(KubeCommand::Config {
+            target,
+            namespace,
+            config: ConfigArg { config },
+        }) => {
+            let config = Config::load(&config)?;
+            print!(
+                "{}",
+                ca::kubeconfig(&config, &target, namespace.as_deref())?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Ssh(SshCommand::KnownHosts(ConfigArg { config })) => {

@@ -338,6 +338,16 @@ pub struct RuleSpec {
     pub paths: Option<Located<Vec<String>>>,
     /// HTTP targets: globs on the host the client named.
     pub hosts: Option<Located<Vec<String>>>,
+    /// Kubernetes targets: kube-apiserver verbs, and `exec`, `attach`,
+    /// `portforward`, `proxy`.
+    pub verbs: Option<Located<Vec<String>>>,
+    /// Kubernetes targets: `[group/]resource[/subresource]` globs, e.g.
+    /// `"pods"`, `"pods/log"`, `"apps/deployments"`.
+    pub resources: Option<Located<Vec<String>>>,
+    /// Kubernetes targets: namespace globs.
+    pub namespaces: Option<Located<Vec<String>>>,
+    /// Kubernetes targets: object name globs.
+    pub names: Option<Located<Vec<String>>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

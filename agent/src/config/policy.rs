@@ -113,7 +113,10 @@ fn build_target(
             "tls applies to protocol = \"postgres\" or \"http\"",
         ));
     }
-    if let (Some(mask), Protocol::Http) = (spec.mask.as_ref().and_then(|m| m.first()), protocol) {
+    if let (Some(mask), true) = (
+        spec.mask.as_ref().and_then(|m| m.first()),
+        protocol.is_http(),
+    ) {
         return Err(source.error_at(
             mask.span(),
             "mask does not apply to http targets yet (their bodies pass as they are)",
@@ -165,12 +168,12 @@ fn target_credential(
             )?)),
             ..Default::default()
         },
-        (Some(credential), Protocol::Http) => HeldCredential {
+        (Some(credential), Protocol::Http | Protocol::Kubernetes) => HeldCredential {
             http: Some(std::sync::Arc::new(http_credential(source, credential)?)),
             ..Default::default()
         },
         // An HTTP target without one passes the client's own on.
-        (None, Protocol::Http) => HeldCredential::default(),
+        (None, Protocol::Http | Protocol::Kubernetes) => HeldCredential::default(),
         (None, Protocol::Postgres | Protocol::Ssh) => {
             return Err(source.error_at(
                 target.span(),
@@ -289,6 +292,7 @@ fn build_rule(
     check_protocols(source, rule, targets.as_deref(), policy, &masks)?;
     let ssh = ssh_requests(source, rule)?;
     let http = http_requests(source, rule)?;
+    let kube = kube_rules(source, rule)?;
     let approval = approval_spec(source, located)?;
     Ok(Rule {
         name,
@@ -308,6 +312,68 @@ fn build_rule(
         approval,
         ssh,
         http,
+        kube,
+    })
+}
+
+/// The Kubernetes fields of a rule.
+fn kube_rules(
+    source: &SourceFile,
+    rule: &file::RuleSpec,
+) -> Result<crate::policy::kube::KubeRules, ConfigError> {
+    let globs = |field: &str, list: &Option<Located<Vec<String>>>| {
+        list.as_ref().map_or(Ok(Vec::new()), |l| {
+            l.get_ref()
+                .iter()
+                .map(|g| {
+                    Pattern::new(g).map_err(|e| {
+                        source.error_at(l.span(), format!("{field}: bad pattern {g:?}: {e}"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+    };
+    const VERBS: [&str; 13] = [
+        "get",
+        "list",
+        "watch",
+        "create",
+        "update",
+        "patch",
+        "delete",
+        "deletecollection",
+        "proxy",
+        "exec",
+        "attach",
+        "portforward",
+        "*",
+    ];
+    let verbs = rule.verbs.as_ref().map_or(Ok(Vec::new()), |list| {
+        list.get_ref()
+            .iter()
+            .map(|verb| {
+                let verb = verb.to_ascii_lowercase();
+                if VERBS.contains(&verb.as_str()) {
+                    Ok(verb)
+                } else {
+                    Err(source.error_at(
+                        list.span(),
+                        format!("verbs: {verb:?} is not one of {}", VERBS.join(", ")),
+                    ))
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    Ok(crate::policy::kube::KubeRules {
+        verbs,
+        resources: globs("resources", &rule.resources)?,
+        resources_written: rule
+            .resources
+            .as_ref()
+            .map(|r| r.get_ref().clone())
+            .unwrap_or_default(),
+        namespaces: globs("namespaces", &rule.namespaces)?,
+        names: globs("names", &rule.names)?,
     })
 }
 
@@ -462,8 +528,18 @@ fn check_protocols(
             rule.paths.as_ref().map(|c| c.span()),
             rule.hosts.as_ref().map(|c| c.span()),
         ],
-        &[Protocol::Http],
-        "methods, paths and hosts apply to http targets",
+        &[Protocol::Http, Protocol::Kubernetes],
+        "methods, paths and hosts apply to http and kubernetes targets",
+    )?;
+    for_protocols(
+        &[
+            rule.verbs.as_ref().map(|c| c.span()),
+            rule.resources.as_ref().map(|c| c.span()),
+            rule.namespaces.as_ref().map(|c| c.span()),
+            rule.names.as_ref().map(|c| c.span()),
+        ],
+        &[Protocol::Kubernetes],
+        "verbs, resources, namespaces and names apply to kubernetes targets",
     )?;
     Ok(())
 }

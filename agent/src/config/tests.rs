@@ -518,5 +518,32 @@ fn http_targets_hold_one_credential_and_rules_read_requests() {
     let (_, _, message) = error_of(
         "[[target]]\nname = \"t\"\nprotocol = \"tcp\"\naddress = \"10.0.0.1:1\"\n[[rule]]\nname = \"r\"\nworkloads = [\"*\"]\ntargets = [\"t\"]\ndecision = \"allow\"\npaths = [\"/x\"]\n",
     );
-    assert!(message.contains("apply to http targets"), "{message}");
+    assert!(
+        message.contains("apply to http and kubernetes targets"),
+        "{message}"
+    );
+    let (_, _, message) = error_of(&rule("verbs = [\"get\"]\n"));
+    assert!(message.contains("apply to kubernetes targets"), "{message}");
+}
+
+#[test]
+fn kubernetes_rules_name_verbs_resources_and_namespaces() {
+    let text = |fields: &str| {
+        format!(
+            "[[target]]\nname = \"k\"\nprotocol = \"kubernetes\"\naddress = \"10.0.0.1:6443\"\n\
+             [[rule]]\nname = \"r\"\nworkloads = [\"*\"]\ntargets = [\"k\"]\ndecision = \"allow\"\n{fields}"
+        )
+    };
+    let loaded = Config::from_text(
+        "ok.toml",
+        &text("verbs = [\"GET\", \"list\"]\nresources = [\"pods\", \"apps/*\"]\nnamespaces = [\"ci-*\"]\n"),
+    )
+    .unwrap();
+    let kube = &loaded.policy.rules[0].kube;
+    assert_eq!(kube.verbs, ["get", "list"]);
+    assert!(kube.resources[1].matches("apps/deployments"));
+    assert!(kube.namespaces[0].matches("ci-7"));
+    let (line, _, message) = error_of(&text("verbs = [\"read\"]\n"));
+    assert_eq!(line, 10, "{message}");
+    assert!(message.contains("is not one of"), "{message}");
 }

@@ -46,11 +46,16 @@ pub struct HttpRequest<'a> {
     /// The path with its escapes decoded (never containing an encoded `/`).
     pub path: String,
     pub host: String,
+    /// On a Kubernetes target: the request as kube-apiserver reads it.
+    pub kube: Option<super::kube::KubeRequest>,
 }
 
 impl std::fmt::Display for HttpRequest<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}", self.method, self.path)
+        match &self.kube {
+            Some(kube) if kube.is_resource => write!(f, "{kube}"),
+            _ => write!(f, "{} {}", self.method, self.path),
+        }
     }
 }
 
@@ -59,8 +64,8 @@ impl std::fmt::Display for HttpRequest<'_> {
 pub enum Unreadable {
     #[error("the method {0:?} is not written in upper case")]
     Method(String),
-    #[error("the path {0:?} is not in canonical form ({1})")]
-    Path(String, &'static str),
+    #[error("the path {0:?} cannot be read one way only ({1})")]
+    Path(String, String),
     #[error("the host {0:?} is not a host name")]
     Host(String),
 }
@@ -71,12 +76,28 @@ impl<'a> HttpRequest<'a> {
         if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase() || b == b'-') {
             return Err(Unreadable::Method(method.to_owned()));
         }
-        let path = canonical_path(path).map_err(|why| Unreadable::Path(path.to_owned(), why))?;
+        let path =
+            canonical_path(path).map_err(|why| Unreadable::Path(path.to_owned(), why.into()))?;
         Ok(Self {
             method,
             path,
             host: host_name(host)?,
+            kube: None,
         })
+    }
+
+    /// Also reads it as kube-apiserver would (a Kubernetes target).
+    pub fn read_kube(
+        method: &'a str,
+        path: &str,
+        query: Option<&str>,
+        host: &str,
+    ) -> Result<Self, Unreadable> {
+        let mut request = Self::read(method, path, host)?;
+        let kube = super::kube::read(method, &request.path, query)
+            .map_err(|why| Unreadable::Path(path.to_owned(), why))?;
+        request.kube = Some(kube);
+        Ok(request)
     }
 }
 

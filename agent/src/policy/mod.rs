@@ -6,6 +6,7 @@
 mod command;
 pub mod functions;
 mod http;
+pub mod kube;
 mod mask;
 mod selector;
 pub mod shell;
@@ -106,6 +107,8 @@ pub struct Rule {
     pub ssh: SshRequests,
     /// HTTP targets: which requests the rule is about.
     pub http: HttpRequests,
+    /// Kubernetes targets: which API requests the rule is about.
+    pub kube: kube::KubeRules,
 }
 
 /// The SSH fields of a rule. A rule with none of `commands`, `shell`,
@@ -288,6 +291,17 @@ impl Rule {
             || self.ssh.is_scoped()
             || !self.ssh.users.is_empty()
             || self.http.is_scoped()
+            || self.kube.is_scoped()
+    }
+
+    /// An HTTP request is this rule's: its HTTP fields match, and on a
+    /// Kubernetes target its Kubernetes fields do.
+    fn covers_http(&self, request: &HttpRequest) -> bool {
+        self.http.covers(request)
+            && match &request.kube {
+                Some(kube) => self.kube.covers(kube),
+                None => !self.kube.is_scoped(),
+            }
     }
 
     /// An allow covers a statement when every kind in it, every table it
@@ -561,10 +575,22 @@ pub fn evaluate_http(
     request: &HttpRequest,
 ) -> Verdict {
     for action in [Action::Deny, Action::Approve, Action::Allow] {
+        // What every Kubernetes client reads to find its way is allowed
+        // unless denied (kube-apiserver's `system:discovery`).
+        if action == Action::Approve
+            && let Some(kube) = &request.kube
+            && kube::is_discovery(request.method, &request.path, kube)
+        {
+            return Verdict {
+                action: Action::Allow,
+                rule: None,
+                reason: format!("{request} is discovery, which every client reads"),
+            };
+        }
         if let Some((id, rule)) = policy
             .rules_by_id()
             .filter(|(_, rule)| rule.action == action)
-            .find(|(_, rule)| applies(policy, rule, workload, target) && rule.http.covers(request))
+            .find(|(_, rule)| applies(policy, rule, workload, target) && rule.covers_http(request))
         {
             return Verdict {
                 action,

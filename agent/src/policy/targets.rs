@@ -26,6 +26,9 @@ pub enum Protocol {
     /// HTTP/1.1 and HTTP/2: every request decided, the token held by the
     /// agent.
     Http,
+    /// The Kubernetes API: an HTTP target whose requests are also read as
+    /// kube-apiserver reads them (verb, resource, namespace, name).
+    Kubernetes,
 }
 
 impl Protocol {
@@ -35,7 +38,13 @@ impl Protocol {
             Protocol::Postgres => "postgres",
             Protocol::Ssh => "ssh",
             Protocol::Http => "http",
+            Protocol::Kubernetes => "kubernetes",
         }
+    }
+
+    /// HTTP, plain or with Kubernetes semantics.
+    pub fn is_http(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Kubernetes)
     }
 }
 

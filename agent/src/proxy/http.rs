@@ -88,6 +88,7 @@ pub async fn serve(context: Arc<ProxyContext>, admitted: Admitted) {
     let connection = Arc::new(Connection {
         target: target.name.clone(),
         credential: target.http.clone(),
+        kubernetes: target.protocol == crate::policy::Protocol::Kubernetes,
         context: context.clone(),
         workload,
         recorder,
@@ -147,6 +148,8 @@ struct Connection {
     /// this target name.
     target: String,
     credential: Option<Arc<HttpCredential>>,
+    /// Requests are read as kube-apiserver reads them too.
+    kubernetes: bool,
     workload: Arc<Workload>,
     recorder: Arc<Recorder>,
     bytes: Arc<ByteCounters>,
@@ -178,15 +181,21 @@ impl Connection {
         let method = request.method().as_str();
         let (path, query) = (request.uri().path(), request.uri().query());
         let active = self.context.gate.active.load_full();
-        let (decision, read) = match HttpRequest::read(method, path, &host) {
+        let reading = if self.kubernetes {
+            HttpRequest::read_kube(method, path, query, &host)
+        } else {
+            HttpRequest::read(method, path, &host)
+        };
+        let (decision, kube, read) = match reading {
             Err(unreadable) => (
                 Decision {
                     verdict: refused(unreadable.to_string()),
                     active,
                 },
+                None,
                 false,
             ),
-            Ok(read) => (self.decide(&read, active), true),
+            Ok(read) => (self.decide(&read, active), read.kube, true),
         };
         let event = Event::HttpRequest {
             n,
@@ -194,6 +203,7 @@ impl Connection {
             path,
             query,
             host: &host,
+            kube: kube.as_ref(),
             decision: decision.verdict.action,
             enforced: decision.active.enforce || !read,
             rule: decision.rule_name(),
@@ -227,10 +237,10 @@ impl Connection {
             return self.fail(format!("the session cannot be recorded: {error}"));
         }
         if !read {
-            return refusal(StatusCode::BAD_REQUEST, &decision, &self.recorder);
+            return self.refusal(StatusCode::BAD_REQUEST, &decision);
         }
         if denied {
-            return refusal(StatusCode::FORBIDDEN, &decision, &self.recorder);
+            return self.refusal(StatusCode::FORBIDDEN, &decision);
         }
         if held {
             let command = format!(
@@ -277,7 +287,7 @@ impl Connection {
                 verdict: refused(why),
                 active: decision.active.clone(),
             };
-            refusal(StatusCode::FORBIDDEN, &refused, &self.recorder)
+            self.refusal(StatusCode::FORBIDDEN, &refused)
         };
         let Some(rule) = decision.verdict.rule.map(|id| policy.rule(id)) else {
             return Err(forbidden("the approving rule is gone".into()));
@@ -470,17 +480,39 @@ fn refused(reason: String) -> Verdict {
     }
 }
 
-/// A refused request's answer: which rule, and why, as JSON.
-fn refusal(status: StatusCode, decision: &Decision, recorder: &Recorder) -> Response<Body> {
-    json(
-        status,
-        &serde_json::json!({
-            "error": "interlock: request refused",
-            "rule": decision.rule_name(),
-            "reason": decision.verdict.reason,
-            "session": recorder.id().to_string(),
-        }),
-    )
+impl Connection {
+    /// A refused request's answer: which rule, and why, as JSON; for a
+    /// Kubernetes client, as the API's own `Status`, which kubectl prints
+    /// as `Error from server (Forbidden): …`.
+    fn refusal(&self, status: StatusCode, decision: &Decision) -> Response<Body> {
+        let session = self.recorder.id().to_string();
+        let rule = decision.rule_name();
+        let reason = &decision.verdict.reason;
+        if self.kubernetes {
+            let by = rule.map_or_else(String::new, |r| format!(" (rule {r:?})"));
+            return json(
+                status,
+                &serde_json::json!({
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "metadata": {},
+                    "status": "Failure",
+                    "message": format!("interlock: {reason}{by}; session {session}"),
+                    "reason": if status == StatusCode::FORBIDDEN { "Forbidden" } else { "BadRequest" },
+                    "code": status.as_u16(),
+                }),
+            );
+        }
+        json(
+            status,
+            &serde_json::json!({
+                "error": "interlock: request refused",
+                "rule": rule,
+                "reason": reason,
+                "session": session,
+            }),
+        )
+    }
 }
 
 fn unavailable(why: &str) -> Response<Body> {

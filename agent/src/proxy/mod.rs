@@ -156,7 +156,7 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
             Protocol::Tcp => tcp::serve(&context, admitted).await,
             // Each request's record is made durable before it goes up, and
             // the session's start with it.
-            Protocol::Http => http::serve(context.clone(), admitted).await,
+            Protocol::Http | Protocol::Kubernetes => http::serve(context.clone(), admitted).await,
             Protocol::Ssh | Protocol::Postgres => {
                 // They start talking upstream at once (handshake, login):
                 // the session's start is on disk first.

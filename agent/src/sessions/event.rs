@@ -133,6 +133,9 @@ pub enum Event<'a> {
         path: &'a str,
         query: Option<&'a str>,
         host: &'a str,
+        /// On a Kubernetes target: verb, group, version, resource,
+        /// subresource, namespace and name, as kube-apiserver reads them.
+        kube: Option<&'a crate::policy::kube::KubeRequest>,
         decision: Action,
         enforced: bool,
         rule: Option<&'a str>,

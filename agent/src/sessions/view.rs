@@ -298,6 +298,35 @@ pub fn describe(event: &Value, start_us: u64) -> String {
             event["decision"].as_str().unwrap_or("?"),
             rule(event)
         ),
+        "http_request" if event["kube"]["is_resource"] == true => format!(
+            "#{} {} {}{}{}{} ({} {}) [{}{}]",
+            event["n"],
+            event["kube"]["verb"].as_str().unwrap_or("?"),
+            [
+                &event["kube"]["group"],
+                &event["kube"]["resource"],
+                &event["kube"]["subresource"]
+            ]
+            .iter()
+            .filter_map(|part| part.as_str().filter(|p| !p.is_empty()))
+            .collect::<Vec<_>>()
+            .join("/"),
+            event["kube"]["name"]
+                .as_str()
+                .filter(|n| !n.is_empty())
+                .map(|n| format!(" {n}"))
+                .unwrap_or_default(),
+            event["kube"]["namespace"]
+                .as_str()
+                .filter(|n| !n.is_empty())
+                .map(|n| format!(" in {n}"))
+                .unwrap_or_default(),
+            "",
+            event["method"].as_str().unwrap_or("?"),
+            event["path"].as_str().unwrap_or("?"),
+            event["decision"].as_str().unwrap_or("?"),
+            rule(event)
+        ),
         "http_request" => format!(
             "#{} {} {}{} (host {}) [{}{}]",
             event["n"],

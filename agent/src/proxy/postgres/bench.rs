@@ -88,6 +88,7 @@ pub fn run(count: usize) -> Report {
             approval: None,
             ssh: SshRequests::default(),
             http: Default::default(),
+            kube: Default::default(),
         }],
         ..Policy::default()
     };

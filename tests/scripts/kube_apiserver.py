@@ -1,0 +1,112 @@
+#!/usr/bin/python3
+"""A stand-in for kube-apiserver in the Kubernetes tests: a real
+kube-apiserver cannot be installed from the package registries here.
+
+usage: kube_apiserver.py PORT CERT KEY TOKEN LOG
+
+Serves over HTTPS the discovery documents (core group only: pods, pods/log,
+secrets) and a namespace's pods and secrets: list, get, a pod's log, delete.
+Requests without `Authorization: Bearer TOKEN` get 401. Appends
+"METHOD PATH AUTHORIZATION" to LOG for every request.
+"""
+import http.server
+import json
+import ssl
+import sys
+
+port, cert, key, token, log = sys.argv[1:6]
+
+RESOURCES = {
+    "kind": "APIResourceList",
+    "apiVersion": "v1",
+    "groupVersion": "v1",
+    "resources": [
+        {"name": "pods", "singularName": "pod", "namespaced": True, "kind": "Pod",
+         "verbs": ["create", "delete", "get", "list", "watch"], "shortNames": ["po"]},
+        {"name": "pods/log", "singularName": "", "namespaced": True, "kind": "Pod",
+         "verbs": ["get"]},
+        {"name": "secrets", "singularName": "secret", "namespaced": True, "kind": "Secret",
+         "verbs": ["create", "delete", "get", "list", "watch"]},
+    ],
+}
+
+
+def pod(namespace, name):
+    return {"kind": "Pod", "apiVersion": "v1",
+            "metadata": {"name": name, "namespace": namespace, "uid": "u-" + name,
+                         "resourceVersion": "1", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+            "status": {"phase": "Running"}}
+
+
+def secret(namespace, name):
+    return {"kind": "Secret", "apiVersion": "v1",
+            "metadata": {"name": name, "namespace": namespace, "resourceVersion": "1",
+                         "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "data": {"password": "aHVudGVyMg=="}}
+
+
+def listing(kind, items):
+    return {"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def answer(self, code, body, content_type="application/json"):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def route(self):
+        auth = self.headers.get("authorization", "")
+        with open(log, "a") as out:
+            out.write(f"{self.command} {self.path} {auth}\n")
+        if auth != f"Bearer {token}":
+            return self.answer(401, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                     "reason": "Unauthorized", "code": 401})
+        path = self.path.split("?")[0].rstrip("/")
+        parts = path.strip("/").split("/")
+        if path == "/api":
+            return self.answer(200, {"kind": "APIVersions", "versions": ["v1"],
+                                     "serverAddressByClientCIDRs": []})
+        if path == "/apis":
+            return self.answer(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+        if path == "/api/v1":
+            return self.answer(200, RESOURCES)
+        if path == "/version":
+            return self.answer(200, {"major": "1", "minor": "32", "gitVersion": "v1.32.0"})
+        # /api/v1/namespaces/NS/RESOURCE[/NAME[/log]]
+        if len(parts) >= 5 and parts[:3] == ["api", "v1", "namespaces"]:
+            namespace, resource, rest = parts[3], parts[4], parts[5:]
+            make = {"pods": pod, "secrets": secret}.get(resource)
+            if make is None:
+                return self.answer(404, {"kind": "Status", "code": 404})
+            if not rest and self.command == "GET":
+                kind = "PodList" if resource == "pods" else "SecretList"
+                return self.answer(200, listing(kind, [make(namespace, "web")]))
+            if len(rest) == 1 and self.command in ("GET", "DELETE"):
+                return self.answer(200, make(namespace, rest[0]))
+            if rest[1:] == ["log"] and self.command == "GET":
+                return self.answer(200, b"line 1\nline 2\n", "text/plain")
+        return self.answer(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                 "reason": "NotFound", "code": 404})
+
+    do_GET = route
+    do_DELETE = route
+    do_POST = route
+    do_PATCH = route
+    do_PUT = route
+
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", int(port)), Handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()

@@ -1,0 +1,223 @@
+//! Kubernetes targets with real `kubectl` in a job's cgroup, using the
+//! kubeconfig `interlock kube config` writes (the cluster's own address,
+//! the agent's CA, no credential). The cluster is a stand-in
+//! (`scripts/kube_apiserver.py`: discovery, pods, secrets, a log), since a
+//! real kube-apiserver cannot be installed from the package registries
+//! here; it accepts only the token the agent holds. Rules name verbs,
+//! resources and namespaces as RBAC does, read from each request as
+//! kube-apiserver reads it.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use interlock_e2e::*;
+use serde_json::Value;
+
+struct StandIn {
+    dir: PathBuf,
+    port: u16,
+    child: Child,
+}
+
+impl StandIn {
+    fn start(name: &str) -> Self {
+        require_root();
+        let dir =
+            std::env::temp_dir().join(format!("interlock-kube-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        upstream_certificates(&dir);
+        let port = free_port();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kube_apiserver.py");
+        let child = Command::new("/usr/bin/python3")
+            .arg(script)
+            .arg(port.to_string())
+            .arg(dir.join("server.pem"))
+            .arg(dir.join("server.key"))
+            .arg(HELD_TOKEN)
+            .arg(dir.join("requests.log"))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the stand-in did not start");
+            thread::sleep(Duration::from_millis(20));
+        }
+        Self { dir, port, child }
+    }
+
+    /// `METHOD PATH AUTHORIZATION`, one a line, as the stand-in got them.
+    fn seen(&self) -> Vec<String> {
+        fs::read_to_string(self.dir.join("requests.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn policy(cluster: &StandIn) -> String {
+    format!(
+        r#"
+[[target]]
+name = "cluster"
+protocol = "kubernetes"
+address = "127.0.0.1:{port}"
+tls_ca_file = {ca:?}
+[target.credential]
+bearer_token_file = {token:?}
+
+[[workload]]
+name = "ci-jobs"
+unit = "ci-job.service"
+
+[[rule]]
+name = "ci-reads-its-pods"
+workloads = ["ci-jobs"]
+targets = ["cluster"]
+decision = "allow"
+verbs = ["get", "list", "watch"]
+resources = ["pods", "pods/log"]
+namespaces = ["ci"]
+
+[[rule]]
+name = "no-deletes"
+workloads = ["ci-jobs"]
+targets = ["cluster"]
+decision = "deny"
+verbs = ["delete", "deletecollection"]
+"#,
+        port = cluster.port,
+        ca = cluster.dir.join("ca.pem").display().to_string(),
+        token = cluster.dir.join("token").display().to_string(),
+    )
+}
+
+#[test]
+fn kubectl_is_decided_by_verb_resource_and_namespace() {
+    let name = "kubectl";
+    let cluster = StandIn::start(name);
+    let mut cgroup = TestCgroup::new(name);
+    let (job, _) = cgroup.child("ci-job.service");
+    let agent = Agent::start(&cgroup, name, &policy(&cluster));
+
+    let out = agent.cli(&["kube", "config", "--target", "cluster", "--namespace", "ci"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let kubeconfig: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let server = &kubeconfig["clusters"][0]["cluster"];
+    assert_eq!(
+        server["server"],
+        format!("https://127.0.0.1:{}", cluster.port)
+    );
+    assert!(server.get("insecure-skip-tls-verify").is_none());
+    let path = agent.workdir.join("kubeconfig");
+    fs::write(&path, &out.stdout).unwrap();
+    let kubectl = |args: &str| {
+        sh_in(
+            &job,
+            &format!(
+                "export HOME={home}; exec kubectl --kubeconfig {path} --request-timeout 20s {args}",
+                home = agent.workdir.display(),
+                path = path.display()
+            ),
+        )
+    };
+
+    // Allowed: list, get and a log in the job's namespace.
+    let out = kubectl("get pods -o name");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "pod/web");
+    let out = kubectl("get pod web -o jsonpath={.status.phase}");
+    assert_eq!(stdout(&out).trim(), "Running", "{}", stderr(&out));
+    let out = kubectl("logs web");
+    assert!(stdout(&out).contains("line 1"), "{}", stderr(&out));
+
+    // Refused, with the Kubernetes API's own Forbidden naming why.
+    for (args, why) in [
+        (
+            "get secrets",
+            "no rule allows list secrets in namespace \"ci\"",
+        ),
+        (
+            "get pods -n prod",
+            "no rule allows list pods in namespace \"prod\"",
+        ),
+        ("delete pod web", "rule \"no-deletes\""),
+    ] {
+        let out = kubectl(args);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args}: {}", stdout(&out));
+        assert!(
+            err.contains("Forbidden") && err.contains(why),
+            "{args}: {err}"
+        );
+    }
+
+    // The stand-in saw the allowed requests only, each with the held token.
+    let seen = cluster.seen();
+    assert!(!seen.is_empty());
+    for line in &seen {
+        assert!(line.ends_with(&format!("Bearer {HELD_TOKEN}")), "{line}");
+        assert!(
+            !line.starts_with("DELETE") && !line.contains("secrets") && !line.contains("/prod/"),
+            "{line}"
+        );
+    }
+
+    // Each request recorded with its Kubernetes attributes.
+    let out = agent.cli(&["sessions", "list", "--json"]);
+    let mut kube = Vec::new();
+    for session in stdout(&out).lines().filter(|l| !l.trim().is_empty()) {
+        let id = serde_json::from_str::<Value>(session).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let shown: Value =
+            serde_json::from_slice(&agent.cli(&["sessions", "show", &id, "--json"]).stdout)
+                .unwrap();
+        kube.extend(
+            shown["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["kind"] == "http_request" && e["kube"]["is_resource"] == true)
+                .map(|e| (e["kube"].clone(), e["decision"].clone())),
+        );
+    }
+    let delete = kube
+        .iter()
+        .find(|(k, _)| k["verb"] == "delete")
+        .expect("the delete is recorded");
+    assert_eq!(
+        (
+            &delete.0["resource"],
+            &delete.0["name"],
+            &delete.0["namespace"],
+            &delete.1
+        ),
+        (
+            &Value::from("pods"),
+            &Value::from("web"),
+            &Value::from("ci"),
+            &Value::from("deny")
+        )
+    );
+    assert!(
+        kube.iter()
+            .any(|(k, d)| k["verb"] == "list" && k["resource"] == "pods" && d == "allow"),
+        "{kube:?}"
+    );
+}
