@@ -195,7 +195,15 @@ fn policy_examples_load_and_evaluate() {
                 "/etc/interlock/secrets/orders-api-token",
                 password.to_str().unwrap(),
             )
-            .replace("/etc/interlock/internal-ca.pem", ca.to_str().unwrap());
+            .replace("/etc/interlock/internal-ca.pem", ca.to_str().unwrap())
+            .replace(
+                "/etc/interlock/secrets/staging-deployer-token",
+                password.to_str().unwrap(),
+            )
+            .replace(
+                "/etc/interlock/staging-cluster-ca.pem",
+                ca.to_str().unwrap(),
+            );
         let config =
             Config::from_text(&path.display().to_string(), &text).unwrap_or_else(|e| panic!("{e}"));
         assert!(
