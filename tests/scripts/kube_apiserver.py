@@ -5,7 +5,8 @@ kube-apiserver cannot be installed from the package registries here.
 usage: kube_apiserver.py PORT CERT KEY TOKEN LOG
 
 Serves over HTTPS the discovery documents (core group only: pods, pods/log,
-secrets) and a namespace's pods and secrets: list, get, a pod's log, delete.
+secrets) and a namespace's pods and secrets: list, get, a pod's log, delete;
+a pod's `exec` upgraded (any protocol) to a stream that echoes its bytes.
 Requests without `Authorization: Bearer TOKEN` get 401. Appends
 "METHOD PATH AUTHORIZATION" to LOG for every request.
 """
@@ -73,6 +74,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                      "reason": "Unauthorized", "code": 401})
         path = self.path.split("?")[0].rstrip("/")
         parts = path.strip("/").split("/")
+        if parts[-1:] == ["exec"] and self.headers.get("upgrade"):
+            return self.echo()
         if path == "/api":
             return self.answer(200, {"kind": "APIVersions", "versions": ["v1"],
                                      "serverAddressByClientCIDRs": []})
@@ -97,6 +100,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return self.answer(200, b"line 1\nline 2\n", "text/plain")
         return self.answer(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
                                  "reason": "NotFound", "code": 404})
+
+    def echo(self):
+        """An exec stand-in: agrees to the upgrade, then echoes every byte
+        (the relay is what is tested, not the channel protocol)."""
+        self.send_response(101)
+        self.send_header("Upgrade", self.headers.get("upgrade"))
+        self.send_header("Connection", "Upgrade")
+        self.end_headers()
+        self.wfile.flush()
+        while chunk := self.connection.recv(65536):
+            self.connection.sendall(chunk)
+        self.close_connection = True
 
     do_GET = route
     do_DELETE = route

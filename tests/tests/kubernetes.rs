@@ -17,6 +17,8 @@ use std::{
 use interlock_e2e::*;
 use serde_json::Value;
 
+const ONCALL: u32 = 5001;
+
 struct StandIn {
     dir: PathBuf,
     port: u16,
@@ -92,6 +94,17 @@ decision = "allow"
 verbs = ["get", "list", "watch"]
 resources = ["pods", "pods/log"]
 namespaces = ["ci"]
+
+[[rule]]
+name = "exec-needs-oncall"
+workloads = ["ci-jobs"]
+targets = ["cluster"]
+decision = "approve"
+verbs = ["exec"]
+resources = ["pods/exec"]
+namespaces = ["ci"]
+approvers = ["uid:{ONCALL}"]
+timeout = "2m"
 
 [[rule]]
 name = "no-deletes"
@@ -220,4 +233,104 @@ fn kubectl_is_decided_by_verb_resource_and_namespace() {
             .any(|(k, d)| k["verb"] == "list" && k["resource"] == "pods" && d == "allow"),
         "{kube:?}"
     );
+}
+
+/// An exec upgrade (WebSocket or SPDY alike) through the agent, from a raw
+/// client in the job's cgroup: prints the status line, then what came back
+/// for the bytes it sent.
+fn exec_upgrade(job: &Path, agent: &Agent, port: u16, namespace: &str) -> Child {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {job}/cgroup.procs || exit 99\nexec /usr/bin/python3 -c '
+import socket, ssl
+context = ssl.create_default_context(cafile=\"{ca}\")
+with socket.create_connection((\"127.0.0.1\", {port})) as raw:
+    with context.wrap_socket(raw, server_hostname=\"127.0.0.1\") as tls:
+        tls.sendall(b\"POST /api/v1/namespaces/{namespace}/pods/web/exec?command=sh HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\nUpgrade: SPDY/3.1\\r\\nConnection: Upgrade\\r\\nContent-Length: 0\\r\\n\\r\\n\")
+        head = b\"\"
+        while b\"\\r\\n\\r\\n\" not in head:
+            chunk = tls.recv(1)
+            if not chunk:
+                break
+            head += chunk
+        print(head.decode().split(\"\\r\\n\")[0], flush=True)
+        if b\" 101 \" in head:
+            for word in [b\"echo\", b\" hello\"]:
+                tls.sendall(word)
+                print(tls.recv(100).decode(), flush=True)
+'",
+            job = job.display(),
+            ca = agent.workdir.join("state/ca/ca.pem").display(),
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// `exec` is its own verb: held until the on-call approves, then the
+/// upgraded stream is relayed both ways; in another namespace, refused.
+#[test]
+fn an_exec_is_held_then_its_upgraded_stream_relayed() {
+    let name = "kube-exec";
+    let cluster = StandIn::start(name);
+    let mut cgroup = TestCgroup::new(name);
+    let (job, _) = cgroup.child("ci-job.service");
+    let agent = Agent::start(&cgroup, name, &policy(&cluster));
+
+    let refused = exec_upgrade(&job, &agent, cluster.port, "prod")
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        stdout(&refused).starts_with("HTTP/1.1 403"),
+        "{}",
+        stderr(&refused)
+    );
+
+    let held = exec_upgrade(&job, &agent, cluster.port, "ci");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        let out = agent.cli(&["approvals", "list", "--json"]);
+        let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if let Some(id) = list
+            .as_array()
+            .and_then(|l| l.first())
+            .and_then(|r| r["id"].as_str())
+        {
+            break id.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no request: {}", agent.stderr());
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        !cluster.seen().iter().any(|l| l.contains("/exec")),
+        "nothing reached the cluster while held"
+    );
+    let out = Command::new("setpriv")
+        .args([
+            format!("--reuid={ONCALL}"),
+            format!("--regid={ONCALL}"),
+            "--clear-groups".into(),
+        ])
+        .arg(interlock_bin())
+        .args(["approvals", "approve", &id, "--config"])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = held.wait_with_output().unwrap();
+    let lines: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
+    assert_eq!(
+        lines,
+        ["HTTP/1.1 101 Switching Protocols", "echo", " hello"],
+        "{}",
+        stderr(&out)
+    );
+    let seen = cluster.seen();
+    let exec: Vec<&String> = seen.iter().filter(|l| l.contains("/exec")).collect();
+    assert_eq!(exec.len(), 1, "{seen:#?}");
+    assert!(exec[0].starts_with("POST /api/v1/namespaces/ci/pods/web/exec"));
+    assert!(exec[0].ends_with(&format!("Bearer {HELD_TOKEN}")));
 }

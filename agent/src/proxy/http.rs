@@ -96,6 +96,7 @@ pub async fn serve(context: Arc<ProxyContext>, admitted: Admitted) {
         upstream,
         requests: AtomicU64::new(0),
         failure: parking_lot::Mutex::new(None),
+        relays: parking_lot::Mutex::new(Vec::new()),
     });
     let served = if speaks_tls(&stream).await {
         match &context.tls {
@@ -111,6 +112,10 @@ pub async fn serve(context: Arc<ProxyContext>, admitted: Admitted) {
     } else {
         serve_connection(stream, connection.clone()).await
     };
+    let relays = std::mem::take(&mut *connection.relays.lock());
+    for relay in relays {
+        let _ = relay.await;
+    }
     let failure = connection.failure.lock().take();
     match (failure, served) {
         (Some(why), _) => conn.end(Outcome::Error, Some(why)),
@@ -136,7 +141,7 @@ where
         async move { Ok::<_, Infallible>(connection.handle(request).await) }
     });
     hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(io), service)
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await
         .map_err(|error| error.to_string())
 }
@@ -157,6 +162,8 @@ struct Connection {
     requests: AtomicU64,
     /// Why the session cannot go on (its record failed).
     failure: parking_lot::Mutex<Option<String>>,
+    /// Upgraded streams still being copied: the session ends after them.
+    relays: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// A request's decision, with the policy it was made under.
@@ -224,6 +231,7 @@ impl Connection {
             && !denied
             && !held
             && request.method().is_safe()
+            && !request.headers().contains_key(header::UPGRADE)
             && never_relayed(&request).is_none()
         {
             let (recorded, response) =
@@ -328,8 +336,12 @@ impl Connection {
 
     /// Sends an allowed request upstream, with the held credential, and
     /// streams the answer back.
-    async fn forward(self: &Arc<Self>, n: u64, request: Request<Incoming>) -> Response<Body> {
+    async fn forward(self: &Arc<Self>, n: u64, mut request: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
+        // A protocol upgrade (WebSocket, SPDY: exec, attach, port-forward):
+        // once the server agrees, both connections become one stream.
+        let upgrade = request.headers().get(header::UPGRADE).cloned();
+        let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         // The authority (HTTP/2's, or an absolute URL's) is the host the
         // request was decided for: it replaces any Host header, as a
@@ -340,6 +352,7 @@ impl Connection {
             parts.headers.insert(header::HOST, host);
         }
         drop_hop_headers(&mut parts.headers);
+        keep_upgrade(&mut parts.headers, upgrade.as_ref());
         if let Some(HttpCredential::Header { name, value, .. }) = self.credential.as_deref() {
             parts.headers.remove(header::AUTHORIZATION);
             parts.headers.insert(name.clone(), value.clone());
@@ -362,7 +375,25 @@ impl Connection {
             Err(why) => Err(why),
         };
         match answer {
-            Ok(response) => {
+            Ok(mut response) => {
+                if let (StatusCode::SWITCHING_PROTOCOLS, Some(client_side)) =
+                    (response.status(), client_side)
+                {
+                    let server_side = hyper::upgrade::on(&mut response);
+                    self.relay_upgraded(n, started, client_side, server_side);
+                    let (mut parts, _) = response.into_parts();
+                    let upgrade = parts.headers.get(header::UPGRADE).cloned();
+                    drop_hop_headers(&mut parts.headers);
+                    keep_upgrade(&mut parts.headers, upgrade.as_ref());
+                    if let Some(HttpCredential::Header { secret, .. }) = self.credential.as_deref()
+                    {
+                        scrub_headers(&mut parts.headers, secret);
+                    }
+                    let empty = http_body_util::Empty::new()
+                        .map_err(|never| match never {})
+                        .boxed_unsync();
+                    return Response::from_parts(parts, empty);
+                }
                 let (mut parts, body) = response.into_parts();
                 drop_hop_headers(&mut parts.headers);
                 let scrub = self.credential.as_deref().and_then(|held| {
@@ -398,6 +429,40 @@ impl Connection {
         }
     }
 
+    /// Copies both ways between the client's and the server's upgraded
+    /// connections until both end; the request's `http_response` (status
+    /// 101) is recorded then, with the bytes that went down.
+    fn relay_upgraded(
+        self: &Arc<Self>,
+        n: u64,
+        started: Instant,
+        client: hyper::upgrade::OnUpgrade,
+        server: hyper::upgrade::OnUpgrade,
+    ) {
+        let connection = self.clone();
+        let relay = tokio::spawn(async move {
+            let relayed = async {
+                let (client, server) = tokio::try_join!(client, server)
+                    .map_err(|e| format!("the upgrade failed: {e}"))?;
+                let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
+                tokio::io::copy_bidirectional(&mut client, &mut server)
+                    .await
+                    .map_err(|e| format!("the upgraded stream failed: {e}"))
+            }
+            .await;
+            let (down, error) = match relayed {
+                Ok((up, down)) => {
+                    connection.bytes.up.fetch_add(up, Ordering::Relaxed);
+                    connection.bytes.down.fetch_add(down, Ordering::Relaxed);
+                    (down, None)
+                }
+                Err(why) => (0, Some(why)),
+            };
+            connection.record_response(n, Some(101), down, started, error.as_deref());
+        });
+        self.relays.lock().push(relay);
+    }
+
     fn record_response(
         &self,
         n: u64,
@@ -431,16 +496,23 @@ impl Connection {
 
 /// What the agent does not pass on, whatever the policy: TRACE, whose
 /// answer echoes the request as the server got it (the held credential
-/// with it); CONNECT and upgrades, which it does not relay yet.
+/// with it); CONNECT, which it does not relay yet.
 fn never_relayed(request: &Request<Incoming>) -> Option<&'static str> {
     if request.method() == http::Method::TRACE {
         return Some("TRACE is never relayed (its answer would echo the held credential)");
     }
-    if request.method() == http::Method::CONNECT || request.headers().contains_key(header::UPGRADE)
-    {
-        return Some("CONNECT and protocol upgrades (WebSocket, SPDY) are not relayed yet");
+    if request.method() == http::Method::CONNECT {
+        return Some("CONNECT is not relayed");
     }
     None
+}
+
+/// An upgrade's own two headers, which `drop_hop_headers` takes out.
+fn keep_upgrade(headers: &mut HeaderMap, upgrade: Option<&HeaderValue>) {
+    if let Some(protocol) = upgrade {
+        headers.insert(header::UPGRADE, protocol.clone());
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
 }
 
 /// The host the client named: the URL's authority (HTTP/2's, or an
@@ -623,7 +695,8 @@ where
         .await
         .map_err(|e| format!("HTTP to the server: {e}"))?;
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
+        // An upgraded connection is handed to the relay, not closed.
+        if let Err(error) = connection.with_upgrades().await {
             tracing::debug!(%error, "upstream HTTP connection ended");
         }
     });
