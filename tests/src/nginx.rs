@@ -103,6 +103,20 @@ http {{
         format!("/big{suffix}")
     }
 
+    /// The requests nginx received, once there are at least `n` (nginx
+    /// writes a request's line as it finishes it, which can be just after
+    /// the client has its answer), or after 5 s.
+    pub fn seen_at_least(&self, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let seen = self.seen();
+            if seen.len() >= n || Instant::now() > deadline {
+                return seen;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn ca(&self) -> String {
         self.dir.join("ca.pem").display().to_string()
     }
