@@ -17,6 +17,10 @@ use serde_json::Value;
 const ONCALL: u32 = 5001;
 
 fn policy(nginx: &Nginx) -> String {
+    policy_recording(nginx, "commands")
+}
+
+fn policy_recording(nginx: &Nginx, record: &str) -> String {
     format!(
         r#"
 [[target]]
@@ -24,6 +28,7 @@ name = "api"
 protocol = "http"
 address = "127.0.0.1:{port}"
 tls_ca_file = {ca:?}
+record = "{record}"
 [target.credential]
 bearer_token_file = {token:?}
 
@@ -311,6 +316,11 @@ print(lines[0], lines[-1])
 
 /// Every HTTP event of every session of the agent, in order.
 fn http_events(agent: &Agent) -> Vec<Value> {
+    http_events_of(agent, &["http_request", "http_response"])
+}
+
+/// The events of these kinds of every session of the agent, in order.
+fn http_events_of(agent: &Agent, kinds: &[&str]) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut events = Vec::new();
     while events.is_empty() && Instant::now() < deadline {
@@ -323,7 +333,7 @@ fn http_events(agent: &Agent) -> Vec<Value> {
             let shown: Value = serde_json::from_str(&stdout(&shown)).unwrap();
             events.extend(shown["events"].as_array().unwrap().iter().cloned());
         }
-        events.retain(|e| e["kind"].as_str().is_some_and(|k| k.starts_with("http_")));
+        events.retain(|e| e["kind"].as_str().is_some_and(|k| kinds.contains(&k)));
         if events.is_empty() {
             thread::sleep(Duration::from_millis(100));
         }
@@ -394,7 +404,8 @@ fn a_held_http_request_waits_for_a_person() {
     let nginx = Nginx::start(name);
     let mut cgroup = TestCgroup::new(name);
     let (job, _) = cgroup.child("ci-job.service");
-    let agent = Agent::start(&cgroup, name, &policy(&nginx));
+    // Bodies recorded too.
+    let agent = Agent::start(&cgroup, name, &policy_recording(&nginx, "full"));
     let url = format!("https://127.0.0.1:{}/api/v1/deploy", nginx.port);
 
     let held = spawn_curl(&job, &agent, "-X POST -d '{\"v\":1}'", &url);
@@ -413,6 +424,35 @@ fn a_held_http_request_waits_for_a_person() {
     assert_eq!(got.status, 403, "{}", got.all);
     assert!(got.body.contains("not today"), "{}", got.body);
     assert_eq!(nginx.seen().len(), 1, "the denied POST never reached nginx");
+
+    // `record = "full"`: the approved POST's body and its answer.
+    use base64::Engine;
+    let bodies: Vec<(String, String)> = http_events_of(&agent, &["input", "output"])
+        .iter()
+        .map(|e| {
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(e["data"].as_str().unwrap())
+                .unwrap();
+            (
+                e["kind"].as_str().unwrap().to_owned(),
+                String::from_utf8_lossy(&data).into_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        bodies.contains(&("input".into(), "{\"v\":1}".into())),
+        "{bodies:?}"
+    );
+    assert!(
+        bodies
+            .iter()
+            .any(|(kind, body)| kind == "output" && body.contains("\"method\": \"POST\"")),
+        "{bodies:?}"
+    );
+    assert!(
+        !bodies.iter().any(|(_, body)| body.contains("\"v\":2")),
+        "the denied POST's body never went up: {bodies:?}"
+    );
 }
 
 /// Takes the CA out of the host's trust store however the test ends.

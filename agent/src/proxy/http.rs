@@ -48,7 +48,18 @@ use crate::{
     workload::Workload,
 };
 
-type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+type Body = UnsyncBoxBody<Bytes, BoxError>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Polled = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
+
+/// Which body a recorded chunk is of.
+#[derive(Clone, Copy)]
+enum Direction {
+    /// The client's request body.
+    Input,
+    /// The server's response body.
+    Output,
+}
 
 /// Idle upstream connections kept per client connection.
 const IDLE_UPSTREAMS: usize = 4;
@@ -364,7 +375,7 @@ impl Connection {
         parts.version = Version::HTTP_11;
         let body = Uploaded {
             inner: body,
-            bytes: self.bytes.clone(),
+            connection: self.clone(),
         };
         let answer = match self.upstream.sender().await {
             Ok(mut sender) => {
@@ -461,6 +472,23 @@ impl Connection {
             connection.record_response(n, Some(101), down, started, error.as_deref());
         });
         self.relays.lock().push(relay);
+    }
+
+    /// A body's chunk, with `record = "full"`; an error says the session
+    /// cannot be recorded (and ends it).
+    fn record_body(&self, which: Direction, data: &[u8]) -> Result<(), String> {
+        if !self.recorder.records_output() || data.is_empty() {
+            return Ok(());
+        }
+        let event = match which {
+            Direction::Input => Event::Input { data },
+            Direction::Output => Event::Output { data },
+        };
+        self.recorder.append(&event).map(drop).map_err(|error| {
+            let why = format!("the session cannot be recorded: {error}");
+            self.failure.lock().get_or_insert(why.clone());
+            why
+        })
     }
 
     fn record_response(
@@ -703,29 +731,33 @@ where
     Ok(sender)
 }
 
-/// The client's request body on its way up, counted.
+/// The client's request body on its way up, counted, and with `record =
+/// "full"` recorded (`input` events): a chunk that cannot be recorded
+/// fails the request instead of going up.
 struct Uploaded {
     inner: Incoming,
-    bytes: Arc<ByteCounters>,
+    connection: Arc<Connection>,
 }
 
 impl HttpBody for Uploaded {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
         {
-            self.bytes
+            let connection = &self.connection;
+            connection
+                .bytes
                 .up
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
+            if let Err(why) = connection.record_body(Direction::Input, data) {
+                return Poll::Ready(Some(Err(why.into())));
+            }
         }
-        polled
+        polled.map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -755,22 +787,27 @@ struct Downloaded {
 }
 
 impl Downloaded {
-    fn count(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    /// Counts a chunk, and with `record = "full"` records it (`output`
+    /// events, after the scrub): a chunk that cannot be recorded ends the
+    /// response with an error instead of reaching the client.
+    fn count(&mut self, data: Bytes) -> Polled {
         let len = data.len() as u64;
         self.bytes += len;
         self.connection.bytes.down.fetch_add(len, Ordering::Relaxed);
+        if let Err(why) = self.connection.record_body(Direction::Output, &data) {
+            self.error = Some(why.clone());
+            self.ended = true;
+            return Poll::Ready(Some(Err(why.into())));
+        }
         Poll::Ready(Some(Ok(Frame::data(data))))
     }
 }
 
 impl HttpBody for Downloaded {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         if let Some(frame) = self.pending.take() {
             return Poll::Ready(Some(Ok(frame)));
         }
@@ -797,7 +834,7 @@ impl HttpBody for Downloaded {
             },
             Poll::Ready(Some(Err(error))) => {
                 self.error = Some(error.to_string());
-                Poll::Ready(Some(Err(error)))
+                Poll::Ready(Some(Err(error.into())))
             }
             Poll::Ready(None) => {
                 self.ended = true;

@@ -103,7 +103,8 @@ pub enum Event<'a> {
         cols: u32,
         rows: u32,
     },
-    /// SSH: what the client typed into a terminal, with `record = "full"`.
+    /// What the client sent, with `record = "full"`: SSH, what it typed
+    /// into a terminal; HTTP, request bodies.
     Input {
         #[serde(serialize_with = "base64")]
         data: &'a [u8],
