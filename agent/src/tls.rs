@@ -267,6 +267,47 @@ pub fn upstream_config(
     Ok(config)
 }
 
+/// The client configuration for a TLS mode and CA file that presents a
+/// client certificate, built once per identity.
+pub fn upstream_config_with_identity(
+    mode: UpstreamTls,
+    ca_file: Option<&Path>,
+    identity: &crate::policy::ClientIdentity,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    if let Some(config) = identity.config.get() {
+        return Ok(config.clone());
+    }
+    let base = upstream_config(mode, ca_file)?;
+    let mut config = rustls::ClientConfig::clone(&base);
+    let provider = rustls::crypto::ring::default_provider();
+    let key = provider
+        .key_provider
+        .load_private_key(identity.key.clone_key())?;
+    config.client_auth_cert_resolver = Arc::new(SingleIdentity(Arc::new(
+        rustls::sign::CertifiedKey::new(identity.chain.clone(), key),
+    )));
+    let config = Arc::new(config);
+    Ok(identity.config.get_or_init(|| config).clone())
+}
+
+/// Presents one certificate to every server that asks for one.
+#[derive(Debug)]
+struct SingleIdentity(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for SingleIdentity {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 /// `tls = "require"`: the channel is encrypted, the peer is not checked
 /// (as libpq's sslmode=require). Signatures are still verified, so the
 /// handshake itself is sound.

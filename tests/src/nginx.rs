@@ -47,12 +47,18 @@ http {{
         listen 127.0.0.1:{port} ssl http2;
         ssl_certificate {d}/server.pem;
         ssl_certificate_key {d}/server.key;
+        ssl_client_certificate {d}/ca.pem;
+        ssl_verify_client optional;
         default_type application/json;
         if ($http_authorization != "Bearer {HELD_TOKEN}") {{
             return 401 '{{"error": "unauthorized"}}\n';
         }}
         location /big {{
             root {d}/www;
+        }}
+        # Who presented a client certificate.
+        location /api/v1/whoami {{
+            return 200 '{{"verified": "$ssl_client_verify", "subject": "$ssl_client_s_dn"}}\n';
         }}
         # An endpoint that echoes the credential it got, body and header.
         location /api/v1/echo {{
@@ -127,8 +133,9 @@ http {{
 }
 
 /// In `dir`: a CA of the test's own (`ca.pem`), a server certificate for
-/// api.test and 127.0.0.1 (`server.pem`, `server.key`), and the token the
-/// server accepts in a 0600 file (`token`).
+/// api.test and 127.0.0.1 (`server.pem`, `server.key`), a client
+/// certificate (`client.pem`, `client.key`, CN ci-deployer), and the token
+/// the server accepts in a 0600 file (`token`).
 pub fn upstream_certificates(dir: &Path) {
     let d = dir.display();
     run_ok(Command::new("sh").arg("-c").arg(format!(
@@ -138,7 +145,12 @@ pub fn upstream_certificates(dir: &Path) {
            -keyout server.key -out server.csr 2>/dev/null \
          && printf 'subjectAltName=DNS:api.test,IP:127.0.0.1\\n' > san.ext \
          && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
-           -extfile san.ext -out server.pem 2>/dev/null"
+           -extfile san.ext -out server.pem 2>/dev/null \
+         && openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj '/CN=ci-deployer' \
+           -keyout client.key -out client.csr 2>/dev/null \
+         && printf 'extendedKeyUsage=clientAuth\\n' > client.ext \
+         && openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+           -extfile client.ext -out client.pem 2>/dev/null && chmod 600 client.key"
     )));
     let token_file = dir.join("token");
     fs::write(&token_file, HELD_TOKEN).unwrap();

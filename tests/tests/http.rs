@@ -522,3 +522,31 @@ fn clients_trust_the_agent_once_its_ca_is_installed() {
     assert_eq!(seen.len(), 4, "{seen:#?}");
     assert!(seen.iter().all(|l| l.ends_with(HELD_TOKEN)), "{seen:#?}");
 }
+
+/// A client certificate held by the agent (as a Kubernetes API server
+/// authenticates a deployer): nginx sees it verified; the job has none.
+#[test]
+fn the_agent_presents_the_client_certificate_it_holds() {
+    require_root();
+    let name = "http-mtls";
+    let nginx = Nginx::start(name);
+    let mut cgroup = TestCgroup::new(name);
+    let (job, _) = cgroup.child("ci-job.service");
+    let d = nginx.dir.display();
+    let policy = policy(&nginx).replace(
+        "[target.credential]\n",
+        &format!(
+            "[target.credential]\nclient_certificate_file = \"{d}/client.pem\"\nclient_key_file = \"{d}/client.key\"\n"
+        ),
+    );
+    let agent = Agent::start(&cgroup, name, &policy);
+    let got = curl(
+        &job,
+        &agent,
+        "",
+        &format!("https://127.0.0.1:{}/api/v1/whoami", nginx.port),
+    );
+    assert_eq!(got.status, 200, "{}", got.all);
+    assert_eq!(json(&got)["verified"], "SUCCESS", "{}", got.body);
+    assert_eq!(json(&got)["subject"], "CN=ci-deployer", "{}", got.body);
+}

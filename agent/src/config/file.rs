@@ -200,6 +200,10 @@ pub struct CredentialSpec {
     /// whose value is in `value_file`.
     pub header: Option<Located<String>>,
     pub value_file: Option<Located<PathBuf>>,
+    /// HTTP targets: a client certificate (PEM, with its chain) presented
+    /// to the server, and its key (root, 0600).
+    pub client_certificate_file: Option<Located<PathBuf>>,
+    pub client_key_file: Option<Located<PathBuf>>,
     /// SSH targets: an OpenSSH private key (unencrypted; root 0600).
     pub private_key_file: Option<Located<PathBuf>>,
     /// SSH targets: an OpenSSH certificate for that key.

@@ -136,6 +136,7 @@ fn build_target(
         record: spec.record.unwrap_or_default(),
         ssh: held.ssh,
         http: held.http,
+        client_identity: held.client_identity,
     })
 }
 
@@ -146,6 +147,7 @@ struct HeldCredential {
     postgres: Option<crate::policy::Credential>,
     ssh: Option<std::sync::Arc<crate::policy::SshUpstream>>,
     http: Option<std::sync::Arc<crate::policy::HttpCredential>>,
+    client_identity: Option<std::sync::Arc<crate::policy::ClientIdentity>>,
 }
 
 /// A target's credential: a password for PostgreSQL, a key, certificate
@@ -168,10 +170,24 @@ fn target_credential(
             )?)),
             ..Default::default()
         },
-        (Some(credential), Protocol::Http | Protocol::Kubernetes) => HeldCredential {
-            http: Some(std::sync::Arc::new(http_credential(source, credential)?)),
-            ..Default::default()
-        },
+        (Some(credential), Protocol::Http | Protocol::Kubernetes) => {
+            let client_identity = client_identity(source, credential)?;
+            let spec = credential.get_ref();
+            let has_header = spec.bearer_token_file.is_some()
+                || spec.user.is_some()
+                || spec.password_file.is_some()
+                || spec.header.is_some()
+                || spec.value_file.is_some();
+            HeldCredential {
+                // A client certificate may be the whole credential.
+                http: (has_header || client_identity.is_none())
+                    .then(|| http_credential(source, credential))
+                    .transpose()?
+                    .map(std::sync::Arc::new),
+                client_identity: client_identity.map(std::sync::Arc::new),
+                ..Default::default()
+            }
+        }
         // An HTTP target without one passes the client's own on.
         (None, Protocol::Http | Protocol::Kubernetes) => HeldCredential::default(),
         (None, Protocol::Postgres | Protocol::Ssh) => {
@@ -196,6 +212,46 @@ fn target_credential(
         }
         (None, Protocol::Tcp) => HeldCredential::default(),
     })
+}
+
+/// An HTTP target's client certificate and key, if it has one.
+fn client_identity(
+    source: &SourceFile,
+    located: &Located<file::CredentialSpec>,
+) -> Result<Option<crate::policy::ClientIdentity>, ConfigError> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let spec = located.get_ref();
+    let (cert, key) = match (&spec.client_certificate_file, &spec.client_key_file) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        _ => {
+            return Err(source.error_at(
+                located.span(),
+                "client_certificate_file and client_key_file go together",
+            ));
+        }
+    };
+    let bad = |file: &Located<std::path::PathBuf>, what: &str| {
+        source.error_at(
+            file.span(),
+            format!("{} is not {what}", file.get_ref().display()),
+        )
+    };
+    let chain = CertificateDer::pem_file_iter(cert.get_ref())
+        .map_err(|e| source.error_at(cert.span(), format!("{}: {e}", cert.get_ref().display())))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| bad(cert, "a PEM certificate chain"))?;
+    if chain.is_empty() {
+        return Err(bad(cert, "a PEM certificate chain"));
+    }
+    let pem = read_secret_file(source, key.get_ref(), key.span(), "client_key_file")?;
+    let key_der = PrivateKeyDer::from_pem_slice(pem.expose().as_bytes())
+        .map_err(|_| bad(key, "a PEM private key"))?;
+    Ok(Some(crate::policy::ClientIdentity {
+        chain,
+        key: key_der,
+        config: std::sync::OnceLock::new(),
+    }))
 }
 
 /// An HTTP target's credential: exactly one of a bearer token, a user and

@@ -503,6 +503,17 @@ fn http_targets_hold_one_credential_and_rules_read_requests() {
     let (_, _, message) = error_of(&target("[target.credential]\nuser = \"ci\"\n"));
     assert!(message.contains("one of"), "{message}");
     assert!(Config::from_text("ok.toml", &target("tls = \"disable\"\n")).is_ok());
+    let (_, _, message) = error_of(&target(&format!(
+        "[target.credential]\nclient_certificate_file = {token:?}\n"
+    )));
+    assert!(message.contains("go together"), "{message}");
+    let (_, _, message) = error_of(&target(&format!(
+        "[target.credential]\nclient_certificate_file = {token:?}\nclient_key_file = {token:?}\n"
+    )));
+    assert!(
+        message.contains("is not a PEM certificate chain"),
+        "{message}"
+    );
 
     let rule = |fields: &str| {
         format!(

@@ -21,8 +21,8 @@ pub use mask::{BuiltinPattern, ColumnName, Mask, MaskSelects, MaskSpec, Strategy
 pub use selector::{Pattern, WorkloadSelector};
 pub use statement::{Builtin, Exposure, FunctionRef, KindSet, StatementInfo, StatementKind};
 pub use targets::{
-    Credential, HostKeyCheck, HttpCredential, Protocol, RecordMode, Secret, SshAuth, SshUpstream,
-    Target, TargetAddress, TargetId, TargetTable, UpstreamTls,
+    ClientIdentity, Credential, HostKeyCheck, HttpCredential, Protocol, RecordMode, Secret,
+    SshAuth, SshUpstream, Target, TargetAddress, TargetId, TargetTable, UpstreamTls,
 };
 
 use serde::Serialize;

@@ -81,6 +81,25 @@ pub struct Target {
     pub ssh: Option<std::sync::Arc<SshUpstream>>,
     /// HTTP targets: what the agent adds to every request.
     pub http: Option<std::sync::Arc<HttpCredential>>,
+    /// HTTP targets: the client certificate the agent presents upstream
+    /// (a Kubernetes API server's client-certificate authentication).
+    pub client_identity: Option<std::sync::Arc<ClientIdentity>>,
+}
+
+/// A client certificate chain and its key, and the TLS configuration made
+/// from them once it is first needed.
+pub struct ClientIdentity {
+    pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub key: rustls::pki_types::PrivateKeyDer<'static>,
+    pub config: std::sync::OnceLock<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+impl fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("certificates", &self.chain.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The credential an HTTP target's requests carry (never the client's).
@@ -379,6 +398,7 @@ mod tests {
             record: RecordMode::Commands,
             ssh: None,
             http: None,
+            client_identity: None,
         }
     }
 

@@ -660,8 +660,14 @@ impl Upstream {
         let tls = match target.tls {
             UpstreamTls::Disable => None,
             mode => {
-                let config = crate::tls::upstream_config(mode, target.tls_ca_file.as_deref())
-                    .map_err(|e| e.to_string())?;
+                let ca_file = target.tls_ca_file.as_deref();
+                let config = match &target.client_identity {
+                    Some(identity) => {
+                        crate::tls::upstream_config_with_identity(mode, ca_file, identity)
+                    }
+                    None => crate::tls::upstream_config(mode, ca_file),
+                }
+                .map_err(|e| e.to_string())?;
                 let name = super::upstream_name(target, &orig_dst);
                 let name = rustls::pki_types::ServerName::try_from(name.clone())
                     .map_err(|_| format!("{name:?} is not a server name"))?;
