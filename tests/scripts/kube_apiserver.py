@@ -6,7 +6,8 @@ usage: kube_apiserver.py PORT CERT KEY TOKEN LOG
 
 Serves over HTTPS the discovery documents (core group only: pods, pods/log,
 secrets) and a namespace's pods and secrets: list, get, a pod's log, delete;
-a pod's `exec` upgraded (any protocol) to a stream that echoes its bytes.
+a pod's `exec` upgraded (any protocol) to a stream that echoes its bytes;
+`logs -f` as a line every 10 s for 70 s.
 Requests without `Authorization: Bearer TOKEN` get 401. Appends
 "METHOD PATH AUTHORIZATION" to LOG for every request.
 """
@@ -14,6 +15,7 @@ import http.server
 import json
 import ssl
 import sys
+import time
 
 port, cert, key, token, log = sys.argv[1:6]
 
@@ -97,9 +99,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if len(rest) == 1 and self.command in ("GET", "DELETE"):
                 return self.answer(200, make(namespace, rest[0]))
             if rest[1:] == ["log"] and self.command == "GET":
+                if "follow=true" in self.path:
+                    return self.follow()
                 return self.answer(200, b"line 1\nline 2\n", "text/plain")
         return self.answer(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
                                  "reason": "NotFound", "code": 404})
+
+    def follow(self):
+        """`logs -f`: a line every 10 s for 70 s, chunked, then the end."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for n in range(8):
+            if n:
+                time.sleep(10)
+            line = f"follow {n}\n".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+        self.close_connection = True
 
     def echo(self):
         """An exec stand-in: agrees to the upgrade, then echoes every byte

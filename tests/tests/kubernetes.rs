@@ -334,3 +334,35 @@ fn an_exec_is_held_then_its_upgraded_stream_relayed() {
     assert!(exec[0].starts_with("POST /api/v1/namespaces/ci/pods/web/exec"));
     assert!(exec[0].ends_with(&format!("Bearer {HELD_TOKEN}")));
 }
+
+/// `kubectl logs -f` stays open as long as the server streams (70 s, a
+/// line every 10 s): the agent cuts no idle stream.
+#[test]
+fn a_followed_log_streams_past_a_minute() {
+    let name = "kube-follow";
+    let cluster = StandIn::start(name);
+    let mut cgroup = TestCgroup::new(name);
+    let (job, _) = cgroup.child("ci-job.service");
+    let agent = Agent::start(&cgroup, name, &policy(&cluster));
+    let out = agent.cli(&["kube", "config", "--target", "cluster", "--namespace", "ci"]);
+    let path = agent.workdir.join("kubeconfig");
+    fs::write(&path, &out.stdout).unwrap();
+    let started = Instant::now();
+    let out = sh_in(
+        &job,
+        &format!(
+            "export HOME={home}; exec kubectl --kubeconfig {path} logs -f web",
+            home = agent.workdir.display(),
+            path = path.display()
+        ),
+    );
+    let took = started.elapsed();
+    let lines: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
+    assert_eq!(
+        lines,
+        (0..8).map(|n| format!("follow {n}")).collect::<Vec<_>>(),
+        "{}",
+        stderr(&out)
+    );
+    assert!(took > Duration::from_secs(65), "{took:?}");
+}
