@@ -125,7 +125,7 @@ pub fn read(method: &str, path: &str, query: Option<&str>) -> Result<KubeRequest
         });
         request.verb = if watch { "watch" } else { "list" }.to_owned();
         if let Some(selector) = query_values(query, "fieldSelector").next()
-            && let Some(name) = exact_name(&selector)
+            && let Some(name) = exact_name(&selector)?
         {
             request.name = name;
         }
@@ -182,17 +182,22 @@ fn decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The name a field selector requires exactly (`metadata.name=x` or
-/// `==x`), when it is its only term and a valid path segment.
-fn exact_name(selector: &str) -> Option<String> {
-    if selector.contains(',') {
-        return None;
+/// The name a field selector requires exactly, as kube-apiserver finds it:
+/// the first term `metadata.name=x` or `metadata.name==x`, if x is a valid
+/// path segment. A selector with escapes (`\,`) is refused rather than
+/// read differently from the server.
+fn exact_name(selector: &str) -> Result<Option<String>, String> {
+    if selector.contains('\\') {
+        return Err(format!("a field selector with escapes ({selector:?})"));
     }
-    let value = selector
-        .strip_prefix("metadata.name==")
-        .or_else(|| selector.strip_prefix("metadata.name="))?;
+    let Some(value) = selector.split(',').find_map(|term| {
+        term.strip_prefix("metadata.name==")
+            .or_else(|| term.strip_prefix("metadata.name="))
+    }) else {
+        return Ok(None);
+    };
     let valid = !value.is_empty() && value != "." && value != ".." && !value.contains(['/', '%']);
-    valid.then(|| value.to_owned())
+    Ok(valid.then(|| value.to_owned()))
 }
 
 /// The Kubernetes fields of a rule. A rule with none of them (and no
@@ -269,6 +274,76 @@ pub fn is_discovery(method: &str, path: &str, request: &KubeRequest) -> bool {
         .any(|prefix| path.starts_with(prefix))
 }
 
+/// method, URL, verb, group, version, namespace, resource, subresource,
+/// name: kube-apiserver's `TestGetAPIRequestInfo` cases and its edge cases.
+#[cfg(test)]
+type Case = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+);
+
+#[cfg(test)]
+#[rustfmt::skip]
+const CASES: &[Case] = &[
+    ("GET", "/api/v1/namespaces", "list", "", "v1", "", "namespaces", "", ""),
+    ("GET", "/api/v1/namespaces/other", "get", "", "v1", "other", "namespaces", "", "other"),
+    ("GET", "/api/v1/namespaces/other/pods", "list", "", "v1", "other", "pods", "", ""),
+    ("GET", "/api/v1/namespaces/other/pods/foo", "get", "", "v1", "other", "pods", "", "foo"),
+    ("HEAD", "/api/v1/namespaces/other/pods/foo", "get", "", "v1", "other", "pods", "", "foo"),
+    ("GET", "/api/v1/pods", "list", "", "v1", "", "pods", "", ""),
+    ("HEAD", "/api/v1/pods", "list", "", "v1", "", "pods", "", ""),
+    ("GET", "/api/v1/namespaces/other/pods/foo", "get", "", "v1", "other", "pods", "", "foo"),
+    ("GET", "/api/v1/namespaces/other/pods", "list", "", "v1", "other", "pods", "", ""),
+    // Special verbs.
+    ("GET", "/api/v1/proxy/namespaces/other/pods/foo", "proxy", "", "v1", "other", "pods", "", "foo"),
+    ("GET", "/api/v1/proxy/namespaces/other/pods/foo/subpath/not/a/subresource", "proxy", "", "v1", "other", "pods", "", "foo"),
+    ("GET", "/api/v1/watch/pods", "watch", "", "v1", "", "pods", "", ""),
+    ("GET", "/api/v1/pods?watch=true", "watch", "", "v1", "", "pods", "", ""),
+    ("GET", "/api/v1/pods?watch=false", "list", "", "v1", "", "pods", "", ""),
+    ("GET", "/api/v1/pods?watch=1", "watch", "", "v1", "", "pods", "", ""),
+    ("GET", "/api/v1/pods?watch=0", "list", "", "v1", "", "pods", "", ""),
+    ("GET", "/api/v1/pods?watch=yes", "watch", "", "v1", "", "pods", "", ""),
+    ("GET", "/api/v1/watch/namespaces/other/pods", "watch", "", "v1", "other", "pods", "", ""),
+    // Subresources.
+    ("GET", "/api/v1/namespaces/other/pods/foo/proxy/subpath", "proxy", "", "v1", "other", "pods", "proxy", "foo"),
+    ("PUT", "/api/v1/namespaces/other/finalize", "update", "", "v1", "other", "namespaces", "finalize", "other"),
+    ("PUT", "/api/v1/namespaces/other/status", "update", "", "v1", "other", "namespaces", "status", "other"),
+    ("GET", "/api/v1/namespaces/other/pods/foo/log", "get", "", "v1", "other", "pods", "log", "foo"),
+    // Verbs by method.
+    ("POST", "/api/v1/namespaces/other/pods", "create", "", "v1", "other", "pods", "", ""),
+    ("PUT", "/api/v1/namespaces/other/pods/foo", "update", "", "v1", "other", "pods", "", "foo"),
+    ("PATCH", "/api/v1/namespaces/other/pods/foo", "patch", "", "v1", "other", "pods", "", "foo"),
+    ("DELETE", "/api/v1/namespaces/other/pods/foo", "delete", "", "v1", "other", "pods", "", "foo"),
+    ("DELETE", "/api/v1/namespaces/other/pods", "deletecollection", "", "v1", "other", "pods", "", ""),
+    // Groups.
+    ("GET", "/apis/extensions/v1beta1/namespaces/other/extensions", "list", "extensions", "v1beta1", "other", "extensions", "", ""),
+    ("GET", "/apis/extensions/v1beta1/extensions", "list", "extensions", "v1beta1", "", "extensions", "", ""),
+    ("PATCH", "/apis/apps/v1/namespaces/ci/deployments/web", "patch", "apps", "v1", "ci", "deployments", "", "web"),
+    ("PUT", "/apis/apps/v1/namespaces/ci/deployments/web/scale", "update", "apps", "v1", "ci", "deployments", "scale", "web"),
+    // A name from an exact field selector.
+    ("GET", "/api/v1/namespaces/other/pods?fieldSelector=metadata.name%3Dfoo", "list", "", "v1", "other", "pods", "", "foo"),
+    ("GET", "/api/v1/namespaces/other/pods?fieldSelector=metadata.name==foo", "list", "", "v1", "other", "pods", "", "foo"),
+    ("GET", "/api/v1/namespaces/other/pods?fieldSelector=metadata.name%3Dfoo,status.phase%3DRunning", "list", "", "v1", "other", "pods", "", "foo"),
+    ("GET", "/api/v1/namespaces/other/pods?fieldSelector=status.phase%3DRunning,metadata.name%3Dfoo", "list", "", "v1", "other", "pods", "", "foo"),
+    ("GET", "/api/v1/namespaces/other/pods?fieldSelector=metadata.name!%3Dfoo", "list", "", "v1", "other", "pods", "", ""),
+    ("GET", "/api/v1/namespaces/other/pods?fieldSelector=metadata.name%3D..", "list", "", "v1", "other", "pods", "", ""),
+    ("GET", "/api/v1/pods?watch=true&fieldSelector=metadata.name%3Dfoo", "watch", "", "v1", "", "pods", "", "foo"),
+    // What runs in, or reaches, a pod: one verb whatever the transport.
+    ("GET", "/api/v1/namespaces/ci/pods/web/exec", "exec", "", "v1", "ci", "pods", "exec", "web"),
+    ("POST", "/api/v1/namespaces/ci/pods/web/exec", "exec", "", "v1", "ci", "pods", "exec", "web"),
+    ("POST", "/api/v1/namespaces/ci/pods/web/attach", "attach", "", "v1", "ci", "pods", "attach", "web"),
+    ("GET", "/api/v1/namespaces/ci/pods/web/portforward", "portforward", "", "v1", "ci", "pods", "portforward", "web"),
+    ("GET", "/api/v1/nodes/n1/proxy/run/ci/web/c", "proxy", "", "v1", "", "nodes", "proxy", "n1"),
+    ("POST", "/api/v1/nodes/n1/proxy/exec/ci/web/c", "proxy", "", "v1", "", "nodes", "proxy", "n1"),
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,458 +353,7 @@ mod tests {
     /// resource, subresource, name).
     #[test]
     fn requests_read_as_kube_apiserver_reads_them() {
-        /// method, URL, verb, group, version, namespace, resource,
-        /// subresource, name
-        type Case = (
-            &'static str,
-            &'static str,
-            &'static str,
-            &'static str,
-            &'static str,
-            &'static str,
-            &'static str,
-            &'static str,
-            &'static str,
-        );
-        let cases: &[Case] = &[
-            (
-                "GET",
-                "/api/v1/namespaces",
-                "list",
-                "",
-                "v1",
-                "",
-                "namespaces",
-                "",
-                "",
-            ),
-            (
-                "GET",
-                "/api/v1/namespaces/other",
-                "get",
-                "",
-                "v1",
-                "other",
-                "namespaces",
-                "",
-                "other",
-            ),
-            (
-                "GET",
-                "/api/v1/namespaces/other/pods",
-                "list",
-                "",
-                "v1",
-                "other",
-                "pods",
-                "",
-                "",
-            ),
-            (
-                "GET",
-                "/api/v1/namespaces/other/pods/foo",
-                "get",
-                "",
-                "v1",
-                "other",
-                "pods",
-                "",
-                "foo",
-            ),
-            (
-                "HEAD",
-                "/api/v1/namespaces/other/pods/foo",
-                "get",
-                "",
-                "v1",
-                "other",
-                "pods",
-                "",
-                "foo",
-            ),
-            ("GET", "/api/v1/pods", "list", "", "v1", "", "pods", "", ""),
-            ("HEAD", "/api/v1/pods", "list", "", "v1", "", "pods", "", ""),
-            (
-                "GET",
-                "/api/v1/namespaces/other/pods/foo",
-                "get",
-                "",
-                "v1",
-                "other",
-                "pods",
-                "",
-                "foo",
-            ),
-            (
-                "GET",
-                "/api/v1/namespaces/other/pods",
-                "list",
-                "",
-                "v1",
-                "other",
-                "pods",
-                "",
-                "",
-            ),
-            // Special verbs.
-            (
-                "GET",
-                "/api/v1/proxy/namespaces/other/pods/foo",
-                "proxy",
-                "",
-                "v1",
-                "other",
-                "pods",
-                "",
-                "foo",
-            ),
-            (
-                "GET",
-                "/api/v1/proxy/namespaces/other/pods/foo/subpath/not/a/subresource",
-                "proxy",
-                "",
-                "v1",
-                "other",
-                "pods",
-                "",
-                "foo",
-            ),
-            (
-                "GET",
-                "/api/v1/watch/pods",
-                "watch",
-                "",
-                "v1",
-                "",
-                "pods",
-                "",
-                "",
-            ),
-            (
-                "GET",
-                "/api/v1/pods?watch=true",
-                "watch",
-                "",
-                "v1",
-                "",
-                "pods",
-                "",
-                "",
-            ),
-            (
-                "GET",
-                "/api/v1/pods?watch=false",
-                "list",
-                "",
-                "v1",
-                "",
-                "pods",
-                "",
-                "",
-            ),
-            (
-                "GET",
-                "/api/v1/pods?watch=1",
-                "watch",
-                "",
-                "v1",
-                "",
-                "pods",
-                "",
-                "",
-            ),
-            (
-                "GET",
-                "/api/v1/pods?watch=0",
-                "list",
-                "",
-                "v1",
-                "",
-                "pods",
-                "",
-                "",
-            ),
-            (
-                "GET",
-                "/api/v1/pods?watch=yes",
-                "watch",
-                "",
-                "v1",
-                "",
-                "pods",
-                "",
-                "",
-            ),
-            (
-                "GET",
-                "/api/v1/watch/namespaces/other/pods",
-                "watch",
-                "",
-                "v1",
-                "other",
-                "pods",
-                "",
-                "",
-            ),
-            // Subresources.
-            (
-                "GET",
-                "/api/v1/namespaces/other/pods/foo/proxy/subpath",
-                "proxy",
-                "",
-                "v1",
-                "other",
-                "pods",
-                "proxy",
-                "foo",
-            ),
-            (
-                "PUT",
-                "/api/v1/namespaces/other/finalize",
-                "update",
-                "",
-                "v1",
-                "other",
-                "namespaces",
-                "finalize",
-                "other",
-            ),
-            (
-                "PUT",
-                "/api/v1/namespaces/other/status",
-                "update",
-                "",
-                "v1",
-                "other",
-                "namespaces",
-                "status",
-                "other",
-            ),
-            (
-                "GET",
-                "/api/v1/namespaces/other/pods/foo/log",
-                "get",
-                "",
-                "v1",
-                "other",
-                "pods",
-                "log",
-                "foo",
-            ),
-            // Verbs by method.
-            (
-                "POST",
-                "/api/v1/namespaces/other/pods",
-                "create",
-                "",
-                "v1",
-                "other",
-                "pods",
-                "",
-                "",
-            ),
-            (
-                "PUT",
-                "/api/v1/namespaces/other/pods/foo",
-                "update",
-                "",
-                "v1",
-                "other",
-                "pods",
-                "",
-                "foo",
-            ),
-            (
-                "PATCH",
-                "/api/v1/namespaces/other/pods/foo",
-                "patch",
-                "",
-                "v1",
-                "other",
-                "pods",
-                "",
-                "foo",
-            ),
-            (
-                "DELETE",
-                "/api/v1/namespaces/other/pods/foo",
-                "delete",
-                "",
-                "v1",
-                "other",
-                "pods",
-                "",
-                "foo",
-            ),
-            (
-                "DELETE",
-                "/api/v1/namespaces/other/pods",
-                "deletecollection",
-                "",
-                "v1",
-                "other",
-                "pods",
-                "",
-                "",
-            ),
-            // Groups.
-            (
-                "GET",
-                "/apis/extensions/v1beta1/namespaces/other/extensions",
-                "list",
-                "extensions",
-                "v1beta1",
-                "other",
-                "extensions",
-                "",
-                "",
-            ),
-            (
-                "GET",
-                "/apis/extensions/v1beta1/extensions",
-                "list",
-                "extensions",
-                "v1beta1",
-                "",
-                "extensions",
-                "",
-                "",
-            ),
-            (
-                "PATCH",
-                "/apis/apps/v1/namespaces/ci/deployments/web",
-                "patch",
-                "apps",
-                "v1",
-                "ci",
-                "deployments",
-                "",
-                "web",
-            ),
-            (
-                "PUT",
-                "/apis/apps/v1/namespaces/ci/deployments/web/scale",
-                "update",
-                "apps",
-                "v1",
-                "ci",
-                "deployments",
-                "scale",
-                "web",
-            ),
-            // A name from an exact field selector.
-            (
-                "GET",
-                "/api/v1/namespaces/other/pods?fieldSelector=metadata.name%3Dfoo",
-                "list",
-                "",
-                "v1",
-                "other",
-                "pods",
-                "",
-                "foo",
-            ),
-            (
-                "GET",
-                "/api/v1/namespaces/other/pods?fieldSelector=metadata.name==foo",
-                "list",
-                "",
-                "v1",
-                "other",
-                "pods",
-                "",
-                "foo",
-            ),
-            (
-                "GET",
-                "/api/v1/namespaces/other/pods?fieldSelector=metadata.name%3Dfoo,status.phase%3DRunning",
-                "list",
-                "",
-                "v1",
-                "other",
-                "pods",
-                "",
-                "",
-            ),
-            (
-                "GET",
-                "/api/v1/pods?watch=true&fieldSelector=metadata.name%3Dfoo",
-                "watch",
-                "",
-                "v1",
-                "",
-                "pods",
-                "",
-                "foo",
-            ),
-            // What runs in, or reaches, a pod: one verb whatever the transport.
-            (
-                "GET",
-                "/api/v1/namespaces/ci/pods/web/exec",
-                "exec",
-                "",
-                "v1",
-                "ci",
-                "pods",
-                "exec",
-                "web",
-            ),
-            (
-                "POST",
-                "/api/v1/namespaces/ci/pods/web/exec",
-                "exec",
-                "",
-                "v1",
-                "ci",
-                "pods",
-                "exec",
-                "web",
-            ),
-            (
-                "POST",
-                "/api/v1/namespaces/ci/pods/web/attach",
-                "attach",
-                "",
-                "v1",
-                "ci",
-                "pods",
-                "attach",
-                "web",
-            ),
-            (
-                "GET",
-                "/api/v1/namespaces/ci/pods/web/portforward",
-                "portforward",
-                "",
-                "v1",
-                "ci",
-                "pods",
-                "portforward",
-                "web",
-            ),
-            (
-                "GET",
-                "/api/v1/nodes/n1/proxy/run/ci/web/c",
-                "proxy",
-                "",
-                "v1",
-                "",
-                "nodes",
-                "proxy",
-                "n1",
-            ),
-            (
-                "POST",
-                "/api/v1/nodes/n1/proxy/exec/ci/web/c",
-                "proxy",
-                "",
-                "v1",
-                "",
-                "nodes",
-                "proxy",
-                "n1",
-            ),
-        ];
+        let cases = CASES;
         for &(method, url, verb, group, version, namespace, resource, subresource, name) in cases {
             let (path, query) = url
                 .split_once('?')
@@ -766,6 +390,14 @@ mod tests {
             assert_eq!(read.verb, method.to_ascii_lowercase());
         }
         assert!(read("GET", "/api/v1/proxy", None).is_err());
+        assert!(
+            read(
+                "GET",
+                "/api/v1/pods",
+                Some("fieldSelector=metadata.name%3Da%5C,b")
+            )
+            .is_err()
+        );
     }
 
     #[test]
