@@ -49,10 +49,12 @@ pub mod fuzzing {
     }
 
     /// An HTTP request's method, path and host as policy reads them, and
-    /// a response body through the scrub of the held credential.
+    /// a response body through the scrub of the held credential and the
+    /// Secret masks.
     pub fn http_request(data: &[u8]) {
         crate::policy::fuzz_http_request(data);
         crate::proxy::http::fuzz_scrub(data);
+        crate::masking::json::fuzz(data);
     }
 
     /// A configuration file through the loader: errors, never a panic.

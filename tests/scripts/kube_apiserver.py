@@ -46,7 +46,7 @@ def secret(namespace, name):
     return {"kind": "Secret", "apiVersion": "v1",
             "metadata": {"name": name, "namespace": namespace, "resourceVersion": "1",
                          "creationTimestamp": "2026-01-01T00:00:00Z"},
-            "data": {"password": "aHVudGVyMg=="}}
+            "data": {"password": "aHVudGVyMg=="}, "type": "Opaque"}
 
 
 def listing(kind, items):

@@ -366,3 +366,47 @@ fn a_followed_log_streams_past_a_minute() {
     );
     assert!(took > Duration::from_secs(65), "{took:?}");
 }
+
+/// Secrets a rule allows come with their values masked as they stream
+/// (one object, a list, the last-applied annotation), unless the rule says
+/// `reveal_secrets = true`.
+#[test]
+fn secret_values_are_masked_unless_a_rule_reveals_them() {
+    let name = "kube-secrets";
+    let cluster = StandIn::start(name);
+    let mut cgroup = TestCgroup::new(name);
+    let (job, _) = cgroup.child("ci-job.service");
+    let policy = format!(
+        "{}\n[[rule]]\nname = \"ci-reads-its-secret\"\nworkloads = [\"ci-jobs\"]\ntargets = [\"cluster\"]\n\
+         decision = \"allow\"\nverbs = [\"get\", \"list\"]\nresources = [\"secrets\"]\nnamespaces = [\"ci\"]\nnames = [\"web\"]\n\n\
+         [[rule]]\nname = \"ci-reads-tls-in-clear\"\nworkloads = [\"ci-jobs\"]\ntargets = [\"cluster\"]\n\
+         decision = \"allow\"\nverbs = [\"get\"]\nresources = [\"secrets\"]\nnamespaces = [\"ci\"]\nnames = [\"tls\"]\nreveal_secrets = true\n",
+        policy(&cluster)
+    );
+    let agent = Agent::start(&cgroup, name, &policy);
+    let out = agent.cli(&["kube", "config", "--target", "cluster", "--namespace", "ci"]);
+    let path = agent.workdir.join("kubeconfig");
+    fs::write(&path, &out.stdout).unwrap();
+    let kubectl = |args: &str| -> Value {
+        let out = sh_in(
+            &job,
+            &format!(
+                "export HOME={home}; exec kubectl --kubeconfig {path} {args} -o json",
+                home = agent.workdir.display(),
+                path = path.display()
+            ),
+        );
+        assert!(out.status.success(), "{args}: {}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let web = kubectl("get secret web");
+    assert_eq!(web["data"]["password"], "KioqKg==", "{web}");
+    assert_eq!(web["metadata"]["name"], "web");
+    let listed = kubectl("get secrets --field-selector metadata.name=web");
+    assert_eq!(
+        listed["items"][0]["data"]["password"], "KioqKg==",
+        "{listed}"
+    );
+    let tls = kubectl("get secret tls");
+    assert_eq!(tls["data"]["password"], "aHVudGVyMg==", "{tls}");
+}

@@ -352,6 +352,9 @@ pub struct RuleSpec {
     pub namespaces: Option<Located<Vec<String>>>,
     /// Kubernetes targets: object name globs.
     pub names: Option<Located<Vec<String>>>,
+    /// Kubernetes targets, allow rules: the Secrets the rule allows come
+    /// unmasked (their data is masked otherwise).
+    pub reveal_secrets: Option<Located<bool>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

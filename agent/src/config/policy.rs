@@ -430,6 +430,7 @@ fn kube_rules(
             .unwrap_or_default(),
         namespaces: globs("namespaces", &rule.namespaces)?,
         names: globs("names", &rule.names)?,
+        reveal_secrets: rule.reveal_secrets.as_ref().is_some_and(|r| *r.get_ref()),
     })
 }
 
@@ -593,10 +594,16 @@ fn check_protocols(
             rule.resources.as_ref().map(|c| c.span()),
             rule.namespaces.as_ref().map(|c| c.span()),
             rule.names.as_ref().map(|c| c.span()),
+            rule.reveal_secrets.as_ref().map(|c| c.span()),
         ],
         &[Protocol::Kubernetes],
-        "verbs, resources, namespaces and names apply to kubernetes targets",
+        "verbs, resources, namespaces, names and reveal_secrets apply to kubernetes targets",
     )?;
+    if let Some(reveal) = &rule.reveal_secrets
+        && rule.decision != crate::policy::Action::Allow
+    {
+        return Err(source.error_at(reveal.span(), "reveal_secrets applies to allow rules"));
+    }
     Ok(())
 }
 

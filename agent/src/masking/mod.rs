@@ -2,9 +2,11 @@
 //! [`MaskSet`] is compiled from the masks a session's policy puts on what
 //! its workload reads, then applied by each protocol where values pass:
 //! PostgreSQL rows column by column (`proxy::postgres::rows`), SSH output
-//! as a stream ([`StreamMask`]). Strategies (`redact`, `partial`, `hash`,
+//! as a stream ([`StreamMask`]), Kubernetes Secrets in JSON as it streams
+//! (`json`). Strategies (`redact`, `partial`, `hash`,
 //! `null`) and value patterns (e-mail, card numbers with Luhn, IBAN with
 //! mod 97, JWT, API keys, regexes) are the same everywhere.
+pub mod json;
 mod stream;
 
 pub use stream::StreamMask;

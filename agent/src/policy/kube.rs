@@ -212,6 +212,9 @@ pub struct KubeRules {
     pub resources_written: Vec<String>,
     pub namespaces: Vec<Pattern>,
     pub names: Vec<Pattern>,
+    /// An allow rule with `reveal_secrets = true`: the Secrets it allows
+    /// come unmasked.
+    pub reveal_secrets: bool,
 }
 
 /// Resources a rule covers only by naming them: a kubelet's proxy runs
@@ -411,6 +414,7 @@ mod tests {
                 .map(|n| Pattern::new(n).unwrap())
                 .collect(),
             names: Vec::new(),
+            reveal_secrets: false,
         };
         let request = |method, path| read(method, path, None).unwrap();
         let reads = rule(&["get", "list", "watch"], &["pods", "pods/log"], &["ci"]);

@@ -43,6 +43,7 @@ use crate::{
     addr::OrigDstAddr,
     approvals::{ApprovalError, NewRequest, Requester},
     conn::{self, Admitted, Asked},
+    masking::json::JsonMask,
     policy::{Action, ActivePolicy, HttpCredential, HttpRequest, UpstreamTls, Verdict},
     sessions::{Event, Recorder},
     workload::Workload,
@@ -229,6 +230,12 @@ impl Connection {
         };
         let denied = decision.verdict.action == Action::Deny && (decision.active.enforce || !read);
         let held = decision.verdict.action == Action::Approve && decision.active.enforce;
+        let mask_secrets = kube.as_ref().is_some_and(|kube| {
+            kube.is_resource && kube.group.is_empty() && kube.resource == "secrets"
+        }) && !decision
+            .verdict
+            .rule
+            .is_some_and(|id| decision.active.policy.rule(id).kube.reveal_secrets);
         let ticket = match self.recorder.append(&event) {
             Ok(ticket) => ticket,
             Err(error) => return self.fail(format!("the session cannot be recorded: {error}")),
@@ -245,8 +252,10 @@ impl Connection {
             && !request.headers().contains_key(header::UPGRADE)
             && never_relayed(&request).is_none()
         {
-            let (recorded, response) =
-                tokio::join!(self.recorder.durable(ticket), self.forward(n, request));
+            let (recorded, response) = tokio::join!(
+                self.recorder.durable(ticket),
+                self.forward(n, request, mask_secrets)
+            );
             return match recorded {
                 Ok(()) => response,
                 Err(error) => self.fail(format!("the session cannot be recorded: {error}")),
@@ -280,7 +289,7 @@ impl Connection {
                 }),
             );
         }
-        self.forward(n, request).await
+        self.forward(n, request, mask_secrets).await
     }
 
     /// Decides a readable request under `active`.
@@ -347,7 +356,12 @@ impl Connection {
 
     /// Sends an allowed request upstream, with the held credential, and
     /// streams the answer back.
-    async fn forward(self: &Arc<Self>, n: u64, mut request: Request<Incoming>) -> Response<Body> {
+    async fn forward(
+        self: &Arc<Self>,
+        n: u64,
+        mut request: Request<Incoming>,
+        mask_secrets: bool,
+    ) -> Response<Body> {
         let started = Instant::now();
         // A protocol upgrade (WebSocket, SPDY: exec, attach, port-forward):
         // once the server agrees, both connections become one stream.
@@ -364,6 +378,13 @@ impl Connection {
         }
         drop_hop_headers(&mut parts.headers);
         keep_upgrade(&mut parts.headers, upgrade.as_ref());
+        if mask_secrets {
+            // An answer to mask comes as JSON, uncompressed.
+            parts
+                .headers
+                .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+            parts.headers.remove(header::ACCEPT_ENCODING);
+        }
         if let Some(HttpCredential::Header { name, value, .. }) = self.credential.as_deref() {
             parts.headers.remove(header::AUTHORIZATION);
             parts.headers.insert(name.clone(), value.clone());
@@ -407,6 +428,21 @@ impl Connection {
                 }
                 let (mut parts, body) = response.into_parts();
                 drop_hop_headers(&mut parts.headers);
+                let json_mask = if mask_secrets {
+                    if let Some(why) = unmaskable(&parts.headers) {
+                        let why = format!("a Secret's answer that cannot be masked ({why})");
+                        self.record_response(n, Some(502), 0, 0, started, Some(&why));
+                        return json(
+                            StatusCode::BAD_GATEWAY,
+                            &serde_json::json!({ "error": format!("interlock: {why}") }),
+                        );
+                    }
+                    // Masked values change the body's length.
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                    Some(JsonMask::kubernetes_secrets())
+                } else {
+                    None
+                };
                 let scrub = self.credential.as_deref().and_then(|held| {
                     let HttpCredential::Header { secret, .. } = held;
                     scrub_headers(&mut parts.headers, secret);
@@ -421,6 +457,7 @@ impl Connection {
                     ended: false,
                     error: None,
                     scrub,
+                    json_mask,
                     pending: None,
                     connection: self.clone(),
                 };
@@ -428,7 +465,7 @@ impl Connection {
             }
             Err(why) => {
                 tracing::warn!(%why, "request failed upstream");
-                self.record_response(n, None, 0, started, Some(&why));
+                self.record_response(n, None, 0, 0, started, Some(&why));
                 json(
                     StatusCode::BAD_GATEWAY,
                     &serde_json::json!({
@@ -469,7 +506,7 @@ impl Connection {
                 }
                 Err(why) => (0, Some(why)),
             };
-            connection.record_response(n, Some(101), down, started, error.as_deref());
+            connection.record_response(n, Some(101), down, 0, started, error.as_deref());
         });
         self.relays.lock().push(relay);
     }
@@ -496,6 +533,7 @@ impl Connection {
         n: u64,
         status: Option<u16>,
         bytes: u64,
+        masked: u64,
         started: Instant,
         error: Option<&str>,
     ) {
@@ -503,6 +541,7 @@ impl Connection {
             n,
             status,
             bytes,
+            masked,
             duration_us: started.elapsed().as_micros() as u64,
             error,
         };
@@ -533,6 +572,22 @@ fn never_relayed(request: &Request<Incoming>) -> Option<&'static str> {
         return Some("CONNECT is not relayed");
     }
     None
+}
+
+/// Why an answer cannot be masked as JSON: compressed, or not JSON.
+fn unmaskable(headers: &HeaderMap) -> Option<String> {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity");
+    if !encoding.eq_ignore_ascii_case("identity") {
+        return Some(format!("content encoding {encoding}"));
+    }
+    let kind = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    (!kind.contains("json")).then(|| format!("content type {kind:?}"))
 }
 
 /// An upgrade's own two headers, which `drop_hop_headers` takes out.
@@ -787,6 +842,8 @@ struct Downloaded {
     ended: bool,
     error: Option<String>,
     scrub: Option<Scrub>,
+    /// A Kubernetes Secret's values, masked as they stream.
+    json_mask: Option<JsonMask>,
     /// A frame held back while the scrub's tail goes first.
     pending: Option<Frame<Bytes>>,
     connection: Arc<Connection>,
@@ -823,6 +880,14 @@ impl HttpBody for Downloaded {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
+                    let data = match &mut self.json_mask {
+                        Some(mask) => {
+                            let mut masked = Vec::with_capacity(data.len());
+                            mask.push(&data, &mut masked);
+                            Bytes::from(masked)
+                        }
+                        None => data,
+                    };
                     let data = match &mut self.scrub {
                         Some(scrub) => scrub.push(data),
                         None => data,
@@ -860,6 +925,10 @@ impl HttpBody for Downloaded {
     }
 
     fn size_hint(&self) -> SizeHint {
+        // Masked values change the length.
+        if self.json_mask.is_some() {
+            return SizeHint::default();
+        }
         self.inner.size_hint()
     }
 }
@@ -954,8 +1023,15 @@ impl Drop for Downloaded {
             (None, true) => None,
             (None, false) => Some("the client stopped reading before the end"),
         };
-        self.connection
-            .record_response(self.n, Some(self.status), self.bytes, self.started, error);
+        let masked = self.json_mask.as_ref().map_or(0, |mask| mask.masked);
+        self.connection.record_response(
+            self.n,
+            Some(self.status),
+            self.bytes,
+            masked,
+            self.started,
+            error,
+        );
     }
 }
 

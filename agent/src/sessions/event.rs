@@ -148,6 +148,8 @@ pub enum Event<'a> {
         n: u64,
         status: Option<u16>,
         bytes: u64,
+        /// Values masked in the body (a Kubernetes Secret's data).
+        masked: u64,
         duration_us: u64,
         error: Option<&'a str>,
     },

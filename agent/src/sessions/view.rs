@@ -341,12 +341,17 @@ pub fn describe(event: &Value, start_us: u64) -> String {
             rule(event)
         ),
         "http_response" => format!(
-            "#{} {}, {} bytes in {:.1} ms{}",
+            "#{} {}, {} bytes{} in {:.1} ms{}",
             event["n"],
             event["status"]
                 .as_u64()
                 .map_or_else(|| "no answer".to_owned(), |s| format!("status {s}")),
             event["bytes"],
+            event["masked"]
+                .as_u64()
+                .filter(|m| *m > 0)
+                .map(|m| format!(", {m} values masked"))
+                .unwrap_or_default(),
             event["duration_us"].as_f64().unwrap_or(0.0) / 1000.0,
             event["error"]
                 .as_str()
