@@ -404,8 +404,13 @@ fn a_held_http_request_waits_for_a_person() {
     let nginx = Nginx::start(name);
     let mut cgroup = TestCgroup::new(name);
     let (job, _) = cgroup.child("ci-job.service");
-    // Bodies recorded too.
-    let agent = Agent::start(&cgroup, name, &policy_recording(&nginx, "full"));
+    // Bodies recorded too, and a line per request in the access log.
+    let agent = Agent::start_with(
+        &cgroup,
+        name,
+        "access_log_statements = true",
+        &policy_recording(&nginx, "full"),
+    );
     let url = format!("https://127.0.0.1:{}/api/v1/deploy", nginx.port);
 
     let held = spawn_curl(&job, &agent, "-X POST -d '{\"v\":1}'", &url);
@@ -424,6 +429,25 @@ fn a_held_http_request_waits_for_a_person() {
     assert_eq!(got.status, 403, "{}", got.all);
     assert!(got.body.contains("not today"), "{}", got.body);
     assert_eq!(nginx.seen().len(), 1, "the denied POST never reached nginx");
+
+    let lines: Vec<Value> = agent
+        .all_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "http_request")
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert_eq!(
+        (
+            &lines[0]["method"],
+            &lines[0]["path"],
+            &lines[0]["decision"]
+        ),
+        (
+            &Value::from("POST"),
+            &Value::from("/api/v1/deploy"),
+            &Value::from("approve")
+        )
+    );
 
     // `record = "full"`: the approved POST's body and its answer.
     use base64::Engine;

@@ -240,6 +240,15 @@ impl Connection {
             Ok(ticket) => ticket,
             Err(error) => return self.fail(format!("the session cannot be recorded: {error}")),
         };
+        // `access_log_statements`: a line per request too, for a SIEM.
+        if self.context.pg.statement_lines {
+            crate::access::write_line(&RequestLine {
+                event: "http_request",
+                session: self.recorder.id().to_string(),
+                target: &self.target,
+                request: &event,
+            });
+        }
         self.recorder.count_statement(denied);
         // A request that passes straight on and cannot change anything (a
         // safe method: GET, HEAD, OPTIONS) goes up while its record is
@@ -559,6 +568,16 @@ impl Connection {
         self.failure.lock().get_or_insert(why.clone());
         unavailable(&why)
     }
+}
+
+/// The access line of a request: the session event, with whose it is.
+#[derive(serde::Serialize)]
+struct RequestLine<'a> {
+    event: &'static str,
+    session: String,
+    target: &'a str,
+    #[serde(flatten)]
+    request: &'a Event<'a>,
 }
 
 /// What the agent does not pass on, whatever the policy: TRACE, whose

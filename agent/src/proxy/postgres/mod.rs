@@ -90,7 +90,8 @@ pub struct Shared {
     pub max_statement_bytes: usize,
     /// A client that has not finished its startup by then is dropped.
     pub startup_timeout: std::time::Duration,
-    /// Each statement also gets an access-log line.
+    /// Each statement (and each HTTP request) also gets an access-log
+    /// line.
     pub statement_lines: bool,
 }
 
