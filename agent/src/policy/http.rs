@@ -201,6 +201,23 @@ pub fn fuzz(data: &[u8]) {
         lines.next().unwrap_or(""),
         lines.next().unwrap_or(""),
     );
+    // On a Kubernetes target, the query is read too.
+    let (kube_path, query) = path
+        .split_once('?')
+        .map_or((path, None), |(p, q)| (p, Some(q)));
+    if let Ok(read) = HttpRequest::read_kube(method, kube_path, query, host) {
+        let kube = read.kube.as_ref().expect("read as Kubernetes");
+        let _ = (read.to_string(), kube.resource_name());
+        let rule = super::kube::KubeRules {
+            verbs: vec!["get".into()],
+            resources: vec![Pattern::new("pods/*").expect("a pattern")],
+            resources_written: vec!["pods/*".into()],
+            namespaces: vec![Pattern::new("ci-*").expect("a pattern")],
+            names: Vec::new(),
+            reveal_secrets: false,
+        };
+        let _ = rule.covers(kube);
+    }
     let Ok(read) = HttpRequest::read(method, path, host) else {
         return;
     };
