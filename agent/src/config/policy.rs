@@ -295,6 +295,26 @@ fn http_credential(
     credential.map_err(|why| invalid(format!("the credential cannot be sent: {why}")))
 }
 
+/// A rule field's globs (each written as `spell` makes it), or none.
+fn globs(
+    source: &SourceFile,
+    field: &str,
+    list: &Option<Located<Vec<String>>>,
+    spell: fn(&str) -> String,
+) -> Result<Vec<Pattern>, ConfigError> {
+    let Some(list) = list else {
+        return Ok(Vec::new());
+    };
+    list.get_ref()
+        .iter()
+        .map(|glob| {
+            Pattern::new(&spell(glob)).map_err(|e| {
+                source.error_at(list.span(), format!("{field}: bad pattern {glob:?}: {e}"))
+            })
+        })
+        .collect()
+}
+
 /// One `[[rule]]`, named `name`.
 fn build_rule(
     source: &SourceFile,
@@ -317,20 +337,8 @@ fn build_rule(
         .statements
         .as_ref()
         .map(|kinds| kinds.get_ref().iter().copied().collect());
-    let globs = |field: &str, list: &Option<Located<Vec<String>>>| match list {
-        None => Ok(Vec::new()),
-        Some(list) => list
-            .get_ref()
-            .iter()
-            .map(|t| {
-                Pattern::new(t).map_err(|e| {
-                    source.error_at(list.span(), format!("{field}: bad pattern {t:?}: {e}"))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>(),
-    };
-    let tables = globs("tables", &rule.tables)?;
-    let functions = globs("functions", &rule.functions)?;
+    let tables = globs(source, "tables", &rule.tables, str::to_owned)?;
+    let functions = globs(source, "functions", &rule.functions, str::to_owned)?;
     if let Some(role) = &rule.as_user
         && (rule.decision != crate::policy::Action::Allow || role.get_ref().is_empty())
     {
@@ -377,18 +385,6 @@ fn kube_rules(
     source: &SourceFile,
     rule: &file::RuleSpec,
 ) -> Result<crate::policy::kube::KubeRules, ConfigError> {
-    let globs = |field: &str, list: &Option<Located<Vec<String>>>| {
-        list.as_ref().map_or(Ok(Vec::new()), |l| {
-            l.get_ref()
-                .iter()
-                .map(|g| {
-                    Pattern::new(g).map_err(|e| {
-                        source.error_at(l.span(), format!("{field}: bad pattern {g:?}: {e}"))
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
-    };
     const VERBS: [&str; 13] = [
         "get",
         "list",
@@ -422,14 +418,14 @@ fn kube_rules(
     })?;
     Ok(crate::policy::kube::KubeRules {
         verbs,
-        resources: globs("resources", &rule.resources)?,
+        resources: globs(source, "resources", &rule.resources, str::to_owned)?,
         resources_written: rule
             .resources
             .as_ref()
             .map(|r| r.get_ref().clone())
             .unwrap_or_default(),
-        namespaces: globs("namespaces", &rule.namespaces)?,
-        names: globs("names", &rule.names)?,
+        namespaces: globs(source, "namespaces", &rule.namespaces, str::to_owned)?,
+        names: globs(source, "names", &rule.names, str::to_owned)?,
         reveal_secrets: rule.reveal_secrets.as_ref().is_some_and(|r| *r.get_ref()),
     })
 }
@@ -439,23 +435,6 @@ fn http_requests(
     source: &SourceFile,
     rule: &file::RuleSpec,
 ) -> Result<crate::policy::HttpRequests, ConfigError> {
-    let globs = |field: &str, list: &Option<Located<Vec<String>>>, lower: bool| {
-        list.as_ref().map_or(Ok(Vec::new()), |l| {
-            l.get_ref()
-                .iter()
-                .map(|g| {
-                    let text = if lower {
-                        g.to_ascii_lowercase()
-                    } else {
-                        g.clone()
-                    };
-                    Pattern::new(&text).map_err(|e| {
-                        source.error_at(l.span(), format!("{field}: bad pattern {g:?}: {e}"))
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
-    };
     let methods = rule.methods.as_ref().map_or(Ok(Vec::new()), |list| {
         list.get_ref()
             .iter()
@@ -468,7 +447,7 @@ fn http_requests(
             })
             .collect::<Result<Vec<_>, _>>()
     })?;
-    let paths = globs("paths", &rule.paths, false)?;
+    let paths = globs(source, "paths", &rule.paths, str::to_owned)?;
     if let Some(list) = &rule.paths
         && let Some(bad) = list.get_ref().iter().find(|p| !p.starts_with('/'))
     {
@@ -480,7 +459,7 @@ fn http_requests(
     Ok(crate::policy::HttpRequests {
         methods,
         paths,
-        hosts: globs("hosts", &rule.hosts, true)?,
+        hosts: globs(source, "hosts", &rule.hosts, str::to_ascii_lowercase)?,
     })
 }
 
@@ -612,18 +591,6 @@ fn ssh_requests(
     source: &SourceFile,
     rule: &file::RuleSpec,
 ) -> Result<crate::policy::SshRequests, ConfigError> {
-    let globs = |field: &str, list: &Option<Located<Vec<String>>>| {
-        list.as_ref().map_or(Ok(Vec::new()), |l| {
-            l.get_ref()
-                .iter()
-                .map(|g| {
-                    Pattern::new(g).map_err(|e| {
-                        source.error_at(l.span(), format!("{field}: bad pattern {g:?}: {e}"))
-                    })
-                })
-                .collect()
-        })
-    };
     let commands = rule
         .commands
         .as_ref()
@@ -676,8 +643,8 @@ fn ssh_requests(
             .map(|s| s.get_ref().clone())
             .unwrap_or_default(),
         forward,
-        users: globs("users", &rule.users)?,
-        env: globs("env", &rule.env)?,
+        users: globs(source, "users", &rule.users, str::to_owned)?,
+        env: globs(source, "env", &rule.env, str::to_owned)?,
         pty: rule.pty.as_ref().map(|p| *p.get_ref()),
     })
 }
