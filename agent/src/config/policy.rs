@@ -237,8 +237,18 @@ fn client_identity(
             format!("{} is not {what}", file.get_ref().display()),
         )
     };
-    let chain = CertificateDer::pem_file_iter(cert.get_ref())
-        .map_err(|e| source.error_at(cert.span(), format!("{}: {e}", cert.get_ref().display())))?
+    // A regular file of sensible size: never a device read forever.
+    let path = cert.get_ref();
+    let read = std::fs::metadata(path)
+        .and_then(|meta| {
+            if meta.is_file() && meta.len() <= 1 << 20 {
+                std::fs::read(path)
+            } else {
+                Err(std::io::Error::other("not a regular file of at most 1 MiB"))
+            }
+        })
+        .map_err(|e| source.error_at(cert.span(), format!("{}: {e}", path.display())))?;
+    let chain = CertificateDer::pem_slice_iter(&read)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| bad(cert, "a PEM certificate chain"))?;
     if chain.is_empty() {
