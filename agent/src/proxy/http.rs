@@ -178,6 +178,21 @@ struct Connection {
     relays: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
+/// A request as read and decided.
+struct Reading {
+    decision: Decision,
+    /// On a Kubernetes target: the request as kube-apiserver reads it.
+    kube: Option<crate::policy::kube::KubeRequest>,
+    /// It has one reading (else it is refused with 400).
+    read: bool,
+    /// Refused, by policy or for having no one reading.
+    denied: bool,
+    /// Held for a person's answer.
+    held: bool,
+    /// A Kubernetes Secret whose values the answer masks.
+    mask_secrets: bool,
+}
+
 /// A request's decision, with the policy it was made under.
 struct Decision {
     verdict: Verdict,
@@ -191,65 +206,27 @@ impl Decision {
 }
 
 impl Connection {
+    /// One request: read, decided, recorded, then refused, held or
+    /// forwarded.
     async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
         if let Some(why) = self.failure.lock().clone() {
             return unavailable(&why);
         }
         let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
         let host = request_host(&request);
-        let method = request.method().as_str();
-        let (path, query) = (request.uri().path(), request.uri().query());
-        let active = self.context.gate.active.load_full();
-        let reading = if self.kubernetes {
-            HttpRequest::read_kube(method, path, query, &host)
-        } else {
-            HttpRequest::read(method, path, &host)
-        };
-        let (decision, kube, read) = match reading {
-            Err(unreadable) => (
-                Decision {
-                    verdict: refused(unreadable.to_string()),
-                    active,
-                },
-                None,
-                false,
-            ),
-            Ok(read) => (self.decide(&read, active), read.kube, true),
-        };
-        let event = Event::HttpRequest {
-            n,
-            method,
-            path,
-            query,
-            host: &host,
-            kube: kube.as_ref(),
-            decision: decision.verdict.action,
-            enforced: decision.active.enforce || !read,
-            rule: decision.rule_name(),
-            reason: &decision.verdict.reason,
-        };
-        let denied = decision.verdict.action == Action::Deny && (decision.active.enforce || !read);
-        let held = decision.verdict.action == Action::Approve && decision.active.enforce;
-        let mask_secrets = kube.as_ref().is_some_and(|kube| {
-            kube.is_resource && kube.group.is_empty() && kube.resource == "secrets"
-        }) && !decision
-            .verdict
-            .rule
-            .is_some_and(|id| decision.active.policy.rule(id).kube.reveal_secrets);
-        let ticket = match self.recorder.append(&event) {
+        let reading = self.read(&request, &host);
+        let ticket = match self.record_request(n, &request, &host, &reading) {
             Ok(ticket) => ticket,
             Err(error) => return self.fail(format!("the session cannot be recorded: {error}")),
         };
-        // `access_log_statements`: a line per request too, for a SIEM.
-        if self.context.pg.statement_lines {
-            crate::access::write_line(&RequestLine {
-                event: "http_request",
-                session: self.recorder.id().to_string(),
-                target: &self.target,
-                request: &event,
-            });
-        }
-        self.recorder.count_statement(denied);
+        let Reading {
+            decision,
+            read,
+            denied,
+            held,
+            mask_secrets,
+            ..
+        } = reading;
         // A request that passes straight on and cannot change anything (a
         // safe method: GET, HEAD, OPTIONS) goes up while its record is
         // flushed, and its answer waits for the record; every other one
@@ -299,6 +276,82 @@ impl Connection {
             );
         }
         self.forward(n, request, mask_secrets).await
+    }
+
+    /// Reads the request in one spelling (as kube-apiserver does, on a
+    /// Kubernetes target) and decides it under the live policy.
+    fn read(&self, request: &Request<Incoming>, host: &str) -> Reading {
+        let method = request.method().as_str();
+        let (path, query) = (request.uri().path(), request.uri().query());
+        let active = self.context.gate.active.load_full();
+        let reading = if self.kubernetes {
+            HttpRequest::read_kube(method, path, query, host)
+        } else {
+            HttpRequest::read(method, path, host)
+        };
+        let (decision, kube, read) = match reading {
+            Err(unreadable) => (
+                Decision {
+                    verdict: refused(unreadable.to_string()),
+                    active,
+                },
+                None,
+                false,
+            ),
+            Ok(read) => (self.decide(&read, active), read.kube, true),
+        };
+        let verdict = &decision.verdict;
+        // What cannot be read is refused even in audit mode.
+        let denied = verdict.action == Action::Deny && (decision.active.enforce || !read);
+        let held = verdict.action == Action::Approve && decision.active.enforce;
+        let mask_secrets = kube.as_ref().is_some_and(|kube| {
+            kube.is_resource && kube.group.is_empty() && kube.resource == "secrets"
+        }) && !verdict
+            .rule
+            .is_some_and(|id| decision.active.policy.rule(id).kube.reveal_secrets);
+        Reading {
+            decision,
+            kube,
+            read,
+            denied,
+            held,
+            mask_secrets,
+        }
+    }
+
+    /// Appends the request's event (and, with `access_log_statements`,
+    /// its access line); the ticket says when it is on disk.
+    fn record_request(
+        &self,
+        n: u64,
+        request: &Request<Incoming>,
+        host: &str,
+        reading: &Reading,
+    ) -> Result<crate::sessions::Ticket, crate::sessions::StoreError> {
+        let decision = &reading.decision;
+        let event = Event::HttpRequest {
+            n,
+            method: request.method().as_str(),
+            path: request.uri().path(),
+            query: request.uri().query(),
+            host,
+            kube: reading.kube.as_ref(),
+            decision: decision.verdict.action,
+            enforced: decision.active.enforce || !reading.read,
+            rule: decision.rule_name(),
+            reason: &decision.verdict.reason,
+        };
+        let ticket = self.recorder.append(&event)?;
+        if self.context.pg.statement_lines {
+            crate::access::write_line(&RequestLine {
+                event: "http_request",
+                session: self.recorder.id().to_string(),
+                target: &self.target,
+                request: &event,
+            });
+        }
+        self.recorder.count_statement(reading.denied);
+        Ok(ticket)
     }
 
     /// Decides a readable request under `active`.
