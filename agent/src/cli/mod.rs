@@ -3,6 +3,7 @@
 //! `grants …`. `anyhow` lives here, at the edge.
 mod approvals;
 mod ca;
+mod kube;
 mod sessions;
 mod source;
 
@@ -281,7 +282,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let config = Config::load(&config)?;
             print!(
                 "{}",
-                ca::kubeconfig(&config, &target, namespace.as_deref())?
+                kube::kubeconfig(&config, &target, namespace.as_deref())?
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -463,7 +463,7 @@ fn http_targets_hold_one_credential_and_rules_read_requests() {
     .unwrap();
     let held = loaded.policy.targets[0].http.as_ref().unwrap();
     assert!(!format!("{held:?}").contains("t0ken"), "never printed");
-    let crate::policy::HttpCredential::Header {
+    let crate::policy::HttpCredential {
         name,
         value,
         secret,
@@ -481,7 +481,7 @@ fn http_targets_hold_one_credential_and_rules_read_requests() {
         )),
     )
     .unwrap();
-    let crate::policy::HttpCredential::Header { value, .. } =
+    let crate::policy::HttpCredential { value, .. } =
         &**basic.policy.targets[0].http.as_ref().unwrap();
     assert_eq!(value.to_str().unwrap(), "Basic Y2k6dDBrZW4=");
     let header = Config::from_text(
@@ -491,7 +491,7 @@ fn http_targets_hold_one_credential_and_rules_read_requests() {
         )),
     )
     .unwrap();
-    let crate::policy::HttpCredential::Header { name, .. } =
+    let crate::policy::HttpCredential { name, .. } =
         &**header.policy.targets[0].http.as_ref().unwrap();
     assert_eq!(name.as_str(), "x-api-key");
     // Two at once, or half of one, is refused where it is written.

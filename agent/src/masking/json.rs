@@ -8,7 +8,7 @@
 //! `stringData`), and every string value of one of `whole` keys (the
 //! `last-applied-configuration` annotation, which repeats the object).
 
-/// Longer keys are not remembered: no masked key is that long.
+/// Longer keys are not remembered whole: no masked key is that long.
 const MAX_KEY: usize = 64;
 
 #[derive(Clone, Copy)]
@@ -101,13 +101,11 @@ impl JsonMask {
             if let Some(key) = self.key.take() {
                 self.last_key = key;
             }
-        } else if let Some(key) = &mut self.key {
-            if key.len() < MAX_KEY {
-                key.push(byte);
-            } else {
-                key.clear();
-                key.extend_from_slice(b"\0(long)");
-            }
+        } else if let Some(key) = &mut self.key
+            && key.len() <= MAX_KEY
+        {
+            // Cut one byte past the limit: it then matches no masked key.
+            key.push(byte);
         }
     }
 

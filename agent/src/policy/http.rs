@@ -145,47 +145,47 @@ pub fn canonical_path(path: &str) -> Result<String, &'static str> {
     if path.contains(';') {
         return Err("a ; parameter");
     }
-    let mut decoded = Vec::with_capacity(path.len());
-    decoded.push(b'/');
-    let segments = rest.split('/');
-    let count = rest.split('/').count();
-    for (i, segment) in segments.enumerate() {
-        let last = i + 1 == count;
-        if segment.is_empty() && !last {
-            return Err("an empty segment (//)");
+    if path.contains("//") {
+        return Err("an empty segment (//)");
+    }
+    if rest
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
+        return Err("a . or .. segment");
+    }
+    // Upper-case hex digits only (checked before).
+    let digit = |b: u8| {
+        if b.is_ascii_digit() {
+            b - b'0'
+        } else {
+            b - b'A' + 10
         }
-        if segment == "." || segment == ".." {
-            return Err("a . or .. segment");
+    };
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'%' {
+            decoded.push(bytes[i]);
+            i += 1;
+            continue;
         }
-        let bytes = segment.as_bytes();
-        let mut j = 0;
-        while j < bytes.len() {
-            if bytes[j] != b'%' {
-                decoded.push(bytes[j]);
-                j += 1;
-                continue;
+        let hex = bytes.get(i + 1..i + 3).ok_or("a cut escape")?;
+        if !hex
+            .iter()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(b))
+        {
+            return Err("an escape not in upper-case hex");
+        }
+        match digit(hex[0]) << 4 | digit(hex[1]) {
+            b'/' | b'\\' | b'.' | b';' | 0 => return Err("an encoded / \\ . ; or NUL"),
+            b if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') => {
+                return Err("an escape of a character that needs none");
             }
-            let hex = bytes.get(j + 1..j + 3).ok_or("a cut escape")?;
-            if !hex
-                .iter()
-                .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(b))
-            {
-                return Err("an escape not in upper-case hex");
-            }
-            let byte = u8::from_str_radix(std::str::from_utf8(hex).unwrap_or("zz"), 16)
-                .map_err(|_| "a bad escape")?;
-            match byte {
-                b'/' | b'\\' | b'.' | b';' | 0 => return Err("an encoded / \\ . ; or NUL"),
-                b if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') => {
-                    return Err("an escape of a character that needs none");
-                }
-                _ => decoded.push(byte),
-            }
-            j += 3;
+            byte => decoded.push(byte),
         }
-        if !last {
-            decoded.push(b'/');
-        }
+        i += 3;
     }
     String::from_utf8(decoded).map_err(|_| "escapes that are not UTF-8")
 }

@@ -120,11 +120,11 @@ pub fn read(method: &str, path: &str, query: Option<&str>) -> Result<KubeRequest
     if request.name.is_empty() && request.verb == "get" {
         // Go's strconv.ParseBool, and apiserver's fallback when it fails:
         // anything but a false is a watch.
-        let watch = query_values(query, "watch").next().is_some_and(|v| {
+        let watch = query_value(query, "watch").is_some_and(|v| {
             !(matches!(v.as_str(), "0" | "f" | "F") || v.eq_ignore_ascii_case("false"))
         });
         request.verb = if watch { "watch" } else { "list" }.to_owned();
-        if let Some(selector) = query_values(query, "fieldSelector").next()
+        if let Some(selector) = query_value(query, "fieldSelector")
             && let Some(name) = exact_name(&selector)?
         {
             request.name = name;
@@ -149,37 +149,12 @@ pub fn read(method: &str, path: &str, query: Option<&str>) -> Result<KubeRequest
     Ok(request)
 }
 
-/// The decoded values of a query parameter.
-fn query_values<'a>(query: Option<&'a str>, key: &'a str) -> impl Iterator<Item = String> + 'a {
-    query.unwrap_or("").split('&').filter_map(move |pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (decode(k) == key).then(|| decode(v))
-    })
-}
-
-/// `a%20b+c` → `a b c` (form decoding, as Go's `url.ParseQuery`).
-fn decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = (bytes[i] == b'%')
-            .then(|| bytes.get(i + 1..i + 3))
-            .flatten()
-            .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit))
-            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
-        match (bytes[i], escaped) {
-            (_, Some(byte)) => {
-                out.push(byte);
-                i += 3;
-                continue;
-            }
-            (b'+', None) => out.push(b' '),
-            (byte, None) => out.push(byte),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// The first value of a query parameter, form-decoded (`%20`, `+`) as
+/// Go's `url.ParseQuery` decodes it.
+fn query_value(query: Option<&str>, key: &str) -> Option<String> {
+    url::form_urlencoded::parse(query?.as_bytes())
+        .find(|(name, _)| name == key)
+        .map(|(_, value)| value.into_owned())
 }
 
 /// The name a field selector requires exactly, as kube-apiserver finds it:

@@ -373,6 +373,16 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// A refusal no rule made: the default deny, or what the agent never
+    /// passes on whatever the policy.
+    pub fn refused(reason: impl Into<String>) -> Self {
+        Self {
+            action: Action::Deny,
+            rule: None,
+            reason: reason.into(),
+        }
+    }
+
     pub fn denied(&self) -> bool {
         self.action == Action::Deny
     }
@@ -410,11 +420,9 @@ pub fn evaluate(policy: &Policy, workload: &Workload, target: TargetId) -> Verdi
             };
         }
     }
-    Verdict {
-        action: Action::Deny,
-        rule: None,
-        reason: format!("no rule allows this workload on protected target {target_name:?}"),
-    }
+    Verdict::refused(format!(
+        "no rule allows this workload on protected target {target_name:?}"
+    ))
 }
 
 /// Decides one statement on an allowed connection, in the same order:
@@ -498,11 +506,7 @@ pub fn evaluate_ssh(
             };
         }
     }
-    Verdict {
-        action: Action::Deny,
-        rule: None,
-        reason: format!("no rule allows {request} for SSH user {user:?}"),
-    }
+    Verdict::refused(format!("no rule allows {request} for SSH user {user:?}"))
 }
 
 /// An exec request: a deny rule about any command of the line refuses it,
@@ -558,11 +562,7 @@ fn evaluate_exec(
     } else {
         format!("no single rule allows every command of this line for SSH user {user:?}")
     };
-    Verdict {
-        action: Action::Deny,
-        rule: None,
-        reason,
-    }
+    Verdict::refused(reason)
 }
 
 /// Decides one HTTP request on an allowed connection, in the order of
@@ -574,36 +574,34 @@ pub fn evaluate_http(
     target: TargetId,
     request: &HttpRequest,
 ) -> Verdict {
-    for action in [Action::Deny, Action::Approve, Action::Allow] {
-        // What every Kubernetes client reads to find its way is allowed
-        // unless denied (kube-apiserver's `system:discovery`).
-        if action == Action::Approve
-            && let Some(kube) = &request.kube
-            && kube::is_discovery(request.method, &request.path, kube)
-        {
-            return Verdict {
-                action: Action::Allow,
-                rule: None,
-                reason: format!("{request} is discovery, which every client reads"),
-            };
-        }
-        if let Some((id, rule)) = policy
+    let first = |action: Action| {
+        policy
             .rules_by_id()
             .filter(|(_, rule)| rule.action == action)
             .find(|(_, rule)| applies(policy, rule, workload, target) && rule.covers_http(request))
-        {
-            return Verdict {
+            .map(|(id, rule)| Verdict {
                 action,
                 rule: Some(id),
                 reason: format!("rule {:?} {} {request}", rule.name, action.verb()),
-            };
-        }
+            })
+    };
+    if let Some(denied) = first(Action::Deny) {
+        return denied;
     }
-    Verdict {
-        action: Action::Deny,
-        rule: None,
-        reason: format!("no rule allows {request}"),
+    // What every Kubernetes client reads to find its way is allowed unless
+    // denied (kube-apiserver's `system:discovery`).
+    if let Some(kube) = &request.kube
+        && kube::is_discovery(request.method, &request.path, kube)
+    {
+        return Verdict {
+            action: Action::Allow,
+            rule: None,
+            reason: format!("{request} is discovery, which every client reads"),
+        };
     }
+    first(Action::Approve)
+        .or_else(|| first(Action::Allow))
+        .unwrap_or_else(|| Verdict::refused(format!("no rule allows {request}")))
 }
 
 /// The rules that apply to this workload, target and SSH user.

@@ -102,18 +102,16 @@ impl fmt::Debug for ClientIdentity {
     }
 }
 
-/// The credential an HTTP target's requests carry (never the client's).
-/// Values are marked sensitive: HTTP/2 never indexes them.
-pub enum HttpCredential {
-    /// `Authorization: Bearer …`, `Authorization: Basic …`, or a header of
-    /// the target's naming (`X-Api-Key: …`).
-    Header {
-        name: http::HeaderName,
-        value: http::HeaderValue,
-        /// The secret part of the value (the token, the encoded user and
-        /// password): a response that echoes it gets it blanked out.
-        secret: std::sync::Arc<[u8]>,
-    },
+/// The header an HTTP target's requests carry (never the client's):
+/// `Authorization: Bearer …`, `Authorization: Basic …`, or one of the
+/// target's naming (`X-Api-Key: …`). The value is marked sensitive:
+/// HTTP/2 never indexes it.
+pub struct HttpCredential {
+    pub name: http::HeaderName,
+    pub value: http::HeaderValue,
+    /// The secret part of the value (the token, the encoded user and
+    /// password): a response that echoes it gets it blanked out.
+    pub secret: std::sync::Arc<[u8]>,
 }
 
 impl HttpCredential {
@@ -123,7 +121,7 @@ impl HttpCredential {
         let mut value = http::HeaderValue::from_str(value)
             .map_err(|_| "the value is not a valid header value".to_owned())?;
         value.set_sensitive(true);
-        Ok(Self::Header {
+        Ok(Self {
             name,
             value,
             secret: secret.as_bytes().into(),
@@ -151,9 +149,7 @@ impl HttpCredential {
 
 impl fmt::Debug for HttpCredential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HttpCredential::Header { name, .. } => write!(f, "Header({name}: ****)"),
-        }
+        write!(f, "Header({}: ****)", self.name)
     }
 }
 

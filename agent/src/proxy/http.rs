@@ -37,7 +37,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::ProxyContext;
+use super::{Decision, ProxyContext};
 use crate::{
     access::{ByteCounters, Outcome},
     addr::OrigDstAddr,
@@ -193,18 +193,6 @@ struct Reading {
     mask_secrets: bool,
 }
 
-/// A request's decision, with the policy it was made under.
-struct Decision {
-    verdict: Verdict,
-    active: Arc<ActivePolicy>,
-}
-
-impl Decision {
-    fn rule_name(&self) -> Option<&str> {
-        self.active.policy.rule_name(self.verdict.rule)
-    }
-}
-
 impl Connection {
     /// One request: read, decided, recorded, then refused, held or
     /// forwarded.
@@ -292,7 +280,7 @@ impl Connection {
         let (decision, kube, read) = match reading {
             Err(unreadable) => (
                 Decision {
-                    verdict: refused(unreadable.to_string()),
+                    verdict: Verdict::refused(unreadable.to_string()),
                     active,
                 },
                 None,
@@ -302,8 +290,8 @@ impl Connection {
         };
         let verdict = &decision.verdict;
         // What cannot be read is refused even in audit mode.
-        let denied = verdict.action == Action::Deny && (decision.active.enforce || !read);
-        let held = verdict.action == Action::Approve && decision.active.enforce;
+        let denied = verdict.action == Action::Deny && (decision.enforced() || !read);
+        let held = verdict.action == Action::Approve && decision.enforced();
         let mask_secrets = kube.as_ref().is_some_and(|kube| {
             kube.is_resource && kube.group.is_empty() && kube.resource == "secrets"
         }) && !verdict
@@ -337,7 +325,7 @@ impl Connection {
             host,
             kube: reading.kube.as_ref(),
             decision: decision.verdict.action,
-            enforced: decision.active.enforce || !reading.read,
+            enforced: decision.enforced() || !reading.read,
             rule: decision.rule_name(),
             reason: &decision.verdict.reason,
         };
@@ -360,7 +348,7 @@ impl Connection {
             Some(target) => {
                 crate::policy::evaluate_http(&active.policy, &self.workload, target, request)
             }
-            None => refused(format!(
+            None => Verdict::refused(format!(
                 "target {:?} is no longer in the policy",
                 self.target
             )),
@@ -374,7 +362,7 @@ impl Connection {
         let policy = &decision.active.policy;
         let forbidden = |why: String| {
             let refused = Decision {
-                verdict: refused(why),
+                verdict: Verdict::refused(why),
                 active: decision.active.clone(),
             };
             self.refusal(StatusCode::FORBIDDEN, &refused)
@@ -447,9 +435,9 @@ impl Connection {
                 .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
             parts.headers.remove(header::ACCEPT_ENCODING);
         }
-        if let Some(HttpCredential::Header { name, value, .. }) = self.credential.as_deref() {
+        if let Some(held) = &self.credential {
             parts.headers.remove(header::AUTHORIZATION);
-            parts.headers.insert(name.clone(), value.clone());
+            parts.headers.insert(held.name.clone(), held.value.clone());
         }
         parts.uri = match parts.uri.path_and_query() {
             Some(origin) => origin.as_str().parse().unwrap_or_default(),
@@ -479,9 +467,8 @@ impl Connection {
                     let upgrade = parts.headers.get(header::UPGRADE).cloned();
                     drop_hop_headers(&mut parts.headers);
                     keep_upgrade(&mut parts.headers, upgrade.as_ref());
-                    if let Some(HttpCredential::Header { secret, .. }) = self.credential.as_deref()
-                    {
-                        scrub_headers(&mut parts.headers, secret);
+                    if let Some(scrub) = self.scrub() {
+                        scrub.headers(&mut parts.headers);
                     }
                     let empty = http_body_util::Empty::new()
                         .map_err(|never| match never {})
@@ -505,11 +492,10 @@ impl Connection {
                 } else {
                     None
                 };
-                let scrub = self.credential.as_deref().and_then(|held| {
-                    let HttpCredential::Header { secret, .. } = held;
-                    scrub_headers(&mut parts.headers, secret);
-                    Scrub::new(secret.clone())
-                });
+                let scrub = self.scrub();
+                if let Some(scrub) = &scrub {
+                    scrub.headers(&mut parts.headers);
+                }
                 let body = Downloaded {
                     inner: body,
                     n,
@@ -537,6 +523,13 @@ impl Connection {
                 )
             }
         }
+    }
+
+    /// What blanks the held credential out of an answer, if there is one.
+    fn scrub(&self) -> Option<Scrub> {
+        self.credential
+            .as_ref()
+            .and_then(|held| Scrub::new(held.secret.clone()))
     }
 
     /// Copies both ways between the client's and the server's upgraded
@@ -696,14 +689,6 @@ fn drop_hop_headers(headers: &mut HeaderMap) {
         .collect();
     for name in HOP_HEADERS.iter().chain(&named) {
         headers.remove(name);
-    }
-}
-
-fn refused(reason: String) -> Verdict {
-    Verdict {
-        action: Action::Deny,
-        rule: None,
-        reason,
     }
 }
 
@@ -1035,11 +1020,7 @@ impl Scrub {
             joined.extend_from_slice(&chunk);
             Bytes::from(joined)
         };
-        if self.finder.find(&data).is_some() {
-            let mut blanked = data.to_vec();
-            for at in self.finder.find_iter(&data) {
-                blanked[at..at + self.secret.len()].fill(b'*');
-            }
+        if let Some(blanked) = self.blanked(&data) {
             data = Bytes::from(blanked);
         }
         let hold = self.overlap(&data);
@@ -1068,19 +1049,23 @@ impl Scrub {
     }
 }
 
-/// The same for response headers.
-fn scrub_headers(headers: &mut HeaderMap, secret: &[u8]) {
-    if secret.len() < SCRUB_MIN_LEN {
-        return;
+impl Scrub {
+    /// `bytes` with the secret blanked out, if it is there.
+    fn blanked(&self, bytes: &[u8]) -> Option<Vec<u8>> {
+        self.finder.find(bytes)?;
+        let mut blanked = bytes.to_vec();
+        for at in self.finder.find_iter(bytes) {
+            blanked[at..at + self.secret.len()].fill(b'*');
+        }
+        Some(blanked)
     }
-    let finder = memchr::memmem::Finder::new(secret);
-    for value in headers.values_mut() {
-        if finder.find(value.as_bytes()).is_some() {
-            let mut blanked = value.as_bytes().to_vec();
-            for at in finder.find_iter(value.as_bytes()) {
-                blanked[at..at + secret.len()].fill(b'*');
-            }
-            if let Ok(new) = HeaderValue::from_bytes(&blanked) {
+
+    /// The same for response headers.
+    fn headers(&self, headers: &mut HeaderMap) {
+        for value in headers.values_mut() {
+            if let Some(blanked) = self.blanked(value.as_bytes())
+                && let Ok(new) = HeaderValue::from_bytes(&blanked)
+            {
                 *value = new;
             }
         }
@@ -1163,7 +1148,7 @@ mod tests {
 
         let mut headers = HeaderMap::new();
         headers.insert("x-echo", HeaderValue::from_static("Bearer tok-123456"));
-        scrub_headers(&mut headers, &secret);
+        Scrub::new(secret).unwrap().headers(&mut headers);
         assert_eq!(headers["x-echo"], "Bearer **********");
     }
 }

@@ -176,6 +176,23 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
     .await
 }
 
+/// A request's decision (SSH, HTTP), with the policy it was made under:
+/// requests are decided under the policy live when they come.
+pub(crate) struct Decision {
+    pub verdict: crate::policy::Verdict,
+    pub active: Arc<crate::policy::ActivePolicy>,
+}
+
+impl Decision {
+    pub fn enforced(&self) -> bool {
+        self.active.enforce
+    }
+
+    pub fn rule_name(&self) -> Option<&str> {
+        self.active.policy.rule_name(self.verdict.rule)
+    }
+}
+
 /// Tells a refused client, in its protocol's words where it has them: a
 /// PostgreSQL client whose session cannot be recorded gets a FATAL
 /// (53100); every other refusal is a reset.

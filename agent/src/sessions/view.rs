@@ -298,35 +298,33 @@ pub fn describe(event: &Value, start_us: u64) -> String {
             event["decision"].as_str().unwrap_or("?"),
             rule(event)
         ),
-        "http_request" if event["kube"]["is_resource"] == true => format!(
-            "#{} {} {}{}{}{} ({} {}) [{}{}]",
-            event["n"],
-            event["kube"]["verb"].as_str().unwrap_or("?"),
-            [
-                &event["kube"]["group"],
-                &event["kube"]["resource"],
-                &event["kube"]["subresource"]
-            ]
-            .iter()
-            .filter_map(|part| part.as_str().filter(|p| !p.is_empty()))
-            .collect::<Vec<_>>()
-            .join("/"),
-            event["kube"]["name"]
-                .as_str()
-                .filter(|n| !n.is_empty())
-                .map(|n| format!(" {n}"))
-                .unwrap_or_default(),
-            event["kube"]["namespace"]
-                .as_str()
-                .filter(|n| !n.is_empty())
-                .map(|n| format!(" in {n}"))
-                .unwrap_or_default(),
-            "",
-            event["method"].as_str().unwrap_or("?"),
-            event["path"].as_str().unwrap_or("?"),
-            event["decision"].as_str().unwrap_or("?"),
-            rule(event)
-        ),
+        "http_request" if event["kube"]["is_resource"] == true => {
+            let kube = &event["kube"];
+            let text = |key: &str| kube[key].as_str().unwrap_or("");
+            let resource = ["group", "resource", "subresource"]
+                .map(text)
+                .into_iter()
+                .filter(|part| !part.is_empty())
+                .collect::<Vec<_>>()
+                .join("/");
+            let name = match text("name") {
+                "" => String::new(),
+                name => format!(" {name}"),
+            };
+            let namespace = match text("namespace") {
+                "" => String::new(),
+                namespace => format!(" in {namespace}"),
+            };
+            format!(
+                "#{} {} {resource}{name}{namespace} ({} {}) [{}{}]",
+                event["n"],
+                text("verb"),
+                event["method"].as_str().unwrap_or("?"),
+                event["path"].as_str().unwrap_or("?"),
+                event["decision"].as_str().unwrap_or("?"),
+                rule(event)
+            )
+        }
         "http_request" => format!(
             "#{} {} {}{} (host {}) [{}{}]",
             event["n"],

@@ -51,6 +51,7 @@ use crate::{
     workload::Workload,
 };
 
+pub(crate) use super::Decision;
 use super::ProxyContext;
 
 /// Each side's channel window, and how many messages a channel queues
@@ -110,22 +111,6 @@ pub(crate) struct Connection {
     masks: parking_lot::Mutex<(Weak<ActivePolicy>, Option<Arc<MaskSet>>)>,
 }
 
-/// A request's decision, with the policy it was made under.
-pub(crate) struct Decision {
-    pub verdict: Verdict,
-    pub active: Arc<ActivePolicy>,
-}
-
-impl Decision {
-    pub fn enforced(&self) -> bool {
-        self.active.enforce
-    }
-
-    fn rule_name(&self) -> Option<&str> {
-        self.active.policy.rule_name(self.verdict.rule)
-    }
-}
-
 impl Connection {
     /// The live policy, and the target in it (gone if a reload removed it).
     fn policy(&self) -> (Arc<ActivePolicy>, Option<TargetId>) {
@@ -139,7 +124,7 @@ impl Connection {
         let (active, target) = self.policy();
         let verdict = match target {
             Some(target) => evaluate_ssh(&active.policy, &self.workload, target, user, request),
-            None => never(&format!(
+            None => Verdict::refused(format!(
                 "target {:?} is no longer in the policy",
                 self.target
             )),
@@ -150,7 +135,7 @@ impl Connection {
     /// What the agent never passes on, whatever the policy.
     fn refused(&self, reason: &str) -> Decision {
         Decision {
-            verdict: never(reason),
+            verdict: Verdict::refused(reason),
             active: self.context.gate.active.load_full(),
         }
     }
@@ -779,14 +764,5 @@ impl server::Handler for ClientHandler {
         self.connection
             .record_request(&self.user, request, &decision)?;
         Ok(false)
-    }
-}
-
-/// The verdict on what the agent never passes on, whatever the policy.
-fn never(reason: &str) -> Verdict {
-    Verdict {
-        action: Action::Deny,
-        rule: None,
-        reason: reason.to_owned(),
     }
 }
