@@ -16,7 +16,7 @@ use std::{
 };
 
 use parking_lot::{Condvar, Mutex};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use super::{
     StoreError, event_key, id_key,
@@ -32,11 +32,25 @@ pub(super) struct Committed {
 }
 
 /// The group-commit state shared by recorders and the commit thread.
+///
+/// Waiters are released in two steps, so that a commit costs the commit
+/// thread one wake-up however many sessions wait: it stores the
+/// generation now on disk in `synced` and wakes one waiting task
+/// (`released`); that task, on a runtime worker, publishes it to
+/// `committed`, which wakes the others there (a local queue push each,
+/// where a wake-up from a foreign thread is a syscall and, on few cores,
+/// a preemption of the commit thread before its next sync).
 pub(super) struct Committer {
     /// Generation of the latest append.
     pub(super) written: AtomicU64,
     pub(super) wanted: Mutex<bool>,
     pub(super) wake: Condvar,
+    /// Generation of the latest successful commit.
+    pub(super) synced: AtomicU64,
+    /// Given to one waiter after each successful commit.
+    pub(super) released: Notify,
+    /// What waiters see: `synced` as published, and whether the store
+    /// is failing.
     pub(super) committed: watch::Sender<Committed>,
     pub(super) last_error: Mutex<Option<String>>,
     /// Set while the last commit failed: appends fail at once, so nothing
@@ -67,9 +81,20 @@ impl Committer {
     fn succeed(&self, generation: u64) {
         self.last_error.lock().take();
         self.failing.store(false, Ordering::SeqCst);
-        self.committed.send_replace(Committed {
-            generation,
-            failed: false,
+        self.synced.store(generation, Ordering::SeqCst);
+        self.released.notify_one();
+    }
+
+    /// Publishes the latest successful commit to every waiter; run by the
+    /// waiter the commit thread woke.
+    pub(super) fn publish(&self) {
+        self.committed.send_if_modified(|seen| {
+            let synced = self.synced.load(Ordering::SeqCst);
+            let failed = self.failing.load(Ordering::SeqCst);
+            let changed = synced > seen.generation || failed != seen.failed;
+            seen.generation = seen.generation.max(synced);
+            seen.failed = failed;
+            changed
         });
     }
 }
@@ -430,7 +455,7 @@ pub(super) fn commit_loop(
         }
         let stop = commit.stop.load(Ordering::SeqCst);
         let target = commit.written.load(Ordering::SeqCst);
-        if target != commit.committed.borrow().generation {
+        if target != commit.synced.load(Ordering::SeqCst) {
             state.commit(target);
         }
         // After the waiters are released: they needed the log, not sled.

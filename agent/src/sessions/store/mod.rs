@@ -244,6 +244,8 @@ impl Store {
             written: AtomicU64::new(0),
             wanted: Mutex::new(false),
             wake: Condvar::new(),
+            synced: AtomicU64::new(0),
+            released: Notify::new(),
             committed: watch::channel(Committed::default()).0,
             last_error: Mutex::new(None),
             failing: AtomicBool::new(false),
@@ -706,6 +708,38 @@ pub(crate) mod tests {
         drop(recorders);
         // Dropped recorders end as cancelled and all wait in the outbox.
         assert_eq!(store.outbox.len(), 65);
+    }
+
+    /// The commit thread wakes one waiter per commit, which releases the
+    /// others: sessions waiting on several workers, each again and again,
+    /// are all released every time (a lost wake-up would hang a round
+    /// until the deadline).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_waiter_is_released_by_the_commit_that_covers_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let sessions = (0..16)
+            .map(|_| {
+                let (recorder, _) = begin(&store);
+                tokio::spawn(async move {
+                    for n in 0..200u64 {
+                        let ticket = recorder
+                            .append(&Event::Input {
+                                data: format!("SELECT {n}").as_bytes(),
+                            })
+                            .unwrap();
+                        recorder.durable(ticket).await.unwrap();
+                        let synced = recorder.store.commit.synced.load(Ordering::SeqCst);
+                        assert!(synced >= ticket.0, "released before its commit");
+                    }
+                })
+            })
+            .collect::<Vec<_>>();
+        let all = futures::future::try_join_all(sessions);
+        tokio::time::timeout(std::time::Duration::from_secs(60), all)
+            .await
+            .expect("a waiter was never released")
+            .unwrap();
     }
 
     #[test]

@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 
 use super::{
     Outbox, Store, StoreError, Summary, Ticket,
-    commit::{CHUNK_LIMIT, Chain, Committed},
+    commit::{CHUNK_LIMIT, Chain},
     id_key, now_us,
 };
 use crate::sessions::event::Event;
@@ -67,7 +67,7 @@ impl Recorder {
     /// Starts making everything appended up to `ticket` durable without
     /// waiting: a group commit is asked for.
     pub fn commit_soon(&self, ticket: Ticket) {
-        if self.store.commit.committed.borrow().generation < ticket.0 {
+        if self.store.commit.synced.load(Ordering::SeqCst) < ticket.0 {
             self.store.request_commit();
         }
     }
@@ -75,27 +75,31 @@ impl Recorder {
     /// Waits until everything appended up to `ticket` is on disk.
     pub async fn durable(&self, ticket: Ticket) -> Result<(), StoreError> {
         let commit = &self.store.commit;
-        if commit.committed.borrow().generation >= ticket.0 {
+        if commit.synced.load(Ordering::SeqCst) >= ticket.0 {
             return Ok(());
         }
         self.store.request_commit();
-        let state = commit
-            .committed
-            .subscribe()
-            .wait_for(|c| c.generation >= ticket.0 || c.failed)
-            .await
-            .map(|c| *c)
-            .unwrap_or(Committed {
-                generation: 0,
-                failed: true,
-            });
-        if state.generation >= ticket.0 {
-            return Ok(());
+        let mut seen = commit.committed.subscribe();
+        loop {
+            // Whoever the commit thread wakes tells the others.
+            commit.publish();
+            let state = *seen.borrow_and_update();
+            if state.generation >= ticket.0 {
+                return Ok(());
+            }
+            if state.failed {
+                let error = commit.last_error.lock().clone();
+                return Err(StoreError::Flush(
+                    error.unwrap_or_else(|| "the store is closed".into()),
+                ));
+            }
+            tokio::select! {
+                changed = seen.changed() => if changed.is_err() {
+                    return Err(StoreError::Flush("the store is closed".into()));
+                },
+                () = commit.released.notified() => {}
+            }
         }
-        let error = commit.last_error.lock().clone();
-        Err(StoreError::Flush(
-            error.unwrap_or_else(|| "the store is closed".into()),
-        ))
     }
 
     pub(super) fn put_summary(&self) -> Result<(), StoreError> {
