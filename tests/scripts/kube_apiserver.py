@@ -6,14 +6,20 @@ usage: kube_apiserver.py PORT CERT KEY TOKEN LOG
 
 Serves over HTTPS the discovery documents (core group only: pods, pods/log,
 secrets) and a namespace's pods and secrets: list, get, a pod's log, delete;
-a pod's `exec` upgraded (any protocol) to a stream that echoes its bytes;
+a pod's `exec` over a WebSocket in the stream protocol
+(`v5`/`v4.channel.k8s.io`: what comes in on stdin goes out on stdout, a
+line `exit N` ends the command with status N), or upgraded in any other
+protocol to a stream that echoes its bytes;
 `logs -f` as a line every 10 s for 70 s.
 Requests without `Authorization: Bearer TOKEN` get 401. Appends
 "METHOD PATH AUTHORIZATION" to LOG for every request.
 """
+import base64
+import hashlib
 import http.server
 import json
 import ssl
+import struct
 import sys
 import time
 
@@ -76,6 +82,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                      "reason": "Unauthorized", "code": 401})
         path = self.path.split("?")[0].rstrip("/")
         parts = path.strip("/").split("/")
+        if parts[-1:] == ["exec"] and self.headers.get("upgrade", "").lower() == "websocket":
+            return self.channels()
         if parts[-1:] == ["exec"] and self.headers.get("upgrade"):
             return self.echo()
         if path == "/api":
@@ -118,6 +126,78 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
             self.wfile.flush()
         self.wfile.write(b"0\r\n\r\n")
+        self.close_connection = True
+
+    def channels(self):
+        """An exec in the stream protocol: stdin echoed on stdout; `exit N`
+        on stdin, or stdin's end, ends it with a Status on the error
+        stream."""
+        offered = [p.strip() for p in self.headers.get("sec-websocket-protocol", "").split(",")]
+        chosen = next(p for p in ("v5.channel.k8s.io", "v4.channel.k8s.io") if p in offered)
+        accept = base64.b64encode(hashlib.sha1(
+            (self.headers["sec-websocket-key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()
+        ).digest()).decode()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.send_header("Sec-WebSocket-Protocol", chosen)
+        self.end_headers()
+        self.wfile.flush()
+
+        def send(opcode, payload):
+            header = bytes([0x80 | opcode])
+            if len(payload) < 126:
+                header += bytes([len(payload)])
+            else:
+                header += bytes([126]) + struct.pack(">H", len(payload))
+            self.connection.sendall(header + payload)
+
+        def receive():
+            def exactly(n):
+                data = b""
+                while len(data) < n:
+                    chunk = self.rfile.read(n - len(data))
+                    if not chunk:
+                        raise EOFError
+                    data += chunk
+                return data
+            first, second = exactly(2)
+            length = second & 0x7F
+            if length == 126:
+                length = struct.unpack(">H", exactly(2))[0]
+            elif length == 127:
+                length = struct.unpack(">Q", exactly(8))[0]
+            key = exactly(4) if second & 0x80 else b"\0\0\0\0"
+            payload = bytes(b ^ key[i % 4] for i, b in enumerate(exactly(length)))
+            return first & 0x0F, payload
+
+        status = {"metadata": {}, "status": "Success"}
+        try:
+            while True:
+                opcode, payload = receive()
+                if opcode == 8 or payload[:2] == b"\xff\x00":
+                    break
+                if opcode not in (1, 2) or payload[:1] != b"\x00":
+                    continue
+                ended = False
+                for line in payload[1:].splitlines(keepends=True):
+                    if line.startswith(b"exit "):
+                        code = int(line.split()[1])
+                        if code:
+                            status = {"metadata": {}, "status": "Failure",
+                                      "reason": "NonZeroExitCode",
+                                      "details": {"causes": [{"reason": "ExitCode",
+                                                              "message": str(code)}]}}
+                        ended = True
+                        break
+                    send(2, b"\x01" + line)
+                if ended:
+                    break
+        except EOFError:
+            pass
+        send(2, b"\x03" + json.dumps(status).encode())
+        send(8, b"\x03\xe8")
         self.close_connection = True
 
     def echo(self):

@@ -335,6 +335,127 @@ fn an_exec_is_held_then_its_upgraded_stream_relayed() {
     assert!(exec[0].ends_with(&format!("Bearer {HELD_TOKEN}")));
 }
 
+/// `kubectl exec` in the stream protocol (WebSocket, `v5.channel.k8s.io`)
+/// with `record = "full"`: recorded as a terminal — what went in, what
+/// came out, how it ended — and replayed as it was.
+#[test]
+fn kubectl_exec_is_recorded_as_a_terminal_and_replays() {
+    let name = "kube-exec-rec";
+    let cluster = StandIn::start(name);
+    let mut cgroup = TestCgroup::new(name);
+    let (job, _) = cgroup.child("ci-job.service");
+    let policy = policy(&cluster)
+        .replace(
+            "protocol = \"kubernetes\"",
+            "protocol = \"kubernetes\"\nrecord = \"full\"",
+        )
+        .replace(
+            "verbs = [\"get\", \"list\", \"watch\"]",
+            "verbs = [\"get\", \"list\", \"watch\", \"exec\"]",
+        )
+        .replace(
+            "resources = [\"pods\", \"pods/log\"]",
+            "resources = [\"pods\", \"pods/log\", \"pods/exec\"]",
+        )
+        .replace(
+            "namespaces = [\"ci\"]\napprovers",
+            "namespaces = [\"nowhere\"]\napprovers",
+        );
+    let agent = Agent::start(&cgroup, name, &policy);
+    let path = agent.workdir.join("kubeconfig");
+    let out = agent.cli(&["kube", "config", "--target", "cluster", "--namespace", "ci"]);
+    fs::write(&path, &out.stdout).unwrap();
+
+    let out = sh_in(
+        &job,
+        &format!(
+            "export HOME={home}; printf 'echo hello-from-the-pod\\nexit 3\\n' | \
+             exec kubectl --kubeconfig {path} --request-timeout 20s exec -i web -- sh",
+            home = agent.workdir.display(),
+            path = path.display()
+        ),
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "echo hello-from-the-pod\n",
+        "{}",
+        stderr(&out)
+    );
+    let upgrade = cluster
+        .seen()
+        .into_iter()
+        .find(|l| l.contains("/exec"))
+        .expect("the exec reached the cluster");
+    assert!(
+        upgrade.starts_with("GET /api/v1/namespaces/ci/pods/web/exec"),
+        "{upgrade}"
+    );
+
+    let out = agent.cli(&["sessions", "list", "--json"]);
+    let exec = stdout(&out)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .map(|id| {
+            let shown = agent.cli(&["sessions", "show", &id, "--json"]);
+            (id, serde_json::from_slice::<Value>(&shown.stdout).unwrap())
+        })
+        .find(|(_, shown)| {
+            shown["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["kube"]["verb"] == "exec")
+        });
+    let (exec, shown) = exec.expect("the exec's session");
+    let events = shown["events"].as_array().unwrap();
+    let decoded = |kind: &str| -> String {
+        events
+            .iter()
+            .filter(|e| e["kind"] == kind)
+            .map(|e| {
+                let data = base64::Engine::decode(
+                    &base64::engine::general_purpose::STANDARD,
+                    e["data"].as_str().unwrap(),
+                )
+                .unwrap();
+                String::from_utf8(data).unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(
+        decoded("input"),
+        "echo hello-from-the-pod\nexit 3\n",
+        "{events:#?}"
+    );
+    assert_eq!(
+        decoded("output"),
+        "echo hello-from-the-pod\n",
+        "{events:#?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "exit" && e["status"] == 3),
+        "{events:#?}"
+    );
+    let out = agent.cli(&["sessions", "replay", &exec, "--speed", "0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("echo hello-from-the-pod"),
+        "{}",
+        stdout(&out)
+    );
+    let out = agent.cli(&["sessions", "verify", &exec]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
 /// `kubectl logs -f` stays open as long as the server streams (70 s, a
 /// line every 10 s): the agent cuts no idle stream.
 #[test]

@@ -37,7 +37,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{Decision, ProxyContext};
+use super::{Decision, ProxyContext, websocket};
 use crate::{
     access::{ByteCounters, Outcome},
     addr::OrigDstAddr,
@@ -191,6 +191,15 @@ struct Reading {
     held: bool,
     /// A Kubernetes Secret whose values the answer masks.
     mask_secrets: bool,
+    /// A Kubernetes exec or attach: its stream is a terminal's.
+    terminal: bool,
+}
+
+/// What forwarding does to an allowed request's answer.
+#[derive(Clone, Copy)]
+struct Answering {
+    mask_secrets: bool,
+    terminal: bool,
 }
 
 impl Connection {
@@ -213,8 +222,13 @@ impl Connection {
             denied,
             held,
             mask_secrets,
+            terminal,
             ..
         } = reading;
+        let answering = Answering {
+            mask_secrets,
+            terminal,
+        };
         // A request that passes straight on and cannot change anything (a
         // safe method: GET, HEAD, OPTIONS) goes up while its record is
         // flushed, and its answer waits for the record; every other one
@@ -228,7 +242,7 @@ impl Connection {
         {
             let (recorded, response) = tokio::join!(
                 self.recorder.durable(ticket),
-                self.forward(n, request, mask_secrets)
+                self.forward(n, request, answering)
             );
             return match recorded {
                 Ok(()) => response,
@@ -263,7 +277,7 @@ impl Connection {
                 }),
             );
         }
-        self.forward(n, request, mask_secrets).await
+        self.forward(n, request, answering).await
     }
 
     /// Reads the request in one spelling (as kube-apiserver does, on a
@@ -297,6 +311,9 @@ impl Connection {
         }) && !verdict
             .rule
             .is_some_and(|id| decision.active.policy.rule(id).kube.reveal_secrets);
+        let terminal = kube
+            .as_ref()
+            .is_some_and(|kube| matches!(kube.verb.as_str(), "exec" | "attach"));
         Reading {
             decision,
             kube,
@@ -304,6 +321,7 @@ impl Connection {
             denied,
             held,
             mask_secrets,
+            terminal,
         }
     }
 
@@ -410,8 +428,12 @@ impl Connection {
         self: &Arc<Self>,
         n: u64,
         mut request: Request<Incoming>,
-        mask_secrets: bool,
+        answering: Answering,
     ) -> Response<Body> {
+        let Answering {
+            mask_secrets,
+            terminal,
+        } = answering;
         let started = Instant::now();
         // A protocol upgrade (WebSocket, SPDY: exec, attach, port-forward):
         // once the server agrees, both connections become one stream.
@@ -462,7 +484,15 @@ impl Connection {
                     (response.status(), client_side)
                 {
                     let server_side = hyper::upgrade::on(&mut response);
-                    self.relay_upgraded(n, started, client_side, server_side);
+                    // An exec or attach in the stream protocol, with
+                    // `record = "full"`: recorded as a terminal.
+                    let channels = response
+                        .headers()
+                        .get(header::SEC_WEBSOCKET_PROTOCOL)
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|p| p.ends_with("channel.k8s.io") && !p.starts_with("base64"));
+                    let record_terminal = terminal && channels && self.recorder.records_output();
+                    self.relay_upgraded(n, started, client_side, server_side, record_terminal);
                     let (mut parts, _) = response.into_parts();
                     let upgrade = parts.headers.get(header::UPGRADE).cloned();
                     drop_hop_headers(&mut parts.headers);
@@ -534,13 +564,15 @@ impl Connection {
 
     /// Copies both ways between the client's and the server's upgraded
     /// connections until both end; the request's `http_response` (status
-    /// 101) is recorded then, with the bytes that went down.
+    /// 101) is recorded then, with the bytes that went down. A terminal's
+    /// stream (`record_terminal`) is read as it passes and recorded.
     fn relay_upgraded(
         self: &Arc<Self>,
         n: u64,
         started: Instant,
         client: hyper::upgrade::OnUpgrade,
         server: hyper::upgrade::OnUpgrade,
+        record_terminal: bool,
     ) {
         let connection = self.clone();
         let relay = tokio::spawn(async move {
@@ -548,6 +580,9 @@ impl Connection {
                 let (client, server) = tokio::try_join!(client, server)
                     .map_err(|e| format!("the upgrade failed: {e}"))?;
                 let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
+                if record_terminal {
+                    return connection.relay_terminal(client, server).await;
+                }
                 tokio::io::copy_bidirectional(&mut client, &mut server)
                     .await
                     .map_err(|e| format!("the upgraded stream failed: {e}"))
@@ -564,6 +599,60 @@ impl Connection {
             connection.record_response(n, Some(101), down, 0, started, error.as_deref());
         });
         self.relays.lock().push(relay);
+    }
+
+    /// Relays an exec's or attach's stream unchanged while recording it
+    /// as a terminal: stdin as `input`, stdout and stderr as `output`,
+    /// each resize as `terminal`, the command's end as `exit`. What cannot
+    /// be read or recorded ends the stream: nothing passes unrecorded.
+    async fn relay_terminal<C, S>(&self, client: C, server: S) -> Result<(u64, u64), String>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        use websocket::{ERROR, Piece, RESIZE, STDERR, STDIN, STDOUT};
+        let (mut client_in, mut client_out) = tokio::io::split(client);
+        let (mut server_in, mut server_out) = tokio::io::split(server);
+        let recorder = &self.recorder;
+        let up = relay_read(&mut client_in, &mut server_out, |piece| match piece {
+            Piece::Data {
+                stream: STDIN,
+                bytes,
+            } => recorder.append(&Event::Input { data: bytes }).map(drop),
+            Piece::Message {
+                stream: RESIZE,
+                bytes,
+            } => match websocket::terminal_size(bytes) {
+                Some((cols, rows)) => recorder
+                    .append(&Event::Terminal {
+                        channel: 0,
+                        term: None,
+                        cols,
+                        rows,
+                    })
+                    .map(drop),
+                None => Ok(()),
+            },
+            _ => Ok(()),
+        });
+        let down = relay_read(&mut server_in, &mut client_out, |piece| match piece {
+            Piece::Data {
+                stream: STDOUT | STDERR,
+                bytes,
+            } => recorder.append(&Event::Output { data: bytes }).map(drop),
+            Piece::Message {
+                stream: ERROR,
+                bytes,
+            } => recorder
+                .append(&Event::Exit {
+                    channel: 0,
+                    status: websocket::exit_status(bytes),
+                    signal: None,
+                })
+                .map(drop),
+            _ => Ok(()),
+        });
+        tokio::try_join!(up, down)
     }
 
     /// A body's chunk, with `record = "full"`; an error says the session
@@ -653,6 +742,55 @@ fn unmaskable(headers: &HeaderMap) -> Option<String> {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     (!kind.contains("json")).then(|| format!("content type {kind:?}"))
+}
+
+/// Copies one direction of a terminal's stream, feeding what passes to
+/// its reader and `record`; at the end, the other side's writing half is
+/// shut. Returns the bytes copied.
+async fn relay_read<R, W>(
+    from: &mut R,
+    to: &mut W,
+    mut record: impl FnMut(websocket::Piece<'_>) -> Result<(), crate::sessions::StoreError>,
+) -> Result<u64, String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut reader = websocket::FrameReader::default();
+    let mut buf = vec![0u8; 16 << 10];
+    let mut copied = 0u64;
+    loop {
+        let n = from
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("the upgraded stream failed: {e}"))?;
+        if n == 0 {
+            let _ = to.shutdown().await;
+            return Ok(copied);
+        }
+        let mut failed = None;
+        reader
+            .feed(&buf[..n], &mut |piece| {
+                if failed.is_none()
+                    && let Err(error) = record(piece)
+                {
+                    failed = Some(format!("the session cannot be recorded: {error}"));
+                }
+            })
+            .map_err(|e| format!("the terminal's stream cannot be read: {e}"))?;
+        if let Some(why) = failed {
+            return Err(why);
+        }
+        // Flushed at once: a terminal's bytes must not wait in a TLS buffer.
+        async {
+            to.write_all(&buf[..n]).await?;
+            to.flush().await
+        }
+        .await
+        .map_err(|e: std::io::Error| format!("the upgraded stream failed: {e}"))?;
+        copied += n as u64;
+    }
 }
 
 /// An upgrade's own two headers, which `drop_hop_headers` takes out.

@@ -5,6 +5,7 @@ pub mod http;
 pub mod postgres;
 pub mod ssh;
 mod tcp;
+pub(crate) mod websocket;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
