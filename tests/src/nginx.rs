@@ -56,6 +56,10 @@ http {{
         location /big {{
             root {d}/www;
         }}
+        # A JSON document written by the test (`Nginx::json`).
+        location /api/v1/users {{
+            alias {d}/www/users.json;
+        }}
         # Who presented a client certificate.
         location /api/v1/whoami {{
             return 200 '{{"verified": "$ssl_client_verify", "subject": "$ssl_client_s_dn"}}\n';
@@ -107,6 +111,12 @@ http {{
         let file = fs::File::create(self.dir.join(format!("www/big{suffix}"))).unwrap();
         file.set_len(bytes).unwrap();
         format!("/big{suffix}")
+    }
+
+    /// Serves `text` as the JSON document at `/api/v1/users`.
+    pub fn json(&self, text: &[u8]) -> String {
+        fs::write(self.dir.join("www/users.json"), text).unwrap();
+        "/api/v1/users".into()
     }
 
     /// The requests nginx received, once there are at least `n` (nginx

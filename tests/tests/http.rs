@@ -574,3 +574,79 @@ fn the_agent_presents_the_client_certificate_it_holds() {
     assert_eq!(json(&got)["verified"], "SUCCESS", "{}", got.body);
     assert_eq!(json(&got)["subject"], "CN=ci-deployer", "{}", got.body);
 }
+
+/// `json` masks on an allow rule: a 100,000-item list streams through
+/// with every `password` redacted and every item's `token` nulled, the
+/// rest as it was, and the agent's memory flat (nothing held whole).
+#[test]
+fn json_masks_apply_to_a_streamed_list_with_flat_memory() {
+    let name = "http-json-mask";
+    let nginx = Nginx::start(name);
+    let mut cgroup = TestCgroup::new(name);
+    let (job, _) = cgroup.child("ci-job.service");
+    let policy = policy(&nginx).replace(
+        "paths = [\"/api/v1/**\", \"/big\"]\n",
+        "paths = [\"/api/v1/**\", \"/big\"]\n\
+         mask = [{ json = \"password\" }, { json = \"$.items[*].token\", strategy = \"null\" }]\n",
+    );
+    let agent = Agent::start(&cgroup, name, &policy);
+    let filler = "x".repeat(300);
+    let mut doc = String::from("{\"kind\": \"UserList\", \"items\": [");
+    for n in 0..100_000 {
+        if n > 0 {
+            doc.push_str(",\n");
+        }
+        doc.push_str(&format!(
+            r#"{{"name": "user-{n}", "password": "pw-{n}", "token": {n}, "auth": {{"password": ["a", 1]}}, "bio": "{filler}"}}"#
+        ));
+    }
+    doc.push_str("], \"token\": \"top-level-kept\"}");
+    let path = nginx.json(doc.as_bytes());
+    let pid = agent.pid().expect("agent runs");
+    let peak_before = peak_rss_kib(pid);
+    let got = curl(
+        &job,
+        &agent,
+        "",
+        &format!("https://127.0.0.1:{}{path}", nginx.port),
+    );
+    assert_eq!(got.status, 200, "{}", &got.all[..got.all.len().min(500)]);
+    let value = json(&got);
+    let items = value["items"].as_array().unwrap();
+    assert_eq!(items.len(), 100_000);
+    for (n, item) in items.iter().enumerate() {
+        assert_eq!(item["name"], format!("user-{n}"));
+        assert_eq!(item["password"], "****");
+        assert_eq!(item["token"], Value::Null);
+        assert_eq!(
+            item["auth"]["password"],
+            serde_json::json!(["****", "****"])
+        );
+        assert_eq!(item["bio"].as_str().map(str::len), Some(300));
+    }
+    assert_eq!(
+        value["token"], "top-level-kept",
+        "a path masks only where it leads"
+    );
+    let grown_kib = peak_rss_kib(pid).saturating_sub(peak_before);
+    assert!(
+        grown_kib < 64 * 1024,
+        "the agent grew {grown_kib} KiB for a {} MB answer",
+        doc.len() >> 20
+    );
+    // Recorded: the values masked, counted on the response.
+    let response = http_events_of(&agent, &["http_response"])
+        .into_iter()
+        .find(|e| e["bytes"].as_u64().is_some_and(|b| b > 1 << 20))
+        .expect("the list's response");
+    assert_eq!(response["masked"], 400_000, "{response}");
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}

@@ -96,30 +96,31 @@ fn build_target(
             "mask applies to protocol = \"postgres\" or \"ssh\" (a tcp target is copied as it is)",
         ));
     }
-    if let (Some(mask), Protocol::Ssh) = (
-        spec.mask
-            .as_ref()
-            .and_then(|m| m.iter().find(|m| m.get_ref().column.is_some())),
-        protocol,
-    ) {
-        return Err(source.error_at(
-            mask.span(),
-            "an ssh target masks by pattern or regex (its output has no columns)",
-        ));
+    // Each protocol masks what it can read: columns and text (postgres),
+    // text (ssh), JSON values (http).
+    let refused = spec.mask.iter().flatten().find_map(|mask| {
+        let m = mask.get_ref();
+        let why = match protocol {
+            Protocol::Ssh if m.column.is_some() => {
+                "an ssh target masks by pattern or regex (its output has no columns)"
+            }
+            Protocol::Postgres | Protocol::Ssh if m.json.is_some() => {
+                "a json mask applies to http and kubernetes targets"
+            }
+            Protocol::Http | Protocol::Kubernetes if m.json.is_none() => {
+                "an http target masks by json (its answers are masked as JSON values)"
+            }
+            _ => return None,
+        };
+        Some((mask.span(), why))
+    });
+    if let Some((at, why)) = refused {
+        return Err(source.error_at(at, why));
     }
     if let (Some(tls), Protocol::Tcp | Protocol::Ssh) = (&spec.tls, protocol) {
         return Err(source.error_at(
             tls.span(),
             "tls applies to protocol = \"postgres\" or \"http\"",
-        ));
-    }
-    if let (Some(mask), true) = (
-        spec.mask.as_ref().and_then(|m| m.first()),
-        protocol.is_http(),
-    ) {
-        return Err(source.error_at(
-            mask.span(),
-            "mask does not apply to http targets yet (their bodies pass as they are)",
         ));
     }
     Ok(Target {
@@ -537,21 +538,28 @@ fn check_protocols(
         &[Protocol::Postgres],
         "statements, tables, functions and as_user apply to postgres targets",
     )?;
+    let mask_that = |picks: fn(&crate::policy::MaskSelects) -> bool| {
+        rule.mask
+            .iter()
+            .flatten()
+            .zip(masks)
+            .find_map(|(spec, mask)| picks(&mask.selects).then(|| spec.span()))
+    };
+    use crate::policy::MaskSelects;
     for_protocols(
-        &[rule.mask.as_ref().and_then(|m| m.first()).map(|m| m.span())],
+        &[mask_that(|s| matches!(s, MaskSelects::Json(_)))],
+        &[Protocol::Http, Protocol::Kubernetes],
+        "a json mask applies to http and kubernetes targets",
+    )?;
+    for_protocols(
+        &[mask_that(MaskSelects::is_free_text)],
         &[Protocol::Postgres, Protocol::Ssh],
-        "mask applies to postgres and ssh targets",
+        "a pattern or regex mask applies to postgres and ssh targets (an http target masks by json)",
     )?;
     // A column mask cannot apply to an SSH target's output: on a
     // rule naming one, it would be dropped there, so it is refused.
-    let column_mask = rule
-        .mask
-        .iter()
-        .flatten()
-        .zip(masks)
-        .find_map(|(spec, mask)| (!mask.selects.is_free_text()).then(|| spec.span()));
     for_protocols(
-        &[column_mask],
+        &[mask_that(|s| matches!(s, MaskSelects::Column(_)))],
         &[Protocol::Postgres],
         "a column mask applies to postgres targets (SSH output has no columns: mask it by pattern or regex)",
     )?;

@@ -543,6 +543,39 @@ fn http_targets_hold_one_credential_and_rules_read_requests() {
     );
     let (_, _, message) = error_of(&rule("verbs = [\"get\"]\n"));
     assert!(message.contains("apply to kubernetes targets"), "{message}");
+
+    // An http target masks JSON values, on the target or an allow rule;
+    // what it cannot read is refused where it is written.
+    let loaded = Config::from_text(
+        "ok.toml",
+        &rule("mask = [{ json = \"password\" }, { json = \"$.items[*].token\", strategy = \"null\" }]\n"),
+    )
+    .unwrap();
+    assert_eq!(loaded.policy.rules[0].masks.len(), 2);
+    Config::from_text("ok.toml", &target("mask = [{ json = \"token\" }]\n")).unwrap();
+    for (mask, why) in [
+        ("{ pattern = \"email\" }", "an http target masks by json"),
+        ("{ json = \"$..token\" }", "a path takes .name"),
+        (
+            "{ json = \"token\", strategy = \"hash\" }",
+            "a json mask redacts or nulls",
+        ),
+        ("{ json = \"token\", column = \"x\" }", "exactly one of"),
+    ] {
+        let (line, column, message) = error_of(&target(&format!("mask = [{mask}]\n")));
+        assert_eq!((line, column), (5, 9), "{mask}: {message}");
+        assert!(message.contains(why), "{mask}: {message}");
+    }
+    let (_, _, message) = error_of(&rule("mask = [{ regex = \"x+\" }]\n"));
+    assert!(
+        message.contains("an http target masks by json"),
+        "{message}"
+    );
+    let (_, _, message) = error_of(&format!(
+        "[[target]]\nname = \"t\"\nprotocol = \"postgres\"\naddress = \"10.0.0.1:1\"\nmask = [{{ json = \"x\" }}]\n\
+         [target.credential]\nuser = \"app\"\npassword_file = {token:?}\n"
+    ));
+    assert!(message.contains("a json mask applies to http"), "{message}");
 }
 
 #[test]

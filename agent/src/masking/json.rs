@@ -3,26 +3,98 @@
 //! last key (at most 64 bytes), so memory stays flat however large the
 //! document or a value is, and a value being masked is never held.
 //!
-//! What is masked: every string value of an object that is the value of
-//! one of `members_of` keys (a Kubernetes Secret's `data` and
-//! `stringData`), and every string value of one of `whole` keys (the
-//! `last-applied-configuration` annotation, which repeats the object).
+//! What is masked is said by selectors: a key (every value of a member
+//! with that name, anywhere) or a path from the root (`$.items[*].data`).
+//! A masked string, number, `true`, `false` or `null` is replaced by the
+//! selector's replacement; a masked object or array keeps its shape and
+//! every value in it is replaced.
 
-/// Longer keys are not remembered whole: no masked key is that long.
-const MAX_KEY: usize = 64;
+use std::borrow::Cow;
+
+/// Longer keys are not remembered whole: no selector names a key so long.
+pub const MAX_KEY: usize = 64;
+
+/// At most this many selectors (a bit each in a container's path state).
+pub const MAX_SELECTORS: usize = 64;
+
+/// What a selector picks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selector {
+    /// Every value of a member with this key, at any depth.
+    Key(String),
+    /// The values at this path from the root.
+    Path(Vec<Step>),
+}
+
+/// A step of a path: `.name` or `['name']`, `.*` (any member), `[*]`
+/// (any element).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    Member(String),
+    AnyMember,
+    AnyElement,
+}
+
+impl Selector {
+    /// `name` (a key anywhere) or `$.a.b[*]['c d'].*` (a path from the
+    /// root).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let Some(mut rest) = text.strip_prefix('$') else {
+            if text.is_empty() || text.len() > MAX_KEY {
+                return Err(format!(
+                    "json key {text:?}: a key is 1 to {MAX_KEY} bytes (or a path from $)"
+                ));
+            }
+            return Ok(Self::Key(text.to_owned()));
+        };
+        let unsupported =
+            || format!("json path {text:?}: a path takes .name, ['name'], .* and [*] steps from $");
+        let mut steps = Vec::new();
+        while !rest.is_empty() {
+            let (step, after) = if let Some(after) = rest.strip_prefix("[*]") {
+                (Step::AnyElement, after)
+            } else if let Some(after) = rest.strip_prefix(".*") {
+                (Step::AnyMember, after)
+            } else if let Some(quoted) = rest.strip_prefix("['") {
+                let end = quoted.find("']").ok_or_else(unsupported)?;
+                (Step::Member(quoted[..end].to_owned()), &quoted[end + 2..])
+            } else if let Some(named) = rest.strip_prefix('.') {
+                let end = named.find(['.', '[']).unwrap_or(named.len());
+                (Step::Member(named[..end].to_owned()), &named[end..])
+            } else {
+                return Err(unsupported());
+            };
+            if let Step::Member(name) = &step
+                && (name.is_empty() || name.len() > MAX_KEY)
+            {
+                return Err(unsupported());
+            }
+            steps.push(step);
+            rest = after;
+        }
+        if steps.is_empty() {
+            return Err(format!(
+                "json path {text:?}: the whole document cannot be masked"
+            ));
+        }
+        Ok(Self::Path(steps))
+    }
+}
 
 #[derive(Clone, Copy)]
 struct Open {
     object: bool,
-    /// An object whose members' string values are replaced by this.
-    members_masked: Option<&'static str>,
     /// In an object: the next string is a key.
     expects_key: bool,
+    /// Every value inside is masked, by this selector.
+    masked: Option<usize>,
+    /// Path selectors whose steps so far lead here (a bit each).
+    paths: u64,
 }
 
 pub struct JsonMask {
-    members_of: &'static [(&'static str, &'static str)],
-    whole: &'static [(&'static str, &'static str)],
+    /// Each selector and the JSON text that replaces what it picks.
+    selectors: Vec<(Selector, Cow<'static, str>)>,
     stack: Vec<Open>,
     in_string: bool,
     escaped: bool,
@@ -32,44 +104,44 @@ pub struct JsonMask {
     last_key: Vec<u8>,
     /// The string being read is masked: its bytes are dropped.
     masking: bool,
+    /// In a number or literal: passed on, or dropped when masked.
+    in_scalar: bool,
+    scalar_masked: bool,
     /// Values masked so far.
     pub masked: u64,
 }
 
 impl JsonMask {
-    /// `members_of`: (key, replacement) for objects whose members' string
-    /// values are replaced; `whole`: (key, replacement) for string values.
-    pub fn new(
-        members_of: &'static [(&'static str, &'static str)],
-        whole: &'static [(&'static str, &'static str)],
-    ) -> Self {
+    /// `selectors`: each with the JSON text that replaces what it picks
+    /// (`"****"` with its quotes, or `null`); at most [`MAX_SELECTORS`].
+    pub fn new(mut selectors: Vec<(Selector, Cow<'static, str>)>) -> Self {
+        selectors.truncate(MAX_SELECTORS);
         Self {
-            members_of,
-            whole,
+            selectors,
             stack: Vec::new(),
             in_string: false,
             escaped: false,
             key: None,
             last_key: Vec::new(),
             masking: false,
+            in_scalar: false,
+            scalar_masked: false,
             masked: 0,
         }
     }
 
     /// A Kubernetes Secret's values: `data` (base64: replaced by `****`
     /// encoded), `stringData`, and the last applied configuration.
-    pub fn kubernetes_secrets() -> Self {
-        Self::new(
-            &[("data", "KioqKg=="), ("stringData", "****")],
-            &[("kubectl.kubernetes.io/last-applied-configuration", "****")],
-        )
-    }
-
-    fn replacement(table: &[(&'static str, &'static str)], key: &[u8]) -> Option<&'static str> {
-        table
-            .iter()
-            .find(|(name, _)| name.as_bytes() == key)
-            .map(|(_, with)| *with)
+    pub fn secret_selectors() -> Vec<(Selector, Cow<'static, str>)> {
+        let key = |name: &str| Selector::Key(name.to_owned());
+        vec![
+            (key("data"), Cow::Borrowed("\"KioqKg==\"")),
+            (key("stringData"), Cow::Borrowed("\"****\"")),
+            (
+                key("kubectl.kubernetes.io/last-applied-configuration"),
+                Cow::Borrowed("\"****\""),
+            ),
+        ]
     }
 
     /// Passes `input` on into `out`, masked.
@@ -78,10 +150,66 @@ impl JsonMask {
         for &byte in input {
             if self.in_string {
                 self.string_byte(byte, out);
-            } else {
-                self.structure_byte(byte, out);
+                continue;
+            }
+            if self.in_scalar {
+                if is_scalar_byte(byte) {
+                    if !self.scalar_masked {
+                        out.push(byte);
+                    }
+                    continue;
+                }
+                self.in_scalar = false;
+            }
+            self.structure_byte(byte, out);
+        }
+    }
+
+    /// Whether a value starting now is masked (by which selector), and
+    /// the path selectors that lead into it.
+    fn value_starts(&self) -> (Option<usize>, u64) {
+        let Some(parent) = self.stack.last() else {
+            // The root: every path starts here.
+            let paths = self
+                .selectors
+                .iter()
+                .enumerate()
+                .filter(|(_, (s, _))| matches!(s, Selector::Path(_)))
+                .fold(0, |bits, (i, _)| bits | 1 << i);
+            return (None, paths);
+        };
+        if parent.masked.is_some() {
+            return (parent.masked, 0);
+        }
+        let depth = self.stack.len() - 1;
+        let key = parent.object.then_some(self.last_key.as_slice());
+        let mut paths = 0;
+        for (i, (selector, _)) in self.selectors.iter().enumerate() {
+            match selector {
+                Selector::Key(name) if key == Some(name.as_bytes()) => return (Some(i), 0),
+                Selector::Key(_) => {}
+                Selector::Path(steps) if parent.paths & 1 << i != 0 => {
+                    let step = match (&steps[depth], key) {
+                        (Step::Member(name), Some(key)) => name.as_bytes() == key,
+                        (Step::AnyMember, Some(_)) | (Step::AnyElement, None) => true,
+                        _ => false,
+                    };
+                    if step && depth + 1 == steps.len() {
+                        return (Some(i), 0);
+                    }
+                    if step {
+                        paths |= 1 << i;
+                    }
+                }
+                Selector::Path(_) => {}
             }
         }
+        (None, paths)
+    }
+
+    fn replace(&mut self, by: usize, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.selectors[by].1.as_bytes());
+        self.masked += 1;
     }
 
     fn string_byte(&mut self, byte: u8, out: &mut Vec<u8>) {
@@ -91,7 +219,6 @@ impl JsonMask {
             if closes {
                 self.in_string = false;
                 self.masking = false;
-                out.push(b'"');
             }
             return;
         }
@@ -99,12 +226,13 @@ impl JsonMask {
         if closes {
             self.in_string = false;
             if let Some(key) = self.key.take() {
-                self.last_key = key;
+                self.last_key = unescaped_key(key);
             }
         } else if let Some(key) = &mut self.key
-            && key.len() <= MAX_KEY
+            && key.len() <= MAX_KEY * 6
         {
-            // Cut one byte past the limit: it then matches no masked key.
+            // Cut past the limit (escaped, a byte can take six): it then
+            // matches no selector.
             key.push(byte);
         }
     }
@@ -112,30 +240,21 @@ impl JsonMask {
     fn structure_byte(&mut self, byte: u8, out: &mut Vec<u8>) {
         let top = self.stack.last().copied();
         match byte {
+            b'"' if top.is_some_and(|open| open.object && open.expects_key) => {
+                self.in_string = true;
+                self.escaped = false;
+                self.key = Some(Vec::new());
+            }
             b'"' => {
                 self.in_string = true;
                 self.escaped = false;
-                out.push(b'"');
-                match top {
-                    Some(open) if open.object && open.expects_key => {
-                        self.key = Some(Vec::new());
-                    }
-                    _ => {
-                        let with = match top {
-                            Some(open) if open.object => open
-                                .members_masked
-                                .or_else(|| Self::replacement(self.whole, &self.last_key)),
-                            _ => None,
-                        };
-                        if let Some(with) = with {
-                            out.extend_from_slice(with.as_bytes());
-                            self.masking = true;
-                            self.masked += 1;
-                        }
-                        self.last_key.clear();
-                    }
+                let (masked, _) = self.value_starts();
+                self.last_key.clear();
+                if let Some(by) = masked {
+                    self.replace(by, out);
+                    self.masking = true;
+                    return;
                 }
-                return;
             }
             b':' => {
                 if let Some(open) = self.stack.last_mut() {
@@ -149,27 +268,54 @@ impl JsonMask {
                 self.last_key.clear();
             }
             b'{' | b'[' => {
-                let object = byte == b'{';
-                let members_masked = match top {
-                    Some(open) if object && open.object => {
-                        Self::replacement(self.members_of, &self.last_key)
-                    }
-                    _ => None,
-                };
+                let (masked, paths) = self.value_starts();
                 self.last_key.clear();
+                let object = byte == b'{';
                 self.stack.push(Open {
                     object,
-                    members_masked,
                     expects_key: object,
+                    masked,
+                    paths,
                 });
             }
             b'}' | b']' => {
                 self.stack.pop();
                 self.last_key.clear();
             }
+            byte if is_scalar_byte(byte) => {
+                let (masked, _) = self.value_starts();
+                self.last_key.clear();
+                self.in_scalar = true;
+                self.scalar_masked = masked.is_some();
+                if let Some(by) = masked {
+                    self.replace(by, out);
+                    return;
+                }
+            }
             _ => {}
         }
         out.push(byte);
+    }
+}
+
+/// A number's or a literal's bytes (and what a malformed one might hold).
+fn is_scalar_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'+' | b'.')
+}
+
+/// A key as its value reads: a server may escape any character
+/// (`"pass\u0077ord"` is `password`).
+fn unescaped_key(key: Vec<u8>) -> Vec<u8> {
+    if !key.contains(&b'\\') || key.len() > MAX_KEY * 6 {
+        return key;
+    }
+    let mut quoted = Vec::with_capacity(key.len() + 2);
+    quoted.push(b'"');
+    quoted.extend_from_slice(&key);
+    quoted.push(b'"');
+    match serde_json::from_slice::<String>(&quoted) {
+        Ok(text) => text.into_bytes(),
+        Err(_) => key,
     }
 }
 
@@ -180,12 +326,20 @@ pub fn fuzz(data: &[u8]) {
     let Some((&cut, body)) = data.split_first() else {
         return;
     };
-    let mut chunked = JsonMask::kubernetes_secrets();
+    let masks = || {
+        let mut selectors = JsonMask::secret_selectors();
+        for path in ["$.items[*].token", "$.*[*]", "password"] {
+            let selector = Selector::parse(path).expect("a valid path");
+            selectors.push((selector, Cow::Borrowed("null")));
+        }
+        JsonMask::new(selectors)
+    };
+    let mut chunked = masks();
     let mut out = Vec::new();
     for chunk in body.chunks(usize::from(cut).max(1)) {
         chunked.push(chunk, &mut out);
     }
-    let mut whole = JsonMask::kubernetes_secrets();
+    let mut whole = masks();
     let mut want = Vec::new();
     whole.push(body, &mut want);
     assert_eq!(out, want);
@@ -197,7 +351,7 @@ mod tests {
     use super::*;
 
     fn masked(text: &str, cut: usize) -> String {
-        let mut mask = JsonMask::kubernetes_secrets();
+        let mut mask = JsonMask::new(JsonMask::secret_selectors());
         let mut out = Vec::new();
         for chunk in text.as_bytes().chunks(cut.max(1)) {
             mask.push(chunk, &mut out);
@@ -222,11 +376,85 @@ mod tests {
         );
     }
 
+    fn masked_by(selectors: &[&str], text: &str, cut: usize) -> String {
+        let selectors = selectors
+            .iter()
+            .map(|s| (Selector::parse(s).unwrap(), Cow::Borrowed("\"****\"")))
+            .collect();
+        let mut mask = JsonMask::new(selectors);
+        let mut out = Vec::new();
+        for chunk in text.as_bytes().chunks(cut.max(1)) {
+            mask.push(chunk, &mut out);
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn keys_and_paths_mask_every_kind_of_value() {
+        let doc = r#"{"items": [{"name": "a", "token": 12.5e3, "auth": {"user": "u", "password": "p"}, "tags": [true, null]},
+ {"name": "b", "token": "t\"x", "auth": null, "tags": []}], "pass\u0077ord": false, "meta": {"token": "kept-by-path"}}"#;
+        let want = r#"{"items": [{"name": "a", "token": "****", "auth": {"user": "****", "password": "****"}, "tags": ["****", "****"]},
+ {"name": "b", "token": "****", "auth": "****", "tags": []}], "pass\u0077ord": "****", "meta": {"token": "kept-by-path"}}"#;
+        let selectors = [
+            "password",
+            "$.items[*].token",
+            "$.items[*].auth",
+            "$['items'][*].tags[*]",
+        ];
+        for cut in 1..=doc.len() {
+            assert_eq!(masked_by(&selectors, doc, cut), want, "cut {cut}");
+        }
+        let value: serde_json::Value = serde_json::from_str(want).unwrap();
+        assert_eq!(value["items"][1]["name"], "b");
+        // `.*` is any member, `[*]` any element: a path that says an
+        // element does not pick a member, and the other way round.
+        assert_eq!(
+            masked_by(&["$.a[*]"], r#"{"a": {"x": 1}}"#, 1),
+            r#"{"a": {"x": 1}}"#
+        );
+        assert_eq!(
+            masked_by(&["$.a.*"], r#"{"a": [1, 2]}"#, 1),
+            r#"{"a": [1, 2]}"#
+        );
+        assert_eq!(
+            masked_by(&["$[*]"], r#"[1, "x", {"y": 2}]"#, 1),
+            r#"["****", "****", {"y": "****"}]"#
+        );
+    }
+
+    #[test]
+    fn selectors_parse_or_say_what_they_take() {
+        assert_eq!(Selector::parse("token"), Ok(Selector::Key("token".into())));
+        assert_eq!(
+            Selector::parse("$.items[*]['a.b'].*"),
+            Ok(Selector::Path(vec![
+                Step::Member("items".into()),
+                Step::AnyElement,
+                Step::Member("a.b".into()),
+                Step::AnyMember,
+            ]))
+        );
+        for bad in [
+            "",
+            "$",
+            "$..token",
+            "$.items[0]",
+            "$[?(@.x)]",
+            "$.",
+            "$['x'",
+            "x.y.z.w.very-long-key-name-that-goes-on-and-on-past-sixty-four-bytes",
+        ] {
+            assert!(Selector::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
     #[test]
     fn memory_stays_flat_however_long_a_value() {
-        let mut mask = JsonMask::kubernetes_secrets();
+        let mut mask = JsonMask::new(JsonMask::secret_selectors());
         let mut out = Vec::new();
         mask.push(br#"{"data":{"big":""#, &mut out);
+        assert_eq!(out, br#"{"data":{"big":"KioqKg==""#);
+        out.clear();
         let chunk = vec![b'A'; 1 << 20];
         for _ in 0..64 {
             out.clear();
@@ -235,7 +463,7 @@ mod tests {
         }
         out.clear();
         mask.push(br#""}}"#, &mut out);
-        assert_eq!(out, br#""}}"#);
+        assert_eq!(out, br#"}}"#);
         assert_eq!(mask.masked, 1);
     }
 }

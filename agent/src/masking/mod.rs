@@ -110,6 +110,8 @@ impl MaskSet {
                     check: None,
                     strategy: mask.strategy,
                 }),
+                // An HTTP target's: refused at load on the others'.
+                MaskSelects::Json(_) => {}
             }
         }
         if unresolved.is_empty() {

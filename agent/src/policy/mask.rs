@@ -19,7 +19,7 @@ impl MaskSelects {
     /// Whether it selects values by what they look like (a pattern or a
     /// regular expression), which applies to any text, not by column.
     pub fn is_free_text(&self) -> bool {
-        !matches!(self, MaskSelects::Column(_))
+        matches!(self, MaskSelects::Pattern(_) | MaskSelects::Regex(_))
     }
 }
 
@@ -74,6 +74,9 @@ pub enum MaskSelects {
     Pattern(BuiltinPattern),
     /// Values anywhere in a result that match this regular expression.
     Regex(Box<regex::bytes::Regex>),
+    /// Values in an HTTP target's JSON answers: of a key anywhere, or at
+    /// a path from the root (`$.items[*].token`).
+    Json(crate::masking::json::Selector),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -166,6 +169,7 @@ pub struct MaskSpec {
     pub column: Option<String>,
     pub pattern: Option<BuiltinPattern>,
     pub regex: Option<String>,
+    pub json: Option<String>,
     #[serde(default = "default_strategy")]
     pub strategy: StrategyName,
     pub keep: Option<usize>,
@@ -177,13 +181,23 @@ fn default_strategy() -> StrategyName {
 
 impl MaskSpec {
     pub fn compile(&self) -> Result<Mask, String> {
-        let selects = match (&self.column, self.pattern, &self.regex) {
-            (Some(column), None, None) => MaskSelects::Column(ColumnName::parse(column)?),
-            (None, Some(pattern), None) => MaskSelects::Pattern(pattern),
-            (None, None, Some(regex)) => MaskSelects::Regex(Box::new(
+        let selects = match (&self.column, self.pattern, &self.regex, &self.json) {
+            (Some(column), None, None, None) => MaskSelects::Column(ColumnName::parse(column)?),
+            (None, Some(pattern), None, None) => MaskSelects::Pattern(pattern),
+            (None, None, Some(regex), None) => MaskSelects::Regex(Box::new(
                 regex::bytes::Regex::new(regex).map_err(|e| format!("regex {regex:?}: {e}"))?,
             )),
-            _ => return Err("a mask names exactly one of column, pattern or regex".into()),
+            (None, None, None, Some(json)) => {
+                // A JSON value is replaced as it streams, never held: what
+                // needs the value (hash, partial) cannot apply.
+                if !matches!(self.strategy, StrategyName::Redact | StrategyName::Null) {
+                    return Err(
+                        "a json mask redacts or nulls (strategy = \"redact\" or \"null\")".into(),
+                    );
+                }
+                MaskSelects::Json(crate::masking::json::Selector::parse(json)?)
+            }
+            _ => return Err("a mask names exactly one of column, pattern, regex or json".into()),
         };
         let strategy = match (self.strategy, self.keep) {
             (StrategyName::Partial, keep) => Strategy::Partial {

@@ -720,6 +720,29 @@ pub fn masks_for<'p>(policy: &'p Policy, workload: &Workload, target: TargetId) 
         .collect()
 }
 
+/// The masks on the answer to one HTTP request: the target's own and
+/// those of every allow rule for this workload and target that covers the
+/// request. Another rule allowing the same request never lifts one; a
+/// rule's masks do not reach the requests it does not cover.
+pub fn http_masks_for<'p>(
+    policy: &'p Policy,
+    workload: &Workload,
+    target: TargetId,
+    request: &HttpRequest,
+) -> Vec<&'p Mask> {
+    let rules = policy.rules.iter().filter(|rule| {
+        rule.action == Action::Allow
+            && applies(policy, rule, workload, target)
+            && rule.covers_http(request)
+    });
+    policy
+        .target(target)
+        .masks
+        .iter()
+        .chain(rules.flat_map(|rule| rule.masks.iter()))
+        .collect()
+}
+
 /// Names of the workload definitions that match, for `policy explain`.
 pub fn matching_workloads<'p>(policy: &'p Policy, workload: &Workload) -> Vec<&'p str> {
     policy

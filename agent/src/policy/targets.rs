@@ -41,11 +41,6 @@ impl Protocol {
             Protocol::Kubernetes => "kubernetes",
         }
     }
-
-    /// HTTP, plain or with Kubernetes semantics.
-    pub fn is_http(self) -> bool {
-        matches!(self, Protocol::Http | Protocol::Kubernetes)
-    }
 }
 
 /// How the agent secures its connection to a target.

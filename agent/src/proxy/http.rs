@@ -16,6 +16,7 @@
 //!                       bytes recorded when it ends
 //! ```
 use std::{
+    borrow::Cow,
     convert::Infallible,
     pin::Pin,
     sync::{
@@ -43,8 +44,11 @@ use crate::{
     addr::OrigDstAddr,
     approvals::{ApprovalError, NewRequest, Requester},
     conn::{self, Admitted, Asked},
-    masking::json::JsonMask,
-    policy::{Action, ActivePolicy, HttpCredential, HttpRequest, UpstreamTls, Verdict},
+    masking::json::{JsonMask, Selector},
+    policy::{
+        Action, ActivePolicy, HttpCredential, HttpRequest, MaskSelects, Strategy, UpstreamTls,
+        Verdict,
+    },
     sessions::{Event, Recorder},
     workload::Workload,
 };
@@ -189,16 +193,16 @@ struct Reading {
     denied: bool,
     /// Held for a person's answer.
     held: bool,
-    /// A Kubernetes Secret whose values the answer masks.
-    mask_secrets: bool,
-    /// A Kubernetes exec or attach: its stream is a terminal's.
-    terminal: bool,
+    /// How forwarding treats the answer.
+    answering: Answering,
 }
 
 /// What forwarding does to an allowed request's answer.
-#[derive(Clone, Copy)]
 struct Answering {
-    mask_secrets: bool,
+    /// JSON values masked as the answer streams (a Kubernetes Secret's,
+    /// the workload's `json` masks), each with its replacement.
+    json_masks: Vec<(Selector, Cow<'static, str>)>,
+    /// A Kubernetes exec or attach: its stream is a terminal's.
     terminal: bool,
 }
 
@@ -221,14 +225,9 @@ impl Connection {
             read,
             denied,
             held,
-            mask_secrets,
-            terminal,
+            answering,
             ..
         } = reading;
-        let answering = Answering {
-            mask_secrets,
-            terminal,
-        };
         // A request that passes straight on and cannot change anything (a
         // safe method: GET, HEAD, OPTIONS) goes up while its record is
         // flushed, and its answer waits for the record; every other one
@@ -291,6 +290,7 @@ impl Connection {
         } else {
             HttpRequest::read(method, path, host)
         };
+        let mut json_masks = Vec::new();
         let (decision, kube, read) = match reading {
             Err(unreadable) => (
                 Decision {
@@ -300,7 +300,11 @@ impl Connection {
                 None,
                 false,
             ),
-            Ok(read) => (self.decide(&read, active), read.kube, true),
+            Ok(read) => {
+                let decision = self.decide(&read, active);
+                json_masks = self.json_masks(&decision.active, &read);
+                (decision, read.kube, true)
+            }
         };
         let verdict = &decision.verdict;
         // What cannot be read is refused even in audit mode.
@@ -314,15 +318,45 @@ impl Connection {
         let terminal = kube
             .as_ref()
             .is_some_and(|kube| matches!(kube.verb.as_str(), "exec" | "attach"));
+        if mask_secrets {
+            json_masks.extend(JsonMask::secret_selectors());
+        }
         Reading {
             decision,
             kube,
             read,
             denied,
             held,
-            mask_secrets,
-            terminal,
+            answering: Answering {
+                json_masks,
+                terminal,
+            },
         }
+    }
+
+    /// The `json` masks on the answer to `request`, each with what
+    /// replaces the values it picks.
+    fn json_masks(
+        &self,
+        active: &ActivePolicy,
+        request: &HttpRequest,
+    ) -> Vec<(Selector, Cow<'static, str>)> {
+        let Some(target) = active.policy.target_id(&self.target) else {
+            return Vec::new();
+        };
+        crate::policy::http_masks_for(&active.policy, &self.workload, target, request)
+            .into_iter()
+            .filter_map(|mask| match &mask.selects {
+                MaskSelects::Json(selector) => {
+                    let with = match mask.strategy {
+                        Strategy::Null => "null",
+                        _ => "\"****\"",
+                    };
+                    Some((selector.clone(), Cow::Borrowed(with)))
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// Appends the request's event (and, with `access_log_statements`,
@@ -431,9 +465,10 @@ impl Connection {
         answering: Answering,
     ) -> Response<Body> {
         let Answering {
-            mask_secrets,
+            json_masks,
             terminal,
         } = answering;
+        let masks = !json_masks.is_empty();
         let started = Instant::now();
         // A protocol upgrade (WebSocket, SPDY: exec, attach, port-forward):
         // once the server agrees, both connections become one stream.
@@ -450,7 +485,7 @@ impl Connection {
         }
         drop_hop_headers(&mut parts.headers);
         keep_upgrade(&mut parts.headers, upgrade.as_ref());
-        if mask_secrets {
+        if masks {
             // An answer to mask comes as JSON, uncompressed.
             parts
                 .headers
@@ -466,6 +501,7 @@ impl Connection {
             None => http::Uri::from_static("/"),
         };
         parts.version = Version::HTTP_11;
+        let head = parts.method == http::Method::HEAD;
         let body = Uploaded {
             inner: body,
             connection: self.clone(),
@@ -507,9 +543,16 @@ impl Connection {
                 }
                 let (mut parts, body) = response.into_parts();
                 drop_hop_headers(&mut parts.headers);
-                let json_mask = if mask_secrets {
+                let bodiless = head
+                    || matches!(parts.status.as_u16(), 204 | 304)
+                    || parts
+                        .headers
+                        .get(header::CONTENT_LENGTH)
+                        .is_some_and(|l| l == "0");
+                let json_mask = if masks && !bodiless {
                     if let Some(why) = unmaskable(&parts.headers) {
-                        let why = format!("a Secret's answer that cannot be masked ({why})");
+                        let why =
+                            format!("an answer with masked values that cannot be masked ({why})");
                         self.record_response(n, Some(502), 0, 0, started, Some(&why));
                         return json(
                             StatusCode::BAD_GATEWAY,
@@ -518,7 +561,7 @@ impl Connection {
                     }
                     // Masked values change the body's length.
                     parts.headers.remove(header::CONTENT_LENGTH);
-                    Some(JsonMask::kubernetes_secrets())
+                    Some(JsonMask::new(json_masks))
                 } else {
                     None
                 };
