@@ -641,12 +641,3 @@ fn json_masks_apply_to_a_streamed_list_with_flat_memory() {
         .expect("the list's response");
     assert_eq!(response["masked"], 400_000, "{response}");
 }
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
-}

@@ -252,12 +252,3 @@ fn a_large_result_streams_in_bounded_memory() {
     };
     assert_eq!(line["cells_masked"], 0, "no mask names these columns");
 }
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
-}

@@ -708,16 +708,7 @@ fn applies(policy: &Policy, rule: &Rule, workload: &Workload, target: TargetId) 
 /// those of every allow rule for this workload and target. Masks add up:
 /// another rule allowing the same statement never lifts one.
 pub fn masks_for<'p>(policy: &'p Policy, workload: &Workload, target: TargetId) -> Vec<&'p Mask> {
-    let rules = policy
-        .rules
-        .iter()
-        .filter(|rule| rule.action == Action::Allow && applies(policy, rule, workload, target));
-    policy
-        .target(target)
-        .masks
-        .iter()
-        .chain(rules.flat_map(|rule| rule.masks.iter()))
-        .collect()
+    masks_of_rules(policy, workload, target, |_| true)
 }
 
 /// The masks on the answer to one HTTP request: the target's own and
@@ -730,10 +721,17 @@ pub fn http_masks_for<'p>(
     target: TargetId,
     request: &HttpRequest,
 ) -> Vec<&'p Mask> {
+    masks_of_rules(policy, workload, target, |rule| rule.covers_http(request))
+}
+
+fn masks_of_rules<'p>(
+    policy: &'p Policy,
+    workload: &Workload,
+    target: TargetId,
+    covers: impl Fn(&Rule) -> bool,
+) -> Vec<&'p Mask> {
     let rules = policy.rules.iter().filter(|rule| {
-        rule.action == Action::Allow
-            && applies(policy, rule, workload, target)
-            && rule.covers_http(request)
+        rule.action == Action::Allow && applies(policy, rule, workload, target) && covers(rule)
     });
     policy
         .target(target)
