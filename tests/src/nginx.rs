@@ -60,6 +60,12 @@ http {{
         location /api/v1/users {{
             alias {d}/www/users.json;
         }}
+        # The same, sent gzip-compressed whatever the client accepts
+        # (`Nginx::json_gzip`).
+        location /api/v1/packed {{
+            gzip_static always;
+            alias {d}/www/packed.json;
+        }}
         # Who presented a client certificate.
         location /api/v1/whoami {{
             return 200 '{{"verified": "$ssl_client_verify", "subject": "$ssl_client_s_dn"}}\n';
@@ -117,6 +123,20 @@ http {{
     pub fn json(&self, text: &[u8]) -> String {
         fs::write(self.dir.join("www/users.json"), text).unwrap();
         "/api/v1/users".into()
+    }
+
+    /// Serves `text` gzip-compressed at `/api/v1/packed`, with
+    /// `Content-Encoding: gzip` even to a client that asked for none.
+    pub fn json_gzip(&self, text: &[u8]) -> String {
+        let plain = self.dir.join("www/packed.json");
+        fs::write(&plain, text).unwrap();
+        let gzip = Command::new("gzip")
+            .args(["-kf", "-6"])
+            .arg(&plain)
+            .status()
+            .expect("run gzip");
+        assert!(gzip.success());
+        "/api/v1/packed".into()
     }
 
     /// The requests nginx received, once there are at least `n` (nginx

@@ -640,4 +640,40 @@ fn json_masks_apply_to_a_streamed_list_with_flat_memory() {
         .find(|e| e["bytes"].as_u64().is_some_and(|b| b > 1 << 20))
         .expect("the list's response");
     assert_eq!(response["masked"], 400_000, "{response}");
+
+    // A server that compresses although the agent asked for no encoding:
+    // the answer is decoded as it streams, masked, and goes down plain,
+    // with the agent's memory as flat (the list inflates 100-fold).
+    let packed = nginx.json_gzip(doc.as_bytes());
+    let compressed = std::fs::metadata(nginx.dir.join("www/packed.json.gz"))
+        .unwrap()
+        .len();
+    let peak_before = peak_rss_kib(pid);
+    let got = curl(
+        &job,
+        &agent,
+        "",
+        &format!("https://127.0.0.1:{}{packed}", nginx.port),
+    );
+    assert_eq!(got.status, 200, "{}", &got.all[..got.all.len().min(500)]);
+    let value = json(&got);
+    let items = value["items"].as_array().unwrap();
+    assert_eq!(items.len(), 100_000);
+    for item in items {
+        assert_eq!(item["password"], "****");
+        assert_eq!(item["token"], Value::Null);
+    }
+    let grown_kib = peak_rss_kib(pid).saturating_sub(peak_before);
+    assert!(
+        grown_kib < 64 * 1024,
+        "the agent grew {grown_kib} KiB for a {} MB answer sent as {} KB of gzip",
+        doc.len() >> 20,
+        compressed >> 10
+    );
+    let seen = nginx.seen_at_least(2);
+    assert!(
+        seen.iter()
+            .any(|line| line.starts_with("GET /api/v1/packed ")),
+        "{seen:?}"
+    );
 }

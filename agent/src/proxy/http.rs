@@ -18,6 +18,7 @@
 use std::{
     borrow::Cow,
     convert::Infallible,
+    io,
     pin::Pin,
     sync::{
         Arc,
@@ -27,16 +28,21 @@ use std::{
     time::Instant,
 };
 
+use async_compression::tokio::bufread::{GzipDecoder, ZlibDecoder};
 use bytes::Bytes;
+use futures::TryStreamExt;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use http_body_util::{
+    BodyDataStream, BodyExt, Either, Full, StreamBody, combinators::UnsyncBoxBody,
+};
 use hyper::{body::Incoming, client::conn::http1::SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
 };
+use tokio_util::io::{ReaderStream, StreamReader};
 
 use super::{Decision, ProxyContext, websocket};
 use crate::{
@@ -549,15 +555,28 @@ impl Connection {
                         .headers
                         .get(header::CONTENT_LENGTH)
                         .is_some_and(|l| l == "0");
+                let mut decode = None;
                 let json_mask = if masks && !bodiless {
-                    if let Some(why) = unmaskable(&parts.headers) {
-                        let why =
-                            format!("an answer with masked values that cannot be masked ({why})");
-                        self.record_response(n, Some(502), 0, 0, started, Some(&why));
-                        return json(
-                            StatusCode::BAD_GATEWAY,
-                            &serde_json::json!({ "error": format!("interlock: {why}") }),
-                        );
+                    match maskable(&parts.headers) {
+                        Ok(encoding) => {
+                            // A server may compress despite the request:
+                            // the answer is decoded, masked, and goes
+                            // down uncompressed.
+                            if encoding.is_some() {
+                                parts.headers.remove(header::CONTENT_ENCODING);
+                            }
+                            decode = encoding;
+                        }
+                        Err(why) => {
+                            let why = format!(
+                                "an answer with masked values that cannot be masked ({why})"
+                            );
+                            self.record_response(n, Some(502), 0, 0, started, Some(&why));
+                            return json(
+                                StatusCode::BAD_GATEWAY,
+                                &serde_json::json!({ "error": format!("interlock: {why}") }),
+                            );
+                        }
                     }
                     // Masked values change the body's length.
                     parts.headers.remove(header::CONTENT_LENGTH);
@@ -570,7 +589,10 @@ impl Connection {
                     scrub.headers(&mut parts.headers);
                 }
                 let body = Downloaded {
-                    inner: body,
+                    inner: match decode {
+                        Some(encoding) => Either::Right(decoded(body, encoding)),
+                        None => Either::Left(body),
+                    },
                     n,
                     status: parts.status.as_u16(),
                     started,
@@ -771,20 +793,69 @@ fn never_relayed(request: &Request<Incoming>) -> Option<&'static str> {
     None
 }
 
-/// Why an answer cannot be masked as JSON: compressed, or not JSON.
-fn unmaskable(headers: &HeaderMap) -> Option<String> {
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("identity");
-    if !encoding.eq_ignore_ascii_case("identity") {
-        return Some(format!("content encoding {encoding}"));
-    }
+/// How a compressed answer is decoded to be masked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Encoding {
+    Gzip,
+    /// HTTP's `deflate`: the zlib format (RFC 9110 §8.4.1.2).
+    Deflate,
+}
+
+/// Whether an answer can be masked as JSON, and how it must be decoded
+/// first; why not, for one in another encoding or not JSON.
+fn maskable(headers: &HeaderMap) -> Result<Option<Encoding>, String> {
     let kind = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    (!kind.contains("json")).then(|| format!("content type {kind:?}"))
+    if !kind.contains("json") {
+        return Err(format!("content type {kind:?}"));
+    }
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("?").trim());
+    match encoding {
+        None => Ok(None),
+        Some(e) if e.eq_ignore_ascii_case("identity") => Ok(None),
+        Some(e) if e.eq_ignore_ascii_case("gzip") || e.eq_ignore_ascii_case("x-gzip") => {
+            Ok(Some(Encoding::Gzip))
+        }
+        Some(e) if e.eq_ignore_ascii_case("deflate") => Ok(Some(Encoding::Deflate)),
+        Some(e) => Err(format!("content encoding {e}")),
+    }
+}
+
+/// The most a decoded answer's frame holds: a small body that inflates
+/// a thousandfold is decoded one frame of this at a time, as the client
+/// takes it.
+const DECODED_FRAME: usize = 32 * 1024;
+
+/// A compressed body, decoded as it streams.
+fn decoded<B>(body: B, encoding: Encoding) -> Body
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let compressed =
+        StreamReader::new(BodyDataStream::new(body).map_err(|e| io::Error::other(e.into())));
+    fn frames<R>(decoder: R) -> Body
+    where
+        R: tokio::io::AsyncRead + Send + 'static,
+    {
+        let stream = ReaderStream::with_capacity(decoder, DECODED_FRAME)
+            .map_ok(Frame::data)
+            .map_err(BoxError::from);
+        StreamBody::new(stream).boxed_unsync()
+    }
+    match encoding {
+        Encoding::Gzip => {
+            let mut decoder = GzipDecoder::new(compressed);
+            // Concatenated members are one body, as for `gzip -d`.
+            decoder.multiple_members(true);
+            frames(decoder)
+        }
+        Encoding::Deflate => frames(ZlibDecoder::new(compressed)),
+    }
 }
 
 /// Copies one direction of a terminal's stream, feeding what passes to
@@ -1072,7 +1143,8 @@ impl HttpBody for Uploaded {
 /// blanked out wherever it is echoed, counted; how it ended is recorded
 /// when it is dropped (read to its end, or the client left).
 struct Downloaded {
-    inner: Incoming,
+    /// As the server sent it, or decoded to be masked.
+    inner: Either<Incoming, Body>,
     n: u64,
     status: u16,
     started: Instant,
@@ -1143,7 +1215,7 @@ impl HttpBody for Downloaded {
             },
             Poll::Ready(Some(Err(error))) => {
                 self.error = Some(error.to_string());
-                Poll::Ready(Some(Err(error.into())))
+                Poll::Ready(Some(Err(error)))
             }
             Poll::Ready(None) => {
                 self.ended = true;
@@ -1331,5 +1403,97 @@ mod tests {
         headers.insert("x-echo", HeaderValue::from_static("Bearer tok-123456"));
         Scrub::new(secret).unwrap().headers(&mut headers);
         assert_eq!(headers["x-echo"], "Bearer **********");
+    }
+
+    fn compressed(encoding: Encoding, text: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let level = flate2::Compression::default();
+        match encoding {
+            Encoding::Gzip => {
+                let mut out = flate2::write::GzEncoder::new(Vec::new(), level);
+                out.write_all(text).unwrap();
+                out.finish().unwrap()
+            }
+            Encoding::Deflate => {
+                let mut out = flate2::write::ZlibEncoder::new(Vec::new(), level);
+                out.write_all(text).unwrap();
+                out.finish().unwrap()
+            }
+        }
+    }
+
+    /// The frames of a body decoded from `chunks`.
+    async fn frames_of(encoding: Encoding, chunks: Vec<Vec<u8>>) -> Result<Vec<Bytes>, String> {
+        let chunks = chunks
+            .into_iter()
+            .map(|c| Ok::<_, Infallible>(Frame::data(Bytes::from(c))));
+        let mut body = decoded(StreamBody::new(futures::stream::iter(chunks)), encoding);
+        let mut frames = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| e.to_string())?;
+            frames.push(frame.into_data().unwrap());
+        }
+        Ok(frames)
+    }
+
+    /// Decoded whatever the chunks, in frames of at most DECODED_FRAME
+    /// however far it inflates; a corrupt body ends in an error.
+    #[tokio::test]
+    async fn compressed_answers_are_decoded_in_bounded_frames() {
+        let text = "{\"password\": \"x\"}\n".repeat(200_000);
+        for encoding in [Encoding::Gzip, Encoding::Deflate] {
+            let packed = compressed(encoding, text.as_bytes());
+            assert!(packed.len() * 100 < text.len());
+            for cut in [1, 7, 4096, packed.len()] {
+                let chunks = packed.chunks(cut).map(<[u8]>::to_vec).collect();
+                let frames = frames_of(encoding, chunks).await.unwrap();
+                assert!(frames.iter().all(|f| f.len() <= DECODED_FRAME));
+                assert_eq!(frames.concat(), text.as_bytes(), "{encoding:?} in {cut}s");
+            }
+            let mut corrupt = packed.clone();
+            corrupt.truncate(packed.len() / 2);
+            corrupt.extend_from_slice(&[0xff; 64]);
+            assert!(
+                frames_of(encoding, vec![corrupt]).await.is_err(),
+                "{encoding:?}"
+            );
+        }
+        // Two gzip members are one body.
+        let mut two = compressed(Encoding::Gzip, b"[1,");
+        two.extend(compressed(Encoding::Gzip, b"2]"));
+        assert_eq!(
+            frames_of(Encoding::Gzip, vec![two]).await.unwrap().concat(),
+            b"[1,2]"
+        );
+    }
+
+    #[test]
+    fn only_json_in_a_known_encoding_is_maskable() {
+        let answer = |kind: &'static str, encoding: Option<&'static str>| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+            if let Some(e) = encoding {
+                headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(e));
+            }
+            maskable(&headers)
+        };
+        assert_eq!(answer("application/json", None), Ok(None));
+        assert_eq!(answer("application/json", Some("identity")), Ok(None));
+        assert_eq!(
+            answer("application/json", Some("GZIP")),
+            Ok(Some(Encoding::Gzip))
+        );
+        assert_eq!(
+            answer("application/json", Some("x-gzip")),
+            Ok(Some(Encoding::Gzip))
+        );
+        assert_eq!(
+            answer("application/json", Some("deflate")),
+            Ok(Some(Encoding::Deflate))
+        );
+        assert!(answer("application/json", Some("br")).is_err());
+        assert!(answer("application/json", Some("gzip, gzip")).is_err());
+        assert!(answer("text/html", None).is_err());
+        assert!(answer("application/vnd.kubernetes.protobuf", Some("gzip")).is_err());
     }
 }
