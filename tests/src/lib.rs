@@ -578,11 +578,13 @@ impl Drop for SmallDisk {
     }
 }
 
+mod apis;
 mod garage;
 mod nginx;
 mod postgres;
 mod sshd;
 
+pub use apis::{API_USER, ApiServer, prometheus, registry};
 pub use garage::Garage;
 pub use nginx::{HELD_TOKEN, Nginx, upstream_certificates};
 pub use postgres::Postgres;

@@ -11,10 +11,12 @@ use crate::exec;
 /// asyncpg, psycopg and SQLAlchemy as the PostgreSQL clients applications
 /// use; `python3-venv` for Ansible's own environment; nginx as a real HTTPS
 /// server behind an HTTP target, and Python `requests` as a client with a
-/// CA bundle of its own; `wrk` for `bench http`), and
+/// CA bundle of its own; `wrk` for `bench http`; the Docker Distribution
+/// registry and Prometheus as real JSON APIs behind HTTP targets, with
+/// `htpasswd` for their bcrypt passwords), and
 /// what the build needs: `pg_query` compiles PostgreSQL's parser (C) and
 /// generates its bindings with libclang.
-const APT_PACKAGES: [&str; 23] = [
+const APT_PACKAGES: [&str; 26] = [
     "libclang-dev",
     "python3-venv",
     "clang",
@@ -38,6 +40,9 @@ const APT_PACKAGES: [&str; 23] = [
     "nginx",
     "python3-requests",
     "wrk",
+    "docker-registry",
+    "prometheus",
+    "apache2-utils",
 ];
 const BPF_LINKER: &str = "bpf-linker@0.10.1";
 const CARGO_FUZZ: &str = "cargo-fuzz@0.13.2";
