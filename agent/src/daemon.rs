@@ -499,8 +499,20 @@ impl StateFiles {
         let state_dir = &config.agent.state_dir;
         let local_ca = crate::keyfile::open_private_dir(state_dir)
             .map_err(anyhow::Error::from)
-            .and_then(|()| Ok(crate::tls::LocalCa::load_or_create(&state_dir.join("ca"))?))
+            .and_then(|()| {
+                let scope = crate::tls::CaScope::of(config);
+                Ok(crate::tls::LocalCa::load_or_create(
+                    &state_dir.join("ca"),
+                    &scope,
+                )?)
+            })
             .with_context(|| format!("preparing the state directory {}", state_dir.display()))?;
+        if local_ca.reissued() {
+            tracing::warn!(
+                "the local CA's certificate was issued again for the targets' names: run \
+                 `interlock ca install` again on hosts that trust the old one"
+            );
+        }
         let mask_key_path = state_dir.join("mask.key");
         let mask_key = crate::masking::MaskKey::load_or_create(&mask_key_path)
             .with_context(|| format!("loading the masking key {}", mask_key_path.display()))?;

@@ -2,8 +2,11 @@
 //! `state_dir/ca/` (key 0600), issues a certificate for whatever name the
 //! client asked for (SNI) or, without SNI, for the original destination's
 //! address. Hosts that want `verify-full` trust the CA (`interlock ca print`).
+//! The CA is name-constrained to the protected targets' names and
+//! addresses (and `ca_names`), so a client that checks constraints — all
+//! of OpenSSL, Go, rustls and NSS do — trusts it for nothing else.
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     fs,
     io::Write,
     net::IpAddr,
@@ -14,9 +17,11 @@ use std::{
 
 use parking_lot::Mutex;
 
+use ipnet::IpNet;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CidrSubnet, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    NameConstraints,
 };
 use rustls::{
     ServerConfig,
@@ -41,11 +46,150 @@ pub enum TlsError {
 
 const CA_CERT: &str = "ca.pem";
 const CA_KEY: &str = "ca.key";
+/// The names the certificate in `ca.pem` is constrained to, one a line:
+/// when the wanted ones differ, the certificate is issued again.
+const CA_SCOPE: &str = "ca.scope";
 
 /// The host's local CA and the server configurations it has issued.
 pub struct LocalCa {
     issuer: Issuer<'static, KeyPair>,
+    scope: CaScope,
+    reissued: bool,
     configs: Mutex<HashMap<(String, Alpn), Arc<ServerConfig>>>,
+}
+
+/// A name or address range the local CA may vouch for: a DNS name (and
+/// the names under it) or an IP network.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CaName {
+    Dns(String),
+    Net(IpNet),
+}
+
+impl CaName {
+    /// `api.internal` (and its subdomains), `10.0.0.5`, `10.0.0.0/8`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if let Ok(net) = text.parse::<IpNet>() {
+            return Ok(Self::Net(net.trunc()));
+        }
+        if let Ok(ip) = text.parse::<IpAddr>() {
+            return Ok(Self::Net(IpNet::from(ip)));
+        }
+        let name = text.trim_end_matches('.').to_ascii_lowercase();
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+            return Err(format!(
+                "{text:?} is not a DNS name or an IP address or network (a name covers the \
+                 names under it: no wildcards)"
+            ));
+        }
+        Ok(Self::Dns(name))
+    }
+
+    fn covers(&self, name: &str) -> bool {
+        match (self, name.parse::<IpAddr>()) {
+            (Self::Net(net), Ok(ip)) => net.contains(&ip),
+            (Self::Dns(dns), Err(_)) => {
+                let name = name.trim_end_matches('.');
+                name.eq_ignore_ascii_case(dns)
+                    || (name.len() > dns.len()
+                        && name.as_bytes()[name.len() - dns.len() - 1] == b'.'
+                        && name[name.len() - dns.len()..].eq_ignore_ascii_case(dns))
+            }
+            _ => false,
+        }
+    }
+}
+
+impl serde::Serialize for CaName {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl std::fmt::Display for CaName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Dns(name) => f.write_str(name),
+            Self::Net(net) => write!(f, "{net}"),
+        }
+    }
+}
+
+/// What the local CA may vouch for: every target's host name, address or
+/// range, and `ca_names`. Nothing else.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CaScope(BTreeSet<CaName>);
+
+impl CaScope {
+    pub fn of(config: &crate::config::Config) -> Self {
+        use crate::policy::TargetAddress;
+        let targets = config.policy.targets.iter().map(|t| match &t.address {
+            TargetAddress::Socket(socket) => CaName::Net(IpNet::from(socket.ip())),
+            TargetAddress::Cidr(net, _) => CaName::Net(net.trunc()),
+            TargetAddress::Host(host, _) => {
+                CaName::parse(host).unwrap_or_else(|_| CaName::Dns(host.to_ascii_lowercase()))
+            }
+        });
+        Self(
+            targets
+                .chain(config.agent.ca_names.iter().cloned())
+                .collect(),
+        )
+    }
+
+    pub fn covers(&self, name: &str) -> bool {
+        self.0.iter().any(|n| n.covers(name))
+    }
+
+    fn render(&self) -> String {
+        self.0.iter().map(|n| format!("{n}\n")).collect()
+    }
+
+    /// Permitted: the scope. A kind of name the scope has none of (DNS
+    /// names, IPv4, IPv6) is excluded whole, since a kind absent from the
+    /// permitted subtrees would be unconstrained (RFC 5280 §4.2.1.10).
+    fn constraints(&self) -> NameConstraints {
+        let mut permitted = Vec::new();
+        let (mut dns, mut v4, mut v6) = (false, false, false);
+        for name in &self.0 {
+            permitted.push(match name {
+                CaName::Dns(d) => {
+                    dns = true;
+                    GeneralSubtree::DnsName(d.clone())
+                }
+                CaName::Net(net) => {
+                    v4 |= net.addr().is_ipv4();
+                    v6 |= net.addr().is_ipv6();
+                    GeneralSubtree::IpAddress(CidrSubnet::from_addr_prefix(
+                        net.network(),
+                        net.prefix_len(),
+                    ))
+                }
+            });
+        }
+        let mut excluded = Vec::new();
+        if !dns {
+            // The empty name matches every name.
+            excluded.push(GeneralSubtree::DnsName(String::new()));
+        }
+        if !v4 {
+            excluded.push(GeneralSubtree::IpAddress(CidrSubnet::V4([0; 4], [0; 4])));
+        }
+        if !v6 {
+            excluded.push(GeneralSubtree::IpAddress(CidrSubnet::V6([0; 16], [0; 16])));
+        }
+        NameConstraints {
+            permitted_subtrees: permitted,
+            excluded_subtrees: excluded,
+        }
+    }
 }
 
 /// The application protocols a handshake offers (ALPN).
@@ -58,8 +202,10 @@ pub enum Alpn {
 }
 
 impl LocalCa {
-    /// Loads the CA from `dir`, creating it on first start.
-    pub fn load_or_create(dir: &Path) -> Result<Self, TlsError> {
+    /// Loads the CA from `dir`, creating it on first start; its
+    /// certificate is issued again (same key, same subject) when `scope`
+    /// is not what it was issued for.
+    pub fn load_or_create(dir: &Path, scope: &CaScope) -> Result<Self, TlsError> {
         let store = |cause| TlsError::Store {
             dir: dir.to_owned(),
             cause,
@@ -82,21 +228,41 @@ impl LocalCa {
             write_file(&key_path, key.serialize_pem().as_bytes(), 0o600).map_err(store)?;
             key
         };
-        // The CA's parameters are a pure function of the host name, so the
-        // issuer can be rebuilt from the key alone on every start.
-        let params = ca_params();
+        // The CA's parameters are a pure function of the host name and the
+        // scope, so the issuer can be rebuilt from the key alone.
+        let params = ca_params(scope);
         let cert_path = dir.join(CA_CERT);
-        if !cert_path.exists() {
+        let scope_path = dir.join(CA_SCOPE);
+        let issued_for = fs::read_to_string(&scope_path).ok();
+        let exists = cert_path.exists();
+        let reissued = exists && issued_for.as_deref() != Some(scope.render().as_str());
+        if !exists || reissued {
             let cert = params.self_signed(&key).map_err(|cause| TlsError::Key {
                 path: key_path.clone(),
                 cause,
             })?;
-            write_file(&cert_path, cert.pem().as_bytes(), 0o644).map_err(store)?;
+            // The new certificate replaces the old one whole, or not at all.
+            let fresh = dir.join(format!("{CA_CERT}.new"));
+            let _ = fs::remove_file(&fresh);
+            write_file(&fresh, cert.pem().as_bytes(), 0o644).map_err(store)?;
+            let scope_fresh = dir.join(format!("{CA_SCOPE}.new"));
+            let _ = fs::remove_file(&scope_fresh);
+            write_file(&scope_fresh, scope.render().as_bytes(), 0o644).map_err(store)?;
+            fs::rename(&fresh, &cert_path).map_err(store)?;
+            fs::rename(&scope_fresh, &scope_path).map_err(store)?;
         }
         Ok(Self {
             issuer: Issuer::new(params, key),
+            scope: scope.clone(),
+            reissued,
             configs: Mutex::default(),
         })
+    }
+
+    /// Whether loading issued the certificate again (its names changed):
+    /// hosts that installed the old one must install it again.
+    pub fn reissued(&self) -> bool {
+        self.reissued
     }
 
     /// The CA certificate of a state directory, without creating one.
@@ -115,8 +281,24 @@ impl LocalCa {
             name: name.to_owned(),
             cause,
         };
+        if !self.scope.covers(name) {
+            tracing::warn!(
+                name,
+                "a client asked for a name the local CA is not constrained to: it will refuse \
+                 the certificate; add the name to [agent] ca_names"
+            );
+        }
         let mut params = CertificateParams::new(vec![name.to_owned()]).map_err(issue)?;
-        params.distinguished_name.push(DnType::CommonName, name);
+        // An address goes in the IP SAN only: a common name of digits and
+        // dots would be checked as a DNS name against the constraints.
+        let common_name = if name.parse::<IpAddr>().is_ok() {
+            "Interlock"
+        } else {
+            name
+        };
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         // Python 3.13's default context refuses a leaf without it.
         params.use_authority_key_identifier_extension = true;
@@ -162,7 +344,7 @@ impl LocalCa {
     }
 }
 
-fn ca_params() -> CertificateParams {
+fn ca_params(scope: &CaScope) -> CertificateParams {
     let host = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -173,6 +355,7 @@ fn ca_params() -> CertificateParams {
     params.distinguished_name = name;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.name_constraints = Some(scope.constraints());
     params
 }
 
@@ -195,7 +378,14 @@ mod tests {
     fn the_ca_is_created_once_with_a_private_key() {
         let dir = tempfile::tempdir().unwrap();
         let ca_dir = dir.path().join("ca");
-        let first = LocalCa::load_or_create(&ca_dir).unwrap();
+        let scope = CaScope(
+            ["orders-db.internal", "10.1.2.3"]
+                .into_iter()
+                .map(|n| CaName::parse(n).unwrap())
+                .collect(),
+        );
+        let first = LocalCa::load_or_create(&ca_dir, &scope).unwrap();
+        assert!(!first.reissued());
         let mode = fs::metadata(ca_dir.join(CA_KEY))
             .unwrap()
             .permissions()
@@ -204,7 +394,8 @@ mod tests {
         assert_eq!(mode, 0o600);
         let pem = LocalCa::read_cert(&ca_dir).unwrap();
         assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
-        let _again = LocalCa::load_or_create(&ca_dir).unwrap();
+        let again = LocalCa::load_or_create(&ca_dir, &scope).unwrap();
+        assert!(!again.reissued());
         assert_eq!(
             LocalCa::read_cert(&ca_dir).unwrap(),
             pem,
@@ -212,6 +403,51 @@ mod tests {
         );
         assert!(first.config_for("orders-db.internal", Alpn::None).is_ok());
         assert!(first.config_for("10.1.2.3", Alpn::Http).is_ok());
+        // Another target: the same key, a certificate for the new names.
+        let key = fs::read(ca_dir.join(CA_KEY)).unwrap();
+        let mut wider = scope.clone();
+        wider.0.insert(CaName::parse("10.9.0.0/16").unwrap());
+        let third = LocalCa::load_or_create(&ca_dir, &wider).unwrap();
+        assert!(third.reissued());
+        assert_ne!(LocalCa::read_cert(&ca_dir).unwrap(), pem);
+        assert_eq!(fs::read(ca_dir.join(CA_KEY)).unwrap(), key);
+    }
+
+    #[test]
+    fn the_scope_covers_its_names_their_subdomains_and_its_networks() {
+        let scope = CaScope(
+            ["api.internal", "10.0.0.0/8", "::1", "10.1.2.3"]
+                .into_iter()
+                .map(|n| CaName::parse(n).unwrap())
+                .collect(),
+        );
+        for name in [
+            "api.internal",
+            "API.Internal.",
+            "eu.api.internal",
+            "10.200.1.1",
+            "::1",
+        ] {
+            assert!(scope.covers(name), "{name}");
+        }
+        for name in [
+            "xapi.internal",
+            "internal",
+            "api.internal.evil",
+            "11.0.0.1",
+            "::2",
+        ] {
+            assert!(!scope.covers(name), "{name}");
+        }
+        for bad in ["*.api.internal", "", "a..b", "-a.b", "a b"] {
+            assert!(CaName::parse(bad).is_err(), "{bad:?}");
+        }
+        // A kind of name with nothing permitted is excluded whole.
+        let constraints = scope.constraints();
+        assert_eq!(constraints.permitted_subtrees.len(), 4);
+        assert_eq!(constraints.excluded_subtrees.len(), 0);
+        let addresses_only = CaScope([CaName::parse("10.1.2.3").unwrap()].into());
+        assert_eq!(addresses_only.constraints().excluded_subtrees.len(), 2);
     }
 }
 

@@ -125,7 +125,9 @@ fn http_requests_are_decided_one_by_one_with_the_held_token() {
     let nginx = Nginx::start(name);
     let mut cgroup = TestCgroup::new(name);
     let (job, _) = cgroup.child("ci-job.service");
-    let agent = Agent::start(&cgroup, name, &policy(&nginx));
+    // Clients also call the target api.test: a name the local CA may
+    // vouch for besides the target's address.
+    let agent = Agent::start_with(&cgroup, name, "ca_names = [\"api.test\"]", &policy(&nginx));
     let base = format!("https://127.0.0.1:{}", nginx.port);
 
     // Allowed, over HTTP/2 (curl's choice by ALPN) and HTTP/1.1: nginx
@@ -173,6 +175,20 @@ fn http_requests_are_decided_one_by_one_with_the_held_token() {
     );
     assert_eq!(got.status, 200, "{}", got.all);
     assert_eq!(json(&got)["host"], "api.test");
+    // Any other name: the CA is constrained to the target's address and
+    // `ca_names`, so curl (OpenSSL) refuses the certificate it is given.
+    let got = curl(
+        &job,
+        &agent,
+        &format!("--resolve bank.example:{0}:127.0.0.1", nginx.port),
+        &format!("https://bank.example:{}/api/v1/named", nginx.port),
+    );
+    assert_eq!(got.status, 0, "{}", got.all);
+    assert!(
+        got.all.contains("certificate") || got.all.contains("SSL"),
+        "{}",
+        got.all
+    );
 
     // An endpoint that echoes what it got: the held token comes back
     // blanked out, in the body and in a header.

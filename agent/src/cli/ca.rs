@@ -64,9 +64,11 @@ impl TrustStore {
 
 /// Adds the CA (created now if the agent has not made it yet) to the
 /// host's trust store.
-pub fn install(state_dir: &Path) -> Result<()> {
+pub fn install(config: &crate::config::Config) -> Result<()> {
+    let state_dir = &config.agent.state_dir;
     let store = TrustStore::here()?;
-    crate::tls::LocalCa::load_or_create(&state_dir.join("ca"))?;
+    let scope = crate::tls::CaScope::of(config);
+    crate::tls::LocalCa::load_or_create(&state_dir.join("ca"), &scope)?;
     let pem = crate::tls::LocalCa::read_cert(&state_dir.join("ca"))?;
     if let Some(dir) = store.anchor.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

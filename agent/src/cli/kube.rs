@@ -34,7 +34,7 @@ pub fn kubeconfig(
         ),
     };
     let ca_dir = config.agent.state_dir.join("ca");
-    crate::tls::LocalCa::load_or_create(&ca_dir)?;
+    crate::tls::LocalCa::load_or_create(&ca_dir, &crate::tls::CaScope::of(config))?;
     let pem = crate::tls::LocalCa::read_cert(&ca_dir)?;
     use base64::Engine;
     let ca = base64::engine::general_purpose::STANDARD.encode(pem);

@@ -263,7 +263,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca(CaCommand::Install(ConfigArg { config })) => {
-            ca::install(&Config::load(&config)?.agent.state_dir)?;
+            ca::install(&Config::load(&config)?)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca(CaCommand::Uninstall(_)) => {

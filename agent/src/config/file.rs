@@ -165,6 +165,7 @@ pub struct AgentSpec {
     pub redact_literals: Option<bool>,
     pub access_log_statements: Option<bool>,
     pub max_statement_bytes: Option<Located<usize>>,
+    pub ca_names: Option<Vec<Located<String>>>,
     #[serde(default, with = "humantime_serde")]
     pub startup_timeout: Option<std::time::Duration>,
 }

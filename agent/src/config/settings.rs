@@ -50,6 +50,9 @@ pub struct AgentSettings {
     pub access_log_statements: bool,
     /// PostgreSQL statements above this size are refused unparsed.
     pub max_statement_bytes: usize,
+    /// Names and addresses the local CA may vouch for besides the
+    /// targets' own (`ca_names`: the names clients use for them).
+    pub ca_names: Vec<crate::tls::CaName>,
     /// How long a client has to finish the protocol's startup.
     pub startup_timeout: Duration,
 }
@@ -73,6 +76,7 @@ impl Default for AgentSettings {
             redact_literals: false,
             access_log_statements: false,
             max_statement_bytes: 1024 * 1024,
+            ca_names: Vec::new(),
             startup_timeout: Duration::from_secs(10),
         }
     }
@@ -145,6 +149,14 @@ impl AgentSettings {
                 ));
             }
             settings.max_statement_bytes = *bytes.get_ref();
+        }
+        if let Some(names) = &spec.ca_names {
+            settings.ca_names = names
+                .iter()
+                .map(|n| {
+                    crate::tls::CaName::parse(n.get_ref()).map_err(|m| source.error_at(n.span(), m))
+                })
+                .collect::<Result<_, _>>()?;
         }
         if let Some(timeout) = spec.startup_timeout {
             settings.startup_timeout = timeout.max(Duration::from_millis(100));

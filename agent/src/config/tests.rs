@@ -148,6 +148,28 @@ fn defaults_and_admins() {
     assert_eq!((line, column), (2, 19), "{message}");
 }
 
+/// The local CA's extra names, each checked where it is written; with the
+/// targets' own, they are its scope.
+#[test]
+fn ca_names_are_checked_and_join_the_targets_names() {
+    let config = Config::from_text(
+        "x.toml",
+        "[agent]\nca_names = [\"API.internal\", \"10.0.0.0/8\"]\n\n\
+         [[target]]\nname = \"db\"\nprotocol = \"tcp\"\naddress = \"192.0.2.7:5432\"\n",
+    )
+    .unwrap();
+    let scope = crate::tls::CaScope::of(&config);
+    for name in ["api.internal", "k8s.api.internal", "10.9.9.9", "192.0.2.7"] {
+        assert!(scope.covers(name), "{name}");
+    }
+    for name in ["192.0.2.8", "example.com"] {
+        assert!(!scope.covers(name), "{name}");
+    }
+    let (line, column, message) = error_of("[agent]\nca_names = [\"ok.test\", \"*.test\"]\n");
+    assert_eq!((line, column), (2, 24), "{message}");
+    assert!(message.contains("no wildcards"), "{message}");
+}
+
 /// Every shipped example parses, and its rules evaluate.
 #[test]
 fn policy_examples_load_and_evaluate() {
