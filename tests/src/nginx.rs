@@ -66,6 +66,11 @@ http {{
             gzip_static always;
             alias {d}/www/packed.json;
         }}
+        # A page that is not JSON, with a secret in it.
+        location /api/v1/page {{
+            default_type text/html;
+            return 200 '<p>password: hunter2</p>\n';
+        }}
         # Who presented a client certificate.
         location /api/v1/whoami {{
             return 200 '{{"verified": "$ssl_client_verify", "subject": "$ssl_client_s_dn"}}\n';

@@ -692,4 +692,15 @@ fn json_masks_apply_to_a_streamed_list_with_flat_memory() {
             .any(|line| line.starts_with("GET /api/v1/packed ")),
         "{seen:?}"
     );
+
+    // An answer the masks cannot read (HTML) is refused, not passed on.
+    let got = curl(
+        &job,
+        &agent,
+        "",
+        &format!("https://127.0.0.1:{}/api/v1/page", nginx.port),
+    );
+    assert_eq!(got.status, 502, "{}", got.all);
+    assert!(!got.all.contains("hunter2"), "{}", got.all);
+    assert!(got.body.contains("text/html"), "{}", got.all);
 }
