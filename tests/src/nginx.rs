@@ -41,6 +41,8 @@ events {{}}
 http {{
     log_format seen '$request_method $request_uri $http_authorization';
     access_log {d}/access.log seen;
+    log_format protocol '$server_protocol $request_method $request_uri';
+    access_log {d}/protocol.log protocol;
     client_body_temp_path {d}/body;
     proxy_temp_path {d}/proxy;
     server {{
@@ -111,6 +113,16 @@ http {{
     /// The requests nginx received: `METHOD URI AUTHORIZATION`, one a line.
     pub fn seen(&self) -> Vec<String> {
         fs::read_to_string(self.dir.join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The requests nginx received as `PROTOCOL METHOD URI`: which HTTP
+    /// version reached it.
+    pub fn protocols(&self) -> Vec<String> {
+        fs::read_to_string(self.dir.join("protocol.log"))
             .unwrap_or_default()
             .lines()
             .map(str::to_owned)

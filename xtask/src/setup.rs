@@ -13,10 +13,11 @@ use crate::exec;
 /// server behind an HTTP target, and Python `requests` as a client with a
 /// CA bundle of its own; `wrk` for `bench http`; the Docker Distribution
 /// registry and Prometheus as real JSON APIs behind HTTP targets, with
-/// `htpasswd` for their bcrypt passwords), and
+/// `htpasswd` for their bcrypt passwords; grpcio for a gRPC service and
+/// client), and
 /// what the build needs: `pg_query` compiles PostgreSQL's parser (C) and
 /// generates its bindings with libclang.
-const APT_PACKAGES: [&str; 26] = [
+const APT_PACKAGES: [&str; 27] = [
     "libclang-dev",
     "python3-venv",
     "clang",
@@ -43,6 +44,7 @@ const APT_PACKAGES: [&str; 26] = [
     "docker-registry",
     "prometheus",
     "apache2-utils",
+    "python3-grpcio",
 ];
 const BPF_LINKER: &str = "bpf-linker@0.10.1";
 const CARGO_FUZZ: &str = "cargo-fuzz@0.13.2";

@@ -36,7 +36,10 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{
     BodyDataStream, BodyExt, Either, Full, StreamBody, combinators::UnsyncBoxBody,
 };
-use hyper::{body::Incoming, client::conn::http1::SendRequest};
+use hyper::{
+    body::Incoming,
+    client::conn::{http1::SendRequest, http2},
+};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -257,11 +260,12 @@ impl Connection {
         if let Err(error) = self.recorder.durable(ticket).await {
             return self.fail(format!("the session cannot be recorded: {error}"));
         }
+        let grpc = is_grpc(request.headers());
         if !read {
-            return self.refusal(StatusCode::BAD_REQUEST, &decision);
+            return self.refusal(StatusCode::BAD_REQUEST, &decision, grpc);
         }
         if denied {
-            return self.refusal(StatusCode::FORBIDDEN, &decision);
+            return self.refusal(StatusCode::FORBIDDEN, &decision, grpc);
         }
         if held {
             let command = format!(
@@ -269,7 +273,7 @@ impl Connection {
                 request.method(),
                 request.uri().path()
             );
-            if let Err(response) = self.approval(&decision, &command).await {
+            if let Err(response) = self.approval(&decision, &command, grpc).await {
                 return response;
             }
         }
@@ -416,14 +420,19 @@ impl Connection {
 
     /// Holds the request until a person answers; the client just waits.
     /// If it leaves, its connection ends and the request is withdrawn.
-    async fn approval(&self, decision: &Decision, command: &str) -> Result<(), Response<Body>> {
+    async fn approval(
+        &self,
+        decision: &Decision,
+        command: &str,
+        grpc: bool,
+    ) -> Result<(), Response<Body>> {
         let policy = &decision.active.policy;
         let forbidden = |why: String| {
             let refused = Decision {
                 verdict: Verdict::refused(why),
                 active: decision.active.clone(),
             };
-            self.refusal(StatusCode::FORBIDDEN, &refused)
+            self.refusal(StatusCode::FORBIDDEN, &refused, grpc)
         };
         let Some(rule) = decision.verdict.rule.map(|id| policy.rule(id)) else {
             return Err(forbidden("the approving rule is gone".into()));
@@ -489,8 +498,20 @@ impl Connection {
         {
             parts.headers.insert(header::HOST, host);
         }
+        // `TE: trailers` says the client takes trailers (gRPC's status
+        // comes in them); they are relayed, so it goes on.
+        let trailers = parts
+            .headers
+            .get_all(header::TE)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.contains("trailers")));
         drop_hop_headers(&mut parts.headers);
         keep_upgrade(&mut parts.headers, upgrade.as_ref());
+        if trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         if masks {
             // An answer to mask comes as JSON, uncompressed.
             parts
@@ -502,21 +523,43 @@ impl Connection {
             parts.headers.remove(header::AUTHORIZATION);
             parts.headers.insert(held.name.clone(), held.value.clone());
         }
-        parts.uri = match parts.uri.path_and_query() {
-            Some(origin) => origin.as_str().parse().unwrap_or_default(),
-            None => http::Uri::from_static("/"),
-        };
-        parts.version = Version::HTTP_11;
+        let origin = parts.uri.path_and_query().map_or("/", |o| o.as_str());
         let head = parts.method == http::Method::HEAD;
         let body = Uploaded {
             inner: body,
             connection: self.clone(),
         };
-        let answer = match self.upstream.sender().await {
-            Ok(mut sender) => {
+        // An upgrade rides HTTP/1.1; anything else HTTP/2 when the server
+        // offers it (ALPN), as gRPC needs.
+        let answer = match self.upstream.sender(upgrade.is_some()).await {
+            Ok(Sender::Http1(mut sender)) => {
+                parts.uri = origin.parse().unwrap_or_default();
+                parts.version = Version::HTTP_11;
                 let sent = sender.send_request(Request::from_parts(parts, body)).await;
                 self.upstream.give_back(sender);
                 sent.map_err(|e| format!("the server failed the request: {e}"))
+            }
+            Ok(Sender::Http2(mut sender)) => {
+                // HTTP/2 names the host in `:authority`, from the URI.
+                let authority = parts
+                    .headers
+                    .remove(header::HOST)
+                    .and_then(|h| h.to_str().ok().map(str::to_owned))
+                    .unwrap_or_default();
+                parts.uri = http::Uri::builder()
+                    .scheme("https")
+                    .authority(authority)
+                    .path_and_query(origin)
+                    .build()
+                    .unwrap_or_default();
+                parts.version = Version::HTTP_2;
+                match sender.ready().await {
+                    Ok(()) => sender
+                        .send_request(Request::from_parts(parts, body))
+                        .await
+                        .map_err(|e| format!("the server failed the request: {e}")),
+                    Err(e) => Err(format!("HTTP/2 to the server: {e}")),
+                }
             }
             Err(why) => Err(why),
         };
@@ -793,6 +836,14 @@ fn never_relayed(request: &Request<Incoming>) -> Option<&'static str> {
     None
 }
 
+/// A gRPC call (its refusals are gRPC statuses).
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|kind| kind.starts_with("application/grpc"))
+}
+
 /// How a compressed answer is decoded to be masked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Encoding {
@@ -948,10 +999,44 @@ impl Connection {
     /// A refused request's answer: which rule, and why, as JSON; for a
     /// Kubernetes client, as the API's own `Status`, which kubectl prints
     /// as `Error from server (Forbidden): …`.
-    fn refusal(&self, status: StatusCode, decision: &Decision) -> Response<Body> {
+    fn refusal(&self, status: StatusCode, decision: &Decision, grpc: bool) -> Response<Body> {
         let session = self.recorder.id().to_string();
         let rule = decision.rule_name();
         let reason = &decision.verdict.reason;
+        if grpc {
+            // A gRPC client reads a status, not a page: PERMISSION_DENIED
+            // (7) or INVALID_ARGUMENT (3), in a trailers-only answer.
+            let code = if status == StatusCode::FORBIDDEN {
+                "7"
+            } else {
+                "3"
+            };
+            let by = rule.map_or_else(String::new, |r| format!(" (rule {r:?})"));
+            let message = format!("interlock: {reason}{by}; session {session}");
+            // grpc-message is percent-encoded (gRPC over HTTP/2 spec).
+            let message: String = message
+                .bytes()
+                .map(|b| match b {
+                    b' '..=b'~' if b != b'%' => (b as char).to_string(),
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            let mut response = Response::new(
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            );
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert("grpc-status", HeaderValue::from_static(code));
+            if let Ok(message) = HeaderValue::from_str(&message) {
+                headers.insert("grpc-message", message);
+            }
+            return response;
+        }
         if self.kubernetes {
             let by = rule.map_or_else(String::new, |r| format!(" (rule {r:?})"));
             return json(
@@ -1008,11 +1093,24 @@ fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
 struct Upstream {
     orig_dst: OrigDstAddr,
     kernel: Arc<dyn crate::intercept::Interception>,
-    tls: Option<(
-        tokio_rustls::TlsConnector,
-        rustls::pki_types::ServerName<'static>,
-    )>,
+    tls: Option<UpstreamTlsConnectors>,
     idle: Arc<parking_lot::Mutex<Vec<SendRequest<Uploaded>>>>,
+    /// The HTTP/2 connection requests share, once the server chose it.
+    http2: parking_lot::Mutex<Option<http2::SendRequest<Uploaded>>>,
+}
+
+/// TLS to the server: offering HTTP/2 and HTTP/1.1, or HTTP/1.1 alone
+/// (for upgrades), for the server's name.
+struct UpstreamTlsConnectors {
+    any: tokio_rustls::TlsConnector,
+    http1: tokio_rustls::TlsConnector,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+/// A connection's way to send a request.
+enum Sender {
+    Http1(SendRequest<Uploaded>),
+    Http2(http2::SendRequest<Uploaded>),
 }
 
 impl Upstream {
@@ -1035,7 +1133,15 @@ impl Upstream {
                 let name = super::upstream_name(target, &orig_dst);
                 let name = rustls::pki_types::ServerName::try_from(name.clone())
                     .map_err(|_| format!("{name:?} is not a server name"))?;
-                Some((tokio_rustls::TlsConnector::from(config), name))
+                let mut any = rustls::ClientConfig::clone(&config);
+                any.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                let mut http1 = rustls::ClientConfig::clone(&config);
+                http1.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Some(UpstreamTlsConnectors {
+                    any: tokio_rustls::TlsConnector::from(Arc::new(any)),
+                    http1: tokio_rustls::TlsConnector::from(Arc::new(http1)),
+                    name,
+                })
             }
         };
         Ok(Self {
@@ -1043,14 +1149,22 @@ impl Upstream {
             kernel: context.gate.kernel.clone(),
             tls,
             idle: Arc::default(),
+            http2: parking_lot::Mutex::default(),
         })
     }
 
-    /// An idle connection ready for a request, or a new one.
-    async fn sender(&self) -> Result<SendRequest<Uploaded>, String> {
+    /// The shared HTTP/2 connection, an idle HTTP/1.1 one, or a new one
+    /// (HTTP/1.1 only for an upgrade).
+    async fn sender(&self, upgrade: bool) -> Result<Sender, String> {
+        if !upgrade
+            && let Some(shared) = self.http2.lock().as_ref()
+            && !shared.is_closed()
+        {
+            return Ok(Sender::Http2(shared.clone()));
+        }
         while let Some(sender) = self.idle.lock().pop() {
             if sender.is_ready() {
-                return Ok(sender);
+                return Ok(Sender::Http1(sender));
             }
         }
         let dst = self.orig_dst;
@@ -1058,16 +1172,28 @@ impl Upstream {
             .await
             .map_err(|e| format!("connecting to {}: {e}", dst.0))?;
         let _ = tcp.set_nodelay(true);
-        match &self.tls {
-            None => handshake(tcp).await,
-            Some((connector, name)) => {
-                let tls = connector
-                    .connect(name.clone(), tcp)
-                    .await
-                    .map_err(|e| format!("TLS to {}: {e}", dst.0))?;
-                handshake(tls).await
-            }
+        let Some(tls) = &self.tls else {
+            return handshake(tcp).await.map(Sender::Http1);
+        };
+        let connector = if upgrade { &tls.http1 } else { &tls.any };
+        let stream = connector
+            .connect(tls.name.clone(), tcp)
+            .await
+            .map_err(|e| format!("TLS to {}: {e}", dst.0))?;
+        if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return handshake(stream).await.map(Sender::Http1);
         }
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP/2 to the server: {e}"))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "upstream HTTP/2 connection ended");
+            }
+        });
+        *self.http2.lock() = Some(sender.clone());
+        Ok(Sender::Http2(sender))
     }
 
     /// Keeps a connection for the next request once its answer has been
