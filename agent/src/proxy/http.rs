@@ -490,6 +490,7 @@ impl Connection {
         let upgrade = request.headers().get(header::UPGRADE).cloned();
         let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
+        let client_http2 = parts.version == Version::HTTP_2;
         // The authority (HTTP/2's, or an absolute URL's) is the host the
         // request was decided for: it replaces any Host header, as a
         // server reading the URL would ignore that header (RFC 9112 §3.2.2).
@@ -529,9 +530,11 @@ impl Connection {
             inner: body,
             connection: self.clone(),
         };
-        // An upgrade rides HTTP/1.1; anything else HTTP/2 when the server
-        // offers it (ALPN), as gRPC needs.
-        let answer = match self.upstream.sender(upgrade.is_some()).await {
+        // The client's protocol upstream: HTTP/2 (as gRPC needs) when the
+        // client spoke it and the server offers it (ALPN); an upgrade, or
+        // an HTTP/1.1 client, over HTTP/1.1.
+        let http1_only = upgrade.is_some() || !client_http2;
+        let answer = match self.upstream.sender(http1_only).await {
             Ok(Sender::Http1(mut sender)) => {
                 parts.uri = origin.parse().unwrap_or_default();
                 parts.version = Version::HTTP_11;
@@ -1154,9 +1157,9 @@ impl Upstream {
     }
 
     /// The shared HTTP/2 connection, an idle HTTP/1.1 one, or a new one
-    /// (HTTP/1.1 only for an upgrade).
-    async fn sender(&self, upgrade: bool) -> Result<Sender, String> {
-        if !upgrade
+    /// (`http1_only`: an upgrade, or a client that spoke HTTP/1.1).
+    async fn sender(&self, http1_only: bool) -> Result<Sender, String> {
+        if !http1_only
             && let Some(shared) = self.http2.lock().as_ref()
             && !shared.is_closed()
         {
@@ -1175,7 +1178,7 @@ impl Upstream {
         let Some(tls) = &self.tls else {
             return handshake(tcp).await.map(Sender::Http1);
         };
-        let connector = if upgrade { &tls.http1 } else { &tls.any };
+        let connector = if http1_only { &tls.http1 } else { &tls.any };
         let stream = connector
             .connect(tls.name.clone(), tcp)
             .await
