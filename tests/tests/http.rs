@@ -311,6 +311,34 @@ fn http_requests_are_decided_one_by_one_with_the_held_token() {
     for event in &events {
         assert!(!event.to_string().contains(HELD_TOKEN), "{event}");
     }
+
+    // 40 requests at once on one HTTP/2 connection, which the agent
+    // multiplexes on one upstream connection that nginx closes (GOAWAY)
+    // every 5: the requests caught in a close go again on a new one.
+    let urls: String = (0..40)
+        .map(|i| format!(" -o /dev/null '{base}/api/v1/items?burst={i}'"))
+        .collect();
+    let out = sh_in(
+        &job,
+        &format!(
+            "exec curl -sS --max-time 60 --cacert {ca} --parallel --parallel-max 40 \
+             -w '%{{http_code}}\n'{urls}",
+            ca = agent.workdir.join("state/ca/ca.pem").display(),
+        ),
+    );
+    let codes = stdout(&out);
+    assert_eq!(
+        codes.lines().filter(|c| *c == "200").count(),
+        40,
+        "{codes}{}",
+        stderr(&out)
+    );
+    // nginx ran each of them once.
+    let seen = nginx.seen_at_least(47);
+    let burst: std::collections::BTreeSet<_> =
+        seen.iter().filter(|l| l.contains("?burst=")).collect();
+    assert_eq!(burst.len(), 40, "{seen:#?}");
+    assert_eq!(seen.len(), 47, "{seen:#?}");
 }
 
 /// Sends a request head (lines joined by `\\r\\n`, as Python reads them)

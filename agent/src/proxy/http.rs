@@ -524,48 +524,34 @@ impl Connection {
             parts.headers.remove(header::AUTHORIZATION);
             parts.headers.insert(held.name.clone(), held.value.clone());
         }
-        let origin = parts.uri.path_and_query().map_or("/", |o| o.as_str());
         let head = parts.method == http::Method::HEAD;
         let body = Uploaded {
-            inner: body,
+            inner: Some(body),
             connection: self.clone(),
         };
         // The client's protocol upstream: HTTP/2 (as gRPC needs) when the
         // client spoke it and the server offers it (ALPN); an upgrade, or
         // an HTTP/1.1 client, over HTTP/1.1.
         let http1_only = upgrade.is_some() || !client_http2;
-        let answer = match self.upstream.sender(http1_only).await {
-            Ok(Sender::Http1(mut sender)) => {
-                parts.uri = origin.parse().unwrap_or_default();
-                parts.version = Version::HTTP_11;
-                let sent = sender.send_request(Request::from_parts(parts, body)).await;
-                self.upstream.give_back(sender);
-                sent.map_err(|e| format!("the server failed the request: {e}"))
+        // A safe request without a body that fails on a connection the
+        // server was closing (an HTTP/2 GOAWAY, a keep-alive connection
+        // closed as it was reused) is sent once more on a new one: it
+        // changed nothing, and nginx's proxy_next_upstream does the same.
+        let again = (parts.method.is_safe() && upgrade.is_none() && body.is_end_stream())
+            .then(|| parts.clone());
+        let answer = match (self.send_upstream(parts, body, http1_only).await, again) {
+            (Err((why, true)), Some(again)) => {
+                tracing::debug!(%why, "sending a safe request again on a new connection");
+                self.upstream.forget_http2();
+                let body = Uploaded {
+                    inner: None,
+                    connection: self.clone(),
+                };
+                self.send_upstream(again, body, http1_only).await
             }
-            Ok(Sender::Http2(mut sender)) => {
-                // HTTP/2 names the host in `:authority`, from the URI.
-                let authority = parts
-                    .headers
-                    .remove(header::HOST)
-                    .and_then(|h| h.to_str().ok().map(str::to_owned))
-                    .unwrap_or_default();
-                parts.uri = http::Uri::builder()
-                    .scheme("https")
-                    .authority(authority)
-                    .path_and_query(origin)
-                    .build()
-                    .unwrap_or_default();
-                parts.version = Version::HTTP_2;
-                match sender.ready().await {
-                    Ok(()) => sender
-                        .send_request(Request::from_parts(parts, body))
-                        .await
-                        .map_err(|e| format!("the server failed the request: {e}")),
-                    Err(e) => Err(format!("HTTP/2 to the server: {e}")),
-                }
-            }
-            Err(why) => Err(why),
-        };
+            (answer, _) => answer,
+        }
+        .map_err(|(why, _)| why);
         match answer {
             Ok(mut response) => {
                 if let (StatusCode::SWITCHING_PROTOCOLS, Some(client_side)) =
@@ -662,6 +648,55 @@ impl Connection {
                         "session": self.recorder.id().to_string(),
                     }),
                 )
+            }
+        }
+    }
+
+    /// Sends a request on an upstream connection: HTTP/1.1 with the
+    /// origin as its target, or HTTP/2 with the host as `:authority`.
+    /// An error says why, and whether the connection was a reused one.
+    async fn send_upstream(
+        &self,
+        mut parts: http::request::Parts,
+        body: Uploaded,
+        http1_only: bool,
+    ) -> Result<Response<Incoming>, (String, bool)> {
+        let origin = parts.uri.path_and_query().map_or("/", |o| o.as_str());
+        let (sender, reused) = self
+            .upstream
+            .sender(http1_only)
+            .await
+            .map_err(|why| (why, false))?;
+        let failed = |why: String| (why, reused);
+        match sender {
+            Sender::Http1(mut sender) => {
+                parts.uri = origin.parse().unwrap_or_default();
+                parts.version = Version::HTTP_11;
+                let sent = sender.send_request(Request::from_parts(parts, body)).await;
+                self.upstream.give_back(sender);
+                sent.map_err(|e| failed(format!("the server failed the request: {e}")))
+            }
+            Sender::Http2(mut sender) => {
+                let authority = parts
+                    .headers
+                    .remove(header::HOST)
+                    .and_then(|h| h.to_str().ok().map(str::to_owned))
+                    .unwrap_or_default();
+                parts.uri = http::Uri::builder()
+                    .scheme("https")
+                    .authority(authority)
+                    .path_and_query(origin)
+                    .build()
+                    .unwrap_or_default();
+                parts.version = Version::HTTP_2;
+                sender
+                    .ready()
+                    .await
+                    .map_err(|e| failed(format!("HTTP/2 to the server: {e}")))?;
+                sender
+                    .send_request(Request::from_parts(parts, body))
+                    .await
+                    .map_err(|e| failed(format!("the server failed the request: {e}")))
             }
         }
     }
@@ -1157,19 +1192,25 @@ impl Upstream {
     }
 
     /// The shared HTTP/2 connection, an idle HTTP/1.1 one, or a new one
-    /// (`http1_only`: an upgrade, or a client that spoke HTTP/1.1).
-    async fn sender(&self, http1_only: bool) -> Result<Sender, String> {
+    /// (`http1_only`: an upgrade, or a client that spoke HTTP/1.1); and
+    /// whether it was in use before.
+    async fn sender(&self, http1_only: bool) -> Result<(Sender, bool), String> {
         if !http1_only
             && let Some(shared) = self.http2.lock().as_ref()
             && !shared.is_closed()
         {
-            return Ok(Sender::Http2(shared.clone()));
+            return Ok((Sender::Http2(shared.clone()), true));
         }
         while let Some(sender) = self.idle.lock().pop() {
             if sender.is_ready() {
-                return Ok(Sender::Http1(sender));
+                return Ok((Sender::Http1(sender), true));
             }
         }
+        self.connect(http1_only).await.map(|sender| (sender, false))
+    }
+
+    /// A new connection to the server.
+    async fn connect(&self, http1_only: bool) -> Result<Sender, String> {
         let dst = self.orig_dst;
         let tcp = super::tcp::connect_upstream(dst, &*self.kernel)
             .await
@@ -1197,6 +1238,12 @@ impl Upstream {
         });
         *self.http2.lock() = Some(sender.clone());
         Ok(Sender::Http2(sender))
+    }
+
+    /// Drops the shared HTTP/2 connection after a failure on it: the next
+    /// request opens a new one.
+    fn forget_http2(&self) {
+        self.http2.lock().take();
     }
 
     /// Keeps a connection for the next request once its answer has been
@@ -1234,7 +1281,8 @@ where
 /// "full"` recorded (`input` events): a chunk that cannot be recorded
 /// fails the request instead of going up.
 struct Uploaded {
-    inner: Incoming,
+    /// None: no body (a request sent again, which had none).
+    inner: Option<Incoming>,
     connection: Arc<Connection>,
 }
 
@@ -1243,7 +1291,10 @@ impl HttpBody for Uploaded {
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
         {
@@ -1260,11 +1311,13 @@ impl HttpBody for Uploaded {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
     }
 }
 
