@@ -503,18 +503,66 @@ pub fn upstream_config(
     Ok(config)
 }
 
-/// The client configuration for a TLS mode and CA file that presents a
-/// client certificate, built once per identity.
-pub fn upstream_config_with_identity(
+/// An HTTP target's client configurations, each built once: offering
+/// HTTP/2 and HTTP/1.1 by ALPN, or HTTP/1.1 alone (upgrades, HTTP/1.1
+/// clients).
+#[derive(Clone, Debug)]
+pub struct HttpClientConfigs {
+    pub any: Arc<rustls::ClientConfig>,
+    pub http1: Arc<rustls::ClientConfig>,
+}
+
+impl HttpClientConfigs {
+    fn of(base: &rustls::ClientConfig) -> Self {
+        let offering = |protocols: &[&[u8]]| {
+            let mut config = base.clone();
+            config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+            Arc::new(config)
+        };
+        Self {
+            any: offering(&[b"h2", b"http/1.1"]),
+            http1: offering(&[b"http/1.1"]),
+        }
+    }
+}
+
+static HTTP_CLIENT_CONFIGS: OnceLock<Mutex<HashMap<ConfigKey, HttpClientConfigs>>> =
+    OnceLock::new();
+
+/// An HTTP target's client configurations for a TLS mode and CA file,
+/// presenting `identity`'s certificate if it has one; built once (with
+/// an identity, once per policy load).
+pub fn upstream_http_configs(
     mode: UpstreamTls,
     ca_file: Option<&Path>,
-    identity: &crate::policy::ClientIdentity,
-) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    if let Some(config) = identity.config.get() {
-        return Ok(config.clone());
+    identity: Option<&crate::policy::ClientIdentity>,
+) -> Result<HttpClientConfigs, TlsError> {
+    if let Some(identity) = identity {
+        if let Some(configs) = identity.config.get() {
+            return Ok(configs.clone());
+        }
+        let base = with_identity(&*upstream_config(mode, ca_file)?, identity)?;
+        return Ok(identity
+            .config
+            .get_or_init(|| HttpClientConfigs::of(&base))
+            .clone());
     }
-    let base = upstream_config(mode, ca_file)?;
-    let mut config = rustls::ClientConfig::clone(&base);
+    let key = (mode, ca_file.map(Path::to_owned));
+    let cache = HTTP_CLIENT_CONFIGS.get_or_init(Mutex::default);
+    if let Some(configs) = cache.lock().get(&key) {
+        return Ok(configs.clone());
+    }
+    let configs = HttpClientConfigs::of(&*upstream_config(mode, ca_file)?);
+    cache.lock().insert(key, configs.clone());
+    Ok(configs)
+}
+
+/// `base`, presenting a client certificate.
+fn with_identity(
+    base: &rustls::ClientConfig,
+    identity: &crate::policy::ClientIdentity,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut config = base.clone();
     let provider = rustls::crypto::ring::default_provider();
     let key = provider
         .key_provider
@@ -522,8 +570,7 @@ pub fn upstream_config_with_identity(
     config.client_auth_cert_resolver = Arc::new(SingleIdentity(Arc::new(
         rustls::sign::CertifiedKey::new(identity.chain.clone(), key),
     )));
-    let config = Arc::new(config);
-    Ok(identity.config.get_or_init(|| config).clone())
+    Ok(config)
 }
 
 /// Presents one certificate to every server that asks for one.

@@ -86,7 +86,7 @@ pub struct Target {
 pub struct ClientIdentity {
     pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
     pub key: rustls::pki_types::PrivateKeyDer<'static>,
-    pub config: std::sync::OnceLock<std::sync::Arc<rustls::ClientConfig>>,
+    pub config: std::sync::OnceLock<crate::tls::HttpClientConfigs>,
 }
 
 impl fmt::Debug for ClientIdentity {

@@ -574,10 +574,7 @@ impl Connection {
                     if let Some(scrub) = self.scrub() {
                         scrub.headers(&mut parts.headers);
                     }
-                    let empty = http_body_util::Empty::new()
-                        .map_err(|never| match never {})
-                        .boxed_unsync();
-                    return Response::from_parts(parts, empty);
+                    return Response::from_parts(parts, empty());
                 }
                 let (mut parts, body) = response.into_parts();
                 drop_hop_headers(&mut parts.headers);
@@ -874,6 +871,13 @@ fn never_relayed(request: &Request<Incoming>) -> Option<&'static str> {
     None
 }
 
+/// A body with nothing in it.
+fn empty() -> Body {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
 /// A gRPC call (its refusals are gRPC statuses).
 fn is_grpc(headers: &HeaderMap) -> bool {
     headers
@@ -1041,6 +1045,7 @@ impl Connection {
         let session = self.recorder.id().to_string();
         let rule = decision.rule_name();
         let reason = &decision.verdict.reason;
+        let by = rule.map_or_else(String::new, |r| format!(" (rule {r:?})"));
         if grpc {
             // A gRPC client reads a status, not a page: PERMISSION_DENIED
             // (7) or INVALID_ARGUMENT (3), in a trailers-only answer.
@@ -1049,21 +1054,15 @@ impl Connection {
             } else {
                 "3"
             };
-            let by = rule.map_or_else(String::new, |r| format!(" (rule {r:?})"));
-            let message = format!("interlock: {reason}{by}; session {session}");
             // grpc-message is percent-encoded (gRPC over HTTP/2 spec).
-            let message: String = message
-                .bytes()
-                .map(|b| match b {
-                    b' '..=b'~' if b != b'%' => (b as char).to_string(),
-                    _ => format!("%{b:02X}"),
-                })
-                .collect();
-            let mut response = Response::new(
-                http_body_util::Empty::new()
-                    .map_err(|never| match never {})
-                    .boxed_unsync(),
-            );
+            let mut message = String::new();
+            for b in format!("interlock: {reason}{by}; session {session}").bytes() {
+                match b {
+                    b' '..=b'~' if b != b'%' => message.push(char::from(b)),
+                    _ => message.push_str(&format!("%{b:02X}")),
+                }
+            }
+            let mut response = Response::new(empty());
             let headers = response.headers_mut();
             headers.insert(
                 header::CONTENT_TYPE,
@@ -1076,7 +1075,6 @@ impl Connection {
             return response;
         }
         if self.kubernetes {
-            let by = rule.map_or_else(String::new, |r| format!(" (rule {r:?})"));
             return json(
                 status,
                 &serde_json::json!({
@@ -1160,24 +1158,18 @@ impl Upstream {
         let tls = match target.tls {
             UpstreamTls::Disable => None,
             mode => {
-                let ca_file = target.tls_ca_file.as_deref();
-                let config = match &target.client_identity {
-                    Some(identity) => {
-                        crate::tls::upstream_config_with_identity(mode, ca_file, identity)
-                    }
-                    None => crate::tls::upstream_config(mode, ca_file),
-                }
+                let configs = crate::tls::upstream_http_configs(
+                    mode,
+                    target.tls_ca_file.as_deref(),
+                    target.client_identity.as_deref(),
+                )
                 .map_err(|e| e.to_string())?;
                 let name = super::upstream_name(target, &orig_dst);
                 let name = rustls::pki_types::ServerName::try_from(name.clone())
                     .map_err(|_| format!("{name:?} is not a server name"))?;
-                let mut any = rustls::ClientConfig::clone(&config);
-                any.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-                let mut http1 = rustls::ClientConfig::clone(&config);
-                http1.alpn_protocols = vec![b"http/1.1".to_vec()];
                 Some(UpstreamTlsConnectors {
-                    any: tokio_rustls::TlsConnector::from(Arc::new(any)),
-                    http1: tokio_rustls::TlsConnector::from(Arc::new(http1)),
+                    any: tokio_rustls::TlsConnector::from(configs.any),
+                    http1: tokio_rustls::TlsConnector::from(configs.http1),
                     name,
                 })
             }
