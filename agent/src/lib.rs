@@ -50,7 +50,7 @@ pub mod fuzzing {
 
     /// An HTTP request's method, path and host as policy reads them, and
     /// a response body through the scrub of the held credential and the
-    /// Secret masks, and a terminal's WebSocket stream read in pieces.
+    /// Secret masks and value patterns, and a terminal's WebSocket stream read in pieces.
     pub fn http_request(data: &[u8]) {
         crate::policy::fuzz_http_request(data);
         crate::proxy::http::fuzz_scrub(data);

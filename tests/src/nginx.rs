@@ -71,6 +71,16 @@ http {{
             gzip_static always;
             alias {d}/www/packed.json;
         }}
+        # A text document written by the test (`Nginx::text`).
+        location /api/v1/log {{
+            default_type text/plain;
+            alias {d}/www/log.txt;
+        }}
+        # Bytes that are neither JSON nor text, with a card number in them.
+        location /api/v1/blob {{
+            default_type application/octet-stream;
+            return 200 'card 4111 1111 1111 1111\n';
+        }}
         # A page that is not JSON, with a secret in it.
         location /api/v1/page {{
             default_type text/html;
@@ -143,6 +153,12 @@ http {{
     pub fn json(&self, text: &[u8]) -> String {
         fs::write(self.dir.join("www/users.json"), text).unwrap();
         "/api/v1/users".into()
+    }
+
+    /// Serves `text` as the plain-text document at `/api/v1/log`.
+    pub fn text(&self, text: &[u8]) -> String {
+        fs::write(self.dir.join("www/log.txt"), text).unwrap();
+        "/api/v1/log".into()
     }
 
     /// Serves `text` gzip-compressed at `/api/v1/packed`, with

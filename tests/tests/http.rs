@@ -729,3 +729,101 @@ fn json_masks_apply_to_a_streamed_list_with_flat_memory() {
     assert!(!got.all.contains("hunter2"), "{}", got.all);
     assert!(got.body.contains("text/html"), "{}", got.all);
 }
+
+/// `pattern` and `regex` masks on an allow rule: they find values by
+/// what they look like in a JSON answer's strings, keys and numbers (as
+/// they read unescaped) and in a text answer, as both stream; the
+/// recorded bodies are the masked ones; an answer they cannot read
+/// (bytes) is refused.
+#[test]
+fn value_patterns_mask_json_and_text_answers() {
+    let name = "http-patterns";
+    let nginx = Nginx::start(name);
+    let mut cgroup = TestCgroup::new(name);
+    let (job, _) = cgroup.child("ci-job.service");
+    let policy = policy_recording(&nginx, "full").replace(
+        "paths = [\"/api/v1/**\", \"/big\"]\n",
+        "paths = [\"/api/v1/**\", \"/big\"]\n\
+         mask = [{ pattern = \"email\" }, { pattern = \"card_number\", strategy = \"null\" }, { regex = \"tok-[0-9]+\" }]\n",
+    );
+    let agent = Agent::start(&cgroup, name, &policy);
+    let url = |path: &str| format!("https://127.0.0.1:{}{path}", nginx.port);
+
+    // JSON: 20,000 items; an `@` escaped as a server may write it, a
+    // card number as a JSON number, an e-mail address as a key.
+    let mut doc = String::from("{\"items\": [");
+    for n in 0..20_000 {
+        if n > 0 {
+            doc.push(',');
+        }
+        doc.push_str(&format!(
+            r#"{{"n": {n}, "mail": "user{n}\u0040example.com", "note": "ticket tok-{n} \"urgent\"", "card": 4111111111111111, "by": {{"ann{n}@example.com": "owner"}}}}"#
+        ));
+    }
+    doc.push_str("]}");
+    let got = curl(&job, &agent, "", &url(&nginx.json(doc.as_bytes())));
+    assert_eq!(got.status, 200, "{}", &got.all[..got.all.len().min(500)]);
+    assert!(!got.body.contains("example.com"), "an address passed");
+    assert!(!got.body.contains("tok-"), "a token passed");
+    assert!(
+        !got.body.contains("4111111111111111"),
+        "a card number passed"
+    );
+    let value = json(&got);
+    let items = value["items"].as_array().unwrap();
+    assert_eq!(items.len(), 20_000);
+    for (n, item) in items.iter().enumerate() {
+        assert_eq!(item["n"], n);
+        assert_eq!(item["mail"], "****");
+        assert_eq!(item["note"], "ticket **** \"urgent\"");
+        assert_eq!(item["card"], Value::Null);
+        assert_eq!(item["by"], serde_json::json!({"****": "owner"}));
+    }
+
+    // Text: a log, each line carrying an address and a token.
+    let mut log = String::new();
+    for n in 0..5_000 {
+        log.push_str(&format!(
+            "2026-11-30T10:00:00Z job {n}: mailed ops{n}@example.com with tok-{n}, card 4111 1111 1111 1111 done\n"
+        ));
+    }
+    let got = curl(&job, &agent, "", &url(&nginx.text(log.as_bytes())));
+    assert_eq!(got.status, 200, "{}", &got.all[..got.all.len().min(500)]);
+    let lines: Vec<&str> = got.body.lines().collect();
+    assert_eq!(
+        lines.len(),
+        5_000,
+        "{}",
+        &got.body[..got.body.len().min(500)]
+    );
+    for (n, line) in lines.iter().enumerate() {
+        assert_eq!(
+            *line,
+            format!("2026-11-30T10:00:00Z job {n}: mailed **** with ****, card **** done")
+        );
+    }
+
+    // Recorded after masking: nothing the masks found is in the session.
+    use base64::Engine;
+    let recorded: Vec<u8> = http_events_of(&agent, &["output"])
+        .iter()
+        .flat_map(|e| {
+            base64::engine::general_purpose::STANDARD
+                .decode(e["data"].as_str().unwrap())
+                .unwrap()
+        })
+        .collect();
+    let recorded = String::from_utf8_lossy(&recorded);
+    assert!(
+        recorded.contains("mailed **** with ****"),
+        "the log was not recorded"
+    );
+    assert!(!recorded.contains("example.com"), "an address was recorded");
+    assert!(!recorded.contains("tok-1"), "a token was recorded");
+
+    // Bytes the patterns cannot read as text are refused, not passed on.
+    let got = curl(&job, &agent, "", &url("/api/v1/blob"));
+    assert_eq!(got.status, 502, "{}", got.all);
+    assert!(got.body.contains("cannot be masked"), "{}", got.all);
+    assert!(!got.all.contains("4111"), "{}", got.all);
+}

@@ -97,7 +97,7 @@ fn build_target(
         ));
     }
     // Each protocol masks what it can read: columns and text (postgres),
-    // text (ssh), JSON values (http).
+    // text (ssh), JSON values and text (http).
     let refused = spec.mask.iter().flatten().find_map(|mask| {
         let m = mask.get_ref();
         let why = match protocol {
@@ -107,8 +107,8 @@ fn build_target(
             Protocol::Postgres | Protocol::Ssh if m.json.is_some() => {
                 "a json mask applies to http and kubernetes targets"
             }
-            Protocol::Http | Protocol::Kubernetes if m.json.is_none() => {
-                "an http target masks by json (its answers are masked as JSON values)"
+            Protocol::Http | Protocol::Kubernetes if m.column.is_some() => {
+                "an http target masks by json, pattern or regex (its answers have no columns)"
             }
             _ => return None,
         };
@@ -551,17 +551,13 @@ fn check_protocols(
         &[Protocol::Http, Protocol::Kubernetes],
         "a json mask applies to http and kubernetes targets",
     )?;
-    for_protocols(
-        &[mask_that(MaskSelects::is_free_text)],
-        &[Protocol::Postgres, Protocol::Ssh],
-        "a pattern or regex mask applies to postgres and ssh targets (an http target masks by json)",
-    )?;
-    // A column mask cannot apply to an SSH target's output: on a
-    // rule naming one, it would be dropped there, so it is refused.
+    // A column mask cannot apply to an SSH target's output or an HTTP
+    // answer: on a rule naming one, it would be dropped there, so it is
+    // refused.
     for_protocols(
         &[mask_that(|s| matches!(s, MaskSelects::Column(_)))],
         &[Protocol::Postgres],
-        "a column mask applies to postgres targets (SSH output has no columns: mask it by pattern or regex)",
+        "a column mask applies to postgres targets (SSH output and HTTP answers have no columns: mask them by pattern or regex)",
     )?;
     for_protocols(
         &[

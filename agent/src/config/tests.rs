@@ -566,17 +566,24 @@ fn http_targets_hold_one_credential_and_rules_read_requests() {
     let (_, _, message) = error_of(&rule("verbs = [\"get\"]\n"));
     assert!(message.contains("apply to kubernetes targets"), "{message}");
 
-    // An http target masks JSON values, on the target or an allow rule;
-    // what it cannot read is refused where it is written.
+    // An http target masks JSON values and text, on the target or an
+    // allow rule; what it cannot read is refused where it is written.
     let loaded = Config::from_text(
         "ok.toml",
-        &rule("mask = [{ json = \"password\" }, { json = \"$.items[*].token\", strategy = \"null\" }]\n"),
+        &rule("mask = [{ json = \"password\" }, { json = \"$.items[*].token\", strategy = \"null\" }, { pattern = \"email\" }]\n"),
     )
     .unwrap();
-    assert_eq!(loaded.policy.rules[0].masks.len(), 2);
-    Config::from_text("ok.toml", &target("mask = [{ json = \"token\" }]\n")).unwrap();
+    assert_eq!(loaded.policy.rules[0].masks.len(), 3);
+    Config::from_text(
+        "ok.toml",
+        &target("mask = [{ json = \"token\" }, { regex = \"tok-[0-9]+\" }]\n"),
+    )
+    .unwrap();
     for (mask, why) in [
-        ("{ pattern = \"email\" }", "an http target masks by json"),
+        (
+            "{ column = \"email\" }",
+            "an http target masks by json, pattern or regex",
+        ),
         ("{ json = \"$..token\" }", "a path takes .name"),
         (
             "{ json = \"token\", strategy = \"hash\" }",
@@ -588,9 +595,9 @@ fn http_targets_hold_one_credential_and_rules_read_requests() {
         assert_eq!((line, column), (5, 9), "{mask}: {message}");
         assert!(message.contains(why), "{mask}: {message}");
     }
-    let (_, _, message) = error_of(&rule("mask = [{ regex = \"x+\" }]\n"));
+    let (_, _, message) = error_of(&rule("mask = [{ column = \"x\" }]\n"));
     assert!(
-        message.contains("an http target masks by json"),
+        message.contains("a column mask applies to postgres targets"),
         "{message}"
     );
     let (_, _, message) = error_of(&format!(

@@ -8,14 +8,26 @@
 //! A masked string, number, `true`, `false` or `null` is replaced by the
 //! selector's replacement; a masked object or array keeps its shape and
 //! every value in it is replaced.
+//!
+//! Value patterns (`pattern`, `regex`) look at every other string, key and
+//! number, as it reads once unescaped: each is held until it ends (at most
+//! [`MAX_SCANNED`] bytes; a longer one is redacted whole), then goes out
+//! unchanged, or re-escaped with what the patterns found masked. A masked
+//! number becomes a string.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, sync::Arc};
+
+use super::{MaskSet, Scanned};
 
 /// Longer keys are not remembered whole: no selector names a key so long.
 pub const MAX_KEY: usize = 64;
 
 /// At most this many selectors (a bit each in a container's path state).
 pub const MAX_SELECTORS: usize = 64;
+
+/// The longest string or number the value patterns look at: a longer one
+/// is redacted whole, as it cannot be read whole within bounded memory.
+pub const MAX_SCANNED: usize = 256 * 1024;
 
 /// What a selector picks.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,6 +119,11 @@ pub struct JsonMask {
     /// In a number or literal: passed on, or dropped when masked.
     in_scalar: bool,
     scalar_masked: bool,
+    /// The value patterns, and the string or number they are waiting
+    /// for the end of (raw, as it came; a string without its quotes).
+    scan: Option<Arc<MaskSet>>,
+    scanning: bool,
+    scanned: Vec<u8>,
     /// Values masked so far.
     pub masked: u64,
 }
@@ -126,8 +143,17 @@ impl JsonMask {
             masking: false,
             in_scalar: false,
             scalar_masked: false,
+            scan: None,
+            scanning: false,
+            scanned: Vec::new(),
             masked: 0,
         }
+    }
+
+    /// Also masks what value patterns find in strings, keys and numbers.
+    pub fn scanning(mut self, patterns: Arc<MaskSet>) -> Self {
+        self.scan = patterns.scans().then_some(patterns);
+        self
     }
 
     /// A Kubernetes Secret's values: `data` (base64: replaced by `****`
@@ -154,15 +180,85 @@ impl JsonMask {
             }
             if self.in_scalar {
                 if is_scalar_byte(byte) {
-                    if !self.scalar_masked {
+                    if self.scanning {
+                        self.hold(byte);
+                    } else if !self.scalar_masked {
                         out.push(byte);
                     }
                     continue;
                 }
                 self.in_scalar = false;
+                if self.scanning {
+                    self.scanned_ends(false, out);
+                }
             }
             self.structure_byte(byte, out);
         }
+    }
+
+    /// The end of the document: a number still being read (a document
+    /// may be one) goes out.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if self.scanning {
+            let string = self.in_string;
+            self.in_string = false;
+            self.in_scalar = false;
+            self.scanned_ends(string, out);
+        }
+    }
+
+    fn hold(&mut self, byte: u8) {
+        if self.scanned.len() <= MAX_SCANNED {
+            self.scanned.push(byte);
+        }
+    }
+
+    /// A scanned string (`string`) or number has ended: out it goes, with
+    /// what the patterns find masked.
+    fn scanned_ends(&mut self, string: bool, out: &mut Vec<u8>) {
+        self.scanning = false;
+        let raw = std::mem::take(&mut self.scanned);
+        let Some(patterns) = &self.scan else {
+            return;
+        };
+        let quote = |out: &mut Vec<u8>, text: &[u8]| {
+            out.push(b'"');
+            out.extend_from_slice(text);
+            out.push(b'"');
+        };
+        if raw.len() > MAX_SCANNED {
+            out.extend_from_slice(b"\"****\"");
+            self.masked += 1;
+        } else {
+            // A string is read as its value reads (a server may escape any
+            // character); one that does not decode is read as it came.
+            let decoded = (string && raw.contains(&b'\\'))
+                .then(|| {
+                    let mut quoted = Vec::with_capacity(raw.len() + 2);
+                    quote(&mut quoted, &raw);
+                    serde_json::from_slice::<String>(&quoted).ok()
+                })
+                .flatten();
+            let text = decoded.as_ref().map_or(&raw[..], |d| d.as_bytes());
+            // A key cannot be null: there, a `null` mask redacts.
+            let key = string && self.key.is_some();
+            match patterns.scan(text, key) {
+                Scanned::Untouched if string => quote(out, &raw),
+                Scanned::Untouched => out.extend_from_slice(&raw),
+                Scanned::Rewritten(masked) => {
+                    let masked = String::from_utf8_lossy(&masked);
+                    serde_json::to_writer(&mut *out, &masked).expect("a string is written");
+                    self.masked += 1;
+                }
+                Scanned::Null => {
+                    out.extend_from_slice(b"null");
+                    self.masked += 1;
+                }
+            }
+        }
+        self.scanned = raw;
+        self.scanned.clear();
+        self.scanned.shrink_to(1024);
     }
 
     /// Whether a value starting now is masked (by which selector), and
@@ -222,7 +318,15 @@ impl JsonMask {
             }
             return;
         }
-        out.push(byte);
+        if self.scanning {
+            if closes {
+                self.scanned_ends(true, out);
+            } else {
+                self.hold(byte);
+            }
+        } else {
+            out.push(byte);
+        }
         if closes {
             self.in_string = false;
             if let Some(key) = self.key.take() {
@@ -244,6 +348,10 @@ impl JsonMask {
                 self.in_string = true;
                 self.escaped = false;
                 self.key = Some(Vec::new());
+                if self.scan.is_some() {
+                    self.scanning = true;
+                    return;
+                }
             }
             b'"' => {
                 self.in_string = true;
@@ -253,6 +361,10 @@ impl JsonMask {
                 if let Some(by) = masked {
                     self.replace(by, out);
                     self.masking = true;
+                    return;
+                }
+                if self.scan.is_some() {
+                    self.scanning = true;
                     return;
                 }
             }
@@ -291,6 +403,11 @@ impl JsonMask {
                     self.replace(by, out);
                     return;
                 }
+                if self.scan.is_some() {
+                    self.scanning = true;
+                    self.hold(byte);
+                    return;
+                }
             }
             _ => {}
         }
@@ -326,25 +443,60 @@ pub fn fuzz(data: &[u8]) {
     let Some((&cut, body)) = data.split_first() else {
         return;
     };
+    // The low bit says whether value patterns scan too.
+    let patterns = (cut & 1 == 1).then(|| FUZZ_PATTERNS.clone());
     let masks = || {
         let mut selectors = JsonMask::secret_selectors();
         for path in ["$.items[*].token", "$.*[*]", "password"] {
             let selector = Selector::parse(path).expect("a valid path");
             selectors.push((selector, Cow::Borrowed("null")));
         }
-        JsonMask::new(selectors)
+        let mask = JsonMask::new(selectors);
+        match &patterns {
+            Some(set) => mask.scanning(set.clone()),
+            None => mask,
+        }
     };
     let mut chunked = masks();
     let mut out = Vec::new();
-    for chunk in body.chunks(usize::from(cut).max(1)) {
+    for chunk in body.chunks(usize::from(cut >> 1).max(1)) {
         chunked.push(chunk, &mut out);
     }
+    chunked.finish(&mut out);
     let mut whole = masks();
     let mut want = Vec::new();
     whole.push(body, &mut want);
+    whole.finish(&mut want);
     assert_eq!(out, want);
     assert_eq!(chunked.masked, whole.masked);
+    // What a server sent as valid JSON stays valid JSON.
+    if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() {
+        assert!(
+            serde_json::from_slice::<serde::de::IgnoredAny>(&out).is_ok(),
+            "masked JSON no longer parses: {}",
+            String::from_utf8_lossy(&out)
+        );
+    }
 }
+
+static FUZZ_PATTERNS: std::sync::LazyLock<Arc<MaskSet>> = std::sync::LazyLock::new(|| {
+    let specs: Vec<crate::policy::Mask> = [
+        "pattern = \"email\"",
+        "pattern = \"card_number\"\nstrategy = \"null\"",
+        "regex = '[a-z]\\\\?\"?x'\nstrategy = \"hash\"",
+    ]
+    .iter()
+    .map(|text| {
+        toml::from_str::<crate::policy::MaskSpec>(text)
+            .expect("a mask")
+            .compile()
+            .expect("a mask")
+    })
+    .collect();
+    let refs: Vec<&crate::policy::Mask> = specs.iter().collect();
+    let key = Arc::new(super::MaskKey::new([7; 32]));
+    Arc::new(MaskSet::compile(&refs, &Default::default(), key).expect("no columns"))
+});
 
 #[cfg(test)]
 mod tests {
@@ -446,6 +598,81 @@ mod tests {
         ] {
             assert!(Selector::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    fn patterns(specs: &[&str]) -> Arc<MaskSet> {
+        let specs: Vec<crate::policy::Mask> = specs
+            .iter()
+            .map(|t| {
+                toml::from_str::<crate::policy::MaskSpec>(t)
+                    .unwrap()
+                    .compile()
+                    .unwrap()
+            })
+            .collect();
+        let refs: Vec<&crate::policy::Mask> = specs.iter().collect();
+        let key = Arc::new(super::super::MaskKey::new([0; 32]));
+        Arc::new(MaskSet::compile(&refs, &Default::default(), key).unwrap())
+    }
+
+    fn scanned(set: &Arc<MaskSet>, selectors: &[&str], text: &[u8], cut: usize) -> (String, u64) {
+        let selectors = selectors
+            .iter()
+            .map(|s| (Selector::parse(s).unwrap(), Cow::Borrowed("\"****\"")))
+            .collect();
+        let mut mask = JsonMask::new(selectors).scanning(set.clone());
+        let mut out = Vec::new();
+        for chunk in text.chunks(cut.max(1)) {
+            mask.push(chunk, &mut out);
+        }
+        mask.finish(&mut out);
+        (String::from_utf8(out).unwrap(), mask.masked)
+    }
+
+    #[test]
+    fn patterns_mask_strings_keys_and_numbers_as_they_read() {
+        let set = patterns(&[
+            "pattern = \"email\"",
+            "pattern = \"card_number\"",
+            "regex = 'tok-[0-9]+'",
+        ]);
+        // An escaped `@` and a `/` are read unescaped; a key and a number
+        // are scanned too; a value a selector masks is not looked at.
+        let doc = br#"{"users": [{"mail": "ann\u0040example.com", "note": "see tok-42 \"now\"", "card": 4111111111111111},
+ {"bob@example.com": 1, "url": "http:\/\/x", "password": "tok-7", "n": 12.5, "ok": true, "nil": null}]}"#;
+        let want = r#"{"users": [{"mail": "****", "note": "see **** \"now\"", "card": "****"},
+ {"****": 1, "url": "http:\/\/x", "password": "****", "n": 12.5, "ok": true, "nil": null}]}"#;
+        for cut in 1..=doc.len() {
+            let (out, masked) = scanned(&set, &["password"], doc, cut);
+            assert_eq!(out, want, "cut {cut}");
+            assert_eq!(masked, 5, "cut {cut}");
+        }
+        let value: serde_json::Value = serde_json::from_str(want).unwrap();
+        assert_eq!(value["users"][1]["n"], 12.5);
+        // A document that is one number ends with the body.
+        assert_eq!(scanned(&set, &[], b"4111111111111111", 3).0, "\"****\"");
+        assert_eq!(scanned(&set, &[], b"17", 1).0, "17");
+        // `null` nulls a value, and redacts a key (a key cannot be null).
+        let null = patterns(&["pattern = \"email\"\nstrategy = \"null\""]);
+        assert_eq!(
+            scanned(&null, &[], br#"{"a@b.io": "c@d.io"}"#, 2).0,
+            r#"{"****": null}"#
+        );
+    }
+
+    #[test]
+    fn a_value_too_long_to_scan_is_redacted_whole() {
+        let set = patterns(&["pattern = \"email\""]);
+        let mut doc = br#"{"blob": ""#.to_vec();
+        doc.extend(std::iter::repeat_n(b'a', MAX_SCANNED + 1));
+        doc.extend_from_slice(br#"", "short": "kept"}"#);
+        let (out, masked) = scanned(&set, &[], &doc, 4096);
+        assert_eq!(out, r#"{"blob": "****", "short": "kept"}"#);
+        assert_eq!(masked, 1);
+        let mut doc = br#"{"fits": ""#.to_vec();
+        doc.extend(std::iter::repeat_n(b'a', MAX_SCANNED));
+        doc.extend_from_slice(br#""}"#);
+        assert_eq!(scanned(&set, &[], &doc, 4096).0.len(), doc.len());
     }
 
     #[test]

@@ -53,7 +53,10 @@ use crate::{
     addr::OrigDstAddr,
     approvals::{ApprovalError, NewRequest, Requester},
     conn::{self, Admitted, Asked},
-    masking::json::{JsonMask, Selector},
+    masking::{
+        MaskSet, StreamMask,
+        json::{JsonMask, Selector},
+    },
     policy::{
         Action, ActivePolicy, HttpCredential, HttpRequest, MaskSelects, Strategy, UpstreamTls,
         Verdict,
@@ -206,11 +209,17 @@ struct Reading {
     answering: Answering,
 }
 
+/// JSON selectors, each with the JSON text that replaces what it picks.
+type JsonSelectors = Vec<(Selector, Cow<'static, str>)>;
+
 /// What forwarding does to an allowed request's answer.
 struct Answering {
     /// JSON values masked as the answer streams (a Kubernetes Secret's,
     /// the workload's `json` masks), each with its replacement.
-    json_masks: Vec<(Selector, Cow<'static, str>)>,
+    json_masks: JsonSelectors,
+    /// The workload's `pattern` and `regex` masks: applied to a JSON
+    /// answer's strings, keys and numbers, or to a text answer.
+    patterns: Option<Arc<MaskSet>>,
     /// A Kubernetes exec or attach: its stream is a terminal's.
     terminal: bool,
 }
@@ -300,7 +309,7 @@ impl Connection {
         } else {
             HttpRequest::read(method, path, host)
         };
-        let mut json_masks = Vec::new();
+        let (mut json_masks, mut patterns) = (Vec::new(), None);
         let (decision, kube, read) = match reading {
             Err(unreadable) => (
                 Decision {
@@ -312,7 +321,7 @@ impl Connection {
             ),
             Ok(read) => {
                 let decision = self.decide(&read, active);
-                json_masks = self.json_masks(&decision.active, &read);
+                (json_masks, patterns) = self.masks(&decision.active, &read);
                 (decision, read.kube, true)
             }
         };
@@ -339,22 +348,27 @@ impl Connection {
             held,
             answering: Answering {
                 json_masks,
+                patterns,
                 terminal,
             },
         }
     }
 
-    /// The `json` masks on the answer to `request`, each with what
-    /// replaces the values it picks.
-    fn json_masks(
+    /// The masks on the answer to `request`: `json` ones, each with what
+    /// replaces the values it picks, and the value patterns.
+    fn masks(
         &self,
         active: &ActivePolicy,
         request: &HttpRequest,
-    ) -> Vec<(Selector, Cow<'static, str>)> {
+    ) -> (JsonSelectors, Option<Arc<MaskSet>>) {
         let Some(target) = active.policy.target_id(&self.target) else {
-            return Vec::new();
+            return (Vec::new(), None);
         };
-        crate::policy::http_masks_for(&active.policy, &self.workload, target, request)
+        let masks = crate::policy::http_masks_for(&active.policy, &self.workload, target, request);
+        let (json, patterns): (Vec<_>, Vec<_>) = masks
+            .into_iter()
+            .partition(|mask| matches!(mask.selects, MaskSelects::Json(_)));
+        let json = json
             .into_iter()
             .filter_map(|mask| match &mask.selects {
                 MaskSelects::Json(selector) => {
@@ -366,7 +380,21 @@ impl Connection {
                 }
                 _ => None,
             })
-            .collect()
+            .collect();
+        // Patterns and regexes compile to scanners; nothing else is left
+        // (column masks are refused on HTTP targets at load).
+        let patterns = (!patterns.is_empty())
+            .then(|| {
+                MaskSet::compile(
+                    &patterns,
+                    &Default::default(),
+                    self.context.mask_key.clone(),
+                )
+                .ok()
+            })
+            .flatten()
+            .map(Arc::new);
+        (json, patterns)
     }
 
     /// Appends the request's event (and, with `access_log_statements`,
@@ -481,9 +509,10 @@ impl Connection {
     ) -> Response<Body> {
         let Answering {
             json_masks,
+            patterns,
             terminal,
         } = answering;
-        let masks = !json_masks.is_empty();
+        let masks = !json_masks.is_empty() || patterns.is_some();
         let started = Instant::now();
         // A protocol upgrade (WebSocket, SPDY: exec, attach, port-forward):
         // once the server agrees, both connections become one stream.
@@ -514,10 +543,13 @@ impl Connection {
                 .insert(header::TE, HeaderValue::from_static("trailers"));
         }
         if masks {
-            // An answer to mask comes as JSON, uncompressed.
-            parts
-                .headers
-                .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+            // An answer to mask comes uncompressed; as JSON when JSON values
+            // are masked, and from Kubernetes (not protobuf or CBOR).
+            if !json_masks.is_empty() || self.kubernetes {
+                parts
+                    .headers
+                    .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+            }
             parts.headers.remove(header::ACCEPT_ENCODING);
         }
         if let Some(held) = &self.credential {
@@ -585,9 +617,10 @@ impl Connection {
                         .get(header::CONTENT_LENGTH)
                         .is_some_and(|l| l == "0");
                 let mut decode = None;
+                let mut text_mask = None;
                 let json_mask = if masks && !bodiless {
-                    match maskable(&parts.headers) {
-                        Ok(encoding) => {
+                    let kind = match maskable(&parts.headers, json_masks.is_empty()) {
+                        Ok((kind, encoding)) => {
                             // A server may compress despite the request:
                             // the answer is decoded, masked, and goes
                             // down uncompressed.
@@ -595,6 +628,7 @@ impl Connection {
                                 parts.headers.remove(header::CONTENT_ENCODING);
                             }
                             decode = encoding;
+                            kind
                         }
                         Err(why) => {
                             let why = format!(
@@ -606,10 +640,19 @@ impl Connection {
                                 &serde_json::json!({ "error": format!("interlock: {why}") }),
                             );
                         }
-                    }
+                    };
                     // Masked values change the body's length.
                     parts.headers.remove(header::CONTENT_LENGTH);
-                    Some(JsonMask::new(json_masks))
+                    match (kind, patterns) {
+                        (Readable::Json, Some(patterns)) => {
+                            Some(JsonMask::new(json_masks).scanning(patterns))
+                        }
+                        (Readable::Json, None) => Some(JsonMask::new(json_masks)),
+                        (Readable::Text, patterns) => {
+                            text_mask = patterns.map(StreamMask::new);
+                            None
+                        }
+                    }
                 } else {
                     None
                 };
@@ -630,6 +673,7 @@ impl Connection {
                     error: None,
                     scrub,
                     json_mask,
+                    text_mask,
                     pending: None,
                     connection: self.clone(),
                 };
@@ -894,28 +938,60 @@ enum Encoding {
     Deflate,
 }
 
-/// Whether an answer can be masked as JSON, and how it must be decoded
-/// first; why not, for one in another encoding or not JSON.
-fn maskable(headers: &HeaderMap) -> Result<Option<Encoding>, String> {
+/// How an answer is read to be masked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Readable {
+    /// One JSON value at a time.
+    Json,
+    /// As text, by the value patterns alone.
+    Text,
+}
+
+/// How an answer can be masked (`text`: it may be read as text, as no
+/// JSON values are masked), and how it must be decoded first; why not,
+/// for one in another encoding or of another type.
+fn maskable(headers: &HeaderMap, text: bool) -> Result<(Readable, Option<Encoding>), String> {
     let kind = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !kind.contains("json") {
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let essence = kind.split(';').next().unwrap_or("").trim();
+    let readable = if essence.contains("json") {
+        Readable::Json
+    } else if text && is_text(essence) {
+        Readable::Text
+    } else {
         return Err(format!("content type {kind:?}"));
-    }
+    };
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .map(|v| v.to_str().unwrap_or("?").trim());
-    match encoding {
-        None => Ok(None),
-        Some(e) if e.eq_ignore_ascii_case("identity") => Ok(None),
+    let encoding = match encoding {
+        None => None,
+        Some(e) if e.eq_ignore_ascii_case("identity") => None,
         Some(e) if e.eq_ignore_ascii_case("gzip") || e.eq_ignore_ascii_case("x-gzip") => {
-            Ok(Some(Encoding::Gzip))
+            Some(Encoding::Gzip)
         }
-        Some(e) if e.eq_ignore_ascii_case("deflate") => Ok(Some(Encoding::Deflate)),
-        Some(e) => Err(format!("content encoding {e}")),
-    }
+        Some(e) if e.eq_ignore_ascii_case("deflate") => Some(Encoding::Deflate),
+        Some(e) => return Err(format!("content encoding {e}")),
+    };
+    Ok((readable, encoding))
+}
+
+/// A media type that is text people or programs read as characters
+/// (logs, metrics, markup, configuration), which patterns can scan.
+fn is_text(essence: &str) -> bool {
+    let Some((top, sub)) = essence.split_once('/') else {
+        return false;
+    };
+    top == "text"
+        || top == "application"
+            && (matches!(
+                sub,
+                "xml" | "yaml" | "x-yaml" | "javascript" | "x-www-form-urlencoded"
+            ) || sub.ends_with("+xml")
+                || sub.ends_with("+yaml"))
 }
 
 /// The most a decoded answer's frame holds: a small body that inflates
@@ -1326,8 +1402,11 @@ struct Downloaded {
     ended: bool,
     error: Option<String>,
     scrub: Option<Scrub>,
-    /// A Kubernetes Secret's values, masked as they stream.
+    /// JSON values masked as they stream (a Kubernetes Secret's, `json`
+    /// masks, value patterns in strings).
     json_mask: Option<JsonMask>,
+    /// A text answer's values, masked by patterns as it streams.
+    text_mask: Option<StreamMask>,
     /// A frame held back while the scrub's tail goes first.
     pending: Option<Frame<Bytes>>,
     connection: Arc<Connection>,
@@ -1348,6 +1427,33 @@ impl Downloaded {
         }
         Poll::Ready(Some(Ok(Frame::data(data))))
     }
+
+    /// At the body's end: what the masks and then the scrub held back.
+    fn tail(&mut self) -> Bytes {
+        let mut tail = Vec::new();
+        if let Some(mask) = &mut self.json_mask {
+            mask.finish(&mut tail);
+        }
+        if let Some(mask) = &mut self.text_mask {
+            for (_, chunk) in mask.flush() {
+                tail.extend_from_slice(&chunk);
+            }
+        }
+        let Some(scrub) = &mut self.scrub else {
+            return Bytes::from(tail);
+        };
+        let mut tail = scrub.push(Bytes::from(tail)).to_vec();
+        tail.extend_from_slice(&scrub.finish());
+        Bytes::from(tail)
+    }
+}
+
+/// Masked chunks of text, as one.
+fn joined(chunks: Vec<(Option<u32>, Bytes)>) -> Bytes {
+    match <[_; 1]>::try_from(chunks) {
+        Ok([(_, chunk)]) => chunk,
+        Err(chunks) => chunks.into_iter().flat_map(|(_, c)| c).collect(),
+    }
 }
 
 impl HttpBody for Downloaded {
@@ -1364,13 +1470,14 @@ impl HttpBody for Downloaded {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
-                    let data = match &mut self.json_mask {
-                        Some(mask) => {
-                            let mut masked = Vec::with_capacity(data.len());
-                            mask.push(&data, &mut masked);
-                            Bytes::from(masked)
-                        }
-                        None => data,
+                    let data = if let Some(mask) = &mut self.json_mask {
+                        let mut masked = Vec::with_capacity(data.len());
+                        mask.push(&data, &mut masked);
+                        Bytes::from(masked)
+                    } else if let Some(mask) = &mut self.text_mask {
+                        joined(mask.push(None, &data))
+                    } else {
+                        data
                     };
                     let data = match &mut self.scrub {
                         Some(scrub) => scrub.push(data),
@@ -1378,14 +1485,17 @@ impl HttpBody for Downloaded {
                     };
                     self.count(data)
                 }
-                // Trailers: whatever the scrub holds back goes first.
-                Err(frame) => match self.scrub.as_mut().map(Scrub::finish) {
-                    Some(tail) if !tail.is_empty() => {
+                // Trailers: whatever the masks and the scrub hold back
+                // goes first.
+                Err(frame) => {
+                    let tail = self.tail();
+                    if tail.is_empty() {
+                        Poll::Ready(Some(Ok(frame)))
+                    } else {
                         self.pending = Some(frame);
                         self.count(tail)
                     }
-                    _ => Poll::Ready(Some(Ok(frame))),
-                },
+                }
             },
             Poll::Ready(Some(Err(error))) => {
                 self.error = Some(error.to_string());
@@ -1393,9 +1503,11 @@ impl HttpBody for Downloaded {
             }
             Poll::Ready(None) => {
                 self.ended = true;
-                match self.scrub.as_mut().map(Scrub::finish) {
-                    Some(tail) if !tail.is_empty() => self.count(tail),
-                    _ => Poll::Ready(None),
+                let tail = self.tail();
+                if tail.is_empty() {
+                    Poll::Ready(None)
+                } else {
+                    self.count(tail)
                 }
             }
             Poll::Pending => Poll::Pending,
@@ -1405,12 +1517,15 @@ impl HttpBody for Downloaded {
     fn is_end_stream(&self) -> bool {
         self.pending.is_none()
             && (self.ended
-                || (self.inner.is_end_stream() && self.scrub.as_ref().is_none_or(Scrub::is_empty)))
+                || (self.inner.is_end_stream()
+                    && self.json_mask.is_none()
+                    && self.text_mask.is_none()
+                    && self.scrub.as_ref().is_none_or(Scrub::is_empty)))
     }
 
     fn size_hint(&self) -> SizeHint {
         // Masked values change the length.
-        if self.json_mask.is_some() {
+        if self.json_mask.is_some() || self.text_mask.is_some() {
             return SizeHint::default();
         }
         self.inner.size_hint()
@@ -1642,32 +1757,60 @@ mod tests {
     }
 
     #[test]
-    fn only_json_in_a_known_encoding_is_maskable() {
-        let answer = |kind: &'static str, encoding: Option<&'static str>| {
+    fn json_or_text_in_a_known_encoding_is_maskable() {
+        let answer = |kind: &'static str, encoding: Option<&'static str>, text: bool| {
             let mut headers = HeaderMap::new();
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
             if let Some(e) = encoding {
                 headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(e));
             }
-            maskable(&headers)
+            maskable(&headers, text)
         };
-        assert_eq!(answer("application/json", None), Ok(None));
-        assert_eq!(answer("application/json", Some("identity")), Ok(None));
+        let json = |encoding| answer("application/json", encoding, false);
+        assert_eq!(json(None), Ok((Readable::Json, None)));
+        assert_eq!(json(Some("identity")), Ok((Readable::Json, None)));
         assert_eq!(
-            answer("application/json", Some("GZIP")),
-            Ok(Some(Encoding::Gzip))
+            json(Some("GZIP")),
+            Ok((Readable::Json, Some(Encoding::Gzip)))
         );
         assert_eq!(
-            answer("application/json", Some("x-gzip")),
-            Ok(Some(Encoding::Gzip))
+            json(Some("x-gzip")),
+            Ok((Readable::Json, Some(Encoding::Gzip)))
         );
         assert_eq!(
-            answer("application/json", Some("deflate")),
-            Ok(Some(Encoding::Deflate))
+            json(Some("deflate")),
+            Ok((Readable::Json, Some(Encoding::Deflate)))
         );
-        assert!(answer("application/json", Some("br")).is_err());
-        assert!(answer("application/json", Some("gzip, gzip")).is_err());
-        assert!(answer("text/html", None).is_err());
-        assert!(answer("application/vnd.kubernetes.protobuf", Some("gzip")).is_err());
+        assert!(json(Some("br")).is_err());
+        assert!(json(Some("gzip, gzip")).is_err());
+        assert_eq!(
+            answer("application/x-ndjson", None, false),
+            Ok((Readable::Json, None))
+        );
+        // Text is read by patterns alone: not when JSON values are masked
+        // (JSON served as text would pass unmasked).
+        assert!(answer("text/html", None, false).is_err());
+        for kind in [
+            "text/plain; charset=utf-8",
+            "TEXT/HTML",
+            "application/xml",
+            "application/atom+xml",
+            "application/yaml",
+        ] {
+            assert_eq!(
+                answer(kind, None, true),
+                Ok((Readable::Text, None)),
+                "{kind}"
+            );
+        }
+        for kind in [
+            "application/vnd.kubernetes.protobuf",
+            "application/octet-stream",
+            "image/png",
+            "",
+        ] {
+            assert!(answer(kind, None, true).is_err(), "{kind}");
+        }
+        assert!(answer("application/vnd.kubernetes.protobuf", Some("gzip"), false).is_err());
     }
 }
