@@ -50,12 +50,14 @@ pub mod fuzzing {
 
     /// An HTTP request's method, path and host as policy reads them, and
     /// a response body through the scrub of the held credential and the
-    /// Secret masks and value patterns, and a terminal's WebSocket stream read in pieces.
+    /// Secret masks and value patterns, a terminal's WebSocket stream and
+    /// a port-forward's SPDY read in pieces.
     pub fn http_request(data: &[u8]) {
         crate::policy::fuzz_http_request(data);
         crate::proxy::http::fuzz_scrub(data);
         crate::masking::json::fuzz(data);
         crate::proxy::websocket::fuzz(data);
+        crate::proxy::spdy::fuzz(data);
     }
 
     /// A configuration file through the loader: errors, never a panic.

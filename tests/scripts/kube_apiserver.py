@@ -10,7 +10,10 @@ a pod's `exec` over a WebSocket in the stream protocol
 (`v5`/`v4.channel.k8s.io`: what comes in on stdin goes out on stdout, a
 line `exit N` ends the command with status N), or upgraded in any other
 protocol to a stream that echoes its bytes;
-`logs -f` as a line every 10 s for 70 s.
+`logs -f` as a line every 10 s for 70 s; a pod's `portforward` in SPDY/3.1,
+bare (`Upgrade: SPDY/3.1`) or tunnelled in a WebSocket
+(`SPDY/3.1+portforward.k8s.io`), where every forwarded connection is
+echoed, except to port 1, refused with a message on its error stream.
 Requests without `Authorization: Bearer TOKEN` get 401. Appends
 "METHOD PATH AUTHORIZATION" to LOG for every request.
 """
@@ -18,12 +21,19 @@ import base64
 import hashlib
 import http.server
 import json
+import os
 import ssl
 import struct
 import sys
 import time
+import zlib
 
 port, cert, key, token, log = sys.argv[1:6]
+
+# SPDY/3's header-compression dictionary: the agent's own copy.
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                       "../../agent/src/proxy/spdy3.dict"), "rb") as f:
+    SPDY_DICT = f.read()
 
 RESOURCES = {
     "kind": "APIResourceList",
@@ -82,6 +92,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                      "reason": "Unauthorized", "code": 401})
         path = self.path.split("?")[0].rstrip("/")
         parts = path.strip("/").split("/")
+        if parts[-1:] == ["portforward"]:
+            return self.port_forward()
         if parts[-1:] == ["exec"] and self.headers.get("upgrade", "").lower() == "websocket":
             return self.channels()
         if parts[-1:] == ["exec"] and self.headers.get("upgrade"):
@@ -126,6 +138,149 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
             self.wfile.flush()
         self.wfile.write(b"0\r\n\r\n")
+        self.close_connection = True
+
+    def accept_websocket(self, protocol):
+        accept = base64.b64encode(hashlib.sha1(
+            (self.headers["sec-websocket-key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()
+        ).digest()).decode()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.send_header("Sec-WebSocket-Protocol", protocol)
+        self.end_headers()
+        self.wfile.flush()
+
+    def exactly(self, n):
+        data = b""
+        while len(data) < n:
+            chunk = self.rfile.read(n - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    def ws_receive(self):
+        first, second = self.exactly(2)
+        length = second & 0x7F
+        if length == 126:
+            length = struct.unpack(">H", self.exactly(2))[0]
+        elif length == 127:
+            length = struct.unpack(">Q", self.exactly(8))[0]
+        key = self.exactly(4) if second & 0x80 else b"\0\0\0\0"
+        payload = bytes(b ^ key[i % 4] for i, b in enumerate(self.exactly(length)))
+        return first & 0x0F, payload
+
+    def ws_send(self, opcode, payload):
+        header = bytes([0x80 | opcode])
+        if len(payload) < 126:
+            header += bytes([len(payload)])
+        elif len(payload) < 65536:
+            header += bytes([126]) + struct.pack(">H", len(payload))
+        else:
+            header += bytes([127]) + struct.pack(">Q", len(payload))
+        self.connection.sendall(header + payload)
+
+    def port_forward(self):
+        """A port-forward in SPDY/3.1 (kubelet's side of it): each
+        connection is a pair of streams (`streamtype` error and data, with
+        its `port` and `requestid`); data is echoed until the client ends
+        it, then both streams end; port 1 is refused on the error stream."""
+        offered = [p.strip() for p in self.headers.get("sec-websocket-protocol", "").split(",")]
+        tunnelled = self.headers.get("upgrade", "").lower() == "websocket"
+        if tunnelled and "SPDY/3.1+portforward.k8s.io" in offered:
+            self.accept_websocket("SPDY/3.1+portforward.k8s.io")
+            pending = bytearray()
+
+            def read(n):
+                while len(pending) < n:
+                    opcode, payload = self.ws_receive()
+                    if opcode == 8:
+                        raise EOFError
+                    if opcode in (0, 2):
+                        pending.extend(payload)
+                data = bytes(pending[:n])
+                del pending[:n]
+                return data
+
+            def write(frame):
+                self.ws_send(2, frame)
+        elif self.headers.get("upgrade", "").lower() == "spdy/3.1":
+            self.send_response(101)
+            self.send_header("Upgrade", "SPDY/3.1")
+            self.send_header("Connection", "Upgrade")
+            self.send_header("X-Stream-Protocol-Version", "portforward.k8s.io")
+            self.end_headers()
+            self.wfile.flush()
+            read = self.exactly
+            write = self.connection.sendall
+        else:
+            return self.answer(400, {"kind": "Status", "code": 400})
+
+        inflate = zlib.decompressobj(zdict=SPDY_DICT)
+        deflate = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, 15, 9,
+                                   zlib.Z_DEFAULT_STRATEGY, SPDY_DICT)
+
+        def control(kind, flags, body):
+            write(struct.pack(">HHI", 0x8003, kind, (flags << 24) | len(body)) + body)
+
+        def data(stream, payload, fin=False):
+            write(struct.pack(">II", stream, ((1 if fin else 0) << 24) | len(payload)) + payload)
+
+        def header_block(block):
+            count, = struct.unpack(">I", block[:4])
+            at, headers = 4, {}
+            for _ in range(count):
+                n, = struct.unpack(">I", block[at:at + 4])
+                name = block[at + 4:at + 4 + n].decode()
+                at += 4 + n
+                n, = struct.unpack(">I", block[at:at + 4])
+                headers[name] = block[at + 4:at + 4 + n].decode()
+                at += 4 + n
+            return headers
+
+        streams = {}  # stream id -> headers
+        errors = {}   # requestid -> error stream id
+        try:
+            while True:
+                head = read(8)
+                length = struct.unpack(">I", b"\0" + head[5:8])[0]
+                flags = head[4]
+                body = read(length)
+                if head[0] & 0x80:
+                    kind, = struct.unpack(">H", head[2:4])
+                    if kind == 1:  # SYN_STREAM
+                        stream = struct.unpack(">I", body[:4])[0] & 0x7FFFFFFF
+                        headers = header_block(inflate.decompress(body[10:]))
+                        streams[stream] = headers
+                        reply = deflate.compress(struct.pack(">I", 0)) + deflate.flush(zlib.Z_SYNC_FLUSH)
+                        control(2, 0, struct.pack(">I", stream) + reply)
+                        if headers.get("streamtype") == "error":
+                            errors[headers.get("requestid")] = stream
+                        elif headers.get("port") == "1":
+                            error = errors.get(headers.get("requestid"))
+                            if error is not None:
+                                data(error, b"error forwarding port 1 to pod web: connection refused", True)
+                            control(3, 0, struct.pack(">II", stream, 5))
+                    elif kind == 6:  # PING
+                        control(6, 0, body)
+                    elif kind == 7:  # GOAWAY
+                        break
+                else:
+                    stream = struct.unpack(">I", head[:4])[0] & 0x7FFFFFFF
+                    headers = streams.get(stream, {})
+                    if headers.get("streamtype") != "data":
+                        continue
+                    if body:
+                        data(stream, body)
+                    if flags & 1:
+                        data(stream, b"", True)
+                        error = errors.pop(headers.get("requestid"), None)
+                        if error is not None:
+                            data(error, b"", True)
+        except (EOFError, OSError):
+            pass
         self.close_connection = True
 
     def channels(self):

@@ -531,3 +531,188 @@ fn secret_values_are_masked_unless_a_rule_reveals_them() {
     let tls = kubectl("get secret tls");
     assert_eq!(tls["data"]["password"], "aHVudGVyMg==", "{tls}");
 }
+
+/// `kubectl port-forward` through the agent, in both of kubectl's
+/// framings: SPDY tunnelled in a WebSocket (its default) and bare SPDY
+/// (`KUBECTL_PORT_FORWARD_WEBSOCKETS=false`). Each forwarded connection is
+/// recorded as it ends, with its port and the bytes it carried each way;
+/// one the pod refuses, with the server's reason.
+#[test]
+fn kubectl_port_forward_records_each_connection() {
+    use std::io::{Read, Write};
+    let name = "kube-portforward";
+    let cluster = StandIn::start(name);
+    let mut cgroup = TestCgroup::new(name);
+    let (job, _) = cgroup.child("ci-job.service");
+    let policy = policy(&cluster)
+        .replace(
+            "verbs = [\"get\", \"list\", \"watch\"]",
+            "verbs = [\"get\", \"list\", \"watch\", \"portforward\"]",
+        )
+        .replace(
+            "resources = [\"pods\", \"pods/log\"]",
+            "resources = [\"pods\", \"pods/log\", \"pods/portforward\"]",
+        );
+    let agent = Agent::start(&cgroup, name, &policy);
+    let out = agent.cli(&["kube", "config", "--target", "cluster", "--namespace", "ci"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let kubeconfig = agent.workdir.join("kubeconfig");
+    fs::write(&kubeconfig, &out.stdout).unwrap();
+
+    // The `port_forward` events of sessions not seen before.
+    let mut earlier = Vec::new();
+    let forwarded = |earlier: &Vec<String>| -> Vec<Value> {
+        let out = agent.cli(&["sessions", "list", "--json"]);
+        let mut events = Vec::new();
+        for session in stdout(&out).lines().filter(|l| !l.trim().is_empty()) {
+            let id = serde_json::from_str::<Value>(session).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            if earlier.contains(&id) {
+                continue;
+            }
+            let shown: Value =
+                serde_json::from_slice(&agent.cli(&["sessions", "show", &id, "--json"]).stdout)
+                    .unwrap();
+            events.extend(
+                shown["events"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|e| e["kind"] == "port_forward")
+                    .cloned(),
+            );
+        }
+        events
+    };
+    for (framing, env, method) in [
+        ("websocket", "", "GET"),
+        ("spdy", "KUBECTL_PORT_FORWARD_WEBSOCKETS=false", "POST"),
+    ] {
+        let (echo, refused) = (free_port(), free_port());
+        let mut kubectl = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {job}/cgroup.procs || exit 99\n\
+                 export HOME={home} {env}\n\
+                 exec kubectl --kubeconfig {config} port-forward pod/web {echo}:8080 {refused}:1",
+                job = job.display(),
+                home = agent.workdir.display(),
+                config = kubeconfig.display(),
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let connect = |port: u16| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                    Ok(stream) => break stream,
+                    Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+                    Err(e) => panic!("kubectl port-forward does not listen on {port}: {e}"),
+                }
+            }
+        };
+        // Two connections to the pod's echo port: what goes up comes back.
+        for payload in [b"hello".to_vec(), vec![b'x'; 200_000]] {
+            let mut stream = connect(echo);
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            stream.write_all(&payload).unwrap();
+            stream.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut back = Vec::new();
+            stream.read_to_end(&mut back).unwrap();
+            assert_eq!(back.len(), payload.len(), "{framing}");
+            assert!(back == payload, "{framing}: the echo differs");
+        }
+        // A connection the pod refuses: closed without a byte.
+        let mut stream = connect(refused);
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut back = Vec::new();
+        let _ = stream.read_to_end(&mut back);
+        assert!(back.is_empty(), "{framing}");
+
+        // Recorded as each ended (the refused one once kubectl is gone,
+        // if not before).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while forwarded(&earlier).len() < 2 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(100));
+        }
+        let _ = kubectl.kill();
+        let _ = kubectl.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while forwarded(&earlier).len() < 3 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(100));
+        }
+        let events = forwarded(&earlier);
+        let counts: Vec<(u64, u64, u64)> = events
+            .iter()
+            .map(|e| {
+                (
+                    e["port"].as_u64().unwrap_or(0),
+                    e["up"].as_u64().unwrap(),
+                    e["down"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert!(counts.contains(&(8080, 5, 5)), "{framing}: {events:?}");
+        assert!(
+            counts.contains(&(8080, 200_000, 200_000)),
+            "{framing}: {events:?}"
+        );
+        let refusal = events
+            .iter()
+            .find(|e| e["port"] == 1)
+            .unwrap_or_else(|| panic!("{framing}: {events:?}"));
+        assert!(
+            refusal["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("connection refused")),
+            "{refusal}"
+        );
+        assert!(
+            cluster.seen().iter().any(|l| l.starts_with(&format!(
+                "{method} /api/v1/namespaces/ci/pods/web/portforward"
+            ))),
+            "{framing}: {:?}",
+            cluster.seen()
+        );
+        let out = agent.cli(&["sessions", "list", "--json"]);
+        earlier = stdout(&out)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+    }
+
+    // `sessions show` prints each connection.
+    let out = agent.cli(&["sessions", "list", "--json"]);
+    let shown: String = stdout(&out)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let id = serde_json::from_str::<Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            stdout(&agent.cli(&["sessions", "show", &id]))
+        })
+        .collect();
+    assert!(
+        shown.contains(
+            "port-forward to port 8080 (connection 1): 200000 bytes up, 200000 bytes down"
+        ),
+        "{shown}"
+    );
+}

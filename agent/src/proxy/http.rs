@@ -47,7 +47,7 @@ use tokio::{
 };
 use tokio_util::io::{ReaderStream, StreamReader};
 
-use super::{Decision, ProxyContext, websocket};
+use super::{Decision, ProxyContext, spdy, websocket};
 use crate::{
     access::{ByteCounters, Outcome},
     addr::OrigDstAddr,
@@ -220,8 +220,30 @@ struct Answering {
     /// The workload's `pattern` and `regex` masks: applied to a JSON
     /// answer's strings, keys and numbers, or to a text answer.
     patterns: Option<Arc<MaskSet>>,
-    /// A Kubernetes exec or attach: its stream is a terminal's.
-    terminal: bool,
+    /// What a Kubernetes exec, attach or port-forward upgrades to.
+    stream: KubeStream,
+}
+
+/// A Kubernetes request whose upgraded stream is read as it is relayed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KubeStream {
+    None,
+    /// An exec or attach: a terminal's.
+    Terminal,
+    /// A port-forward: connections to the pod's ports.
+    PortForward,
+}
+
+/// How an upgraded stream is read as it is relayed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Relayed {
+    /// Copied as it is.
+    Opaque,
+    /// A terminal in the stream protocol, recorded as one.
+    Terminal,
+    /// A port-forward in SPDY, bare or tunnelled in a WebSocket: each
+    /// connection recorded with its port and bytes.
+    PortForward { tunnelled: bool },
 }
 
 impl Connection {
@@ -334,9 +356,11 @@ impl Connection {
         }) && !verdict
             .rule
             .is_some_and(|id| decision.active.policy.rule(id).kube.reveal_secrets);
-        let terminal = kube
-            .as_ref()
-            .is_some_and(|kube| matches!(kube.verb.as_str(), "exec" | "attach"));
+        let stream = match kube.as_ref().map(|kube| kube.verb.as_str()) {
+            Some("exec" | "attach") => KubeStream::Terminal,
+            Some("portforward") => KubeStream::PortForward,
+            _ => KubeStream::None,
+        };
         if mask_secrets {
             json_masks.extend(JsonMask::secret_selectors());
         }
@@ -349,7 +373,7 @@ impl Connection {
             answering: Answering {
                 json_masks,
                 patterns,
-                terminal,
+                stream,
             },
         }
     }
@@ -510,7 +534,7 @@ impl Connection {
         let Answering {
             json_masks,
             patterns,
-            terminal,
+            stream,
         } = answering;
         let masks = !json_masks.is_empty() || patterns.is_some();
         let started = Instant::now();
@@ -590,15 +614,9 @@ impl Connection {
                     (response.status(), client_side)
                 {
                     let server_side = hyper::upgrade::on(&mut response);
-                    // An exec or attach in the stream protocol, with
-                    // `record = "full"`: recorded as a terminal.
-                    let channels = response
-                        .headers()
-                        .get(header::SEC_WEBSOCKET_PROTOCOL)
-                        .and_then(|v| v.to_str().ok())
-                        .is_some_and(|p| p.ends_with("channel.k8s.io") && !p.starts_with("base64"));
-                    let record_terminal = terminal && channels && self.recorder.records_output();
-                    self.relay_upgraded(n, started, client_side, server_side, record_terminal);
+                    let relayed =
+                        relayed(stream, response.headers(), self.recorder.records_output());
+                    self.relay_upgraded(n, started, client_side, server_side, relayed);
                     let (mut parts, _) = response.into_parts();
                     let upgrade = parts.headers.get(header::UPGRADE).cloned();
                     drop_hop_headers(&mut parts.headers);
@@ -752,14 +770,14 @@ impl Connection {
     /// Copies both ways between the client's and the server's upgraded
     /// connections until both end; the request's `http_response` (status
     /// 101) is recorded then, with the bytes that went down. A terminal's
-    /// stream (`record_terminal`) is read as it passes and recorded.
+    /// stream or a port-forward's is read as it passes and recorded.
     fn relay_upgraded(
         self: &Arc<Self>,
         n: u64,
         started: Instant,
         client: hyper::upgrade::OnUpgrade,
         server: hyper::upgrade::OnUpgrade,
-        record_terminal: bool,
+        relayed: Relayed,
     ) {
         let connection = self.clone();
         let relay = tokio::spawn(async move {
@@ -767,12 +785,17 @@ impl Connection {
                 let (client, server) = tokio::try_join!(client, server)
                     .map_err(|e| format!("the upgrade failed: {e}"))?;
                 let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
-                if record_terminal {
-                    return connection.relay_terminal(client, server).await;
+                match relayed {
+                    Relayed::Terminal => connection.relay_terminal(client, server).await,
+                    Relayed::PortForward { tunnelled } => {
+                        connection
+                            .relay_port_forward(n, client, server, tunnelled)
+                            .await
+                    }
+                    Relayed::Opaque => tokio::io::copy_bidirectional(&mut client, &mut server)
+                        .await
+                        .map_err(|e| format!("the upgraded stream failed: {e}")),
                 }
-                tokio::io::copy_bidirectional(&mut client, &mut server)
-                    .await
-                    .map_err(|e| format!("the upgraded stream failed: {e}"))
             }
             .await;
             let (down, error) = match relayed {
@@ -801,45 +824,139 @@ impl Connection {
         let (mut client_in, mut client_out) = tokio::io::split(client);
         let (mut server_in, mut server_out) = tokio::io::split(server);
         let recorder = &self.recorder;
-        let up = relay_read(&mut client_in, &mut server_out, |piece| match piece {
-            Piece::Data {
-                stream: STDIN,
-                bytes,
-            } => recorder.append(&Event::Input { data: bytes }).map(drop),
-            Piece::Message {
-                stream: RESIZE,
-                bytes,
-            } => match websocket::terminal_size(bytes) {
-                Some((cols, rows)) => recorder
-                    .append(&Event::Terminal {
+        let up = relay_read(
+            &mut client_in,
+            &mut server_out,
+            frames(|piece| match piece {
+                Piece::Data {
+                    stream: STDIN,
+                    bytes,
+                } => recorder.append(&Event::Input { data: bytes }).map(drop),
+                Piece::Message {
+                    stream: RESIZE,
+                    bytes,
+                } => match websocket::terminal_size(bytes) {
+                    Some((cols, rows)) => recorder
+                        .append(&Event::Terminal {
+                            channel: 0,
+                            term: None,
+                            cols,
+                            rows,
+                        })
+                        .map(drop),
+                    None => Ok(()),
+                },
+                _ => Ok(()),
+            }),
+        );
+        let down = relay_read(
+            &mut server_in,
+            &mut client_out,
+            frames(|piece| match piece {
+                Piece::Data {
+                    stream: STDOUT | STDERR,
+                    bytes,
+                } => recorder.append(&Event::Output { data: bytes }).map(drop),
+                Piece::Message {
+                    stream: ERROR,
+                    bytes,
+                } => recorder
+                    .append(&Event::Exit {
                         channel: 0,
-                        term: None,
-                        cols,
-                        rows,
+                        status: websocket::exit_status(bytes),
+                        signal: None,
                     })
                     .map(drop),
-                None => Ok(()),
-            },
-            _ => Ok(()),
-        });
-        let down = relay_read(&mut server_in, &mut client_out, |piece| match piece {
-            Piece::Data {
-                stream: STDOUT | STDERR,
-                bytes,
-            } => recorder.append(&Event::Output { data: bytes }).map(drop),
-            Piece::Message {
-                stream: ERROR,
-                bytes,
-            } => recorder
-                .append(&Event::Exit {
-                    channel: 0,
-                    status: websocket::exit_status(bytes),
-                    signal: None,
-                })
-                .map(drop),
-            _ => Ok(()),
-        });
+                _ => Ok(()),
+            }),
+        );
         tokio::try_join!(up, down)
+    }
+
+    /// Relays a port-forward's SPDY unchanged while recording each of its
+    /// connections as it ends (`port_forward`: port, bytes each way, the
+    /// server's error); those still open at the end are recorded then.
+    /// What cannot be read or recorded ends the stream.
+    async fn relay_port_forward<C, S>(
+        &self,
+        n: u64,
+        client: C,
+        server: S,
+        tunnelled: bool,
+    ) -> Result<(u64, u64), String>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (mut client_in, mut client_out) = tokio::io::split(client);
+        let (mut server_in, mut server_out) = tokio::io::split(server);
+        let forwards = parking_lot::Mutex::new(spdy::Forwards::default());
+        let record = |forwarded: spdy::Forwarded| {
+            self.recorder
+                .append(&Event::PortForward {
+                    n,
+                    port: forwarded.port,
+                    request: forwarded.request.as_deref(),
+                    up: forwarded.up,
+                    down: forwarded.down,
+                    error: forwarded.error.as_deref(),
+                })
+                .map(drop)
+                .map_err(|error| format!("the session cannot be recorded: {error}"))
+        };
+        let direction = |side: spdy::Side| {
+            let mut tunnel = tunnelled.then(websocket::FrameReader::raw);
+            let mut reader = spdy::SpdyReader::default();
+            let (forwards, record) = (&forwards, &record);
+            move |bytes: &[u8]| -> Result<(), String> {
+                let mut failed = None;
+                let mut spdy_bytes = |bytes: &[u8]| {
+                    let read = reader.feed(bytes, &mut |piece| {
+                        if failed.is_some() {
+                            return;
+                        }
+                        match forwards.lock().piece(side, piece) {
+                            Ok(Some(forwarded)) => failed = record(forwarded).err(),
+                            Ok(None) => {}
+                            Err(error) => failed = Some(error.to_string()),
+                        }
+                    });
+                    if let Err(error) = read {
+                        failed.get_or_insert(error.to_string());
+                    }
+                };
+                match &mut tunnel {
+                    Some(frames) => frames
+                        .feed(bytes, &mut |piece| {
+                            if let websocket::Piece::Data { bytes, .. } = piece {
+                                spdy_bytes(bytes);
+                            }
+                        })
+                        .map_err(|e| format!("the port-forward's WebSocket cannot be read: {e}"))?,
+                    None => spdy_bytes(bytes),
+                }
+                match failed {
+                    Some(why) => Err(format!("the port-forward cannot be read: {why}")),
+                    None => Ok(()),
+                }
+            }
+        };
+        let up = relay_read(
+            &mut client_in,
+            &mut server_out,
+            direction(spdy::Side::Client),
+        );
+        let down = relay_read(
+            &mut server_in,
+            &mut client_out,
+            direction(spdy::Side::Server),
+        );
+        let relayed = tokio::try_join!(up, down);
+        let rest = forwards.lock().rest();
+        for forwarded in rest {
+            record(forwarded)?;
+        }
+        relayed
     }
 
     /// A body's chunk, with `record = "full"`; an error says the session
@@ -1027,20 +1144,70 @@ where
     }
 }
 
-/// Copies one direction of a terminal's stream, feeding what passes to
-/// its reader and `record`; at the end, the other side's writing half is
-/// shut. Returns the bytes copied.
+/// A terminal's direction: WebSocket frames, each piece to `record`.
+fn frames(
+    mut record: impl FnMut(websocket::Piece<'_>) -> Result<(), crate::sessions::StoreError>,
+) -> impl FnMut(&[u8]) -> Result<(), String> {
+    let mut reader = websocket::FrameReader::default();
+    move |bytes| {
+        let mut failed = None;
+        reader
+            .feed(bytes, &mut |piece| {
+                if failed.is_none()
+                    && let Err(error) = record(piece)
+                {
+                    failed = Some(format!("the session cannot be recorded: {error}"));
+                }
+            })
+            .map_err(|e| format!("the terminal's stream cannot be read: {e}"))?;
+        failed.map_or(Ok(()), Err)
+    }
+}
+
+/// How a Kubernetes request's upgraded stream is read, from the server's
+/// `101`: a terminal only in the stream protocol (and with `record =
+/// "full"`, as it records what was typed); a port-forward in SPDY, bare
+/// or tunnelled.
+fn relayed(stream: KubeStream, headers: &HeaderMap, records_output: bool) -> Relayed {
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase()
+    };
+    let protocol = text(header::SEC_WEBSOCKET_PROTOCOL);
+    match stream {
+        KubeStream::Terminal
+            if records_output
+                && protocol.ends_with("channel.k8s.io")
+                && !protocol.starts_with("base64") =>
+        {
+            Relayed::Terminal
+        }
+        KubeStream::PortForward if protocol.starts_with("spdy/3.1+") => {
+            Relayed::PortForward { tunnelled: true }
+        }
+        KubeStream::PortForward if text(header::UPGRADE) == "spdy/3.1" => {
+            Relayed::PortForward { tunnelled: false }
+        }
+        _ => Relayed::Opaque,
+    }
+}
+
+/// Copies one direction of an upgraded stream, handing what passes to
+/// `read` before it goes on (an error ends the stream); at the end, the
+/// other side's writing half is shut. Returns the bytes copied.
 async fn relay_read<R, W>(
     from: &mut R,
     to: &mut W,
-    mut record: impl FnMut(websocket::Piece<'_>) -> Result<(), crate::sessions::StoreError>,
+    mut read: impl FnMut(&[u8]) -> Result<(), String>,
 ) -> Result<u64, String>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut reader = websocket::FrameReader::default();
     let mut buf = vec![0u8; 16 << 10];
     let mut copied = 0u64;
     loop {
@@ -1052,20 +1219,9 @@ where
             let _ = to.shutdown().await;
             return Ok(copied);
         }
-        let mut failed = None;
-        reader
-            .feed(&buf[..n], &mut |piece| {
-                if failed.is_none()
-                    && let Err(error) = record(piece)
-                {
-                    failed = Some(format!("the session cannot be recorded: {error}"));
-                }
-            })
-            .map_err(|e| format!("the terminal's stream cannot be read: {e}"))?;
-        if let Some(why) = failed {
-            return Err(why);
-        }
-        // Flushed at once: a terminal's bytes must not wait in a TLS buffer.
+        read(&buf[..n])?;
+        // Flushed at once: a terminal's keystrokes and a forwarded
+        // connection's bytes must not wait in a TLS buffer.
         async {
             to.write_all(&buf[..n]).await?;
             to.flush().await

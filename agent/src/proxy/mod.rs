@@ -3,6 +3,7 @@
 #[doc(hidden)]
 pub mod http;
 pub mod postgres;
+pub(crate) mod spdy;
 pub mod ssh;
 mod tcp;
 pub(crate) mod websocket;

@@ -59,9 +59,21 @@ pub struct FrameReader {
     in_message: bool,
     unmasked: Vec<u8>,
     small: Vec<u8>,
+    /// Messages are bytes of another protocol, not streams: each payload
+    /// is data of stream 0.
+    raw: bool,
 }
 
 impl FrameReader {
+    /// A reader of a WebSocket that tunnels another protocol's bytes in
+    /// its messages (a port-forward's SPDY).
+    pub fn raw() -> Self {
+        Self {
+            raw: true,
+            ..Self::default()
+        }
+    }
+
     /// Reads the next bytes of the direction; `on` gets what they carry.
     pub fn feed(
         &mut self,
@@ -158,6 +170,12 @@ impl FrameReader {
             );
             self.mask_at = (self.mask_at + payload.len()) % 4;
             bytes = &self.unmasked;
+        }
+        if self.raw {
+            if !bytes.is_empty() {
+                on(Piece::Data { stream: 0, bytes });
+            }
+            return Ok(());
         }
         let stream = match self.stream {
             Some(stream) => stream,

@@ -153,6 +153,17 @@ pub enum Event<'a> {
         duration_us: u64,
         error: Option<&'a str>,
     },
+    /// HTTP: a connection of request `n`'s Kubernetes port-forward, as it
+    /// ended: the pod's port, the client's number for the connection,
+    /// bytes each way, and what the server said went wrong.
+    PortForward {
+        n: u64,
+        port: Option<u16>,
+        request: Option<&'a str>,
+        up: u64,
+        down: u64,
+        error: Option<&'a str>,
+    },
     SessionEnd {
         outcome: &'a str,
         error: Option<&'a str>,

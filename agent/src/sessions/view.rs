@@ -356,6 +356,20 @@ pub fn describe(event: &Value, start_us: u64) -> String {
                 .map(|e| format!(" ({e})"))
                 .unwrap_or_default(),
         ),
+        "port_forward" => format!(
+            "#{} port-forward to port {} (connection {}): {} bytes up, {} bytes down{}",
+            event["n"],
+            event["port"]
+                .as_u64()
+                .map_or_else(|| "?".to_owned(), |p| p.to_string()),
+            event["request"].as_str().unwrap_or("?"),
+            event["up"],
+            event["down"],
+            event["error"]
+                .as_str()
+                .map(|e| format!(" ({})", e.trim()))
+                .unwrap_or_default(),
+        ),
         "terminal" => format!("terminal {}x{}", event["cols"], event["rows"]),
         "exit" => match event["signal"].as_str() {
             Some(signal) => format!("exit by signal {signal}"),
