@@ -13,7 +13,20 @@ pub struct Nginx {
 pub const HELD_TOKEN: &str = "held-token-7c1e";
 
 impl Nginx {
+    /// An nginx that closes each kept connection after 5 requests, as busy
+    /// servers do, so tests meet requests in flight on a closing one.
     pub fn start(name: &str) -> Self {
+        Self::start_closing_after(name, 5)
+    }
+
+    /// An nginx that keeps connections as long as its default (1,000
+    /// requests), for benchmarks: what is measured is the proxy, not
+    /// handshakes.
+    pub fn steady(name: &str) -> Self {
+        Self::start_closing_after(name, 1000)
+    }
+
+    fn start_closing_after(name: &str, keepalive_requests: u32) -> Self {
         require_root();
         assert!(
             Path::new("/usr/sbin/nginx").exists(),
@@ -52,9 +65,8 @@ http {{
         ssl_client_certificate {d}/ca.pem;
         ssl_verify_client optional;
         default_type application/json;
-        # A connection closed (HTTP/2: GOAWAY) every 5 requests, as busy
-        # servers do: requests in flight on it meet the close.
-        keepalive_requests 5;
+        # A connection closed (HTTP/2: GOAWAY) every N requests.
+        keepalive_requests {keepalive_requests};
         if ($http_authorization != "Bearer {HELD_TOKEN}") {{
             return 401 '{{"error": "unauthorized"}}\n';
         }}

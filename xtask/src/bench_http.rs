@@ -13,7 +13,7 @@ use interlock_e2e::{Agent, HELD_TOKEN, Nginx, TestCgroup, free_port, sh_in};
 
 pub fn run(seconds: u32, mib: u64) -> Result<()> {
     crate::bench::prepare()?;
-    let nginx = Nginx::start("bench");
+    let nginx = Nginx::steady("bench");
     let download = nginx.file("-download", mib << 20);
     let proxy = ReverseProxy::start(&nginx)?;
     let cgroup = TestCgroup::new("bench-http");
