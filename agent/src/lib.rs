@@ -16,6 +16,7 @@ mod daemon;
 mod demo;
 mod intercept;
 mod keyfile;
+mod learn;
 mod masking;
 mod policy;
 mod principal;

@@ -141,14 +141,49 @@ struct AdminArgs {
 
 #[derive(Subcommand)]
 enum PolicyCommand {
-    /// Parse and validate a configuration (and its policy directory).
-    Check {
-        path: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
+    /// Parse and validate a configuration (and its policy directory); with
+    /// `--against-sessions`, replay recorded sessions through it and list
+    /// what it would have refused.
+    Check(CheckArgs),
     /// Show which rule decides for a workload on a target, and why.
     Explain(ExplainArgs),
+    /// Suggest the narrowest rules that allow what recorded sessions did,
+    /// each with its evidence (TOML for the policy directory).
+    Suggest(SuggestArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    path: PathBuf,
+    /// A file of `[[workload]]` and `[[rule]]` tables whose rules replace
+    /// the configuration's (what `policy suggest` writes).
+    #[arg(long)]
+    rules: Option<PathBuf>,
+    /// Replay recorded sessions (`--from`, `--since`, `--workload`,
+    /// `--target`) through the policy; exits 1 if it would refuse any of
+    /// what went through.
+    #[arg(long)]
+    against_sessions: bool,
+    #[command(flatten)]
+    from: sessions::FromArgs,
+    #[command(flatten)]
+    filter: sessions::FilterArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SuggestArgs {
+    #[command(flatten)]
+    from: sessions::FromArgs,
+    #[command(flatten)]
+    filter: sessions::FilterArgs,
+    /// Whom rules are for: the policy's workloads the callers matched, or
+    /// their systemd units or executables.
+    #[arg(long, value_enum, default_value = "workload")]
+    by: crate::learn::suggest::GroupBy,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -223,7 +258,13 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Policy(PolicyCommand::Check { path, json }) => policy_check(&path, json),
+        Command::Policy(PolicyCommand::Check(args)) if args.against_sessions => {
+            runtime()?.block_on(policy_replay(args))
+        }
+        Command::Policy(PolicyCommand::Check(args)) => {
+            policy_check(&args.path, args.rules.as_deref(), args.json)
+        }
+        Command::Policy(PolicyCommand::Suggest(args)) => runtime()?.block_on(policy_suggest(args)),
         Command::Policy(PolicyCommand::Explain(args)) => policy_explain(args),
         Command::Status(args) => {
             let data = call_agent(&args.config.config, Request::Status)?;
@@ -355,8 +396,67 @@ fn detach(args: &AdminArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn policy_check(path: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
-    match Config::load(path) {
+/// The configuration at `path`, with the rules of `rules` in place of its
+/// own when given.
+fn load_candidate(
+    path: &std::path::Path,
+    rules: Option<&std::path::Path>,
+) -> Result<Config, crate::config::ConfigError> {
+    match rules {
+        Some(rules) => Config::load_with_rules(path, rules),
+        None => Config::load(path),
+    }
+}
+
+async fn policy_suggest(args: SuggestArgs) -> anyhow::Result<ExitCode> {
+    let sessions = sessions::recorded(&args.from, &args.filter).await?;
+    let suggestion = crate::learn::suggest::suggest(&sessions, args.by);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&suggestion)?);
+    } else {
+        print!("{}", suggestion.to_toml());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn policy_replay(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let config = load_candidate(&args.path, args.rules.as_deref())?;
+    let sessions = sessions::recorded(&args.from, &args.filter).await?;
+    let replayed = crate::learn::replay::replay(&config.policy, &sessions);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&replayed)?);
+    } else {
+        println!(
+            "replayed {} decisions of {} sessions: {} would be refused",
+            replayed.decisions,
+            replayed.sessions,
+            replayed.would_deny.len()
+        );
+        for refused in &replayed.would_deny {
+            println!(
+                "  {} ({}) {}: {} — {}",
+                refused.session, refused.target, refused.what, refused.text, refused.reason
+            );
+        }
+        for target in &replayed.unknown_targets {
+            println!(
+                "  sessions on target {target:?}, which the policy does not have, were skipped"
+            );
+        }
+    }
+    Ok(if replayed.would_deny.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn policy_check(
+    path: &std::path::Path,
+    rules: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    match load_candidate(path, rules) {
         Ok(config) => {
             let summary = json!({
                 "valid": true,

@@ -156,6 +156,22 @@ fn shipper_settings(config: Option<&Config>, url: &str, args: &BucketArgs) -> Sh
     }
 }
 
+/// Every session the filter lets through, read back for learning.
+pub async fn recorded(
+    from: &FromArgs,
+    filter: &FilterArgs,
+) -> anyhow::Result<Vec<crate::learn::Recorded>> {
+    let source = open(from).await?;
+    let mut sessions = Vec::new();
+    for summary in source.list(&filter.filter()).await? {
+        let log = source.log(&summary.id).await?;
+        if let Some(session) = crate::learn::Recorded::read(&log) {
+            sessions.push(session);
+        }
+    }
+    Ok(sessions)
+}
+
 async fn open(from: &FromArgs) -> anyhow::Result<Source> {
     let config = Config::load(&from.config).ok();
     let socket = crate::config::admin_socket_of(&from.config);

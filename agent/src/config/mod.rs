@@ -56,6 +56,27 @@ impl Config {
         Self::from_main(main)
     }
 
+    /// Loads the main file and its policy directory with the rules of
+    /// `rules` in place of theirs: a candidate policy (`interlock policy
+    /// check --rules`), its workloads added to theirs.
+    pub fn load_with_rules(path: &Path, rules: &Path) -> Result<Self, ConfigError> {
+        let main = SourceFile::read(path)?;
+        let candidate = SourceFile::read(rules)?;
+        let spec = candidate.parse()?;
+        if let Some(span) = spec
+            .agent
+            .as_ref()
+            .map(|a| a.span())
+            .or(spec.target.first().map(|t| t.span()))
+        {
+            return Err(candidate.error_at(
+                span,
+                "a candidate's rules file holds [[workload]] and [[rule]] tables only (targets and [agent] come from the configuration)",
+            ));
+        }
+        Self::build(main, Some((candidate, spec)))
+    }
+
     /// Loads a configuration held in memory (the embedded demo); `name` is
     /// what errors call it.
     pub fn from_text(name: &str, text: &str) -> Result<Self, ConfigError> {
@@ -63,6 +84,15 @@ impl Config {
     }
 
     fn from_main(main: SourceFile) -> Result<Self, ConfigError> {
+        Self::build(main, None)
+    }
+
+    /// The main file, its policy directory, and a candidate's rules in
+    /// place of theirs when one is given.
+    fn build(
+        main: SourceFile,
+        candidate: Option<(SourceFile, file::FileSpec)>,
+    ) -> Result<Self, ConfigError> {
         let main_spec = main.parse()?;
         let agent = AgentSettings::from_spec(main_spec.agent.as_ref(), &main)?;
         let sessions = session_settings(main_spec.sessions.as_ref(), &main)?;
@@ -113,6 +143,12 @@ impl Config {
                 }
                 files.push((source, spec));
             }
+        }
+        if let Some(candidate) = candidate {
+            for (_, spec) in &mut files {
+                spec.rule.clear();
+            }
+            files.push(candidate);
         }
         let policy = build_policy(&files)?;
         let sources = files.into_iter().map(|(source, _)| source.path).collect();

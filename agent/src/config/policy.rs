@@ -349,6 +349,17 @@ fn build_rule(
         .as_ref()
         .map(|kinds| kinds.get_ref().iter().copied().collect());
     let tables = globs(source, "tables", &rule.tables, str::to_owned)?;
+    // `tables = []` is no table at all (not any table, as an absent key).
+    let no_tables = rule.tables.as_ref().is_some_and(|t| t.get_ref().is_empty());
+    if let Some(list) = &rule.tables
+        && no_tables
+        && rule.decision != crate::policy::Action::Allow
+    {
+        return Err(source.error_at(
+            list.span(),
+            "tables = [] (statements that touch no table) applies to allow rules; a deny or approve rule names the tables it is about, or leaves the key out for any",
+        ));
+    }
     let functions = globs(source, "functions", &rule.functions, str::to_owned)?;
     if let Some(role) = &rule.as_user
         && (rule.decision != crate::policy::Action::Allow || role.get_ref().is_empty())
@@ -377,6 +388,7 @@ fn build_rule(
         action: rule.decision,
         statements,
         tables,
+        no_tables,
         functions,
         as_user: rule.as_user.as_ref().map(|u| u.get_ref().clone()),
         masks,

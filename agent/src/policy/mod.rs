@@ -89,6 +89,9 @@ pub struct Rule {
     pub statements: Option<KindSet>,
     /// `schema.table` globs the rule is about (SQL targets); empty: any.
     pub tables: Vec<Pattern>,
+    /// An allow rule with `tables = []`: it covers only statements that
+    /// touch no table (`SELECT 1`, `SHOW`, `BEGIN`).
+    pub no_tables: bool,
     /// `schema.function` globs (SQL targets): an allow rule lets these be
     /// called besides the default built-ins; a deny or approve rule is
     /// about statements that call them.
@@ -287,6 +290,7 @@ impl Rule {
     fn is_statement_level(&self) -> bool {
         self.statements.is_some()
             || !self.tables.is_empty()
+            || self.no_tables
             || !self.functions.is_empty()
             || self.ssh.is_scoped()
             || !self.ssh.users.is_empty()
@@ -316,7 +320,11 @@ impl Rule {
             Action::Allow => {
                 self.statements
                     .is_none_or(|allowed| statement.kinds.is_subset(allowed))
-                    && (self.tables.is_empty() || statement.tables.iter().all(table_matches))
+                    && if self.no_tables {
+                        statement.tables.is_empty()
+                    } else {
+                        self.tables.is_empty() || statement.tables.iter().all(table_matches)
+                    }
                     && statement
                         .functions
                         .iter()

@@ -313,6 +313,56 @@ fn statement(kinds: &[StatementKind], tables: &[&str]) -> StatementInfo {
     }
 }
 
+/// `tables = []` on an allow rule is no table at all: `SELECT 1` and
+/// `SHOW` pass, a SELECT of any table does not; on a deny rule it is
+/// refused at load.
+#[test]
+fn an_empty_table_list_allows_only_statements_without_tables() {
+    use StatementKind as K;
+    let text = SQL_POLICY.replace(
+        "statements = [\"insert\", \"select\"]\ntables = [\"public.events\"]",
+        "statements = [\"select\", \"show\"]\ntables = []",
+    );
+    let (policy, _dir) = sql_policy_from(&text);
+    let ci = Workload {
+        unit: Some("ci.service".into()),
+        ..Workload::default()
+    };
+    let db = TargetId(0);
+    let rule = |info: &StatementInfo| {
+        let verdict = evaluate_statement(&policy, &ci, db, info);
+        (verdict.action, policy.rule_name(verdict.rule))
+    };
+    assert_eq!(
+        rule(&statement(&[K::Show], &[])),
+        (Action::Allow, Some("event-writes"))
+    );
+    // `reads` (public.*) comes first for a select of public.orders; one of
+    // another schema is covered by neither.
+    assert_eq!(
+        rule(&statement(&[K::Select], &["audit.log"])),
+        (Action::Deny, None)
+    );
+    let denied = SQL_POLICY.replace(
+        "statements = [\"delete\", \"truncate\"]",
+        "statements = [\"delete\", \"truncate\"]\ntables = []",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("pw");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let error = Config::from_text(
+        "sql.toml",
+        &denied.replace("PASSWORD_FILE", &secret.display().to_string()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("tables = [] (statements that touch no table) applies to allow rules"),
+        "{error}"
+    );
+}
+
 #[test]
 fn statements_need_every_kind_and_table_allowed_and_any_deny_hits() {
     use StatementKind as K;

@@ -118,6 +118,8 @@ async fn one_session(
             text: "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
             kinds: KindSet::from_iter([StatementKind::Select]),
             tables: &tables,
+            functions: &[],
+            unparsed: false,
             writes: false,
             decision: Action::Allow,
             enforced: true,

@@ -41,6 +41,14 @@ pub enum Event<'a> {
         text: &'a str,
         kinds: KindSet,
         tables: &'a [String],
+        /// The functions it calls that are not allowed by default (those
+        /// a rule must name); left out when none.
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        functions: &'a [&'a str],
+        /// It could not be checked (it is then denied unless a rule says
+        /// `unparsed = "allow"`); left out when it could.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        unparsed: bool,
         writes: bool,
         decision: Action,
         enforced: bool,

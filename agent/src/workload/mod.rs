@@ -15,10 +15,12 @@ pub use cgroup::{CgroupFs, container_id, systemd_unit};
 pub use exe_digest::ExeDigests;
 pub use resolver::{WorkloadResolver, user_name};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-/// The identity policy matches on and the access log records.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+/// The identity policy matches on and the access log records (and, read
+/// back from a session record, what learning decides for).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Workload {
     pub pid: u32,
     pub uid: u32,
@@ -46,7 +48,7 @@ pub struct Workload {
     pub live: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParentProcess {
     pub pid: u32,
     pub exe: Option<String>,

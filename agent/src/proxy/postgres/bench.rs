@@ -81,6 +81,7 @@ pub fn run(count: usize) -> Report {
                 StatementKind::Insert,
             ])),
             tables: vec![Pattern::new("public.*").expect("a valid glob")],
+            no_tables: false,
             functions: Vec::new(),
             allow_unparsed: false,
             as_user: None,

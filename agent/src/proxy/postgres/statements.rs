@@ -325,11 +325,20 @@ impl Audit {
         let n = recorder.next_statement();
         let statement = &decided.statements[index];
         let (action, _) = decided.verdicts[index];
+        // Only functions a rule must name: most statements call none.
+        let functions: Vec<&str> = statement
+            .functions
+            .iter()
+            .filter(|f| !crate::policy::functions::covered(&[], f))
+            .map(|f| f.name.as_str())
+            .collect();
         let ticket = recorder.append(&Event::Statement {
             n,
             text: &statement.text,
             kinds: statement.kinds,
             tables: &statement.tables,
+            functions: &functions,
+            unparsed: !statement.parsed,
             writes: statement.writes(),
             decision: action,
             enforced: decided.policy.enforce,
