@@ -215,8 +215,14 @@ impl Agent {
     pub fn write_policy(&self, policy: &str) {
         let port = self.listen_port();
         let settings = fs::read_to_string(self.workdir.join("settings")).unwrap_or_default();
+        // Enforcing, unless the settings say otherwise.
+        let mode = if settings.contains("mode =") {
+            ""
+        } else {
+            "mode = \"enforce\"\n"
+        };
         let text = format!(
-            "[agent]\nmode = \"enforce\"\ncgroup = {:?}\nlisten_port = {port}\nbpffs_dir = {:?}\nadmin_socket = {:?}\nstate_dir = {:?}\n{settings}\n\n{policy}",
+            "[agent]\n{mode}cgroup = {:?}\nlisten_port = {port}\nbpffs_dir = {:?}\nadmin_socket = {:?}\nstate_dir = {:?}\n{settings}\n\n{policy}",
             self.cgroup_dir.display().to_string(),
             self.bpffs_dir.display().to_string(),
             self.admin_socket().display().to_string(),

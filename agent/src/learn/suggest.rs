@@ -97,12 +97,12 @@ pub struct Evidence {
     pub last_us: u64,
     /// Up to two, literals redacted.
     pub examples: Vec<String>,
-    /// The sessions it came from (the first few).
+    /// The sessions it came from.
     pub sessions: BTreeSet<String>,
-    pub sessions_total: u64,
 }
 
 const EXAMPLES: usize = 2;
+/// Sessions named in a rule's comment; the rest are counted.
 const SESSIONS_SHOWN: usize = 3;
 
 impl Evidence {
@@ -121,10 +121,7 @@ impl Evidence {
             }
         }
         if !self.sessions.contains(session) {
-            self.sessions_total += 1;
-            if self.sessions.len() < SESSIONS_SHOWN {
-                self.sessions.insert(session.to_owned());
-            }
+            self.sessions.insert(session.to_owned());
         }
     }
 
@@ -144,12 +141,7 @@ impl Evidence {
                 self.examples.push(example.clone());
             }
         }
-        for session in &other.sessions {
-            if self.sessions.len() < SESSIONS_SHOWN {
-                self.sessions.insert(session.clone());
-            }
-        }
-        self.sessions_total = self.sessions_total.max(other.sessions_total);
+        self.sessions.extend(other.sessions.iter().cloned());
     }
 }
 
@@ -634,13 +626,22 @@ impl Suggestion {
         }
         for rule in &self.rules {
             let e = &rule.evidence;
+            let mut shown: Vec<&str> = e
+                .sessions
+                .iter()
+                .take(SESSIONS_SHOWN)
+                .map(String::as_str)
+                .collect();
+            if e.sessions.len() > SESSIONS_SHOWN {
+                shown.push("…");
+            }
             out.push_str(&format!(
                 "\n# seen {} times, {} to {}, in {} sessions ({})\n",
                 e.count,
                 time(e.first_us),
                 time(e.last_us),
-                e.sessions_total,
-                e.sessions.iter().cloned().collect::<Vec<_>>().join(", ")
+                e.sessions.len(),
+                shown.join(", ")
             ));
             for example in &e.examples {
                 out.push_str(&format!("# e.g. {}\n", one_line(example)));

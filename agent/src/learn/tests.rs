@@ -146,7 +146,7 @@ fn postgres_rules_allow_exactly_the_kinds_tables_and_functions_seen() {
     // Evidence: counts, literals redacted, the sessions.
     let select = &suggestion.rules[1].evidence;
     assert_eq!(select.count, 4);
-    assert_eq!(select.sessions_total, 2);
+    assert_eq!(select.sessions.len(), 2);
     assert!(
         select.examples[0].contains("id = $1"),
         "{:?}",
