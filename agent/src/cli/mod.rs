@@ -410,7 +410,7 @@ fn load_candidate(
 
 async fn policy_suggest(args: SuggestArgs) -> anyhow::Result<ExitCode> {
     let sessions = sessions::recorded(&args.from, &args.filter).await?;
-    let suggestion = crate::learn::suggest::suggest(&sessions, args.by);
+    let suggestion = crate::learn::suggest::suggest(&sessions, args.by, crate::sessions::now_us());
     if args.json {
         println!("{}", serde_json::to_string_pretty(&suggestion)?);
     } else {

@@ -179,6 +179,7 @@ pub struct Suggestion {
     pub workloads: Vec<(String, &'static str, String)>,
     pub rules: Vec<SuggestedRule>,
     pub unlearned: Vec<Unlearned>,
+    pub saturation: Vec<Saturation>,
     pub sessions: u64,
 }
 
@@ -197,6 +198,41 @@ struct Observed {
     /// Kubernetes: (namespace, resource) → verbs, evidence.
     kube: BTreeMap<(String, String), (BTreeSet<String>, Evidence)>,
     unlearned: BTreeMap<(String, String), Evidence>,
+    /// Each distinct behaviour (what a rule must allow: kinds with tables
+    /// and functions, a command's shape, a method and path) and when it
+    /// was first seen; and the days anything was seen.
+    behaviours: BTreeMap<String, u64>,
+    active_days: BTreeSet<String>,
+}
+
+impl Observed {
+    fn behaviour(&mut self, key: String, time_us: u64) {
+        self.active_days.insert(day(time_us));
+        self.behaviours
+            .entry(key)
+            .and_modify(|first| *first = (*first).min(time_us))
+            .or_insert(time_us);
+    }
+}
+
+/// Whether a caller's behaviour on a target has stopped growing: how
+/// many distinct behaviours were first seen each day it was active.
+#[derive(Debug, Serialize)]
+pub struct Saturation {
+    pub caller: Caller,
+    pub target: String,
+    pub behaviours: usize,
+    pub new_per_day: Vec<(String, u64)>,
+    pub last_new_us: u64,
+    /// Whole days since a new behaviour was last seen: 0 is still learning.
+    pub stable_days: u64,
+}
+
+const DAY_US: u64 = 86_400 * 1_000_000;
+
+/// The UTC date of a time.
+fn day(us: u64) -> String {
+    time(us)[..10].to_owned()
 }
 
 /// Statements of one set of kinds: the tables they touched, the
@@ -215,8 +251,9 @@ struct SshSeen {
     subsystems: BTreeMap<String, Evidence>,
 }
 
-/// Suggests rules for what `sessions` did.
-pub fn suggest(sessions: &[Recorded], by: GroupBy) -> Suggestion {
+/// Suggests rules for what `sessions` did; `now_us` is when, for how long
+/// behaviour has been stable.
+pub fn suggest(sessions: &[Recorded], by: GroupBy, now_us: u64) -> Suggestion {
     let mut observed: BTreeMap<(Caller, String), Observed> = BTreeMap::new();
     for session in sessions {
         let seen = observed
@@ -264,6 +301,24 @@ pub fn suggest(sessions: &[Recorded], by: GroupBy) -> Suggestion {
         }
         if seen.connections.count == 0 {
             continue;
+        }
+        if let Some(&last_new_us) = seen.behaviours.values().max() {
+            let new_per_day = seen
+                .active_days
+                .iter()
+                .map(|d| {
+                    let new = seen.behaviours.values().filter(|t| day(**t) == *d).count();
+                    (d.clone(), new as u64)
+                })
+                .collect();
+            suggestion.saturation.push(Saturation {
+                caller: caller.clone(),
+                target: target.clone(),
+                behaviours: seen.behaviours.len(),
+                new_per_day,
+                last_new_us,
+                stable_days: now_us.saturating_sub(last_new_us) / DAY_US,
+            });
         }
         let mut rule = |label: &str, keys: Vec<(String, Value)>, evidence: Evidence| {
             let base = slug(&format!("{}-{target}-{label}", caller.name()));
@@ -470,6 +525,15 @@ fn observe(seen: &mut Observed, session: &Recorded, did: &super::Did) {
             let mut kinds: Vec<&'static str> = kinds.iter().map(|k| k.as_str()).collect();
             kinds.sort_unstable();
             kinds.dedup();
+            seen.behaviour(
+                format!(
+                    "{}|{}|{}",
+                    kinds.join("+"),
+                    tables.join(","),
+                    functions.join(",")
+                ),
+                time,
+            );
             let entry = seen.statements.entry(kinds).or_default();
             entry.tables.extend(tables.iter().cloned());
             entry.functions.extend(functions.iter().cloned());
@@ -477,14 +541,25 @@ fn observe(seen: &mut Observed, session: &Recorded, did: &super::Did) {
         }
         What::Ssh { request, command } => {
             let user = session.ssh_user.clone().unwrap_or_default();
-            let ssh = seen.ssh.entry(user).or_default();
             match (request.as_str(), command) {
                 ("exec", Some(line)) => {
                     for words in commanded(line) {
+                        // Its shape: ids and numbers as `*`.
+                        let shape: Vec<&str> = words
+                            .iter()
+                            .map(|w| if shapes::is_id(w) { "*" } else { w.as_str() })
+                            .collect();
+                        seen.behaviour(format!("{user}|{}", shape.join(" ")), time);
+                        let ssh = seen.ssh.entry(user.clone()).or_default();
                         ssh.commands
                             .push((words, time, id.to_owned(), line.clone()));
                     }
+                    return;
                 }
+                _ => seen.behaviour(format!("{user}|{request}|{command:?}"), time),
+            }
+            let ssh = seen.ssh.entry(user).or_default();
+            match (request.as_str(), command) {
                 ("shell", _) => ssh.shell.add(time, id, || "shell".into()),
                 ("subsystem", Some(name)) => {
                     ssh.subsystems
@@ -514,6 +589,20 @@ fn observe(seen: &mut Observed, session: &Recorded, did: &super::Did) {
             if kube.is_some() && is_discovery(method, path, query.as_deref(), host) {
                 return;
             }
+            seen.behaviour(
+                match kube {
+                    Some(kube) if kube["is_resource"] == true => format!(
+                        "{}|{}|{}|{}|{}",
+                        kube["verb"],
+                        kube["group"],
+                        kube["resource"],
+                        kube["subresource"],
+                        kube["namespace"]
+                    ),
+                    _ => format!("{method} {}", shapes::path_template(path)),
+                },
+                time,
+            );
             match kube {
                 Some(kube) if kube["is_resource"] == true => {
                     let text = |key: &str| kube[key].as_str().unwrap_or("");
@@ -613,6 +702,30 @@ impl Suggestion {
              # `interlock policy check --against-sessions` before enforcing.\n",
             self.sessions
         );
+        if !self.saturation.is_empty() {
+            out.push_str(
+                "#\n# New behaviours first seen per day (enforce once they stop growing):\n",
+            );
+            for s in &self.saturation {
+                let days: Vec<String> = s
+                    .new_per_day
+                    .iter()
+                    .map(|(day, new)| format!("{day}: {new}"))
+                    .collect();
+                let state = match s.stable_days {
+                    0 => "still learning".to_owned(),
+                    1 => "stable for 1 day".to_owned(),
+                    n => format!("stable for {n} days"),
+                };
+                out.push_str(&format!(
+                    "#   {} on {}: {} behaviours; {} — {state}\n",
+                    s.caller.name(),
+                    s.target,
+                    s.behaviours,
+                    days.join(", ")
+                ));
+            }
+        }
         for (name, field, value) in &self.workloads {
             out.push_str(&format!(
                 "\n[[workload]]\nname = {}\n{field} = {}\n",

@@ -7,6 +7,9 @@ use super::{
 };
 use crate::{config::Config, sessions::view::SessionLog};
 
+/// A day after the sessions below.
+const NOW: u64 = 1_000_000 + 86_400 * 1_000_000;
+
 /// A session's record from its events (`time_us` counts up from `start`).
 fn session(id: &str, protocol: &str, target: &str, events: &[Value]) -> Recorded {
     let mut lines = vec![json!({
@@ -127,7 +130,7 @@ fn postgres_rules_allow_exactly_the_kinds_tables_and_functions_seen() {
             ],
         ),
     ];
-    let suggestion = suggest(&learned, GroupBy::Workload);
+    let suggestion = suggest(&learned, GroupBy::Workload, NOW);
     let toml = suggestion.to_toml();
     let rules: Vec<(&str, String)> = suggestion
         .rules
@@ -161,7 +164,7 @@ fn postgres_rules_allow_exactly_the_kinds_tables_and_functions_seen() {
         "{toml}"
     );
     // The same output from the same sessions.
-    assert_eq!(suggest(&learned, GroupBy::Workload).to_toml(), toml);
+    assert_eq!(suggest(&learned, GroupBy::Workload, NOW).to_toml(), toml);
 
     // Loaded with the configuration, it refuses none of what it came from...
     let (config, _dir) = config_with(&toml);
@@ -216,7 +219,7 @@ fn ssh_commands_become_patterns_of_what_varied() {
             )
         })
         .collect();
-    let suggestion = suggest(&learned, GroupBy::Workload);
+    let suggestion = suggest(&learned, GroupBy::Workload, NOW);
     let toml = suggestion.to_toml();
     assert_eq!(suggestion.rules.len(), 1, "{toml}");
     assert_eq!(
@@ -266,7 +269,7 @@ fn http_rules_take_methods_by_path_with_ids_as_globs() {
             request(4, "POST", "/api/v1/items"),
         ],
     )];
-    let suggestion = suggest(&learned, GroupBy::Workload);
+    let suggestion = suggest(&learned, GroupBy::Workload, NOW);
     let toml = suggestion.to_toml();
     let rules: Vec<String> = suggestion
         .rules
@@ -306,7 +309,7 @@ fn callers_are_grouped_by_workload_unit_or_executable() {
     let mut other = session("u1", "tcp", "db", &[]);
     other.workloads.clear();
     other.workload.unit = Some("backup.service".into());
-    let suggestion = suggest(&[other], GroupBy::Workload);
+    let suggestion = suggest(&[other], GroupBy::Workload, NOW);
     let toml = suggestion.to_toml();
     assert!(
         toml.contains("[[workload]]\nname = \"unit-backup-service\"\nunit = \"backup.service\""),
@@ -316,4 +319,58 @@ fn callers_are_grouped_by_workload_unit_or_executable() {
         toml.contains("workloads = [\"unit-backup-service\"]"),
         "{toml}"
     );
+}
+
+#[test]
+fn saturation_says_how_long_nothing_new_was_seen() {
+    const DAY: u64 = 86_400 * 1_000_000;
+    let at = |mut session: Recorded, day: u64| {
+        for did in &mut session.did {
+            did.time_us += day * DAY;
+        }
+        session
+    };
+    let read = |n: u64, table: &str| statement(n, "SELECT 1", "select", &[table]);
+    let sessions = vec![
+        at(
+            session(
+                "d0",
+                "postgres",
+                "db",
+                &[read(1, "public.a"), read(2, "public.b")],
+            ),
+            0,
+        ),
+        at(
+            session(
+                "d1",
+                "postgres",
+                "db",
+                &[read(1, "public.a"), read(2, "public.c")],
+            ),
+            1,
+        ),
+        at(session("d2", "postgres", "db", &[read(1, "public.c")]), 2),
+        at(session("d3", "postgres", "db", &[read(1, "public.b")]), 3),
+    ];
+    let suggestion = suggest(&sessions, GroupBy::Workload, 1_000_000 + 4 * DAY);
+    let s = &suggestion.saturation[0];
+    assert_eq!(s.behaviours, 3);
+    let new: Vec<u64> = s.new_per_day.iter().map(|(_, n)| *n).collect();
+    assert_eq!(new, [2, 1, 0, 0]);
+    assert_eq!(s.stable_days, 2);
+    let toml = suggestion.to_toml();
+    assert!(
+        toml.contains("ci on db: 3 behaviours; 1970-01-01: 2, 1970-01-02: 1, 1970-01-03: 0, 1970-01-04: 0 — stable for 2 days"),
+        "{toml}"
+    );
+    // A new behaviour today: still learning.
+    let mut more = sessions;
+    more.push(at(
+        session("d4", "postgres", "db", &[read(1, "public.d")]),
+        4,
+    ));
+    let suggestion = suggest(&more, GroupBy::Workload, 1_000_000 + 4 * DAY + 1000);
+    assert_eq!(suggestion.saturation[0].stable_days, 0);
+    assert!(suggestion.to_toml().contains("— still learning"));
 }
