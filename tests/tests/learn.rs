@@ -227,15 +227,52 @@ fn a_learned_policy_lets_the_jobs_run_and_refuses_the_rest() {
         "{replayed}"
     );
 
-    // Enforced: the learned rules are the policy.
+    // Rolled out first: the agent enforces, the learned rules do not yet.
+    // The jobs pass; an outlier passes too, recorded as what the rules
+    // would refuse.
+    let out = agent.cli(&["policy", "suggest", "--rollout"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rollout = stdout(&out);
+    assert_eq!(
+        rollout.matches("enforce = false\n").count(),
+        learned.matches("[[rule]]").count()
+    );
     fs::write(agent.workdir.join("settings"), "").unwrap();
+    agent.write_policy(&format!("{targets}\n{rollout}"));
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    jobs(4);
+    // (Learned since: the audit-mode outliers above. Not this.)
+    let out = psql("DELETE FROM audit_log WHERE id = 42;\n");
+    assert!(out.status.success(), "in rollout: {}", stderr(&out));
+    let sessions = agent.cli(&["sessions", "list", "--json"]);
+    let would_refuse = stdout(&sessions)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .flat_map(|l| {
+            let id = serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let shown: serde_json::Value =
+                serde_json::from_slice(&agent.cli(&["sessions", "show", &id, "--json"]).stdout)
+                    .unwrap();
+            shown["events"].as_array().unwrap().clone()
+        })
+        .find(|e| e["kind"] == "statement" && e["text"].as_str().unwrap_or("").contains("id = 42"))
+        .expect("the outlier is recorded");
+    assert_eq!(
+        (&would_refuse["decision"], &would_refuse["enforced"]),
+        (&serde_json::json!("deny"), &serde_json::json!(false)),
+        "{would_refuse}"
+    );
+
+    // Enforced: the learned rules are the policy.
     agent.write_policy(&format!("{targets}\n{learned}"));
     let out = agent.cli(&["reload"]);
     assert!(out.status.success(), "{}", stderr(&out));
     // The jobs pass again, with other values.
-    for run in 4..=5 {
-        jobs(run);
-    }
+    jobs(5);
     // What was never seen is refused, and changes nothing.
     let orders_before = pg.admin_sql("postgres", "SELECT count(*) FROM orders");
     let out = psql("DELETE FROM orders;\n");

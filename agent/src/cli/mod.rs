@@ -182,6 +182,10 @@ struct SuggestArgs {
     /// their systemd units or executables.
     #[arg(long, value_enum, default_value = "workload")]
     by: crate::learn::suggest::GroupBy,
+    /// Write each rule with `enforce = false`: what the rules would refuse
+    /// is logged and passes, until the line is removed.
+    #[arg(long)]
+    rollout: bool,
     #[arg(long)]
     json: bool,
 }
@@ -414,7 +418,7 @@ async fn policy_suggest(args: SuggestArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&suggestion)?);
     } else {
-        print!("{}", suggestion.to_toml());
+        print!("{}", suggestion.to_toml(args.rollout));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -308,6 +308,9 @@ pub struct RuleSpec {
     /// SQL targets: what an allow rule does with statements that do not
     /// parse; `deny` unless set.
     pub unparsed: Option<Located<Unparsed>>,
+    /// `false`: the rule is rolled out in audit (what it would refuse is
+    /// logged and passes); `true` unless set.
+    pub enforce: Option<bool>,
     /// SQL targets: the role sessions admitted by this rule take.
     pub as_user: Option<Located<String>>,
     /// SQL targets: values this rule's workloads see masked.

@@ -389,6 +389,7 @@ fn build_rule(
         statements,
         tables,
         no_tables,
+        enforce: rule.enforce.unwrap_or(true),
         functions,
         as_user: rule.as_user.as_ref().map(|u| u.get_ref().clone()),
         masks,

@@ -41,6 +41,9 @@ pub struct Admitted {
     pub active: Arc<ActivePolicy>,
     pub target: TargetId,
     pub verdict: Verdict,
+    /// The verdict is applied: the agent enforces, and the deciding rule
+    /// (or, for the default deny, the workload's rules) is not in rollout.
+    pub enforced: bool,
     /// The session's record: its start and the decision are appended,
     /// durable once `started` is (see [`Admitted::durable`]).
     pub recorder: Arc<Recorder>,
@@ -132,10 +135,11 @@ pub async fn admit(
         .identify(conn.access.session_id, &target.name, workload.pid);
 
     let verdict = evaluate(&active.policy, &workload, target_id);
+    let enforced = active.enforce && active.policy.enforces(verdict.rule, &workload, target_id);
     let access = &mut conn.access;
     access.target = Some(target.name.clone());
     access.decision = Some(verdict.action);
-    access.enforced = active.enforce;
+    access.enforced = enforced;
     access.rule = active.policy.rule_name(verdict.rule).map(str::to_owned);
     access.reason = Some(verdict.reason.clone());
 
@@ -147,6 +151,7 @@ pub async fn admit(
         active: &active,
         target,
         verdict: &verdict,
+        enforced,
     };
     let (recorder, started) = match begin_session(&gate.store, begin) {
         Ok((recorder, started)) => (Arc::new(recorder), started),
@@ -156,7 +161,7 @@ pub async fn admit(
         }
     };
     conn.recorder = Some(recorder.clone());
-    if verdict.denied() && active.enforce {
+    if verdict.denied() && enforced {
         tracing::info!(reason = %verdict.reason, "denied");
         // The decision is on record before the client hears of it.
         if let Err(error) = recorder.durable(started).await {
@@ -177,6 +182,7 @@ pub async fn admit(
         active,
         target: target_id,
         verdict,
+        enforced,
         recorder,
         started,
     })
@@ -236,6 +242,7 @@ struct Begin<'a> {
     active: &'a ActivePolicy,
     target: &'a Target,
     verdict: &'a Verdict,
+    enforced: bool,
 }
 
 /// Opens the session's record: its start and the connection's decision,
@@ -249,6 +256,7 @@ fn begin_session(store: &Arc<Store>, begin: Begin<'_>) -> Result<(Recorder, Tick
         active,
         target,
         verdict,
+        enforced,
     } = begin;
     store.admit()?;
     let workloads = crate::policy::matching_workloads(&active.policy, workload);
@@ -289,7 +297,7 @@ fn begin_session(store: &Arc<Store>, begin: Begin<'_>) -> Result<(Recorder, Tick
     };
     let connection = Event::Connection {
         decision: verdict.action,
-        enforced: active.enforce,
+        enforced,
         rule,
         reason: &verdict.reason,
     };

@@ -695,7 +695,9 @@ fn slug(text: &str) -> String {
 impl Suggestion {
     /// The suggestion as a policy file: the workloads it needs, then each
     /// rule with its evidence as comments; what was not learned at the end.
-    pub fn to_toml(&self) -> String {
+    /// `rollout`: each rule with `enforce = false`, so what it would refuse
+    /// is logged and passes until it is removed.
+    pub fn to_toml(&self, rollout: bool) -> String {
         let mut out = format!(
             "# Suggested by `interlock policy suggest` from {} sessions.\n\
              # Each rule allows what was seen, no more; check it with\n\
@@ -765,6 +767,9 @@ impl Suggestion {
                 quoted(&rule.caller.name()),
                 quoted(&rule.target)
             ));
+            if rollout {
+                out.push_str("enforce = false\n");
+            }
             for (key, value) in &rule.keys {
                 let value = match value {
                     Value::Bool(b) => b.to_string(),

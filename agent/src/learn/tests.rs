@@ -131,7 +131,7 @@ fn postgres_rules_allow_exactly_the_kinds_tables_and_functions_seen() {
         ),
     ];
     let suggestion = suggest(&learned, GroupBy::Workload, NOW);
-    let toml = suggestion.to_toml();
+    let toml = suggestion.to_toml(false);
     let rules: Vec<(&str, String)> = suggestion
         .rules
         .iter()
@@ -164,7 +164,10 @@ fn postgres_rules_allow_exactly_the_kinds_tables_and_functions_seen() {
         "{toml}"
     );
     // The same output from the same sessions.
-    assert_eq!(suggest(&learned, GroupBy::Workload, NOW).to_toml(), toml);
+    assert_eq!(
+        suggest(&learned, GroupBy::Workload, NOW).to_toml(false),
+        toml
+    );
 
     // Loaded with the configuration, it refuses none of what it came from...
     let (config, _dir) = config_with(&toml);
@@ -220,7 +223,7 @@ fn ssh_commands_become_patterns_of_what_varied() {
         })
         .collect();
     let suggestion = suggest(&learned, GroupBy::Workload, NOW);
-    let toml = suggestion.to_toml();
+    let toml = suggestion.to_toml(false);
     assert_eq!(suggestion.rules.len(), 1, "{toml}");
     assert_eq!(
         serde_json::to_string(&suggestion.rules[0].keys).unwrap(),
@@ -270,7 +273,7 @@ fn http_rules_take_methods_by_path_with_ids_as_globs() {
         ],
     )];
     let suggestion = suggest(&learned, GroupBy::Workload, NOW);
-    let toml = suggestion.to_toml();
+    let toml = suggestion.to_toml(false);
     let rules: Vec<String> = suggestion
         .rules
         .iter()
@@ -310,7 +313,7 @@ fn callers_are_grouped_by_workload_unit_or_executable() {
     other.workloads.clear();
     other.workload.unit = Some("backup.service".into());
     let suggestion = suggest(&[other], GroupBy::Workload, NOW);
-    let toml = suggestion.to_toml();
+    let toml = suggestion.to_toml(false);
     assert!(
         toml.contains("[[workload]]\nname = \"unit-backup-service\"\nunit = \"backup.service\""),
         "{toml}"
@@ -359,7 +362,7 @@ fn saturation_says_how_long_nothing_new_was_seen() {
     let new: Vec<u64> = s.new_per_day.iter().map(|(_, n)| *n).collect();
     assert_eq!(new, [2, 1, 0, 0]);
     assert_eq!(s.stable_days, 2);
-    let toml = suggestion.to_toml();
+    let toml = suggestion.to_toml(false);
     assert!(
         toml.contains("ci on db: 3 behaviours; 1970-01-01: 2, 1970-01-02: 1, 1970-01-03: 0, 1970-01-04: 0 — stable for 2 days"),
         "{toml}"
@@ -372,5 +375,5 @@ fn saturation_says_how_long_nothing_new_was_seen() {
     ));
     let suggestion = suggest(&more, GroupBy::Workload, 1_000_000 + 4 * DAY + 1000);
     assert_eq!(suggestion.saturation[0].stable_days, 0);
-    assert!(suggestion.to_toml().contains("— still learning"));
+    assert!(suggestion.to_toml(false).contains("— still learning"));
 }

@@ -92,6 +92,10 @@ pub struct Rule {
     /// An allow rule with `tables = []`: it covers only statements that
     /// touch no table (`SELECT 1`, `SHOW`, `BEGIN`).
     pub no_tables: bool,
+    /// `enforce = false`: the rule is in rollout. What it refuses (or
+    /// holds) is logged and passes; an allow rule in rollout does the same
+    /// for the default deny of its workloads on its targets.
+    pub enforce: bool,
     /// `schema.function` globs (SQL targets): an allow rule lets these be
     /// called besides the default built-ins; a deny or approve rule is
     /// about statements that call them.
@@ -752,6 +756,23 @@ fn masks_of_rules<'p>(
         .iter()
         .chain(rules.flat_map(|rule| rule.masks.iter()))
         .collect()
+}
+
+impl Policy {
+    /// Whether a decision by `rule` (none: the default deny) for this
+    /// workload on `target` is applied, the agent's mode aside: not by a
+    /// rule in rollout (`enforce = false`), nor the default deny where an
+    /// allow rule for the workload and target is in rollout.
+    pub fn enforces(&self, rule: Option<RuleId>, workload: &Workload, target: TargetId) -> bool {
+        match rule {
+            Some(id) => self.rule(id).enforce,
+            None => !self.rules.iter().any(|rule| {
+                !rule.enforce
+                    && rule.action == Action::Allow
+                    && applies(self, rule, workload, target)
+            }),
+        }
+    }
 }
 
 /// Names of the workload definitions that match, for `policy explain`.

@@ -313,6 +313,57 @@ fn statement(kinds: &[StatementKind], tables: &[&str]) -> StatementInfo {
     }
 }
 
+/// `enforce = false` puts a rule in rollout: what it decides, and the
+/// default deny of the workload it allows on that target, is not applied;
+/// other workloads, targets and rules are as before.
+#[test]
+fn rules_in_rollout_are_not_enforced_nor_the_default_deny_they_stand_for() {
+    use StatementKind as K;
+    let text = SQL_POLICY
+        .replace(
+            "name = \"event-writes\"",
+            "name = \"event-writes\"\nenforce = false",
+        )
+        .replace(
+            "name = \"no-deletes\"",
+            "name = \"no-deletes\"\nenforce = false",
+        );
+    let (policy, _dir) = sql_policy_from(&text);
+    let ci = Workload {
+        unit: Some("ci.service".into()),
+        ..Workload::default()
+    };
+    let other = Workload {
+        unit: Some("other.service".into()),
+        ..Workload::default()
+    };
+    let db = TargetId(0);
+    let verdict = |workload: &Workload, info: &StatementInfo| {
+        let verdict = evaluate_statement(&policy, workload, db, info);
+        (verdict.action, policy.enforces(verdict.rule, workload, db))
+    };
+    // Decided by a rule in rollout: not applied.
+    assert_eq!(
+        verdict(&ci, &statement(&[K::Delete], &["public.events"])),
+        (Action::Deny, false)
+    );
+    // The default deny, for a workload an allow rule in rollout is for.
+    assert_eq!(
+        verdict(&ci, &statement(&[K::Update], &["audit.log"])),
+        (Action::Deny, false)
+    );
+    // An enforced rule decides as before.
+    assert_eq!(
+        verdict(&ci, &statement(&[K::Select], &["public.orders"])),
+        (Action::Allow, true)
+    );
+    // Another workload's default deny is applied.
+    assert_eq!(
+        verdict(&other, &statement(&[K::Update], &["audit.log"])),
+        (Action::Deny, true)
+    );
+}
+
 /// `tables = []` on an allow rule is no table at all: `SELECT 1` and
 /// `SHOW` pass, a SELECT of any table does not; on a deny rule it is
 /// refused at load.

@@ -334,10 +334,12 @@ impl Connection {
         let (mut json_masks, mut patterns) = (Vec::new(), None);
         let (decision, kube, read) = match reading {
             Err(unreadable) => (
-                Decision {
-                    verdict: Verdict::refused(unreadable.to_string()),
+                Decision::new(
+                    Verdict::refused(unreadable.to_string()),
                     active,
-                },
+                    &self.workload,
+                    None,
+                ),
                 None,
                 false,
             ),
@@ -458,7 +460,8 @@ impl Connection {
 
     /// Decides a readable request under `active`.
     fn decide(&self, request: &HttpRequest, active: Arc<ActivePolicy>) -> Decision {
-        let verdict = match active.policy.target_id(&self.target) {
+        let target = active.policy.target_id(&self.target);
+        let verdict = match target {
             Some(target) => {
                 crate::policy::evaluate_http(&active.policy, &self.workload, target, request)
             }
@@ -467,7 +470,7 @@ impl Connection {
                 self.target
             )),
         };
-        Decision { verdict, active }
+        Decision::new(verdict, active, &self.workload, target)
     }
 
     /// Holds the request until a person answers; the client just waits.
@@ -480,10 +483,12 @@ impl Connection {
     ) -> Result<(), Response<Body>> {
         let policy = &decision.active.policy;
         let forbidden = |why: String| {
-            let refused = Decision {
-                verdict: Verdict::refused(why),
-                active: decision.active.clone(),
-            };
+            let refused = Decision::new(
+                Verdict::refused(why),
+                decision.active.clone(),
+                &self.workload,
+                None,
+            );
             self.refusal(StatusCode::FORBIDDEN, &refused, grpc)
         };
         let Some(rule) = decision.verdict.rule.map(|id| policy.rule(id)) else {

@@ -183,11 +183,31 @@ async fn handle(context: Arc<ProxyContext>, stream: TcpStream, client: ClientAdd
 pub(crate) struct Decision {
     pub verdict: crate::policy::Verdict,
     pub active: Arc<crate::policy::ActivePolicy>,
+    /// The verdict is applied (the agent enforces; no rule in rollout
+    /// decided it).
+    enforced: bool,
 }
 
 impl Decision {
+    /// A verdict for `workload` on `target` (none: the target left the
+    /// policy), applied as the policy says.
+    pub fn new(
+        verdict: crate::policy::Verdict,
+        active: Arc<crate::policy::ActivePolicy>,
+        workload: &crate::workload::Workload,
+        target: Option<crate::policy::TargetId>,
+    ) -> Self {
+        let enforced = active.enforce
+            && target.is_none_or(|target| active.policy.enforces(verdict.rule, workload, target));
+        Self {
+            verdict,
+            active,
+            enforced,
+        }
+    }
+
     pub fn enforced(&self) -> bool {
-        self.active.enforce
+        self.enforced
     }
 
     pub fn rule_name(&self) -> Option<&str> {

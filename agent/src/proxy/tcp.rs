@@ -50,10 +50,11 @@ pub async fn serve(context: &ProxyContext, admitted: Admitted) {
         active,
         target,
         verdict,
+        enforced,
         recorder,
         started,
     } = admitted;
-    if verdict.action == Action::Approve && active.enforce {
+    if verdict.action == Action::Approve && enforced {
         let target = &active.policy.target(target).name;
         let asked = approve(
             context, &stream, &recorder, &workload, &active, target, &verdict,

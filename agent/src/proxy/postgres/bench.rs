@@ -82,6 +82,7 @@ pub fn run(count: usize) -> Report {
             ])),
             tables: vec![Pattern::new("public.*").expect("a valid glob")],
             no_tables: false,
+            enforce: true,
             functions: Vec::new(),
             allow_unparsed: false,
             as_user: None,

@@ -276,7 +276,7 @@ impl<'s> Requests<'s> {
     /// Records a denied query, writes its audit lines and logs the denial.
     fn record_denial(&mut self, decided: &Arc<Decided>) -> Result<(), WireError> {
         for audit in self.record(decided)? {
-            let (action, _) = decided.verdicts[audit.index];
+            let (action, ..) = decided.verdicts[audit.index];
             let outcome = match action {
                 crate::policy::Action::Deny => StatementOutcome::Denied,
                 crate::policy::Action::Allow | crate::policy::Action::Approve => {
@@ -413,7 +413,7 @@ impl<'s> Requests<'s> {
             self.record(&hold.decided)?
         };
         for audit in audits {
-            let (action, _) = hold.decided.verdicts[audit.index];
+            let (action, ..) = hold.decided.verdicts[audit.index];
             let outcome = match action {
                 crate::policy::Action::Allow => StatementOutcome::NotRun,
                 _ => StatementOutcome::Denied,

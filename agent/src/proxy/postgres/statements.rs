@@ -54,9 +54,10 @@ pub struct Decided {
     pub analysed: Arc<[Analysed]>,
     /// The statements as this session's names resolve them.
     pub statements: Arc<[StatementInfo]>,
-    /// Per statement: the action and the deciding rule (index in the
-    /// policy's rules).
-    pub verdicts: Box<[(Action, Option<RuleId>)]>,
+    /// Per statement: the action, the deciding rule (index in the
+    /// policy's rules), and whether the action is applied (the agent
+    /// enforces and no rule in rollout decided it).
+    pub verdicts: Box<[(Action, Option<RuleId>, bool)]>,
     /// Set when a statement is denied and enforcement is on: the SQLSTATE
     /// and message the client gets. None of the query runs.
     pub denial: Option<Denial>,
@@ -79,7 +80,7 @@ pub struct Denial {
 
 impl Decided {
     pub fn rule_name(&self, index: usize) -> Option<&str> {
-        let (_, rule) = self.verdicts.get(index)?;
+        let (_, rule, _) = self.verdicts.get(index)?;
         self.policy.policy.rule_name(*rule)
     }
 }
@@ -207,12 +208,12 @@ pub fn decide(
             (Some(_), Masking::Unresolved(why)) => (Action::Deny, None, why.to_string()),
             (Some(id), _) => decide_one(session, &policy.policy, id, statement, masking),
         };
+        let enforced = policy.enforce
+            && target.is_none_or(|id| policy.policy.enforces(rule, &session.workload, id));
         // A statement over the size limit is refused even in audit mode:
         // it is never parsed, so it is never checked.
         let too_large = analysed.parsed.too_large;
-        if action == Action::Deny
-            && (policy.enforce || target.is_none() || too_large)
-            && denial.is_none()
+        if action == Action::Deny && (enforced || target.is_none() || too_large) && denial.is_none()
         {
             let message = match policy.policy.rule_name(rule) {
                 Some(name) => format!("statement denied by rule {name:?}: {reason}"),
@@ -221,7 +222,7 @@ pub fn decide(
             let code = if too_large { "54000" } else { "42501" };
             denial = Some(Denial { code, message });
         }
-        if action == Action::Approve && policy.enforce && denial.is_none() {
+        if action == Action::Approve && enforced && denial.is_none() {
             match (approval, rule) {
                 (None, Some(asking)) => approval = Some(asking),
                 (Some(first), Some(asking)) if first != asking => {
@@ -237,7 +238,7 @@ pub fn decide(
                 _ => {}
             }
         }
-        verdicts.push((action, rule));
+        verdicts.push((action, rule, enforced));
     }
     Decided {
         policy: policy.clone(),
@@ -324,7 +325,7 @@ impl Audit {
         let recorder = &session.recorder;
         let n = recorder.next_statement();
         let statement = &decided.statements[index];
-        let (action, _) = decided.verdicts[index];
+        let (action, _, enforced) = decided.verdicts[index];
         // Only functions a rule must name: most statements call none.
         let functions: Vec<&str> = statement
             .functions
@@ -341,7 +342,7 @@ impl Audit {
             unparsed: !statement.parsed,
             writes: statement.writes(),
             decision: action,
-            enforced: decided.policy.enforce,
+            enforced,
             rule: decided.rule_name(index),
         })?;
         recorder.count_statement(action == Action::Deny);
@@ -368,7 +369,7 @@ impl Audit {
         let Some(statement) = self.decided.statements.get(self.index) else {
             return;
         };
-        let (action, _) = self.decided.verdicts[self.index];
+        let (action, _, enforced) = self.decided.verdicts[self.index];
         if action == Action::Deny || outcome == StatementOutcome::Denied {
             counts.denied.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -405,7 +406,7 @@ impl Audit {
             tables: &statement.tables,
             writes: statement.writes(),
             decision: action,
-            enforced: self.decided.policy.enforce,
+            enforced,
             rule: self.decided.rule_name(self.index),
             outcome,
             rows: ran.then_some(rows),

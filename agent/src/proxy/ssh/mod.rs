@@ -129,15 +129,17 @@ impl Connection {
                 self.target
             )),
         };
-        Decision { verdict, active }
+        Decision::new(verdict, active, &self.workload, target)
     }
 
     /// What the agent never passes on, whatever the policy.
     fn refused(&self, reason: &str) -> Decision {
-        Decision {
-            verdict: Verdict::refused(reason),
-            active: self.context.gate.active.load_full(),
-        }
+        Decision::new(
+            Verdict::refused(reason),
+            self.context.gate.active.load_full(),
+            &self.workload,
+            None,
+        )
     }
 
     /// The free-text masks `decision`'s policy puts on this workload's
