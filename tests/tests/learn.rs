@@ -289,5 +289,18 @@ fn a_learned_policy_lets_the_jobs_run_and_refuses_the_rest() {
     let out = ssh(&format!("{} v9.9.9 --env production", deploy.display()));
     assert!(!out.status.success(), "a deploy to production ran");
     assert_eq!(fs::read_to_string(&keep).unwrap(), "still here\n");
+
+    // Against the policy now live: each learned rule was used.
+    let out = agent.cli(&["policy", "suggest", "--policy", config]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let compared = stdout(&out);
+    assert!(
+        compared.contains("# Against the current policy"),
+        "{compared}"
+    );
+    assert!(
+        compared.contains("#   rule \"ci-jobs-orders-db-update\" allowed "),
+        "{compared}"
+    );
     let _ = fs::remove_dir_all(&scratch);
 }

@@ -186,6 +186,10 @@ struct SuggestArgs {
     /// is logged and passes, until the line is removed.
     #[arg(long)]
     rollout: bool,
+    /// Compare with this configuration's policy: what its allow rules
+    /// allowed that nothing used, rules and workloads nothing used.
+    #[arg(long)]
+    policy: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -415,10 +419,34 @@ fn load_candidate(
 async fn policy_suggest(args: SuggestArgs) -> anyhow::Result<ExitCode> {
     let sessions = sessions::recorded(&args.from, &args.filter).await?;
     let suggestion = crate::learn::suggest::suggest(&sessions, args.by, crate::sessions::now_us());
+    let against = match &args.policy {
+        Some(path) => Some(crate::learn::against::against(
+            &Config::load(path)?.policy,
+            &sessions,
+        )),
+        None => None,
+    };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&suggestion)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "suggestion": suggestion,
+                "against_policy": against,
+            }))?
+        );
     } else {
-        print!("{}", suggestion.to_toml(args.rollout));
+        let toml = suggestion.to_toml(args.rollout);
+        match (&against, &args.policy) {
+            (Some(against), Some(path)) => {
+                // The comparison goes after the header, before the rules.
+                let (head, rules) = toml.split_once("\n\n").unwrap_or((&toml, ""));
+                print!(
+                    "{head}\n{}\n{rules}",
+                    against.to_comments(&path.display().to_string())
+                );
+            }
+            _ => print!("{toml}"),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

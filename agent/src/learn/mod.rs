@@ -5,6 +5,7 @@
 //! [`suggest`] turns them into the narrowest rules that allow what ran,
 //! each with its evidence; [`replay`] runs recorded sessions through a
 //! candidate policy and says what it would have refused.
+pub mod against;
 mod recorded;
 pub mod replay;
 mod shapes;

@@ -377,3 +377,77 @@ fn saturation_says_how_long_nothing_new_was_seen() {
     assert_eq!(suggestion.saturation[0].stable_days, 0);
     assert!(suggestion.to_toml(false).contains("— still learning"));
 }
+
+#[test]
+fn the_current_policy_is_compared_with_what_was_used() {
+    let broad = r#"
+[[workload]]
+name = "nightly"
+unit = "nightly.service"
+
+[[rule]]
+name = "ci-writes-everything"
+workloads = ["ci"]
+targets = ["db"]
+decision = "allow"
+statements = ["select", "insert", "update", "delete"]
+tables = ["public.*", "audit.*"]
+
+[[rule]]
+name = "nightly-reads"
+workloads = ["nightly"]
+targets = ["db"]
+decision = "allow"
+statements = ["select"]
+"#;
+    let (config, _dir) = config_with(broad);
+    let decided = |mut event: Value| {
+        event["decision"] = json!("allow");
+        event["enforced"] = json!(true);
+        event["rule"] = json!("ci-writes-everything");
+        event
+    };
+    let sessions = vec![session(
+        "p1",
+        "postgres",
+        "db",
+        &[
+            decided(statement(
+                1,
+                "SELECT * FROM orders",
+                "select",
+                &["public.orders"],
+            )),
+            decided(statement(
+                2,
+                "INSERT INTO orders VALUES (1)",
+                "insert",
+                &["public.orders"],
+            )),
+        ],
+    )];
+    let against = super::against::against(&config.policy, &sessions);
+    assert_eq!(against.rules.len(), 1);
+    let used = &against.rules[0];
+    assert_eq!(used.decisions, 2);
+    assert_eq!(
+        used.kinds_unused.as_deref(),
+        Some(&["update".to_owned(), "delete".to_owned()][..])
+    );
+    assert_eq!(used.table_globs_unused, ["audit.*"]);
+    assert_eq!(against.unused_rules, ["nightly-reads"]);
+    assert_eq!(against.idle_workloads, ["nightly"]);
+    let comments = against.to_comments("interlock.toml");
+    assert!(
+        comments.contains("rule \"ci-writes-everything\" allowed 2 times; allows, never used: statements update, delete; tables audit.*"),
+        "{comments}"
+    );
+    assert!(
+        comments.contains("rule \"nightly-reads\" allowed nothing"),
+        "{comments}"
+    );
+    assert!(
+        comments.contains("workload \"nightly\" had no sessions"),
+        "{comments}"
+    );
+}

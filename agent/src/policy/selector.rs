@@ -20,6 +20,11 @@ impl Pattern {
     pub fn matches(&self, value: &str) -> bool {
         self.matcher.is_match(value)
     }
+
+    /// The glob as written.
+    pub fn as_str(&self) -> &str {
+        self.matcher.glob().glob()
+    }
 }
 
 /// Every field that is set must match (AND); within a field, any of its
