@@ -153,6 +153,8 @@ pub struct SuggestedRule {
     pub target: String,
     pub keys: Vec<(String, Value)>,
     pub evidence: Evidence,
+    /// SSH: each command pattern with the commands it came from (two).
+    pub patterns_from: Vec<(String, Vec<String>)>,
 }
 
 /// A rule key's value.
@@ -320,7 +322,11 @@ pub fn suggest(sessions: &[Recorded], by: GroupBy, now_us: u64) -> Suggestion {
                 stable_days: now_us.saturating_sub(last_new_us) / DAY_US,
             });
         }
-        let mut rule = |label: &str, keys: Vec<(String, Value)>, evidence: Evidence| {
+        let mut patterns_from = Vec::new();
+        let mut rule = |label: &str,
+                        keys: Vec<(String, Value)>,
+                        evidence: Evidence,
+                        patterns_from: Vec<(String, Vec<String>)>| {
             let base = slug(&format!("{}-{target}-{label}", caller.name()));
             let mut name = base.clone();
             let mut n = 2;
@@ -334,6 +340,7 @@ pub fn suggest(sessions: &[Recorded], by: GroupBy, now_us: u64) -> Suggestion {
                 target: target.clone(),
                 keys,
                 evidence,
+                patterns_from,
             });
         };
         let list = |items: &BTreeSet<String>| Value::List(items.iter().cloned().collect());
@@ -359,7 +366,7 @@ pub fn suggest(sessions: &[Recorded], by: GroupBy, now_us: u64) -> Suggestion {
                         keys.push(("functions".into(), list(&seen_kinds.functions)));
                     }
                     let label = names.iter().cloned().collect::<Vec<_>>().join("-");
-                    rule(&label, keys, seen_kinds.evidence.clone());
+                    rule(&label, keys, seen_kinds.evidence.clone(), Vec::new());
                 }
                 if !tableless_kinds.is_empty() || seen.statements.is_empty() {
                     // No statement at all: a rule that admits the
@@ -376,7 +383,7 @@ pub fn suggest(sessions: &[Recorded], by: GroupBy, now_us: u64) -> Suggestion {
                     } else {
                         tableless.evidence
                     };
-                    rule("no-tables", keys, evidence);
+                    rule("no-tables", keys, evidence, Vec::new());
                 }
             }
             "ssh" => {
@@ -387,17 +394,22 @@ pub fn suggest(sessions: &[Recorded], by: GroupBy, now_us: u64) -> Suggestion {
                         ssh.commands.iter().map(|(w, ..)| w.clone()).collect();
                     let mut patterns = Vec::new();
                     for (words, from) in shapes::command_patterns(&commands) {
-                        patterns.push(
-                            words
-                                .iter()
-                                .map(|w| shapes::pattern_word(w))
-                                .collect::<Vec<_>>()
-                                .join(" "),
-                        );
-                        for i in from {
-                            let (_, time, session, line) = &ssh.commands[i];
+                        let pattern = words
+                            .iter()
+                            .map(|w| shapes::pattern_word(w))
+                            .collect::<Vec<_>>()
+                            .join(" ");
+                        let mut examples: Vec<String> = Vec::new();
+                        for &i in &from {
+                            let (words, time, session, line) = &ssh.commands[i];
                             evidence.add(*time, session, || line.clone());
+                            let command = words.join(" ");
+                            if examples.len() < EXAMPLES && !examples.contains(&command) {
+                                examples.push(command);
+                            }
                         }
+                        patterns_from.push((pattern.clone(), examples));
+                        patterns.push(pattern);
                     }
                     if !patterns.is_empty() {
                         keys.push(("commands".into(), Value::List(patterns)));
@@ -420,7 +432,7 @@ pub fn suggest(sessions: &[Recorded], by: GroupBy, now_us: u64) -> Suggestion {
                         evidence.merge(&seen.connections);
                         keys.push(("commands".into(), Value::List(Vec::new())));
                     }
-                    rule(user, keys, evidence);
+                    rule(user, keys, evidence, std::mem::take(&mut patterns_from));
                 }
             }
             "http" | "kubernetes" => {
@@ -443,6 +455,7 @@ pub fn suggest(sessions: &[Recorded], by: GroupBy, now_us: u64) -> Suggestion {
                             ("paths".into(), Value::List(paths)),
                         ],
                         evidence,
+                        Vec::new(),
                     );
                 }
                 // Resources with the same verbs in one namespace share a rule.
@@ -466,17 +479,18 @@ pub fn suggest(sessions: &[Recorded], by: GroupBy, now_us: u64) -> Suggestion {
                         keys.push(("namespaces".into(), Value::List(vec![namespace.clone()])));
                         format!("{}-in-{namespace}", verbs.join("-"))
                     };
-                    rule(&label, keys, evidence);
+                    rule(&label, keys, evidence, Vec::new());
                 }
                 if seen.http.is_empty() && seen.kube.is_empty() {
                     rule(
                         "connect",
                         vec![("methods".into(), Value::List(Vec::new()))],
                         seen.connections.clone(),
+                        Vec::new(),
                     );
                 }
             }
-            _ => rule("connect", Vec::new(), seen.connections.clone()),
+            _ => rule("connect", Vec::new(), seen.connections.clone(), Vec::new()),
         }
     }
     suggestion
@@ -760,6 +774,16 @@ impl Suggestion {
             ));
             for example in &e.examples {
                 out.push_str(&format!("# e.g. {}\n", one_line(example)));
+            }
+            for (pattern, examples) in &rule.patterns_from {
+                out.push_str(&format!(
+                    "#   {pattern} <- {}\n",
+                    examples
+                        .iter()
+                        .map(|e| one_line(e))
+                        .collect::<Vec<_>>()
+                        .join(" | ")
+                ));
             }
             out.push_str(&format!(
                 "[[rule]]\nname = {}\nworkloads = [{}]\ntargets = [{}]\ndecision = \"allow\"\n",

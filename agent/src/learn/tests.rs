@@ -230,6 +230,11 @@ fn ssh_commands_become_patterns_of_what_varied() {
         r#"[["users",["deploy"]],["commands",["./deploy.sh * --env staging","cat /srv/releases/*/NOTES","systemctl restart app"]]]"#,
         "{toml}"
     );
+    // Each pattern says which commands it came from.
+    assert!(
+        toml.contains("#   ./deploy.sh * --env staging <- ./deploy.sh v1.4.0 --env staging | ./deploy.sh v1.4.1 --env staging\n"),
+        "{toml}"
+    );
     let (config, _dir) = config_with(&toml);
     assert_eq!(replay(&config.policy, &learned).would_deny, []);
     // Another version passes; another command or environment does not.
