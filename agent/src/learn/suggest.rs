@@ -322,12 +322,14 @@ pub fn suggest(sessions: &[Recorded], by: GroupBy, now_us: u64) -> Suggestion {
                 stable_days: now_us.saturating_sub(last_new_us) / DAY_US,
             });
         }
-        let mut patterns_from = Vec::new();
-        let mut rule = |label: &str,
-                        keys: Vec<(String, Value)>,
-                        evidence: Evidence,
-                        patterns_from: Vec<(String, Vec<String>)>| {
-            let base = slug(&format!("{}-{target}-{label}", caller.name()));
+        let drafts = match seen.protocol.as_str() {
+            "postgres" => postgres_rules(seen),
+            "ssh" => ssh_rules(seen),
+            "http" | "kubernetes" => http_rules(seen),
+            _ => vec![Draft::new("connect", Vec::new(), seen.connections.clone())],
+        };
+        for draft in drafts {
+            let base = slug(&format!("{}-{target}-{}", caller.name(), draft.label));
             let mut name = base.clone();
             let mut n = 2;
             while !names.insert(name.clone()) {
@@ -338,162 +340,187 @@ pub fn suggest(sessions: &[Recorded], by: GroupBy, now_us: u64) -> Suggestion {
                 name,
                 caller: caller.clone(),
                 target: target.clone(),
-                keys,
-                evidence,
-                patterns_from,
+                keys: draft.keys,
+                evidence: draft.evidence,
+                patterns_from: draft.patterns_from,
             });
-        };
-        let list = |items: &BTreeSet<String>| Value::List(items.iter().cloned().collect());
-        match seen.protocol.as_str() {
-            "postgres" => {
-                // Kinds seen only without tables share one `tables = []` rule.
-                let (mut tableless, mut tableless_kinds) = (Statements::default(), BTreeSet::new());
-                for (kinds, seen_kinds) in &seen.statements {
-                    let names: BTreeSet<String> = kinds.iter().map(|k| (*k).to_owned()).collect();
-                    if seen_kinds.tables.is_empty() {
-                        tableless_kinds.extend(names);
-                        tableless
-                            .functions
-                            .extend(seen_kinds.functions.iter().cloned());
-                        tableless.evidence.merge(&seen_kinds.evidence);
-                        continue;
-                    }
-                    let mut keys = vec![
-                        ("statements".into(), list(&names)),
-                        ("tables".into(), list(&seen_kinds.tables)),
-                    ];
-                    if !seen_kinds.functions.is_empty() {
-                        keys.push(("functions".into(), list(&seen_kinds.functions)));
-                    }
-                    let label = names.iter().cloned().collect::<Vec<_>>().join("-");
-                    rule(&label, keys, seen_kinds.evidence.clone(), Vec::new());
-                }
-                if !tableless_kinds.is_empty() || seen.statements.is_empty() {
-                    // No statement at all: a rule that admits the
-                    // connection and allows none (`statements = []`).
-                    let mut keys = vec![
-                        ("statements".into(), list(&tableless_kinds)),
-                        ("tables".into(), Value::List(Vec::new())),
-                    ];
-                    if !tableless.functions.is_empty() {
-                        keys.push(("functions".into(), list(&tableless.functions)));
-                    }
-                    let evidence = if seen.statements.is_empty() {
-                        seen.connections.clone()
-                    } else {
-                        tableless.evidence
-                    };
-                    rule("no-tables", keys, evidence, Vec::new());
-                }
-            }
-            "ssh" => {
-                for (user, ssh) in &seen.ssh {
-                    let mut keys = vec![("users".into(), Value::List(vec![user.clone()]))];
-                    let mut evidence = Evidence::default();
-                    let commands: Vec<Vec<String>> =
-                        ssh.commands.iter().map(|(w, ..)| w.clone()).collect();
-                    let mut patterns = Vec::new();
-                    for (words, from) in shapes::command_patterns(&commands) {
-                        let pattern = words
-                            .iter()
-                            .map(|w| shapes::pattern_word(w))
-                            .collect::<Vec<_>>()
-                            .join(" ");
-                        let mut examples: Vec<String> = Vec::new();
-                        for &i in &from {
-                            let (words, time, session, line) = &ssh.commands[i];
-                            evidence.add(*time, session, || line.clone());
-                            let command = words.join(" ");
-                            if examples.len() < EXAMPLES && !examples.contains(&command) {
-                                examples.push(command);
-                            }
-                        }
-                        patterns_from.push((pattern.clone(), examples));
-                        patterns.push(pattern);
-                    }
-                    if !patterns.is_empty() {
-                        keys.push(("commands".into(), Value::List(patterns)));
-                    }
-                    if ssh.shell.count > 0 {
-                        keys.push(("shell".into(), Value::Bool(true)));
-                        evidence.merge(&ssh.shell);
-                    }
-                    if !ssh.subsystems.is_empty() {
-                        keys.push((
-                            "subsystems".into(),
-                            Value::List(ssh.subsystems.keys().cloned().collect()),
-                        ));
-                        for seen in ssh.subsystems.values() {
-                            evidence.merge(seen);
-                        }
-                    }
-                    if keys.len() == 1 {
-                        // Logged in, asked for nothing.
-                        evidence.merge(&seen.connections);
-                        keys.push(("commands".into(), Value::List(Vec::new())));
-                    }
-                    rule(user, keys, evidence, std::mem::take(&mut patterns_from));
-                }
-            }
-            "http" | "kubernetes" => {
-                // Paths with the same methods share a rule.
-                let mut by_methods: BTreeMap<Vec<String>, (Vec<String>, Evidence)> =
-                    BTreeMap::new();
-                for (path, (methods, evidence)) in &seen.http {
-                    let entry = by_methods
-                        .entry(methods.iter().cloned().collect())
-                        .or_default();
-                    entry.0.push(path.clone());
-                    entry.1.merge(evidence);
-                }
-                for (methods, (paths, evidence)) in by_methods {
-                    let label = methods.join("-").to_ascii_lowercase();
-                    rule(
-                        &label,
-                        vec![
-                            ("methods".into(), Value::List(methods)),
-                            ("paths".into(), Value::List(paths)),
-                        ],
-                        evidence,
-                        Vec::new(),
-                    );
-                }
-                // Resources with the same verbs in one namespace share a rule.
-                let mut by_verbs: BTreeMap<(String, Vec<String>), (Vec<String>, Evidence)> =
-                    BTreeMap::new();
-                for ((namespace, resource), (verbs, evidence)) in &seen.kube {
-                    let entry = by_verbs
-                        .entry((namespace.clone(), verbs.iter().cloned().collect()))
-                        .or_default();
-                    entry.0.push(resource.clone());
-                    entry.1.merge(evidence);
-                }
-                for ((namespace, verbs), (resources, evidence)) in by_verbs {
-                    let mut keys = vec![
-                        ("verbs".into(), Value::List(verbs.clone())),
-                        ("resources".into(), Value::List(resources)),
-                    ];
-                    let label = if namespace.is_empty() {
-                        verbs.join("-")
-                    } else {
-                        keys.push(("namespaces".into(), Value::List(vec![namespace.clone()])));
-                        format!("{}-in-{namespace}", verbs.join("-"))
-                    };
-                    rule(&label, keys, evidence, Vec::new());
-                }
-                if seen.http.is_empty() && seen.kube.is_empty() {
-                    rule(
-                        "connect",
-                        vec![("methods".into(), Value::List(Vec::new()))],
-                        seen.connections.clone(),
-                        Vec::new(),
-                    );
-                }
-            }
-            _ => rule("connect", Vec::new(), seen.connections.clone(), Vec::new()),
         }
     }
     suggestion
+}
+
+/// A rule before it is named.
+struct Draft {
+    /// What it allows, for its name.
+    label: String,
+    keys: Vec<(String, Value)>,
+    evidence: Evidence,
+    patterns_from: Vec<(String, Vec<String>)>,
+}
+
+impl Draft {
+    fn new(label: &str, keys: Vec<(String, Value)>, evidence: Evidence) -> Self {
+        Self {
+            label: label.to_owned(),
+            keys,
+            evidence,
+            patterns_from: Vec::new(),
+        }
+    }
+}
+
+fn list(items: &BTreeSet<String>) -> Value {
+    Value::List(items.iter().cloned().collect())
+}
+
+/// A rule per set of statement kinds seen together, with its tables and
+/// functions; kinds seen only without tables share one `tables = []`
+/// rule (which, with no statement at all, admits the connection and
+/// allows none).
+fn postgres_rules(seen: &Observed) -> Vec<Draft> {
+    let mut drafts = Vec::new();
+    let (mut tableless, mut tableless_kinds) = (Statements::default(), BTreeSet::new());
+    for (kinds, statements) in &seen.statements {
+        let names: BTreeSet<String> = kinds.iter().map(|k| (*k).to_owned()).collect();
+        if statements.tables.is_empty() {
+            tableless_kinds.extend(names);
+            tableless
+                .functions
+                .extend(statements.functions.iter().cloned());
+            tableless.evidence.merge(&statements.evidence);
+            continue;
+        }
+        let mut keys = vec![
+            ("statements".into(), list(&names)),
+            ("tables".into(), list(&statements.tables)),
+        ];
+        if !statements.functions.is_empty() {
+            keys.push(("functions".into(), list(&statements.functions)));
+        }
+        let label = names.iter().cloned().collect::<Vec<_>>().join("-");
+        drafts.push(Draft::new(&label, keys, statements.evidence.clone()));
+    }
+    if !tableless_kinds.is_empty() || seen.statements.is_empty() {
+        let mut keys = vec![
+            ("statements".into(), list(&tableless_kinds)),
+            ("tables".into(), Value::List(Vec::new())),
+        ];
+        if !tableless.functions.is_empty() {
+            keys.push(("functions".into(), list(&tableless.functions)));
+        }
+        let evidence = if seen.statements.is_empty() {
+            seen.connections.clone()
+        } else {
+            tableless.evidence
+        };
+        drafts.push(Draft::new("no-tables", keys, evidence));
+    }
+    drafts
+}
+
+/// Per SSH login user: the commands as patterns (each with the commands
+/// it came from), shells, subsystems.
+fn ssh_rules(seen: &Observed) -> Vec<Draft> {
+    let mut drafts = Vec::new();
+    for (user, ssh) in &seen.ssh {
+        let mut keys = vec![("users".into(), Value::List(vec![user.clone()]))];
+        let mut evidence = Evidence::default();
+        let commands: Vec<Vec<String>> = ssh.commands.iter().map(|(w, ..)| w.clone()).collect();
+        let (mut patterns, mut patterns_from) = (Vec::new(), Vec::new());
+        for (words, from) in shapes::command_patterns(&commands) {
+            let pattern = words
+                .iter()
+                .map(|w| shapes::pattern_word(w))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let mut examples: Vec<String> = Vec::new();
+            for &i in &from {
+                let (words, time, session, line) = &ssh.commands[i];
+                evidence.add(*time, session, || line.clone());
+                let command = words.join(" ");
+                if examples.len() < EXAMPLES && !examples.contains(&command) {
+                    examples.push(command);
+                }
+            }
+            patterns_from.push((pattern.clone(), examples));
+            patterns.push(pattern);
+        }
+        if !patterns.is_empty() {
+            keys.push(("commands".into(), Value::List(patterns)));
+        }
+        if ssh.shell.count > 0 {
+            keys.push(("shell".into(), Value::Bool(true)));
+            evidence.merge(&ssh.shell);
+        }
+        if !ssh.subsystems.is_empty() {
+            keys.push((
+                "subsystems".into(),
+                Value::List(ssh.subsystems.keys().cloned().collect()),
+            ));
+            for seen in ssh.subsystems.values() {
+                evidence.merge(seen);
+            }
+        }
+        if keys.len() == 1 {
+            // Logged in, asked for nothing.
+            evidence.merge(&seen.connections);
+            keys.push(("commands".into(), Value::List(Vec::new())));
+        }
+        drafts.push(Draft {
+            patterns_from,
+            ..Draft::new(user, keys, evidence)
+        });
+    }
+    drafts
+}
+
+/// HTTP: paths with the same methods share a rule; Kubernetes: resources
+/// with the same verbs in one namespace share a rule.
+fn http_rules(seen: &Observed) -> Vec<Draft> {
+    let mut drafts = Vec::new();
+    let mut by_methods: BTreeMap<Vec<String>, (Vec<String>, Evidence)> = BTreeMap::new();
+    for (path, (methods, evidence)) in &seen.http {
+        let entry = by_methods
+            .entry(methods.iter().cloned().collect())
+            .or_default();
+        entry.0.push(path.clone());
+        entry.1.merge(evidence);
+    }
+    for (methods, (paths, evidence)) in by_methods {
+        let label = methods.join("-").to_ascii_lowercase();
+        let keys = vec![
+            ("methods".into(), Value::List(methods)),
+            ("paths".into(), Value::List(paths)),
+        ];
+        drafts.push(Draft::new(&label, keys, evidence));
+    }
+    let mut by_verbs: BTreeMap<(String, Vec<String>), (Vec<String>, Evidence)> = BTreeMap::new();
+    for ((namespace, resource), (verbs, evidence)) in &seen.kube {
+        let entry = by_verbs
+            .entry((namespace.clone(), verbs.iter().cloned().collect()))
+            .or_default();
+        entry.0.push(resource.clone());
+        entry.1.merge(evidence);
+    }
+    for ((namespace, verbs), (resources, evidence)) in by_verbs {
+        let mut keys = vec![
+            ("verbs".into(), Value::List(verbs.clone())),
+            ("resources".into(), Value::List(resources)),
+        ];
+        let label = if namespace.is_empty() {
+            verbs.join("-")
+        } else {
+            keys.push(("namespaces".into(), Value::List(vec![namespace.clone()])));
+            format!("{}-in-{namespace}", verbs.join("-"))
+        };
+        drafts.push(Draft::new(&label, keys, evidence));
+    }
+    if drafts.is_empty() {
+        // Connected, asked for nothing.
+        let keys = vec![("methods".into(), Value::List(Vec::new()))];
+        drafts.push(Draft::new("connect", keys, seen.connections.clone()));
+    }
+    drafts
 }
 
 /// One thing a session did, into what its caller is seen doing.
