@@ -75,7 +75,9 @@ impl Agent {
         let store = files.store.clone();
         let gate = conn::Gate {
             kernel: interceptor.clone(),
-            resolver: Arc::new(WorkloadResolver::new(cgroups)),
+            resolver: Arc::new(
+                WorkloadResolver::new(cgroups).with_ci_runners(config.agent.ci_runners.clone()),
+            ),
             active: ArcSwap::from_pointee(active),
             connections: ConnRegistry::default(),
             store: store.clone(),

@@ -168,6 +168,7 @@ pub struct AgentSpec {
     pub ca_names: Option<Vec<Located<String>>>,
     #[serde(default, with = "humantime_serde")]
     pub startup_timeout: Option<std::time::Duration>,
+    pub ci_runners: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -243,6 +244,9 @@ pub struct WorkloadSpec {
     pub cgroup: Option<OneOrMany<String>>,
     pub container: Option<OneOrMany<String>>,
     pub comm: Option<OneOrMany<String>>,
+    pub ci_project: Option<OneOrMany<String>>,
+    pub ci_ref: Option<OneOrMany<String>>,
+    pub ci_job: Option<OneOrMany<String>>,
 }
 
 impl WorkloadSpec {
@@ -280,10 +284,13 @@ impl WorkloadSpec {
             cgroup,
             container: globs("container", &self.container)?,
             comm: globs("comm", &self.comm)?,
+            ci_project: globs("ci_project", &self.ci_project)?,
+            ci_ref: globs("ci_ref", &self.ci_ref)?,
+            ci_job: globs("ci_job", &self.ci_job)?,
         };
         if selector.is_empty() {
             return Err(format!(
-                "workload {:?} selects nothing: set at least one of unit, uid, user, group, exe, exe_sha256, cgroup, container, comm",
+                "workload {:?} selects nothing: set at least one of unit, uid, user, group, exe, exe_sha256, cgroup, container, comm, ci_project, ci_ref, ci_job",
                 self.name.get_ref()
             ));
         }

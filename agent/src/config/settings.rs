@@ -53,6 +53,9 @@ pub struct AgentSettings {
     /// Names and addresses the local CA may vouch for besides the
     /// targets' own (`ca_names`: the names clients use for them).
     pub ca_names: Vec<crate::tls::CaName>,
+    /// CI runners (executable base names or paths) whose children are
+    /// jobs: their environment is the job context.
+    pub ci_runners: Vec<String>,
     /// How long a client has to finish the protocol's startup.
     pub startup_timeout: Duration,
 }
@@ -77,6 +80,9 @@ impl Default for AgentSettings {
             access_log_statements: false,
             max_statement_bytes: 1024 * 1024,
             ca_names: Vec::new(),
+            ci_runners: crate::workload::job::DEFAULT_RUNNERS
+                .map(String::from)
+                .into(),
             startup_timeout: Duration::from_secs(10),
         }
     }
@@ -157,6 +163,9 @@ impl AgentSettings {
                     crate::tls::CaName::parse(n.get_ref()).map_err(|m| source.error_at(n.span(), m))
                 })
                 .collect::<Result<_, _>>()?;
+        }
+        if let Some(runners) = &spec.ci_runners {
+            settings.ci_runners.clone_from(runners);
         }
         if let Some(timeout) = spec.startup_timeout {
             settings.startup_timeout = timeout.max(Duration::from_millis(100));

@@ -43,6 +43,10 @@ pub struct WorkloadSelector {
     pub cgroup: Vec<String>,
     pub container: Vec<Pattern>,
     pub comm: Vec<Pattern>,
+    /// The CI job's project, ref (branch or tag) and job id.
+    pub ci_project: Vec<Pattern>,
+    pub ci_ref: Vec<Pattern>,
+    pub ci_job: Vec<Pattern>,
 }
 
 impl WorkloadSelector {
@@ -56,6 +60,9 @@ impl WorkloadSelector {
             && self.cgroup.is_empty()
             && self.container.is_empty()
             && self.comm.is_empty()
+            && self.ci_project.is_empty()
+            && self.ci_ref.is_empty()
+            && self.ci_job.is_empty()
     }
 
     pub fn matches(&self, w: &Workload) -> bool {
@@ -80,7 +87,18 @@ impl WorkloadSelector {
                 }))
             && field(&self.container, w.container.as_deref())
             && field(&self.comm, Some(&w.comm))
+            && field(&self.ci_project, job(w, |j| j.project.as_deref()))
+            && field(&self.ci_ref, job(w, |j| j.git_ref.as_deref()))
+            && field(&self.ci_job, job(w, |j| j.job.as_deref()))
     }
+}
+
+/// A field of the caller's CI job, if it runs in one.
+fn job<'w>(
+    w: &'w Workload,
+    field: impl Fn(&'w crate::workload::JobContext) -> Option<&'w str>,
+) -> Option<&'w str> {
+    w.job.as_ref().and_then(field)
 }
 
 /// An unset selector field matches; a set one needs a value that matches.

@@ -8,11 +8,13 @@
 //! one that connected (see [`procfs::ProcessSnapshot::read`]).
 mod cgroup;
 mod exe_digest;
+pub mod job;
 mod procfs;
 mod resolver;
 
 pub use cgroup::{CgroupFs, container_id, systemd_unit};
 pub use exe_digest::ExeDigests;
+pub use job::JobContext;
 pub use resolver::{WorkloadResolver, user_name};
 
 use serde::{Deserialize, Serialize};
@@ -43,6 +45,8 @@ pub struct Workload {
     pub cmdline: Vec<String>,
     /// Parent processes, nearest first, up to pid 1.
     pub parents: Vec<ParentProcess>,
+    /// The CI job it runs in, from the process its runner started.
+    pub job: Option<JobContext>,
     /// False when the process had exited (or its pid was reused) before it
     /// could be inspected: only the kernel-recorded fields are set.
     pub live: bool,

@@ -79,6 +79,11 @@ impl<'a> Proc<'a> {
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed stat").into())
     }
 
+    /// The environment it was started with (`/proc/PID/environ`).
+    pub fn environ(&self) -> io::Result<Vec<u8>> {
+        fs::read(self.path("environ"))
+    }
+
     pub fn exe(&self) -> Option<PathBuf> {
         fs::read_link(self.path("exe")).ok()
     }

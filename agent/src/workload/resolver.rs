@@ -4,9 +4,10 @@ use std::path::PathBuf;
 use nix::unistd::{Gid, Group, Uid, User};
 
 use super::{
-    KernelIdentity, ParentProcess, Workload,
+    JobContext, KernelIdentity, ParentProcess, Workload,
     cgroup::{CgroupFs, container_id, systemd_unit},
     exe_digest::ExeDigests,
+    job,
     procfs::{Proc, SnapshotError},
 };
 
@@ -17,6 +18,9 @@ pub struct WorkloadResolver {
     proc_root: PathBuf,
     cgroups: CgroupFs,
     digests: ExeDigests,
+    /// CI runners, by executable base name or path: their children are
+    /// jobs, whose environment says which.
+    runners: Vec<String>,
 }
 
 /// Parent chains stop here even if pid 1 is further away.
@@ -28,7 +32,14 @@ impl WorkloadResolver {
             proc_root: PathBuf::from("/proc"),
             cgroups,
             digests: ExeDigests::default(),
+            runners: super::job::DEFAULT_RUNNERS.map(String::from).into(),
         }
+    }
+
+    /// Knows these CI runners (instead of the defaults).
+    pub fn with_ci_runners(mut self, runners: Vec<String>) -> Self {
+        self.runners = runners;
+        self
     }
 
     /// The workload behind an intercepted connection. The kernel's fields
@@ -68,8 +79,31 @@ impl WorkloadResolver {
             workload.exe_sha256 = proc.open_exe().and_then(|f| self.digests.digest(f)).ok();
             workload.cmdline = snapshot.cmdline;
             workload.parents = self.parents(snapshot.ppid);
+            workload.job = self.job(&workload);
         }
         workload
+    }
+
+    /// The job of the caller or its nearest ancestor whose parent is a CI
+    /// runner, from that process's environment.
+    fn job(&self, workload: &Workload) -> Option<JobContext> {
+        let chain: Vec<(u32, Option<&str>)> =
+            std::iter::once((workload.pid, workload.exe.as_deref()))
+                .chain(workload.parents.iter().map(|p| (p.pid, p.exe.as_deref())))
+                .collect();
+        let (started, _) =
+            chain
+                .windows(2)
+                .map(|pair| (pair[0], pair[1]))
+                .find(|(_, (_, parent))| {
+                    parent.is_some_and(|exe| job::is_runner(exe, &self.runners))
+                })?;
+        let (pid, exe) = started;
+        let environ = Proc::new(&self.proc_root, pid).environ().ok()?;
+        let mut context = JobContext::from_environment(job::environment(&environ))?;
+        context.from_pid = pid;
+        context.from_exe = exe.map(str::to_owned);
+        Some(context)
     }
 
     /// A workload for a live pid (for `policy explain --pid`).
