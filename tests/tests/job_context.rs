@@ -114,6 +114,24 @@ tables = []
             "{job}"
         );
     }
+    // Sessions are found by their job.
+    let out = agent.cli(&["sessions", "list", "--ci-ref", "main", "--json"]);
+    assert_eq!(stdout(&out).lines().count(), 1, "{}", stdout(&out));
+    let out = agent.cli(&[
+        "sessions",
+        "list",
+        "--ci-project",
+        "group/*",
+        "--ci-ref",
+        "feature-*",
+    ]);
+    assert!(
+        stdout(&out).contains("(group/app@feature-x)"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(stdout(&out).lines().count(), 2, "{}", stdout(&out));
+
     // The access log says the same.
     let lines = agent.access_lines();
     assert!(

@@ -16,7 +16,9 @@ mod records;
 
 pub use held::Held;
 pub use notify::Notifier;
-pub use records::{Answer, Caller, GrantRecord, RequestRecord, RequestState, Requester};
+pub use records::{
+    Answer, Caller, GrantRecord, RequestRecord, RequestState, Requester, describe_job,
+};
 
 use std::{
     collections::HashMap,

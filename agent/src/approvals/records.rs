@@ -47,6 +47,9 @@ pub struct Requester {
     pub exe: Option<String>,
     /// The policy's workloads it matched.
     pub workloads: Vec<String>,
+    /// The CI job it runs in, as its runner described it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<crate::workload::JobContext>,
 }
 
 impl Requester {
@@ -63,6 +66,7 @@ impl Requester {
                 .into_iter()
                 .map(str::to_owned)
                 .collect(),
+            job: workload.job.clone(),
         }
     }
 
@@ -83,8 +87,27 @@ impl Requester {
             .or(self.cgroup.as_deref())
             .unwrap_or("-");
         let exe = self.exe.as_deref().unwrap_or("?");
-        format!("{who} in {place}, {exe} (pid {})", self.pid)
+        let job = self.job.as_ref().map(describe_job).unwrap_or_default();
+        format!("{who} in {place}, {exe} (pid {}){job}", self.pid)
     }
+}
+
+/// `, job 77 of group/app on main by ann (URL)`.
+pub fn describe_job(job: &crate::workload::JobContext) -> String {
+    let mut text = format!(", {} job {}", job.ci, job.job.as_deref().unwrap_or("?"));
+    if let Some(project) = &job.project {
+        text.push_str(&format!(" of {project}"));
+    }
+    if let Some(git_ref) = &job.git_ref {
+        text.push_str(&format!(" on {git_ref}"));
+    }
+    if let Some(actor) = &job.actor {
+        text.push_str(&format!(" by {actor}"));
+    }
+    if let Some(url) = &job.url {
+        text.push_str(&format!(" ({url})"));
+    }
+    text
 }
 
 /// One answer to a request.

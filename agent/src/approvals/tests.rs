@@ -266,3 +266,26 @@ async fn a_grant_lets_the_same_workload_through_until_revoked() {
     assert_eq!(reopened.grants(false).len(), 0);
     assert_eq!(reopened.grants(true).len(), 1);
 }
+
+#[test]
+fn approvers_are_told_which_job_asks() {
+    let requester = Requester {
+        job: Some(crate::workload::JobContext {
+            ci: "gitlab".into(),
+            project: Some("group/app".into()),
+            git_ref: Some("main".into()),
+            job: Some("77".into()),
+            url: Some("https://gitlab.example/group/app/-/jobs/77".into()),
+            actor: Some("ann".into()),
+            ..Default::default()
+        }),
+        ..requester()
+    };
+    assert!(
+        requester.describe().ends_with(
+            ", gitlab job 77 of group/app on main by ann (https://gitlab.example/group/app/-/jobs/77)"
+        ),
+        "{}",
+        requester.describe()
+    );
+}

@@ -134,6 +134,10 @@ fn print_request(request: &RequestRecord) {
     if !who.workloads.is_empty() {
         println!("  matches   {}", who.workloads.join(", "));
     }
+    if let Some(job) = &who.job {
+        let described = crate::approvals::describe_job(job);
+        println!("  job       {}", described.trim_start_matches(", "));
+    }
     println!("  target    {}", request.target);
     println!("  rule      {} (grant: {})", request.rule, request.grant);
     println!("  command   {}", request.command);

@@ -129,6 +129,12 @@ pub struct FilterArgs {
     /// `denied` (the connection or any statement) or `allowed`.
     #[arg(long)]
     decision: Option<String>,
+    /// A glob on the CI job's project (`group/*`).
+    #[arg(long)]
+    ci_project: Option<String>,
+    /// A glob on the CI job's branch or tag.
+    #[arg(long)]
+    ci_ref: Option<String>,
 }
 
 impl FilterArgs {
@@ -141,6 +147,8 @@ impl FilterArgs {
             workload: self.workload.clone(),
             target: self.target.clone(),
             decision: self.decision.clone(),
+            ci_project: self.ci_project.clone(),
+            ci_ref: self.ci_ref.clone(),
         }
     }
 }

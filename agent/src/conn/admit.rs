@@ -278,6 +278,7 @@ fn begin_session(store: &Arc<Store>, begin: Begin<'_>) -> Result<(Recorder, Tick
         unit: workload.unit.clone(),
         exe: workload.exe.clone(),
         pid: workload.pid,
+        job: workload.job.clone(),
         decision: verdict.action.as_str().into(),
         rule: rule.map(str::to_owned),
         outcome: "live".into(),

@@ -67,6 +67,7 @@ impl SessionLog {
                     summary.user = workload["user"].as_str().map(str::to_owned);
                     summary.unit = workload["unit"].as_str().map(str::to_owned);
                     summary.exe = workload["exe"].as_str().map(str::to_owned);
+                    summary.job = serde_json::from_value(workload["job"].clone()).ok();
                     summary.workloads = event["workloads"]
                         .as_array()
                         .map(|a| {
@@ -105,6 +106,11 @@ pub struct Filter {
     /// `denied`: the connection or any statement was denied; `allowed`:
     /// nothing was.
     pub decision: Option<String>,
+    /// Globs on the CI job's project and ref.
+    #[serde(default)]
+    pub ci_project: Option<String>,
+    #[serde(default)]
+    pub ci_ref: Option<String>,
 }
 
 impl Filter {
@@ -125,6 +131,18 @@ impl Filter {
             && &summary.target != target
         {
             return false;
+        }
+        let job = summary.job.as_ref();
+        for (glob, value) in [
+            (&self.ci_project, job.and_then(|j| j.project.as_deref())),
+            (&self.ci_ref, job.and_then(|j| j.git_ref.as_deref())),
+        ] {
+            if let Some(glob) = glob
+                && !crate::policy::Pattern::new(glob)
+                    .is_ok_and(|p| value.is_some_and(|v| p.matches(v)))
+            {
+                return false;
+            }
         }
         let denied = summary.decision == "deny" || summary.denied > 0;
         match self.decision.as_deref() {
@@ -153,12 +171,19 @@ pub fn print_list(summaries: &[Summary], json: bool, out: &mut impl Write) -> io
         "SESSION", "STARTED", "HOST", "TARGET", "WORKLOAD", "STMTS", "DENIED"
     )?;
     for s in summaries {
-        let who = s
+        let mut who = s
             .workloads
             .first()
             .cloned()
             .or_else(|| s.user.clone())
             .unwrap_or_else(|| format!("uid {}", s.uid));
+        if let Some(job) = &s.job {
+            who.push_str(&format!(
+                " ({}@{})",
+                job.project.as_deref().unwrap_or("?"),
+                job.git_ref.as_deref().unwrap_or("?")
+            ));
+        }
         let outcome = if s.decision == "deny" {
             "denied".to_owned()
         } else {

@@ -104,6 +104,9 @@ pub struct Summary {
     pub events: u64,
     /// Bytes of its event lines.
     pub bytes: u64,
+    /// The CI job the caller runs in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<crate::workload::JobContext>,
 }
 
 /// A session waiting to be shipped.
