@@ -312,6 +312,11 @@ struct Setup {
 }
 
 fn setup(name: &str, ip: &str) -> Setup {
+    setup_with(name, ip, |policy| policy)
+}
+
+/// [`setup`] with the policy changed by `tweak`.
+fn setup_with(name: &str, ip: &str, tweak: fn(String) -> String) -> Setup {
     let pg = Postgres::start(name, ip);
     pg.admin_sql("postgres", SETUP);
     let secret = pg.password_file("app-secret-5");
@@ -327,7 +332,7 @@ fn setup(name: &str, ip: &str) -> Setup {
     let agent = Agent::start(
         &cgroup,
         name,
-        &policy(&pg, &secret, webhook_port, callback_port, &dir),
+        &tweak(policy(&pg, &secret, webhook_port, callback_port, &dir)),
     );
     Setup {
         pg,
@@ -752,5 +757,100 @@ fn a_callback_grant_outlives_a_restart_until_revoked() {
         pg.admin_sql("postgres", "SELECT count(*) FROM events")
             .trim(),
         "2"
+    );
+}
+
+/// `require_reason`: a DELETE without a stated reason is refused at once,
+/// saying how to give one, and nobody is asked; with `INTERLOCK_REASON` in
+/// the client's environment it is held, the approver sees the reason
+/// (marked as the caller's own), and the session records it.
+#[test]
+fn a_reason_is_asked_for_then_shown_to_the_approver_and_recorded() {
+    let Setup { pg, job, agent, .. } = &setup_with("approvals-reason", "127.0.0.93", |policy| {
+        policy.replace(
+            "timeout = \"2m\"",
+            "timeout = \"2m\"\nrequire_reason = true",
+        )
+    });
+    let delete = |reason: Option<&str>| {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs || exit 99\nexec setpriv --reuid={REQUESTER} --regid={REQUESTER} --clear-groups psql -X -w -q -t -A -h {} -p {} -U someone -d postgres -c 'DELETE FROM orders WHERE id = 2'",
+                job.display(),
+                pg.addr.ip(),
+                pg.addr.port()
+            ))
+            .env_remove("INTERLOCK_REASON")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(reason) = reason {
+            command.env("INTERLOCK_REASON", reason);
+        }
+        command.spawn().unwrap()
+    };
+    let (code, _, err) = finish(delete(None));
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("needs a stated reason") && err.contains("INTERLOCK_REASON"),
+        "{err}"
+    );
+    assert!(
+        pending(agent).is_empty(),
+        "nobody is asked without a reason"
+    );
+    assert_eq!(
+        pg.admin_sql("postgres", "SELECT count(*) FROM orders WHERE id = 2")
+            .trim(),
+        "1"
+    );
+
+    let client = delete(Some("INC-4211 cleanup"));
+    let request = wait_request(agent, "DELETE FROM orders WHERE id = 2");
+    assert_eq!(request["requester"]["reason"], "INC-4211 cleanup");
+    let id = request["id"].as_str().unwrap().to_owned();
+    let out = cli_as(agent, ONCALL, &["approvals", "list"]);
+    assert!(
+        stdout(&out).contains("reason    INC-4211 cleanup (stated by the caller)"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cli_as(agent, ONCALL, &["approvals", "approve", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (code, _, err) = finish(client);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        pg.admin_sql("postgres", "SELECT count(*) FROM orders WHERE id = 2")
+            .trim(),
+        "0"
+    );
+    // Recorded with the request, and with the caller.
+    let out = agent.cli(&["sessions", "list", "--json"]);
+    let events: Vec<Value> = stdout(&out)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .flat_map(|l| {
+            let id = serde_json::from_str::<Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let shown: Value =
+                serde_json::from_slice(&agent.cli(&["sessions", "show", &id, "--json"]).stdout)
+                    .unwrap();
+            shown["events"].as_array().unwrap().clone()
+        })
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "approval_requested" && e["reason"] == "INC-4211 cleanup"),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "session_start" && e["workload"]["reason"] == "INC-4211 cleanup")
     );
 }

@@ -200,6 +200,7 @@ impl Approvals {
             min_approvals: record.min_approvals,
             timeout_s: (record.expires_ms - record.created_ms) / 1000,
             grant: &record.grant,
+            reason: record.requester.reason.as_deref(),
         })?;
         recorder.durable(ticket).await?;
         // The request itself (sled, flushed about once a second on its

@@ -50,6 +50,9 @@ pub struct Requester {
     /// The CI job it runs in, as its runner described it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<crate::workload::JobContext>,
+    /// Why, as the caller stated it (self-declared).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl Requester {
@@ -67,6 +70,7 @@ impl Requester {
                 .map(str::to_owned)
                 .collect(),
             job: workload.job.clone(),
+            reason: workload.reason.clone(),
         }
     }
 
@@ -88,7 +92,12 @@ impl Requester {
             .unwrap_or("-");
         let exe = self.exe.as_deref().unwrap_or("?");
         let job = self.job.as_ref().map(describe_job).unwrap_or_default();
-        format!("{who} in {place}, {exe} (pid {}){job}", self.pid)
+        let reason = self
+            .reason
+            .as_ref()
+            .map(|r| format!(", stating {r:?}"))
+            .unwrap_or_default();
+        format!("{who} in {place}, {exe} (pid {}){job}{reason}", self.pid)
     }
 }
 

@@ -18,6 +18,7 @@ fn spec(min_approvals: u32, timeout: Duration, grant: GrantSpec) -> Arc<Approval
         min_approvals,
         timeout,
         grant,
+        require_reason: false,
     })
 }
 

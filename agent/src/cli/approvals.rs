@@ -134,6 +134,9 @@ fn print_request(request: &RequestRecord) {
     if !who.workloads.is_empty() {
         println!("  matches   {}", who.workloads.join(", "));
     }
+    if let Some(reason) = &who.reason {
+        println!("  reason    {reason} (stated by the caller)");
+    }
     if let Some(job) = &who.job {
         let described = crate::approvals::describe_job(job);
         println!("  job       {}", described.trim_start_matches(", "));

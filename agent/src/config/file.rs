@@ -333,6 +333,9 @@ pub struct RuleSpec {
     pub timeout: Option<Located<String>>,
     /// `"once"` or a duration such as `"30m"`.
     pub grant: Option<Located<String>>,
+    /// `decision = "approve"`: a request without a stated reason is
+    /// refused at once.
+    pub require_reason: Option<Located<bool>>,
     /// SSH targets: exec command patterns, e.g. `"systemctl restart app*"`.
     pub commands: Option<Located<Vec<Located<String>>>>,
     /// SSH targets: whether the rule is about interactive shells.

@@ -812,11 +812,12 @@ fn approval_spec(
             rule.min_approvals.as_ref().map(|m| m.span()),
             rule.timeout.as_ref().map(|t| t.span()),
             rule.grant.as_ref().map(|g| g.span()),
+            rule.require_reason.as_ref().map(|r| r.span()),
         ];
         return match stray.into_iter().flatten().next() {
             Some(at) => Err(source.error_at(
                 at,
-                "approvers, min_approvals, timeout and grant apply to decision = \"approve\"",
+                "approvers, min_approvals, timeout, grant and require_reason apply to decision = \"approve\"",
             )),
             None => Ok(None),
         };
@@ -870,6 +871,7 @@ fn approval_spec(
         min_approvals,
         timeout,
         grant,
+        require_reason: rule.require_reason.as_ref().is_some_and(|r| *r.get_ref()),
     })))
 }
 

@@ -35,6 +35,12 @@ pub async fn ask<W: Display>(
     waiting: impl AsyncFnOnce(&RequestRecord),
     gave_up: impl Future<Output = W>,
 ) -> Result<Asked<W>, ApprovalError> {
+    if request.spec.require_reason && request.requester.reason.is_none() {
+        return Ok(Asked::Refused(format!(
+            "rule {:?} needs a stated reason before anyone is asked: run the client with INTERLOCK_REASON=\"why\" in its environment",
+            request.rule
+        )));
+    }
     let mut held = approvals.hold(recorder, request).await?;
     let id = held.record().id.clone();
     tracing::info!(%id, rule = %held.record().rule, "held for approval");

@@ -66,6 +66,7 @@ fn spec() -> Arc<ApprovalSpec> {
         min_approvals: 1,
         timeout: Duration::from_secs(60),
         grant: GrantSpec::Once,
+        require_reason: false,
     })
 }
 

@@ -237,6 +237,9 @@ pub struct ApprovalSpec {
     #[serde(with = "humantime_serde")]
     pub timeout: std::time::Duration,
     pub grant: GrantSpec,
+    /// A request without a stated reason is refused at once, saying how
+    /// to give one.
+    pub require_reason: bool,
 }
 
 /// Who may answer: a local principal (by SO_PEERCRED on the admin socket)

@@ -71,6 +71,9 @@ pub enum Event<'a> {
         min_approvals: u32,
         timeout_s: u64,
         grant: &'a str,
+        /// Why, as the caller stated it (self-declared).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
     },
     /// How a held command's request ended: `approved`, `denied`,
     /// `timed_out`, `withdrawn`.

@@ -115,6 +115,17 @@ pub fn environment(block: &[u8]) -> impl Iterator<Item = (&str, &str)> {
         .filter_map(|pair| std::str::from_utf8(pair).ok()?.split_once('='))
 }
 
+/// The longest stated reason kept.
+const MAX_REASON: usize = 512;
+
+/// The reason a caller states in its own environment (`INTERLOCK_REASON`),
+/// cut at 512 characters; none when empty.
+pub fn stated_reason(block: &[u8]) -> Option<String> {
+    let (_, reason) = environment(block).find(|(key, _)| *key == "INTERLOCK_REASON")?;
+    let reason = reason.trim();
+    (!reason.is_empty()).then(|| reason.chars().take(MAX_REASON).collect())
+}
+
 /// Whether `exe` is one of `runners` (base names or whole paths).
 pub fn is_runner(exe: &str, runners: &[String]) -> bool {
     let base = exe.rsplit('/').next().unwrap_or(exe);
@@ -170,6 +181,19 @@ mod tests {
         assert_eq!(job("CI_JOB_ID=42\nPATH=/bin"), None);
         assert_eq!(job("GITHUB_RUN_ID=1"), None);
         assert_eq!(job(""), None);
+    }
+
+    #[test]
+    fn a_stated_reason_is_read_trimmed_and_cut() {
+        let block = |text: &str| text.replace('\n', "\0").into_bytes();
+        assert_eq!(
+            stated_reason(&block("PATH=/bin\nINTERLOCK_REASON= INC-42 cleanup \n")).as_deref(),
+            Some("INC-42 cleanup")
+        );
+        assert_eq!(stated_reason(&block("INTERLOCK_REASON=\nPATH=/bin")), None);
+        assert_eq!(stated_reason(&block("PATH=/bin")), None);
+        let long = format!("INTERLOCK_REASON={}", "x".repeat(2000));
+        assert_eq!(stated_reason(long.as_bytes()).map(|r| r.len()), Some(512));
     }
 
     #[test]

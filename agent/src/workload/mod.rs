@@ -47,6 +47,10 @@ pub struct Workload {
     pub parents: Vec<ParentProcess>,
     /// The CI job it runs in, from the process its runner started.
     pub job: Option<JobContext>,
+    /// Why, as the caller states it (`INTERLOCK_REASON` in its own
+    /// environment): self-declared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// False when the process had exited (or its pid was reused) before it
     /// could be inspected: only the kernel-recorded fields are set.
     pub live: bool,

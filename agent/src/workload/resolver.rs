@@ -80,6 +80,10 @@ impl WorkloadResolver {
             workload.cmdline = snapshot.cmdline;
             workload.parents = self.parents(snapshot.ppid);
             workload.job = self.job(&workload);
+            workload.reason = proc
+                .environ()
+                .ok()
+                .and_then(|environ| job::stated_reason(&environ));
         }
         workload
     }
