@@ -772,12 +772,12 @@ fn a_reason_is_asked_for_then_shown_to_the_approver_and_recorded() {
             "timeout = \"2m\"\nrequire_reason = true",
         )
     });
-    let delete = |reason: Option<&str>| {
+    let delete_sql = |reason: Option<&str>, sql: &str| {
         let mut command = Command::new("sh");
         command
             .arg("-c")
             .arg(format!(
-                "echo $$ > {}/cgroup.procs || exit 99\nexec setpriv --reuid={REQUESTER} --regid={REQUESTER} --clear-groups psql -X -w -q -t -A -h {} -p {} -U someone -d postgres -c 'DELETE FROM orders WHERE id = 2'",
+                "echo $$ > {}/cgroup.procs || exit 99\nexec setpriv --reuid={REQUESTER} --regid={REQUESTER} --clear-groups psql -X -w -q -t -A -h {} -p {} -U someone -d postgres -c '{sql}'",
                 job.display(),
                 pg.addr.ip(),
                 pg.addr.port()
@@ -791,6 +791,7 @@ fn a_reason_is_asked_for_then_shown_to_the_approver_and_recorded() {
         }
         command.spawn().unwrap()
     };
+    let delete = |reason: Option<&str>| delete_sql(reason, "DELETE FROM orders WHERE id = 2");
     let (code, _, err) = finish(delete(None));
     assert_ne!(code, 0);
     assert!(
@@ -853,4 +854,22 @@ fn a_reason_is_asked_for_then_shown_to_the_approver_and_recorded() {
             .iter()
             .any(|e| e["kind"] == "session_start" && e["workload"]["reason"] == "INC-4211 cleanup")
     );
+
+    // A PostgreSQL client may state it in a comment of the query instead.
+    let client = delete_sql(
+        None,
+        "/* reason: INC-99 stale order */ DELETE FROM orders WHERE id = 3",
+    );
+    let request = wait_request(agent, "DELETE FROM orders WHERE id = 3");
+    assert_eq!(request["requester"]["reason"], "INC-99 stale order");
+    let id = request["id"].as_str().unwrap().to_owned();
+    let out = cli_as(
+        agent,
+        ONCALL,
+        &["approvals", "deny", &id, "--reason", "not now"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (code, _, err) = finish(client);
+    assert_ne!(code, 0);
+    assert!(err.contains("not now"), "{err}");
 }

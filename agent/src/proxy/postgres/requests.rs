@@ -346,8 +346,18 @@ impl<'s> Requests<'s> {
             .map(|s| s.text.as_str())
             .collect::<Vec<_>>()
             .join("; ");
+        // A reason stated in a comment of the query is this request's own.
+        let mut requester = Requester::of(&self.policy.policy, &self.session.workload);
+        if let Some(reason) = hold
+            .decided
+            .statements
+            .iter()
+            .find_map(|s| super::sql::stated_reason(&s.text))
+        {
+            requester.reason = Some(reason);
+        }
         let request = crate::approvals::NewRequest {
-            requester: Requester::of(&self.policy.policy, &self.session.workload),
+            requester,
             target: &self.session.target,
             rule: &rule.name,
             spec: spec.clone(),

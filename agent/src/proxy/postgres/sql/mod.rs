@@ -77,6 +77,30 @@ fn analyze_unguarded(sql: &str, literals: Literals) -> Vec<Analysed> {
         .collect()
 }
 
+/// The reason a query states in a comment, `/* reason: INC-42 cleanup */`
+/// or `-- reason: …`, as PostgreSQL's own scanner finds comments (text
+/// inside a string literal is not one); cut at 512 characters.
+pub fn stated_reason(sql: &str) -> Option<String> {
+    let tokens = pg_query::scan_tokens(sql).ok()?;
+    tokens.iter().find_map(|token| {
+        let comment = match pg_query::protobuf::Token::try_from(token.token) {
+            Ok(pg_query::protobuf::Token::CComment) => sql
+                .get(token.start as usize..token.end as usize)?
+                .strip_prefix("/*")?
+                .strip_suffix("*/")?,
+            Ok(pg_query::protobuf::Token::SqlComment) => sql
+                .get(token.start as usize..token.end as usize)?
+                .strip_prefix("--")?,
+            _ => return None,
+        };
+        let comment = comment.trim();
+        let (key, reason) = comment.split_once(':')?;
+        let reason = reason.trim();
+        (key.trim().eq_ignore_ascii_case("reason") && !reason.is_empty())
+            .then(|| reason.chars().take(512).collect())
+    })
+}
+
 fn parse_problem(error: &pg_query::Error) -> String {
     match error {
         pg_query::Error::Decode(_) => "it nests expressions deeper than the agent analyses (about 45 levels); write it flatter or split it".into(),

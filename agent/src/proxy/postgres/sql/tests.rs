@@ -438,3 +438,21 @@ fn where_a_column_value_leaves_without_its_table_origin() {
         [e("*", "email", U::Expression)]
     );
 }
+
+#[test]
+fn a_reason_is_read_from_a_comment_and_not_from_a_string() {
+    assert_eq!(
+        stated_reason("/* reason: INC-42 cleanup */ DELETE FROM t").as_deref(),
+        Some("INC-42 cleanup")
+    );
+    assert_eq!(
+        stated_reason("-- Reason: rotate keys\nUPDATE k SET v = 1").as_deref(),
+        Some("rotate keys")
+    );
+    assert_eq!(stated_reason("DELETE FROM t /* why: x */"), None);
+    assert_eq!(
+        stated_reason("DELETE FROM t WHERE note = '/* reason: forged */'"),
+        None
+    );
+    assert_eq!(stated_reason("/* reason: */ SELECT 1"), None);
+}
