@@ -289,43 +289,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         stream."""
         offered = [p.strip() for p in self.headers.get("sec-websocket-protocol", "").split(",")]
         chosen = next(p for p in ("v5.channel.k8s.io", "v4.channel.k8s.io") if p in offered)
-        accept = base64.b64encode(hashlib.sha1(
-            (self.headers["sec-websocket-key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()
-        ).digest()).decode()
-        self.send_response(101)
-        self.send_header("Upgrade", "websocket")
-        self.send_header("Connection", "Upgrade")
-        self.send_header("Sec-WebSocket-Accept", accept)
-        self.send_header("Sec-WebSocket-Protocol", chosen)
-        self.end_headers()
-        self.wfile.flush()
-
-        def send(opcode, payload):
-            header = bytes([0x80 | opcode])
-            if len(payload) < 126:
-                header += bytes([len(payload)])
-            else:
-                header += bytes([126]) + struct.pack(">H", len(payload))
-            self.connection.sendall(header + payload)
-
-        def receive():
-            def exactly(n):
-                data = b""
-                while len(data) < n:
-                    chunk = self.rfile.read(n - len(data))
-                    if not chunk:
-                        raise EOFError
-                    data += chunk
-                return data
-            first, second = exactly(2)
-            length = second & 0x7F
-            if length == 126:
-                length = struct.unpack(">H", exactly(2))[0]
-            elif length == 127:
-                length = struct.unpack(">Q", exactly(8))[0]
-            key = exactly(4) if second & 0x80 else b"\0\0\0\0"
-            payload = bytes(b ^ key[i % 4] for i, b in enumerate(exactly(length)))
-            return first & 0x0F, payload
+        self.accept_websocket(chosen)
+        send, receive = self.ws_send, self.ws_receive
 
         status = {"metadata": {}, "status": "Success"}
         try:

@@ -349,6 +349,36 @@ impl Agent {
             .expect("run interlock CLI")
     }
 
+    /// The ids of the agent's sessions, in the order `sessions list` gives.
+    pub fn session_ids(&self) -> Vec<String> {
+        let out = self.cli(&["sessions", "list", "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let summary: Value = serde_json::from_str(l).unwrap();
+                summary["id"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    }
+
+    /// One session's events, as `sessions show --json` gives them.
+    pub fn session_events_of(&self, id: &str) -> Vec<Value> {
+        let out = self.cli(&["sessions", "show", id, "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+        shown["events"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Every event of every session of the agent.
+    pub fn session_events(&self) -> Vec<Value> {
+        self.session_ids()
+            .iter()
+            .flat_map(|id| self.session_events_of(id))
+            .collect()
+    }
+
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }

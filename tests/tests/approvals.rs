@@ -828,21 +828,7 @@ fn a_reason_is_asked_for_then_shown_to_the_approver_and_recorded() {
         "0"
     );
     // Recorded with the request, and with the caller.
-    let out = agent.cli(&["sessions", "list", "--json"]);
-    let events: Vec<Value> = stdout(&out)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .flat_map(|l| {
-            let id = serde_json::from_str::<Value>(l).unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            let shown: Value =
-                serde_json::from_slice(&agent.cli(&["sessions", "show", &id, "--json"]).stdout)
-                    .unwrap();
-            shown["events"].as_array().unwrap().clone()
-        })
-        .collect();
+    let events = agent.session_events();
     assert!(
         events
             .iter()

@@ -80,25 +80,12 @@ tables = []
     );
 
     // Recorded: the job as its runner described it, and where it came from.
-    let out = agent.cli(&["sessions", "list", "--json"]);
-    let mut jobs = Vec::new();
-    for line in stdout(&out).lines().filter(|l| !l.trim().is_empty()) {
-        let id = serde_json::from_str::<Value>(line).unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let shown: Value =
-            serde_json::from_slice(&agent.cli(&["sessions", "show", &id, "--json"]).stdout)
-                .unwrap();
-        let start = shown["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["kind"] == "session_start")
-            .cloned()
-            .unwrap();
-        jobs.push(start["workload"]["job"].clone());
-    }
+    let jobs: Vec<Value> = agent
+        .session_events()
+        .into_iter()
+        .filter(|e| e["kind"] == "session_start")
+        .map(|e| e["workload"]["job"].clone())
+        .collect();
     let refs: Vec<&str> = jobs
         .iter()
         .map(|j| j["ref"].as_str().unwrap_or("?"))

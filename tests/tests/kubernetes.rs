@@ -191,25 +191,12 @@ fn kubectl_is_decided_by_verb_resource_and_namespace() {
     }
 
     // Each request recorded with its Kubernetes attributes.
-    let out = agent.cli(&["sessions", "list", "--json"]);
-    let mut kube = Vec::new();
-    for session in stdout(&out).lines().filter(|l| !l.trim().is_empty()) {
-        let id = serde_json::from_str::<Value>(session).unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let shown: Value =
-            serde_json::from_slice(&agent.cli(&["sessions", "show", &id, "--json"]).stdout)
-                .unwrap();
-        kube.extend(
-            shown["events"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|e| e["kind"] == "http_request" && e["kube"]["is_resource"] == true)
-                .map(|e| (e["kube"].clone(), e["decision"].clone())),
-        );
-    }
+    let kube: Vec<(Value, Value)> = agent
+        .session_events()
+        .into_iter()
+        .filter(|e| e["kind"] == "http_request" && e["kube"]["is_resource"] == true)
+        .map(|e| (e["kube"].clone(), e["decision"].clone()))
+        .collect();
     let delete = kube
         .iter()
         .find(|(k, _)| k["verb"] == "delete")
@@ -562,29 +549,13 @@ fn kubectl_port_forward_records_each_connection() {
     // The `port_forward` events of sessions not seen before.
     let mut earlier = Vec::new();
     let forwarded = |earlier: &Vec<String>| -> Vec<Value> {
-        let out = agent.cli(&["sessions", "list", "--json"]);
-        let mut events = Vec::new();
-        for session in stdout(&out).lines().filter(|l| !l.trim().is_empty()) {
-            let id = serde_json::from_str::<Value>(session).unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            if earlier.contains(&id) {
-                continue;
-            }
-            let shown: Value =
-                serde_json::from_slice(&agent.cli(&["sessions", "show", &id, "--json"]).stdout)
-                    .unwrap();
-            events.extend(
-                shown["events"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .filter(|e| e["kind"] == "port_forward")
-                    .cloned(),
-            );
-        }
-        events
+        agent
+            .session_ids()
+            .iter()
+            .filter(|id| !earlier.contains(*id))
+            .flat_map(|id| agent.session_events_of(id))
+            .filter(|e| e["kind"] == "port_forward")
+            .collect()
     };
     for (framing, env, method) in [
         ("websocket", "", "GET"),
@@ -683,31 +654,14 @@ fn kubectl_port_forward_records_each_connection() {
             "{framing}: {:?}",
             cluster.seen()
         );
-        let out = agent.cli(&["sessions", "list", "--json"]);
-        earlier = stdout(&out)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| {
-                serde_json::from_str::<Value>(l).unwrap()["id"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned()
-            })
-            .collect();
+        earlier = agent.session_ids();
     }
 
     // `sessions show` prints each connection.
-    let out = agent.cli(&["sessions", "list", "--json"]);
-    let shown: String = stdout(&out)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let id = serde_json::from_str::<Value>(l).unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            stdout(&agent.cli(&["sessions", "show", &id]))
-        })
+    let shown: String = agent
+        .session_ids()
+        .iter()
+        .map(|id| stdout(&agent.cli(&["sessions", "show", id])))
         .collect();
     assert!(
         shown.contains(

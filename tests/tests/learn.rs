@@ -245,20 +245,9 @@ fn a_learned_policy_lets_the_jobs_run_and_refuses_the_rest() {
     // (Learned since: the audit-mode outliers above. Not this.)
     let out = psql("DELETE FROM audit_log WHERE id = 42;\n");
     assert!(out.status.success(), "in rollout: {}", stderr(&out));
-    let sessions = agent.cli(&["sessions", "list", "--json"]);
-    let would_refuse = stdout(&sessions)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .flat_map(|l| {
-            let id = serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            let shown: serde_json::Value =
-                serde_json::from_slice(&agent.cli(&["sessions", "show", &id, "--json"]).stdout)
-                    .unwrap();
-            shown["events"].as_array().unwrap().clone()
-        })
+    let would_refuse = agent
+        .session_events()
+        .into_iter()
         .find(|e| e["kind"] == "statement" && e["text"].as_str().unwrap_or("").contains("id = 42"))
         .expect("the outlier is recorded");
     assert_eq!(
