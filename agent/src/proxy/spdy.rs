@@ -218,12 +218,22 @@ impl SpdyReader {
     fn inflated(&mut self, mut block: &[u8]) -> Result<Vec<u8>, SpdyError> {
         let mut out = Vec::with_capacity(256);
         loop {
-            let before = self.inflate.total_in();
+            let (before, had) = (self.inflate.total_in(), out.len());
             let result = self
                 .inflate
                 .decompress_vec(block, &mut out, FlushDecompress::Sync);
-            block = &block[(self.inflate.total_in() - before) as usize..];
+            let used = (self.inflate.total_in() - before) as usize;
+            block = &block[used..];
             match result {
+                // The direction's zlib stream has ended: no block after
+                // this one can be read.
+                Ok(flate2::Status::StreamEnd) if !block.is_empty() => {
+                    return Err(SpdyError::Compression);
+                }
+                // Room to write and nothing taken or given: it is stuck.
+                Ok(_) if used == 0 && out.len() == had && out.len() < out.capacity() => {
+                    return Err(SpdyError::Compression);
+                }
                 Ok(_) => {}
                 Err(e) if e.needs_dictionary().is_some() => {
                     self.inflate
@@ -642,6 +652,24 @@ mod tests {
         // zlib without a preset dictionary is a valid block too.
         assert_eq!(read, Ok(()));
         assert_eq!(seen.len(), 1, "{seen:?}");
+        // A zlib stream that ends, then more: an error, not a loop.
+        let mut ended = 1u32.to_be_bytes().to_vec();
+        ended.extend_from_slice(&[0; 6]);
+        let mut finished = flate2::Compress::new(flate2::Compression::default(), true);
+        let mut block = Vec::with_capacity(256);
+        finished
+            .compress_vec(&[0, 0, 0, 0], &mut block, flate2::FlushCompress::Finish)
+            .unwrap();
+        ended.extend(&block);
+        ended.extend_from_slice(&[0; 16]);
+        assert_eq!(
+            SpdyReader::default().feed(&control(SYN_STREAM, 0, &ended), &mut ignore),
+            Err(SpdyError::Compression)
+        );
+        let mut after = SpdyReader::default();
+        let mut frames = control(SYN_STREAM, 0, &ended[..ended.len() - 16]);
+        frames.extend(control(SYN_STREAM, 0, &ended[..ended.len() - 16]));
+        assert!(after.feed(&frames, &mut ignore).is_err());
         let mut garbage = 1u32.to_be_bytes().to_vec();
         garbage.extend_from_slice(&[0; 6]);
         garbage.extend_from_slice(b"not zlib at all");

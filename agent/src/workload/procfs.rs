@@ -79,9 +79,15 @@ impl<'a> Proc<'a> {
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed stat").into())
     }
 
-    /// The environment it was started with (`/proc/PID/environ`).
+    /// The environment of the program it runs (`/proc/PID/environ`), its
+    /// first MiB: a caller's environment is its own to make large.
     pub fn environ(&self) -> io::Result<Vec<u8>> {
-        fs::read(self.path("environ"))
+        use io::Read;
+        let mut environ = Vec::new();
+        fs::File::open(self.path("environ"))?
+            .take(1 << 20)
+            .read_to_end(&mut environ)?;
+        Ok(environ)
     }
 
     pub fn exe(&self) -> Option<PathBuf> {
