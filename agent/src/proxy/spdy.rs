@@ -416,8 +416,10 @@ impl Forwards {
     /// connection; a data stream is the connection.
     fn ended(&mut self, stream: Stream) -> Option<Forwarded> {
         if stream.error_stream {
+            // Kept for its connection; as bounded as the open streams.
             if let Some(request) = stream.request
                 && !stream.message.is_empty()
+                && self.errors.len() < MAX_STREAMS
             {
                 self.errors.insert(request, stream.message);
             }
