@@ -301,6 +301,9 @@ fn begin_session(store: &Arc<Store>, begin: Begin<'_>) -> Result<(Recorder, Tick
         enforced,
         rule,
         reason: &verdict.reason,
+        as_user: verdict
+            .rule
+            .and_then(|id| active.policy.rule(id).as_user.as_deref()),
     };
     let (recorder, ticket) = store.begin(
         session_id,

@@ -17,6 +17,8 @@ pub struct Recorded {
     pub connection: Option<Decided>,
     /// SSH: the user the client logged in as.
     pub ssh_user: Option<String>,
+    /// PostgreSQL: the role the session took (`as_user`).
+    pub as_user: Option<String>,
     pub did: Vec<Did>,
 }
 
@@ -108,6 +110,7 @@ impl Recorded {
                     start_us: time_us,
                     connection: None,
                     ssh_user: None,
+                    as_user: None,
                     did: Vec::new(),
                 });
                 continue;
@@ -118,6 +121,7 @@ impl Recorded {
             let what = match event["kind"].as_str().unwrap_or("") {
                 "connection" => {
                     session.connection = Some(Decided::of(&event));
+                    session.as_user = event["as_user"].as_str().map(str::to_owned);
                     continue;
                 }
                 "ssh_login" => {

@@ -162,6 +162,7 @@ pub struct SuggestedRule {
 #[serde(untagged)]
 pub enum Value {
     Bool(bool),
+    Text(String),
     List(Vec<String>),
 }
 
@@ -200,6 +201,8 @@ struct Observed {
     /// Kubernetes: (namespace, resource) → verbs, evidence.
     kube: BTreeMap<(String, String), (BTreeSet<String>, Evidence)>,
     unlearned: BTreeMap<(String, String), Evidence>,
+    /// PostgreSQL: the roles the sessions took (`as_user`).
+    as_users: BTreeSet<String>,
     /// Each distinct behaviour (what a rule must allow: kinds with tables
     /// and functions, a command's shape, a method and path) and when it
     /// was first seen; and the days anything was seen.
@@ -274,6 +277,9 @@ pub fn suggest(sessions: &[Recorded], by: GroupBy, now_us: u64) -> Suggestion {
         }
         seen.connections
             .add(session.start_us, &session.id, || "connect".into());
+        if let Some(role) = &session.as_user {
+            seen.as_users.insert(role.clone());
+        }
         for did in &session.did {
             observe(seen, session, did);
         }
@@ -320,6 +326,18 @@ pub fn suggest(sessions: &[Recorded], by: GroupBy, now_us: u64) -> Suggestion {
                 new_per_day,
                 last_new_us,
                 stable_days: now_us.saturating_sub(last_new_us) / DAY_US,
+            });
+        }
+        if seen.as_users.len() > 1 {
+            suggestion.unlearned.push(Unlearned {
+                caller: caller.clone(),
+                target: target.clone(),
+                what: "as_user".into(),
+                why: format!(
+                    "its sessions took the roles {}: rules leave as_user out",
+                    seen.as_users.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
+                evidence: seen.connections.clone(),
             });
         }
         let drafts = match seen.protocol.as_str() {
@@ -376,8 +394,21 @@ fn list(items: &BTreeSet<String>) -> Value {
 /// A rule per set of statement kinds seen together, with its tables and
 /// functions; kinds seen only without tables share one `tables = []`
 /// rule (which, with no statement at all, admits the connection and
-/// allows none).
+/// allows none). The role the sessions took (`as_user`) is kept on each:
+/// sessions that took different roles are listed, not merged.
 fn postgres_rules(seen: &Observed) -> Vec<Draft> {
+    let mut drafts = postgres_statement_rules(seen);
+    if let [role] = &seen.as_users.iter().collect::<Vec<_>>()[..] {
+        for draft in &mut drafts {
+            draft
+                .keys
+                .push(("as_user".into(), Value::Text((*role).clone())));
+        }
+    }
+    drafts
+}
+
+fn postgres_statement_rules(seen: &Observed) -> Vec<Draft> {
     let mut drafts = Vec::new();
     let (mut tableless, mut tableless_kinds) = (Statements::default(), BTreeSet::new());
     for (kinds, statements) in &seen.statements {
@@ -824,6 +855,7 @@ impl Suggestion {
             for (key, value) in &rule.keys {
                 let value = match value {
                     Value::Bool(b) => b.to_string(),
+                    Value::Text(text) => quoted(text),
                     Value::List(items) => format!(
                         "[{}]",
                         items

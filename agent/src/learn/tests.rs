@@ -456,3 +456,26 @@ statements = ["select"]
         "{comments}"
     );
 }
+
+#[test]
+fn the_role_a_session_took_is_kept() {
+    let mut learned = session(
+        "r1",
+        "postgres",
+        "db",
+        &[statement(1, "SELECT 1 FROM t", "select", &["public.t"])],
+    );
+    learned.as_user = Some("reporting".into());
+    let toml = suggest(&[learned], GroupBy::Workload, NOW).to_toml(false);
+    assert!(toml.contains("as_user = \"reporting\"\n"), "{toml}");
+    let (config, _dir) = config_with(&toml);
+    assert_eq!(config.policy.rules[0].as_user.as_deref(), Some("reporting"));
+    // Two roles: left out, and said why.
+    let mut other = session("r2", "postgres", "db", &[]);
+    other.as_user = Some("writer".into());
+    let mut first = session("r3", "postgres", "db", &[]);
+    first.as_user = Some("reporting".into());
+    let toml = suggest(&[first, other], GroupBy::Workload, NOW).to_toml(false);
+    assert!(!toml.contains("as_user ="), "{toml}");
+    assert!(toml.contains("took the roles reporting, writer"), "{toml}");
+}

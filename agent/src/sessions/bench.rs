@@ -105,6 +105,7 @@ async fn one_session(
         enforced: true,
         rule: Some("bench-reads"),
         reason: "allowed",
+        as_user: None,
     };
     let (recorder, ticket) = store.begin(id, summary, &start, &connection, false)?;
     recorder.durable(ticket).await?;

@@ -33,6 +33,10 @@ pub enum Event<'a> {
         enforced: bool,
         rule: Option<&'a str>,
         reason: &'a str,
+        /// PostgreSQL: the role the admitting rule's `as_user` makes the
+        /// session take; left out when none.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        as_user: Option<&'a str>,
     },
     /// A command, recorded (and flushed) before it goes upstream.
     Statement {
