@@ -298,13 +298,13 @@ pub fn suggest(sessions: &[Recorded], by: GroupBy, now_us: u64) -> Suggestion {
         {
             suggestion.workloads.push((caller.name(), field, value));
         }
-        for (what, why) in seen.unlearned.keys() {
+        for ((what, why), evidence) in &seen.unlearned {
             suggestion.unlearned.push(Unlearned {
                 caller: caller.clone(),
                 target: target.clone(),
                 what: what.clone(),
                 why: why.clone(),
-                evidence: seen.unlearned[&(what.clone(), why.clone())].clone(),
+                evidence: evidence.clone(),
             });
         }
         if seen.connections.count == 0 {

@@ -11,7 +11,10 @@ mod stream;
 
 pub use stream::StreamMask;
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, OnceLock},
+};
 
 use bytes::BufMut;
 use hmac::{Hmac, Mac};
@@ -261,21 +264,28 @@ fn last_chars(value: &[u8], keep: usize) -> &[u8] {
 }
 
 fn builtin(pattern: BuiltinPattern, strategy: Strategy) -> Scanner {
-    let (source, check): (&str, Option<Check>) = match pattern {
+    // Compiled once per process: a mask set is made per session (per
+    // request on HTTP targets), and a regex clone is a reference count.
+    static COMPILED: [OnceLock<Regex>; 5] = [const { OnceLock::new() }; 5];
+    let (index, source, check): (usize, &str, Option<Check>) = match pattern {
         BuiltinPattern::Email => (
+            0,
             r"(?i-u)[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}",
             None,
         ),
-        BuiltinPattern::CardNumber => (r"(?-u)\b[0-9](?:[ -]?[0-9]){12,18}\b", Some(luhn)),
+        BuiltinPattern::CardNumber => (1, r"(?-u)\b[0-9](?:[ -]?[0-9]){12,18}\b", Some(luhn)),
         BuiltinPattern::Iban => (
+            2,
             r"(?-u)\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}\b",
             Some(iban),
         ),
         BuiltinPattern::Jwt => (
+            3,
             r"(?-u)\beyJ[A-Za-z0-9_-]+\.eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*",
             None,
         ),
         BuiltinPattern::ApiKey => (
+            4,
             concat!(
                 r"(?-u)\b(?:AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36,}",
                 r"|github_pat_[A-Za-z0-9_]{22,}|glpat-[A-Za-z0-9_-]{20,}",
@@ -286,7 +296,9 @@ fn builtin(pattern: BuiltinPattern, strategy: Strategy) -> Scanner {
         ),
     };
     Scanner {
-        regex: Regex::new(source).expect("built-in patterns compile"),
+        regex: COMPILED[index]
+            .get_or_init(|| Regex::new(source).expect("built-in patterns compile"))
+            .clone(),
         check,
         strategy,
     }

@@ -390,25 +390,22 @@ impl Connection {
         let Some(target) = active.policy.target_id(&self.target) else {
             return (Vec::new(), None);
         };
-        let masks = crate::policy::http_masks_for(&active.policy, &self.workload, target, request);
-        let (json, patterns): (Vec<_>, Vec<_>) = masks
-            .into_iter()
-            .partition(|mask| matches!(mask.selects, MaskSelects::Json(_)));
-        let json = json
-            .into_iter()
-            .filter_map(|mask| match &mask.selects {
+        let (mut json, mut patterns) = (Vec::new(), Vec::new());
+        for mask in crate::policy::http_masks_for(&active.policy, &self.workload, target, request) {
+            match &mask.selects {
                 MaskSelects::Json(selector) => {
                     let with = match mask.strategy {
                         Strategy::Null => "null",
                         _ => "\"****\"",
                     };
-                    Some((selector.clone(), Cow::Borrowed(with)))
+                    json.push((selector.clone(), Cow::Borrowed(with)));
                 }
-                _ => None,
-            })
-            .collect();
-        // Patterns and regexes compile to scanners; nothing else is left
-        // (column masks are refused on HTTP targets at load).
+                // Patterns and regexes (column masks are refused on HTTP
+                // targets at load).
+                _ => patterns.push(mask),
+            }
+        }
+        // Only column masks can fail to compile: none are here.
         let patterns = (!patterns.is_empty())
             .then(|| {
                 MaskSet::compile(

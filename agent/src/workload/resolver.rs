@@ -91,18 +91,13 @@ impl WorkloadResolver {
     /// The job of the caller or its nearest ancestor whose parent is a CI
     /// runner, from that process's environment.
     fn job(&self, workload: &Workload) -> Option<JobContext> {
-        let chain: Vec<(u32, Option<&str>)> =
-            std::iter::once((workload.pid, workload.exe.as_deref()))
-                .chain(workload.parents.iter().map(|p| (p.pid, p.exe.as_deref())))
-                .collect();
-        let (started, _) =
-            chain
-                .windows(2)
-                .map(|pair| (pair[0], pair[1]))
-                .find(|(_, (_, parent))| {
-                    parent.is_some_and(|exe| job::is_runner(exe, &self.runners))
-                })?;
-        let (pid, exe) = started;
+        // Each process of the chain, caller first, beside its parent.
+        let processes = std::iter::once((workload.pid, workload.exe.as_deref()))
+            .chain(workload.parents.iter().map(|p| (p.pid, p.exe.as_deref())));
+        let parents = workload.parents.iter().map(|p| p.exe.as_deref());
+        let ((pid, exe), _) = processes
+            .zip(parents)
+            .find(|(_, parent)| parent.is_some_and(|exe| job::is_runner(exe, &self.runners)))?;
         let environ = Proc::new(&self.proc_root, pid).environ().ok()?;
         let mut context = JobContext::from_environment(job::environment(&environ))?;
         context.from_pid = pid;
