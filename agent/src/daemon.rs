@@ -230,6 +230,9 @@ impl State {
                 .revoke(&id, &caller, peer.admin, reason)
                 .map_err(anyhow::Error::from)
                 .and_then(|grant| Ok(serde_json::to_value(grant)?)),
+            Request::GrantAsk { wish, wait } => {
+                self.grant_request(wish, wait, &caller, peer).await
+            }
             Request::Status => Ok(self.status()),
             Request::Reload => self.reload().await.map(|()| json!({"reloaded": true})),
             Request::Detach => self.detach().map(|()| {
@@ -267,6 +270,36 @@ impl State {
                 message: format!("{error:#}"),
             },
         }
+    }
+
+    /// `interlock request`: the asking process is identified from the
+    /// kernel (SO_PEERCRED's pid), as a connection's caller is, so a job
+    /// asks for its own workload and nobody else's.
+    async fn grant_request(
+        &self,
+        wish: crate::approvals::ask::Wish,
+        wait: bool,
+        caller: &crate::approvals::Caller,
+        peer: admin::Peer,
+    ) -> anyhow::Result<serde_json::Value> {
+        let gate = &self.proxy.gate;
+        let pid = peer
+            .pid
+            .ok_or_else(|| anyhow::anyhow!("the asking process cannot be identified"))?;
+        let workload = gate
+            .resolver
+            .resolve_pid(pid)
+            .map_err(|e| anyhow::anyhow!("the asking process cannot be identified: {e}"))?;
+        let active = gate.active.load_full();
+        let ask =
+            crate::approvals::ask::check(&active.policy, &workload, caller, peer.admin, wish)?;
+        let (record, outcome) = gate.approvals.request_grant(ask).await?;
+        let record = match wait {
+            // The request times out on its own; its end always comes.
+            true => outcome.await.unwrap_or(record),
+            false => record,
+        };
+        Ok(serde_json::to_value(record)?)
     }
 
     async fn reload(&self) -> anyhow::Result<()> {

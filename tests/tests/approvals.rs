@@ -858,4 +858,277 @@ fn a_reason_is_asked_for_then_shown_to_the_approver_and_recorded() {
     let (code, _, err) = finish(client);
     assert_ne!(code, 0);
     assert!(err.contains("not now"), "{err}");
+
+    // Or in its application_name, with no change to the query
+    // (`PGAPPNAME`, libpq's own variable, sent at startup).
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs || exit 99\nexec setpriv --reuid={REQUESTER} --regid={REQUESTER} --clear-groups psql -X -w -q -t -A -h {} -p {} -U someone -d postgres -c 'DELETE FROM orders WHERE id = 4'",
+            job.display(),
+            pg.addr.ip(),
+            pg.addr.port()
+        ))
+        .env_remove("INTERLOCK_REASON")
+        .env("PGAPPNAME", "reason: INC-7 by appname")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let client = command.spawn().unwrap();
+    let request = wait_request(agent, "DELETE FROM orders WHERE id = 4");
+    assert_eq!(request["requester"]["reason"], "INC-7 by appname");
+    let id = request["id"].as_str().unwrap().to_owned();
+    let out = cli_as(agent, ONCALL, &["approvals", "approve", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(finish(client).0, 0);
+}
+
+/// `interlock request`, run by the job itself, asks up front for 3 s of
+/// deletes on one table under a `requestable` rule: a wider request is
+/// refused before anyone is asked; the approver sees scope, duration and
+/// reason; once approved, deletes on that table go through without
+/// asking, while a query that also deletes elsewhere is held as before;
+/// after 3 s the same delete is held again. The grant and its use are in
+/// the records.
+#[test]
+fn a_grant_asked_up_front_covers_its_scope_for_its_time() {
+    let Setup { pg, job, agent, .. } = &setup_with("approvals-request", "127.0.0.94", |policy| {
+        policy
+            .replace(
+                "statements = [\"delete\"]\ntables = [\"public.orders\"]",
+                "statements = [\"delete\"]\ntables = [\"public.*\"]\nrequestable = true\nmax_duration = \"1m\"",
+            )
+            .replace("timeout = \"2m\"", "timeout = \"20s\"")
+    });
+    let request = |args: &[&str]| {
+        let quoted: Vec<String> = args
+            .iter()
+            .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+            .collect();
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs || exit 99\nexec setpriv --reuid={REQUESTER} --regid={REQUESTER} --clear-groups {} request --config {} {}",
+                job.display(),
+                interlock_bin().display(),
+                agent.config.display(),
+                quoted.join(" ")
+            ))
+            .env_remove("INTERLOCK_REASON")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let orders_left = |ids: &str| {
+        pg.admin_sql(
+            "postgres",
+            &format!("SELECT count(*) FROM orders WHERE id IN ({ids})"),
+        )
+        .trim()
+        .to_owned()
+    };
+
+    // Wider than the rule, longer than it allows, or without a reason:
+    // refused at once, and nobody is asked.
+    for (args, expected) in [
+        (
+            &[
+                "--target",
+                "prod-db",
+                "--statements",
+                "delete",
+                "--tables",
+                "public.orders",
+                "--for",
+                "2h",
+                "--reason",
+                "r",
+            ][..],
+            "grants at most 1m",
+        ),
+        (
+            &[
+                "--target",
+                "prod-db",
+                "--statements",
+                "drop",
+                "--tables",
+                "public.orders",
+                "--for",
+                "3s",
+                "--reason",
+                "r",
+            ][..],
+            "not about drop statements",
+        ),
+        (
+            &[
+                "--target",
+                "prod-db",
+                "--statements",
+                "delete",
+                "--tables",
+                "other.orders",
+                "--for",
+                "3s",
+                "--reason",
+                "r",
+            ][..],
+            "not about table other.orders",
+        ),
+        (
+            &[
+                "--target",
+                "prod-db",
+                "--statements",
+                "delete",
+                "--tables",
+                "public.orders",
+                "--for",
+                "3s",
+            ][..],
+            "needs a reason",
+        ),
+    ] {
+        let (code, _, err) = finish(request(args));
+        assert_ne!(code, 0, "{args:?}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    // Asking for another workload is for admins and the rule's approvers.
+    let out = cli_as(
+        agent,
+        STRANGER,
+        &[
+            "request",
+            "--target",
+            "prod-db",
+            "--for",
+            "3s",
+            "--reason",
+            "r",
+            "--workload",
+            "ci-jobs",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("only admins and approvers"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(pending(agent).is_empty(), "nobody is asked");
+
+    // The job asks; the approver sees what, for how long, and why.
+    let asking = request(&[
+        "--target",
+        "prod-db",
+        "--statements",
+        "delete",
+        "--tables",
+        "public.orders",
+        "--for",
+        "3s",
+        "--reason",
+        "INC-4211 cleanup",
+    ]);
+    let asked = wait_request(agent, "grant: delete on public.orders, for 3s");
+    assert_eq!(asked["up_front"], true);
+    assert_eq!(asked["rule"], "deletes-need-oncall");
+    assert_eq!(asked["requester"]["reason"], "INC-4211 cleanup");
+    assert_eq!(asked["scope"]["tables"][0], "public.orders");
+    let id = asked["id"].as_str().unwrap().to_owned();
+    let listed = stdout(&cli_as(agent, ONCALL, &["approvals", "list"]));
+    assert!(
+        listed.contains("INC-4211 cleanup")
+            && listed.contains("grant: delete on public.orders, for 3s"),
+        "{listed}"
+    );
+    let out = cli_as(agent, ONCALL, &["approvals", "approve", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (code, out, err) = finish(asking);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("granted: grant"), "{out}");
+    let granted_at = Instant::now();
+    let grants = stdout(&agent.cli(&["grants", "list"]));
+    assert!(
+        grants.contains("expires in") && grants.contains("covers delete on public.orders"),
+        "{grants}"
+    );
+
+    // In scope: through without asking.
+    let (code, _, err) = finish(psql(job, pg, &["DELETE FROM orders WHERE id = 5"]));
+    assert!(
+        granted_at.elapsed() < Duration::from_secs(3),
+        "the machine is too slow to use a 3 s grant in time"
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(orders_left("5"), "0");
+
+    // Out of scope in the same query (a second table, by a CTE): held.
+    for sql in [
+        "DELETE FROM orders WHERE id = 7; DELETE FROM events",
+        "WITH gone AS (DELETE FROM events RETURNING id) DELETE FROM orders WHERE id = 8 OR id IN (SELECT id FROM gone)",
+    ] {
+        let client = psql(job, pg, &[sql]);
+        let held = wait_request(agent, sql);
+        let held_id = held["id"].as_str().unwrap().to_owned();
+        let out = cli_as(
+            agent,
+            ONCALL,
+            &[
+                "approvals",
+                "deny",
+                &held_id,
+                "--reason",
+                "outside the grant",
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let (code, _, err) = finish(client);
+        assert_ne!(code, 0);
+        assert!(err.contains("outside the grant"), "{err}");
+    }
+    assert_eq!(orders_left("7, 8"), "2");
+
+    // Expired: the same delete is held again.
+    thread::sleep(Duration::from_secs(3).saturating_sub(granted_at.elapsed()));
+    let client = psql(job, pg, &["DELETE FROM orders WHERE id = 6"]);
+    let held = wait_request(agent, "DELETE FROM orders WHERE id = 6");
+    let out = cli_as(
+        agent,
+        ONCALL,
+        &[
+            "approvals",
+            "deny",
+            held["id"].as_str().unwrap(),
+            "--reason",
+            "expired",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_ne!(finish(client).0, 0);
+    assert_eq!(orders_left("6"), "1");
+
+    // The grant, and its one use, in the records.
+    let all: Value =
+        serde_json::from_str(&stdout(&agent.cli(&["grants", "list", "--all", "--json"]))).unwrap();
+    let grant = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["request_id"] == id.as_str())
+        .expect("the grant is on record");
+    assert_eq!(grant["scope"]["statements"][0], "delete");
+    let used: Vec<Value> = agent
+        .session_events()
+        .into_iter()
+        .filter(|e| e["kind"] == "grant_used")
+        .collect();
+    assert_eq!(used.len(), 1, "{used:?}");
+    assert_eq!(used[0]["grant"], grant["id"]);
+    assert_eq!(used[0]["request"], id.as_str());
+    assert_eq!(used[0]["reason"], "INC-4211 cleanup");
 }

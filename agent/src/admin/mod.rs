@@ -54,18 +54,27 @@ pub enum Request {
         id: String,
         reason: Option<String>,
     },
+    /// Asks up front for a grant (`interlock request`), for the calling
+    /// process's workload or a named one; `wait`: answer with the outcome.
+    GrantAsk {
+        wish: crate::approvals::ask::Wish,
+        #[serde(default)]
+        wait: bool,
+    },
 }
 
 impl Request {
-    /// Requests an approver who is not an admin may make; the agent
-    /// authorizes each against the rule's approvers.
-    fn for_approvers(&self) -> bool {
+    /// Requests anyone may make: approvers answer (the agent authorizes
+    /// each answer against the rule's approvers), workloads ask for grants
+    /// (checked against the policy's requestable rules).
+    fn for_anyone(&self) -> bool {
         matches!(
             self,
             Request::ApprovalsList { .. }
                 | Request::ApprovalAnswer { .. }
                 | Request::GrantsList { .. }
                 | Request::GrantRevoke { .. }
+                | Request::GrantAsk { .. }
         )
     }
 }
@@ -75,6 +84,8 @@ impl Request {
 pub struct Peer {
     pub uid: u32,
     pub gid: u32,
+    /// The process that connected (absent in a few kernels' namespaces).
+    pub pid: Option<u32>,
     pub admin: bool,
 }
 
@@ -136,6 +147,7 @@ where
     let peer = Peer {
         uid: cred.uid(),
         gid: cred.gid(),
+        pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
         admin: caller_matches(cred.uid(), cred.gid(), admins),
     };
     let (read, mut write) = stream.into_split();
@@ -159,7 +171,7 @@ where
             Err(error) => Err(format!("bad request: {error}")),
         };
         let response = match request {
-            Ok(request) if peer.admin || request.for_approvers() => {
+            Ok(request) if peer.admin || request.for_anyone() => {
                 tracing::info!(uid = peer.uid, ?request, "admin request");
                 handler(request, peer).await
             }

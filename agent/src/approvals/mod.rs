@@ -9,6 +9,7 @@
 //! request and grant is a record in the session store's sled database, so
 //! it outlives the process: requests still pending at start belonged to
 //! connections that died with the old process, and are marked `abandoned`.
+pub mod ask;
 pub mod callback;
 mod held;
 mod notify;
@@ -17,7 +18,7 @@ mod records;
 pub use held::Held;
 pub use notify::Notifier;
 pub use records::{
-    Answer, Caller, GrantRecord, RequestRecord, RequestState, Requester, describe_job,
+    Answer, Caller, GrantRecord, GrantScope, RequestRecord, RequestState, Requester, describe_job,
 };
 
 use std::{
@@ -59,6 +60,8 @@ pub enum ApprovalError {
     Again(String),
     #[error("a denial needs a --reason")]
     NoReason,
+    #[error("{0}")]
+    NotRequestable(String),
     #[error("approval records: {0}")]
     Store(#[from] sled::Error),
     #[error("approval records: {0}")]
@@ -71,6 +74,9 @@ pub enum ApprovalError {
 struct Pending {
     record: RequestRecord,
     spec: Arc<ApprovalSpec>,
+    /// What a yes grants: the rule's `grant`, or the duration asked for
+    /// up front.
+    grant: GrantSpec,
     wake: Option<oneshot::Sender<RequestRecord>>,
 }
 
@@ -102,6 +108,19 @@ pub struct NewRequest<'a> {
     pub rule: &'a str,
     pub spec: Arc<ApprovalSpec>,
     pub command: &'a str,
+}
+
+/// A grant asked for up front (`interlock request`), already checked
+/// against its rule ([`ask::check`]).
+#[derive(Debug)]
+pub struct GrantAsk {
+    pub requester: Requester,
+    pub target: String,
+    pub rule: String,
+    pub spec: Arc<ApprovalSpec>,
+    pub duration: std::time::Duration,
+    pub scope: Option<GrantScope>,
+    pub for_workload: Option<String>,
 }
 
 impl Approvals {
@@ -148,27 +167,40 @@ impl Approvals {
 
     /// Whether an active grant lets this workload run this rule's commands
     /// on this target without asking; its use is recorded in the session.
+    /// A grant asked for up front with a scope applies only where `fits`
+    /// says the command is within it.
     pub fn use_grant(
         &self,
         recorder: &Recorder,
         requester: &Requester,
         target: &str,
         rule: &str,
+        fits: impl Fn(&GrantScope) -> bool,
     ) -> Result<bool, StoreError> {
-        let Some(grant) = self.grant_for(requester, target, rule) else {
+        let Some(grant) = self.grant_for(requester, target, rule, fits) else {
             return Ok(false);
         };
         recorder.append(&Event::GrantUsed {
-            grant: &grant,
+            grant: &grant.id,
             rule,
+            request: &grant.request_id,
+            scope: grant.scope.as_ref(),
+            reason: grant.requester.reason.as_deref(),
+            expires_ms: grant.expires_ms,
         })?;
-        tracing::info!(%grant, %rule, "let through by a grant");
+        tracing::info!(grant = %grant.id, %rule, "let through by a grant");
         Ok(true)
     }
 
     /// The grant that lets this workload run this rule's commands on this
     /// target without asking, if one is active.
-    fn grant_for(&self, requester: &Requester, target: &str, rule: &str) -> Option<String> {
+    fn grant_for(
+        &self,
+        requester: &Requester,
+        target: &str,
+        rule: &str,
+        fits: impl Fn(&GrantScope) -> bool,
+    ) -> Option<GrantRecord> {
         let key = requester.grant_key();
         let now = now_ms();
         let state = self.state.lock();
@@ -176,9 +208,13 @@ impl Approvals {
             .grants
             .iter()
             .find(|g| {
-                g.active(now) && g.rule == rule && g.target == target && g.workload_key == key
+                g.active(now)
+                    && g.rule == rule
+                    && g.target == target
+                    && g.holder(requester, &key)
+                    && g.scope.as_ref().is_none_or(&fits)
             })
-            .map(|g| g.id.clone())
+            .cloned()
     }
 
     /// Holds a command of `recorder`'s session: the request is recorded,
@@ -234,22 +270,11 @@ impl Approvals {
             answers: Vec::new(),
             decided_ms: None,
             grant_id: None,
+            up_front: false,
+            scope: None,
+            for_workload: None,
         };
-        self.requests
-            .insert(id.as_bytes(), serde_json::to_vec(&record)?)?;
-        log_request(&record);
-        if let Some(notifier) = &self.notifier {
-            notifier.send(&record);
-        }
-        let (wake, wait) = oneshot::channel();
-        self.state.lock().pending.insert(
-            id.clone(),
-            Pending {
-                record: record.clone(),
-                spec: new.spec.clone(),
-                wake: Some(wake),
-            },
-        );
+        let wait = self.pend(record.clone(), new.spec.clone(), new.spec.grant)?;
         Ok(Held {
             approvals: self.clone(),
             recorder: recorder.clone(),
@@ -257,6 +282,84 @@ impl Approvals {
             wait: Some(wait),
             deadline: Instant::now() + new.spec.timeout,
         })
+    }
+
+    /// Records, announces and keeps a new pending request; its outcome
+    /// comes through the receiver.
+    fn pend(
+        &self,
+        record: RequestRecord,
+        spec: Arc<ApprovalSpec>,
+        grant: GrantSpec,
+    ) -> Result<oneshot::Receiver<RequestRecord>, ApprovalError> {
+        self.requests
+            .insert(record.id.as_bytes(), serde_json::to_vec(&record)?)?;
+        log_request(&record);
+        if let Some(notifier) = &self.notifier {
+            notifier.send(&record);
+        }
+        let (wake, wait) = oneshot::channel();
+        self.state.lock().pending.insert(
+            record.id.clone(),
+            Pending {
+                record,
+                spec,
+                grant,
+                wake: Some(wake),
+            },
+        );
+        Ok(wait)
+    }
+
+    /// Asks, up front, for a grant of `ask.duration`: a request approvers
+    /// answer like any other, which times out on its own after the rule's
+    /// `timeout`. The outcome comes through the receiver (it may be
+    /// dropped: the request stands without its asker).
+    pub async fn request_grant(
+        self: &Arc<Self>,
+        ask: GrantAsk,
+    ) -> Result<(RequestRecord, oneshot::Receiver<RequestRecord>), ApprovalError> {
+        let id = ulid::Ulid::new().to_string();
+        let created_ms = now_ms();
+        let duration = humantime::format_duration(ask.duration).to_string();
+        let what = match &ask.scope {
+            Some(scope) => scope.describe(),
+            None => format!("what rule {:?} is about", ask.rule),
+        };
+        let whom = match &ask.for_workload {
+            Some(name) => format!(" for workload {name:?}"),
+            None => String::new(),
+        };
+        let record = RequestRecord {
+            id: id.clone(),
+            session_id: String::new(),
+            host: self.host.clone(),
+            state: RequestState::Pending,
+            target: ask.target,
+            rule: ask.rule,
+            command: format!("grant{whom}: {what}, for {duration}"),
+            requester: ask.requester,
+            approvers: ask.spec.approvers.iter().map(|a| a.to_string()).collect(),
+            min_approvals: ask.spec.min_approvals,
+            grant: duration,
+            created_ms,
+            expires_ms: created_ms + ask.spec.timeout.as_millis() as u64,
+            answers: Vec::new(),
+            decided_ms: None,
+            grant_id: None,
+            up_front: true,
+            scope: ask.scope,
+            for_workload: ask.for_workload,
+        };
+        let timeout = ask.spec.timeout;
+        let wait = self.pend(record.clone(), ask.spec, GrantSpec::For(ask.duration))?;
+        self.requests.flush_async().await?;
+        let approvals = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            approvals.resolve(&id, RequestState::TimedOut);
+        });
+        Ok((record, wait))
     }
 
     /// An answer from `caller`; the request as it now stands.
@@ -339,7 +442,7 @@ impl Approvals {
         record.state = outcome;
         let now = now_ms();
         record.decided_ms = Some(now);
-        if let (RequestState::Approved, GrantSpec::For(duration)) = (outcome, pending.spec.grant) {
+        if let (RequestState::Approved, GrantSpec::For(duration)) = (outcome, pending.grant) {
             let grant = GrantRecord {
                 id: ulid::Ulid::new().to_string(),
                 rule: record.rule.clone(),
@@ -352,6 +455,8 @@ impl Approvals {
                 created_ms: now,
                 expires_ms: now + duration.as_millis() as u64,
                 revoked: None,
+                scope: record.scope.clone(),
+                workload: record.for_workload.clone(),
             };
             record.grant_id = Some(grant.id.clone());
             self.put_grant(&grant);

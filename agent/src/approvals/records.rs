@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 use crate::{
-    policy::{Approver, Policy},
+    policy::{Approver, Pattern, Policy, StatementInfo, StatementKind, functions},
     workload::Workload,
 };
 
@@ -132,6 +132,8 @@ pub struct Answer {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RequestRecord {
     pub id: String,
+    /// The session whose command is held; empty for a grant asked up front.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub session_id: String,
     pub host: String,
     pub state: RequestState,
@@ -151,6 +153,17 @@ pub struct RequestRecord {
     pub decided_ms: Option<u64>,
     /// The grant an approval created, when the rule grants a duration.
     pub grant_id: Option<String>,
+    /// Asked up front (`interlock request`) for a grant, not for a held
+    /// command: `command` describes the grant.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub up_front: bool,
+    /// What the grant asked for covers, when narrower than the rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<GrantScope>,
+    /// Asked by a person for every caller of this policy workload, rather
+    /// than for the asking process's own workload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_workload: Option<String>,
 }
 
 impl RequestRecord {
@@ -203,11 +216,83 @@ pub struct GrantRecord {
     pub created_ms: u64,
     pub expires_ms: u64,
     pub revoked: Option<Answer>,
+    /// Asked up front: the statements it covers, when narrower than the
+    /// rule (a statement outside it is held as usual).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<GrantScope>,
+    /// Granted to every caller of this policy workload (asked by a
+    /// person), instead of `workload_key`'s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
 }
 
 impl GrantRecord {
     pub(super) fn active(&self, now: u64) -> bool {
         self.revoked.is_none() && now < self.expires_ms
+    }
+
+    /// Whether the grant is `requester`'s: its own workload's (same uid in
+    /// the same cgroup), or a policy workload it matches.
+    pub(super) fn holder(&self, requester: &Requester, key: &str) -> bool {
+        match &self.workload {
+            Some(name) => requester.workloads.iter().any(|w| w == name),
+            None => self.workload_key == key,
+        }
+    }
+}
+
+/// The SQL statements a grant asked for up front covers. It lets a
+/// statement through as an allow rule would: every kind of it listed,
+/// every table it touches matched, every function it calls a harmless
+/// built-in or one of the rule's. Anything else its rule catches is held
+/// for a person, as without the grant.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantScope {
+    /// Empty: any kind the rule is about.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub statements: Vec<StatementKind>,
+    /// `schema.table` names (or the rule's own globs); empty: any table.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<String>,
+    /// The rule's function globs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub functions: Vec<String>,
+}
+
+impl GrantScope {
+    pub fn covers(&self, statement: &StatementInfo) -> bool {
+        let globs = |list: &[String]| -> Vec<Pattern> {
+            list.iter().filter_map(|g| Pattern::new(g).ok()).collect()
+        };
+        let (tables, functions) = (globs(&self.tables), globs(&self.functions));
+        statement.parsed
+            && (self.statements.is_empty()
+                || statement.kinds.iter().all(|k| self.statements.contains(&k)))
+            && (self.tables.is_empty()
+                || statement
+                    .tables
+                    .iter()
+                    .all(|t| tables.iter().any(|p| p.matches(t))))
+            && statement
+                .functions
+                .iter()
+                .all(|f| functions::covered(&functions, f))
+    }
+
+    /// `delete, update on public.orders`.
+    pub fn describe(&self) -> String {
+        let kinds = if self.statements.is_empty() {
+            "any statement".to_owned()
+        } else {
+            let names: Vec<&str> = self.statements.iter().map(|k| k.as_str()).collect();
+            names.join(", ")
+        };
+        let tables = if self.tables.is_empty() {
+            "any table".to_owned()
+        } else {
+            self.tables.join(", ")
+        };
+        format!("{kinds} on {tables}")
     }
 }
 

@@ -19,6 +19,7 @@ fn spec(min_approvals: u32, timeout: Duration, grant: GrantSpec) -> Arc<Approval
         timeout,
         grant,
         require_reason: false,
+        requestable: None,
     })
 }
 
@@ -210,9 +211,9 @@ async fn a_grant_lets_the_same_workload_through_until_revoked() {
     let grant = outcome.grant_id.clone().expect("a 30m grant");
     assert_eq!(
         approvals
-            .grant_for(&requester(), "prod", "deletes-need-approval")
-            .as_deref(),
-        Some(grant.as_str())
+            .grant_for(&requester(), "prod", "deletes-need-approval", |_| false)
+            .map(|g| g.id),
+        Some(grant.clone())
     );
     let other_job = Requester {
         cgroup: Some("/ci.slice/job-2.scope".into()),
@@ -220,12 +221,12 @@ async fn a_grant_lets_the_same_workload_through_until_revoked() {
     };
     assert!(
         approvals
-            .grant_for(&other_job, "prod", "deletes-need-approval")
+            .grant_for(&other_job, "prod", "deletes-need-approval", |_| false)
             .is_none()
     );
     assert!(
         approvals
-            .grant_for(&requester(), "staging", "deletes-need-approval")
+            .grant_for(&requester(), "staging", "deletes-need-approval", |_| false)
             .is_none()
     );
 
@@ -241,7 +242,7 @@ async fn a_grant_lets_the_same_workload_through_until_revoked() {
     let reopened = Approvals::open(store.db(), "test-host".into(), None).unwrap();
     assert!(
         reopened
-            .grant_for(&requester(), "prod", "deletes-need-approval")
+            .grant_for(&requester(), "prod", "deletes-need-approval", |_| false)
             .is_some()
     );
     let states: Vec<RequestState> = reopened
@@ -261,7 +262,7 @@ async fn a_grant_lets_the_same_workload_through_until_revoked() {
         .unwrap();
     assert!(
         reopened
-            .grant_for(&requester(), "prod", "deletes-need-approval")
+            .grant_for(&requester(), "prod", "deletes-need-approval", |_| false)
             .is_none()
     );
     assert_eq!(reopened.grants(false).len(), 0);

@@ -2,7 +2,7 @@
 //! commands over the admin socket, as whoever runs the command.
 use std::{process::ExitCode, time::Duration};
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 
 use super::{ConfigArg, call_agent};
 use crate::{
@@ -59,6 +59,100 @@ pub enum GrantsCommand {
         #[command(flatten)]
         config: ConfigArg,
     },
+}
+
+/// `interlock request --target orders-db --statements delete --tables
+/// public.orders --for 30m --reason "INC-4211 cleanup"`.
+#[derive(Args)]
+pub struct RequestArgs {
+    /// The target the grant is for.
+    #[arg(long)]
+    target: String,
+    /// How long the grant lasts once approved (at most the rule's
+    /// max_duration), e.g. 30m.
+    #[arg(long = "for", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Why, for the approvers (default: INTERLOCK_REASON).
+    #[arg(long)]
+    reason: Option<String>,
+    /// SQL targets: statement kinds, e.g. delete,update (default: all the
+    /// rule is about).
+    #[arg(long, value_delimiter = ',')]
+    statements: Vec<String>,
+    /// SQL targets: schema.table names (default: all the rule is about).
+    #[arg(long, value_delimiter = ',')]
+    tables: Vec<String>,
+    /// The requestable rule to ask under (default: the first that can
+    /// grant the rest).
+    #[arg(long)]
+    rule: Option<String>,
+    /// Ask for every caller of this policy workload rather than for your
+    /// own (admins and the rule's approvers).
+    #[arg(long)]
+    workload: Option<String>,
+    /// Return once the request is made instead of waiting for its answer.
+    #[arg(long)]
+    no_wait: bool,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    config: ConfigArg,
+}
+
+pub fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
+    let statements = args
+        .statements
+        .iter()
+        .map(|kind| {
+            serde_json::from_value(serde_json::Value::String(kind.trim().to_ascii_lowercase()))
+                .map_err(|_| anyhow::anyhow!("--statements: {kind:?} is not a statement kind"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let wish = crate::approvals::ask::Wish {
+        target: args.target,
+        rule: args.rule,
+        statements,
+        tables: args.tables,
+        duration: args.duration,
+        reason: args.reason,
+        for_workload: args.workload,
+    };
+    if !args.no_wait && !args.json {
+        eprintln!(
+            "asking for the grant; waiting for the approvers' answer (Ctrl-C leaves the request standing)"
+        );
+    }
+    let data = call_agent(
+        &args.config.config,
+        Request::GrantAsk {
+            wish,
+            wait: !args.no_wait,
+        },
+    )?;
+    let record: RequestRecord = serde_json::from_value(data.clone())?;
+    if args.json {
+        println!("{data}");
+    } else {
+        print_request(&record);
+    }
+    Ok(match record.state {
+        crate::approvals::RequestState::Approved => {
+            if let Some(grant) = record.grant_id.as_ref().filter(|_| !args.json) {
+                println!(
+                    "granted: grant {grant} lasts {} (interlock grants list)",
+                    record.grant
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        crate::approvals::RequestState::Pending => ExitCode::SUCCESS,
+        _ => {
+            if !args.json {
+                eprintln!("{}", record.refusal());
+            }
+            ExitCode::FAILURE
+        }
+    })
 }
 
 pub fn approvals(command: ApprovalsCommand) -> anyhow::Result<ExitCode> {
@@ -190,13 +284,24 @@ pub fn grants(command: GrantsCommand) -> anyhow::Result<ExitCode> {
                     (None, false) => "expired".into(),
                 };
                 println!("{}  {state}", grant.id);
+                let holder = match &grant.workload {
+                    Some(name) => format!("workload {name}"),
+                    None => format!(
+                        "uid {} in {}",
+                        grant.requester.uid,
+                        grant.requester.cgroup.as_deref().unwrap_or("-")
+                    ),
+                };
                 println!(
-                    "  rule {} on target {}, for uid {} in {}",
-                    grant.rule,
-                    grant.target,
-                    grant.requester.uid,
-                    grant.requester.cgroup.as_deref().unwrap_or("-")
+                    "  rule {} on target {}, for {holder}",
+                    grant.rule, grant.target
                 );
+                if let Some(scope) = &grant.scope {
+                    println!("  covers {}", scope.describe());
+                }
+                if let Some(reason) = &grant.requester.reason {
+                    println!("  reason {reason}");
+                }
                 println!(
                     "  approved by {} (request {})",
                     grant.approved_by.join(", "),

@@ -73,6 +73,9 @@ enum Command {
     /// Standing permissions approvals granted: list, revoke.
     #[command(subcommand)]
     Grants(approvals::GrantsCommand),
+    /// Ask up front for a time-bound grant under a `requestable` rule,
+    /// and wait for the approvers' answer.
+    Request(approvals::RequestArgs),
     /// Measures the session store on its own (`cargo xtask bench sessions`).
     #[command(hide = true)]
     BenchStore(sessions::BenchStoreArgs),
@@ -294,6 +297,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Fleet(command) => runtime()?.block_on(sessions::fleet(command)),
         Command::Approvals(command) => approvals::approvals(command),
         Command::Grants(command) => approvals::grants(command),
+        Command::Request(args) => approvals::request(args),
         Command::BenchStore(args) => runtime()?.block_on(sessions::bench_store(args)),
         Command::BenchStatements { count } => {
             let report = crate::proxy::postgres::bench::run(count);

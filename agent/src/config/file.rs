@@ -336,6 +336,10 @@ pub struct RuleSpec {
     /// `decision = "approve"`: a request without a stated reason is
     /// refused at once.
     pub require_reason: Option<Located<bool>>,
+    /// `decision = "approve"`: a grant may be asked for up front
+    /// (`interlock request`), for at most `max_duration`.
+    pub requestable: Option<Located<bool>>,
+    pub max_duration: Option<Located<String>>,
     /// SSH targets: exec command patterns, e.g. `"systemctl restart app*"`.
     pub commands: Option<Located<Vec<Located<String>>>>,
     /// SSH targets: whether the rule is about interactive shells.

@@ -813,11 +813,13 @@ fn approval_spec(
             rule.timeout.as_ref().map(|t| t.span()),
             rule.grant.as_ref().map(|g| g.span()),
             rule.require_reason.as_ref().map(|r| r.span()),
+            rule.requestable.as_ref().map(|r| r.span()),
+            rule.max_duration.as_ref().map(|r| r.span()),
         ];
         return match stray.into_iter().flatten().next() {
             Some(at) => Err(source.error_at(
                 at,
-                "approvers, min_approvals, timeout, grant and require_reason apply to decision = \"approve\"",
+                "approvers, min_approvals, timeout, grant, require_reason, requestable and max_duration apply to decision = \"approve\"",
             )),
             None => Ok(None),
         };
@@ -866,12 +868,29 @@ fn approval_spec(
         Some(text) if text.get_ref() == "once" => GrantSpec::Once,
         Some(text) => GrantSpec::For(duration("grant (\"once\" or a duration)", text)?),
     };
+    let requestable = match (&rule.requestable, &rule.max_duration) {
+        (Some(flag), Some(max)) if *flag.get_ref() => Some(duration("max_duration", max)?),
+        (Some(flag), None) if *flag.get_ref() => {
+            return Err(source.error_at(
+                flag.span(),
+                "requestable = true needs max_duration, the longest grant a request may ask for (e.g. \"1h\")",
+            ));
+        }
+        (_, Some(max)) => {
+            return Err(source.error_at(
+                max.span(),
+                "max_duration applies to requestable = true rules",
+            ));
+        }
+        _ => None,
+    };
     Ok(Some(std::sync::Arc::new(ApprovalSpec {
         approvers,
         min_approvals,
         timeout,
         grant,
         require_reason: rule.require_reason.as_ref().is_some_and(|r| *r.get_ref()),
+        requestable,
     })))
 }
 

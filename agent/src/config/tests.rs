@@ -379,6 +379,23 @@ fn approval_fields_are_checked_where_they_are_written() {
         "decision = \"approve\"\napprovers = [\"alice\"]\nmin_approvals = 0\n",
     ));
     assert_eq!(line, 14, "{message}");
+    let config = Config::from_text(
+        "t.toml",
+        &rule("decision = \"approve\"\napprovers = [\"uid:7\"]\nrequestable = true\nmax_duration = \"2h\"\n"),
+    )
+    .unwrap();
+    let spec = config.policy.rules[0].approval.clone().unwrap();
+    assert_eq!(spec.requestable, Some(std::time::Duration::from_secs(7200)));
+    let (line, _, message) = error_of(&rule(
+        "decision = \"approve\"\napprovers = [\"alice\"]\nrequestable = true\n",
+    ));
+    assert_eq!(line, 14, "{message}");
+    assert!(message.contains("needs max_duration"), "{message}");
+    let (line, _, message) = error_of(&rule(
+        "decision = \"approve\"\napprovers = [\"alice\"]\nmax_duration = \"1h\"\n",
+    ));
+    assert_eq!(line, 14, "{message}");
+    assert!(message.contains("requestable = true"), "{message}");
 
     let (line, column, message) =
         error_of("[approvals]\nwebhook_url = \"http://chat.example.com/hook\"\n");

@@ -67,6 +67,7 @@ fn spec() -> Arc<ApprovalSpec> {
         timeout: Duration::from_secs(60),
         grant: GrantSpec::Once,
         require_reason: false,
+        requestable: None,
     })
 }
 

@@ -240,6 +240,10 @@ pub struct ApprovalSpec {
     /// A request without a stated reason is refused at once, saying how
     /// to give one.
     pub require_reason: bool,
+    /// `requestable = true`: the longest grant `interlock request` may ask
+    /// for up front.
+    #[serde(with = "humantime_serde")]
+    pub requestable: Option<std::time::Duration>,
 }
 
 /// Who may answer: a local principal (by SO_PEERCRED on the admin socket)
@@ -294,7 +298,7 @@ impl std::fmt::Display for GrantSpec {
 impl Rule {
     /// A rule about particular statements decides statements, not
     /// connections.
-    fn is_statement_level(&self) -> bool {
+    pub(crate) fn is_statement_level(&self) -> bool {
         self.statements.is_some()
             || !self.tables.is_empty()
             || self.no_tables
@@ -709,7 +713,7 @@ fn tables_text(statement: &StatementInfo) -> String {
 }
 
 /// Whether a rule names this workload and target.
-fn applies(policy: &Policy, rule: &Rule, workload: &Workload, target: TargetId) -> bool {
+pub(crate) fn applies(policy: &Policy, rule: &Rule, workload: &Workload, target: TargetId) -> bool {
     rule.targets
         .as_ref()
         .is_none_or(|ids| ids.contains(&target))

@@ -496,7 +496,9 @@ impl Connection {
         };
         let requester = Requester::of(policy, &self.workload);
         let approvals = &self.context.gate.approvals;
-        match approvals.use_grant(&self.recorder, &requester, &self.target, &rule.name) {
+        match approvals.use_grant(&self.recorder, &requester, &self.target, &rule.name, |_| {
+            false
+        }) {
             Ok(true) => return Ok(()),
             Ok(false) => {}
             Err(error) => return Err(self.fail(format!("the session cannot be recorded: {error}"))),

@@ -118,7 +118,7 @@ async fn approve(
     let requester = Requester::of(&active.policy, workload);
     let approvals = &context.gate.approvals;
     if approvals
-        .use_grant(recorder, &requester, target, &rule.name)
+        .use_grant(recorder, &requester, target, &rule.name, |_| false)
         .map_err(|e| e.to_string())?
     {
         return Ok(());

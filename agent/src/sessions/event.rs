@@ -90,7 +90,19 @@ pub enum Event<'a> {
         grant: Option<&'a str>,
     },
     /// A command let through without asking, by an earlier approval's grant.
-    GrantUsed { grant: &'a str, rule: &'a str },
+    GrantUsed {
+        grant: &'a str,
+        rule: &'a str,
+        /// The approval request that created the grant.
+        request: &'a str,
+        /// Asked up front: the statements it covers.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        scope: Option<&'a crate::approvals::GrantScope>,
+        /// Why, as the grant's asker stated it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
+        expires_ms: u64,
+    },
     /// Bytes the server side sent the client (after masking), with
     /// `record = "full"`.
     Output {

@@ -301,11 +301,17 @@ pub fn describe(event: &Value, start_us: u64) -> String {
             joined(&event["approvers"]),
         ),
         "approval_decided" => decided_text(event),
-        "grant_used" => format!(
-            "let through by grant {} (rule {:?})",
-            event["grant"].as_str().unwrap_or("?"),
-            event["rule"].as_str().unwrap_or("?")
-        ),
+        "grant_used" => {
+            let mut text = format!(
+                "let through by grant {} (rule {:?})",
+                event["grant"].as_str().unwrap_or("?"),
+                event["rule"].as_str().unwrap_or("?")
+            );
+            if let Some(reason) = event["reason"].as_str() {
+                text.push_str(&format!(", asked for {reason:?}"));
+            }
+            text
+        }
         "output" => format!("output {} bytes", output_bytes(event).len()),
         "input" => format!("input {} bytes", output_bytes(event).len()),
         "ssh_login" => format!(

@@ -590,6 +590,11 @@ async fn relay<C: Duplex, U: Duplex>(
     let mut requests =
         requests::Requests::new(session, counts, &expected, policy, resolved, names, notices);
     requests.cancelled = cancel_guard.as_ref().map(|g| g.signal.clone());
+    // `application_name=reason:…` at startup (PGAPPNAME) states why.
+    requests.stated_reason = forwarded
+        .iter()
+        .find(|(key, _)| *key == "application_name")
+        .and_then(|(_, value)| sql::reason_in_application_name(value));
     let mut responses = responses::Responses::new(session, counts, &expected, notices_rx);
     let (mut client_read, mut client_write) = client.halves();
     let (mut upstream_read, mut upstream_write) = upstream.halves();

@@ -95,7 +95,7 @@ impl Names {
                     })
                     .collect(),
                 Effect::ResetSearchPath | Effect::ResetAll => self.default_path.clone(),
-                Effect::Role | Effect::ResetRole => continue,
+                Effect::Role | Effect::ResetRole | Effect::StatedReason(_) => continue,
             };
             if !self.paths.contains(&path) {
                 self.paths.push(path);

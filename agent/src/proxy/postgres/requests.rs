@@ -72,6 +72,9 @@ pub struct Requests<'s> {
     /// An Execute of `COPY … FROM STDIN` went upstream and the client has
     /// not ended its data yet (CopyDone, CopyFail).
     copying_in: bool,
+    /// Why, as the client stated it in its application_name (at startup,
+    /// or by `SET` since): the reason of what it asks next.
+    pub stated_reason: Option<String>,
 }
 
 /// What a client message asks of the relay.
@@ -194,6 +197,7 @@ impl<'s> Requests<'s> {
             notices,
             cancelled: None,
             copying_in: false,
+            stated_reason: None,
         };
         requests.masking = requests.compute_masking();
         requests
@@ -304,11 +308,22 @@ impl<'s> Requests<'s> {
         }
         let requester = Requester::of(&self.policy.policy, &self.session.workload);
         let session = self.session;
+        // A grant asked for up front with a scope covers the query when it
+        // covers every statement this rule holds.
+        let fits = |scope: &crate::approvals::GrantScope| {
+            decided
+                .statements
+                .iter()
+                .zip(decided.verdicts.iter())
+                .filter(|(_, (_, by, _))| *by == Some(rule))
+                .all(|(statement, _)| scope.covers(statement))
+        };
         if session.context.gate.approvals.use_grant(
             &session.recorder,
             &requester,
             &session.target,
             name,
+            fits,
         )? {
             return Ok(None);
         }
@@ -346,13 +361,15 @@ impl<'s> Requests<'s> {
             .map(|s| s.text.as_str())
             .collect::<Vec<_>>()
             .join("; ");
-        // A reason stated in a comment of the query is this request's own.
+        // A reason stated in a comment of the query is this request's own;
+        // else the session's application_name's; else the environment's.
         let mut requester = Requester::of(&self.policy.policy, &self.session.workload);
         if let Some(reason) = hold
             .decided
             .statements
             .iter()
             .find_map(|s| super::sql::stated_reason(&s.text))
+            .or_else(|| self.stated_reason.clone())
         {
             requester.reason = Some(reason);
         }
@@ -748,6 +765,11 @@ impl<'s> Requests<'s> {
         for analysed in decided.analysed.iter() {
             if self.names.apply(&analysed.parsed.effects) {
                 self.generation += 1;
+            }
+            for effect in &analysed.parsed.effects {
+                if let super::sql::Effect::StatedReason(reason) = effect {
+                    self.stated_reason = Some(reason.clone());
+                }
             }
         }
     }

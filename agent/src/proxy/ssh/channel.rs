@@ -362,7 +362,9 @@ impl Relay {
         let requester = Requester::of(policy, &connection.workload);
         let approvals = &connection.context.gate.approvals;
         let target = &connection.target;
-        if approvals.use_grant(&connection.recorder, &requester, target, &rule.name)? {
+        if approvals.use_grant(&connection.recorder, &requester, target, &rule.name, |_| {
+            false
+        })? {
             return Ok(());
         }
         let command = match start {

@@ -19,7 +19,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use parking_lot::Mutex;
 
-pub use tree::{Effect, Name, Parsed};
+pub use tree::{Effect, Name, Parsed, reason_in_application_name};
 
 /// What the audit text of a statement keeps of its literal values.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -456,3 +456,25 @@ fn a_reason_is_read_from_a_comment_and_not_from_a_string() {
     );
     assert_eq!(stated_reason("/* reason: */ SELECT 1"), None);
 }
+
+#[test]
+fn a_reason_is_read_from_an_application_name_set_either_way() {
+    let effects = |sql: &str| {
+        analyze(sql, Literals::Keep)
+            .remove(0)
+            .parsed
+            .effects
+            .clone()
+    };
+    let reason = |text: &str| vec![Effect::StatedReason(text.into())];
+    assert_eq!(
+        effects("SET application_name = 'reason: INC-7 backfill'"),
+        reason("INC-7 backfill")
+    );
+    assert_eq!(
+        effects("SELECT set_config('application_name', 'Reason:rotate', false)"),
+        reason("rotate")
+    );
+    assert!(effects("SET application_name = 'psql'").is_empty());
+    assert!(effects("SET application_name = 'reason:'").is_empty());
+}

@@ -43,6 +43,9 @@ pub enum Effect {
     Role,
     /// `DISCARD ALL`: the session's authorization back to the login role.
     ResetRole,
+    /// `SET application_name = 'reason: …'`: why, as the client states
+    /// it for what it asks next.
+    StatedReason(String),
 }
 
 /// One statement, as parsed: independent of any session.
@@ -694,6 +697,16 @@ impl Walker {
                 self.parsed.kinds.insert(K::Set);
                 self.problem("SET search_path FROM CURRENT cannot be followed");
             }
+            "application_name" if kind == VariableSetKind::VarSetValue as i32 => {
+                self.parsed.kinds.insert(K::Set);
+                let value = get(fields, "args")
+                    .and_then(Lean::as_array)
+                    .and_then(|args| args.first())
+                    .and_then(constant_text);
+                if let Some(reason) = value.as_deref().and_then(reason_in_application_name) {
+                    self.parsed.effects.push(Effect::StatedReason(reason));
+                }
+            }
             _ if reset => self.parsed.kinds.insert(K::Reset),
             _ => self.parsed.kinds.insert(K::Set),
         }
@@ -733,6 +746,12 @@ impl Walker {
                 self.parsed
                     .effects
                     .push(Effect::SearchPath(split_search_path(&value)));
+            }
+            "application_name" => {
+                self.parsed.kinds.insert(K::Set);
+                if let Some(reason) = reason_in_application_name(&value) {
+                    self.parsed.effects.push(Effect::StatedReason(reason));
+                }
             }
             _ => self.parsed.kinds.insert(K::Set),
         }
@@ -887,6 +906,15 @@ fn constant_text(node: &Lean) -> Option<String> {
             .unwrap_or("")
             .to_owned(),
     )
+}
+
+/// `reason: INC-4211 cleanup` as an application_name (at startup or by
+/// `SET`): the reason, cut at 512 characters.
+pub fn reason_in_application_name(value: &str) -> Option<String> {
+    let (key, reason) = value.split_once(':')?;
+    let reason = reason.trim();
+    (key.trim().eq_ignore_ascii_case("reason") && !reason.is_empty())
+        .then(|| reason.chars().take(512).collect())
 }
 
 /// A search_path value as `set_config` takes it: comma-separated names,
