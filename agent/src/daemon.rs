@@ -230,9 +230,7 @@ impl State {
                 .revoke(&id, &caller, peer.admin, reason)
                 .map_err(anyhow::Error::from)
                 .and_then(|grant| Ok(serde_json::to_value(grant)?)),
-            Request::GrantAsk { wish, wait } => {
-                self.grant_request(wish, wait, &caller, peer).await
-            }
+            Request::GrantAsk { wish, wait } => self.grant_request(wish, wait, &caller, peer).await,
             Request::Status => Ok(self.status()),
             Request::Reload => self.reload().await.map(|()| json!({"reloaded": true})),
             Request::Detach => self.detach().map(|()| {

@@ -1132,3 +1132,99 @@ fn a_grant_asked_up_front_covers_its_scope_for_its_time() {
     assert_eq!(used[0]["request"], id.as_str());
     assert_eq!(used[0]["reason"], "INC-4211 cleanup");
 }
+
+/// `webhook_format = "slack"`: the message carries the request's details
+/// and signed approve/deny links to the callback. Opening a link (as a
+/// link preview would) changes nothing; a tampered link is refused; a
+/// denial through its link needs a reason; the approve form answers as
+/// `webhook:link`, and the held DELETE goes on.
+#[test]
+fn a_slack_message_links_to_an_answer_form() {
+    let Setup {
+        pg,
+        job,
+        webhook,
+        agent,
+        ..
+    } = &setup_with("approvals-slack", "127.0.0.95", |policy| {
+        policy
+            .replace("[approvals]\n", "[approvals]\nwebhook_format = \"slack\"\n")
+            .replace("\"group:users\"]", "\"group:users\", \"webhook:link\"]")
+    });
+    let client = psql(
+        job,
+        pg,
+        &["/* reason: INC-12 */ DELETE FROM orders WHERE id = 9"],
+    );
+    let request = wait_request(agent, "DELETE FROM orders WHERE id = 9");
+    let id = request["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let message = loop {
+        if let Some(p) = webhook.payloads().into_iter().find(|p| {
+            p["payload"]["blocks"].to_string().contains(&id)
+                && p["payload"]["blocks"][1]["type"] == "actions"
+        }) {
+            break p["payload"].clone();
+        }
+        assert!(Instant::now() < deadline, "{:?}", webhook.payloads());
+        thread::sleep(Duration::from_millis(100));
+    };
+    let details = message["blocks"][0]["text"]["text"].as_str().unwrap();
+    assert!(
+        details.contains("INC-12") && details.contains("deletes-need-oncall"),
+        "{details}"
+    );
+    let buttons = &message["blocks"][1]["elements"];
+    let approve = buttons[0]["url"].as_str().unwrap().to_owned();
+    let deny = buttons[1]["url"].as_str().unwrap().to_owned();
+    assert!(
+        approve.contains(&format!("/v1/links/{id}/approve?")),
+        "{approve}"
+    );
+
+    let curl = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "-", "-w", "\n%{http_code}"])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = stdout(&out);
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.to_owned(), body.to_owned())
+    };
+    // Opening it shows the request and changes nothing.
+    let (code, page) = curl(&[&approve]);
+    assert_eq!(code, "200", "{page}");
+    assert!(
+        page.contains("DELETE FROM orders WHERE id = 9") && page.contains("<form"),
+        "{page}"
+    );
+    assert_eq!(state_of(agent, &id), "pending");
+    // A link for another decision, or signed for another request, is refused.
+    let forged = approve.replace("/approve?", "/deny?");
+    assert_eq!(curl(&["-X", "POST", "-d", "reason=x", &forged]).0, "401");
+    let other = approve.replace(&id[..4], "0000");
+    assert_eq!(curl(&["-X", "POST", &other]).0, "401");
+    // A denial needs its reason.
+    assert_eq!(curl(&["-X", "POST", "-d", "reason=", &deny]).0, "400");
+    assert_eq!(state_of(agent, &id), "pending");
+
+    let (code, page) = curl(&["-X", "POST", "-d", "reason=looks+fine", &approve]);
+    assert_eq!(code, "200", "{page}");
+    assert!(page.contains("approved"), "{page}");
+    let (code, _, err) = finish(client);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        pg.admin_sql("postgres", "SELECT count(*) FROM orders WHERE id = 9")
+            .trim(),
+        "0"
+    );
+    let decided = agent
+        .session_events()
+        .into_iter()
+        .find(|e| e["kind"] == "approval_decided" && e["id"] == id.as_str())
+        .expect("the decision is recorded");
+    assert_eq!(decided["by"][0], "webhook:link");
+    // Used once, the link answers no more.
+    assert_ne!(curl(&["-X", "POST", &approve]).0, "200");
+}

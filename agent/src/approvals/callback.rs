@@ -11,6 +11,14 @@
 //! - `GET /v1/approvals`: pending requests.
 //! - `POST /v1/approvals/{id}` with `{"decision": "approve" | "deny",
 //!   "approver": "...", "reason": "..."}`.
+//!
+//! Chat messages (`webhook_format = "slack"`) carry links instead, for a
+//! person's browser: `/v1/links/{id}/{approve|deny}?expires=…&sig=…`,
+//! signed for that request and decision until the request times out. A
+//! GET shows the request and a form (a link preview or a prefetch changes
+//! nothing); its POST answers, as approver `webhook:link` — whoever holds
+//! the link, so a rule lists `webhook:link` only where the channel's
+//! members are its approvers.
 use std::{convert::Infallible, sync::Arc};
 
 use bytes::Bytes;
@@ -83,6 +91,10 @@ async fn handle(
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
+    if let Some(rest) = request.uri().path().strip_prefix(LINKS) {
+        let rest = rest.to_owned();
+        return link_answer(request, &rest, approvals, token).await;
+    }
     let bearer = header("authorization");
     let presented = bearer.as_deref().and_then(|b| b.strip_prefix("Bearer "));
     if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.expose().as_bytes())) {
@@ -183,6 +195,158 @@ async fn post_answer(
             reply(status, &error.to_string())
         }
     }
+}
+
+const LINKS: &str = "/v1/links/";
+
+/// The name answers through a link are given (`webhook:link` in a rule).
+pub const LINK_APPROVER: &str = "link";
+
+/// A link that answers request `id` with `decision` (`approve`, `deny`)
+/// until `expires_s` (unix seconds).
+pub fn link(base: &url::Url, token: &Secret, id: &str, decision: &str, expires_s: u64) -> String {
+    let mut url = base.clone();
+    url.set_path(&format!("{LINKS}{id}/{decision}"));
+    url.query_pairs_mut()
+        .append_pair("expires", &expires_s.to_string())
+        .append_pair("sig", &link_signature(token, id, decision, expires_s));
+    url.to_string()
+}
+
+fn link_signature(token: &Secret, id: &str, decision: &str, expires_s: u64) -> String {
+    super::notify::sign(token, expires_s, format!("link.{id}.{decision}").as_bytes())
+}
+
+/// `GET`: the request and a form; `POST` (the form): the answer.
+async fn link_answer(
+    request: Request<Incoming>,
+    rest: &str,
+    approvals: &Approvals,
+    token: &Secret,
+) -> Response<Full<Bytes>> {
+    let (id, decision) = match rest.split_once('/') {
+        Some((id, decision @ ("approve" | "deny"))) if !id.is_empty() => (id.to_owned(), decision),
+        _ => return page(StatusCode::NOT_FOUND, "No such link."),
+    };
+    let query: std::collections::HashMap<String, String> =
+        url::form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let expires = query.get("expires").and_then(|e| e.parse::<u64>().ok());
+    let valid = match (expires, query.get("sig")) {
+        (Some(expires), Some(sig)) => {
+            expires >= super::now_ms() / 1000
+                && super::notify::verify(
+                    token,
+                    expires,
+                    format!("link.{id}.{decision}").as_bytes(),
+                    sig,
+                )
+        }
+        _ => false,
+    };
+    if !valid {
+        return page(
+            StatusCode::UNAUTHORIZED,
+            "This link is not valid, or it has expired.",
+        );
+    }
+    let approve = decision == "approve";
+    if request.method() == Method::GET {
+        let Some(record) = approvals
+            .pending(
+                &Caller::Callback {
+                    name: String::new(),
+                },
+                true,
+            )
+            .into_iter()
+            .find(|r| r.id == id)
+        else {
+            return page(StatusCode::GONE, "This request is no longer pending.");
+        };
+        let reason_field = if approve {
+            r#"<input name="reason" placeholder="note (optional)">"#
+        } else {
+            r#"<input name="reason" placeholder="why (required)" required>"#
+        };
+        let body = format!(
+            "<p>{who} asks on {host}, target <b>{target}</b>, rule <b>{rule}</b> (grant: {grant}):</p><pre>{command}</pre>{reason}<form method=\"post\">{reason_field} <button type=\"submit\">{verb}</button></form>",
+            who = html(&record.requester.describe()),
+            host = html(&record.host),
+            target = html(&record.target),
+            rule = html(&record.rule),
+            grant = html(&record.grant),
+            command = html(&record.command),
+            reason = record
+                .requester
+                .reason
+                .as_deref()
+                .map(|r| format!("<p>Stated reason: {}</p>", html(r)))
+                .unwrap_or_default(),
+            verb = if approve { "Approve" } else { "Deny" },
+        );
+        return page(StatusCode::OK, &body);
+    }
+    if request.method() != Method::POST {
+        return page(StatusCode::METHOD_NOT_ALLOWED, "GET or POST.");
+    }
+    let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => return page(StatusCode::PAYLOAD_TOO_LARGE, "Too large."),
+    };
+    let reason = url::form_urlencoded::parse(&body)
+        .find(|(key, _)| key == "reason")
+        .map(|(_, value)| value.into_owned());
+    let caller = Caller::Callback {
+        name: LINK_APPROVER.into(),
+    };
+    match approvals.answer(&id, &caller, approve, reason) {
+        Ok(record) => page(
+            StatusCode::OK,
+            &format!("Request {} is {}.", html(&record.id), record.state.as_str()),
+        ),
+        Err(error) => {
+            tracing::warn!(%error, "link answer refused");
+            let status = match error {
+                ApprovalError::NotFound(_) => StatusCode::GONE,
+                ApprovalError::NoReason => StatusCode::BAD_REQUEST,
+                ApprovalError::Again(_) => StatusCode::CONFLICT,
+                _ => StatusCode::FORBIDDEN,
+            };
+            page(status, &html(&error.to_string()))
+        }
+    }
+}
+
+fn html(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn page(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let text = format!(
+        "<!doctype html><meta charset=\"utf-8\"><title>Interlock approval</title><body>{body}</body>"
+    );
+    let mut response = Response::new(Full::new(Bytes::from(text)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    // Nothing of it is to be cached or framed.
+    headers.insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
+    headers.insert(
+        "x-frame-options",
+        hyper::header::HeaderValue::from_static("DENY"),
+    );
+    response
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

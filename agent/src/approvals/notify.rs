@@ -1,6 +1,8 @@
 //! The webhook: each new request and each outcome is POSTed as JSON to
-//! `[approvals] webhook_url` (HTTPS, rustls), with a Slack-compatible
-//! `text` field, signed with the shared token when there is one.
+//! `[approvals] webhook_url` (HTTPS, rustls), signed with the shared token
+//! when there is one: the request record with a one-line `text`, or with
+//! `webhook_format = "slack"` an incoming-webhook message whose blocks
+//! give the details and, with a callback, approve and deny links.
 //!
 //! One sender delivers in order (a request's outcome never arrives before
 //! the request), retrying each payload with backoff; a payload that still
@@ -13,7 +15,7 @@ use sha2::Sha256;
 use tokio::sync::mpsc;
 
 use super::{RequestRecord, RequestState};
-use crate::config::ApprovalSettings;
+use crate::config::{ApprovalSettings, WebhookFormat};
 use crate::policy::Secret;
 
 /// Tries per payload, and the first wait between them (doubling).
@@ -25,6 +27,9 @@ const QUEUE: usize = 1024;
 #[derive(Clone)]
 pub struct Notifier {
     queue: mpsc::Sender<Vec<u8>>,
+    format: WebhookFormat,
+    /// The callback's address and key, for links in chat messages.
+    links: Option<(url::Url, Arc<Secret>)>,
 }
 
 #[derive(Serialize)]
@@ -55,16 +60,24 @@ impl Notifier {
             .map_err(|e| format!("webhook client: {e}"))?;
         let (queue, payloads) = mpsc::channel(QUEUE);
         tokio::spawn(deliver(client, url, settings.token.clone(), payloads));
-        Ok(Some(Self { queue }))
+        let links = settings.callback_url.clone().zip(settings.token.clone());
+        Ok(Some(Self {
+            queue,
+            format: settings.webhook_format,
+            links,
+        }))
     }
 
     pub fn send(&self, record: &RequestRecord) {
-        let payload = Payload {
-            event: format!("approval.{}", record.state.as_str()),
-            text: chat_text(record),
-            request: record,
+        let body = match self.format {
+            WebhookFormat::Json => serde_json::to_vec(&Payload {
+                event: format!("approval.{}", record.state.as_str()),
+                text: chat_text(record),
+                request: record,
+            }),
+            WebhookFormat::Slack => serde_json::to_vec(&self.slack_message(record)),
         };
-        match serde_json::to_vec(&payload) {
+        match body {
             Ok(body) => {
                 if self.queue.try_send(body).is_err() {
                     tracing::error!(id = %record.id, "webhook queue full; notification dropped");
@@ -141,6 +154,55 @@ fn mac(token: &Secret, timestamp: u64, body: &[u8]) -> Hmac<Sha256> {
     mac.update(b".");
     mac.update(body);
     mac
+}
+
+impl Notifier {
+    /// A Slack incoming-webhook message (Block Kit): the line, the
+    /// details an approver decides on, and link buttons while pending.
+    fn slack_message(&self, record: &RequestRecord) -> serde_json::Value {
+        let text = chat_text(record);
+        let mut details = vec![format!("*{}*", mrkdwn(&text))];
+        if record.state == RequestState::Pending {
+            let who = &record.requester;
+            details.push(format!("*Who:* {}", mrkdwn(&who.describe())));
+            if let Some(reason) = &who.reason {
+                details.push(format!("*Reason (stated):* {}", mrkdwn(reason)));
+            }
+            details.push(format!(
+                "*Target:* {}   *Rule:* {}   *Grant:* {}",
+                mrkdwn(&record.target),
+                mrkdwn(&record.rule),
+                mrkdwn(&record.grant)
+            ));
+            details.push(format!(
+                "*Command:*\n```{}```",
+                mrkdwn(&record.command).replace("```", "'''")
+            ));
+        }
+        let mut blocks = vec![serde_json::json!({
+            "type": "section",
+            "text": {"type": "mrkdwn", "text": details.join("\n")},
+        })];
+        if let (RequestState::Pending, Some((base, token))) = (record.state, &self.links) {
+            let expires = record.expires_ms / 1000;
+            let link = |decision| super::callback::link(base, token, &record.id, decision, expires);
+            blocks.push(serde_json::json!({
+                "type": "actions",
+                "elements": [
+                    {"type": "button", "style": "primary", "text": {"type": "plain_text", "text": "Approve"}, "url": link("approve")},
+                    {"type": "button", "style": "danger", "text": {"type": "plain_text", "text": "Deny"}, "url": link("deny")},
+                ],
+            }));
+        }
+        serde_json::json!({ "text": text, "blocks": blocks })
+    }
+}
+
+/// Slack's mrkdwn escapes: `&`, `<`, `>`.
+fn mrkdwn(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 fn chat_text(record: &RequestRecord) -> String {

@@ -83,6 +83,12 @@ pub struct ApprovalsSpec {
     /// 0600 file with the shared secret: the callback's bearer token and
     /// the HMAC key of payloads both ways.
     pub token_file: Option<Located<PathBuf>>,
+    /// `"json"` (the request record) or `"slack"` (an incoming-webhook
+    /// message with approve and deny links).
+    pub webhook_format: Option<Located<String>>,
+    /// The callback as approvers reach it (behind a proxy, say), for the
+    /// links in messages; default `http://{callback_listen}`.
+    pub callback_url: Option<Located<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

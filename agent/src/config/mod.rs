@@ -10,7 +10,8 @@ mod secrets;
 mod settings;
 
 pub use settings::{
-    AgentSettings, ApprovalSettings, CgroupSetting, DEFAULT_ADMIN_SOCKET, DEFAULT_CONFIG_PATH, Mode,
+    AgentSettings, ApprovalSettings, CgroupSetting, DEFAULT_ADMIN_SOCKET, DEFAULT_CONFIG_PATH,
+    Mode, WebhookFormat,
 };
 
 use std::path::{Path, PathBuf};
@@ -230,6 +231,34 @@ fn approval_settings(
             "callback_listen needs a token_file (the callers' bearer token)",
         ));
     }
+    if let Some(format) = &spec.webhook_format {
+        settings.webhook_format = match format.get_ref().as_str() {
+            "json" => WebhookFormat::Json,
+            "slack" => WebhookFormat::Slack,
+            other => {
+                return Err(source.error_at(
+                    format.span(),
+                    format!("webhook_format: {other:?} is not \"json\" or \"slack\""),
+                ));
+            }
+        };
+    }
+    settings.callback_url = match (&spec.callback_url, settings.callback_listen) {
+        (Some(text), _) if settings.callback_listen.is_none() => {
+            return Err(source.error_at(
+                text.span(),
+                "callback_url names where callback_listen is reached: set callback_listen too",
+            ));
+        }
+        (Some(text), _) => Some(
+            url::Url::parse(text.get_ref())
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+                .ok_or_else(|| source.error_at(text.span(), "callback_url: not an http(s) URL"))?,
+        ),
+        (None, Some(listen)) => url::Url::parse(&format!("http://{listen}")).ok(),
+        (None, None) => None,
+    };
     Ok(settings)
 }
 

@@ -185,4 +185,18 @@ pub struct ApprovalSettings {
     pub callback_listen: Option<std::net::SocketAddr>,
     /// The callback's bearer token and the HMAC key of payloads.
     pub token: Option<std::sync::Arc<crate::policy::Secret>>,
+    pub webhook_format: WebhookFormat,
+    /// Where approvers' browsers reach the callback (for signed links).
+    pub callback_url: Option<url::Url>,
+}
+
+/// What the webhook posts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WebhookFormat {
+    /// `{"event", "text", "request"}`.
+    #[default]
+    Json,
+    /// A Slack incoming-webhook message: `text`, and blocks with the
+    /// request's details and approve/deny links.
+    Slack,
 }

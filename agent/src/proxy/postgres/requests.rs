@@ -366,9 +366,9 @@ impl<'s> Requests<'s> {
         let mut requester = Requester::of(&self.policy.policy, &self.session.workload);
         if let Some(reason) = hold
             .decided
-            .statements
+            .analysed
             .iter()
-            .find_map(|s| super::sql::stated_reason(&s.text))
+            .find_map(|a| a.stated_reason.clone())
             .or_else(|| self.stated_reason.clone())
         {
             requester.reason = Some(reason);
@@ -701,6 +701,7 @@ impl<'s> Requests<'s> {
                 ..Parsed::default()
             }),
             text: "fast-path function call".into(),
+            stated_reason: None,
         }]);
         let decided = Arc::new(decide(
             self.session,

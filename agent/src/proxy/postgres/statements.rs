@@ -119,6 +119,7 @@ impl DecisionCache {
                     ..Default::default()
                 }),
                 text: format!("<statement of {} bytes, over the size limit>", sql.len()),
+                stated_reason: None,
             }])
         } else {
             session

@@ -35,6 +35,9 @@ pub enum Literals {
 pub struct Analysed {
     pub parsed: Arc<Parsed>,
     pub text: String,
+    /// Why, as a comment before it states (`/* reason: … */`). Kept here,
+    /// not in the shared `Parsed`: two queries of one shape differ in it.
+    pub stated_reason: Option<String>,
 }
 
 /// Statements up to this size are parsed where they arrive (a few tens of
@@ -62,16 +65,28 @@ fn analyze_unguarded(sql: &str, literals: Literals) -> Vec<Analysed> {
         Err(error) => return vec![unparsed(sql, literals, parse_problem(&error))],
     };
     let statements = &result.protobuf.stmts;
+    // A comment stating a reason lies before its statement's text (the
+    // parser's locations start at the first token): it is looked for from
+    // the end of the statement before.
+    let comments = sql.contains("/*") || sql.contains("--");
+    let mut from = 0;
     statements
         .iter()
         .map(|raw| {
             let tree = raw.stmt.as_ref().map(lean::Lean::of).unwrap_or_default();
             let parsed = tree::walk(&tree);
+            let end = statement_end(sql, raw.stmt_location, raw.stmt_len);
+            let reason = match comments {
+                true => sql.get(from..end).and_then(stated_reason),
+                false => None,
+            };
+            from = end;
             let text = statement_text(sql, raw.stmt_location, raw.stmt_len);
             let text = audit_text(text, literals, parsed.holds_password);
             Analysed {
                 parsed: Arc::new(parsed),
                 text,
+                stated_reason: reason,
             }
         })
         .collect()
@@ -116,11 +131,16 @@ fn parse_problem(error: &pg_query::Error) -> String {
 /// byte offsets; a length of 0 means "to the end").
 fn statement_text(sql: &str, location: i32, len: i32) -> &str {
     let start = usize::try_from(location).unwrap_or(0).min(sql.len());
-    let end = match usize::try_from(len) {
+    let end = statement_end(sql, location, len);
+    sql.get(start..end).unwrap_or(sql).trim()
+}
+
+fn statement_end(sql: &str, location: i32, len: i32) -> usize {
+    let start = usize::try_from(location).unwrap_or(0).min(sql.len());
+    match usize::try_from(len) {
         Ok(len) if len > 0 => start.saturating_add(len).min(sql.len()),
         _ => sql.len(),
-    };
-    sql.get(start..end).unwrap_or(sql).trim()
+    }
 }
 
 /// The text a statement is recorded with: as sent, or with literals
@@ -148,6 +168,7 @@ fn unparsed(sql: &str, literals: Literals, problem: String) -> Analysed {
             ..Parsed::default()
         }),
         text,
+        stated_reason: None,
     }
 }
 
@@ -215,7 +236,15 @@ impl Analyzer {
                 literals,
                 parsed.holds_password,
             );
-            return vec![Analysed { parsed, text }];
+            let stated_reason = match sql.contains("/*") || sql.contains("--") {
+                true => stated_reason(sql),
+                false => None,
+            };
+            return vec![Analysed {
+                parsed,
+                text,
+                stated_reason,
+            }];
         }
         let analysed = analyze(sql, literals);
         if let (Some(shape), [one]) = (shape, analysed.as_slice())

@@ -478,3 +478,34 @@ fn a_reason_is_read_from_an_application_name_set_either_way() {
     assert!(effects("SET application_name = 'psql'").is_empty());
     assert!(effects("SET application_name = 'reason:'").is_empty());
 }
+
+#[test]
+fn a_reason_stated_before_a_statement_is_its_own() {
+    let reasons: Vec<Option<String>> = analyze(
+        "/* reason: INC-12 */ DELETE FROM t WHERE id = 9; -- reason: second\nDELETE FROM u; SELECT '/* reason: no */'",
+        Literals::Keep,
+    )
+    .iter()
+    .map(|a| a.stated_reason.clone())
+    .collect();
+    assert_eq!(
+        reasons,
+        [Some("INC-12".into()), Some("second".into()), None]
+    );
+}
+
+#[test]
+fn a_reason_is_not_shared_by_queries_of_one_shape() {
+    let analyzer = Analyzer::new(1);
+    let reason = |sql: &str| {
+        analyzer.analyze_here(sql, Literals::Keep)[0]
+            .stated_reason
+            .clone()
+    };
+    assert_eq!(reason("DELETE FROM t WHERE id = 1"), None);
+    assert_eq!(
+        reason("/* reason: INC-1 */ DELETE FROM t WHERE id = 2").as_deref(),
+        Some("INC-1")
+    );
+    assert_eq!(reason("DELETE FROM t WHERE id = 3"), None);
+}
