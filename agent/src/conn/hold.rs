@@ -37,7 +37,7 @@ pub async fn ask<W: Display>(
 ) -> Result<Asked<W>, ApprovalError> {
     if request.spec.require_reason && request.requester.reason.is_none() {
         return Ok(Asked::Refused(format!(
-            "rule {:?} needs a stated reason before anyone is asked: run the client with INTERLOCK_REASON=\"why\" in its environment",
+            "rule {:?} needs a stated reason before anyone is asked: run the client with INTERLOCK_REASON=\"why\" in its environment (PostgreSQL: or a /* reason: why */ comment, or application_name 'reason: why')",
             request.rule
         )));
     }
