@@ -73,11 +73,16 @@ impl Agent {
             .context("[shipper]")?;
         let (approvals, callback) = start_approvals(&config, &files.store).await?;
         let store = files.store.clone();
+        let exec_envs = Arc::new(crate::workload::ExecEnvs::default());
+        let mut resolver =
+            WorkloadResolver::new(cgroups).with_ci_runners(config.agent.ci_runners.clone());
+        if let Some(ring) = interceptor.take_exec_ring() {
+            tokio::spawn(crate::intercept::jobs::collect(ring, exec_envs.clone()));
+            resolver = resolver.with_exec_envs(exec_envs);
+        }
         let gate = conn::Gate {
             kernel: interceptor.clone(),
-            resolver: Arc::new(
-                WorkloadResolver::new(cgroups).with_ci_runners(config.agent.ci_runners.clone()),
-            ),
+            resolver: Arc::new(resolver),
             active: ArcSwap::from_pointee(active),
             connections: ConnRegistry::default(),
             store: store.clone(),
@@ -506,6 +511,7 @@ fn attach(
             enabled: 1,
         },
         started_boot_ns,
+        ci_runners: config.agent.ci_runners.clone(),
     })
     .with_context(|| {
         format!(

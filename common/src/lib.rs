@@ -9,6 +9,18 @@
 
 /// Names of the maps, as the kernel object declares them.
 pub mod maps {
+    /// Hash `[u8; RUNNER_NAME_LEN]` (a runner's comm: its executable's
+    /// base name cut at 15 bytes, zero-padded) -> u8, written by the agent.
+    pub const RUNNER_NAMES: &str = "INTERLOCK_RUNNER_NAMES";
+    /// LRU hash `tgid -> u8`: running CI runners (by exec, or found by
+    /// the agent at start).
+    pub const RUNNERS: &str = "INTERLOCK_RUNNERS";
+    /// LRU hash `pid -> u8`: processes a runner forked, until their first
+    /// exec.
+    pub const JOB_ROOTS: &str = "INTERLOCK_JOB_ROOTS";
+    /// Ring buffer of `ExecEnvVar`: each job root's environment as its
+    /// runner passed it to `execve`.
+    pub const EXEC_ENV: &str = "INTERLOCK_EXEC_ENV";
     /// LPM trie `TargetKey -> TargetValue`: the protected destinations.
     pub const PROTECTED: &str = "INTERLOCK_PROTECTED";
     /// Array with one `RedirectConfig`.
@@ -29,6 +41,10 @@ pub mod maps {
 
 /// Names of the programs, as the kernel object declares them.
 pub mod programs {
+    /// Tracepoints (not pinned: they capture only while the agent runs).
+    pub const RUNNER_EXEC: &str = "interlock_runner_exec";
+    pub const RUNNER_FORK: &str = "interlock_runner_fork";
+    pub const JOB_EXEC: &str = "interlock_job_exec";
     pub const CONNECT4: &str = "interlock_connect4";
     pub const CONNECT6: &str = "interlock_connect6";
     pub const GETPEERNAME4: &str = "interlock_getpeername4";
@@ -59,6 +75,35 @@ pub const PROTECTED_ENTRIES: u32 = 16_384;
 /// The agent's upstream sockets between `socket()` and the end of
 /// `connect()`: one per connect in flight.
 pub const AGENT_SOCKET_ENTRIES: u32 = 4_096;
+
+/// Runner names compared, and the longest name.
+pub const RUNNER_NAME_ENTRIES: u32 = 32;
+pub const RUNNER_NAME_LEN: usize = 16;
+pub const RUNNER_ENTRIES: u32 = 1_024;
+pub const JOB_ROOT_ENTRIES: u32 = 8_192;
+/// Variables captured per exec, and bytes per variable (`KEY=VALUE`).
+pub const EXEC_ENV_VARS: u32 = 512;
+pub const EXEC_ENV_VALUE: usize = 480;
+/// `ExecEnvVar::index` of the record that ends a capture (`len`: the
+/// variables sent, `truncated` set when there were more).
+pub const EXEC_ENV_END: u16 = u16::MAX;
+
+/// One variable of a job root's environment at its first exec.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExecEnvVar {
+    pub tgid: u32,
+    pub index: u16,
+    /// Bytes of `data` used (the string read, without its NUL).
+    pub len: u16,
+    /// `CLOCK_BOOTTIME` at the exec.
+    pub exec_boot_ns: u64,
+    /// Non-zero when the value did not fit, or (end record) variables were
+    /// left out.
+    pub truncated: u32,
+    pub _pad: u32,
+    pub data: [u8; EXEC_ENV_VALUE],
+}
 
 /// Returns the IPv4-mapped IPv6 form of an IPv4 address in network order.
 pub const fn ipv4_mapped(octets: [u8; 4]) -> [u8; 16] {

@@ -16,6 +16,15 @@
 //! 4. `sockops` (STATE_CB, TCP_CLOSE): the cookie record is dropped, and a
 //!    connect that never got through (refused, timed out, reset while
 //!    `SYN_SENT`) takes its peer record with it, so none outlives it.
+//!
+//! And, for the CI job a caller runs in (tracepoints, host-wide):
+//! 5. `sched_process_exec`: a CI runner is known when it execs (by its
+//!    comm, the program's base name).
+//! 6. `sched_process_fork`: a runner's children are marked until their
+//!    first exec.
+//! 7. `sys_enter_execve`: at that exec, the environment the runner passes
+//!    is sent to the agent: what the job cannot rewrite later, even by
+//!    exec'ing itself with another environment.
 #![no_std]
 #![no_main]
 
@@ -30,16 +39,17 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie,
-        bpf_ktime_get_boot_ns,
+        bpf_ktime_get_boot_ns, bpf_probe_read_user, bpf_probe_read_user_str_bytes,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, LpmTrie, LruHashMap, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sock_ops, tracepoint},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf, lpm_trie::Key},
+    programs::{SockAddrContext, SockOpsContext, TracePointContext},
 };
 use interlock_common::{
-    AF_INET, AF_INET6, AGENT_SOCKET_ENTRIES, CONN_TABLE_ENTRIES, ConnRecord, OrigDst,
-    PORT_PREFIX_BITS, PROTECTED_ENTRIES, PeerKey, RedirectConfig, TargetKey, TargetValue,
-    ipv4_mapped, is_ipv4_mapped,
+    AF_INET, AF_INET6, AGENT_SOCKET_ENTRIES, CONN_TABLE_ENTRIES, ConnRecord, EXEC_ENV_END,
+    EXEC_ENV_VARS, ExecEnvVar, JOB_ROOT_ENTRIES, OrigDst, PORT_PREFIX_BITS, PROTECTED_ENTRIES,
+    PeerKey, RUNNER_ENTRIES, RUNNER_NAME_ENTRIES, RUNNER_NAME_LEN, RedirectConfig, TargetKey,
+    TargetValue, ipv4_mapped, is_ipv4_mapped,
 };
 
 /// cgroup/sock_addr programs return 1 to let the syscall proceed. Interlock
@@ -67,6 +77,28 @@ static ORIG_BY_LOCAL: LruHashMap<PeerKey, OrigDst> =
 
 #[map(name = "INTERLOCK_AGENT_SOCKETS")]
 static AGENT_SOCKETS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(AGENT_SOCKET_ENTRIES, 0);
+
+#[map(name = "INTERLOCK_RUNNER_NAMES")]
+static RUNNER_NAMES: HashMap<[u8; RUNNER_NAME_LEN], u8> =
+    HashMap::with_max_entries(RUNNER_NAME_ENTRIES, 0);
+
+#[map(name = "INTERLOCK_RUNNERS")]
+static RUNNERS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(RUNNER_ENTRIES, 0);
+
+#[map(name = "INTERLOCK_JOB_ROOTS")]
+static JOB_ROOTS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(JOB_ROOT_ENTRIES, 0);
+
+#[map(name = "INTERLOCK_EXEC_ENV")]
+static EXEC_ENV: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// Where `child_pid` sits in the `sched_process_fork` record: it moved
+/// between kernels (6.x made the comms `__data_loc`), so the agent reads
+/// it from the tracepoint's format and sets it at load.
+#[unsafe(no_mangle)]
+static FORK_CHILD_PID_OFFSET: u32 = 44;
+/// `envp` in `sys_enter_execve` (stable, set the same way).
+#[unsafe(no_mangle)]
+static EXECVE_ENVP_OFFSET: u32 = 32;
 
 // === connect ===
 
@@ -358,3 +390,101 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+// === CI jobs ===
+
+#[tracepoint]
+pub fn interlock_runner_fork(ctx: TracePointContext) -> u32 {
+    // Runs in the forking (parent) task: its tgid is the runner's.
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if unsafe { RUNNERS.get(tgid) }.is_none() {
+        return 0;
+    }
+    let offset = unsafe { read_volatile(&FORK_CHILD_PID_OFFSET) } as usize;
+    if let Ok(child) = unsafe { ctx.read_at::<i32>(offset) } {
+        let _ = JOB_ROOTS.insert(child as u32, 1, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn interlock_job_exec(ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if unsafe { JOB_ROOTS.get(tgid) }.is_some() {
+        let _ = JOB_ROOTS.remove(tgid);
+        send_environment(&ctx, tgid);
+    }
+    0
+}
+
+/// After an exec the task's comm is the new program's base name (cut at
+/// 15 bytes): a runner's is in `RUNNER_NAMES`.
+#[tracepoint]
+pub fn interlock_runner_exec(_ctx: TracePointContext) -> u32 {
+    let Ok(comm) = bpf_get_current_comm() else {
+        return 0;
+    };
+    if unsafe { RUNNER_NAMES.get(comm) }.is_some() {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let _ = RUNNERS.insert(tgid, 1, 0);
+    }
+    0
+}
+
+/// The job root's environment, as `execve` was given it: one record per
+/// variable, then an end record.
+#[inline(always)]
+fn send_environment(ctx: &TracePointContext, tgid: u32) {
+    let offset = unsafe { read_volatile(&EXECVE_ENVP_OFFSET) } as usize;
+    let Ok(envp) = (unsafe { ctx.read_at::<*const *const u8>(offset) }) else {
+        return;
+    };
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let mut sent: u32 = 0;
+    let mut more = 0u32;
+    let mut index: u32 = 0;
+    while index < EXEC_ENV_VARS {
+        let Ok(var) = (unsafe { bpf_probe_read_user(envp.wrapping_add(index as usize)) }) else {
+            break;
+        };
+        if var.is_null() {
+            break;
+        }
+        let Some(mut entry) = EXEC_ENV.reserve::<ExecEnvVar>(0) else {
+            more = 1;
+            break;
+        };
+        let record = entry.as_mut_ptr();
+        unsafe {
+            (*record).tgid = tgid;
+            (*record).index = index as u16;
+            (*record).exec_boot_ns = now;
+            (*record)._pad = 0;
+            let read = bpf_probe_read_user_str_bytes(var, &mut (*record).data)
+                .map(|bytes| bytes.len())
+                .unwrap_or(0);
+            (*record).len = read as u16;
+            (*record).truncated = (read + 1 >= (*record).data.len()) as u32;
+        }
+        entry.submit(0);
+        sent += 1;
+        index += 1;
+    }
+    if index == EXEC_ENV_VARS
+        && let Ok(next) = unsafe { bpf_probe_read_user(envp.wrapping_add(index as usize)) }
+    {
+        more |= (!next.is_null()) as u32;
+    }
+    if let Some(mut entry) = EXEC_ENV.reserve::<ExecEnvVar>(0) {
+        let record = entry.as_mut_ptr();
+        unsafe {
+            (*record).tgid = tgid;
+            (*record).index = EXEC_ENV_END;
+            (*record).len = sent as u16;
+            (*record).exec_boot_ns = now;
+            (*record).truncated = more;
+            (*record)._pad = 0;
+        }
+        entry.submit(0);
+    }
+}

@@ -36,7 +36,7 @@ fn rounds() -> usize {
         .unwrap_or(2)
 }
 
-/// A delay between 500 and 1,100 ms (the client is connected and busy
+/// A delay between 500 and 1,100 ms after the client connected (it is busy
 /// by then), different each round: the crash lands at a different point
 /// of the clients' work.
 fn crash_delay(round: usize) -> Duration {
@@ -126,6 +126,15 @@ fn marks_db(name: &str, ip: &str) -> (Postgres, TestCgroup, std::path::PathBuf, 
 
 /// Runs `client` (a shell script) in the job's cgroup, crashes the agent
 /// after `delay`, waits for the client to notice, restarts the agent.
+/// Connections the running agent has accepted.
+fn accepted(agent: &Agent) -> u64 {
+    let out = agent.cli(&["status", "--json"]);
+    serde_json::from_str::<Value>(&stdout(&out))
+        .ok()
+        .and_then(|status| status["accepted"].as_u64())
+        .unwrap_or(0)
+}
+
 fn crash_while(
     agent: &mut Agent,
     job: &std::path::Path,
@@ -134,6 +143,12 @@ fn crash_while(
 ) -> std::process::Output {
     let job = job.to_owned();
     let client = thread::spawn(move || sh_in(&job, &client));
+    // The delay counts from the client's connection, not its start: a
+    // loaded machine may take a while to start it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while accepted(agent) == 0 && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
     thread::sleep(delay);
     agent.kill9();
     let out = client.join().unwrap();

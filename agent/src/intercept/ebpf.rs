@@ -72,6 +72,8 @@ pub struct AttachOptions {
     /// `CLOCK_BOOTTIME` before the agent's listeners were bound: records of
     /// earlier connects belong to no connection this agent will accept.
     pub started_boot_ns: u64,
+    /// CI runners' executables (base names or paths), for job capture.
+    pub ci_runners: Vec<String>,
 }
 
 /// A record older than this at accept is not trusted (the agent accepts
@@ -88,6 +90,8 @@ pub struct Interceptor {
     agent_sockets: Mutex<HashMap<MapData, u64, u8>>,
     /// The agent's network namespace: the only one its listeners serve.
     netns_cookie: u64,
+    /// The CI-job tracepoints, when they could attach.
+    jobs: Mutex<Option<super::jobs::JobTracing>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -97,6 +101,9 @@ pub struct InterceptStatus {
     pub programs: Vec<&'static str>,
     pub pinned_links: Vec<PathBuf>,
     pub protected_entries: usize,
+    /// The CI-job tracepoints are attached: jobs are read from what their
+    /// runner passed at exec.
+    pub ci_job_capture: bool,
 }
 
 fn links_dir(bpffs_dir: &Path) -> PathBuf {
@@ -133,6 +140,7 @@ impl Interceptor {
             bpffs_dir,
             redirect,
             started_boot_ns,
+            ci_runners,
         } = options;
         let (links_dir, maps_dir) = (links_dir(&bpffs_dir), maps_dir(&bpffs_dir));
         for dir in [&links_dir, &maps_dir] {
@@ -146,9 +154,13 @@ impl Interceptor {
             .iter()
             .map(|name| (*name, maps_dir.join(name)))
             .collect();
+        let offsets = super::jobs::offsets();
         let mut loader = EbpfLoader::new();
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
+        }
+        if let Ok(offsets) = &offsets {
+            super::jobs::set_offsets(&mut loader, offsets);
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
 
@@ -180,6 +192,18 @@ impl Interceptor {
             .map_err(InterceptError::Namespace)?;
 
         let links = attach_programs(&mut ebpf, &cgroup_dir, &links_dir)?;
+        // Job capture is best effort: without it, a job's context is read
+        // from /proc (and says so).
+        let jobs = offsets
+            .map_err(|e| e.to_string())
+            .and_then(|_| super::jobs::attach(&mut ebpf, &ci_runners));
+        let jobs = match jobs {
+            Ok(jobs) => Some(jobs),
+            Err(error) => {
+                tracing::warn!(%error, "CI job capture at exec is off; job context is read from /proc");
+                None
+            }
+        };
 
         remove_stale_map_layouts(&bpffs_dir);
         Ok(Self {
@@ -190,7 +214,18 @@ impl Interceptor {
             by_peer: Mutex::new(by_peer),
             agent_sockets: Mutex::new(agent_sockets),
             netns_cookie,
+            jobs: Mutex::new(jobs),
         })
+    }
+
+    /// The ring job roots' environments come through (once).
+    pub fn take_exec_ring(&self) -> Option<aya::maps::RingBuf<MapData>> {
+        self.jobs.lock().as_mut()?.ring.take()
+    }
+
+    /// Whether the CI-job tracepoints are attached.
+    pub fn captures_jobs(&self) -> bool {
+        self.jobs.lock().is_some()
     }
 
     /// Makes the kernel's protected set exactly `keys`: new entries first,
@@ -265,6 +300,7 @@ impl Interceptor {
                 .map(|p| links_dir(&self.bpffs_dir).join(p))
                 .collect(),
             protected_entries,
+            ci_job_capture: self.captures_jobs(),
         }
     }
 

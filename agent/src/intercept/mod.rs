@@ -2,6 +2,7 @@
 //! that tells the agent, on accept, where a connection was going and who
 //! opened it.
 mod ebpf;
+pub mod jobs;
 mod peer;
 pub mod preflight;
 

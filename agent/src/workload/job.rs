@@ -3,8 +3,11 @@
 //! parent is the runner. A job's processes can change their own
 //! environment and their children's, never that ancestor's; and a process
 //! that left the job's tree (double fork, a daemon) has no such ancestor,
-//! so it has no job context rather than one it wrote itself. The record
-//! names the process the context came from.
+//! so it has no job context rather than one it wrote itself. That
+//! ancestor's environment is the one the runner passed at its exec, as the
+//! kernel captured it (`exec_env.rs`), not what `/proc` shows now (the
+//! job may have replaced the process since). The record names the process
+//! the context came from, and how it was read.
 use serde::{Deserialize, Serialize};
 
 /// Runners whose direct children are jobs (by executable base name):
@@ -40,6 +43,11 @@ pub struct JobContext {
     /// The process the context was read from (the runner's child).
     pub from_pid: u32,
     pub from_exe: Option<String>,
+    /// Read from the environment the runner passed at that process's exec
+    /// (captured in the kernel); false: from its environment now
+    /// (`/proc`), for a job that started before the agent.
+    #[serde(default)]
+    pub from_exec: bool,
 }
 
 impl JobContext {

@@ -8,13 +8,15 @@
 //! one that connected (see [`procfs::ProcessSnapshot::read`]).
 mod cgroup;
 mod exe_digest;
+mod exec_env;
 pub mod job;
 mod procfs;
 mod resolver;
 
 pub use cgroup::{CgroupFs, container_id, systemd_unit};
 pub use exe_digest::ExeDigests;
-pub use job::JobContext;
+pub use exec_env::ExecEnvs;
+pub use job::{JobContext, is_runner};
 pub use resolver::{WorkloadResolver, user_name};
 
 use serde::{Deserialize, Serialize};

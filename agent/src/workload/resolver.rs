@@ -21,6 +21,9 @@ pub struct WorkloadResolver {
     /// CI runners, by executable base name or path: their children are
     /// jobs, whose environment says which.
     runners: Vec<String>,
+    /// Job roots' environments as captured at exec, when the kernel
+    /// captures them.
+    exec_envs: Option<std::sync::Arc<super::ExecEnvs>>,
 }
 
 /// Parent chains stop here even if pid 1 is further away.
@@ -33,7 +36,14 @@ impl WorkloadResolver {
             cgroups,
             digests: ExeDigests::default(),
             runners: super::job::DEFAULT_RUNNERS.map(String::from).into(),
+            exec_envs: None,
         }
+    }
+
+    /// Reads jobs from the environments captured at exec.
+    pub fn with_exec_envs(mut self, envs: std::sync::Arc<super::ExecEnvs>) -> Self {
+        self.exec_envs = Some(envs);
+        self
     }
 
     /// Knows these CI runners (instead of the defaults).
@@ -98,10 +108,21 @@ impl WorkloadResolver {
         let ((pid, exe), _) = processes
             .zip(parents)
             .find(|(_, parent)| parent.is_some_and(|exe| job::is_runner(exe, &self.runners)))?;
-        let environ = Proc::new(&self.proc_root, pid).environ().ok()?;
+        let proc = Proc::new(&self.proc_root, pid);
+        // What the runner passed at exec, when the kernel caught it: the
+        // job may have replaced the process with another environment since.
+        let captured = self.exec_envs.as_ref().and_then(|envs| {
+            let started = proc.stat().ok()?.start_boot_ns();
+            envs.of(pid, started)
+        });
+        let (environ, from_exec) = match captured {
+            Some(capture) => (capture.block, true),
+            None => (proc.environ().ok()?, false),
+        };
         let mut context = JobContext::from_environment(job::environment(&environ))?;
         context.from_pid = pid;
         context.from_exe = exe.map(str::to_owned);
+        context.from_exec = from_exec;
         Some(context)
     }
 
