@@ -36,6 +36,8 @@ pub struct AccessRecord {
     pub client: SocketAddr,
     pub orig_dst: Option<SocketAddr>,
     pub target: Option<String>,
+    /// The target's protocol (for metrics).
+    pub protocol: Option<&'static str>,
     pub workload: Option<Arc<Workload>>,
     pub decision: Option<Action>,
     /// False in audit mode: the decision was logged, not applied.
@@ -98,6 +100,7 @@ impl AccessRecord {
             client,
             orig_dst: None,
             target: None,
+            protocol: None,
             workload: None,
             decision: None,
             enforced: true,
@@ -142,6 +145,15 @@ impl AccessRecord {
     /// Writes the connection's line (once: `conn::Conn` calls it as the
     /// connection ends).
     pub fn write(&self) {
+        crate::metrics::get()
+            .connections
+            .get_or_create(&crate::metrics::ConnectionLabels {
+                target: self.target.clone().unwrap_or_else(|| "-".into()),
+                protocol: self.protocol.unwrap_or("-").into(),
+                decision: self.decision.map_or("-", Action::as_str).into(),
+                outcome: self.outcome.as_str().into(),
+            })
+            .inc();
         let line = Line {
             event: "connection",
             time: humantime::format_rfc3339_millis(self.time).to_string(),

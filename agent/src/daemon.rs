@@ -42,6 +42,9 @@ pub struct Agent {
 /// What reloads, the admin socket and the proxy share.
 struct State {
     config_path: Option<PathBuf>,
+    /// The sources as the last reload (or the start) read them.
+    loaded: parking_lot::Mutex<Fingerprint>,
+    reloading: tokio::sync::Mutex<()>,
     config: ArcSwap<Config>,
     interceptor: Arc<Interceptor>,
     proxy: Arc<ProxyContext>,
@@ -95,6 +98,8 @@ impl Agent {
         let admins = config.agent.admins.clone();
         let state = Arc::new(State {
             config_path,
+            loaded: parking_lot::Mutex::default(),
+            reloading: tokio::sync::Mutex::default(),
             config: ArcSwap::from_pointee(config),
             interceptor: interceptor.clone(),
             proxy: proxy_context.clone(),
@@ -102,6 +107,18 @@ impl Agent {
             shutdown: shutdown.clone(),
         });
 
+        if let Some(addr) = state.config.load().agent.metrics_listen {
+            let listener = crate::metrics::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics listener on {addr}"))?;
+            let metrics_state = Arc::downgrade(&state);
+            tokio::spawn(crate::metrics::serve(listener, move || {
+                if let Some(state) = metrics_state.upgrade() {
+                    state.refresh_metrics();
+                }
+            }));
+            tracing::info!(%addr, "metrics at /metrics");
+        }
         let admin_listener = admin::bind(&admin_socket, &admins)
             .with_context(|| format!("binding the admin socket {}", admin_socket.display()))?;
         let admin_state = state.clone();
@@ -167,9 +184,8 @@ impl Agent {
                 _ = stopped.changed() => break,
                 _ = hup.recv() => {
                     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
-                    if let Err(error) = self.reload().await {
-                        tracing::error!("reload failed, keeping the running policy: {error:#}");
-                    }
+                    // A failure is logged by the reload itself.
+                    let _ = self.reload().await;
                     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
                 }
             }
@@ -200,6 +216,9 @@ impl Agent {
         self.state.status()
     }
 }
+
+/// Each source file with its mtime and size.
+type Fingerprint = Vec<(PathBuf, Option<(SystemTime, u64)>)>;
 
 impl State {
     async fn answer(&self, request: Request, peer: admin::Peer) -> Response {
@@ -306,11 +325,31 @@ impl State {
     }
 
     async fn reload(&self) -> anyhow::Result<()> {
+        let result = self.reload_once().await;
+        // Logged here, whoever asked (the file watcher, SIGHUP, the CLI,
+        // which also gets the error): one line per reload.
+        if let Err(error) = &result {
+            tracing::error!("reload failed, keeping the running policy: {error:#}");
+        }
+        let outcome = if result.is_ok() { "ok" } else { "failed" };
+        crate::metrics::get()
+            .reloads
+            .get_or_create(&crate::metrics::OutcomeLabels { outcome })
+            .inc();
+        result
+    }
+
+    async fn reload_once(&self) -> anyhow::Result<()> {
         let Some(path) = self.config_path.clone() else {
             anyhow::bail!(
                 "this agent was started from an in-memory configuration; nothing to reload"
             );
         };
+        // One reload at a time, and the watcher sees what this one read:
+        // a change reloaded by SIGHUP or `interlock reload` is not
+        // reloaded (and logged) again by the watcher.
+        let _one = self.reloading.lock().await;
+        *self.loaded.lock() = self.fingerprint();
         let config = tokio::task::spawn_blocking(move || Config::load(&path)).await??;
         let old = self.config.load();
         if restart_needed(&old, &config) {
@@ -327,6 +366,17 @@ impl State {
             "policy reloaded"
         );
         self.config.store(Arc::new(config));
+        // The new configuration's files, as read: an added include is
+        // taken as it is now, a dropped one is forgotten.
+        let now = self.fingerprint();
+        let mut loaded = self.loaded.lock();
+        *loaded = now
+            .into_iter()
+            .map(|(path, meta)| {
+                let read = loaded.iter().find(|(known, _)| *known == path);
+                (path, read.map_or(meta, |(_, m)| *m))
+            })
+            .collect();
         Ok(())
     }
 
@@ -384,17 +434,65 @@ impl State {
         })
     }
 
+    /// Reads the gauges a scrape reports.
+    fn refresh_metrics(&self) {
+        let gauges = &crate::metrics::get().gauges;
+        let gate = &self.proxy.gate;
+        let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        gauges
+            .approvals_pending
+            .set(gate.approvals.pending_count() as i64);
+        gauges
+            .grants_active
+            .set(gate.approvals.grants(false).len() as i64);
+        let store = &gate.store;
+        gauges.store_bytes.set(as_i64(store.used_bytes()));
+        gauges.store_max_bytes.set(as_i64(store.max_bytes));
+        gauges.store_admitting.set(i64::from(store.admit().is_ok()));
+        if let Ok(backlog) = crate::sessions::ship::backlog(store) {
+            gauges.backlog_sessions.set(as_i64(backlog.sessions));
+            gauges.backlog_bytes.set(as_i64(backlog.bytes));
+            gauges
+                .backlog_oldest_seconds
+                .set(as_i64(backlog.oldest_age_s.unwrap_or(0)));
+        }
+        let intercept = self.interceptor.status();
+        gauges
+            .protected_entries
+            .set(intercept.protected_entries as i64);
+        let attached = intercept
+            .pinned_links
+            .iter()
+            .filter(|link| link.exists())
+            .count();
+        gauges.programs_attached.set(attached as i64);
+        gauges
+            .ci_job_capture
+            .set(i64::from(intercept.ci_job_capture));
+        gauges
+            .live_connections
+            .set(gate.connections.snapshot().len() as i64);
+    }
+
+    /// `sessions` of the status (schema: docs/OPERATIONS.md).
     fn sessions_status(&self, config: &Config) -> serde_json::Value {
         let store = &self.proxy.gate.store;
+        let refusing = store.admit().err().map(|e| e.to_string());
+        let (backlog, backlog_error) = match crate::sessions::ship::backlog(store) {
+            Ok(backlog) => (serde_json::to_value(backlog).ok(), None),
+            Err(error) => (None, Some(error.to_string())),
+        };
         json!({
             "store": store.path(),
             "host": store.host,
             "public_key": store.public_key(),
             "used_bytes": store.used_bytes(),
             "max_store_bytes": store.max_bytes,
-            "admitting": store.admit().map_err(|e| e.to_string()),
+            "admitting": refusing.is_none(),
+            "refusing": refusing,
             "shipper": config.shipper.as_ref().map(|s| &s.url),
-            "backlog": crate::sessions::ship::backlog(store).map_err(|e| e.to_string()),
+            "backlog": backlog,
+            "backlog_error": backlog_error,
         })
     }
 
@@ -402,23 +500,22 @@ impl State {
     /// directory's listing).
     async fn watch_sources(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let Some(_) = &self.config_path else { return };
-        let mut last = self.fingerprint();
+        *self.loaded.lock() = self.fingerprint();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(WATCH_INTERVAL) => {}
                 _ = shutdown.changed() => return,
             }
-            let now = self.fingerprint();
-            if now != last {
-                last = now;
-                if let Err(error) = self.reload().await {
-                    tracing::error!("reload failed, keeping the running policy: {error:#}");
-                }
+            // The lock is released before reloading (which takes it).
+            let changed = self.fingerprint() != *self.loaded.lock();
+            if changed {
+                // Logged (and counted) by `reload`.
+                let _ = self.reload().await;
             }
         }
     }
 
-    fn fingerprint(&self) -> Vec<(PathBuf, Option<(SystemTime, u64)>)> {
+    fn fingerprint(&self) -> Fingerprint {
         let config = self.config.load();
         let mut paths = config.sources.clone();
         if let Some(path) = &self.config_path
@@ -640,6 +737,7 @@ fn restart_needed(old: &Config, new: &Config) -> bool {
         || a.bpffs_dir != b.bpffs_dir
         || a.redact_literals != b.redact_literals
         || a.access_log_statements != b.access_log_statements
+        || a.metrics_listen != b.metrics_listen
         || a.max_statement_bytes != b.max_statement_bytes
         || a.startup_timeout != b.startup_timeout
         || old.sessions != new.sessions

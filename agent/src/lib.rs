@@ -4,7 +4,8 @@
 //! `intercept` (kernel redirect + original destination) → `workload` (who is
 //! calling) → `proxy` (accept, decode) → `policy` (decide, pure) → upstream,
 //! with `access` writing one line per connection. `config` loads files,
-//! `daemon` wires it together, `admin` serves the admin socket.
+//! `daemon` wires it together, `admin` serves the admin socket, `metrics`
+//! the Prometheus endpoint.
 mod access;
 mod addr;
 mod admin;
@@ -18,6 +19,7 @@ mod intercept;
 mod keyfile;
 mod learn;
 mod masking;
+mod metrics;
 mod policy;
 mod principal;
 mod proxy;

@@ -444,6 +444,17 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
+        // Every line the agent wrote keeps to the documented schema (not
+        // checked when the test already failed: its own panic says more).
+        if !std::thread::panicking() {
+            for line in self.stdout.lock().unwrap().iter() {
+                if let Err(error) = check_access_line(line) {
+                    panic!(
+                        "an access line does not keep to docs/access-log.schema.json: {error}\n{line}"
+                    );
+                }
+            }
+        }
         let _ = Command::new(interlock_bin())
             .arg("detach")
             .arg("--config")
@@ -625,3 +636,26 @@ pub use garage::Garage;
 pub use nginx::{HELD_TOKEN, Nginx, upstream_certificates};
 pub use postgres::Postgres;
 pub use sshd::{SSH_USER, Sshd, ssh_client_config};
+
+/// Checks one access line against `docs/access-log.schema.json`.
+pub fn check_access_line(line: &str) -> Result<(), String> {
+    static SCHEMA: std::sync::OnceLock<jsonschema::Validator> = std::sync::OnceLock::new();
+    let validator = SCHEMA.get_or_init(|| {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/access-log.schema.json"
+        );
+        let schema: Value = serde_json::from_str(&fs::read_to_string(path).expect("the schema"))
+            .expect("the schema is JSON");
+        jsonschema::validator_for(&schema).expect("the schema compiles")
+    });
+    let value: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let errors: Vec<String> = validator
+        .iter_errors(&value)
+        .map(|e| format!("{} at {}", e, e.instance_path))
+        .collect();
+    match errors.is_empty() {
+        true => Ok(()),
+        false => Err(errors.join("; ")),
+    }
+}

@@ -107,9 +107,11 @@ fn ansible_runs_with_exactly_what_it_needs() {
     let sshd = Sshd::start("ansible", &[HOST]);
     let known_hosts = sshd.known_hosts(&[HOST]);
     let cgroup = TestCgroup::new("ansible");
-    let agent = Agent::start(
+    // A line per request in the access log too (a SIEM's view).
+    let agent = Agent::start_with(
         &cgroup,
         "ansible",
+        "access_log_statements = true",
         &policy(&sshd, &known_hosts, LEAST_PRIVILEGE),
     );
     let config = ssh_client_config(&agent);

@@ -703,7 +703,7 @@ fn a_callback_grant_outlives_a_restart_until_revoked() {
 
     let out = agent.cli(&["status"]);
     assert!(
-        stdout(&out).contains("approvals: 0 pending, 1 active grants"),
+        stdout(&out).contains("0 pending, 1 active grants"),
         "{}",
         stdout(&out)
     );

@@ -114,3 +114,48 @@ fn policy_explain_names_the_deciding_rule() {
         stderr(&out)
     );
 }
+
+/// Shell completions and man pages come from the CLI's own definition, so
+/// every command is in them (a new one too), and bash accepts the script.
+#[test]
+fn completions_and_man_pages_cover_every_command() {
+    let out = interlock(&["completions", "bash"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let script = stdout(&out);
+    for command in ["request", "approvals", "sessions", "grants", "completions"] {
+        assert!(
+            script.contains(command),
+            "{command} missing from the completions"
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("interlock-man-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let checked = Command::new("bash")
+        .arg("-n")
+        .arg("/dev/stdin")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut bash| {
+            use std::io::Write;
+            bash.stdin.take().unwrap().write_all(script.as_bytes())?;
+            bash.wait()
+        })
+        .unwrap();
+    assert!(checked.success(), "bash -n refused the completions");
+
+    let out = interlock(&["man", "--dir", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for page in [
+        "interlock.1",
+        "interlock-request.1",
+        "interlock-sessions-show.1",
+    ] {
+        let text =
+            std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{page}: {text}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

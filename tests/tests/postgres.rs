@@ -269,7 +269,7 @@ fn extended_and_prepared_protocol_with_pgbench() {
         stdout(&out).lines().collect::<Vec<_>>()[..],
         [
             "answer E",
-            "ERROR 42501 interlock: statement denied: no rule allows delete on public.pgbench_accounts",
+            "ERROR 42501 interlock: statement denied: no rule allows delete on public.pgbench_accounts (target \"db\")",
             "ready",
             "42"
         ][..],

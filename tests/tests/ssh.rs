@@ -152,7 +152,13 @@ fn setup(name: &str) -> Setup {
     let upstream_known_hosts = sshd.known_hosts(&[APP, IMPOSTOR]);
     let mut cgroup = TestCgroup::new(name);
     let (job, _) = cgroup.child("ci-job.service");
-    let agent = Agent::start(&cgroup, name, &policy(&sshd, &upstream_known_hosts));
+    // A line per request in the access log too (a SIEM's view).
+    let agent = Agent::start_with(
+        &cgroup,
+        name,
+        "access_log_statements = true",
+        &policy(&sshd, &upstream_known_hosts),
+    );
     let config = ssh_client_config(&agent);
     Setup {
         _serial: serial,

@@ -438,6 +438,12 @@ impl Approvals {
         outcome: RequestState,
     ) -> Option<RequestRecord> {
         let mut pending = state.pending.remove(id)?;
+        crate::metrics::get()
+            .approvals
+            .get_or_create(&crate::metrics::OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
+            .inc();
         let record = &mut pending.record;
         record.state = outcome;
         let now = now_ms();

@@ -1,6 +1,7 @@
 //! Command-line interface: `run`, `policy check|explain`, `status`,
 //! `reload`, `detach`, `demo`, `sessions …`, `fleet pull`, `approvals …`,
-//! `grants …`. `anyhow` lives here, at the edge.
+//! `grants …`, `request`, `completions`, `man`. `anyhow` lives here, at
+//! the edge.
 mod approvals;
 mod ca;
 mod kube;
@@ -76,6 +77,14 @@ enum Command {
     /// Ask up front for a time-bound grant under a `requestable` rule,
     /// and wait for the approvers' answer.
     Request(approvals::RequestArgs),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (interlock.1, interlock-status.1, …) into a
+    /// directory.
+    Man {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
     /// Measures the session store on its own (`cargo xtask bench sessions`).
     #[command(hide = true)]
     BenchStore(sessions::BenchStoreArgs),
@@ -298,6 +307,19 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Approvals(command) => approvals::approvals(command),
         Command::Grants(command) => approvals::grants(command),
         Command::Request(args) => approvals::request(args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            let mut command = Cli::command();
+            clap_complete::generate(shell, &mut command, "interlock", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => {
+            use clap::CommandFactory as _;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::BenchStore(args) => runtime()?.block_on(sessions::bench_store(args)),
         Command::BenchStatements { count } => {
             let report = crate::proxy::postgres::bench::run(count);
@@ -649,81 +671,120 @@ fn described_workload(args: &ExplainArgs) -> anyhow::Result<Workload> {
 }
 
 fn print_status(data: &serde_json::Value) {
+    let text = |value: &serde_json::Value| value.as_str().unwrap_or("-").to_owned();
     println!(
         "interlock {} (pid {}), mode {}, since {}",
-        data["version"].as_str().unwrap_or("?"),
+        text(&data["version"]),
         data["pid"],
-        data["mode"].as_str().unwrap_or("?"),
-        data["started"].as_str().unwrap_or("?")
+        text(&data["mode"]),
+        text(&data["started"])
     );
     if let Some(i) = data.get("intercept") {
         println!(
-            "attached to cgroup {}, pins in {}",
-            i["cgroup"].as_str().unwrap_or("?"),
-            i["bpffs_dir"].as_str().unwrap_or("?")
+            "kernel:      cgroup {}, {} programs pinned in {}, {} protected entries",
+            text(&i["cgroup"]),
+            i["pinned_links"].as_array().map_or(0, Vec::len),
+            text(&i["bpffs_dir"]),
+            i["protected_entries"]
         );
-        for link in i["pinned_links"].as_array().into_iter().flatten() {
-            println!("  link {}", link.as_str().unwrap_or("?"));
-        }
-        println!("  {} protected kernel entries", i["protected_entries"]);
-    }
-    println!("listening on port {}", data["listen_port"]);
-    println!("targets:");
-    for t in data["targets"].as_array().into_iter().flatten() {
         println!(
-            "  {} ({}) {} -> {}",
-            t["name"].as_str().unwrap_or("?"),
-            t["protocol"].as_str().unwrap_or("?"),
-            t["address"].as_str().unwrap_or("?"),
-            t["destinations"]
+            "ci jobs:     {}",
+            if i["ci_job_capture"] == true {
+                "read from the environment their runner passed at exec"
+            } else {
+                "read from /proc (exec capture unavailable)"
+            }
+        );
+    }
+    println!("listening:   port {}", data["listen_port"]);
+    let targets = data["targets"].as_array().map_or(&[][..], Vec::as_slice);
+    println!("targets:     {}", targets.len());
+    for t in targets {
+        let destinations: Vec<String> = t["destinations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(text)
+            .collect();
+        println!(
+            "  {:<20} {:<10} {} -> {}",
+            text(&t["name"]),
+            text(&t["protocol"]),
+            text(&t["address"]),
+            destinations.join(", ")
         );
     }
     let sessions = &data["sessions"];
-    let backlog = &sessions["backlog"]["Ok"];
     println!(
-        "sessions: store {} ({} of {} bytes){}",
-        sessions["store"].as_str().unwrap_or("?"),
-        sessions["used_bytes"],
-        sessions["max_store_bytes"],
-        sessions["admitting"]["Err"]
+        "sessions:    {} of {} in {}{}",
+        human_bytes(sessions["used_bytes"].as_u64().unwrap_or(0)),
+        human_bytes(sessions["max_store_bytes"].as_u64().unwrap_or(0)),
+        text(&sessions["store"]),
+        sessions["refusing"]
             .as_str()
             .map(|e| format!(", REFUSING NEW SESSIONS: {e}"))
             .unwrap_or_default()
     );
-    println!(
-        "shipping: {} — backlog {} sessions, {} bytes, oldest {}{}",
-        sessions["shipper"].as_str().unwrap_or("not configured"),
-        backlog["sessions"],
-        backlog["bytes"],
-        backlog["oldest_age_s"]
-            .as_u64()
-            .map_or("-".into(), |s| format!("{s} s ago")),
-        backlog["last_error"]
-            .as_str()
-            .map(|e| format!(" (last error: {e})"))
-            .unwrap_or_default()
-    );
+    let backlog = &sessions["backlog"];
+    let shipping = match (
+        sessions["shipper"].as_str(),
+        sessions["backlog_error"].as_str(),
+    ) {
+        (None, _) => "not configured".to_owned(),
+        (Some(url), Some(error)) => format!("{url}, backlog unknown: {error}"),
+        (Some(url), None) => format!(
+            "{url}, backlog {} sessions ({}), oldest {}{}",
+            backlog["sessions"],
+            human_bytes(backlog["bytes"].as_u64().unwrap_or(0)),
+            backlog["oldest_age_s"]
+                .as_u64()
+                .map_or("-".into(), |s| format!("{s} s ago")),
+            backlog["last_error"]
+                .as_str()
+                .map(|e| format!(", last error: {e}"))
+                .unwrap_or_default()
+        ),
+    };
+    println!("shipping:    {shipping}");
     let approvals = &data["approvals"];
     println!(
-        "approvals: {} pending, {} active grants; webhook {}, callback {}",
+        "approvals:   {} pending, {} active grants; webhook {}, callback {}",
         approvals["pending"],
         approvals["grants"],
-        approvals["webhook"].as_str().unwrap_or("not configured"),
-        approvals["callback"].as_str().unwrap_or("not configured"),
+        approvals["webhook"].as_str().unwrap_or("off"),
+        approvals["callback"].as_str().unwrap_or("off"),
     );
-    let live = data["connections"].as_array().map_or(0, Vec::len);
+    let live = data["connections"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
     println!(
-        "connections: {live} live, {} accepted since start",
+        "connections: {} live, {} accepted since start",
+        live.len(),
         data["accepted"]
     );
-    for c in data["connections"].as_array().into_iter().flatten() {
+    for c in live {
         println!(
             "  {} {} -> {} pid {} ({} ms)",
-            c["session_id"].as_str().unwrap_or("?"),
-            c["client"].as_str().unwrap_or("?"),
-            c["target"].as_str().unwrap_or("-"),
+            text(&c["session_id"]),
+            text(&c["client"]),
+            text(&c["target"]),
             c["pid"],
             c["age_ms"]
         );
+    }
+}
+
+/// `1.5 GiB`.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    match unit {
+        0 => format!("{bytes} B"),
+        _ => format!("{value:.1} {}", UNITS[unit]),
     }
 }

@@ -170,6 +170,8 @@ pub struct AgentSpec {
     pub resolve_interval: Option<std::time::Duration>,
     pub redact_literals: Option<bool>,
     pub access_log_statements: Option<bool>,
+    /// Address of the Prometheus endpoint (`/metrics`); none: off.
+    pub metrics_listen: Option<Located<String>>,
     pub max_statement_bytes: Option<Located<usize>>,
     pub ca_names: Option<Vec<Located<String>>>,
     #[serde(default, with = "humantime_serde")]

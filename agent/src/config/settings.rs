@@ -48,6 +48,8 @@ pub struct AgentSettings {
     /// Whether the access log also gets one line per PostgreSQL statement
     /// (for a SIEM fed from it); the session record always has them.
     pub access_log_statements: bool,
+    /// Where `/metrics` is served (off when none).
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// PostgreSQL statements above this size are refused unparsed.
     pub max_statement_bytes: usize,
     /// Names and addresses the local CA may vouch for besides the
@@ -78,6 +80,7 @@ impl Default for AgentSettings {
             resolve_interval: Duration::from_secs(30),
             redact_literals: false,
             access_log_statements: false,
+            metrics_listen: None,
             max_statement_bytes: 1024 * 1024,
             ca_names: Vec::new(),
             ci_runners: crate::workload::job::DEFAULT_RUNNERS
@@ -146,6 +149,17 @@ impl AgentSettings {
         }
         if let Some(lines) = spec.access_log_statements {
             settings.access_log_statements = lines;
+        }
+        if let Some(listen) = &spec.metrics_listen {
+            settings.metrics_listen = Some(listen.get_ref().parse().map_err(|_| {
+                source.error_at(
+                    listen.span(),
+                    format!(
+                        "metrics_listen: {:?} is not an address such as \"127.0.0.1:9964\"",
+                        listen.get_ref()
+                    ),
+                )
+            })?);
         }
         if let Some(bytes) = &spec.max_statement_bytes {
             if !(1024..=64 * 1024 * 1024).contains(bytes.get_ref()) {

@@ -138,6 +138,7 @@ pub async fn admit(
     let enforced = active.enforce && active.policy.enforces(verdict.rule, &workload, target_id);
     let access = &mut conn.access;
     access.target = Some(target.name.clone());
+    access.protocol = Some(target.protocol.as_str());
     access.decision = Some(verdict.action);
     access.enforced = enforced;
     access.rule = active.policy.rule_name(verdict.rule).map(str::to_owned);

@@ -690,11 +690,16 @@ impl StatementVerdict {
                     .filter(|f| !functions::allowed_by_default(f))
                     .map(|f| f.name.as_str())
                     .collect::<Vec<_>>();
+                // "on no table" says nothing: a LISTEN is just a listen.
+                let on = match statement.tables.is_empty() {
+                    true => String::new(),
+                    false => format!(" on {tables}"),
+                };
                 if functions.is_empty() {
-                    format!("no rule allows {} on {tables}", statement.kinds)
+                    format!("no rule allows {}{on}", statement.kinds)
                 } else {
                     format!(
-                        "no rule allows {} on {tables} calling {}",
+                        "no rule allows {}{on} calling {}",
                         statement.kinds,
                         functions.join(", ")
                     )

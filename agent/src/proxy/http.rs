@@ -313,7 +313,7 @@ impl Connection {
                 StatusCode::NOT_IMPLEMENTED,
                 &serde_json::json!({
                     "error": format!("interlock: {why}"),
-                    "session": self.recorder.id().to_string(),
+                    "session_id": self.recorder.id().to_string(),
                 }),
             );
         }
@@ -446,7 +446,8 @@ impl Connection {
         if self.context.pg.statement_lines {
             crate::access::write_line(&RequestLine {
                 event: "http_request",
-                session: self.recorder.id().to_string(),
+                time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                session_id: self.recorder.id().to_string(),
                 target: &self.target,
                 request: &event,
             });
@@ -708,7 +709,7 @@ impl Connection {
                     StatusCode::BAD_GATEWAY,
                     &serde_json::json!({
                         "error": format!("interlock: {why}"),
-                        "session": self.recorder.id().to_string(),
+                        "session_id": self.recorder.id().to_string(),
                     }),
                 )
             }
@@ -1017,7 +1018,8 @@ impl Connection {
 #[derive(serde::Serialize)]
 struct RequestLine<'a> {
     event: &'static str,
-    session: String,
+    time: String,
+    session_id: String,
     target: &'a str,
     #[serde(flatten)]
     request: &'a Event<'a>,
@@ -1330,7 +1332,7 @@ impl Connection {
                 "error": "interlock: request refused",
                 "rule": rule,
                 "reason": reason,
-                "session": session,
+                "session_id": session,
             }),
         )
     }

@@ -423,6 +423,7 @@ async fn ship_due(store: &Arc<Store>, bucket: &Bucket) -> Round {
                 outbox.attempts += 1;
                 outbox.next_ms = now_us() / 1000 + delay.as_millis() as u64;
                 outbox.last_error = Some(error.to_string());
+                crate::metrics::get().shipping_errors.inc();
                 tracing::warn!(session = %id, attempts = outbox.attempts, retry_in = ?delay, %error, "shipping failed");
                 if let Ok(value) = serde_json::to_vec(&outbox) {
                     let _ = store.outbox.insert(key, value);

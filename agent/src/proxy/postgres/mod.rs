@@ -189,12 +189,30 @@ async fn run_session(
     match result {
         Ok(()) => (Outcome::Closed, None),
         Err(SessionError {
+            outcome: Outcome::Closed,
+            message,
+            ..
+        }) => {
+            tracing::debug!(%message, "postgres session ended");
+            (Outcome::Closed, None)
+        }
+        Err(SessionError {
             outcome, message, ..
         }) => {
             tracing::warn!(%message, "postgres session ended");
             (outcome, Some(message))
         }
     }
+}
+
+/// The peer hung up: EOF (rustls reports a missing close_notify so),
+/// reset, broken pipe.
+fn went_away(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        error.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+    )
 }
 
 /// Refuses a session in the client's own protocol: after the startup
@@ -286,14 +304,21 @@ async fn negotiate(
                 tcp.write_all(b"S")
                     .await
                     .map_err(|e| SessionError::protocol(e.into()))?;
-                let mut tls = ca
-                    .accept(tcp, dst.0.ip(), crate::tls::Alpn::None)
-                    .await
-                    .map_err(|e| SessionError {
-                        outcome: Outcome::Error,
-                        message: e.to_string(),
-                        to_client: None,
-                    })?;
+                let mut tls = match ca.accept(tcp, dst.0.ip(), crate::tls::Alpn::None).await {
+                    Ok(tls) => tls,
+                    // libpq gives up on TLS it does not want (sslmode=prefer
+                    // with GSS first, a client that only probes): not an error.
+                    Err(crate::tls::TlsError::Handshake(io)) if went_away(&io) => {
+                        return Ok(Negotiated::Closed);
+                    }
+                    Err(error) => {
+                        return Err(SessionError {
+                            outcome: Outcome::Error,
+                            message: error.to_string(),
+                            to_client: None,
+                        });
+                    }
+                };
                 return match next_startup(&mut tls).await? {
                     Some(Startup::Params(params)) => Ok(Negotiated::Tls(Box::new(tls), params)),
                     Some(Startup::Cancel { pid, key }) => Ok(Negotiated::Cancel { pid, key }),
@@ -362,6 +387,16 @@ impl SessionError {
 
     fn protocol(error: WireError) -> Self {
         let message = error.to_string();
+        if let WireError::Io(io) = &error
+            && went_away(io)
+        {
+            // A client (or server) that hangs up is not an error of anyone's.
+            return Self {
+                outcome: Outcome::Closed,
+                message: format!("the other side went away ({io})"),
+                to_client: None,
+            };
+        }
         let code = match error {
             WireError::Record(_) => "53100",
             _ => "08P01",

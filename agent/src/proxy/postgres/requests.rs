@@ -253,6 +253,7 @@ impl<'s> Requests<'s> {
             audits: VecDeque::new(),
             masks: None,
             hide_ready,
+            raised: true,
         });
     }
 
@@ -528,6 +529,7 @@ impl<'s> Requests<'s> {
             audits,
             masks: self.masks(),
             hide_ready: false,
+            raised: false,
         });
         out.extend_from_slice(&frame.bytes);
         self.repin(&decided, out);
@@ -732,6 +734,7 @@ impl<'s> Requests<'s> {
             audits,
             masks: None,
             hide_ready: false,
+            raised: false,
         });
         Ok(forward(frame, out))
     }

@@ -37,6 +37,10 @@ pub enum Expect {
         audits: VecDeque<Audit>,
         masks: Option<Arc<MaskSet>>,
         hide_ready: bool,
+        /// The agent's own `RAISE` of a denial: its error goes to the
+        /// client without the server's CONTEXT (a DO block the client
+        /// never wrote).
+        raised: bool,
     },
     Parse,
     Bind {
@@ -282,7 +286,7 @@ impl<'s> Responses<'s> {
                 Some(Expect::DescribeStatement) => Ok(Act::Forward),
                 _ => Err(OUT_OF_STEP),
             },
-            b'E' => Ok(self.on_error()),
+            b'E' => Ok(self.on_error(body, out)),
             // CopyInResponse: the Syncs the client sends until CopyDone are
             // ignored by the server.
             b'G' => {
@@ -344,6 +348,7 @@ impl<'s> Responses<'s> {
                 audits,
                 masks,
                 hide_ready,
+                raised,
             } => {
                 self.plan = masks
                     .as_ref()
@@ -354,6 +359,7 @@ impl<'s> Responses<'s> {
                     audits,
                     masks,
                     hide_ready,
+                    raised,
                 });
                 Ok(Act::Forward)
             }
@@ -413,7 +419,13 @@ impl<'s> Responses<'s> {
 
     /// ErrorResponse: the statement failed, and what was to follow it in
     /// its query or batch does not run.
-    fn on_error(&mut self) -> Act {
+    fn on_error(&mut self, body: &[u8], out: &mut BytesMut) -> Act {
+        if let Some(Expect::Query { raised: true, .. }) = &self.active
+            && !body.is_empty()
+        {
+            super::wire::without_context(body, out);
+            return Act::Replaced;
+        }
         match &mut self.active {
             // The failing statement of a simple query; the rest of
             // it does not run. ReadyForQuery follows.

@@ -216,9 +216,25 @@ pub fn decide(
         let too_large = analysed.parsed.too_large;
         if action == Action::Deny && (enforced || target.is_none() || too_large) && denial.is_none()
         {
+            // Written for the person reading it: which rule, what of the
+            // statement, where.
+            let target = &session.target;
+            let denied_by_rule =
+                rule.is_some_and(|id| policy.policy.rule(id).action == Action::Deny);
             let message = match policy.policy.rule_name(rule) {
-                Some(name) => format!("statement denied by rule {name:?}: {reason}"),
-                None => format!("statement denied: {reason}"),
+                Some(name) if denied_by_rule && statement.parsed && !statement.changes_role => {
+                    let what = match statement.tables.is_empty() {
+                        true => statement.kinds.to_string(),
+                        false => format!("{} on {}", statement.kinds, statement.tables.join(", ")),
+                    };
+                    format!(
+                        "statement denied by rule {name:?}: {what} is not allowed (target {target:?})"
+                    )
+                }
+                Some(name) => {
+                    format!("statement denied by rule {name:?}: {reason} (target {target:?})")
+                }
+                None => format!("statement denied: {reason} (target {target:?})"),
             };
             let code = if too_large { "54000" } else { "42501" };
             denial = Some(Denial { code, message });

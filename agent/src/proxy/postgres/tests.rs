@@ -199,9 +199,24 @@ fn a_denied_statement_never_goes_upstream() {
             sent.contains("RAISE EXCEPTION USING ERRCODE = '42501'"),
             "{sent}"
         );
-        // The server fails the agent's RAISE; the client sees that error.
-        let error = frame(b'E', &cstr(&["SERROR", "C42501", "Mdenied", ""]));
-        assert_eq!(pipe.server(&error).unwrap().0, Act::Forward);
+        // The server fails the agent's RAISE; the client sees that error,
+        // without the CONTEXT of a DO block it never wrote.
+        let error = frame(
+            b'E',
+            &cstr(&[
+                "SERROR",
+                "C42501",
+                "Mdenied",
+                "WPL/pgSQL function inline_code_block line 1 at RAISE",
+                "",
+            ]),
+        );
+        let (act, sent) = pipe.server(&error).unwrap();
+        assert_eq!(act, Act::Replaced);
+        assert_eq!(
+            sent,
+            frame(b'E', &cstr(&["SERROR", "C42501", "Mdenied", ""])).bytes
+        );
         assert_eq!(pipe.server(&frame(b'Z', b"I")).unwrap().0, Act::Forward);
     }
     // The SELECT beside a denied DELETE was allowed, and did not run.

@@ -235,6 +235,30 @@ pub fn error_response(buf: &mut BytesMut, severity: &str, code: &str, message: &
     report(buf, b'E', severity, code, message);
 }
 
+/// An ErrorResponse (`body`: its fields) again, without its `W` (where)
+/// field.
+pub fn without_context(body: &[u8], buf: &mut BytesMut) {
+    let start = buf.len();
+    buf.put_u8(b'E');
+    buf.put_i32(0);
+    let mut rest = body;
+    while let Some((&field, tail)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let end = tail.iter().position(|b| *b == 0).unwrap_or(tail.len());
+        if field != b'W' {
+            buf.put_u8(field);
+            buf.put_slice(&tail[..end]);
+            buf.put_u8(0);
+        }
+        rest = tail.get(end + 1..).unwrap_or_default();
+    }
+    buf.put_u8(0);
+    let len = (buf.len() - start - 1) as i32;
+    buf[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+}
+
 /// A NoticeResponse: shown by the client while it keeps waiting.
 pub fn notice_response(buf: &mut BytesMut, message: &str) {
     report(buf, b'N', "NOTICE", "00000", message);

@@ -190,13 +190,16 @@ impl Connection {
         let recorder = &self.recorder;
         let ticket = recorder.append(&event)?;
         recorder.count_statement(verdict.action == Action::Deny && enforced);
-        crate::access::write_line(&RequestLine {
-            event: "ssh_request",
-            session: recorder.id().to_string(),
-            target: &self.target,
-            user,
-            request: &event,
-        });
+        if self.context.pg.statement_lines {
+            crate::access::write_line(&RequestLine {
+                event: "ssh_request",
+                time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                session_id: recorder.id().to_string(),
+                target: &self.target,
+                user,
+                request: &event,
+            });
+        }
         Ok(ticket)
     }
 }
@@ -233,7 +236,8 @@ pub(crate) struct RequestRecord<'a> {
 #[derive(serde::Serialize)]
 struct RequestLine<'a> {
     event: &'static str,
-    session: String,
+    time: String,
+    session_id: String,
     target: &'a str,
     user: &'a str,
     #[serde(flatten)]

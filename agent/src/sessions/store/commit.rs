@@ -201,10 +201,14 @@ impl Committing {
             self.unindexed_bytes += locked.pending.len() as u64 + 1;
             locked.log_pending();
         }
+        let started = std::time::Instant::now();
         let result = self.write_log().and_then(|()| {
             // Without holding the log: sessions may start meanwhile.
             self.log_file.sync_data().map_err(io_error)
         });
+        crate::metrics::get()
+            .store_flush_seconds
+            .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(()) => self.commit.succeed(target),
             Err(error) => self.commit.fail(&error),

@@ -376,6 +376,7 @@ impl Store {
             summary: Mutex::new(summary),
             statements: AtomicU64::new(0),
             finished: AtomicBool::new(false),
+            metrics: std::sync::OnceLock::new(),
         };
         {
             // In sled and in the log under one lock (see `commit::index`):

@@ -23,6 +23,11 @@ pub struct Recorder {
     pub(super) summary: Mutex<Summary>,
     pub(super) statements: AtomicU64,
     pub(super) finished: AtomicBool,
+    /// The session's decision counters (allowed, denied), taken once.
+    pub(super) metrics: std::sync::OnceLock<(
+        prometheus_client::metrics::counter::Counter,
+        prometheus_client::metrics::counter::Counter,
+    )>,
 }
 
 impl Recorder {
@@ -114,6 +119,22 @@ impl Recorder {
         let mut summary = self.summary.lock();
         summary.statements += 1;
         summary.denied += u64::from(denied);
+        let (allowed, refused) = self.metrics.get_or_init(|| {
+            let kind = match summary.protocol.as_str() {
+                "postgres" => "statement",
+                "ssh" => "ssh_request",
+                _ => "http_request",
+            };
+            let metrics = crate::metrics::get();
+            (
+                metrics.decision(&summary.target, kind, "allow"),
+                metrics.decision(&summary.target, kind, "deny"),
+            )
+        });
+        match denied {
+            true => refused.inc(),
+            false => allowed.inc(),
+        };
     }
 
     /// Ends the session: its `session_end` event, the seal, the summary,

@@ -1,0 +1,307 @@
+//! Prometheus metrics (`prometheus-client`, OpenMetrics text), served on
+//! `[agent] metrics_listen` when set. Labels are bounded: target,
+//! protocol, decision, outcome, statement kind — never a pid, an
+//! executable, SQL or a path.
+//!
+//! Counters are counted where things happen (one atomic add on a counter
+//! handle a session keeps); gauges are read from the agent when scraped.
+use std::{convert::Infallible, net::SocketAddr, sync::OnceLock};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Incoming};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub target: String,
+    pub protocol: String,
+    pub decision: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub target: String,
+    /// `statement` (SQL), `http_request`, `ssh_request`.
+    pub kind: &'static str,
+    pub decision: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+/// Values read from the agent at each scrape.
+#[derive(Default)]
+pub struct Gauges {
+    pub approvals_pending: Gauge,
+    pub grants_active: Gauge,
+    pub store_bytes: Gauge,
+    pub store_max_bytes: Gauge,
+    pub store_admitting: Gauge,
+    pub backlog_sessions: Gauge,
+    pub backlog_bytes: Gauge,
+    pub backlog_oldest_seconds: Gauge,
+    pub protected_entries: Gauge,
+    pub programs_attached: Gauge,
+    pub ci_job_capture: Gauge,
+    pub live_connections: Gauge,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Family<ConnectionLabels, Counter>,
+    pub decisions: Family<DecisionLabels, Counter>,
+    pub approvals: Family<OutcomeLabels, Counter>,
+    pub reloads: Family<OutcomeLabels, Counter>,
+    pub shipping_errors: Counter,
+    pub store_flush_seconds: Histogram,
+    pub gauges: Gauges,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("interlock");
+        let connections = Family::<ConnectionLabels, Counter>::default();
+        registry.register(
+            "connections",
+            "Intercepted connections that ended, by target, protocol, decision and outcome",
+            connections.clone(),
+        );
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "decisions",
+            "Statements and requests decided, by target, kind and decision (as enforced)",
+            decisions.clone(),
+        );
+        let approvals = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "approvals",
+            "Approval requests that ended, by outcome",
+            approvals.clone(),
+        );
+        let reloads = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "policy_reloads",
+            "Policy reloads, by outcome (ok, failed)",
+            reloads.clone(),
+        );
+        let shipping_errors = Counter::default();
+        registry.register(
+            "shipping_errors",
+            "Failed uploads of sessions to object storage",
+            shipping_errors.clone(),
+        );
+        // 100 µs .. ~3 s.
+        let store_flush_seconds = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
+        );
+        registry.register(
+            "store_flush_seconds",
+            "Session store group commits: time to make a batch durable",
+            store_flush_seconds.clone(),
+        );
+        let gauges = Gauges::default();
+        for (name, help, gauge) in [
+            (
+                "approvals_pending",
+                "Approval requests waiting",
+                &gauges.approvals_pending,
+            ),
+            ("grants_active", "Grants in force", &gauges.grants_active),
+            (
+                "store_bytes",
+                "Bytes the session store takes",
+                &gauges.store_bytes,
+            ),
+            (
+                "store_max_bytes",
+                "The session store's limit",
+                &gauges.store_max_bytes,
+            ),
+            (
+                "store_admitting",
+                "1 when new sessions are admitted (the store can record them)",
+                &gauges.store_admitting,
+            ),
+            (
+                "shipping_backlog_sessions",
+                "Sessions waiting to ship",
+                &gauges.backlog_sessions,
+            ),
+            (
+                "shipping_backlog_bytes",
+                "Bytes waiting to ship",
+                &gauges.backlog_bytes,
+            ),
+            (
+                "shipping_backlog_oldest_seconds",
+                "Age of the oldest session waiting to ship",
+                &gauges.backlog_oldest_seconds,
+            ),
+            (
+                "kernel_protected_entries",
+                "Entries in the kernel's protected-destination map",
+                &gauges.protected_entries,
+            ),
+            (
+                "kernel_programs_attached",
+                "Kernel programs pinned and attached to the workloads' cgroup",
+                &gauges.programs_attached,
+            ),
+            (
+                "ci_job_capture",
+                "1 when CI jobs are read from the environment their runner passed at exec",
+                &gauges.ci_job_capture,
+            ),
+            (
+                "connections_live",
+                "Connections open now",
+                &gauges.live_connections,
+            ),
+        ] {
+            registry.register(name, help, gauge.clone());
+        }
+        let build = Family::<Vec<(String, String)>, Gauge>::default();
+        build
+            .get_or_create(&vec![("version".into(), env!("CARGO_PKG_VERSION").into())])
+            .set(1);
+        registry.register("build_info", "The agent's version", build);
+        Self {
+            registry,
+            connections,
+            decisions,
+            approvals,
+            reloads,
+            shipping_errors,
+            store_flush_seconds,
+            gauges,
+        }
+    }
+
+    /// The text a scrape gets.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::error!(%error, "cannot encode the metrics");
+        }
+        text
+    }
+
+    /// The counter of one kind of decision on one target (a session takes
+    /// its handles once; counting is then an atomic add).
+    pub fn decision(&self, target: &str, kind: &'static str, decision: &'static str) -> Counter {
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                target: target.to_owned(),
+                kind,
+                decision,
+            })
+            .clone()
+    }
+}
+
+/// The process's metrics.
+pub fn get() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped;
+/// `refresh` reads the gauges first.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    refresh: impl Fn() + Clone + Send + Sync + 'static,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "metrics accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let refresh = refresh.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let refresh = refresh.clone();
+                async move { Ok::<_, Infallible>(answer(&request, refresh)) }
+            });
+            if let Err(error) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%error, %peer, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+fn answer(request: &Request<Incoming>, refresh: impl Fn()) -> Response<Full<Bytes>> {
+    let (status, body, kind) = match request.uri().path() {
+        "/metrics" => {
+            refresh();
+            (
+                StatusCode::OK,
+                get().encode(),
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+        }
+        _ => (
+            StatusCode::NOT_FOUND,
+            "metrics are at /metrics\n".to_owned(),
+            "text/plain; charset=utf-8",
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(kind),
+    );
+    response
+}
+
+/// Binds the metrics listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let metrics = Metrics::new();
+        metrics.decision("db", "statement", "deny").inc();
+        metrics
+            .connections
+            .get_or_create(&ConnectionLabels {
+                target: "db".into(),
+                protocol: "postgres".into(),
+                decision: "allow".into(),
+                outcome: "closed".into(),
+            })
+            .inc();
+        metrics.store_flush_seconds.observe(0.002);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &metrics.registry).unwrap();
+        for expected in [
+            "interlock_decisions_total{target=\"db\",kind=\"statement\",decision=\"deny\"} 1",
+            "interlock_connections_total{target=\"db\",protocol=\"postgres\",decision=\"allow\",outcome=\"closed\"} 1",
+            "interlock_store_flush_seconds_count 1",
+            "interlock_build_info{version=",
+            "# EOF",
+        ] {
+            assert!(text.contains(expected), "{expected} in:\n{text}");
+        }
+    }
+}
