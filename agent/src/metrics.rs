@@ -168,6 +168,14 @@ impl Metrics {
         ] {
             registry.register(name, help, gauge.clone());
         }
+        // Outcomes are known in advance: their series exist from the start
+        // (at 0), so `increase()` sees the first one.
+        for outcome in ["approved", "denied", "timed_out", "withdrawn", "abandoned"] {
+            let _ = approvals.get_or_create(&OutcomeLabels { outcome });
+        }
+        for outcome in ["ok", "failed"] {
+            let _ = reloads.get_or_create(&OutcomeLabels { outcome });
+        }
         let build = Family::<Vec<(String, String)>, Gauge>::default();
         build
             .get_or_create(&vec![("version".into(), env!("CARGO_PKG_VERSION").into())])

@@ -10,8 +10,7 @@ use serde_json::Value;
 
 const PG_IP: &str = "127.0.0.96";
 
-/// `name{labels} value` lines of a scrape, by `name{labels}`.
-fn scrape(port: u16) -> HashMap<String, f64> {
+fn scrape_text(port: u16) -> String {
     let out = std::process::Command::new("curl")
         .args(["-sf", &format!("http://127.0.0.1:{port}/metrics")])
         .output()
@@ -19,7 +18,13 @@ fn scrape(port: u16) -> HashMap<String, f64> {
     assert!(out.status.success(), "scrape failed: {}", stderr(&out));
     let text = stdout(&out);
     assert!(text.ends_with("# EOF\n"), "{text}");
-    text.lines()
+    text
+}
+
+/// `name{labels} value` lines of a scrape, by `name{labels}`.
+fn scrape(port: u16) -> HashMap<String, f64> {
+    scrape_text(port)
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
@@ -168,6 +173,48 @@ statements = ["select"]
             .any(|k| k.starts_with("interlock_build_info{version=")),
         "{metrics:?}"
     );
+    // The dashboard and the alert rules in contrib/ query only metrics the
+    // agent exports (by family, as `# TYPE` names them).
+    let families: Vec<(String, String)> = scrape_text(port)
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.strip_prefix("# TYPE ")?.split(' ');
+            Some((words.next()?.to_owned(), words.next()?.to_owned()))
+        })
+        .collect();
+    let exported = |name: &str| {
+        families.iter().any(|(family, kind)| {
+            let suffixes: &[&str] = match kind.as_str() {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_count", "_sum"],
+                _ => &[""],
+            };
+            suffixes.iter().any(|s| format!("{family}{s}") == name)
+        })
+    };
+    for file in [
+        "contrib/grafana/interlock.json",
+        "contrib/prometheus/interlock-alerts.yml",
+    ] {
+        let text =
+            std::fs::read_to_string(format!("{}/../{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let mut rest = text.as_str();
+        let mut seen = 0;
+        while let Some(at) = rest.find("interlock_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            seen += 1;
+            assert!(
+                exported(&name),
+                "{file} queries {name}, which the agent does not export"
+            );
+        }
+        assert!(seen > 3, "{file} queries no metrics?");
+    }
+
     // Bounded labels only: no pid, executable, SQL or path in any series.
     for series in metrics.keys() {
         assert!(
