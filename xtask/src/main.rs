@@ -2,13 +2,14 @@
 //!
 //! | command   | what it does |
 //! |-----------|--------------|
-//! | `setup`   | installs what is missing (nightly rust-src, bpf-linker, the apt packages the tests use); idempotent |
+//! | `setup`   | installs what is missing (nightly rust-src, bpf-linker, cargo-fuzz, cargo-deb, cargo-generate-rpm, Garage, the apt packages the tests use); idempotent |
 //! | `build`   | builds the agent with its kernel programs |
 //! | `lint`    | rustfmt and clippy, user space and the eBPF crate |
-//! | `test`    | setup, build, lint, unit tests, fuzzing (60 s a target), install check, privileged end-to-end tests |
+//! | `test`    | setup, build, lint, unit tests, fuzzing (60 s a target), install check, package check, privileged end-to-end tests |
 //! | `fuzz`    | the fuzz targets in `fuzz/` (or one: `fuzz TARGET`), each for `--secs` |
 //! | `demo`    | setup, build, then `interlock demo` (the quick start) |
 //! | `install` | the binary, the systemd unit and a default configuration |
+//! | `package` | `.deb` and `.rpm` in `target/packages/` (`--check`: unpacked into a scratch root and checked) |
 //! | `bench`   | `bench tcp` (direct, Interlock, socat), `bench postgres` (direct, PgBouncer, Interlock), with ratios |
 use std::{
     fs,
@@ -26,6 +27,7 @@ mod bench_postgres;
 mod bench_sessions;
 mod bench_ssh;
 mod install;
+mod package;
 mod setup;
 
 #[derive(Parser)]
@@ -62,6 +64,8 @@ enum Task {
     Demo,
     /// Install the binary, systemd unit and default configuration.
     Install(install::InstallArgs),
+    /// Build the .deb and .rpm packages (target/packages/).
+    Package(package::PackageArgs),
     /// Benchmarks against a direct connection and the usual alternative.
     Bench(bench::BenchArgs),
     /// The benchmark's load generator (run inside the benchmark cgroup).
@@ -88,6 +92,7 @@ fn main() -> Result<()> {
             exec(Command::new(workspace_root().join("target/debug/interlock")).arg("demo"))
         }
         Task::Install(args) => install::run(args),
+        Task::Package(args) => package::run(args).map(drop),
         Task::Bench(args) => bench::run(args),
         Task::BenchClient(args) => bench::load_client(args),
     }
@@ -256,6 +261,7 @@ fn test(e2e_args: &[String]) -> Result<()> {
     ]))?;
     fuzz(None, 60)?;
     install_and_verify_unit()?;
+    package::run(package::PackageArgs::of_profile("dev"))?;
     let binary = workspace_root().join("target/debug/interlock");
     if !fs::metadata(&binary).is_ok_and(|m| m.len() > 0) {
         bail!("{} is missing after the build", binary.display());

@@ -48,6 +48,9 @@ const APT_PACKAGES: [&str; 27] = [
 ];
 const BPF_LINKER: &str = "bpf-linker@0.10.1";
 const CARGO_FUZZ: &str = "cargo-fuzz@0.13.2";
+/// The packagers `cargo xtask package` runs (about a minute each, once).
+const CARGO_DEB: &str = "cargo-deb@3.8.0";
+const CARGO_GENERATE_RPM: &str = "cargo-generate-rpm@0.21.1";
 /// The S3-compatible store the session tests ship to (a real one, built
 /// from crates.io: about 12 minutes on 2 cores, once).
 const GARAGE: &str = "garage@2.5.0";
@@ -62,7 +65,17 @@ pub fn run() -> Result<()> {
     apt_packages()?;
     ansible()?;
     cargo_fuzz()?;
+    packagers()?;
     garage()
+}
+
+fn packagers() -> Result<()> {
+    for (subcommand, krate) in [("deb", CARGO_DEB), ("generate-rpm", CARGO_GENERATE_RPM)] {
+        if !succeeds(Command::new("cargo").args([subcommand, "--version"])) {
+            exec(crate::cargo().args(["install", krate, "--locked"]))?;
+        }
+    }
+    Ok(())
 }
 
 fn ansible() -> Result<()> {

@@ -528,13 +528,13 @@ fn policy_check(
                 println!("{summary}");
             } else {
                 println!(
-                    "{}: ok ({} files, {} targets, {} workloads, {} rules, mode {:?})",
+                    "{}: ok ({} files, {} targets, {} workloads, {} rules, mode {})",
                     path.display(),
                     config.sources.len(),
                     config.policy.targets.len(),
                     config.policy.workloads.len(),
                     config.policy.rules.len(),
-                    config.agent.mode,
+                    summary["mode"].as_str().unwrap_or("?"),
                 );
             }
             Ok(ExitCode::SUCCESS)
