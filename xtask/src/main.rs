@@ -228,23 +228,27 @@ fn install_and_verify_unit() -> Result<()> {
         }
     }
     let unit = fs::read_to_string(root.join("etc/systemd/system/interlock.service"))?;
-    let staged_unit = root.join("interlock.service");
+    verify_unit(&root, &unit, "/usr/local/bin/interlock").context("the systemd unit")?;
+    fs::remove_dir_all(&root)?;
+    Ok(())
+}
+
+/// `systemd-analyze verify` on `unit` as installed under `root` (it
+/// insists that ExecStart exists, so the binary's path is made `root`'s).
+fn verify_unit(root: &Path, unit: &str, binary: &str) -> Result<()> {
+    let staged = root.join("interlock.service");
+    let in_root = root.join(binary.trim_start_matches('/'));
     fs::write(
-        &staged_unit,
-        unit.replace(
-            "/usr/local/bin/interlock",
-            &root.join("usr/local/bin/interlock").display().to_string(),
-        ),
+        &staged,
+        unit.replace(binary, &in_root.display().to_string()),
     )?;
     exec(
         Command::new("systemd-analyze")
             .args(["verify", "--man=no"])
-            .arg(&staged_unit)
+            .arg(&staged)
             .env("SYSTEMD_LOG_LEVEL", "warning"),
     )
-    .context("the systemd unit does not verify")?;
-    fs::remove_dir_all(&root)?;
-    Ok(())
+    .context("systemd-analyze verify")
 }
 
 fn test(e2e_args: &[String]) -> Result<()> {

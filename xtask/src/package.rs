@@ -166,21 +166,7 @@ pub fn check(packages: &Packages) -> Result<()> {
     if !unit.contains("ConditionPathExists=/etc/interlock/interlock.toml") {
         bail!("the packaged unit starts without a configuration");
     }
-    let staged_unit = root.join("interlock.service");
-    fs::write(
-        &staged_unit,
-        unit.replace(
-            "/usr/bin/interlock",
-            &root.join("usr/bin/interlock").display().to_string(),
-        ),
-    )?;
-    exec(
-        Command::new("systemd-analyze")
-            .args(["verify", "--man=no"])
-            .arg(&staged_unit)
-            .env("SYSTEMD_LOG_LEVEL", "warning"),
-    )
-    .context("the packaged unit does not verify")?;
+    crate::verify_unit(&root, &unit, "/usr/bin/interlock").context("the packaged unit")?;
     exec(
         Command::new(root.join("usr/bin/interlock"))
             .args(["policy", "check"])
