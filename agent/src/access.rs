@@ -149,9 +149,9 @@ impl AccessRecord {
             .connections
             .get_or_create(&crate::metrics::ConnectionLabels {
                 target: self.target.clone().unwrap_or_else(|| "-".into()),
-                protocol: self.protocol.unwrap_or("-").into(),
-                decision: self.decision.map_or("-", Action::as_str).into(),
-                outcome: self.outcome.as_str().into(),
+                protocol: self.protocol.unwrap_or("-"),
+                decision: self.decision.map_or("-", Action::as_str),
+                outcome: self.outcome.as_str(),
             })
             .inc();
         let line = Line {

@@ -108,7 +108,7 @@ impl Agent {
         });
 
         if let Some(addr) = state.config.load().agent.metrics_listen {
-            let listener = crate::metrics::bind(addr)
+            let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding the metrics listener on {addr}"))?;
             let metrics_state = Arc::downgrade(&state);

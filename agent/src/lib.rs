@@ -18,6 +18,7 @@ mod demo;
 mod intercept;
 mod keyfile;
 mod learn;
+mod local_http;
 mod masking;
 mod metrics;
 mod policy;

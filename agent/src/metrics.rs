@@ -5,7 +5,7 @@
 //!
 //! Counters are counted where things happen (one atomic add on a counter
 //! handle a session keeps); gauges are read from the agent when scraped.
-use std::{convert::Infallible, net::SocketAddr, sync::OnceLock};
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -19,9 +19,9 @@ use prometheus_client::{
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
     pub target: String,
-    pub protocol: String,
-    pub decision: String,
-    pub outcome: String,
+    pub protocol: &'static str,
+    pub decision: &'static str,
+    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -227,32 +227,14 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     refresh: impl Fn() + Clone + Send + Sync + 'static,
 ) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                tracing::warn!(%error, "metrics accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let refresh = refresh.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let refresh = refresh.clone();
-                async move { Ok::<_, Infallible>(answer(&request, refresh)) }
-            });
-            if let Err(error) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(%error, %peer, "metrics connection ended with an error");
-            }
-        });
-    }
+    crate::local_http::serve(listener, "metrics", move |request: Request<Incoming>| {
+        let response = answer(&request, &refresh);
+        async move { response }
+    })
+    .await
 }
 
-fn answer(request: &Request<Incoming>, refresh: impl Fn()) -> Response<Full<Bytes>> {
+fn answer(request: &Request<Incoming>, refresh: &impl Fn()) -> Response<Full<Bytes>> {
     let (status, body, kind) = match request.uri().path() {
         "/metrics" => {
             refresh();
@@ -277,11 +259,6 @@ fn answer(request: &Request<Incoming>, refresh: impl Fn()) -> Response<Full<Byte
     response
 }
 
-/// Binds the metrics listener.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,9 +271,9 @@ mod tests {
             .connections
             .get_or_create(&ConnectionLabels {
                 target: "db".into(),
-                protocol: "postgres".into(),
-                decision: "allow".into(),
-                outcome: "closed".into(),
+                protocol: "postgres",
+                decision: "allow",
+                outcome: "closed",
             })
             .inc();
         metrics.store_flush_seconds.observe(0.002);

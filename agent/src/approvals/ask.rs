@@ -77,30 +77,37 @@ pub fn check(
         if wish.rule.as_ref().is_some_and(|name| name != &rule.name) {
             continue;
         }
+        // Rules that cannot be asked under are named only when asked for.
+        let named = wish.rule.is_some();
         let Some(spec) = rule
             .approval
             .as_ref()
             .filter(|_| rule.action == Action::Approve)
         else {
-            refusals.push(format!("rule {:?} does not ask for approval", rule.name));
+            if named {
+                refusals.push(format!("rule {:?} does not ask for approval", rule.name));
+            }
             continue;
         };
         let Some(max) = spec.requestable else {
-            refusals.push(format!("rule {:?} is not requestable", rule.name));
+            if named {
+                refusals.push(format!("rule {:?} is not requestable", rule.name));
+            }
             continue;
         };
-        let covers_target = rule
-            .targets
-            .as_ref()
-            .is_none_or(|ids| ids.contains(&target));
-        let covers_workload = match for_workload {
-            Some(index) => rule
-                .workloads
-                .as_ref()
-                .is_none_or(|ids| ids.contains(&index)),
+        let applies = match for_workload {
+            Some(index) => {
+                rule.targets
+                    .as_ref()
+                    .is_none_or(|ids| ids.contains(&target))
+                    && rule
+                        .workloads
+                        .as_ref()
+                        .is_none_or(|ids| ids.contains(&index))
+            }
             None => crate::policy::applies(policy, rule, workload, target),
         };
-        if !covers_target || !covers_workload {
+        if !applies {
             refusals.push(format!(
                 "rule {:?} is not about {} on target {:?}",
                 rule.name,
@@ -146,7 +153,7 @@ pub fn check(
     }
     Err(refuse(match (&wish.rule, refusals.is_empty()) {
         (Some(name), true) => format!("no rule {name:?}"),
-        (None, true) => "the policy has no rules".into(),
+        (None, true) => "no rule of the policy is requestable".into(),
         _ => format!("nothing can grant this: {}", refusals.join("; ")),
     }))
 }

@@ -19,7 +19,7 @@
 //! nothing); its POST answers, as approver `webhook:link` — whoever holds
 //! the link, so a rule lists `webhook:link` only where the channel's
 //! members are its approvers.
-use std::{convert::Infallible, sync::Arc};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -52,31 +52,11 @@ enum Decision {
 
 /// Serves the callback until the task is dropped.
 pub async fn serve(listener: TcpListener, approvals: Arc<Approvals>, token: Arc<Secret>) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                tracing::warn!(%error, "callback accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let approvals = approvals.clone();
-        let token = token.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let approvals = approvals.clone();
-                let token = token.clone();
-                async move { Ok::<_, Infallible>(handle(request, &approvals, &token).await) }
-            });
-            if let Err(error) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(%error, %peer, "callback connection ended with an error");
-            }
-        });
-    }
+    crate::local_http::serve(listener, "approvals callback", move |request| {
+        let (approvals, token) = (approvals.clone(), token.clone());
+        async move { handle(request, &approvals, &token).await }
+    })
+    .await
 }
 
 async fn handle(

@@ -670,19 +670,16 @@ pub struct StatementVerdict {
 impl StatementVerdict {
     /// Why, in words, for the client's error and the log.
     pub fn reason(&self, policy: &Policy, statement: &StatementInfo) -> String {
-        let tables = tables_text(statement);
         if statement.changes_role {
             return "the session's role is pinned by the agent; it cannot be changed".into();
         }
+        let what = statement_what(statement);
         match (policy.rule_name(self.rule), statement.parsed) {
             (_, false) => format!(
                 "the statement cannot be checked: {}",
                 statement.problem.as_deref().unwrap_or("it does not parse")
             ),
-            (Some(rule), _) => {
-                let verb = self.action.verb();
-                format!("rule {rule:?} {verb} {} on {tables}", statement.kinds)
-            }
+            (Some(rule), _) => format!("rule {rule:?} {} {what}", self.action.verb()),
             (None, _) => {
                 let functions = statement
                     .functions
@@ -690,30 +687,22 @@ impl StatementVerdict {
                     .filter(|f| !functions::allowed_by_default(f))
                     .map(|f| f.name.as_str())
                     .collect::<Vec<_>>();
-                // "on no table" says nothing: a LISTEN is just a listen.
-                let on = match statement.tables.is_empty() {
-                    true => String::new(),
-                    false => format!(" on {tables}"),
-                };
                 if functions.is_empty() {
-                    format!("no rule allows {}{on}", statement.kinds)
+                    format!("no rule allows {what}")
                 } else {
-                    format!(
-                        "no rule allows {}{on} calling {}",
-                        statement.kinds,
-                        functions.join(", ")
-                    )
+                    format!("no rule allows {what} calling {}", functions.join(", "))
                 }
             }
         }
     }
 }
 
-fn tables_text(statement: &StatementInfo) -> String {
+/// `delete on public.orders`, or `listen` for a statement on no table.
+pub fn statement_what(statement: &StatementInfo) -> String {
     if statement.tables.is_empty() {
-        "no table".into()
+        statement.kinds.to_string()
     } else {
-        statement.tables.join(", ")
+        format!("{} on {}", statement.kinds, statement.tables.join(", "))
     }
 }
 

@@ -629,7 +629,7 @@ async fn relay<C: Duplex, U: Duplex>(
     requests.stated_reason = forwarded
         .iter()
         .find(|(key, _)| *key == "application_name")
-        .and_then(|(_, value)| sql::reason_in_application_name(value));
+        .and_then(|(_, value)| sql::labelled_reason(value));
     let mut responses = responses::Responses::new(session, counts, &expected, notices_rx);
     let (mut client_read, mut client_write) = client.halves();
     let (mut upstream_read, mut upstream_write) = upstream.halves();

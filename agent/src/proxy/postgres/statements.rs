@@ -223,12 +223,9 @@ pub fn decide(
                 rule.is_some_and(|id| policy.policy.rule(id).action == Action::Deny);
             let message = match policy.policy.rule_name(rule) {
                 Some(name) if denied_by_rule && statement.parsed && !statement.changes_role => {
-                    let what = match statement.tables.is_empty() {
-                        true => statement.kinds.to_string(),
-                        false => format!("{} on {}", statement.kinds, statement.tables.join(", ")),
-                    };
                     format!(
-                        "statement denied by rule {name:?}: {what} is not allowed (target {target:?})"
+                        "statement denied by rule {name:?}: {} is not allowed (target {target:?})",
+                        crate::policy::statement_what(statement)
                     )
                 }
                 Some(name) => {

@@ -19,7 +19,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use parking_lot::Mutex;
 
-pub use tree::{Effect, Name, Parsed, reason_in_application_name};
+pub use tree::{Effect, Name, Parsed, labelled_reason};
 
 /// What the audit text of a statement keeps of its literal values.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -68,7 +68,6 @@ fn analyze_unguarded(sql: &str, literals: Literals) -> Vec<Analysed> {
     // A comment stating a reason lies before its statement's text (the
     // parser's locations start at the first token): it is looked for from
     // the end of the statement before.
-    let comments = sql.contains("/*") || sql.contains("--");
     let mut from = 0;
     statements
         .iter()
@@ -76,10 +75,7 @@ fn analyze_unguarded(sql: &str, literals: Literals) -> Vec<Analysed> {
             let tree = raw.stmt.as_ref().map(lean::Lean::of).unwrap_or_default();
             let parsed = tree::walk(&tree);
             let end = statement_end(sql, raw.stmt_location, raw.stmt_len);
-            let reason = match comments {
-                true => sql.get(from..end).and_then(stated_reason),
-                false => None,
-            };
+            let reason = sql.get(from..end).and_then(stated_reason);
             from = end;
             let text = statement_text(sql, raw.stmt_location, raw.stmt_len);
             let text = audit_text(text, literals, parsed.holds_password);
@@ -94,8 +90,12 @@ fn analyze_unguarded(sql: &str, literals: Literals) -> Vec<Analysed> {
 
 /// The reason a query states in a comment, `/* reason: INC-42 cleanup */`
 /// or `-- reason: …`, as PostgreSQL's own scanner finds comments (text
-/// inside a string literal is not one); cut at 512 characters.
+/// inside a string literal is not one); cut at 512 characters. Text with
+/// no comment is not scanned.
 pub fn stated_reason(sql: &str) -> Option<String> {
+    if !sql.contains("/*") && !sql.contains("--") {
+        return None;
+    }
     let tokens = pg_query::scan_tokens(sql).ok()?;
     tokens.iter().find_map(|token| {
         let comment = match pg_query::protobuf::Token::try_from(token.token) {
@@ -108,11 +108,7 @@ pub fn stated_reason(sql: &str) -> Option<String> {
                 .strip_prefix("--")?,
             _ => return None,
         };
-        let comment = comment.trim();
-        let (key, reason) = comment.split_once(':')?;
-        let reason = reason.trim();
-        (key.trim().eq_ignore_ascii_case("reason") && !reason.is_empty())
-            .then(|| reason.chars().take(512).collect())
+        labelled_reason(comment)
     })
 }
 
@@ -236,14 +232,10 @@ impl Analyzer {
                 literals,
                 parsed.holds_password,
             );
-            let stated_reason = match sql.contains("/*") || sql.contains("--") {
-                true => stated_reason(sql),
-                false => None,
-            };
             return vec![Analysed {
                 parsed,
                 text,
-                stated_reason,
+                stated_reason: stated_reason(sql),
             }];
         }
         let analysed = analyze(sql, literals);

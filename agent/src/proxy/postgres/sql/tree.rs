@@ -703,7 +703,7 @@ impl Walker {
                     .and_then(Lean::as_array)
                     .and_then(|args| args.first())
                     .and_then(constant_text);
-                if let Some(reason) = value.as_deref().and_then(reason_in_application_name) {
+                if let Some(reason) = value.as_deref().and_then(labelled_reason) {
                     self.parsed.effects.push(Effect::StatedReason(reason));
                 }
             }
@@ -749,7 +749,7 @@ impl Walker {
             }
             "application_name" => {
                 self.parsed.kinds.insert(K::Set);
-                if let Some(reason) = reason_in_application_name(&value) {
+                if let Some(reason) = labelled_reason(&value) {
                     self.parsed.effects.push(Effect::StatedReason(reason));
                 }
             }
@@ -908,9 +908,9 @@ fn constant_text(node: &Lean) -> Option<String> {
     )
 }
 
-/// `reason: INC-4211 cleanup` as an application_name (at startup or by
-/// `SET`): the reason, cut at 512 characters.
-pub fn reason_in_application_name(value: &str) -> Option<String> {
+/// `reason: INC-4211 cleanup` (an application_name, at startup or by
+/// `SET`, or a comment's text): the reason, cut at 512 characters.
+pub fn labelled_reason(value: &str) -> Option<String> {
     let (key, reason) = value.split_once(':')?;
     let reason = reason.trim();
     (key.trim().eq_ignore_ascii_case("reason") && !reason.is_empty())
