@@ -36,13 +36,12 @@ fn rounds() -> usize {
         .unwrap_or(2)
 }
 
-/// A delay between 500 and 1,100 ms after the client connected (it is busy
-/// by then), different each round: the crash lands at a different point
-/// of the clients' work.
+/// A delay of up to 600 ms after the client has done some work,
+/// different each round: the crash lands at a different point of the
+/// clients' work.
 fn crash_delay(round: usize) -> Duration {
     use std::hash::{BuildHasher, RandomState};
-    let spread = RandomState::new().hash_one(round) % 600;
-    Duration::from_millis(500 + spread)
+    Duration::from_millis(RandomState::new().hash_one(round) % 600)
 }
 
 /// The events of every recorded session, kept across rounds: a session
@@ -124,29 +123,21 @@ fn marks_db(name: &str, ip: &str) -> (Postgres, TestCgroup, std::path::PathBuf, 
     (pg, cgroup, job, agent)
 }
 
-/// Runs `client` (a shell script) in the job's cgroup, crashes the agent
-/// after `delay`, waits for the client to notice, restarts the agent.
-/// Connections the running agent has accepted.
-fn accepted(agent: &Agent) -> u64 {
-    let out = agent.cli(&["status", "--json"]);
-    serde_json::from_str::<Value>(&stdout(&out))
-        .ok()
-        .and_then(|status| status["accepted"].as_u64())
-        .unwrap_or(0)
-}
-
+/// Runs `client` (a shell script) in the job's cgroup; once `busy` says
+/// the client has done some work (so the precondition never depends on the
+/// machine's speed), crashes the agent after `delay`, waits for the client
+/// to notice, restarts the agent.
 fn crash_while(
     agent: &mut Agent,
     job: &std::path::Path,
     client: String,
+    busy: impl Fn() -> bool,
     delay: Duration,
 ) -> std::process::Output {
     let job = job.to_owned();
     let client = thread::spawn(move || sh_in(&job, &client));
-    // The delay counts from the client's connection, not its start: a
-    // loaded machine may take a while to start it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while accepted(agent) == 0 && std::time::Instant::now() < deadline {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !busy() && !client.is_finished() && std::time::Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
     }
     thread::sleep(delay);
@@ -159,6 +150,12 @@ fn crash_while(
     );
     agent.spawn();
     out
+}
+
+fn lines_in(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|s| s.lines().filter(|l| !l.is_empty()).count())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -175,7 +172,15 @@ fn postgres_writes_reach_the_server_only_once_recorded() {
             pg.addr.ip(),
             pg.addr.port()
         );
-        let out = crash_while(&mut agent, &job, client, crash_delay(round));
+        let count = format!("SELECT count(*) FROM marks WHERE n > {first}");
+        let busy = || {
+            pg.admin_sql("postgres", &count)
+                .trim()
+                .parse::<usize>()
+                .unwrap_or(0)
+                >= 10
+        };
+        let out = crash_while(&mut agent, &job, client, busy, crash_delay(round));
         let recorded = records.statements(&agent);
         let rows = pg.admin_sql(
             "postgres",
@@ -222,7 +227,9 @@ fn postgres_answers_reach_the_client_only_once_recorded() {
             pg.addr.port(),
             answers.display()
         );
-        crash_while(&mut agent, &job, client, crash_delay(round));
+        let _ = std::fs::remove_file(&answers);
+        let busy = || lines_in(&answers) >= 10;
+        crash_while(&mut agent, &job, client, busy, crash_delay(round));
         let recorded = records.statements(&agent);
         let seen = std::fs::read_to_string(&answers).unwrap();
         let seen: Vec<&str> = seen.lines().filter(|l| !l.is_empty()).collect();
@@ -305,7 +312,8 @@ fn tcp_bytes_go_upstream_only_once_the_session_is_recorded() {
     for round in 0..rounds() {
         markers.lock().unwrap().clear();
         let client = format!("exec /usr/bin/python3 {}", path.display());
-        crash_while(&mut agent, &job, client, crash_delay(round));
+        let busy = || markers.lock().unwrap().len() >= 10;
+        crash_while(&mut agent, &job, client, busy, crash_delay(round));
         let recorded: HashSet<String> = records
             .events(&agent)
             .into_iter()
@@ -370,7 +378,16 @@ fn http_requests_reach_the_server_and_answers_the_client_only_once_recorded() {
             first = round * 1_000_000,
             answers = answers.display(),
         );
-        crash_while(&mut agent, &job, client, crash_delay(round));
+        let posts = || {
+            nginx
+                .seen()
+                .iter()
+                .filter(|l| l.starts_with("POST "))
+                .count()
+        };
+        let before = posts();
+        let busy = || lines_in(&answers) >= 1 && posts() >= before + 5;
+        crash_while(&mut agent, &job, client, busy, crash_delay(round));
         let recorded: HashSet<String> = records
             .events(&agent)
             .into_iter()
