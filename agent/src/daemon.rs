@@ -17,10 +17,11 @@ use tokio::{sync::watch, task::JoinHandle};
 use crate::{
     addr::ListenAddr,
     admin::{self, Request, Response},
-    config::{CgroupSetting, Config, Mode},
+    config::{CgroupSetting, Config, Mode, PolicySourceSettings},
     conn::{self, ConnRegistry},
     intercept::{AttachOptions, Interceptor, preflight},
     policy::{ActivePolicy, Policy, TargetAddress, TargetTable},
+    policy_source,
     proxy::{self, ProxyContext},
     workload::{CgroupFs, WorkloadResolver},
 };
@@ -50,6 +51,8 @@ struct State {
     proxy: Arc<ProxyContext>,
     started: SystemTime,
     shutdown: watch::Sender<bool>,
+    /// The last check of `[policy_source]`.
+    source_status: parking_lot::Mutex<crate::policy_source::SourceStatus>,
 }
 
 impl Agent {
@@ -105,6 +108,7 @@ impl Agent {
             proxy: proxy_context.clone(),
             started: SystemTime::now(),
             shutdown: shutdown.clone(),
+            source_status: parking_lot::Mutex::default(),
         });
 
         if let Some(addr) = state.config.load().agent.metrics_listen {
@@ -150,6 +154,7 @@ impl Agent {
             shutdown_rx.clone(),
         ));
         tokio::spawn(state.clone().watch_sources(shutdown_rx.clone()));
+        tokio::spawn(state.clone().follow_policy_source(shutdown_rx.clone()));
         tokio::spawn(state.clone().re_resolve(shutdown_rx));
 
         Ok(Self {
@@ -363,6 +368,7 @@ impl State {
             targets = config.policy.targets.len(),
             rules = config.policy.rules.len(),
             mode = ?config.agent.mode,
+            bundle = config.bundle.as_ref().map(|b| b.manifest.version.as_str()),
             "policy reloaded"
         );
         self.config.store(Arc::new(config));
@@ -422,6 +428,14 @@ impl State {
             "intercept": self.interceptor.status(),
             "targets": targets,
             "rules": active.policy.rules.len(),
+            "policy_source": config.policy_source.as_ref().map(|source| {
+                json!({
+                    "url": crate::policy_source::display_url(&source.url),
+                    "interval_s": source.interval.as_secs(),
+                    "bundle": config.bundle.as_ref().map(|b| b.info()),
+                    "check": self.source_status.lock().clone(),
+                })
+            }),
             "accepted": self.proxy.gate.connections.accepted(),
             "connections": self.proxy.gate.connections.snapshot(),
             "sessions": self.sessions_status(&config),
@@ -472,6 +486,13 @@ impl State {
         gauges
             .live_connections
             .set(gate.connections.snapshot().len() as i64);
+        let serial = self
+            .config
+            .load()
+            .bundle
+            .as_ref()
+            .map_or(0, |b| b.manifest.serial);
+        gauges.bundle_serial.set(as_i64(serial));
     }
 
     /// `sessions` of the status (schema: docs/OPERATIONS.md).
@@ -539,6 +560,90 @@ impl State {
                 (p, meta)
             })
             .collect()
+    }
+
+    /// Checks `[policy_source]` at start and every `interval`; a bundle
+    /// applied is reloaded like a changed file. The settings are read
+    /// again each time, so a reload that changes them takes effect.
+    async fn follow_policy_source(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let Some(config_path) = self.config_path.clone() else {
+            return;
+        };
+        let mut opened: Option<(PolicySourceSettings, policy_source::Source)> = None;
+        loop {
+            let config = self.config.load_full();
+            let interval = match &config.policy_source {
+                None => WATCH_INTERVAL,
+                Some(settings) => {
+                    if opened.as_ref().is_none_or(|(s, _)| s != settings) {
+                        opened =
+                            match policy_source::Source::open(settings, &config.agent.state_dir) {
+                                Ok(source) => Some((settings.clone(), source)),
+                                Err(why) => {
+                                    self.policy_source_checked(policy_source::Check::Unreachable(
+                                        why,
+                                    ));
+                                    None
+                                }
+                            };
+                    }
+                    if let Some((settings, source)) = &opened {
+                        let check = policy_source::check(
+                            source,
+                            settings,
+                            &config_path,
+                            config.bundle.as_ref(),
+                            &config.agent.state_dir,
+                        )
+                        .await;
+                        let applied = matches!(check, policy_source::Check::Applied(_));
+                        self.policy_source_checked(check);
+                        if applied {
+                            // Logged (and counted) by `reload`.
+                            let _ = self.reload().await;
+                        }
+                    }
+                    settings.interval
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    fn policy_source_checked(&self, check: policy_source::Check) {
+        let url = self
+            .config
+            .load()
+            .policy_source
+            .as_ref()
+            .map(|s| policy_source::display_url(&s.url))
+            .unwrap_or_default();
+        match &check {
+            policy_source::Check::Applied(info) => tracing::info!(
+                %url,
+                version = %info.version,
+                serial = info.serial,
+                digest = %info.digest,
+                "policy bundle accepted"
+            ),
+            policy_source::Check::Unchanged => {}
+            policy_source::Check::Refused(why) => {
+                tracing::error!(%url, "policy bundle refused, keeping the running policy: {why}")
+            }
+            policy_source::Check::Unreachable(why) => {
+                tracing::warn!(%url, "policy source unreachable, keeping the running policy: {why}")
+            }
+        }
+        crate::metrics::get()
+            .bundle_checks
+            .get_or_create(&crate::metrics::OutcomeLabels {
+                outcome: check.outcome(),
+            })
+            .inc();
+        self.source_status.lock().record(&check);
     }
 
     /// Host-name targets are resolved again every `resolve_interval`; the
@@ -750,12 +855,14 @@ fn restart_needed(old: &Config, new: &Config) -> bool {
 async fn activate(config: &Config) -> ActivePolicy {
     let policy = config.policy.clone();
     let enforce = config.agent.mode == Mode::Enforce;
+    let bundle = config.bundle.as_ref().map(|b| b.info());
     tokio::task::spawn_blocking(move || {
         let table = resolve_table(&policy);
         ActivePolicy {
             policy,
             table,
             enforce,
+            bundle,
         }
     })
     .await

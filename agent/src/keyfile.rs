@@ -53,30 +53,38 @@ pub fn check_private(path: &Path, wanted: &str) -> io::Result<()> {
 
 /// A 32-byte key, created at first start with mode 0600.
 pub fn load_or_create(path: &Path) -> io::Result<[u8; 32]> {
-    match fs::read(path) {
-        Ok(bytes) => {
-            check_private(path, "0600")?;
-            bytes.try_into().map_err(|b: Vec<u8>| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{} holds {} bytes, not 32", path.display(), b.len()),
-                )
-            })
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let mut key = [0u8; 32];
-            fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)?;
-            file.write_all(&key)?;
-            file.sync_all()?;
-            Ok(key)
-        }
+    match load(path) {
+        Ok(key) => Ok(key),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => create(path),
         Err(e) => Err(e),
     }
+}
+
+/// A new random 32-byte key in a new file (0600); an existing file is
+/// never overwritten.
+pub fn create(path: &Path) -> io::Result<[u8; 32]> {
+    let mut key = [0u8; 32];
+    fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(&key)?;
+    file.sync_all()?;
+    Ok(key)
+}
+
+/// An existing key file, refused unless it is private (0600, ours).
+pub fn load(path: &Path) -> io::Result<[u8; 32]> {
+    let bytes = fs::read(path)?;
+    check_private(path, "0600")?;
+    bytes.try_into().map_err(|b: Vec<u8>| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} holds {} bytes, not 32", path.display(), b.len()),
+        )
+    })
 }
 
 #[cfg(test)]

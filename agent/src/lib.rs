@@ -5,7 +5,7 @@
 //! calling) → `proxy` (accept, decode) → `policy` (decide, pure) → upstream,
 //! with `access` writing one line per connection. `config` loads files,
 //! `daemon` wires it together, `admin` serves the admin socket, `metrics`
-//! the Prometheus endpoint.
+//! the Prometheus endpoint, `policy_source` pulls signed policy bundles.
 mod access;
 mod addr;
 mod admin;
@@ -22,6 +22,7 @@ mod local_http;
 mod masking;
 mod metrics;
 mod policy;
+mod policy_source;
 mod principal;
 mod proxy;
 mod sessions;
@@ -64,9 +65,13 @@ pub mod fuzzing {
         crate::proxy::spdy::fuzz(data);
     }
 
-    /// A configuration file through the loader: errors, never a panic.
+    /// A configuration file through the loader, and a policy bundle's
+    /// envelope (from a fleet's source): errors, never a panic.
     pub fn config(data: &[u8]) {
         let _ = crate::config::Config::from_text("fuzz.toml", &String::from_utf8_lossy(data));
+        let key = "ed25519:O2onvM62pC1io6jQKm8Nc2UyFXcd4kOmOsBIoYtZ2ik=";
+        let trusted = crate::config::bundle::TrustedKey::parse(key).expect("a valid key");
+        let _ = crate::config::bundle::open(data, &[trusted]);
     }
 
     #[cfg(test)]

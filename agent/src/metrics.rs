@@ -52,6 +52,7 @@ pub struct Gauges {
     pub programs_attached: Gauge,
     pub ci_job_capture: Gauge,
     pub live_connections: Gauge,
+    pub bundle_serial: Gauge,
 }
 
 pub struct Metrics {
@@ -60,6 +61,7 @@ pub struct Metrics {
     pub decisions: Family<DecisionLabels, Counter>,
     pub approvals: Family<OutcomeLabels, Counter>,
     pub reloads: Family<OutcomeLabels, Counter>,
+    pub bundle_checks: Family<OutcomeLabels, Counter>,
     pub shipping_errors: Counter,
     pub store_flush_seconds: Histogram,
     pub gauges: Gauges,
@@ -91,6 +93,12 @@ impl Metrics {
             "policy_reloads",
             "Policy reloads, by outcome (ok, failed)",
             reloads.clone(),
+        );
+        let bundle_checks = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "policy_bundle_checks",
+            "Checks of [policy_source], by outcome (applied, unchanged, refused, unreachable)",
+            bundle_checks.clone(),
         );
         let shipping_errors = Counter::default();
         registry.register(
@@ -165,6 +173,11 @@ impl Metrics {
                 "Connections open now",
                 &gauges.live_connections,
             ),
+            (
+                "policy_bundle_serial",
+                "Serial of the signed policy bundle in force (0: none)",
+                &gauges.bundle_serial,
+            ),
         ] {
             registry.register(name, help, gauge.clone());
         }
@@ -175,6 +188,9 @@ impl Metrics {
         }
         for outcome in ["ok", "failed"] {
             let _ = reloads.get_or_create(&OutcomeLabels { outcome });
+        }
+        for outcome in ["applied", "unchanged", "refused", "unreachable"] {
+            let _ = bundle_checks.get_or_create(&OutcomeLabels { outcome });
         }
         let build = Family::<Vec<(String, String)>, Gauge>::default();
         build
@@ -187,6 +203,7 @@ impl Metrics {
             decisions,
             approvals,
             reloads,
+            bundle_checks,
             shipping_errors,
             store_flush_seconds,
             gauges,

@@ -4,4 +4,5 @@ if [ "$1" -eq 0 ]; then
     fi
     systemctl stop interlock >/dev/null 2>&1 || true
     systemctl disable interlock >/dev/null 2>&1 || true
+    interlock ca uninstall >/dev/null 2>&1 || true
 fi

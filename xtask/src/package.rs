@@ -125,27 +125,54 @@ fn version() -> String {
     env!("CARGO_PKG_VERSION").to_owned()
 }
 
-/// Unpacks the `.deb` into a scratch root as dpkg would lay it out, then
-/// checks it there: the files, the unit (`systemd-analyze verify`), the
-/// example configuration (`interlock policy check` with the packaged
-/// binary), the maintainer scripts (`sh -n`), and that the `.rpm` is one.
+/// Installs the `.deb` with dpkg into a scratch root (`dpkg --root`, the
+/// maintainer scripts run with `DPKG_ROOT` set), checks it there (the
+/// files, the unit with `systemd-analyze verify`, the example
+/// configuration with the packaged binary's `interlock policy check`, what
+/// the scripts say), upgrades it over a configured install, removes and
+/// purges it; and checks that the `.rpm` is one.
 pub fn check(packages: &Packages) -> Result<()> {
     let root = std::env::temp_dir().join(format!("interlock-package-{}", std::process::id()));
     let _ = fs::remove_dir_all(&root);
-    fs::create_dir_all(&root)?;
-    exec(
-        Command::new("dpkg-deb")
-            .arg("-x")
-            .arg(&packages.deb)
-            .arg(&root),
-    )?;
-    let control = root.join("DEBIAN");
-    exec(
-        Command::new("dpkg-deb")
-            .arg("-e")
-            .arg(&packages.deb)
-            .arg(&control),
-    )?;
+    for dir in [
+        "var/lib/dpkg/info",
+        "var/lib/dpkg/updates",
+        "var/lib/dpkg/triggers",
+        "var/log",
+    ] {
+        fs::create_dir_all(root.join(dir))?;
+    }
+    fs::write(root.join("var/lib/dpkg/status"), "")?;
+    fs::write(root.join("var/lib/dpkg/available"), "")?;
+    // The scratch root has no libc6 or systemd package of its own.
+    let dpkg = |args: &[&std::ffi::OsStr]| -> Result<String> {
+        let out = Command::new("dpkg")
+            .arg(format!("--root={}", root.display()))
+            .args([
+                "--force-script-chrootless",
+                "--force-depends",
+                "--force-unsafe-io",
+            ])
+            .args(args)
+            .output()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() {
+            bail!("dpkg {args:?} failed:\n{text}");
+        }
+        Ok(text)
+    };
+    let said = dpkg(&["-i".as_ref(), packages.deb.as_os_str()])?;
+    if !said.contains("interlock: not started.") {
+        bail!("a fresh install should say how to start the agent; dpkg said:\n{said}");
+    }
+    let status = dpkg(&["-s".as_ref(), "interlock".as_ref()])?;
+    if !status.contains("Status: install ok installed") {
+        bail!("dpkg does not have interlock installed:\n{status}");
+    }
     for installed in [
         "usr/bin/interlock",
         "usr/lib/systemd/system/interlock.service",
@@ -166,6 +193,9 @@ pub fn check(packages: &Packages) -> Result<()> {
     if !unit.contains("ConditionPathExists=/etc/interlock/interlock.toml") {
         bail!("the packaged unit starts without a configuration");
     }
+    if !unit.contains("ExecStartPost=-+/usr/bin/interlock ca install") {
+        bail!("the packaged unit does not install the local CA into the trust store");
+    }
     crate::verify_unit(&root, &unit, "/usr/bin/interlock").context("the packaged unit")?;
     exec(
         Command::new(root.join("usr/bin/interlock"))
@@ -174,14 +204,43 @@ pub fn check(packages: &Packages) -> Result<()> {
     )
     .context("the packaged example configuration does not pass `policy check`")?;
     for script in ["postinst", "prerm", "postrm"] {
-        exec(Command::new("sh").arg("-n").arg(control.join(script)))
-            .with_context(|| format!("maintainer script {script}"))?;
+        exec(
+            Command::new("sh")
+                .arg("-n")
+                .arg(root.join(format!("var/lib/dpkg/info/interlock.{script}"))),
+        )
+        .with_context(|| format!("maintainer script {script}"))?;
     }
+
+    // Upgraded over a configured install: nothing to say, the
+    // configuration kept.
+    fs::create_dir_all(root.join("etc/interlock"))?;
+    fs::copy(
+        root.join("usr/share/interlock/interlock.toml.example"),
+        root.join("etc/interlock/interlock.toml"),
+    )?;
+    let said = dpkg(&["-i".as_ref(), packages.deb.as_os_str()])?;
+    if said.contains("not started") || !root.join("etc/interlock/interlock.toml").exists() {
+        bail!("an upgrade over a configuration should keep it quietly; dpkg said:\n{said}");
+    }
+    dpkg(&["-r".as_ref(), "interlock".as_ref()])?;
+    if root.join("usr/bin/interlock").exists() {
+        bail!("dpkg -r left /usr/bin/interlock");
+    }
+    dpkg(&["-P".as_ref(), "interlock".as_ref()])?;
+    let status = fs::read_to_string(root.join("var/lib/dpkg/status"))?;
+    if status.contains("Package: interlock") {
+        bail!("dpkg -P left interlock in the package database:\n{status}");
+    }
+
     let magic = fs::read(&packages.rpm)?;
     if magic.len() < 1 << 20 || magic[..4] != [0xed, 0xab, 0xee, 0xdb] {
         bail!("{} is not an RPM package", packages.rpm.display());
     }
     fs::remove_dir_all(&root)?;
-    println!("packages check out: {}", Path::new(&packages.deb).display());
+    println!(
+        "packages check out: {} installed, upgraded, removed and purged in a scratch root",
+        Path::new(&packages.deb).display()
+    );
     Ok(())
 }

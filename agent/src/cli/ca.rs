@@ -70,6 +70,12 @@ pub fn install(config: &crate::config::Config) -> Result<()> {
     let scope = crate::tls::CaScope::of(config);
     crate::tls::LocalCa::load_or_create(&state_dir.join("ca"), &scope)?;
     let pem = crate::tls::LocalCa::read_cert(&state_dir.join("ca"))?;
+    // At every agent start (the unit's ExecStartPost): nothing to do
+    // unless the CA changed.
+    if std::fs::read_to_string(&store.anchor).is_ok_and(|installed| installed == pem) {
+        println!("{} is installed already", store.anchor.display());
+        return Ok(());
+    }
     if let Some(dir) = store.anchor.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

@@ -162,6 +162,39 @@ enum PolicyCommand {
     /// Suggest the narrowest rules that allow what recorded sessions did,
     /// each with its evidence (TOML for the policy directory).
     Suggest(SuggestArgs),
+    /// Create a key to sign policy bundles with (0600); prints the public
+    /// key for `[policy_source] trusted_keys`.
+    Keygen(KeygenArgs),
+    /// Sign policy files into a bundle for `[policy_source]`.
+    Sign(SignArgs),
+}
+
+#[derive(Args)]
+struct KeygenArgs {
+    /// Where the private key goes (never overwritten).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct SignArgs {
+    /// The private key (`interlock policy keygen`).
+    #[arg(long)]
+    key: PathBuf,
+    /// Where the bundle goes (upload it as the source's `bundle`).
+    #[arg(long)]
+    out: PathBuf,
+    /// What people call this bundle, recorded in every session started
+    /// under it (a release name, a commit); the signing time by default.
+    #[arg(long)]
+    version: Option<String>,
+    /// Must increase with every bundle (agents never go back); the signing
+    /// time in milliseconds by default.
+    #[arg(long)]
+    serial: Option<u64>,
+    /// Policy files, or directories whose `*.toml` files are taken.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -171,6 +204,10 @@ struct CheckArgs {
     /// the configuration's (what `policy suggest` writes).
     #[arg(long)]
     rules: Option<PathBuf>,
+    /// A signed policy bundle, checked under the configuration's
+    /// `[policy_source]` keys and loaded in place of the one in force.
+    #[arg(long, conflicts_with = "rules")]
+    bundle: Option<PathBuf>,
     /// Replay recorded sessions (`--from`, `--since`, `--workload`,
     /// `--target`) through the policy; exits 1 if it would refuse any of
     /// what went through.
@@ -281,9 +318,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Policy(PolicyCommand::Check(args)) if args.against_sessions => {
             runtime()?.block_on(policy_replay(args))
         }
-        Command::Policy(PolicyCommand::Check(args)) => {
-            policy_check(&args.path, args.rules.as_deref(), args.json)
-        }
+        Command::Policy(PolicyCommand::Check(args)) => policy_check(&args, args.json),
+        Command::Policy(PolicyCommand::Keygen(args)) => policy_keygen(&args),
+        Command::Policy(PolicyCommand::Sign(args)) => policy_sign(&args),
         Command::Policy(PolicyCommand::Suggest(args)) => runtime()?.block_on(policy_suggest(args)),
         Command::Policy(PolicyCommand::Explain(args)) => policy_explain(args),
         Command::Status(args) => {
@@ -432,14 +469,52 @@ fn detach(args: &AdminArgs) -> anyhow::Result<ExitCode> {
 
 /// The configuration at `path`, with the rules of `rules` in place of its
 /// own when given.
-fn load_candidate(
-    path: &std::path::Path,
-    rules: Option<&std::path::Path>,
-) -> Result<Config, crate::config::ConfigError> {
-    match rules {
-        Some(rules) => Config::load_with_rules(path, rules),
-        None => Config::load(path),
+fn load_candidate(args: &CheckArgs) -> Result<Config, crate::config::ConfigError> {
+    match (&args.rules, &args.bundle) {
+        (Some(rules), _) => Config::load_with_rules(&args.path, rules),
+        (None, Some(bundle)) => Config::load_with_bundle_file(&args.path, bundle),
+        (None, None) => Config::load(&args.path),
     }
+}
+
+fn policy_keygen(args: &KeygenArgs) -> anyhow::Result<ExitCode> {
+    let seed = crate::keyfile::create(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    println!("{}", crate::config::bundle::key_id(&key.verifying_key()));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn policy_sign(args: &SignArgs) -> anyhow::Result<ExitCode> {
+    let seed = crate::keyfile::load(&args.key)
+        .with_context(|| format!("reading the key {}", args.key.display()))?;
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let now = std::time::SystemTime::now();
+    let signed_at = humantime::format_rfc3339_seconds(now).to_string();
+    let serial = match args.serial {
+        Some(serial) => serial,
+        None => now
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis()
+            .try_into()?,
+    };
+    let version = args.version.clone().unwrap_or_else(|| signed_at.clone());
+    let manifest = crate::config::bundle::manifest_of(&args.paths, version, serial, signed_at)
+        .map_err(anyhow::Error::msg)?;
+    for file in &manifest.files {
+        crate::config::check_bundle_file(&file.name, &file.text)?;
+    }
+    let bytes = crate::config::bundle::sign(&key, &manifest);
+    std::fs::write(&args.out, bytes).with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!(
+        "{}: bundle {} (serial {}, {} files), signed by {}",
+        args.out.display(),
+        manifest.version,
+        manifest.serial,
+        manifest.files.len(),
+        crate::config::bundle::key_id(&key.verifying_key())
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn policy_suggest(args: SuggestArgs) -> anyhow::Result<ExitCode> {
@@ -478,7 +553,7 @@ async fn policy_suggest(args: SuggestArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn policy_replay(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let config = load_candidate(&args.path, args.rules.as_deref())?;
+    let config = load_candidate(&args)?;
     let sessions = sessions::recorded(&args.from, &args.filter).await?;
     let replayed = crate::learn::replay::replay(&config.policy, &sessions);
     if args.json {
@@ -509,16 +584,14 @@ async fn policy_replay(args: CheckArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn policy_check(
-    path: &std::path::Path,
-    rules: Option<&std::path::Path>,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
-    match load_candidate(path, rules) {
+fn policy_check(args: &CheckArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let path = &args.path;
+    match load_candidate(args) {
         Ok(config) => {
             let summary = json!({
                 "valid": true,
                 "files": config.sources,
+                "bundle": config.bundle.as_ref().map(|b| b.info()),
                 "mode": config.agent.mode,
                 "targets": config.policy.targets.iter().map(|t| json!({"name": t.name, "protocol": t.protocol, "address": t.address.to_string()})).collect::<Vec<_>>(),
                 "workloads": config.policy.workloads.iter().map(|w| &w.name).collect::<Vec<_>>(),

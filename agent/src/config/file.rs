@@ -67,6 +67,28 @@ pub struct FileSpec {
     pub sessions: Option<Located<SessionsSpec>>,
     pub shipper: Option<Located<ShipperSpec>>,
     pub approvals: Option<Located<ApprovalsSpec>>,
+    pub policy_source: Option<Located<PolicySourceSpec>>,
+}
+
+/// `[policy_source]`: signed policy bundles pulled from object storage or
+/// a git repository.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySourceSpec {
+    /// `s3://bucket/prefix/`, `file:///dir/`, or `git+https://…`,
+    /// `git+ssh://…`, `git+file://…`.
+    pub url: Located<String>,
+    /// The bundle's object or file name under `url` (`policy.bundle`).
+    pub bundle: Option<Located<String>>,
+    /// Git: the branch or tag to follow (`main`).
+    pub git_ref: Option<Located<String>>,
+    #[serde(default, with = "humantime_serde")]
+    pub interval: Option<std::time::Duration>,
+    pub trusted_keys: Located<Vec<Located<String>>>,
+    /// S3: as in `[shipper]`.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub credentials_file: Option<PathBuf>,
 }
 
 /// `[approvals]`: where requests are announced and answered from besides

@@ -4,6 +4,7 @@
 //! and optionally a `policy_dir` of `*.toml` files with more of the latter
 //! three. Every error names its file, line and column; nothing half-loaded is
 //! ever returned, so a bad reload leaves the running policy untouched.
+pub mod bundle;
 mod file;
 mod policy;
 mod secrets;
@@ -11,7 +12,7 @@ mod settings;
 
 pub use settings::{
     AgentSettings, ApprovalSettings, CgroupSetting, DEFAULT_ADMIN_SOCKET, DEFAULT_CONFIG_PATH,
-    Mode, WebhookFormat,
+    Mode, PolicySourceSettings, WebhookFormat,
 };
 
 use std::path::{Path, PathBuf};
@@ -35,6 +36,11 @@ pub enum ConfigError {
         column: usize,
         message: String,
     },
+    #[error("{}: {cause}", path.display())]
+    Bundle {
+        path: PathBuf,
+        cause: bundle::BundleError,
+    },
 }
 
 /// A fully loaded configuration: agent settings and a validated policy.
@@ -45,6 +51,11 @@ pub struct Config {
     /// Where ended sessions are shipped; none keeps them local.
     pub shipper: Option<crate::sessions::ShipperSettings>,
     pub approvals: ApprovalSettings,
+    /// Where signed policy bundles come from; none: local files only.
+    pub policy_source: Option<PolicySourceSettings>,
+    /// The bundle whose files are part of `policy` (the last one accepted
+    /// from `policy_source`).
+    pub bundle: Option<bundle::Bundle>,
     pub policy: Policy,
     /// Every file read, main file first: what a reload watches.
     pub sources: Vec<PathBuf>,
@@ -55,6 +66,40 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let main = SourceFile::read(path)?;
         Self::from_main(main)
+    }
+
+    /// Loads the main file and its policy directory with `bundle` in place
+    /// of the one accepted last: whether a bundle just fetched makes a
+    /// valid policy here, before it is kept.
+    pub fn load_with_bundle(path: &Path, bundle: bundle::Bundle) -> Result<Self, ConfigError> {
+        Self::build(SourceFile::read(path)?, Some(bundle), None)
+    }
+
+    /// Loads the main file and its policy directory with the bundle in
+    /// `bundle_path` (signed under the main file's `[policy_source]`
+    /// trusted keys) in place of the one accepted last: `interlock policy
+    /// check --bundle`, before a bundle is published.
+    pub fn load_with_bundle_file(path: &Path, bundle_path: &Path) -> Result<Self, ConfigError> {
+        let main = SourceFile::read(path)?;
+        let spec = main.parse()?;
+        let Some(settings) = policy_source_settings(spec.policy_source.as_ref(), &main)? else {
+            return Err(ConfigError::Bundle {
+                path: path.to_owned(),
+                cause: bundle::BundleError::Key(
+                    "no [policy_source] trusted_keys to check a bundle against".into(),
+                ),
+            });
+        };
+        let bytes = std::fs::read(bundle_path).map_err(|cause| ConfigError::Read {
+            path: bundle_path.to_owned(),
+            cause,
+        })?;
+        let bundle =
+            bundle::open(&bytes, &settings.trusted_keys).map_err(|cause| ConfigError::Bundle {
+                path: bundle_path.to_owned(),
+                cause,
+            })?;
+        Self::build(main, Some(bundle), None)
     }
 
     /// Loads the main file and its policy directory with the rules of
@@ -75,7 +120,7 @@ impl Config {
                 "a candidate's rules file holds [[workload]] and [[rule]] tables only (targets and [agent] come from the configuration)",
             ));
         }
-        Self::build(main, Some((candidate, spec)))
+        Self::build(main, None, Some((candidate, spec)))
     }
 
     /// Loads a configuration held in memory (the embedded demo); `name` is
@@ -85,13 +130,15 @@ impl Config {
     }
 
     fn from_main(main: SourceFile) -> Result<Self, ConfigError> {
-        Self::build(main, None)
+        Self::build(main, None, None)
     }
 
-    /// The main file, its policy directory, and a candidate's rules in
-    /// place of theirs when one is given.
+    /// The main file, its policy directory, the policy bundle (`bundle`,
+    /// else the one accepted last), and a candidate's rules in place of
+    /// theirs when one is given.
     fn build(
         main: SourceFile,
+        bundle: Option<bundle::Bundle>,
         candidate: Option<(SourceFile, file::FileSpec)>,
     ) -> Result<Self, ConfigError> {
         let main_spec = main.parse()?;
@@ -124,24 +171,33 @@ impl Config {
         }
 
         let approvals = approval_settings(main_spec.approvals.as_ref(), &main)?;
+        let policy_source = policy_source_settings(main_spec.policy_source.as_ref(), &main)?;
 
         let mut files = vec![(main, main_spec)];
         if let Some(dir) = &agent.policy_dir {
             for path in policy_files(dir)? {
                 let source = SourceFile::read(&path)?;
-                let spec = source.parse()?;
-                if let Some(agent) = &spec.agent {
-                    return Err(source.error_at(agent.span(), "[agent] belongs in the main configuration file, not in the policy directory"));
+                let spec = policy_only(&source, "the policy directory")?;
+                files.push((source, spec));
+            }
+        }
+        let mut sources: Vec<PathBuf> = files.iter().map(|(s, _)| s.path.clone()).collect();
+        let bundle = match &policy_source {
+            None => None,
+            Some(settings) => {
+                let cache = PolicySourceSettings::cache_path(&agent.state_dir);
+                sources.push(cache.clone());
+                match bundle {
+                    Some(bundle) => Some(bundle),
+                    None => cached_bundle(&cache, &settings.trusted_keys)?,
                 }
-                if let Some(span) = spec
-                    .sessions
-                    .as_ref()
-                    .map(|s| s.span())
-                    .or(spec.shipper.as_ref().map(|s| s.span()))
-                    .or(spec.approvals.as_ref().map(|s| s.span()))
-                {
-                    return Err(source.error_at(span, "[sessions], [shipper] and [approvals] belong in the main configuration file, not in the policy directory"));
-                }
+            }
+        };
+        if let Some(bundle) = &bundle {
+            for file in &bundle.manifest.files {
+                let name = format!("policy bundle {}/{}", bundle.manifest.version, file.name);
+                let source = SourceFile::new(PathBuf::from(name), file.text.clone());
+                let spec = policy_only(&source, "a policy bundle")?;
                 files.push((source, spec));
             }
         }
@@ -152,16 +208,142 @@ impl Config {
             files.push(candidate);
         }
         let policy = build_policy(&files)?;
-        let sources = files.into_iter().map(|(source, _)| source.path).collect();
         Ok(Self {
             agent,
             sessions,
             shipper,
             approvals,
+            policy_source,
+            bundle,
             policy,
             sources,
         })
     }
+}
+
+/// Whether `text` may be a bundle's file `name`: TOML with targets,
+/// workloads and rules only (`interlock policy sign`; the whole policy is
+/// checked where it is loaded).
+pub fn check_bundle_file(name: &str, text: &str) -> Result<(), ConfigError> {
+    policy_only(
+        &SourceFile::new(PathBuf::from(name), text.to_owned()),
+        "a policy bundle",
+    )
+    .map(drop)
+}
+
+/// A policy directory's or bundle's file: targets, workloads and rules
+/// only.
+fn policy_only(source: &SourceFile, place: &str) -> Result<file::FileSpec, ConfigError> {
+    let spec = source.parse()?;
+    if let Some(agent) = &spec.agent {
+        return Err(source.error_at(
+            agent.span(),
+            format!("[agent] belongs in the main configuration file, not in {place}"),
+        ));
+    }
+    if let Some(span) = spec
+        .sessions
+        .as_ref()
+        .map(|s| s.span())
+        .or(spec.shipper.as_ref().map(|s| s.span()))
+        .or(spec.approvals.as_ref().map(|s| s.span()))
+        .or(spec.policy_source.as_ref().map(|s| s.span()))
+    {
+        return Err(source.error_at(span, format!("[sessions], [shipper], [approvals] and [policy_source] belong in the main configuration file, not in {place}")));
+    }
+    Ok(spec)
+}
+
+/// The bundle accepted last, checked again: a cache file that no longer
+/// verifies (altered, or its key no longer trusted) is an error, never
+/// silently dropped.
+fn cached_bundle(
+    path: &Path,
+    trusted: &[bundle::TrustedKey],
+) -> Result<Option<bundle::Bundle>, ConfigError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(cause) => {
+            return Err(ConfigError::Read {
+                path: path.to_owned(),
+                cause,
+            });
+        }
+    };
+    bundle::open(&bytes, trusted)
+        .map(Some)
+        .map_err(|cause| ConfigError::Bundle {
+            path: path.to_owned(),
+            cause,
+        })
+}
+
+fn policy_source_settings(
+    spec: Option<&Located<file::PolicySourceSpec>>,
+    source: &SourceFile,
+) -> Result<Option<PolicySourceSettings>, ConfigError> {
+    let Some(spec) = spec.map(Located::get_ref) else {
+        return Ok(None);
+    };
+    let url = spec.url.get_ref();
+    let known = [
+        "s3://",
+        "file:///",
+        "git+https://",
+        "git+ssh://",
+        "git+file://",
+    ];
+    if !known.iter().any(|scheme| url.starts_with(scheme)) {
+        return Err(source.error_at(
+            spec.url.span(),
+            format!("url {url:?} must start with one of {}", known.join(", ")),
+        ));
+    }
+    let bundle = match &spec.bundle {
+        Some(name) if name.get_ref().is_empty() || name.get_ref().starts_with('/') => {
+            return Err(source.error_at(name.span(), "bundle: a relative name"));
+        }
+        Some(name) => name.get_ref().clone(),
+        None => "policy.bundle".into(),
+    };
+    if let Some(git_ref) = &spec.git_ref
+        && !url.starts_with("git+")
+    {
+        return Err(source.error_at(git_ref.span(), "git_ref is for git+… urls"));
+    }
+    if spec.trusted_keys.get_ref().is_empty() {
+        return Err(source.error_at(
+            spec.trusted_keys.span(),
+            "trusted_keys: at least one key (`interlock policy keygen` prints one)",
+        ));
+    }
+    let trusted_keys = spec
+        .trusted_keys
+        .get_ref()
+        .iter()
+        .map(|key| {
+            bundle::TrustedKey::parse(key.get_ref())
+                .map_err(|e| source.error_at(key.span(), format!("trusted_keys: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Some(PolicySourceSettings {
+        url: url.clone(),
+        bundle,
+        git_ref: spec
+            .git_ref
+            .as_ref()
+            .map_or_else(|| "main".to_owned(), |r| r.get_ref().clone()),
+        interval: spec
+            .interval
+            .unwrap_or(std::time::Duration::from_secs(60))
+            .max(std::time::Duration::from_secs(1)),
+        trusted_keys,
+        endpoint: spec.endpoint.clone(),
+        region: spec.region.clone(),
+        credentials_file: spec.credentials_file.clone(),
+    }))
 }
 
 fn session_settings(

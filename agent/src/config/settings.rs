@@ -62,6 +62,30 @@ pub struct AgentSettings {
     pub startup_timeout: Duration,
 }
 
+/// `[policy_source]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicySourceSettings {
+    /// As configured: `s3://…`, `file:///…`, `git+…`.
+    pub url: String,
+    /// The bundle's object or file name.
+    pub bundle: String,
+    /// Git: the branch or tag followed.
+    pub git_ref: String,
+    pub interval: Duration,
+    pub trusted_keys: Vec<super::bundle::TrustedKey>,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub credentials_file: Option<PathBuf>,
+}
+
+impl PolicySourceSettings {
+    /// Where the last bundle accepted is kept, to start with after a
+    /// restart whether or not the source is reachable.
+    pub fn cache_path(state_dir: &std::path::Path) -> PathBuf {
+        state_dir.join("policy-bundle.json")
+    }
+}
+
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/interlock/interlock.toml";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/interlock/admin.sock";
 pub const DEFAULT_LISTEN_PORT: u16 = 955;

@@ -127,6 +127,94 @@ fn policy_dir_is_merged_and_checked_across_files() {
 }
 
 #[test]
+fn a_cached_bundle_joins_the_policy_only_while_its_signature_holds() {
+    use ed25519_dalek::SigningKey;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let key = SigningKey::from_bytes(&[9; 32]);
+    let other = SigningKey::from_bytes(&[10; 32]);
+    let main = dir.path().join("interlock.toml");
+    std::fs::write(
+        &main,
+        format!(
+            "[agent]\nstate_dir = {state:?}\n[policy_source]\nurl = \"s3://fleet/policy/\"\n\
+             trusted_keys = [{:?}]\n",
+            bundle::key_id(&key.verifying_key())
+        ),
+    )
+    .unwrap();
+    let config = Config::load(&main).unwrap();
+    assert!(config.bundle.is_none() && config.policy.targets.is_empty());
+
+    let manifest = |text: &str| bundle::Manifest {
+        format: 1,
+        version: "v1".into(),
+        serial: 1,
+        signed_at: "2026-11-30T00:00:00Z".into(),
+        files: vec![bundle::BundleFile {
+            name: "10-svc.toml".into(),
+            text: text.into(),
+        }],
+    };
+    let good = "[[target]]\nname = \"svc\"\nprotocol = \"tcp\"\naddress = \"10.0.0.1:7000\"\n";
+    let cache = PolicySourceSettings::cache_path(&state);
+    std::fs::write(&cache, bundle::sign(&key, &manifest(good))).unwrap();
+    let config = Config::load(&main).unwrap();
+    assert_eq!(config.bundle.unwrap().manifest.version, "v1");
+    assert_eq!(config.policy.targets[0].name, "svc");
+    assert!(config.sources.contains(&cache));
+
+    // Errors in a bundle's file name the bundle, the file, line and column.
+    let bad = "[[target]]\nname = \"svc\"\nprotocol = \"tcp\"\naddress = \"10.0.0.1\"\n";
+    std::fs::write(&cache, bundle::sign(&key, &manifest(bad))).unwrap();
+    let error = Config::load(&main).unwrap_err().to_string();
+    assert!(
+        error.starts_with("policy bundle v1/10-svc.toml:4:11:"),
+        "{error}"
+    );
+    let agent = "[agent]\nmode = \"audit\"\n";
+    std::fs::write(&cache, bundle::sign(&key, &manifest(agent))).unwrap();
+    let error = Config::load(&main).unwrap_err().to_string();
+    assert!(error.contains("not in a policy bundle"), "{error}");
+
+    // Signed by a key the configuration does not trust: an error, never
+    // a quiet fallback to the local files alone.
+    std::fs::write(&cache, bundle::sign(&other, &manifest(good))).unwrap();
+    let error = Config::load(&main).unwrap_err().to_string();
+    assert!(error.contains("not signed by a trusted key"), "{error}");
+}
+
+#[test]
+fn policy_source_settings_are_checked() {
+    let key = "ed25519:O2onvM62pC1io6jQKm8Nc2UyFXcd4kOmOsBIoYtZ2ik=";
+    for (text, wanted) in [
+        (
+            format!("[policy_source]\nurl = \"https://x/\"\ntrusted_keys = [{key:?}]\n"),
+            (2, 7, "must start with one of"),
+        ),
+        (
+            "[policy_source]\nurl = \"s3://b/p/\"\ntrusted_keys = []\n".into(),
+            (3, 16, "at least one key"),
+        ),
+        (
+            "[policy_source]\nurl = \"s3://b/p/\"\ntrusted_keys = [\"ed25519:AAAA\"]\n".into(),
+            (3, 17, "not 32 bytes"),
+        ),
+        (
+            format!(
+                "[policy_source]\nurl = \"s3://b/p/\"\ngit_ref = \"main\"\ntrusted_keys = [{key:?}]\n"
+            ),
+            (3, 11, "git_ref is for git+"),
+        ),
+    ] {
+        let (line, column, message) = error_of(&text);
+        assert_eq!((line, column), (wanted.0, wanted.1), "{message}");
+        assert!(message.contains(wanted.2), "{message}");
+    }
+}
+
+#[test]
 fn defaults_and_admins() {
     let config = Config::from_text(
         "x.toml",

@@ -296,6 +296,7 @@ fn begin_session(store: &Arc<Store>, begin: Begin<'_>) -> Result<(Recorder, Tick
         workload,
         workloads: &workloads,
         record: target.record,
+        policy_bundle: active.bundle.as_ref(),
     };
     let connection = Event::Connection {
         decision: verdict.action,

@@ -797,4 +797,19 @@ pub struct ActivePolicy {
     pub policy: Policy,
     pub table: TargetTable,
     pub enforce: bool,
+    /// The signed bundle whose files are part of `policy`, if any.
+    pub bundle: Option<BundleInfo>,
+}
+
+/// A signed policy bundle (`[policy_source]`), as sessions and the status
+/// name it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct BundleInfo {
+    pub version: String,
+    pub serial: u64,
+    /// `sha256:HEX` of the signed payload.
+    pub digest: String,
+    pub signed_at: String,
+    /// The trusted key that signed it.
+    pub signed_by: String,
 }

@@ -85,6 +85,7 @@ pub(crate) fn context(
                 policy,
                 table,
                 enforce,
+                bundle: None,
             }),
             connections: crate::conn::ConnRegistry::default(),
             store,

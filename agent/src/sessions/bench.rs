@@ -99,6 +99,7 @@ async fn one_session(
         workload: &workload,
         workloads: &["bench"],
         record: RecordMode::Commands,
+        policy_bundle: None,
     };
     let connection = Event::Connection {
         decision: Action::Allow,

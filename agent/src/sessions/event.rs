@@ -26,6 +26,10 @@ pub enum Event<'a> {
         /// The policy's workloads this caller matched.
         workloads: &'a [&'a str],
         record: RecordMode,
+        /// The signed policy bundle in force at the start; left out when
+        /// the policy is local files only.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        policy_bundle: Option<&'a crate::policy::BundleInfo>,
     },
     /// The decision on the connection itself.
     Connection {

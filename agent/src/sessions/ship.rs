@@ -174,6 +174,22 @@ impl Bucket {
         Ok(())
     }
 
+    /// The object at `tail` under the prefix, read only up to `limit`
+    /// bytes (`None` beyond: the object is too large).
+    pub async fn get_tail(&self, tail: &str, limit: usize) -> Result<Option<Vec<u8>>, ShipError> {
+        use futures::StreamExt as _;
+        let mut body = self.store.get(&self.path(tail)).await?.into_stream();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            if bytes.len() + chunk.len() > limit {
+                return Ok(None);
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(Some(bytes))
+    }
+
     pub async fn get(&self, path: &ObjectPath) -> Result<bytes::Bytes, ShipError> {
         Ok(self.store.get(path).await?.bytes().await?)
     }
@@ -586,6 +602,7 @@ mod tests {
             workload: &workload,
             workloads: &[],
             record: crate::policy::RecordMode::Full,
+            policy_bundle: None,
         };
         let (recorder, ticket) = store
             .begin(id, summary, &start, &Event::Output { data: b"hello" }, true)

@@ -269,11 +269,15 @@ pub fn describe(event: &Value, start_us: u64) -> String {
     };
     let what = match event["kind"].as_str().unwrap_or("?") {
         "session_start" => format!(
-            "start: {} → {} {} ({})",
+            "start: {} → {} {} ({}){}",
             event["workload"]["exe"].as_str().unwrap_or("?"),
             event["protocol"].as_str().unwrap_or("?"),
             event["target"].as_str().unwrap_or("?"),
             event["orig_dst"].as_str().unwrap_or("?"),
+            event["policy_bundle"]["version"]
+                .as_str()
+                .map(|v| format!(", policy bundle {v}"))
+                .unwrap_or_default(),
         ),
         "connection" => format!(
             "connection {}{}{}",

@@ -769,6 +769,7 @@ pub(crate) mod tests {
                 workload: &workload,
                 workloads: &[],
                 record: crate::policy::RecordMode::Commands,
+                policy_bundle: None,
             };
             let connection = Event::Output { data: b"" };
             let (recorder, _) = store
