@@ -175,6 +175,11 @@ fn a_signed_bundle_from_object_storage_is_followed_and_nothing_else_replaces_it(
     assert_eq!(running["bundle"]["serial"], 10);
     assert_eq!(running["bundle"]["signed_by"], fleet.public.as_str());
     assert!(reaches(&job, &server), "v1 allows svc");
+    let human = stdout(&agent.cli(&["status"]));
+    assert!(
+        human.contains("policy:      bundle v1 (serial 10) from s3://"),
+        "{human}"
+    );
     let start = last_start(&agent);
     assert_eq!(start["policy_bundle"]["version"], "v1", "{start}");
     assert_eq!(

@@ -827,6 +827,24 @@ fn print_status(data: &serde_json::Value) {
         approvals["webhook"].as_str().unwrap_or("off"),
         approvals["callback"].as_str().unwrap_or("off"),
     );
+    let source = &data["policy_source"];
+    if !source.is_null() {
+        let bundle = &source["bundle"];
+        let running = match bundle["version"].as_str() {
+            Some(version) => format!("bundle {version} (serial {})", bundle["serial"]),
+            None => "no bundle yet".into(),
+        };
+        let check = &source["check"];
+        let last = match (check["last_outcome"].as_str(), check["error"].as_str()) {
+            (None, _) => "not checked yet".into(),
+            (Some(outcome), None) => format!("last check {outcome}"),
+            (Some(outcome), Some(error)) => format!("last check {outcome}: {error}"),
+        };
+        println!(
+            "policy:      {running} from {}; {last}",
+            text(&source["url"])
+        );
+    }
     let live = data["connections"]
         .as_array()
         .map_or(&[][..], Vec::as_slice);
