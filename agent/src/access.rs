@@ -234,7 +234,8 @@ pub fn write_line<T: Serialize>(record: &T) {
 /// Longest statement text kept in a statement line.
 pub const MAX_STATEMENT_TEXT: usize = 4096;
 
-/// Writes `access` events' `line` field verbatim to stdout, one per line.
+/// Writes `access` events' `line` field verbatim to stdout (or the demo's
+/// log file), one per line.
 ///
 /// A writer thread does the writing, so a connection or statement never
 /// waits for stdout (or the journal behind it): lines are queued (bounded;
@@ -256,12 +257,12 @@ const QUEUE_LINES: usize = 65_536;
 static QUEUE: OnceLock<SyncSender<Queued>> = OnceLock::new();
 
 impl AccessLayer {
-    /// Starts the writer thread.
-    pub fn spawn() -> Self {
+    /// Starts the writer thread, writing to `out`.
+    pub fn spawn(out: Box<dyn Write + Send>) -> Self {
         let (queue, lines) = sync_channel(QUEUE_LINES);
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_lines(lines))
+            .spawn(move || write_lines(lines, out))
             .expect("spawn the access-log writer");
         let _ = QUEUE.set(queue.clone());
         Self { queue }
@@ -272,8 +273,8 @@ impl AccessLayer {
 /// makes one write (and wakes its reader once) per batch, not per line.
 const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
 
-fn write_lines(lines: Receiver<Queued>) {
-    let mut out = std::io::BufWriter::with_capacity(256 * 1024, std::io::stdout());
+fn write_lines(lines: Receiver<Queued>, out: Box<dyn Write + Send>) {
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, out);
     while let Ok(first) = lines.recv() {
         let deadline = std::time::Instant::now() + BATCH_WINDOW;
         let mut next = Some(first);

@@ -14,7 +14,8 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use tracing_subscriber::{
-    EnvFilter, Layer as _, filter, layer::SubscriberExt as _, util::SubscriberInitExt as _,
+    EnvFilter, Layer as _, filter, fmt::writer::BoxMakeWriter, layer::SubscriberExt as _,
+    util::SubscriberInitExt as _,
 };
 
 use crate::{
@@ -272,7 +273,19 @@ struct ExplainArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // The demo narrates on stdout; the agent's log and access log go to a
+    // file it names.
+    let log_file = match &cli.command {
+        Command::Demo(_) => match crate::demo::open_log() {
+            Ok(file) => Some(file),
+            Err(error) => {
+                eprintln!("interlock: {error:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    init_tracing(log_file);
     let code = match run(cli.command) {
         Ok(code) => code,
         Err(error) => {
@@ -284,18 +297,34 @@ pub fn main() -> ExitCode {
     code
 }
 
-fn init_tracing() {
+/// The operational log on stderr and the access log on stdout, or both
+/// into `file`.
+fn init_tracing(file: Option<std::fs::File>) {
     let filter =
         EnvFilter::try_from_env("INTERLOCK_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, access): (BoxMakeWriter, Box<dyn std::io::Write + Send>) = match file {
+        Some(file) => match file.try_clone() {
+            Ok(copy) => (
+                BoxMakeWriter::new(std::sync::Mutex::new(file)),
+                Box::new(copy),
+            ),
+            Err(_) => (BoxMakeWriter::new(std::io::sink), Box::new(std::io::sink())),
+        },
+        None => (
+            BoxMakeWriter::new(std::io::stderr),
+            Box::new(std::io::stdout()),
+        ),
+    };
     let human = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(ansi)
         .with_filter(filter::filter_fn(|meta| meta.target() != "access"))
         .with_filter(filter);
     tracing_subscriber::registry()
         .with(human)
-        .with(AccessLayer::spawn())
+        .with(AccessLayer::spawn(access))
         .init();
 }
 
@@ -743,7 +772,7 @@ fn described_workload(args: &ExplainArgs) -> anyhow::Result<Workload> {
     })
 }
 
-fn print_status(data: &serde_json::Value) {
+pub(crate) fn print_status(data: &serde_json::Value) {
     let text = |value: &serde_json::Value| value.as_str().unwrap_or("-").to_owned();
     println!(
         "interlock {} (pid {}), mode {}, since {}",
