@@ -217,10 +217,8 @@ pub async fn check(
         Ok(bytes) => bytes,
         Err(check) => return check,
     };
-    let cache = PolicySourceSettings::cache_path(state_dir);
-    if running.is_some() && std::fs::read(&cache).is_ok_and(|kept| kept == bytes) {
-        return Check::Unchanged;
-    }
+    // Checked every time (microseconds): a bundle kept but not yet in
+    // force (its reload failed on a local file) is applied again.
     let bundle = match bundle::open(&bytes, &settings.trusted_keys) {
         Ok(bundle) => bundle,
         Err(why) => return Check::Refused(why.to_string()),
@@ -245,6 +243,7 @@ pub async fn check(
         Ok(Err(error)) => return Check::Refused(error.to_string()),
         Err(error) => return Check::Refused(format!("checking the bundle failed: {error}")),
     }
+    let cache = PolicySourceSettings::cache_path(state_dir);
     match keep(&cache, &bytes) {
         Ok(()) => Check::Applied(info),
         Err(error) => Check::Refused(format!("cannot keep it in {}: {error}", cache.display())),

@@ -221,6 +221,32 @@ fn a_signed_bundle_from_object_storage_is_followed_and_nothing_else_replaces_it(
             "policy bundle v2-broken/10-fleet.toml:4:11:",
         ),
     ];
+    // What the publisher runs before uploading: the bundle checked as a
+    // host would load it.
+    let check = |bundle: &[u8]| {
+        let path = work.join("candidate.bundle");
+        std::fs::write(&path, bundle).unwrap();
+        Command::new(interlock_bin())
+            .args(["policy", "check", "--bundle"])
+            .arg(&path)
+            .arg(&agent.config)
+            .output()
+            .unwrap()
+    };
+    let out = check(&v2);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("ok (2 files, 1 targets"),
+        "{}",
+        stdout(&out)
+    );
+    let out = check(&cases[1].1);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not signed by a trusted key"),
+        "{}",
+        stderr(&out)
+    );
     let refused_before = scrape(
         metrics,
         "interlock_policy_bundle_checks_total{outcome=\"refused\"}",
