@@ -21,7 +21,7 @@ use crate::{
     conn::{self, ConnRegistry},
     intercept::{AttachOptions, Interceptor, preflight},
     policy::{ActivePolicy, Policy, TargetAddress, TargetTable},
-    policy_source,
+    policy_source::{self, Check, Source, SourceStatus},
     proxy::{self, ProxyContext},
     workload::{CgroupFs, WorkloadResolver},
 };
@@ -52,7 +52,7 @@ struct State {
     started: SystemTime,
     shutdown: watch::Sender<bool>,
     /// The last check of `[policy_source]`.
-    source_status: parking_lot::Mutex<crate::policy_source::SourceStatus>,
+    source_status: parking_lot::Mutex<SourceStatus>,
 }
 
 impl Agent {
@@ -430,7 +430,7 @@ impl State {
             "rules": active.policy.rules.len(),
             "policy_source": config.policy_source.as_ref().map(|source| {
                 json!({
-                    "url": crate::policy_source::display_url(&source.url),
+                    "url": policy_source::display_url(&source.url),
                     "interval_s": source.interval.as_secs(),
                     "bundle": config.bundle.as_ref().map(|b| b.info()),
                     "check": self.source_status.lock().clone(),
@@ -569,40 +569,14 @@ impl State {
         let Some(config_path) = self.config_path.clone() else {
             return;
         };
-        let mut opened: Option<(PolicySourceSettings, policy_source::Source)> = None;
+        let mut opened: Option<(PolicySourceSettings, Source)> = None;
         loop {
             let config = self.config.load_full();
             let interval = match &config.policy_source {
                 None => WATCH_INTERVAL,
                 Some(settings) => {
-                    if opened.as_ref().is_none_or(|(s, _)| s != settings) {
-                        opened =
-                            match policy_source::Source::open(settings, &config.agent.state_dir) {
-                                Ok(source) => Some((settings.clone(), source)),
-                                Err(why) => {
-                                    self.policy_source_checked(policy_source::Check::Unreachable(
-                                        why,
-                                    ));
-                                    None
-                                }
-                            };
-                    }
-                    if let Some((settings, source)) = &opened {
-                        let check = policy_source::check(
-                            source,
-                            settings,
-                            &config_path,
-                            config.bundle.as_ref(),
-                            &config.agent.state_dir,
-                        )
+                    self.check_policy_source(&config, settings, &config_path, &mut opened)
                         .await;
-                        let applied = matches!(check, policy_source::Check::Applied(_));
-                        self.policy_source_checked(check);
-                        if applied {
-                            // Logged (and counted) by `reload`.
-                            let _ = self.reload().await;
-                        }
-                    }
                     settings.interval
                 }
             };
@@ -613,7 +587,43 @@ impl State {
         }
     }
 
-    fn policy_source_checked(&self, check: policy_source::Check) {
+    /// One check, with the source opened again when its settings changed.
+    async fn check_policy_source(
+        &self,
+        config: &Config,
+        settings: &PolicySourceSettings,
+        config_path: &Path,
+        opened: &mut Option<(PolicySourceSettings, Source)>,
+    ) {
+        if opened.as_ref().is_none_or(|(known, _)| known != settings) {
+            *opened = match Source::open(settings, &config.agent.state_dir) {
+                Ok(source) => Some((settings.clone(), source)),
+                Err(why) => {
+                    self.policy_source_checked(Check::Unreachable(why));
+                    return;
+                }
+            };
+        }
+        let Some((_, source)) = opened.as_ref() else {
+            return;
+        };
+        let check = policy_source::check(
+            source,
+            settings,
+            config_path,
+            config.bundle.as_ref(),
+            &config.agent.state_dir,
+        )
+        .await;
+        let applied = matches!(check, Check::Applied(_));
+        self.policy_source_checked(check);
+        if applied {
+            // Logged (and counted) by `reload`.
+            let _ = self.reload().await;
+        }
+    }
+
+    fn policy_source_checked(&self, check: Check) {
         let url = self
             .config
             .load()
@@ -622,18 +632,18 @@ impl State {
             .map(|s| policy_source::display_url(&s.url))
             .unwrap_or_default();
         match &check {
-            policy_source::Check::Applied(info) => tracing::info!(
+            Check::Applied(info) => tracing::info!(
                 %url,
                 version = %info.version,
                 serial = info.serial,
                 digest = %info.digest,
                 "policy bundle accepted"
             ),
-            policy_source::Check::Unchanged => {}
-            policy_source::Check::Refused(why) => {
+            Check::Unchanged => {}
+            Check::Refused(why) => {
                 tracing::error!(%url, "policy bundle refused, keeping the running policy: {why}")
             }
-            policy_source::Check::Unreachable(why) => {
+            Check::Unreachable(why) => {
                 tracing::warn!(%url, "policy source unreachable, keeping the running policy: {why}")
             }
         }

@@ -122,35 +122,18 @@ impl Source {
                 clone,
             } => {
                 if !clone.join("HEAD").exists() {
-                    git(&[
-                        "init".as_ref(),
-                        "--bare".as_ref(),
-                        "-q".as_ref(),
-                        clone.as_os_str(),
-                    ])
-                    .await?;
+                    std::fs::create_dir_all(clone)
+                        .map_err(|e| Check::Unreachable(format!("{}: {e}", clone.display())))?;
+                    git(clone, &["init", "--bare", "-q"]).await?;
                 }
                 let refspec = format!("+{git_ref}:refs/interlock/policy");
-                git(&[
-                    "-C".as_ref(),
-                    clone.as_os_str(),
-                    "fetch".as_ref(),
-                    "-q".as_ref(),
-                    "--depth=1".as_ref(),
-                    "--no-tags".as_ref(),
-                    url.as_ref(),
-                    refspec.as_ref(),
-                ])
+                git(
+                    clone,
+                    &["fetch", "-q", "--depth=1", "--no-tags", url, &refspec],
+                )
                 .await?;
                 let object = format!("refs/interlock/policy:{path}");
-                let size = git(&[
-                    "-C".as_ref(),
-                    clone.as_os_str(),
-                    "cat-file".as_ref(),
-                    "-s".as_ref(),
-                    object.as_ref(),
-                ])
-                .await?;
+                let size = git(clone, &["cat-file", "-s", &object]).await?;
                 let size: usize = String::from_utf8_lossy(&size)
                     .trim()
                     .parse()
@@ -158,14 +141,7 @@ impl Source {
                 if size > bundle::MAX_BUNDLE_BYTES {
                     return Err(too_large());
                 }
-                git(&[
-                    "-C".as_ref(),
-                    clone.as_os_str(),
-                    "cat-file".as_ref(),
-                    "blob".as_ref(),
-                    object.as_ref(),
-                ])
-                .await
+                git(clone, &["cat-file", "blob", &object]).await
             }
         }
     }
@@ -178,11 +154,13 @@ fn too_large() -> Check {
     ))
 }
 
-/// Runs git without a terminal to prompt on; its stdout, or its stderr's
-/// first line as why the source is unreachable.
-async fn git(args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, Check> {
+/// Runs git in `dir` without a terminal to prompt on; its stdout, or its
+/// stderr's first line as why the source is unreachable.
+async fn git(dir: &Path, args: &[&str]) -> Result<Vec<u8>, Check> {
     let mut command = tokio::process::Command::new("git");
     command
+        .arg("-C")
+        .arg(dir)
         .args(args)
         .env("GIT_TERMINAL_PROMPT", "0")
         .stdin(std::process::Stdio::null())
@@ -285,6 +263,57 @@ pub fn display_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A real repository: the file at the followed branch, fetched again
+    /// after a push, and a missing file or branch is unreachable.
+    #[tokio::test]
+    async fn a_git_source_fetches_the_bundle_at_its_branch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, work) = (dir.path().join("repo.git"), dir.path().join("work"));
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("git")
+                .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "git {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let (repo_s, work_s) = (repo.to_str().unwrap(), work.to_str().unwrap());
+        run(&["init", "-q", "--bare", "-b", "main", repo_s]);
+        run(&["clone", "-q", repo_s, work_s]);
+        let publish = |text: &str| {
+            std::fs::write(work.join("policy.bundle"), text).unwrap();
+            run(&["-C", work_s, "add", "policy.bundle"]);
+            run(&["-C", work_s, "commit", "-q", "-m", text]);
+            run(&["-C", work_s, "push", "-q", "origin", "HEAD:main"]);
+        };
+        publish("one");
+        let source = |git_ref: &str, path: &str| Source::Git {
+            url: format!("file://{repo_s}"),
+            git_ref: git_ref.into(),
+            path: path.into(),
+            clone: dir.path().join("clone.git"),
+        };
+        assert_eq!(
+            source("main", "policy.bundle").fetch().await.unwrap(),
+            b"one"
+        );
+        publish("two");
+        assert_eq!(
+            source("main", "policy.bundle").fetch().await.unwrap(),
+            b"two"
+        );
+        for (git_ref, path) in [("main", "other.bundle"), ("release", "policy.bundle")] {
+            assert!(matches!(
+                source(git_ref, path).fetch().await,
+                Err(Check::Unreachable(_))
+            ));
+        }
+    }
 
     #[test]
     fn passwords_stay_out_of_displayed_urls() {
