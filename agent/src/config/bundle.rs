@@ -181,25 +181,32 @@ pub fn open(bytes: &[u8], trusted: &[TrustedKey]) -> Result<Bundle, BundleError>
         .decode(&envelope.payload)
         .map_err(|_| BundleError::Malformed("the payload is not base64".into()))?;
     let signed = pae(&payload);
+    // One valid signature by a trusted key is enough (DSSE's rule); a
+    // trusted key's signature that does not verify means an altered
+    // bundle, unless another trusted key's does.
     let mut signers = Vec::new();
+    let mut altered = false;
     let mut verified = None;
     for signature in &envelope.signatures {
         signers.push(signature.keyid.clone());
         let Some(key) = trusted.iter().find(|k| k.id == signature.keyid) else {
             continue;
         };
-        let sig = B64
+        let valid = B64
             .decode(&signature.sig)
             .ok()
             .and_then(|b| Signature::from_slice(&b).ok())
-            .ok_or(BundleError::BadSignature)?;
-        key.key
-            .verify_strict(&signed, &sig)
-            .map_err(|_| BundleError::BadSignature)?;
-        verified = Some(key.id.clone());
-        break;
+            .is_some_and(|sig| key.key.verify_strict(&signed, &sig).is_ok());
+        if valid {
+            verified = Some(key.id.clone());
+            break;
+        }
+        altered = true;
     }
     let Some(signed_by) = verified else {
+        if altered {
+            return Err(BundleError::BadSignature);
+        }
         return Err(BundleError::Untrusted(if signers.is_empty() {
             "nobody".into()
         } else {
@@ -214,6 +221,7 @@ pub fn open(bytes: &[u8], trusted: &[TrustedKey]) -> Result<Bundle, BundleError>
             manifest.format
         )));
     }
+    check_version(&manifest.version).map_err(BundleError::Malformed)?;
     for (i, file) in manifest.files.iter().enumerate() {
         if !valid_name(&file.name) {
             return Err(BundleError::Malformed(format!(
@@ -230,6 +238,16 @@ pub fn open(bytes: &[u8], trusted: &[TrustedKey]) -> Result<Bundle, BundleError>
         digest: format!("sha256:{}", hex::encode(Sha256::digest(&payload))),
         signed_by,
     })
+}
+
+/// A version is named in every session: short and printable.
+fn check_version(version: &str) -> Result<(), String> {
+    if version.is_empty() || version.len() > 128 || version.chars().any(char::is_control) {
+        return Err(format!(
+            "version {version:?} (1 to 128 printable characters)"
+        ));
+    }
+    Ok(())
 }
 
 fn valid_name(name: &str) -> bool {
@@ -290,6 +308,7 @@ pub fn manifest_of(
     if files.is_empty() {
         return Err("no policy files to sign".into());
     }
+    check_version(&version)?;
     Ok(Manifest {
         format: 1,
         version,
@@ -362,6 +381,24 @@ mod tests {
     }
 
     #[test]
+    fn one_valid_trusted_signature_is_enough() {
+        let bytes = sign(&key(1), &manifest());
+        let mut envelope: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let good = envelope["signatures"][0].clone();
+        let mut bad = good.clone();
+        bad["sig"] = B64.encode([0u8; 64]).into();
+        envelope["signatures"] = serde_json::json!([bad, good]);
+        let both = serde_json::to_vec(&envelope).unwrap();
+        assert_eq!(open(&both, &[trusted(1)]).unwrap().signed_by, trusted(1).id);
+        envelope["signatures"] = serde_json::json!([]);
+        let none = serde_json::to_vec(&envelope).unwrap();
+        assert!(matches!(
+            open(&none, &[trusted(1)]),
+            Err(BundleError::Untrusted(who)) if who == "nobody"
+        ));
+    }
+
+    #[test]
     fn malformed_envelopes_and_names_are_refused() {
         for bytes in [
             &b""[..],
@@ -376,6 +413,12 @@ mod tests {
         }
         let mut bad = manifest();
         bad.files[0].name = "../etc/passwd.toml".into();
+        assert!(matches!(
+            open(&sign(&key(1), &bad), &[trusted(1)]),
+            Err(BundleError::Malformed(_))
+        ));
+        let mut bad = manifest();
+        bad.version = "v1\n{\"forged\": true}".into();
         assert!(matches!(
             open(&sign(&key(1), &bad), &[trusted(1)]),
             Err(BundleError::Malformed(_))
