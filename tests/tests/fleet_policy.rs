@@ -236,7 +236,7 @@ fn a_signed_bundle_from_object_storage_is_followed_and_nothing_else_replaces_it(
     let out = check(&v2);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stdout(&out).contains("ok (2 files, 1 targets"),
+        stdout(&out).contains("ok (1 files, bundle v2 of 1 files, 1 targets"),
         "{}",
         stdout(&out)
     );

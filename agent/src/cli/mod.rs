@@ -629,8 +629,19 @@ fn policy_check(args: &CheckArgs, json: bool) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{summary}");
             } else {
+                let bundle = config
+                    .bundle
+                    .as_ref()
+                    .map(|b| {
+                        format!(
+                            ", bundle {} of {} files",
+                            b.manifest.version,
+                            b.manifest.files.len()
+                        )
+                    })
+                    .unwrap_or_default();
                 println!(
-                    "{}: ok ({} files, {} targets, {} workloads, {} rules, mode {})",
+                    "{}: ok ({} files{bundle}, {} targets, {} workloads, {} rules, mode {})",
                     path.display(),
                     config.sources.len(),
                     config.policy.targets.len(),

@@ -185,11 +185,15 @@ impl Config {
         let bundle = match &policy_source {
             None => None,
             Some(settings) => {
-                let cache = PolicySourceSettings::cache_path(&agent.state_dir);
-                sources.push(cache.clone());
                 match bundle {
                     Some(bundle) => Some(bundle),
-                    None => cached_bundle(&cache, &settings.trusted_keys)?,
+                    None => {
+                        // Watched even while missing: a bundle kept there
+                        // later is loaded.
+                        let cache = PolicySourceSettings::cache_path(&agent.state_dir);
+                        sources.push(cache.clone());
+                        cached_bundle(&cache, &settings.trusted_keys)?
+                    }
                 }
             }
         };
