@@ -22,6 +22,9 @@ pub const PAYLOAD_TYPE: &str = "application/vnd.interlock.policy-bundle+json";
 /// Bundles over this size are refused before they are parsed.
 pub const MAX_BUNDLE_BYTES: usize = 8 << 20;
 
+/// Signatures an envelope may carry.
+const MAX_SIGNATURES: usize = 8;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
     #[error("not a signed policy bundle (a DSSE envelope): {0}")]
@@ -177,36 +180,48 @@ pub fn open(bytes: &[u8], trusted: &[TrustedKey]) -> Result<Bundle, BundleError>
             envelope.payload_type
         )));
     }
+    // Every trusted key is tried on every signature: a bound keeps a
+    // bundle from costing more than a few verifications.
+    if envelope.signatures.len() > MAX_SIGNATURES {
+        return Err(BundleError::Malformed(format!(
+            "{} signatures (at most {MAX_SIGNATURES})",
+            envelope.signatures.len()
+        )));
+    }
     let payload = B64
         .decode(&envelope.payload)
         .map_err(|_| BundleError::Malformed("the payload is not base64".into()))?;
     let signed = pae(&payload);
-    // One valid signature by a trusted key is enough (DSSE's rule); a
-    // trusted key's signature that does not verify means an altered
-    // bundle, unless another trusted key's does.
-    let mut signers = Vec::new();
+    // One valid signature by a trusted key is enough. A `keyid` is only a
+    // hint (DSSE's rule), so every trusted key is tried on every
+    // signature; a signature whose keyid names a trusted key and that no
+    // trusted key verifies means the bundle was altered.
     let mut altered = false;
     let mut verified = None;
     for signature in &envelope.signatures {
-        signers.push(signature.keyid.clone());
-        let Some(key) = trusted.iter().find(|k| k.id == signature.keyid) else {
-            continue;
-        };
-        let valid = B64
+        let sig = B64
             .decode(&signature.sig)
             .ok()
-            .and_then(|b| Signature::from_slice(&b).ok())
-            .is_some_and(|sig| key.key.verify_strict(&signed, &sig).is_ok());
-        if valid {
-            verified = Some(key.id.clone());
+            .and_then(|b| Signature::from_slice(&b).ok());
+        verified = sig.and_then(|sig| {
+            trusted
+                .iter()
+                .find(|key| key.key.verify_strict(&signed, &sig).is_ok())
+        });
+        if verified.is_some() {
             break;
         }
-        altered = true;
+        altered |= trusted.iter().any(|key| key.id == signature.keyid);
     }
-    let Some(signed_by) = verified else {
+    let Some(signed_by) = verified.map(|key| key.id.clone()) else {
         if altered {
             return Err(BundleError::BadSignature);
         }
+        let signers: Vec<&str> = envelope
+            .signatures
+            .iter()
+            .map(|s| s.keyid.as_str())
+            .collect();
         return Err(BundleError::Untrusted(if signers.is_empty() {
             "nobody".into()
         } else {
@@ -377,6 +392,22 @@ mod tests {
         assert!(matches!(
             open(&forged, &[trusted(1)]),
             Err(BundleError::BadSignature)
+        ));
+    }
+
+    #[test]
+    fn a_keyid_is_a_hint_only() {
+        let bytes = sign(&key(1), &manifest());
+        let mut envelope: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        envelope["signatures"][0]["keyid"] = "".into();
+        let unnamed = serde_json::to_vec(&envelope).unwrap();
+        assert_eq!(
+            open(&unnamed, &[trusted(1)]).unwrap().signed_by,
+            trusted(1).id
+        );
+        assert!(matches!(
+            open(&unnamed, &[trusted(2)]),
+            Err(BundleError::Untrusted(_))
         ));
     }
 
