@@ -474,6 +474,9 @@ impl State {
         gauges
             .protected_entries
             .set(intercept.protected_entries as i64);
+        if let Some(pending) = intercept.pending_redirects {
+            gauges.pending_redirects.set(pending as i64);
+        }
         let attached = intercept
             .pinned_links
             .iter()

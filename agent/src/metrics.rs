@@ -49,6 +49,7 @@ pub struct Gauges {
     pub backlog_bytes: Gauge,
     pub backlog_oldest_seconds: Gauge,
     pub protected_entries: Gauge,
+    pub pending_redirects: Gauge,
     pub programs_attached: Gauge,
     pub ci_job_capture: Gauge,
     pub live_connections: Gauge,
@@ -157,6 +158,11 @@ impl Metrics {
                 "kernel_protected_entries",
                 "Entries in the kernel's protected-destination map",
                 &gauges.protected_entries,
+            ),
+            (
+                "kernel_pending_redirects",
+                "Redirected connects the agent has not taken yet (kernel connection table, 65,536 entries)",
+                &gauges.pending_redirects,
             ),
             (
                 "kernel_programs_attached",

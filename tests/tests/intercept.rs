@@ -273,6 +273,8 @@ fn status_and_admin_authorization() {
     }
     assert_eq!(status["targets"][0]["name"], "svc");
     assert_eq!(status["intercept"]["protected_entries"], 1);
+    // Every redirected connect so far was taken (read from the pinned table).
+    assert_eq!(status["intercept"]["pending_redirects"], 0, "{status}");
 
     let text = agent.cli(&["status"]);
     assert!(

@@ -162,6 +162,12 @@ statements = ["select"]
     // Gauges: the agent's state now.
     assert_eq!(value("interlock_kernel_programs_attached"), 5.0);
     assert_eq!(value("interlock_kernel_protected_entries"), 1.0);
+    // Every redirected connect of the traffic was taken by the agent.
+    assert_eq!(
+        metrics.get("interlock_kernel_pending_redirects"),
+        Some(&0.0),
+        "{metrics:?}"
+    );
     assert_eq!(value("interlock_store_admitting"), 1.0);
     assert!(value("interlock_store_max_bytes") > 0.0);
     assert_eq!(value("interlock_approvals_pending"), 0.0);

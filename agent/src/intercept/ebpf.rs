@@ -101,6 +101,8 @@ pub struct InterceptStatus {
     pub programs: Vec<&'static str>,
     pub pinned_links: Vec<PathBuf>,
     pub protected_entries: usize,
+    /// Redirected connects not taken yet (none: the table is unreadable).
+    pub pending_redirects: Option<usize>,
     /// The CI-job tracepoints are attached: jobs are read from what their
     /// runner passed at exec.
     pub ci_job_capture: bool,
@@ -300,8 +302,20 @@ impl Interceptor {
                 .map(|p| links_dir(&self.bpffs_dir).join(p))
                 .collect(),
             protected_entries,
+            pending_redirects: self.pending_redirects(),
             ci_job_capture: self.captures_jobs(),
         }
+    }
+
+    /// Redirected connects not taken by the agent yet (the connection
+    /// table `BY_PEER`, of `CONN_TABLE_ENTRIES`), counted on a handle of
+    /// its own from the pin, so admissions never wait for the count.
+    /// Near zero while the agent keeps up.
+    pub fn pending_redirects(&self) -> Option<usize> {
+        let pin = maps_dir(&self.bpffs_dir).join(maps::BY_PEER);
+        let map = aya::maps::Map::from_map_data(MapData::from_pin(pin).ok()?).ok()?;
+        let table: HashMap<MapData, PeerKey, ConnRecord> = HashMap::try_from(map).ok()?;
+        Some(table.keys().filter(Result::is_ok).count())
     }
 
     /// Detaches everything: unpins links (the kernel detaches them once the
