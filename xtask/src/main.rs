@@ -9,7 +9,7 @@
 //! | `fuzz`    | the fuzz targets in `fuzz/` (or one: `fuzz TARGET`), each for `--secs` |
 //! | `demo`    | setup, build, then `interlock demo` (the quick start) |
 //! | `install` | the binary, the systemd unit and a default configuration |
-//! | `package` | `.deb` and `.rpm` in `target/packages/` (`--check`: unpacked into a scratch root and checked) |
+//! | `package` | `.deb` and `.rpm` in `target/packages/` (`--check`: the `.deb` installed, upgraded, removed and purged with `dpkg --root` in a scratch root) |
 //! | `bench`   | `bench tcp` (direct, Interlock, socat), `bench postgres` (direct, PgBouncer, Interlock), with ratios |
 use std::{
     fs,

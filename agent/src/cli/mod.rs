@@ -347,7 +347,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Policy(PolicyCommand::Check(args)) if args.against_sessions => {
             runtime()?.block_on(policy_replay(args))
         }
-        Command::Policy(PolicyCommand::Check(args)) => policy_check(&args, args.json),
+        Command::Policy(PolicyCommand::Check(args)) => policy_check(&args),
         Command::Policy(PolicyCommand::Keygen(args)) => policy_keygen(&args),
         Command::Policy(PolicyCommand::Sign(args)) => policy_sign(&args),
         Command::Policy(PolicyCommand::Suggest(args)) => runtime()?.block_on(policy_suggest(args)),
@@ -613,8 +613,8 @@ async fn policy_replay(args: CheckArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn policy_check(args: &CheckArgs, json: bool) -> anyhow::Result<ExitCode> {
-    let path = &args.path;
+fn policy_check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
+    let (path, json) = (&args.path, args.json);
     match load_candidate(args) {
         Ok(config) => {
             let summary = json!({
